@@ -1,0 +1,392 @@
+"""Configuration: dataclasses that mirror the YAML files one to one.
+
+Loading is strict. An unknown key, a value of the wrong type or an impossible
+value raises :class:`ConfigError`, whose message names every bad key at once.
+Dotted overrides (``train.batch_size=64``) go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``problems`` lists one line per bad key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+# --------------------------------------------------------------------------- presets
+
+#: Sizes of the paper's two models. "A".."D" are the paper's letters.
+PRESETS: dict[str, dict[str, Any]] = {
+    # A=B=C=D=32: about 310K parameters for 5 classes, 1.8% error on smallNORB.
+    "paper": {"stem_channels": [32], "primary_types": 32, "caps_types": [32, 32]},
+    # A=64, B=8, C=D=16: about 68K parameters, 2.2% error on smallNORB.
+    "small": {"stem_channels": [64], "primary_types": 8, "caps_types": [16, 16]},
+}
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = "small"  # "small" | "paper" | null; explicit sizes below override it
+    stem_channels: list[int] | None = None  # "A" (and "AA", ...): ReLU conv layers before PrimaryCaps
+    stem_kernel: int = 5  # first stem conv; later ones are 3x3 stride 1
+    stem_stride: int = 2
+    stem_padding: int = 0
+    batch_norm: bool = True  # batch norm after each stem conv
+    primary_types: int | None = None  # "B": capsule types of PrimaryCaps
+    caps_types: list[int] | None = None  # "C", "D": capsule types of each ConvCaps layer
+    caps_kernel: int = 3  # "K"
+    caps_strides: list[int] = field(default_factory=lambda: [2, 1])
+    pose_size: int = 4  # "P": poses are P x P matrices (the paper uses 4)
+    iterations: int = 3  # EM routing iterations, static so export can unroll them
+    normalisation: str = "cross_position"  # "cross_position" (paper) | "per_patch"
+    coord_add: bool = True  # coordinate addition in the class capsules
+    decoder: bool = True  # reconstruction decoder (used when loss.recon_weight > 0)
+    decoder_hidden: list[int] = field(default_factory=lambda: [512, 1024])
+
+    def resolved(self) -> ModelConfig:
+        """A copy with every size filled from the preset."""
+        out = dataclasses.replace(self)
+        if self.preset is not None:
+            for key, value in PRESETS[self.preset].items():
+                if getattr(out, key) is None:
+                    setattr(out, key, list(value) if isinstance(value, list) else value)
+        return out
+
+
+@dataclass
+class RoutingConfig:
+    final_lambda: float = 0.01  # inverse temperature of the last iteration
+    lambda_decay: float = 0.95  # lambda_t = final_lambda * (1 - lambda_decay ** (t + 1))
+    min_var: float = 0.0005  # variance floor of the parent Gaussians
+
+
+@dataclass
+class LossConfig:
+    kind: str = "spread"  # "spread" | "cross_entropy" | "margin"
+    margin_start: float = 0.2  # spread loss margin at step 0
+    margin_end: float = 0.9  # ... reached after margin_steps
+    margin_schedule: str = "linear"  # "linear" | "sigmoid"
+    margin_steps: int | None = None  # steps to reach margin_end; null: the whole run
+    recon_weight: float = 0.0005  # weight of the sum-squared reconstruction error; 0 disables
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # "adam" | "adamw" | "sgd"
+    lr: float = 3e-3
+    weight_decay: float = 2e-7
+    decay_rate: float = 0.96  # lr * decay_rate ** (step / decay_steps)
+    decay_steps: int = 20000
+    staircase: bool = False
+    warmup_steps: int = 0
+    grad_clip: float | None = None  # max global gradient norm; null: no clipping
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"  # mnist | fashion-mnist | cifar10 | svhn | smallnorb | folder | synthetic
+    root: str = "data"  # where to look first (and download to)
+    download: bool = True  # download when the files are nowhere on disk
+    image_size: int | None = None  # resize/crop target; null: the dataset's own
+    val_split: float = 0.0  # fraction of the training set held out for validation
+    augment: bool = True  # training augmentation (random crop etc., per dataset)
+    # smallnorb
+    stereo: str = "channels"  # "channels": both views as 2 channels | "samples": each view a sample
+    split: str = "standard"  # smallnorb: "standard" | "azimuth" | "elevation"
+    # folder
+    train_dir: str | None = None  # image-folder tree for training (one sub-folder per class)
+    test_dir: str | None = None
+    grayscale: bool = False  # folder: convert images to one channel
+    bad_files: str = "skip"  # folder: "skip" (warn and count) | "fail"
+    # synthetic
+    num_classes: int = 5
+    channels: int = 1
+    train_size: int = 256
+    test_size: int = 64
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    eval_batch_size: int | None = None  # null: 2 x batch_size
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    num_workers: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    max_steps: int | None = None  # stop after this many optimiser steps (quick tries)
+    max_bad_steps: int = 10  # consecutive non-finite steps before stopping
+    threads: int | None = None  # torch intra-op threads; null: torch's default
+    sync_bn: bool = False  # SyncBatchNorm under torchrun
+    accumulate: int = 1  # gradient accumulation steps
+
+
+@dataclass
+class LoggingConfig:
+    out_dir: str = "weights/em_capsules"  # checkpoints go to <out_dir>/<run>/
+    tb_dir: str = "runs"  # TensorBoard events go to <tb_dir>/<run>/
+    log_every: int = 50  # steps between scalar logs
+    hist_every: int = 500  # steps between routing histograms
+    keep: int = 3  # step-numbered checkpoints kept (last and best always)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- choices and ranges
+
+CHOICES: dict[str, tuple[str | None, ...]] = {
+    "model.preset": (None, *PRESETS),
+    "model.normalisation": ("cross_position", "per_patch"),
+    "loss.kind": ("spread", "cross_entropy", "margin"),
+    "loss.margin_schedule": ("linear", "sigmoid"),
+    "optim.name": ("adam", "adamw", "sgd"),
+    "data.name": ("mnist", "fashion-mnist", "cifar10", "svhn", "smallnorb", "folder", "synthetic"),
+    "data.stereo": ("channels", "samples"),
+    "data.split": ("standard", "azimuth", "elevation"),
+    "data.bad_files": ("skip", "fail"),
+    "train.device": ("auto", "cpu", "cuda", "mps"),
+    "train.precision": ("fp32", "bf16"),
+}
+
+POSITIVE = {
+    "model.stem_kernel", "model.stem_stride", "model.primary_types", "model.caps_kernel",
+    "model.pose_size", "model.iterations", "routing.final_lambda", "routing.min_var",
+    "optim.lr", "optim.decay_rate", "optim.decay_steps", "loss.margin_steps",
+    "data.num_classes", "data.channels", "data.train_size", "data.test_size", "data.image_size",
+    "train.epochs", "train.batch_size", "train.eval_batch_size", "train.max_steps",
+    "train.max_bad_steps", "train.threads", "train.accumulate",
+    "logging.log_every", "logging.hist_every", "logging.keep", "optim.grad_clip",
+}
+NON_NEGATIVE = {
+    "model.stem_padding", "loss.recon_weight", "loss.margin_start", "loss.margin_end",
+    "optim.weight_decay", "optim.warmup_steps", "train.num_workers", "train.seed",
+}
+POSITIVE_LISTS = {"model.stem_channels", "model.caps_types", "model.caps_strides", "model.decoder_hidden"}
+
+
+# --------------------------------------------------------------------------- strict conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Checks ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, problems)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+            return value
+        return [_coerce(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            problems.append(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], f"{prefix}{f.name}.", problems)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, f"{prefix}{f.name}", problems)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, problems: list[str]) -> None:
+    flat = _flatten(cfg.to_dict())
+    for key, allowed in CHOICES.items():
+        if flat.get(key) not in allowed:
+            shown = ", ".join("null" if a is None else a for a in allowed)
+            problems.append(f"{key}: {flat.get(key)!r} is not one of: {shown}")
+    for key in POSITIVE:
+        v = flat.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
+            problems.append(f"{key}: must be positive, got {v!r}")
+    for key in NON_NEGATIVE:
+        v = flat.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+            problems.append(f"{key}: must not be negative, got {v!r}")
+    for key in POSITIVE_LISTS:
+        v = flat.get(key)
+        if isinstance(v, list) and any(isinstance(x, int) and x <= 0 for x in v):
+            problems.append(f"{key}: every entry must be positive, got {v!r}")
+    m = cfg.model.resolved() if cfg.model.preset in PRESETS else cfg.model
+    for key in ("stem_channels", "primary_types", "caps_types"):
+        if getattr(m, key) is None:
+            problems.append(f"model.{key}: must be given when model.preset is null")
+    if isinstance(m.stem_channels, list) and not m.stem_channels:
+        problems.append("model.stem_channels: needs at least one conv layer")
+    if isinstance(m.caps_types, list) and isinstance(m.caps_strides, list):
+        if len(m.caps_types) != len(m.caps_strides):
+            problems.append(
+                f"model.caps_strides: needs one stride per ConvCaps layer "
+                f"({len(m.caps_types)} in model.caps_types), got {m.caps_strides!r}"
+            )
+    if not 0.0 <= cfg.data.val_split < 1.0:
+        problems.append(f"data.val_split: must be in [0, 1), got {cfg.data.val_split!r}")
+    if cfg.loss.margin_end < cfg.loss.margin_start:
+        problems.append("loss.margin_end: must not be below loss.margin_start")
+    if cfg.data.name == "folder" and not cfg.data.train_dir:
+        problems.append("data.train_dir: required when data.name is 'folder'")
+    if cfg.optim.decay_rate > 1:
+        problems.append(f"optim.decay_rate: must be at most 1, got {cfg.optim.decay_rate!r}")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.batch_size=64"`` -> (["train", "batch_size"], 64). Values are YAML scalars."""
+    if "=" not in text:
+        raise ConfigError([f"override {text!r}: expected key.path=value"])
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError([f"override {text!r}: empty key"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = dict(data)
+    problems: list[str] = []
+    for text in overrides:
+        try:
+            path, value = parse_override(text)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                problems.append(f"{'.'.join(path)}: {part!r} is not a section")
+                break
+            node[part] = dict(child)
+            node = node[part]
+        else:
+            node[path[-1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return data
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
+    """Builds and validates a Config; raises ConfigError naming every bad key."""
+    data = apply_overrides(data or {}, overrides or [])
+    problems: list[str] = []
+    cfg = _build(Config, data, "", problems)
+    if not problems:
+        _validate(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping with the safe loader (no Python object tags)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"config file not found: {path}"]) from None
+    except OSError as e:
+        raise ConfigError([f"cannot read config file {path}: {e.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Loads a YAML config (or the defaults when ``path`` is None) with dotted overrides."""
+    data = read_yaml(path) if path is not None else {}
+    return config_from_dict(data, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
