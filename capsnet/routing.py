@@ -1,0 +1,423 @@
+"""EM routing as pure functions (no parameters).
+
+Notation (paper -> code): child capsule i (``I`` per patch), parent capsule j
+(``C`` types at ``L`` positions), votes ``V_ij`` (``H`` = 16 pose entries),
+child activations ``a_i``, assignments ``R_ij``, parent means ``mu_j`` and
+variances ``sigma2_j``, learned ``beta_u`` and ``beta_a`` per parent type,
+inverse temperature ``lambda``.
+
+Layout shared by every function here::
+
+    votes   (N, L, C, I, H)   batch, parent positions, parent types, children per patch, pose entries
+    act_in  (N, L, I)         activation of the child in each patch slot
+    r       (N, L, C, I)      assignment of each patch slot to each parent
+
+A convolutional layer sees a child several times (once per overlapping patch).
+With a :class:`ChildFold` the assignments of a child over *every* parent it
+feeds (all patches x all types) sum to one, as in the paper; without one they
+are normalised over the parent types of each patch separately.
+
+Two implementations compute the same function:
+
+* ``impl="plain"``: the equations written out elementwise; clear, and the
+  reference for the fast path.
+* ``impl="fast"``: the M-step moments and the E-step log-likelihood written as
+  batched matrix products over the centred votes and their squares. When a
+  gradient is needed, a custom backward collects the per-iteration gradient
+  factors of the vote tensor and applies them in one product at the end, so
+  backward reads the votes about as often as forward does and stores no
+  per-iteration temporaries of vote size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+#: Lower bound of sum_i R_ij in the M-step divisions; only a parent that no
+#: child feeds at all comes near it.
+RSUM_FLOOR = 1e-10
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """Static routing hyper-parameters (the iteration count is unrolled on export)."""
+
+    iterations: int = 3
+    final_lambda: float = 0.01
+    lambda_decay: float = 0.95
+    min_var: float = 0.0005
+
+
+def inverse_temperatures(settings: RoutingSettings) -> list[float]:
+    """lambda_t = final_lambda * (1 - decay ** (t + 1)) for t = 0 .. iterations - 1."""
+    return [
+        settings.final_lambda * (1.0 - settings.lambda_decay ** (t + 1)) for t in range(settings.iterations)
+    ]
+
+
+class RoutingResult(NamedTuple):
+    pose: Tensor  # (N, L, C, H) parent means mu_j
+    activation: Tensor  # (N, L, C) parent activations a_j
+    stats: dict[str, Tensor] | None  # detached routing statistics, when asked for
+
+
+# --------------------------------------------------------------------------- child geometry
+
+
+class ChildFold:
+    """Maps the patch slots of a convolutional capsule layer back to children.
+
+    Patch slot ``(l, k, b)`` (parent position ``l``, kernel offset ``k`` in
+    row-major K*K order, child type ``b``) holds the child of type ``b`` at input
+    position ``index[l, k]``. Sums and maxima over all slots of a child are
+    computed with one scatter over a precomputed index, then gathered back, so
+    no Python loop runs over positions.
+    """
+
+    def __init__(self, height: int, width: int, kernel: int, stride: int, types: int, device=None):
+        out_h = (height - kernel) // stride + 1
+        out_w = (width - kernel) // stride + 1
+        rows = torch.arange(out_h, device=device)[:, None] * stride  # (Ho, 1)
+        cols = torch.arange(out_w, device=device)[None, :] * stride  # (1, Wo)
+        ky = torch.arange(kernel, device=device).repeat_interleave(kernel)  # (K*K,)
+        kx = torch.arange(kernel, device=device).repeat(kernel)  # (K*K,)
+        y = rows[:, :, None] + ky  # (Ho, 1, KK) -> broadcast
+        x = cols[:, :, None] + kx  # (1, Wo, KK)
+        self.index = (y * width + x).reshape(out_h * out_w, kernel * kernel)  # (L, KK)
+        self.height, self.width, self.types = height, width, types
+        self.positions = out_h * out_w
+        self.kernel_area = kernel * kernel
+        flat = self.index.reshape(-1)
+        self._flat = flat
+        counts = torch.zeros(height * width, device=device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.float32)
+        )
+        #: (L, KK): how many patch slots hold the child at each slot's position
+        self.slot_counts = counts[self.index]
+
+    def _to_children(self, x: Tensor) -> Tensor:
+        """(N, L, KK*B) slot values -> (N, B, L*KK)."""
+        n = x.shape[0]
+        return x.reshape(n, self.positions * self.kernel_area, self.types).transpose(1, 2)
+
+    def _to_slots(self, y: Tensor) -> Tensor:
+        """(N, B, H*W) per-child values -> (N, L, KK*B) gathered at every slot."""
+        n = y.shape[0]
+        g = y[:, :, self._flat]  # (N, B, L*KK)
+        return g.transpose(1, 2).reshape(n, self.positions, self.kernel_area * self.types)
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Sum over all slots of each child, returned at every slot: (N, L, I) -> (N, L, I)."""
+        xs = self._to_children(x)
+        total = xs.new_zeros(x.shape[0], self.types, self.height * self.width)
+        total = total.index_add(2, self._flat, xs)  # (N, B, H*W)
+        return self._to_slots(total)
+
+    def max(self, x: Tensor) -> Tensor:
+        """Maximum over all slots of each child (no gradient): (N, L, I) -> (N, L, I)."""
+        xs = self._to_children(x.detach())
+        init = xs.new_full((x.shape[0], self.types, self.height * self.width), -torch.inf)
+        idx = self._flat.expand(xs.shape[0], self.types, -1)
+        best = init.scatter_reduce(2, idx, xs, reduce="amax", include_self=True)
+        return self._to_slots(best)
+
+    def parents_per_slot(self, parent_types: int) -> Tensor:
+        """(L, I): number of parents (all patches x all types) the slot's child feeds."""
+        counts = self.slot_counts[:, :, None].expand(-1, -1, self.types)
+        return counts.reshape(self.positions, -1) * parent_types
+
+
+@lru_cache(maxsize=64)
+def child_fold(height: int, width: int, kernel: int, stride: int, types: int, device: str) -> ChildFold:
+    return ChildFold(height, width, kernel, stride, types, torch.device(device))
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def initial_assignments(votes: Tensor, fold: ChildFold | None) -> Tensor:
+    """r_ij = 1 / (number of parents child i feeds): (N, L, C, I)."""
+    n, positions, types, children = votes.shape[:4]
+    if fold is None:
+        r = votes.new_full((positions, children), 1.0 / types)
+    else:
+        r = 1.0 / fold.parents_per_slot(types).to(votes.dtype)  # (L, I)
+    return r[None, :, None, :].expand(n, positions, types, children)
+
+
+def normalise_assignments(logits: Tensor, fold: ChildFold | None) -> Tensor:
+    """Softmax of ln(a_j) + ln(p_ij) over every parent a child feeds, with a max shift."""
+    if fold is None:
+        return torch.softmax(logits, dim=2)
+    shift = fold.max(logits.amax(dim=2))  # (N, L, I), per child over all its parents
+    e = torch.exp(logits - shift[:, :, None, :])  # (N, L, C, I), each child's best parent -> 1
+    total = fold.sum(e.sum(dim=2))  # (N, L, I)
+    return e / total[:, :, None, :]
+
+
+def parent_activation(
+    rsum: Tensor, var: Tensor, beta_u: Tensor, beta_a: Tensor, lam: float
+) -> tuple[Tensor, Tensor]:
+    """cost_h = (beta_u + ln sigma_h) * sum_i R_ij; a_j = sigmoid(lambda (beta_a - sum_h cost_h)).
+
+    Returns (a_j, ln a_j), each (N, L, C); ln a_j is computed stably for the E-step.
+    """
+    cost = ((beta_u[:, None] + 0.5 * torch.log(var)) * rsum[..., None]).sum(-1)  # (N, L, C)
+    logit = lam * (beta_a - cost)
+    return torch.sigmoid(logit), torch.nn.functional.logsigmoid(logit)
+
+
+def routing_stats(r: Tensor, act: Tensor, var: Tensor, fold: ChildFold | None) -> dict[str, Tensor]:
+    """Detached statistics of the final routing state."""
+    r = r.detach()
+    plogp = torch.where(r > 0, r * torch.log(r.clamp_min(1e-30)), torch.zeros_like(r))
+    ent = -plogp.sum(2)  # (N, L, I) entropy per slot
+    if fold is None:
+        parents = torch.full_like(ent, float(r.shape[2]))
+    else:
+        ent = fold.sum(ent)
+        parents = fold.parents_per_slot(r.shape[2]).to(ent.dtype).expand_as(ent)
+    norm = torch.where(parents > 1, ent / torch.log(parents.clamp_min(2.0)), torch.zeros_like(ent))
+    act = act.detach()
+    return {
+        "activation": act,
+        "activation_mean": act.mean(),
+        "entropy": norm.mean(),
+        "variance": var.detach().mean(),
+        "active_fraction": (act > 0.5).float().mean(),
+        "finite": torch.isfinite(act).all() & torch.isfinite(var.detach()).all(),
+    }
+
+
+# --------------------------------------------------------------------------- plain implementation
+
+
+def _em_plain(votes, act_in, beta_u, beta_a, settings, fold, want_stats):
+    votes = votes.reshape(*votes.shape[:4], -1)  # (N, L, C, I, H)
+    r = initial_assignments(votes, fold)  # (N, L, C, I)
+    a_in = act_in[:, :, None, :]  # (N, L, 1, I)
+    lambdas = inverse_temperatures(settings)
+    for t, lam in enumerate(lambdas):
+        # M-step: R_ij = r_ij a_i, no renormalisation over parents.
+        weight = r * a_in  # (N, L, C, I)
+        rsum = weight.sum(-1)  # (N, L, C)
+        denom = rsum.clamp_min(RSUM_FLOOR)[..., None]  # (N, L, C, 1)
+        mu = (weight[..., None] * votes).sum(-2) / denom  # (N, L, C, H)
+        dev = votes - mu[..., None, :]  # (N, L, C, I, H)
+        var = (weight[..., None] * dev * dev).sum(-2) / denom + settings.min_var  # (N, L, C, H)
+        act, log_act = parent_activation(rsum, var, beta_u, beta_a, lam)
+        if t < len(lambdas) - 1:
+            # E-step in the log domain: ln p_ij = sum_h ln N(V_ijh; mu_jh, sigma2_jh).
+            log_p = -0.5 * (dev * dev / var[..., None, :] + torch.log(var[..., None, :]) + LOG_2PI).sum(-1)
+            r = normalise_assignments(log_act[..., None] + log_p, fold)  # (N, L, C, I)
+    stats = routing_stats(r, act, var, fold) if want_stats else None
+    return RoutingResult(mu, act, stats)
+
+
+# --------------------------------------------------------------------------- fast implementation
+
+
+class _FactorSink:
+    """Low-rank pieces of d(loss)/d(centred votes and squares), summed in one product."""
+
+    def __init__(self):
+        self.left: list[Tensor] = []  # (B, I, 1) each
+        self.right: list[Tensor] = []  # (B, 1, 2H) each
+
+    def add(self, left: Tensor, right: Tensor) -> None:
+        self.left.append(left)
+        self.right.append(right)
+
+    def take(self) -> tuple[Tensor, Tensor] | None:
+        if not self.left:
+            return None
+        left, right = torch.cat(self.left, dim=2), torch.cat(self.right, dim=1)
+        self.left, self.right = [], []
+        return left, right
+
+
+class _CentredMoments(torch.autograd.Function):
+    """votes -> [V - shift, (V - shift)^2] as (B, I, 2H); its gradient arrives through the sink.
+
+    The votes may be any strided view (the permuted output of the vote product);
+    forward writes the centred copy in routing layout in one pass, and backward
+    returns the gradient in the votes' own memory layout, so no extra transpose
+    copy is made in either direction.
+    """
+
+    @staticmethod
+    def forward(ctx, votes: Tensor, shift: Tensor, sink: _FactorSink):
+        n, positions, types, children = votes.shape[:4]
+        h = votes[0, 0, 0, 0].numel()
+        both = votes.new_empty(n * positions * types, children, 2 * h)  # (B, I, 2H)
+        centred = both[..., :h].view(votes.shape)
+        torch.sub(votes, shift, out=centred)
+        torch.mul(centred, centred, out=both[..., h:].view(votes.shape))
+        token = votes.new_zeros(())
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(both)
+        ctx.save_for_backward(both)
+        ctx.sink = sink
+        ctx.votes_meta = votes.detach()  # a view: keeps shape and strides, no copy
+        return both, token
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _grad_both, _grad_token):
+        (both,) = ctx.saved_tensors
+        factors = ctx.sink.take()
+        if factors is None:
+            return None, None, None
+        left, right = factors
+        h = both.shape[-1] // 2
+        grad_both = torch.bmm(left, right)  # (B, I, 2H): every iteration's contribution at once
+        shape = ctx.votes_meta.shape
+        grad = torch.empty_like(ctx.votes_meta)  # same strides as the votes
+        # d/dV of [V - s, (V - s)^2] = [1, 2 (V - s)]
+        torch.addcmul(
+            grad_both[..., :h].view(shape), both[..., :h].view(shape), grad_both[..., h:].view(shape),
+            value=2.0, out=grad,
+        )
+        return grad, None, None
+
+
+class _Moments(torch.autograd.Function):
+    """M-step contraction: (B, 1, I) weights @ (B, I, 2H) -> sums of R V and R V^2."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, both: Tensor, token: Tensor, sink: _FactorSink):
+        ctx.save_for_backward(weight, both)
+        ctx.sink = sink
+        return torch.bmm(weight, both)  # (B, 1, 2H)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        weight, both = ctx.saved_tensors
+        ctx.sink.add(weight.transpose(1, 2), grad)
+        grad_weight = torch.bmm(grad, both.transpose(1, 2))  # (B, 1, I)
+        return grad_weight, None, grad.new_zeros(()), None
+
+
+class _Project(torch.autograd.Function):
+    """E-step contraction: (B, 1, 2H) coefficients . (B, I, 2H) -> (B, 1, I), one dot per vote."""
+
+    @staticmethod
+    def forward(ctx, both: Tensor, coeff: Tensor, token: Tensor, sink: _FactorSink):
+        ctx.save_for_backward(both, coeff)
+        ctx.sink = sink
+        return torch.bmm(coeff, both.transpose(1, 2))  # (B, 1, I)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        both, coeff = ctx.saved_tensors
+        ctx.sink.add(grad.transpose(1, 2), coeff)
+        grad_coeff = torch.bmm(grad, both)  # (B, 1, 2H)
+        return None, grad_coeff, grad.new_zeros(()), None
+
+
+def _em_fast(votes, act_in, beta_u, beta_a, settings, fold, want_stats, custom_backward):
+    n, positions, types, children = votes.shape[:4]
+    h = votes[0, 0, 0, 0].numel()
+    batch = n * positions * types
+    # The routing is invariant to a per-parent shift of its votes; centring keeps
+    # E[V^2] - E[V]^2 accurate in float32. The shift carries no gradient (exact).
+    shift = votes.detach().mean(dim=3, keepdim=True)  # (N, L, C, 1, *pose)
+    if custom_backward:
+        sink = _FactorSink()
+        both, token = _CentredMoments.apply(votes, shift, sink)
+
+        def moments(weight):
+            return _Moments.apply(weight, both, token, sink)
+
+        def project(coeff):
+            return _Project.apply(both, coeff, token, sink)
+    else:
+        centred = (votes - shift).reshape(batch, children, h)
+        both = torch.cat([centred, centred * centred], dim=-1)  # (B, I, 2H)
+
+        def moments(weight):
+            return torch.bmm(weight, both)
+
+        def project(coeff):
+            return torch.bmm(coeff, both.transpose(1, 2))
+
+    r = initial_assignments(votes, fold)  # (N, L, C, I)
+    a_in = act_in[:, :, None, :]  # (N, L, 1, I)
+    lambdas = inverse_temperatures(settings)
+    for t, lam in enumerate(lambdas):
+        weight = r * a_in  # (N, L, C, I)
+        rsum = weight.sum(-1)  # (N, L, C)
+        sums = moments(weight.reshape(batch, 1, children)).view(n, positions, types, 2 * h)
+        denom = rsum.clamp_min(RSUM_FLOOR)[..., None]
+        mu = sums[..., :h] / denom  # (N, L, C, H), centred
+        var = (sums[..., h:] / denom - mu * mu).clamp_min(0.0) + settings.min_var
+        act, log_act = parent_activation(rsum, var, beta_u, beta_a, lam)
+        if t < len(lambdas) - 1:
+            inv = 1.0 / var
+            coeff = torch.cat([mu * inv, -0.5 * inv], dim=-1)  # (N, L, C, 2H)
+            quad = project(coeff.reshape(batch, 1, 2 * h)).view(n, positions, types, children)
+            const = -0.5 * (mu * mu * inv + torch.log(var) + LOG_2PI).sum(-1)  # (N, L, C)
+            log_p = quad + const[..., None]  # (N, L, C, I)
+            r = normalise_assignments(log_act[..., None] + log_p, fold)
+    pose = mu + shift.reshape(n, positions, types, h)
+    stats = routing_stats(r, act, var, fold) if want_stats else None
+    return RoutingResult(pose, act, stats)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def em_routing(
+    votes: Tensor,
+    act_in: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    settings: RoutingSettings,
+    fold: ChildFold | None = None,
+    *,
+    impl: str = "fast",
+    stats: bool = False,
+) -> RoutingResult:
+    """EM routing between one layer of children and one layer of parents.
+
+    Args:
+        votes: (N, L, C, I, H) or (N, L, C, I, P, P) vote of each patch slot for each
+            parent, V_ij; any strides (the fast path reads a permuted view without a copy).
+        act_in: (N, L, I) activation a_i of the child in each slot.
+        beta_u, beta_a: (C,) learned per parent type.
+        settings: iterations, final lambda and its decay, variance floor.
+        fold: child geometry of a convolutional layer; None normalises per patch.
+        impl: "fast" (contractions, custom backward) or "plain" (elementwise).
+        stats: also return detached routing statistics.
+
+    Routing runs in float32 (or float64 when the votes are float64), also under autocast.
+    """
+    if votes.dim() < 5 or act_in.shape != votes.shape[:2] + votes.shape[3:4]:
+        raise ValueError(
+            f"em_routing: votes must be (N, L, C, I, H) or (N, L, C, I, P, P) and act_in (N, L, I); "
+            f"got {tuple(votes.shape)} and {tuple(act_in.shape)}"
+        )
+    dtype = torch.float64 if votes.dtype == torch.float64 else torch.float32
+    with torch.autocast(votes.device.type, enabled=False):
+        votes, act_in = votes.to(dtype), act_in.to(dtype)
+        beta_u, beta_a = beta_u.to(dtype), beta_a.to(dtype)
+        if impl == "plain":
+            return _em_plain(votes, act_in, beta_u, beta_a, settings, fold, stats)
+        if impl == "fast":
+            custom = (
+                torch.is_grad_enabled()
+                and (votes.requires_grad or act_in.requires_grad)
+                and not torch.compiler.is_compiling()
+            )
+            return _em_fast(votes, act_in, beta_u, beta_a, settings, fold, stats, custom)
+    raise ValueError(f"em_routing: impl must be 'fast' or 'plain', got {impl!r}")

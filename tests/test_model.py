@@ -1,0 +1,143 @@
+"""CapsNet: presets, parameter counts, geometry, shapes, initialisation, precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capsnet import CapsNet
+from capsnet.config import load_config
+
+
+def test_small_preset_has_the_papers_68k_parameters_within_five_percent():
+    model = CapsNet.from_preset("small", in_channels=1, num_classes=5, image_size=32)
+    assert abs(model.num_parameters() - 68_000) / 68_000 < 0.05
+
+
+def test_paper_preset_has_the_papers_310k_parameters_within_five_percent():
+    model = CapsNet.from_preset("paper", in_channels=1, num_classes=5, image_size=32)
+    assert abs(model.num_parameters() - 310_000) / 310_000 < 0.05
+
+
+def test_summary_prints_the_parameter_count():
+    model = CapsNet.from_preset("small", decoder=False)
+    assert f"{model.num_parameters():,} parameters" in model.summary()
+
+
+@pytest.mark.parametrize(
+    "channels,size,grid",
+    [(1, 32, [14, 14, 6, 4]), (1, 28, [12, 12, 5, 3]), (3, 32, [14, 14, 6, 4])],
+)
+def test_capsule_grid_for_common_input_sizes(channels, size, grid):
+    model = CapsNet.from_preset("small", in_channels=channels, num_classes=10, image_size=size)
+    assert [h for _, h, _ in model.capsule_grid(size, size)] == grid
+    out = model(torch.randn(2, channels, size, size))
+    assert out.activations.shape == (2, 10)
+    assert out.poses.shape == (2, 10, 4, 4)
+
+
+def test_impossible_geometry_raises_a_value_error_naming_the_layer_and_sizes():
+    with pytest.raises(ValueError, match=r"caps2: input of 2x2 capsules is smaller than its 3x3 kernel"):
+        CapsNet.from_preset("small", image_size=16)
+
+
+def test_wrong_channel_count_raises_a_clear_error():
+    model = CapsNet.from_preset("small", in_channels=1, image_size=28)
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        model(torch.randn(1, 3, 28, 28))
+
+
+def test_a_batch_of_one_works_and_the_batch_size_is_not_stored():
+    model = CapsNet.from_preset("small", num_classes=5, image_size=32).eval()
+    assert model(torch.randn(3, 1, 32, 32)).activations.shape == (3, 5)
+    assert model(torch.randn(1, 1, 32, 32)).activations.shape == (1, 5)
+
+
+def test_outputs_do_not_depend_on_the_other_samples_in_the_batch():
+    model = CapsNet.from_preset("small", num_classes=5, image_size=28).eval()
+    x = torch.randn(4, 1, 28, 28)
+    together = model(x).activations
+    alone = torch.cat([model(x[i : i + 1]).activations for i in range(4)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_activations_lie_strictly_between_zero_and_one():
+    model = CapsNet.from_preset("small", num_classes=5, image_size=32)
+    a = model(torch.randn(4, 1, 32, 32)).activations
+    assert ((a > 0) & (a < 1)).all()
+
+
+def test_about_half_of_the_primary_capsules_are_active_at_initialisation():
+    torch.manual_seed(0)
+    model = CapsNet.from_preset("small", num_classes=10, image_size=28)
+    _, act = model.primary(model.stem(torch.randn(16, 1, 28, 28)))
+    assert 0.35 < (act > 0.5).float().mean().item() < 0.65
+
+
+def test_model_trains_a_step_and_every_parameter_gets_a_finite_gradient():
+    model = CapsNet.from_preset("small", num_classes=5, image_size=32)
+    out = model(torch.randn(4, 1, 32, 32))
+    recon = model.reconstruct(out.poses, torch.tensor([0, 1, 2, 3]))
+    assert recon.shape == (4, 1, 32, 32)
+    (out.activations.sum() + recon.square().mean()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_decoder_masks_all_but_the_target_class():
+    model = CapsNet.from_preset("small", num_classes=5, image_size=28)
+    poses = torch.randn(2, 5, 4, 4)
+    labels = torch.tensor([1, 3])
+    changed = poses.clone()
+    changed[0, 0] += 5.0  # not the target of sample 0
+    torch.testing.assert_close(model.reconstruct(poses, labels), model.reconstruct(changed, labels))
+
+
+def test_keyword_overrides_change_the_preset_sizes():
+    model = CapsNet.from_preset("small", caps_types=[8, 8, 8], caps_strides=[1, 1, 1], image_size=32)
+    assert len(model.convcaps) == 3
+    assert model(torch.randn(1, 1, 32, 32)).poses.shape == (1, 5, 4, 4)
+
+
+def test_a_two_conv_stem_like_the_seed_notebook_builds_and_runs():
+    model = CapsNet.from_preset("small", stem_channels=[32, 64], image_size=32)
+    assert model(torch.randn(2, 1, 32, 32)).activations.shape == (2, 5)
+
+
+def test_model_from_config_uses_the_preset_and_routing_settings():
+    cfg = load_config(None, ["model.preset=paper", "routing.min_var=0.001", "model.iterations=2"])
+    model = CapsNet.from_config(cfg.model, cfg.routing, in_channels=1, num_classes=5, image_size=32)
+    assert model.hparams["caps_types"] == [32, 32]
+    assert model.settings.min_var == 0.001 and model.settings.iterations == 2
+
+
+def test_forward_runs_under_bf16_autocast_with_float32_routing():
+    model = CapsNet.from_preset("small", num_classes=5, image_size=28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 1, 28, 28))
+    assert out.activations.dtype == torch.float32
+    assert torch.isfinite(out.activations).all()
+
+
+def test_routing_statistics_are_recorded_when_asked():
+    model = CapsNet.from_preset("small", num_classes=5, image_size=28)
+    model(torch.randn(2, 1, 28, 28))
+    assert model.routing_stats == {}
+    model.record_stats = True
+    model(torch.randn(2, 1, 28, 28))
+    stats = model.routing_stats
+    assert set(stats) == {"caps1", "caps2", "class"}
+    for layer in stats.values():
+        assert 0.0 <= layer["entropy"].item() <= 1.0
+        assert 0.0 <= layer["active_fraction"].item() <= 1.0
+
+
+def test_fast_and_plain_routing_give_the_same_model_outputs():
+    torch.manual_seed(1)
+    model = CapsNet.from_preset("small", num_classes=5, image_size=28).double()
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    fast = model(x)
+    model.set_routing_impl("plain")
+    plain = model(x)
+    torch.testing.assert_close(fast.activations, plain.activations, atol=1e-8, rtol=1e-7)
+    torch.testing.assert_close(fast.poses, plain.poses, atol=1e-8, rtol=1e-7)

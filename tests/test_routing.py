@@ -1,0 +1,340 @@
+"""EM routing against a naive reference written with explicit loops over children and parents."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from capsnet.layers import ClassCaps, ConvCaps
+from capsnet.routing import ChildFold, RoutingSettings, em_routing, inverse_temperatures
+
+SETTINGS = RoutingSettings(iterations=3, final_lambda=0.01, lambda_decay=0.95, min_var=0.0005)
+
+
+# --------------------------------------------------------------------------- naive reference
+
+
+def naive_em(children, parents, links, settings, group_of):
+    """EM routing over an explicit bipartite graph.
+
+    children: {child: activation (0-dim tensor)}
+    parents: {parent: (beta_u, beta_a)} (0-dim tensors)
+    links: list of (child, parent, vote (16,) tensor)
+    group_of(link_index) -> hashable: links whose assignments are normalised together.
+    Returns {parent: (mu (16,), activation)}.
+    """
+    groups: dict = {}
+    for idx, link in enumerate(links):
+        groups.setdefault(group_of(idx), []).append(idx)
+    r = [None] * len(links)
+    for members in groups.values():
+        for idx in members:
+            r[idx] = torch.tensor(1.0 / len(members), dtype=torch.float64)
+    lambdas = inverse_temperatures(settings)
+    out = {}
+    for t, lam in enumerate(lambdas):
+        out = {}
+        log_act = {}
+        stats = {}
+        for parent, (beta_u, beta_a) in parents.items():
+            mine = [idx for idx, (_, p, _) in enumerate(links) if p == parent]
+            weights = [r[idx] * children[links[idx][0]] for idx in mine]
+            rsum = sum(weights)
+            denom = torch.clamp(rsum, min=1e-10)
+            mu = sum(w * links[idx][2] for w, idx in zip(weights, mine)) / denom
+            var = sum(w * (links[idx][2] - mu) ** 2 for w, idx in zip(weights, mine)) / denom + settings.min_var
+            cost = 0.0
+            for h in range(mu.shape[0]):
+                cost = cost + (beta_u + 0.5 * torch.log(var[h])) * rsum
+            logit = lam * (beta_a - cost)
+            out[parent] = (mu, torch.sigmoid(logit))
+            log_act[parent] = torch.nn.functional.logsigmoid(logit)
+            stats[parent] = (mu, var)
+        if t == len(lambdas) - 1:
+            break
+        logits = [None] * len(links)
+        for idx, (_, parent, vote) in enumerate(links):
+            mu, var = stats[parent]
+            log_p = 0.0
+            for h in range(vote.shape[0]):
+                log_p = log_p - 0.5 * ((vote[h] - mu[h]) ** 2 / var[h] + torch.log(2 * math.pi * var[h]))
+            logits[idx] = log_act[parent] + log_p
+        for members in groups.values():
+            top = max(float(logits[idx].detach()) for idx in members)
+            exps = {idx: torch.exp(logits[idx] - top) for idx in members}
+            total = sum(exps.values())
+            for idx in members:
+                r[idx] = exps[idx] / total
+    return out
+
+
+def naive_convcaps(layer: ConvCaps, pose, act, cross_position: bool):
+    """Reference output of a ConvCaps layer, pose (1, H, W, B, 16), act (1, H, W, B)."""
+    _, h, w, b_types, _ = pose.shape
+    k, s, c_types, p = layer.kernel, layer.stride, layer.out_types, layer.pose_size
+    out_h, out_w = (h - k) // s + 1, (w - k) // s + 1
+    weight = layer.weight.view(k, k, b_types, p, c_types, p)
+    children = {(b, y, x): act[0, y, x, b] for b in range(b_types) for y in range(h) for x in range(w)}
+    parents = {(c, oy, ox): (layer.beta_u[c], layer.beta_a[c]) for c in range(c_types)
+               for oy in range(out_h) for ox in range(out_w)}
+    links, patch = [], []
+    for oy in range(out_h):
+        for ox in range(out_w):
+            for ky in range(k):
+                for kx in range(k):
+                    for b in range(b_types):
+                        y, x = oy * s + ky, ox * s + kx
+                        m = pose[0, y, x, b].view(p, p)
+                        for c in range(c_types):
+                            vote = (m @ weight[ky, kx, b, :, c, :]).reshape(-1)
+                            links.append(((b, y, x), (c, oy, ox), vote))
+                            patch.append((oy, ox))
+    if cross_position:
+        def group_of(idx):
+            return links[idx][0]
+    else:
+        def group_of(idx):
+            return (links[idx][0], patch[idx])
+    result = naive_em(children, parents, links, layer.settings, group_of)
+    mu = torch.stack([torch.stack([torch.stack([result[(c, oy, ox)][0] for c in range(c_types)])
+                                   for ox in range(out_w)]) for oy in range(out_h)])
+    a = torch.stack([torch.stack([torch.stack([result[(c, oy, ox)][1] for c in range(c_types)])
+                                  for ox in range(out_w)]) for oy in range(out_h)])
+    return mu[None], a[None]
+
+
+def naive_classcaps(layer: ClassCaps, pose, act, rows, cols):
+    _, h, w, d_types, _ = pose.shape
+    p, e = layer.pose_size, layer.out_types
+    children = {(d, y, x): act[0, y, x, d] for d in range(d_types) for y in range(h) for x in range(w)}
+    parents = {j: (layer.beta_u[j], layer.beta_a[j]) for j in range(e)}
+    links = []
+    for y in range(h):
+        for x in range(w):
+            for d in range(d_types):
+                m = pose[0, y, x, d].view(p, p)
+                for j in range(e):
+                    vote = m @ layer.weight[d, :, j, :]
+                    if layer.coord_add:
+                        offset = torch.zeros(p, p, dtype=vote.dtype)
+                        offset[0, p - 1] = rows[y]
+                        offset[1, p - 1] = cols[x]
+                        vote = vote + offset
+                    links.append(((d, y, x), j, vote.reshape(-1)))
+    result = naive_em(children, parents, links, layer.settings, lambda idx: links[idx][0])
+    mu = torch.stack([result[j][0] for j in range(e)]).view(1, e, p, p)
+    a = torch.stack([result[j][1] for j in range(e)]).view(1, e)
+    return mu, a
+
+
+def random_capsules(h, w, types, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    pose = (torch.randn(1, h, w, types, 16, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    act = torch.rand(1, h, w, types, generator=g, dtype=torch.float64).mul(0.9).add(0.05).requires_grad_()
+    return pose, act
+
+
+def randomise(layer, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.beta_u.copy_(torch.randn(layer.beta_u.shape, generator=g) * 0.5)
+        layer.beta_a.copy_(torch.randn(layer.beta_a.shape, generator=g) * 0.5)
+    return layer.double()
+
+
+def grads(outputs, inputs):
+    g = torch.Generator().manual_seed(7)
+    total = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outputs)
+    return torch.autograd.grad(total, inputs)
+
+
+# --------------------------------------------------------------------------- reference equality
+
+
+@pytest.mark.parametrize("normalisation", ["cross_position", "per_patch"])
+@pytest.mark.parametrize("impl", ["fast", "plain"])
+def test_convcaps_equals_naive_reference_in_outputs_and_gradients(normalisation, impl):
+    settings = RoutingSettings(iterations=3, final_lambda=0.5, lambda_decay=0.95, min_var=0.0005)
+    layer = randomise(ConvCaps(2, 2, kernel=3, stride=1, settings=settings, normalisation=normalisation), 0)
+    layer.impl = impl
+    pose, act = random_capsules(4, 5, 2, seed=1)
+    params = [pose, act, layer.weight, layer.beta_u, layer.beta_a]
+    mu, a = layer(pose, act)
+    ref_mu, ref_a = naive_convcaps(layer, pose, act, normalisation == "cross_position")
+    torch.testing.assert_close(mu, ref_mu.view_as(mu), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, ref_a, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads([mu, a], params), grads([ref_mu.view_as(mu), ref_a], params)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_convcaps_with_stride_two_equals_naive_reference():
+    layer = randomise(ConvCaps(2, 3, kernel=3, stride=2, settings=SETTINGS), 3)
+    pose, act = random_capsules(5, 5, 2, seed=4)
+    mu, a = layer(pose, act)
+    ref_mu, ref_a = naive_convcaps(layer, pose, act, True)
+    torch.testing.assert_close(mu, ref_mu.view_as(mu), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, ref_a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["fast", "plain"])
+def test_class_capsules_with_coordinate_addition_equal_naive_reference(impl):
+    settings = RoutingSettings(iterations=3, final_lambda=0.2, lambda_decay=0.95, min_var=0.0005)
+    layer = randomise(ClassCaps(3, 4, settings=settings, coord_add=True), 5)
+    layer.impl = impl
+    pose, act = random_capsules(2, 3, 3, seed=6)
+    rows = torch.tensor([-0.3, 0.2], dtype=torch.float64)
+    cols = torch.tensor([-0.4, 0.0, 0.4], dtype=torch.float64)
+    params = [pose, act, layer.weight, layer.beta_u, layer.beta_a]
+    mu, a = layer(pose, act, rows, cols)
+    ref_mu, ref_a = naive_classcaps(layer, pose, act, rows, cols)
+    torch.testing.assert_close(mu, ref_mu, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, ref_a, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads([mu, a], params), grads([ref_mu, ref_a], params)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_coordinate_addition_changes_only_the_right_hand_column():
+    # One iteration: the means are fixed-weight averages of the votes, so only the
+    # vote entries that coordinate addition touches can move.
+    layer = randomise(ClassCaps(2, 3, settings=RoutingSettings(iterations=1), coord_add=False), 8)
+    pose, act = random_capsules(2, 2, 2, seed=9)
+    rows = torch.tensor([-0.25, 0.25], dtype=torch.float64)
+    cols = torch.tensor([-0.25, 0.25], dtype=torch.float64)
+    mu_off, _ = layer(pose, act, rows, cols)
+    layer.coord_add = True
+    mu_on, _ = layer(pose, act, rows, cols)
+    diff = (mu_on - mu_off).abs().amax(dim=(0, 1))  # (4, 4)
+    changed = diff > 1e-9
+    assert changed[0, 3] and changed[1, 3]
+    changed[0, 3] = changed[1, 3] = False
+    assert not changed.any()
+
+
+def test_fast_path_equals_plain_path_in_float64_for_outputs_and_gradients():
+    g = torch.Generator().manual_seed(11)
+    fold = ChildFold(5, 5, 3, 1, types=3)
+    votes = torch.randn(2, 9, 4, 27, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    act = torch.rand(2, 9, 27, generator=g, dtype=torch.float64, requires_grad=True)
+    beta_u = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    beta_a = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    inputs = [votes, act, beta_u, beta_a]
+    settings = RoutingSettings(iterations=4, final_lambda=0.3)
+    for f in (fold, None):
+        fast = em_routing(votes, act, beta_u, beta_a, settings, f, impl="fast")
+        plain = em_routing(votes, act, beta_u, beta_a, settings, f, impl="plain")
+        torch.testing.assert_close(fast.pose, plain.pose, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.activation, plain.activation, atol=1e-5, rtol=1e-5)
+        got = grads([fast.pose, fast.activation], inputs)
+        want = grads([plain.pose, plain.activation], inputs)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- properties
+
+
+def final_assignments(votes, act, beta_u, beta_a, fold, settings):
+    """Runs the routing with stats and recovers r via the stats' entropy inputs."""
+    from capsnet import routing
+
+    captured = {}
+    original = routing.routing_stats
+
+    def capture(r, a, var, f):
+        captured["r"] = r
+        return original(r, a, var, f)
+
+    routing.routing_stats = capture
+    try:
+        em_routing(votes, act, beta_u, beta_a, settings, fold, stats=True)
+    finally:
+        routing.routing_stats = original
+    return captured["r"]
+
+
+@pytest.mark.parametrize("iterations", [1, 3, 5])
+def test_every_childs_assignments_sum_to_one_over_all_parents_it_feeds(iterations):
+    g = torch.Generator().manual_seed(12)
+    b_types, c_types = 3, 4
+    fold = ChildFold(6, 7, 3, 2, types=b_types)
+    positions = fold.positions
+    votes = torch.randn(2, positions, c_types, 9 * b_types, 16, generator=g)
+    act = torch.rand(2, positions, 9 * b_types, generator=g)
+    zeros = torch.zeros(c_types)
+    r = final_assignments(votes, act, zeros, zeros, fold, RoutingSettings(iterations=iterations))
+    per_child = fold.sum(r.sum(dim=2))  # (N, L, I) total over every parent of the slot's child
+    torch.testing.assert_close(per_child, torch.ones_like(per_child), atol=1e-5, rtol=1e-5)
+    if iterations == 1:  # initial assignments: 1 / number of parents fed, fewer at the borders
+        counts = fold.parents_per_slot(c_types)
+        torch.testing.assert_close(r[0, :, 0, :], 1.0 / counts)
+        assert counts.min() < counts.max()
+
+
+def test_per_patch_assignments_sum_to_one_within_each_patch():
+    g = torch.Generator().manual_seed(13)
+    votes = torch.randn(2, 4, 3, 18, 16, generator=g)
+    act = torch.rand(2, 4, 18, generator=g)
+    r = final_assignments(votes, act, torch.zeros(3), torch.zeros(3), None, SETTINGS)
+    torch.testing.assert_close(r.sum(dim=2), torch.ones(2, 4, 18))
+
+
+@pytest.mark.parametrize("iterations", [3, 5])
+@pytest.mark.parametrize(
+    "case", ["huge_votes", "tiny_votes", "all_zero_activations", "single_active_child"]
+)
+@pytest.mark.parametrize("impl", ["fast", "plain"])
+def test_routing_stays_finite_with_extreme_inputs(iterations, case, impl):
+    g = torch.Generator().manual_seed(14)
+    fold = ChildFold(5, 5, 3, 1, types=2)
+    votes = torch.randn(2, 9, 3, 18, 16, generator=g)
+    act = torch.rand(2, 9, 18, generator=g)
+    if case == "huge_votes":
+        votes = votes * 1e4
+    elif case == "tiny_votes":
+        votes = votes * 1e-6
+    elif case == "all_zero_activations":
+        act = torch.zeros_like(act)
+    else:
+        act = torch.zeros_like(act)
+        act[:, 4, 0] = 1.0
+    votes.requires_grad_()
+    act.requires_grad_()
+    beta_u = torch.zeros(3, requires_grad=True)
+    beta_a = torch.zeros(3, requires_grad=True)
+    settings = RoutingSettings(iterations=iterations)
+    out = em_routing(votes, act, beta_u, beta_a, settings, fold, impl=impl)
+    assert torch.isfinite(out.pose).all() and torch.isfinite(out.activation).all()
+    assert ((out.activation > 0) & (out.activation < 1)).all()
+    (out.pose.sum() + out.activation.sum()).backward()
+    for t in (votes, act, beta_u, beta_a):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_gradcheck_of_a_small_convcaps_layer_in_float64():
+    settings = RoutingSettings(iterations=3, final_lambda=0.5)
+    layer = randomise(ConvCaps(2, 2, kernel=2, stride=1, settings=settings), 15)
+    pose, act = random_capsules(3, 3, 2, seed=16)
+
+    def f(pose, act, weight):
+        params = {"weight": weight, "beta_u": layer.beta_u, "beta_a": layer.beta_a}
+        return torch.func.functional_call(layer, params, (pose, act))
+
+    weight = layer.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(f, (pose, act, weight), eps=1e-6, atol=1e-5)
+
+
+def test_inverse_temperature_follows_the_schedule():
+    lam = inverse_temperatures(RoutingSettings(iterations=3, final_lambda=0.01, lambda_decay=0.95))
+    assert lam == pytest.approx([0.01 * (1 - 0.95 ** (t + 1)) for t in range(3)])
+
+
+def test_routing_runs_in_float32_under_bf16_autocast():
+    layer = ConvCaps(2, 2, kernel=3, stride=1)
+    pose = torch.randn(2, 4, 4, 2, 16).bfloat16()
+    act = torch.rand(2, 4, 4, 2).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mu, a = layer(pose, act)
+    assert mu.dtype == torch.float32 and a.dtype == torch.float32
+    assert torch.isfinite(mu).all()
