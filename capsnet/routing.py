@@ -244,29 +244,42 @@ class _FactorSink:
         return left, right
 
 
-class _CentredMoments(torch.autograd.Function):
-    """votes -> [V - shift, (V - shift)^2] as (B, I, 2H); its gradient arrives through the sink.
+def _centred_moments(votes: Tensor, shift: Tensor) -> Tensor:
+    """[V - shift, (V - shift)^2] as one (B, I, 2H) tensor, written in a single pass each.
 
-    The votes may be any strided view (the permuted output of the vote product);
-    forward writes the centred copy in routing layout in one pass, and backward
-    returns the gradient in the votes' own memory layout, so no extra transpose
-    copy is made in either direction.
+    ``votes`` may be any strided view (the permuted output of the vote product);
+    the result is contiguous in routing layout.
+    """
+    n, positions, types, children = votes.shape[:4]
+    h = votes[0, 0, 0, 0].numel()
+    both = votes.new_empty(n * positions * types, children, 2 * h)  # (B, I, 2H)
+    centred = both[..., :h].view(votes.shape)
+    torch.sub(votes, shift, out=centred)
+    torch.mul(centred, centred, out=both[..., h:].view(votes.shape))
+    return both
+
+
+#: The last step of the backward pass works on this many samples at a time, so
+#: the full-size gradient of [V, V^2] is never materialised at once.
+BACKWARD_CHUNK = 8
+
+
+class _CentredMoments(torch.autograd.Function):
+    """votes -> [V - shift, (V - shift)^2]; its gradient arrives through the sink.
+
+    Backward returns the gradient in the votes' own memory layout, so no extra
+    transpose copy is made in either direction.
     """
 
     @staticmethod
     def forward(ctx, votes: Tensor, shift: Tensor, sink: _FactorSink):
-        n, positions, types, children = votes.shape[:4]
-        h = votes[0, 0, 0, 0].numel()
-        both = votes.new_empty(n * positions * types, children, 2 * h)  # (B, I, 2H)
-        centred = both[..., :h].view(votes.shape)
-        torch.sub(votes, shift, out=centred)
-        torch.mul(centred, centred, out=both[..., h:].view(votes.shape))
+        both = _centred_moments(votes, shift)
         token = votes.new_zeros(())
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(both)
         ctx.save_for_backward(both)
         ctx.sink = sink
-        ctx.votes_meta = votes.detach()  # a view: keeps shape and strides, no copy
+        ctx.layout = (votes.shape, votes.stride())  # not the votes themselves: they may be freed
         return both, token
 
     @staticmethod
@@ -276,16 +289,21 @@ class _CentredMoments(torch.autograd.Function):
         factors = ctx.sink.take()
         if factors is None:
             return None, None, None
-        left, right = factors
+        left, right = factors  # (B, I, k), (B, k, 2H)
+        shape, stride = ctx.layout
         h = both.shape[-1] // 2
-        grad_both = torch.bmm(left, right)  # (B, I, 2H): every iteration's contribution at once
-        shape = ctx.votes_meta.shape
-        grad = torch.empty_like(ctx.votes_meta)  # same strides as the votes
-        # d/dV of [V - s, (V - s)^2] = [1, 2 (V - s)]
-        torch.addcmul(
-            grad_both[..., :h].view(shape), both[..., :h].view(shape), grad_both[..., h:].view(shape),
-            value=2.0, out=grad,
-        )
+        grad = torch.empty_strided(shape, stride, dtype=both.dtype, device=both.device)
+        per_sample = both.shape[0] // shape[0]
+        for start in range(0, shape[0], BACKWARD_CHUNK):
+            stop = min(start + BACKWARD_CHUNK, shape[0])
+            rows = slice(start * per_sample, stop * per_sample)
+            g = torch.bmm(left[rows], right[rows])  # (b, I, 2H): every iteration's contribution
+            part = (stop - start, *shape[1:])
+            # d/dV of [V - s, (V - s)^2] = [1, 2 (V - s)]
+            torch.addcmul(
+                g[..., :h].view(part), both[rows, :, :h].view(part), g[..., h:].view(part),
+                value=2.0, out=grad[start:stop],
+            )
         return grad, None, None
 
 
@@ -342,8 +360,7 @@ def _em_fast(votes, act_in, beta_u, beta_a, settings, fold, want_stats, custom_b
         def project(coeff):
             return _Project.apply(both, coeff, token, sink)
     else:
-        centred = (votes - shift).reshape(batch, children, h)
-        both = torch.cat([centred, centred * centred], dim=-1)  # (B, I, 2H)
+        both = _centred_moments(votes, shift)  # (B, I, 2H)
 
         def moments(weight):
             return torch.bmm(weight, both)
