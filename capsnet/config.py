@@ -57,6 +57,7 @@ class ModelConfig:
     coord_add: bool = True  # coordinate addition in the class capsules
     decoder: bool = True  # reconstruction decoder (used when loss.recon_weight > 0)
     decoder_hidden: list[int] = field(default_factory=lambda: [512, 1024])
+    recompute_votes: bool = False  # recompute conv votes in backward: less memory, about 30% slower
 
     def resolved(self) -> ModelConfig:
         """A copy with every size filled from the preset."""

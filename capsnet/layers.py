@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capsnet.routing import ChildFold, RoutingSettings, child_fold, em_routing
+from functools import partial
+
+from capsnet.routing import ChildFold, LazyVotes, RoutingSettings, child_fold, em_routing
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
@@ -92,8 +94,10 @@ class ConvCaps(RoutingLayer):
         settings: RoutingSettings = RoutingSettings(),
         normalisation: str = "cross_position",
         name: str = "convcaps",
+        recompute_votes: bool = False,
     ):
         super().__init__(out_types, settings)
+        self.recompute_votes = recompute_votes
         if normalisation not in ("cross_position", "per_patch"):
             raise ValueError(f"{name}: normalisation must be cross_position or per_patch, got {normalisation!r}")
         self.in_types, self.kernel, self.stride, self.pose_size = in_types, kernel, stride, pose_size
@@ -119,14 +123,27 @@ class ConvCaps(RoutingLayer):
         # Votes V_ij = M_i W_ij as one batched product over the children i.
         m = patches.reshape(n * positions, children, p, p).permute(1, 0, 2, 3)  # (I, N*L, P, P)
         m = m.reshape(children, n * positions * p, p)
-        wt = self.weight.to(m.dtype).reshape(children, p, c * p)  # (I, P, C*P)
-        votes = torch.bmm(m, wt)  # (I, N*L*P, C*P)
-        votes = votes.view(children, n, positions, p, c, p).permute(1, 2, 4, 0, 3, 5)  # (N, L, C, I, P, P)
+        wt = self.weight.reshape(children, p, c * p)  # (I, P, C*P)
+        votes = LazyVotes(partial(_conv_votes, shape=(n, positions, p, c)), (m, wt))
+        if not self.recompute_votes:
+            # Otherwise the fast routing recomputes the votes in backward instead of
+            # keeping the layer's largest tensors alive (less memory, more time).
+            votes = votes.compute()
         use_fold = fold if self.normalisation == "cross_position" else None
         result = self.route(votes, act_in, use_fold)
         pose_out = result.pose.view(n, out_h, out_w, c, p * p)  # (N, Ho, Wo, C, P*P)
         act_out = result.activation.view(n, out_h, out_w, c)  # (N, Ho, Wo, C)
         return pose_out, act_out
+
+
+def _conv_votes(m: Tensor, weight: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """V_ij = M_i W_ij for every patch slot i and parent type j as one batched product.
+
+    m (I, N*L*P, P), weight (I, P, C*P) -> votes (N, L, C, I, P, P), a permuted view.
+    """
+    n, positions, p, c = shape
+    votes = torch.bmm(m, weight)  # (I, N*L*P, C*P)
+    return votes.view(-1, n, positions, p, c, p).permute(1, 2, 4, 0, 3, 5)
 
 
 class ClassCaps(RoutingLayer):

@@ -48,6 +48,7 @@ class CapsNet(nn.Module):
         final_lambda: float = 0.01,
         lambda_decay: float = 0.95,
         min_var: float = 0.0005,
+        recompute_votes: bool = False,
     ):
         super().__init__()
         if len(caps_strides) != len(caps_types):
@@ -61,7 +62,7 @@ class CapsNet(nn.Module):
             caps_types=list(caps_types), caps_kernel=caps_kernel, caps_strides=list(caps_strides),
             pose_size=pose_size, iterations=iterations, normalisation=normalisation, coord_add=coord_add,
             decoder=decoder, decoder_hidden=list(decoder_hidden), final_lambda=final_lambda,
-            lambda_decay=lambda_decay, min_var=min_var,
+            lambda_decay=lambda_decay, min_var=min_var, recompute_votes=recompute_votes,
         )
 
         # Stem: ReLU conv K x K stride s ("A" channels), then 3x3 stride 1 convs ("AA", ...).
@@ -82,7 +83,10 @@ class CapsNet(nn.Module):
         types = primary_types
         for idx, (out_types, stride) in enumerate(zip(caps_types, caps_strides), start=1):
             convcaps.append(
-                ConvCaps(types, out_types, caps_kernel, stride, pose_size, self.settings, normalisation, name=f"caps{idx}")
+                ConvCaps(
+                    types, out_types, caps_kernel, stride, pose_size, self.settings, normalisation,
+                    name=f"caps{idx}", recompute_votes=recompute_votes,
+                )
             )
             types = out_types
         self.convcaps = nn.ModuleList(convcaps)
@@ -118,6 +122,7 @@ class CapsNet(nn.Module):
             pose_size=m.pose_size, iterations=m.iterations, normalisation=m.normalisation,
             coord_add=m.coord_add, decoder=m.decoder, decoder_hidden=m.decoder_hidden,
             final_lambda=routing.final_lambda, lambda_decay=routing.lambda_decay, min_var=routing.min_var,
+            recompute_votes=m.recompute_votes,
         )
 
     # ------------------------------------------------------------------ geometry

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -143,13 +143,12 @@ def child_fold(height: int, width: int, kernel: int, stride: int, types: int, de
 # --------------------------------------------------------------------------- shared pieces
 
 
-def initial_assignments(votes: Tensor, fold: ChildFold | None) -> Tensor:
+def initial_assignments(n, positions, types, children, fold: ChildFold | None, dtype, device) -> Tensor:
     """r_ij = 1 / (number of parents child i feeds): (N, L, C, I)."""
-    n, positions, types, children = votes.shape[:4]
     if fold is None:
-        r = votes.new_full((positions, children), 1.0 / types)
+        r = torch.full((positions, children), 1.0 / types, dtype=dtype, device=device)
     else:
-        r = 1.0 / fold.parents_per_slot(types).to(votes.dtype)  # (L, I)
+        r = 1.0 / fold.parents_per_slot(types).to(device=device, dtype=dtype)  # (L, I)
     return r[None, :, None, :].expand(n, positions, types, children)
 
 
@@ -202,7 +201,7 @@ def routing_stats(r: Tensor, act: Tensor, var: Tensor, fold: ChildFold | None) -
 
 def _em_plain(votes, act_in, beta_u, beta_a, settings, fold, want_stats):
     votes = votes.reshape(*votes.shape[:4], -1)  # (N, L, C, I, H)
-    r = initial_assignments(votes, fold)  # (N, L, C, I)
+    r = initial_assignments(*votes.shape[:4], fold, votes.dtype, votes.device)  # (N, L, C, I)
     a_in = act_in[:, :, None, :]  # (N, L, 1, I)
     lambdas = inverse_temperatures(settings)
     for t, lam in enumerate(lambdas):
@@ -225,23 +224,19 @@ def _em_plain(votes, act_in, beta_u, beta_a, settings, fold, want_stats):
 # --------------------------------------------------------------------------- fast implementation
 
 
-class _FactorSink:
-    """Low-rank pieces of d(loss)/d(centred votes and squares), summed in one product."""
+class LazyVotes(NamedTuple):
+    """Votes described by how to compute them: ``fn(*inputs)`` -> (N, L, C, I, ...).
 
-    def __init__(self):
-        self.left: list[Tensor] = []  # (B, I, 1) each
-        self.right: list[Tensor] = []  # (B, 1, 2H) each
+    Given this instead of a tensor, the fast path keeps only the (small) inputs
+    for backward and recomputes the votes there, instead of holding the vote
+    tensor and its squares between forward and backward.
+    """
 
-    def add(self, left: Tensor, right: Tensor) -> None:
-        self.left.append(left)
-        self.right.append(right)
+    fn: Callable[..., Tensor]
+    inputs: tuple[Tensor, ...]
 
-    def take(self) -> tuple[Tensor, Tensor] | None:
-        if not self.left:
-            return None
-        left, right = torch.cat(self.left, dim=2), torch.cat(self.right, dim=1)
-        self.left, self.right = [], []
-        return left, right
+    def compute(self) -> Tensor:
+        return self.fn(*self.inputs)
 
 
 def _centred_moments(votes: Tensor, shift: Tensor) -> Tensor:
@@ -264,32 +259,66 @@ def _centred_moments(votes: Tensor, shift: Tensor) -> Tensor:
 BACKWARD_CHUNK = 8
 
 
-class _CentredMoments(torch.autograd.Function):
-    """votes -> [V - shift, (V - shift)^2]; its gradient arrives through the sink.
+class _VoteState:
+    """What the custom backward of one routing call shares between its pieces.
 
-    Backward returns the gradient in the votes' own memory layout, so no extra
-    transpose copy is made in either direction.
+    ``both`` = [V - s, (V - s)^2] (B, I, 2H) lives through forward; with lazy votes
+    it is dropped after forward and rebuilt once when backward first needs it.
+    ``left``/``right`` collect low-rank pieces of d(loss)/d(both), applied in
+    one product at the end of backward.
+    """
+
+    def __init__(self, votes: Tensor | LazyVotes):
+        self.lazy = votes if isinstance(votes, LazyVotes) else None
+        self.both: Tensor | None = None
+        self.left: list[Tensor] = []  # (B, I, 1) each
+        self.right: list[Tensor] = []  # (B, 1, 2H) each
+
+    def build(self, votes: Tensor) -> tuple[Tensor, Tensor]:
+        shift = votes.detach().mean(dim=3, keepdim=True)  # (N, L, C, 1, *pose)
+        self.both = _centred_moments(votes.detach(), shift)
+        return self.both, shift
+
+    def get_both(self) -> Tensor:
+        if self.both is None:  # lazy votes: rebuild, bit-identical to forward
+            with torch.no_grad():
+                self.build(self.lazy.compute())
+        return self.both
+
+
+class _VoteSource(torch.autograd.Function):
+    """Starts a routing call: builds [V - s, (V - s)^2]; its gradient arrives through the state.
+
+    The shift s = mean_i V_ij carries no gradient: routing is invariant to a
+    per-parent shift of the votes, so treating it as constant is exact.
+    Backward writes d(loss)/dV in the votes' own memory layout (no transpose copy).
     """
 
     @staticmethod
-    def forward(ctx, votes: Tensor, shift: Tensor, sink: _FactorSink):
-        both = _centred_moments(votes, shift)
-        token = votes.new_zeros(())
+    def forward(ctx, state: _VoteState, *inputs: Tensor):
+        votes = state.lazy.compute() if state.lazy is not None else inputs[0]
+        both, shift = state.build(votes)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(both)
-        ctx.save_for_backward(both)
-        ctx.sink = sink
-        ctx.layout = (votes.shape, votes.stride())  # not the votes themselves: they may be freed
-        return both, token
+        ctx.state = state
+        ctx.layout = (votes.shape, votes.stride())  # eager votes themselves are not kept
+        ctx.save_for_backward(*(inputs if state.lazy is not None else ()))
+        token = votes.new_zeros(())
+        ctx.mark_non_differentiable(shift)
+        return token, shift
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, _grad_both, _grad_token):
-        (both,) = ctx.saved_tensors
-        factors = ctx.sink.take()
-        if factors is None:
-            return None, None, None
-        left, right = factors  # (B, I, k), (B, k, 2H)
+    def backward(ctx, _grad_token, _grad_shift):
+        state: _VoteState = ctx.state
+        inputs = ctx.saved_tensors
+        nothing = (None,) * (len(ctx.needs_input_grad) - 1)
+        if not state.left:
+            return (None, *nothing)
+        left, right = torch.cat(state.left, dim=2), torch.cat(state.right, dim=1)  # (B, I, k), (B, k, 2H)
+        state.left, state.right = [], []
+        both = state.get_both()
+        if state.lazy is not None:
+            state.both = None  # rebuilt again if backward runs again (retain_graph)
         shape, stride = ctx.layout
         h = both.shape[-1] // 2
         grad = torch.empty_strided(shape, stride, dtype=both.dtype, device=both.device)
@@ -304,62 +333,74 @@ class _CentredMoments(torch.autograd.Function):
                 g[..., :h].view(part), both[rows, :, :h].view(part), g[..., h:].view(part),
                 value=2.0, out=grad[start:stop],
             )
-        return grad, None, None
+        del both, left, right
+        if state.lazy is None:
+            return None, grad
+        with torch.enable_grad():
+            ins = [x.detach().requires_grad_(need) for x, need in zip(inputs, ctx.needs_input_grad[1:])]
+            votes = state.lazy.fn(*ins)
+            wanted = [x for x in ins if x.requires_grad]
+            found = iter(torch.autograd.grad(votes, wanted, grad))
+        return (None, *(next(found) if x.requires_grad else None for x in ins))
 
 
 class _Moments(torch.autograd.Function):
     """M-step contraction: (B, 1, I) weights @ (B, I, 2H) -> sums of R V and R V^2."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, both: Tensor, token: Tensor, sink: _FactorSink):
-        ctx.save_for_backward(weight, both)
-        ctx.sink = sink
-        return torch.bmm(weight, both)  # (B, 1, 2H)
+    def forward(ctx, weight: Tensor, token: Tensor, state: _VoteState):
+        ctx.save_for_backward(weight)
+        ctx.state = state
+        return torch.bmm(weight, state.both)  # (B, 1, 2H)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        weight, both = ctx.saved_tensors
-        ctx.sink.add(weight.transpose(1, 2), grad)
-        grad_weight = torch.bmm(grad, both.transpose(1, 2))  # (B, 1, I)
-        return grad_weight, None, grad.new_zeros(()), None
+        (weight,) = ctx.saved_tensors
+        state: _VoteState = ctx.state
+        state.left.append(weight.transpose(1, 2))
+        state.right.append(grad)
+        grad_weight = torch.bmm(grad, state.get_both().transpose(1, 2))  # (B, 1, I)
+        return grad_weight, grad.new_zeros(()), None
 
 
 class _Project(torch.autograd.Function):
     """E-step contraction: (B, 1, 2H) coefficients . (B, I, 2H) -> (B, 1, I), one dot per vote."""
 
     @staticmethod
-    def forward(ctx, both: Tensor, coeff: Tensor, token: Tensor, sink: _FactorSink):
-        ctx.save_for_backward(both, coeff)
-        ctx.sink = sink
-        return torch.bmm(coeff, both.transpose(1, 2))  # (B, 1, I)
+    def forward(ctx, coeff: Tensor, token: Tensor, state: _VoteState):
+        ctx.save_for_backward(coeff)
+        ctx.state = state
+        return torch.bmm(coeff, state.both.transpose(1, 2))  # (B, 1, I)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        both, coeff = ctx.saved_tensors
-        ctx.sink.add(grad.transpose(1, 2), coeff)
-        grad_coeff = torch.bmm(grad, both)  # (B, 1, 2H)
-        return None, grad_coeff, grad.new_zeros(()), None
+        (coeff,) = ctx.saved_tensors
+        state: _VoteState = ctx.state
+        state.left.append(grad.transpose(1, 2))
+        state.right.append(coeff)
+        grad_coeff = torch.bmm(grad, state.get_both())  # (B, 1, 2H)
+        return grad_coeff, grad.new_zeros(()), None
 
 
 def _em_fast(votes, act_in, beta_u, beta_a, settings, fold, want_stats, custom_backward):
-    n, positions, types, children = votes.shape[:4]
-    h = votes[0, 0, 0, 0].numel()
-    batch = n * positions * types
-    # The routing is invariant to a per-parent shift of its votes; centring keeps
-    # E[V^2] - E[V]^2 accurate in float32. The shift carries no gradient (exact).
-    shift = votes.detach().mean(dim=3, keepdim=True)  # (N, L, C, 1, *pose)
     if custom_backward:
-        sink = _FactorSink()
-        both, token = _CentredMoments.apply(votes, shift, sink)
+        state = _VoteState(votes)
+        inputs = votes.inputs if isinstance(votes, LazyVotes) else (votes,)
+        token, shift = _VoteSource.apply(state, *inputs)
+        both = state.both
 
         def moments(weight):
-            return _Moments.apply(weight, both, token, sink)
+            return _Moments.apply(weight, token, state)
 
         def project(coeff):
-            return _Project.apply(both, coeff, token, sink)
+            return _Project.apply(coeff, token, state)
     else:
+        state = None
+        if isinstance(votes, LazyVotes):
+            votes = votes.compute()
+        shift = votes.mean(dim=3, keepdim=True)  # (N, L, C, 1, *pose)
         both = _centred_moments(votes, shift)  # (B, I, 2H)
 
         def moments(weight):
@@ -368,7 +409,12 @@ def _em_fast(votes, act_in, beta_u, beta_a, settings, fold, want_stats, custom_b
         def project(coeff):
             return torch.bmm(coeff, both.transpose(1, 2))
 
-    r = initial_assignments(votes, fold)  # (N, L, C, I)
+    n, positions, children = act_in.shape
+    batch, _, two_h = both.shape
+    types, h = batch // (n * positions), two_h // 2
+    # The routing is invariant to a per-parent shift of its votes; centring keeps
+    # E[V^2] - E[V]^2 accurate in float32.
+    r = initial_assignments(n, positions, types, children, fold, both.dtype, both.device)  # (N, L, C, I)
     a_in = act_in[:, :, None, :]  # (N, L, 1, I)
     lambdas = inverse_temperatures(settings)
     for t, lam in enumerate(lambdas):
@@ -386,6 +432,8 @@ def _em_fast(votes, act_in, beta_u, beta_a, settings, fold, want_stats, custom_b
             const = -0.5 * (mu * mu * inv + torch.log(var) + LOG_2PI).sum(-1)  # (N, L, C)
             log_p = quad + const[..., None]  # (N, L, C, I)
             r = normalise_assignments(log_act[..., None] + log_p, fold)
+    if state is not None and state.lazy is not None:
+        state.both = None  # rebuilt in backward from the small vote inputs
     pose = mu + shift.reshape(n, positions, types, h)
     stats = routing_stats(r, act, var, fold) if want_stats else None
     return RoutingResult(pose, act, stats)
@@ -395,7 +443,7 @@ def _em_fast(votes, act_in, beta_u, beta_a, settings, fold, want_stats, custom_b
 
 
 def em_routing(
-    votes: Tensor,
+    votes: Tensor | LazyVotes,
     act_in: Tensor,
     beta_u: Tensor,
     beta_a: Tensor,
@@ -409,7 +457,9 @@ def em_routing(
 
     Args:
         votes: (N, L, C, I, H) or (N, L, C, I, P, P) vote of each patch slot for each
-            parent, V_ij; any strides (the fast path reads a permuted view without a copy).
+            parent, V_ij, with any strides; or a :class:`LazyVotes` that computes
+            them (the fast path then recomputes the votes in backward instead of
+            keeping them).
         act_in: (N, L, I) activation a_i of the child in each slot.
         beta_u, beta_a: (C,) learned per parent type.
         settings: iterations, final lambda and its decay, variance floor.
@@ -417,24 +467,37 @@ def em_routing(
         impl: "fast" (contractions, custom backward) or "plain" (elementwise).
         stats: also return detached routing statistics.
 
-    Routing runs in float32 (or float64 when the votes are float64), also under autocast.
+    Routing runs in float32 (float64 when the child activations are float64), also under autocast.
     """
+    if impl not in ("fast", "plain"):
+        raise ValueError(f"em_routing: impl must be 'fast' or 'plain', got {impl!r}")
+    dtype = torch.float64 if act_in.dtype == torch.float64 else torch.float32
+    with torch.autocast(act_in.device.type, enabled=False):
+        act_in, beta_u, beta_a = act_in.to(dtype), beta_u.to(dtype), beta_a.to(dtype)
+        if isinstance(votes, LazyVotes):
+            votes = LazyVotes(votes.fn, tuple(x.to(dtype) for x in votes.inputs))
+            grad_votes = any(x.requires_grad for x in votes.inputs)
+        else:
+            votes = votes.to(dtype)
+            grad_votes = votes.requires_grad
+        if impl == "plain":
+            if isinstance(votes, LazyVotes):
+                votes = votes.compute()
+            _check_shapes(votes, act_in)
+            return _em_plain(votes, act_in, beta_u, beta_a, settings, fold, stats)
+        custom = (
+            torch.is_grad_enabled()
+            and (grad_votes or act_in.requires_grad)
+            and not torch.compiler.is_compiling()
+        )
+        if not isinstance(votes, LazyVotes):
+            _check_shapes(votes, act_in)
+        return _em_fast(votes, act_in, beta_u, beta_a, settings, fold, stats, custom)
+
+
+def _check_shapes(votes: Tensor, act_in: Tensor) -> None:
     if votes.dim() < 5 or act_in.shape != votes.shape[:2] + votes.shape[3:4]:
         raise ValueError(
-            f"em_routing: votes must be (N, L, C, I, H) or (N, L, C, I, P, P) and act_in (N, L, I); "
+            "em_routing: votes must be (N, L, C, I, H) or (N, L, C, I, P, P) and act_in (N, L, I); "
             f"got {tuple(votes.shape)} and {tuple(act_in.shape)}"
         )
-    dtype = torch.float64 if votes.dtype == torch.float64 else torch.float32
-    with torch.autocast(votes.device.type, enabled=False):
-        votes, act_in = votes.to(dtype), act_in.to(dtype)
-        beta_u, beta_a = beta_u.to(dtype), beta_a.to(dtype)
-        if impl == "plain":
-            return _em_plain(votes, act_in, beta_u, beta_a, settings, fold, stats)
-        if impl == "fast":
-            custom = (
-                torch.is_grad_enabled()
-                and (votes.requires_grad or act_in.requires_grad)
-                and not torch.compiler.is_compiling()
-            )
-            return _em_fast(votes, act_in, beta_u, beta_a, settings, fold, stats, custom)
-    raise ValueError(f"em_routing: impl must be 'fast' or 'plain', got {impl!r}")

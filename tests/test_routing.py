@@ -312,9 +312,11 @@ def test_routing_stays_finite_with_extreme_inputs(iterations, case, impl):
         assert torch.isfinite(t.grad).all()
 
 
-def test_gradcheck_of_a_small_convcaps_layer_in_float64():
+@pytest.mark.parametrize("recompute_votes", [False, True])
+def test_gradcheck_of_a_small_convcaps_layer_in_float64(recompute_votes):
     settings = RoutingSettings(iterations=3, final_lambda=0.5)
-    layer = randomise(ConvCaps(2, 2, kernel=2, stride=1, settings=settings), 15)
+    layer = ConvCaps(2, 2, kernel=2, stride=1, settings=settings, recompute_votes=recompute_votes)
+    layer = randomise(layer, 15)
     pose, act = random_capsules(3, 3, 2, seed=16)
 
     def f(pose, act, weight):

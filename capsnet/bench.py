@@ -1,0 +1,156 @@
+"""Throughput and memory of a config's model on synthetic data of its geometry."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from capsnet.config import Config, DataConfig
+from capsnet.model import CapsNet
+from capsnet.runtime import tune_allocator
+
+#: (channels, classes, image size) of each dataset, so a benchmark needs no data on disk.
+DATASET_GEOMETRY = {
+    "mnist": (1, 10, 28),
+    "fashion-mnist": (1, 10, 28),
+    "cifar10": (3, 10, 32),
+    "svhn": (3, 10, 32),
+    "smallnorb": (2, 5, 32),
+    "folder": (3, 10, 32),
+}
+
+
+@dataclass
+class BenchResult:
+    train_img_per_s: float
+    infer_img_per_s: float
+    train_ms_per_step: float
+    infer_ms_per_step: float
+    peak_rss_mib: float  # peak resident memory of the process after the training steps
+    base_rss_mib: float  # resident memory before the model was built (torch itself)
+    parameters: int
+    batch_size: int
+    image_size: int
+    channels: int
+    classes: int
+    iterations: int
+    threads: int
+    steps: int
+    device: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"train {self.train_img_per_s:.1f} img/s ({self.train_ms_per_step:.0f} ms/step), "
+            f"inference {self.infer_img_per_s:.1f} img/s ({self.infer_ms_per_step:.0f} ms/step), "
+            f"peak RSS {self.peak_rss_mib:.0f} MiB (torch alone {self.base_rss_mib:.0f} MiB); "
+            f"{self.parameters:,} parameters, batch {self.batch_size}, "
+            f"{self.channels}x{self.image_size}x{self.image_size}, {self.classes} classes, "
+            f"{self.iterations} iterations, {self.threads} threads, {self.device}"
+        )
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def geometry(data: DataConfig) -> tuple[int, int, int]:
+    if data.name == "synthetic":
+        return data.channels, data.num_classes, data.image_size or 32
+    channels, classes, size = DATASET_GEOMETRY[data.name]
+    if data.name == "smallnorb" and data.stereo == "samples":
+        channels = 1
+    if data.name == "folder" and data.grayscale:
+        channels = 1
+    return channels, classes, data.image_size or size
+
+
+def _spread(activations: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
+    a_t = activations.gather(1, target[:, None])
+    return (torch.clamp(margin - (a_t - activations), min=0) ** 2).sum() / activations.shape[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_benchmark(
+    cfg: Config,
+    batch_size: int = 32,
+    steps: int = 10,
+    warmup: int = 2,
+    image_size: int | None = None,
+    classes: int | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> BenchResult:
+    """Times training steps (forward, spread loss, backward, Adam) and inference batches."""
+    tune_allocator()
+    if threads:
+        torch.set_num_threads(threads)
+    base_rss = _rss_mib()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    channels, num_classes, size = geometry(cfg.data)
+    size = image_size or size
+    num_classes = classes or num_classes
+    torch.manual_seed(cfg.train.seed)
+    model = CapsNet.from_config(cfg.model, cfg.routing, channels, num_classes, size).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+    x = torch.randn(batch_size, channels, size, size, device=dev)
+    y = torch.randint(0, num_classes, (batch_size,), device=dev)
+    use_recon = model.decoder is not None and cfg.loss.recon_weight > 0
+
+    def train_step():
+        out = model(x)
+        loss = _spread(out.activations, y, cfg.loss.margin_start)
+        if use_recon:
+            loss = loss + cfg.loss.recon_weight * (model.reconstruct(out.poses, y) - x).square().sum() / batch_size
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def timed(fn, n):
+        times = []
+        for _ in range(n):
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    model.train()
+    for _ in range(warmup):
+        train_step()
+    train_s = timed(train_step, steps)
+    peak = _rss_mib()
+    model.eval()
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(x)
+        infer_s = timed(lambda: model(x), steps)
+    return BenchResult(
+        train_img_per_s=batch_size / train_s,
+        infer_img_per_s=batch_size / infer_s,
+        train_ms_per_step=train_s * 1000,
+        infer_ms_per_step=infer_s * 1000,
+        peak_rss_mib=peak,
+        base_rss_mib=base_rss,
+        parameters=model.num_parameters(),
+        batch_size=batch_size,
+        image_size=size,
+        channels=channels,
+        classes=num_classes,
+        iterations=cfg.model.iterations,
+        threads=torch.get_num_threads(),
+        steps=steps,
+        device=str(dev),
+    )
