@@ -1,0 +1,385 @@
+"""Checkpoints: atomic saves, "latest"/"best" resolution and strict, safe loading.
+
+A run directory ``<out_dir>/<run>/`` holds::
+
+    config.yaml        the resolved config, written before training starts
+    metrics.jsonl      one JSON object per logged step
+    step-000123.pt     the newest ``logging.keep`` checkpoints, named by global step
+    last.pt            the newest checkpoint
+    best.pt            the checkpoint with the best evaluation accuracy so far
+    run.json           run bookkeeping: when it started and was last updated, last step
+
+Every file is written to a temporary file in the same directory, flushed,
+fsync'd and moved into place with ``os.replace``, so a crash or a full disk
+never leaves a half-written checkpoint under a real name. Checkpoints are read
+with ``torch.load(weights_only=True)``: a file that would run code is refused.
+
+"latest" means the most recently started or updated run (by the time recorded
+in its ``run.json``) and, within it, the highest completed step, read from the
+step numbers and never from file times.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import pickle
+import random
+import re
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = 1
+RUN_FILE = "run.json"
+LAST = "last.pt"
+BEST = "best.pt"
+_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
+#: Keys of the architecture signature that do not change the parameters or the function computed.
+_RUNTIME_ONLY = {"recompute_votes"}
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written, found or loaded; the message says which file and why."""
+
+
+# --------------------------------------------------------------------------- names and paths
+
+
+def validate_run_name(name: str) -> str:
+    """Returns ``name`` when it is a safe single directory name, else raises CheckpointError."""
+    if not isinstance(name, str) or not _RUN_NAME.match(name) or ".." in name or len(name) > 200:
+        raise CheckpointError(
+            f"invalid run name {name!r}: use letters, digits and . _ - + = @ "
+            "(no path separators, no '..', not starting with a dot)"
+        )
+    return name
+
+
+def safe_child(base: str | Path, name: str) -> Path:
+    """``base / name`` for a validated ``name``, guaranteed not to leave ``base``."""
+    validate_run_name(name)
+    base = Path(base)
+    child = base / name
+    if child.resolve().parent != base.resolve():
+        raise CheckpointError(f"path {child} escapes {base}")
+    return child
+
+
+def step_file(step: int) -> str:
+    return f"step-{step:06d}.pt"
+
+
+def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The step-numbered checkpoints of a run, sorted by step."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in run_dir.iterdir():
+        match = _STEP_FILE.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory handles
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """Writes ``data`` to ``path`` atomically; on any error the temporary file is removed.
+
+    Raises CheckpointError naming ``path`` (also when the disk is full); a file
+    already at ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+        _fsync_dir(path.parent)
+    except OSError as e:
+        reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CheckpointError(f"could not write {path}: {reason}") from e
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def serialize(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(serialize(obj), path)
+
+
+# --------------------------------------------------------------------------- random number generators
+
+
+def capture_rng(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every RNG state a training run draws from, in a form ``weights_only`` loading accepts."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    if loader_generator is not None:
+        state["loader"] = loader_generator.get_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any], loader_generator: torch.Generator | None = None) -> None:
+    random.setstate(state["python"])
+    npy = state["numpy"]
+    np.random.set_state(
+        ("MT19937", npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"])
+    )
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if loader_generator is not None and "loader" in state:
+        loader_generator.set_state(state["loader"])
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def write_run_record(run_dir: str | Path, **fields: Any) -> None:
+    """Updates ``run.json`` (start time, last update time, last step) atomically."""
+    path = Path(run_dir) / RUN_FILE
+    record = read_run_record(run_dir) or {}
+    record.update(fields)
+    record["updated"] = time.time()
+    record.setdefault("started", record["updated"])
+    atomic_write_bytes((json.dumps(record, indent=1) + "\n").encode(), path)
+
+
+def read_run_record(run_dir: str | Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((Path(run_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def save_checkpoint(run_dir: str | Path, ckpt: dict[str, Any], keep: int, is_best: bool = False) -> Path:
+    """Writes ``step-<step>.pt`` and ``last.pt`` (and ``best.pt``), then prunes old step files.
+
+    Returns the step-numbered path. The payload is serialised once and written
+    atomically to each name.
+    """
+    run_dir = Path(run_dir)
+    step = int(ckpt["step"])
+    data = serialize(ckpt)
+    path = run_dir / step_file(step)
+    atomic_write_bytes(data, path)
+    atomic_write_bytes(data, run_dir / LAST)
+    if is_best:
+        atomic_write_bytes(data, run_dir / BEST)
+    write_run_record(run_dir, run=run_dir.name, step=step, epoch=int(ckpt["epoch"]))
+    for _, old in step_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def discard_after(run_dir: str | Path, step: int) -> list[Path]:
+    """Removes step checkpoints past ``step`` (a run resumed from an earlier point replaces them)."""
+    removed = []
+    for s, path in step_checkpoints(run_dir):
+        if s > step:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+# --------------------------------------------------------------------------- finding checkpoints
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return bool(step_checkpoints(run_dir)) or (run_dir / LAST).is_file()
+
+
+def _run_time(run_dir: Path) -> float:
+    record = read_run_record(run_dir)
+    if record and isinstance(record.get("updated"), (int, float)):
+        return float(record["updated"])
+    try:  # no run.json: the wall time recorded inside last.pt
+        return float(load_checkpoint(run_dir / LAST).get("time", 0.0))
+    except CheckpointError:
+        return 0.0
+
+
+def latest_run(out_dir: str | Path) -> Path:
+    """The run directory under ``out_dir`` that was started or updated most recently."""
+    out_dir = Path(out_dir)
+    runs = [p for p in out_dir.iterdir() if p.is_dir() and _has_checkpoint(p)] if out_dir.is_dir() else []
+    if not runs:
+        raise CheckpointError(
+            f"no runs with checkpoints in {out_dir}; train one first (capsnet train --config ...)"
+        )
+    return max(runs, key=lambda p: (_run_time(p), p.name))
+
+
+def run_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint of the highest completed step in ``run_dir``."""
+    run_dir = Path(run_dir)
+    steps = step_checkpoints(run_dir)
+    if steps:
+        return steps[-1][1]
+    if (run_dir / LAST).is_file():
+        return run_dir / LAST
+    raise CheckpointError(f"no checkpoints in {run_dir}")
+
+
+def resolve_checkpoint(spec: str, out_dir: str | Path) -> Path:
+    """``latest`` | ``best`` | a run directory | a checkpoint file | a run name under ``out_dir``."""
+    out_dir = Path(out_dir)
+    if spec == "latest":
+        return run_checkpoint(latest_run(out_dir))
+    if spec == "best":
+        run = latest_run(out_dir)
+        if not (run / BEST).is_file():
+            raise CheckpointError(f"run {run} has no {BEST} yet (it is written after the first evaluation)")
+        return run / BEST
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        return run_checkpoint(path)
+    if _RUN_NAME.match(spec) and ".." not in spec and (out_dir / spec).is_dir():
+        return run_checkpoint(out_dir / spec)
+    raise CheckpointError(
+        f"checkpoint not found: {spec} (expected latest, best, a run directory or a .pt file)"
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+REQUIRED_KEYS = ("format", "model", "step", "epoch", "config", "arch")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a checkpoint onto the CPU with ``weights_only=True``; raises CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give a checkpoint file or use latest/best")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise CheckpointError(
+                f"refusing to load {path}: it holds Python objects that could run code "
+                "(only tensors and plain data are accepted)"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated)") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (corrupt or truncated): {first}"
+        ) from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        raise CheckpointError(f"{path} is not a capsnet checkpoint (missing: {', '.join(missing)})")
+    if ckpt["format"] > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} was written by a newer capsnet (format {ckpt['format']}); upgrade capsnet to load it"
+        )
+    return ckpt
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def _config_key(name: str) -> str:
+    if name in ("in_channels",):
+        return "data.channels"
+    if name in ("num_classes", "image_size"):
+        return f"data.{name}"
+    if name in ("final_lambda", "lambda_decay", "min_var"):
+        return f"routing.{name}"
+    return f"model.{name}"
+
+
+def check_architecture(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
+    """Raises CheckpointError listing every architecture setting that differs."""
+    diffs = [
+        f"{_config_key(k)}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
+        for k in sorted(set(saved) | set(current))
+        if k not in _RUNTIME_ONLY and saved.get(k) != current.get(k)
+    ]
+    if diffs:
+        raise CheckpointError(f"the model in {where} does not match the config: " + "; ".join(diffs))
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], where: str | Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"weights in {where} do not fit the model: {detail}") from None
+
+
+def build_model_from_checkpoint(ckpt: dict[str, Any], where: str | Path = "checkpoint"):
+    """A CapsNet built from the checkpoint's architecture signature, with its weights loaded."""
+    from capsnet.model import CapsNet
+
+    try:
+        model = CapsNet(**ckpt["arch"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot rebuild the model of {where}: {e}") from None
+    load_model_state(model, ckpt["model"], where)
+    return model

@@ -1,0 +1,267 @@
+"""The ``capsnet`` command line: each command is a thin adapter over a library function.
+
+Errors the user can fix (config, data, checkpoint, training, export) print a
+short message on stderr and exit with code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="capsnet",
+    help="Capsule networks with EM routing (Hinton, Sabour & Frosst, ICLR 2018): train, evaluate, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+DEFAULT_OUT_DIR = "weights/em_capsules"
+
+CKPT_HELP = (
+    "Checkpoint: 'latest' (newest run, highest step), 'best' (best.pt of the newest run), "
+    "a run directory, a .pt file, or a run name under --out-dir."
+)
+OUT_DIR_HELP = "Folder that holds the run directories (logging.out_dir of the training config)."
+DEBUG_HELP = "Show the full traceback when something fails."
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from capsnet.checkpoint import CheckpointError
+    from capsnet.config import ConfigError
+    from capsnet.data import DataError
+    from capsnet.export import ExportError
+    from capsnet.trainer import TrainingError
+
+    return ConfigError, DataError, CheckpointError, TrainingError, ExportError
+
+
+@contextlib.contextmanager
+def _errors(debug: bool):
+    """Known errors: message and exit code 2; anything else: exit code 1; tracebacks with --debug."""
+    debug = debug or _state["debug"]
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, _user_errors()):
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(
+            f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True
+        )
+        raise typer.Exit(1) from None
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def train(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML config (see configs/). Optional with --resume: the checkpoint's is used.",
+        ),
+    ] = None,
+    override: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--override",
+            "-o",
+            help="Change one config value: -o train.batch_size=64 (repeatable).",
+        ),
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Continue from 'latest', 'best', a run directory or a checkpoint file.",
+        ),
+    ] = None,
+    run_name: Annotated[
+        str | None,
+        typer.Option(
+            "--run-name",
+            help="Run directory name (default: <config name>-<date>-<time>).",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace an existing run directory of that name (and its TensorBoard events).",
+        ),
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+) -> None:
+    """Train a model: checkpoints go to <logging.out_dir>/<run>/, TensorBoard events to <logging.tb_dir>/<run>/."""
+    with _errors(debug):
+        from capsnet.config import ConfigError, load_config
+        from capsnet.trainer import TrainingInterrupted, config_for_resume, fit
+
+        if config is None and resume is None:
+            raise ConfigError(["--config is required (or --resume to continue a run with its own config)"])
+        cfg = load_config(config, override) if config is not None else config_for_resume(resume, override)
+        prefix = config.stem if config is not None else None
+        try:
+            fit(
+                cfg,
+                run_name=run_name,
+                resume=resume,
+                overwrite=overwrite,
+                echo=typer.echo,
+                name_prefix=prefix,
+            )
+        except TrainingInterrupted as stopped:  # the checkpoint is saved and the resume command printed
+            raise typer.Exit(stopped.exit_code) from None
+
+
+@app.command("eval")
+def eval_(
+    ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split",
+            help="Split to evaluate: test, or val (needs data.val_split > 0).",
+        ),
+    ] = "test",
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="Evaluation batch size (default: the run's).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    data_root: Annotated[
+        str | None,
+        typer.Option(
+            "--data-root",
+            help="Look for the dataset here instead of the run's data.root.",
+        ),
+    ] = None,
+    override: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--override",
+            "-o",
+            help="Change a value of the checkpoint's config for this evaluation, e.g. -o data.root=/data "
+            "(repeatable; the model's architecture always comes from the checkpoint).",
+        ),
+    ] = None,
+    out_dir: Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)] = DEFAULT_OUT_DIR,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+) -> None:
+    """Evaluate a checkpoint: accuracy, loss and a per-class table (the config travels inside it)."""
+    with _errors(debug):
+        from capsnet.evaluate import evaluate_checkpoint
+        from capsnet.runtime import tune_allocator
+
+        tune_allocator()
+        report = evaluate_checkpoint(ckpt, out_dir, split, batch_size, data_root, device, override)
+    typer.echo(json.dumps(report.to_dict()) if as_json else report.summary())
+
+
+@app.command()
+def export(
+    ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="onnx (dynamic batch size) or pt2 (torch.export archive).",
+        ),
+    ] = "onnx",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Output file (default: exports/<run>/model.onnx or model.pt2).",
+        ),
+    ] = None,
+    data_root: Annotated[
+        str | None,
+        typer.Option(
+            "--data-root",
+            help="Dataset folder for the parity check's test batch (default: the run's data.root).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=2, help="Images in the parity-check batch.")
+    ] = 8,
+    out_dir: Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)] = DEFAULT_OUT_DIR,
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+) -> None:
+    """Export a checkpoint to ONNX or .pt2 and check its outputs against the eager model."""
+    with _errors(debug):
+        from capsnet.export import export_checkpoint
+
+        report = export_checkpoint(ckpt, fmt, out, out_dir, data_root, batch_size)
+    typer.echo(report.summary())
+
+
+@app.command()
+def bench(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config whose model is timed.")],
+    override: Annotated[
+        list[str] | None,
+        typer.Option("--override", "-o", help="Change one config value: -o model.iterations=2 (repeatable)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 32,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps (the median is reported).")] = 10,
+    image_size: Annotated[
+        int | None,
+        typer.Option("--image-size", min=1, help="Image side length (default: the dataset's)."),
+    ] = None,
+    classes: Annotated[
+        int | None, typer.Option("--classes", min=2, help="Number of classes (default: the dataset's).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="torch intra-op threads (default: torch's).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, mps or auto.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+) -> None:
+    """Time training and inference steps of a config's model on random data of its geometry."""
+    with _errors(debug):
+        from capsnet.bench import run_benchmark
+        from capsnet.config import load_config
+
+        cfg = load_config(config, override)
+        result = run_benchmark(
+            cfg, batch_size, steps, image_size=image_size, classes=classes, device=device, threads=threads
+        )
+    typer.echo(json.dumps(result.to_dict()) if as_json else result.summary())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,903 @@
+"""Datasets and loaders.
+
+Every dataset keeps its images in memory as a uint8 tensor ``(N, C, H, W)``
+and converts one item at a time to ``(float32 (C, H, W), int label)``, so a
+loader spends microseconds per image and no PIL call is in the hot path.
+
+Where the data comes from (``data.name``):
+
+* ``mnist``, ``fashion-mnist``: the four IDX files, read by :func:`read_idx`,
+  found in ``data.root``, ``root/<name>``, ``root/<name>/raw``, torchvision's
+  ``root/<MNIST|FashionMNIST>/raw``, then the system folders of
+  :data:`SYSTEM_DATA_DIRS` (Debian's ``dataset-fashion-mnist`` package), then
+  downloaded by torchvision when ``data.download`` is true.
+* ``cifar10``, ``svhn``: torchvision's readers, on ``root`` or ``root/<name>``
+  first, downloading to ``root`` only when allowed.
+* ``smallnorb``: the official binary-matrix files (:mod:`capsnet.smallnorb`).
+* ``folder``: the user's own images, one sub-folder per class.
+* ``synthetic``: learnable random patterns generated from the seed.
+
+Resizing (``data.image_size`` different from the dataset's own size) is done
+once at build time by bilinear interpolation with antialiasing, never by
+padding or cropping, so the whole image is kept. smallNORB is the exception:
+there ``image_size`` is the crop size (see :func:`_build_smallnorb`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+import warnings
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from capsnet.config import Config, DataConfig
+
+# --------------------------------------------------------------------------- public types
+
+
+class DataError(Exception):
+    """A data problem the user can fix; the message says what and how."""
+
+
+class DatasetNotFoundError(DataError):
+    """The files are nowhere on disk and could not be downloaded; ``searched`` lists where we looked."""
+
+    def __init__(self, message: str, searched: list[Path] | tuple[Path, ...] = ()):
+        super().__init__(message)
+        self.searched = list(searched)
+
+
+class DataFormatError(DataError):
+    """A file exists but is not what it should be (magic number, size, decoding, channels)."""
+
+
+@dataclass
+class DataInfo:
+    num_classes: int
+    channels: int
+    image_size: int  # square side the model sees (after crop/resize)
+    class_names: list[str]
+    mean: list[float] | None = None  # per-channel normalisation; None: per-image standardisation
+    std: list[float] | None = None
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader | None
+    test: DataLoader
+    info: DataInfo
+    train_sampler: Sampler | None  # DistributedSampler under world_size > 1; call set_epoch on it
+    train_generator: torch.Generator | None = None  # shuffling state; save/restore it to resume exactly
+    extra: dict[str, DataLoader] = field(default_factory=dict)  # e.g. smallNORB "test_familiar"
+
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "svhn", "smallnorb", "folder", "synthetic")
+
+#: Folders searched after ``data.root``; Debian's dataset-fashion-mnist package installs the first.
+SYSTEM_DATA_DIRS: dict[str, list[Path]] = {
+    "fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")],
+    "mnist": [Path("/usr/share/datasets/mnist")],
+}
+
+
+def check_channels(info: DataInfo, expected: int, source: str = "the checkpoint's model") -> None:
+    """Raises DataFormatError when the data's channel count is not what ``source`` expects."""
+    if info.channels != expected:
+        raise DataFormatError(
+            f"{source} expects {expected}-channel images but this data has {info.channels} "
+            f"channel(s); use data that matches (e.g. data.grayscale or data.stereo) or another checkpoint."
+        )
+
+
+def split_names(cfg: DataConfig) -> list[str]:
+    """Names of the splits :func:`build_loaders` makes for ``cfg``, in order."""
+    names = ["train"] + (["val"] if cfg.val_split > 0 else []) + ["test"]
+    if cfg.name == "smallnorb" and cfg.split != "standard":
+        names.append("test_familiar")
+    return names
+
+
+# --------------------------------------------------------------------------- per-item transforms
+#
+# Transforms take one uint8 numpy image (C, H, W) and return a float32 tensor.
+# They work in numpy and draw all of an item's random numbers with one torch
+# call: torch's per-operation overhead would otherwise cost more than the work
+# on an image this small. Random numbers come from torch's generator, which
+# DataLoader seeds per worker from the loader's generator.
+
+
+class PixelTransform:
+    """uint8 (C, H, W) -> float32 (C, H, W): ``(x / 255 - mean) / std`` per channel.
+
+    Training options: a random crop of the image zero-padded by ``padding`` on
+    every side (a shift of up to ``padding`` pixels, padding with black), and a
+    horizontal flip with probability 1/2 (``flip``). The normalisation is a
+    lookup table, so the whole transform is three numpy operations.
+    """
+
+    def __init__(self, mean: list[float], std: list[float], padding: int = 0, flip: bool = False):
+        levels = np.arange(256, dtype=np.float64) / 255.0
+        mean_, std_ = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+        self.table = ((levels[None, :] - mean_[:, None]) / std_[:, None]).astype(np.float32)  # (C, 256)
+        self.channel = np.arange(len(mean))[:, None, None]  # (C, 1, 1)
+        self.padding = padding
+        self.flip = flip
+
+    def __call__(self, x: np.ndarray) -> torch.Tensor:
+        if self.padding or self.flip:
+            draw = torch.rand(3).tolist()
+            if self.padding:
+                x = shifted(
+                    x,
+                    int(draw[0] * (2 * self.padding + 1)) - self.padding,
+                    int(draw[1] * (2 * self.padding + 1)) - self.padding,
+                )
+            if self.flip and draw[2] < 0.5:
+                x = x[:, :, ::-1]
+        return torch.from_numpy(self.table[self.channel, x])
+
+
+def shifted(x: np.ndarray, down: int, right: int) -> np.ndarray:
+    """``x`` (C, H, W) moved ``down`` rows and ``right`` columns, zeros filling the gap."""
+    if down == 0 and right == 0:
+        return x
+    _, height, width = x.shape
+    out = np.zeros_like(x)
+    out[:, max(down, 0) : height + min(down, 0), max(right, 0) : width + min(right, 0)] = x[
+        :, max(-down, 0) : height - max(down, 0), max(-right, 0) : width - max(right, 0)
+    ]
+    return out
+
+
+def image_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation (C,) of an image (C, H, W), float64.
+
+    The standard deviation is floored at 1/sqrt(H*W), so a flat image stays finite.
+    """
+    flat = x.reshape(x.shape[0], -1).astype(np.float64)  # (C, H*W)
+    count = flat.shape[1]
+    mean = flat.sum(1) / count
+    var = np.maximum(np.einsum("ij,ij->i", flat, flat) / count - mean * mean, 0.0)
+    return mean, np.maximum(np.sqrt(var), 1.0 / math.sqrt(count))
+
+
+def per_image_standardise(x: np.ndarray) -> np.ndarray:
+    """float32 (C, H, W): each channel of the image to zero mean and unit variance."""
+    mean, std = image_stats(x)
+    return ((x - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+
+
+class StandardisedCrop:
+    """uint8 (C, S, S) -> float32 (C, size, size), the smallNORB preprocessing.
+
+    The image is standardised per channel with the statistics of the whole
+    image (:func:`per_image_standardise`), then cropped: the centre for
+    evaluation; a random window for training (``train``), followed by a random
+    contrast factor in [1 - contrast, 1 + contrast] about zero (the
+    standardised image's mean) and a brightness offset in [-brightness,
+    brightness], both in units of the image's standard deviation. Standardising,
+    cropping and jitter are one multiply-add on the crop.
+    """
+
+    def __init__(self, size: int, train: bool = False, brightness: float = 0.25, contrast: float = 0.25):
+        self.size = size
+        self.train = train
+        self.brightness = brightness
+        self.contrast = contrast
+
+    def __call__(self, x: np.ndarray) -> torch.Tensor:
+        mean, std = image_stats(x)
+        room = x.shape[1] - self.size
+        factor, offset = 1.0, 0.0
+        if self.train:
+            draw = torch.rand(4).tolist()
+            top, left = int(draw[0] * (room + 1)), int(draw[1] * (room + 1))
+            factor += (2 * draw[2] - 1) * self.contrast
+            offset += (2 * draw[3] - 1) * self.brightness
+        else:
+            top = left = room // 2
+        crop = x[:, top : top + self.size, left : left + self.size].astype(np.float32)
+        scale = (factor / std).astype(np.float32)[:, None, None]
+        shift = (offset - mean * factor / std).astype(np.float32)[:, None, None]
+        return torch.from_numpy(crop * scale + shift)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class ImageDataset(Dataset):
+    """uint8 images ``(N, C, H, W)`` in memory; item i is ``(transform(image) float32, int label)``.
+
+    ``indices`` selects rows (a subset shares the tensors). ``meta`` holds
+    per-row arrays such as smallNORB viewpoints; :meth:`selected_meta` returns
+    them aligned with the items. ``group`` > 1 means runs of that many
+    consecutive rows belong together (the two views of a smallNORB pair) and
+    must land in the same split. ``extra_splits`` holds further evaluation sets
+    (smallNORB's "test_familiar").
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        transform: Callable[[np.ndarray], torch.Tensor],
+        eval_transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+        indices: torch.Tensor | None = None,
+        meta: dict[str, torch.Tensor] | None = None,
+        group: int = 1,
+    ):
+        self.images = images  # (N, C, H, W) uint8
+        self.labels = labels  # (N,) int64
+        self.transform = transform
+        self.eval_transform = eval_transform or transform
+        self.indices = indices
+        self.meta = meta or {}
+        self.group = group
+        self.extra_splits: dict[str, ImageDataset] = {}
+        self._pixels = images.numpy()  # shares memory; numpy indexing is cheaper per item
+        self._labels = labels.tolist()
+        self._rows = indices.tolist() if indices is not None else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers started by spawn/forkserver receive the tensor through shared memory; the numpy
+        # view would be pickled by value, so it is rebuilt on arrival instead.
+        state = self.__dict__.copy()
+        del state["_pixels"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pixels = self.images.numpy()
+
+    def __len__(self) -> int:
+        return len(self._rows) if self._rows is not None else len(self._labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        row = self._rows[i] if self._rows is not None else i
+        return self.transform(self._pixels[row]), self._labels[row]
+
+    def rows(self) -> torch.Tensor:
+        """The image rows of the items, in item order."""
+        return self.indices if self.indices is not None else torch.arange(len(self.images))
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Labels of the items, in item order."""
+        return self.labels[self.rows()]
+
+    def selected_meta(self) -> dict[str, torch.Tensor]:
+        """The ``meta`` arrays aligned with the items."""
+        rows = self.rows()
+        return {key: value[rows] for key, value in self.meta.items()}
+
+    def subset(self, positions: torch.Tensor, evaluation: bool = False) -> ImageDataset:
+        """The items at ``positions``; ``evaluation`` switches to the test-time transform."""
+        return ImageDataset(
+            self.images,
+            self.labels,
+            self.eval_transform if evaluation else self.transform,
+            self.eval_transform,
+            indices=self.rows()[positions],
+            meta=self.meta,
+            group=self.group,
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resize_images(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """(N, C, H, W) uint8 -> (N, C, size, size) uint8, bilinear with antialiasing."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8)
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].float()
+        block = F.interpolate(block, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + chunk] = block.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].double().div_(255.0).transpose(0, 1).flatten(1)
+        total += block.sum(1)
+        squares += block.square().sum(1)
+    count = max(1, images.numel() // channels)
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt().clamp_min(1e-3)
+    return mean.tolist(), std.tolist()
+
+
+def split_indices(n: int, fraction: float, seed: int, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out) positions: a seeded random ``fraction`` of ``range(n)`` held out, both sorted.
+
+    With ``group`` > 1, runs of ``group`` consecutive positions are kept together.
+    """
+    groups = n // group
+    held = min(groups, max(1, round(fraction * groups))) if fraction > 0 else 0
+    if held >= groups > 0:
+        raise DataError(f"data.val_split={fraction} leaves no training data out of {n} samples")
+    order = torch.randperm(groups, generator=torch.Generator().manual_seed(seed))
+    held_groups, kept_groups = order[:held].sort().values, order[held:].sort().values
+    offsets = torch.arange(group)
+
+    def expand(g: torch.Tensor) -> torch.Tensor:
+        return (g[:, None] * group + offsets).flatten()
+
+    return expand(kept_groups), expand(held_groups)
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, shortened to ``limit`` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _train_or_eval(augment: bool, train: Callable, evaluation: Callable) -> Callable:
+    return train if augment else evaluation
+
+
+# --------------------------------------------------------------------------- IDX (mnist, fashion-mnist)
+
+IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_IMAGES_MAGIC = 0x00000803
+IDX_LABELS_MAGIC = 0x00000801
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: str | Path, expected_magic: int | None = None) -> torch.Tensor:
+    """Reads an IDX file (plain or ``.gz``) into a tensor of its element type.
+
+    Checks the magic number (``expected_magic``, e.g. 0x00000803 for uint8
+    images, 0x00000801 for uint8 labels), the dimensions and that the body has
+    exactly the length the header announces; DataFormatError names the file.
+    """
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise DataFormatError(f"{path}: too short for an IDX header ({len(head)} bytes)")
+            magic = int.from_bytes(head, "big")
+            if expected_magic is not None and magic != expected_magic:
+                raise DataFormatError(
+                    f"{path}: wrong magic number 0x{magic:08X} (expected 0x{expected_magic:08X})"
+                )
+            if head[:2] != b"\0\0" or head[2] not in IDX_DTYPES or head[3] == 0:
+                raise DataFormatError(f"{path}: not an IDX file (magic number 0x{magic:08X})")
+            ndim = head[3]
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataFormatError(f"{path}: truncated header")
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            dtype = np.dtype(IDX_DTYPES[head[2]])
+            expected = math.prod(dims) * dtype.itemsize
+            body = f.read(expected + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataFormatError(f"{path}: cannot read ({e})") from None
+    if len(body) != expected:
+        what = "truncated" if len(body) < expected else "longer than its header says"
+        found = len(body) if len(body) < expected else f"more than {expected}"
+        raise DataFormatError(f"{path}: {what}: header says {dims} = {expected} bytes of data, found {found}")
+    array = np.frombuffer(body, dtype=dtype).reshape(dims)
+    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
+
+
+_IDX_META = {
+    "mnist": {
+        "torchvision": "MNIST",
+        "mean": [0.1307],
+        "std": [0.3081],
+        "classes": [str(i) for i in range(10)],
+        "apt": "",
+    },
+    "fashion-mnist": {
+        "torchvision": "FashionMNIST",
+        "mean": [0.2860],
+        "std": [0.3530],
+        "classes": [
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ],
+        "apt": "sudo apt-get install dataset-fashion-mnist, ",
+    },
+}
+
+
+def idx_search_dirs(name: str, root: str | Path) -> list[Path]:
+    """Folders searched for the IDX files of ``name``, in order."""
+    root = Path(root).expanduser()
+    tv_name = _IDX_META[name]["torchvision"]
+    return [root, root / name, root / name / "raw", root / tv_name / "raw", *SYSTEM_DATA_DIRS.get(name, [])]
+
+
+def _find_idx_files(folder: Path) -> dict[str, Path] | None:
+    found = {}
+    for key, stem in IDX_FILES.items():
+        for candidate in (folder / stem, folder / f"{stem}.gz"):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def locate_idx(name: str, root: str | Path, allow_download: bool) -> dict[str, Path]:
+    """Paths of the four IDX files of ``name``; downloads with torchvision when allowed."""
+    dirs = idx_search_dirs(name, root)
+    for folder in dirs:
+        files = _find_idx_files(folder)
+        if files is not None:
+            return files
+    reason = "data.download is false"
+    if allow_download:
+        try:
+            import torchvision.datasets
+
+            getattr(torchvision.datasets, _IDX_META[name]["torchvision"])(
+                str(root), train=True, download=True
+            )
+            files = _find_idx_files(Path(root).expanduser() / _IDX_META[name]["torchvision"] / "raw")
+            if files is not None:
+                return files
+            reason = "the download finished but the files are not where torchvision puts them"
+        except Exception as e:  # noqa: BLE001 - network and archive errors come in many types
+            reason = f"download failed: {one_line(e)}"
+    looked = ", ".join(str(d) for d in dirs)
+    raise DatasetNotFoundError(
+        f"{name} not found (looked in: {looked}; {reason}).\n"
+        f"Get it with: {_IDX_META[name]['apt']}data.download=true with network access, or put the "
+        f"4 IDX files ({', '.join(s + '[.gz]' for s in IDX_FILES.values())}) in data.root.",
+        searched=dirs,
+    )
+
+
+def _read_idx_split(
+    images_path: Path, labels_path: Path, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images = read_idx(images_path, IDX_IMAGES_MAGIC)
+    labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+    if images.ndim != 3:
+        raise DataFormatError(f"{images_path}: expected (N, H, W) images, header says {tuple(images.shape)}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataFormatError(
+            f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}"
+        )
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise DataFormatError(f"{labels_path}: label {int(labels.max())} is not below {num_classes}")
+    return images.unsqueeze(1), labels.long()  # (N, 1, H, W)
+
+
+def _build_idx(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
+    meta = _IDX_META[cfg.name]
+    files = locate_idx(cfg.name, cfg.root, cfg.download)
+    num_classes = len(meta["classes"])
+    train_x, train_y = _read_idx_split(files["train_images"], files["train_labels"], num_classes)
+    test_x, test_y = _read_idx_split(files["test_images"], files["test_labels"], num_classes)
+    native = train_x.shape[-1]
+    size = cfg.image_size or native
+    train_x, test_x = resize_images(train_x, size), resize_images(test_x, size)
+    pad = max(1, round(2 * size / 28))
+    evaluation = PixelTransform(meta["mean"], meta["std"])
+    # shifts of up to 2 px (at 28 px); horizontal flips for clothes, never for digits
+    training = PixelTransform(meta["mean"], meta["std"], padding=pad, flip=cfg.name == "fashion-mnist")
+    info = DataInfo(num_classes, 1, size, list(meta["classes"]), list(meta["mean"]), list(meta["std"]))
+    return (
+        ImageDataset(train_x, train_y, _train_or_eval(cfg.augment, training, evaluation), evaluation),
+        ImageDataset(test_x, test_y, evaluation),
+        info,
+    )
+
+
+# --------------------------------------------------------------------------- torchvision (cifar10, svhn)
+
+_TV_META = {
+    "cifar10": {
+        "mean": [0.4914, 0.4822, 0.4465],
+        "std": [0.2470, 0.2435, 0.2616],
+        "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    },
+    "svhn": {
+        "mean": [0.4377, 0.4438, 0.4728],
+        "std": [0.1980, 0.2010, 0.1970],
+        "classes": [str(i) for i in range(10)],
+    },
+}
+
+
+def _torchvision_split(
+    name: str, folder: Path, train: bool, download: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    import torchvision.datasets as tvd
+
+    if name == "cifar10":
+        ds = tvd.CIFAR10(str(folder), train=train, download=download)
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+    try:
+        ds = tvd.SVHN(str(folder), split="train" if train else "test", download=download)
+    except ImportError:
+        raise DataError("svhn needs scipy to read its .mat files: pip install scipy") from None
+    return torch.from_numpy(np.ascontiguousarray(ds.data)), torch.from_numpy(ds.labels.astype(np.int64))
+
+
+def _load_torchvision(name: str, root: str | Path, download: bool):
+    root = Path(root).expanduser()
+    dirs = [root, root / name]
+    for folder in dirs:
+        try:
+            return _torchvision_split(name, folder, True, False), _torchvision_split(
+                name, folder, False, False
+            )
+        except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+            continue
+    reason = "data.download is false"
+    if download:
+        try:
+            return _torchvision_split(name, root, True, True), _torchvision_split(name, root, False, True)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - network and archive errors come in many types
+            reason = f"download failed: {one_line(e)}"
+    looked = ", ".join(str(d) for d in dirs)
+    raise DatasetNotFoundError(
+        f"{name} not found (looked in: {looked}; {reason}).\n"
+        f"Set data.download=true with network access (it downloads to data.root), or put torchvision's "
+        f"{name} files in data.root.",
+        searched=dirs,
+    )
+
+
+def _build_torchvision(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
+    meta = _TV_META[cfg.name]
+    (train_x, train_y), (test_x, test_y) = _load_torchvision(cfg.name, cfg.root, cfg.download)
+    size = cfg.image_size or 32
+    train_x, test_x = resize_images(train_x, size), resize_images(test_x, size)
+    evaluation = PixelTransform(meta["mean"], meta["std"])
+    pad = max(1, round(4 * size / 32))
+    training = PixelTransform(meta["mean"], meta["std"], padding=pad, flip=cfg.name == "cifar10")
+    info = DataInfo(10, 3, size, list(meta["classes"]), list(meta["mean"]), list(meta["std"]))
+    return (
+        ImageDataset(train_x, train_y.long(), _train_or_eval(cfg.augment, training, evaluation), evaluation),
+        ImageDataset(test_x, test_y.long(), evaluation),
+        info,
+    )
+
+
+# --------------------------------------------------------------------------- smallNORB
+
+
+def _build_smallnorb(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
+    """smallNORB as in the paper.
+
+    Images are downsampled from 96 to 48 pixels by area averaging (to
+    ``round(1.5 * image_size)`` when ``data.image_size`` is not 32), then each
+    image is standardised per view to zero mean and unit variance. Training
+    items are random ``image_size`` crops (default 32) with random brightness
+    (+-0.25) and contrast (x0.75..1.25) jitter; test items are the centre crop.
+
+    ``data.stereo``: "channels" gives 2-channel images (left, right view);
+    "samples" makes each view its own 1-channel item (items 2k, 2k+1 are the
+    two views of row k, and a validation split keeps them together).
+
+    ``data.split`` selects rows as :func:`capsnet.smallnorb.select` documents;
+    for "azimuth" and "elevation" the test set holds the novel viewpoints and
+    ``test.extra_splits["test_familiar"]`` the test file's rows with the
+    training viewpoints. Every dataset's :meth:`ImageDataset.selected_meta`
+    gives per-item ``instance``, ``elevation`` (index 0..8), ``azimuth``
+    (degrees) and ``lighting``.
+    """
+    from capsnet import smallnorb
+
+    crop = cfg.image_size or 32
+    size = max(crop, round(1.5 * crop))
+    train_part, test_part = smallnorb.load(cfg.root, cfg.download, size)
+    train_rows, test_rows, familiar_rows = smallnorb.select(cfg.split, train_part, test_part)
+
+    evaluation = StandardisedCrop(crop)
+    training = _train_or_eval(cfg.augment, StandardisedCrop(crop, train=True), evaluation)
+    samples = cfg.stereo == "samples"
+
+    def make(part: smallnorb.NorbPart, rows: torch.Tensor, transform: Callable) -> ImageDataset:
+        images, labels, meta = part.images, part.labels, part.viewpoints()
+        if samples:
+            images = images.reshape(-1, 1, *images.shape[-2:])  # (2N, 1, S, S): row k -> items 2k, 2k+1
+            labels = labels.repeat_interleave(2)
+            meta = {key: value.repeat_interleave(2) for key, value in meta.items()}
+            rows = (rows[:, None] * 2 + torch.arange(2)).flatten()
+        return ImageDataset(images, labels, transform, evaluation, rows, meta, group=2 if samples else 1)
+
+    train = make(train_part, train_rows, training)
+    test = make(test_part, test_rows, evaluation)
+    if familiar_rows is not None:
+        test.extra_splits["test_familiar"] = make(test_part, familiar_rows, evaluation)
+    info = DataInfo(len(smallnorb.CLASS_NAMES), 1 if samples else 2, crop, list(smallnorb.CLASS_NAMES))
+    return train, test, info
+
+
+# --------------------------------------------------------------------------- image folder
+
+#: Share of each class held out as the test set when data.test_dir is not given (fixed seed 0).
+FOLDER_TEST_FRACTION = 0.2
+
+
+def _class_files(folder: Path) -> dict[str, list[Path]]:
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {
+        name: sorted(p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        for name in classes
+    }
+
+
+def _decode_image(path: Path, size: int, mode: str) -> np.ndarray | None:
+    """(size, size, C) uint8, or None when the file is not a readable image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            image = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except Exception:  # noqa: BLE001 - PIL reports broken files with many exception types
+        return None
+    return array.reshape(size, size, -1)
+
+
+def _load_folder(
+    files: list[tuple[Path, int]], size: int, mode: str
+) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
+    channels = 1 if mode == "L" else 3
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        decoded = list(pool.map(lambda item: _decode_image(item[0], size, mode), files))
+    good = [(array, label) for array, (_, label) in zip(decoded, files) if array is not None]
+    bad = [path for array, (path, _) in zip(decoded, files) if array is None]
+    images = torch.empty((len(good), channels, size, size), dtype=torch.uint8)
+    for i, (array, _) in enumerate(good):
+        images[i] = torch.from_numpy(array).permute(2, 0, 1)
+    labels = torch.tensor([label for _, label in good], dtype=torch.int64)
+    return images, labels, bad
+
+
+def _folder_tree(path_text: str, what: str) -> Path:
+    path = Path(path_text).expanduser()
+    if not path.is_dir():
+        raise DatasetNotFoundError(
+            f"{what} {path} is not a folder; point it at a tree with one sub-folder of images per class.",
+            searched=[path],
+        )
+    return path
+
+
+def _build_folder(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
+    """The user's images, one sub-folder per class (sorted names are the classes).
+
+    Every file is decoded at build time (PIL verify, then a full decode), resized
+    to ``data.image_size`` (default 32) x same by bilinear resampling without
+    keeping the aspect ratio, and converted to grey (``data.grayscale``) or RGB.
+    Files that fail are skipped with one warning (``data.bad_files: skip``) or
+    raise DataFormatError (``fail``). Without ``data.test_dir`` a fixed 20% of
+    each class (chosen with seed 0, whatever the training seed) is the test set.
+    Normalisation uses the per-channel mean and std of the training images;
+    training augmentation is a random crop with zero padding of size/8.
+    """
+    train_dir = _folder_tree(cfg.train_dir or "", "data.train_dir")
+    train_files = _class_files(train_dir)
+    if not train_files:
+        raise DataFormatError(
+            f"{train_dir}: no class sub-folders; put each class's images in its own sub-folder"
+        )
+    classes = list(train_files)
+    index = {name: i for i, name in enumerate(classes)}
+    size = cfg.image_size or 32
+    mode = "L" if cfg.grayscale else "RGB"
+
+    if cfg.test_dir:
+        test_dir = _folder_tree(cfg.test_dir, "data.test_dir")
+        test_classes = _class_files(test_dir)
+        unknown = sorted(set(test_classes) - set(index))
+        if unknown:
+            raise DataFormatError(f"{test_dir}: classes {unknown} are not in data.train_dir {train_dir}")
+        train_list = [(p, index[c]) for c, paths in train_files.items() for p in paths]
+        test_list = [(p, index[c]) for c, paths in test_classes.items() for p in paths]
+    else:
+        train_list, test_list = [], []
+        for c, paths in train_files.items():
+            kept, held = split_indices(len(paths), FOLDER_TEST_FRACTION, 0) if len(paths) > 1 else ([0], [])
+            train_list += [(paths[int(i)], index[c]) for i in kept]
+            test_list += [(paths[int(i)], index[c]) for i in held]
+
+    train_x, train_y, bad = _load_folder(train_list, size, mode)
+    test_x, test_y, bad_test = _load_folder(test_list, size, mode)
+    bad += bad_test
+    if bad and cfg.bad_files == "fail":
+        raise DataFormatError(f"{bad[0]}: not a readable image (data.bad_files is 'fail'; 'skip' ignores it)")
+    if bad:
+        shown = ", ".join(str(p) for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        warnings.warn(f"skipped {len(bad)} unreadable or non-image files: {shown}", stacklevel=3)
+    if len(train_x) == 0:
+        raise DataFormatError(f"{train_dir}: no readable training images")
+    if len(test_x) == 0:
+        raise DataFormatError(f"no readable test images ({cfg.test_dir or train_dir})")
+
+    mean, std = channel_stats(train_x)
+    evaluation = PixelTransform(mean, std)
+    training = PixelTransform(mean, std, padding=max(1, size // 8))
+    info = DataInfo(len(classes), train_x.shape[1], size, classes, mean, std)
+    return (
+        ImageDataset(train_x, train_y, _train_or_eval(cfg.augment, training, evaluation), evaluation),
+        ImageDataset(test_x, test_y, evaluation),
+        info,
+    )
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _synthetic_split(
+    templates: torch.Tensor, n: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` noisy, shifted, brightness-scaled copies of the class templates (K, C, S, S) in [0, 1]."""
+    num_classes, channels, size, _ = templates.shape
+    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=generator)]
+    shift = max(1, size // 16)
+    padded = F.pad(templates, (shift, shift, shift, shift))  # (K, C, S + 2 shift, S + 2 shift)
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator)
+    images = torch.empty((n, channels, size, size))
+    for dy in range(2 * shift + 1):
+        for dx in range(2 * shift + 1):
+            chosen = ((offsets[:, 0] == dy) & (offsets[:, 1] == dx)).nonzero().flatten()
+            images[chosen] = padded[labels[chosen], :, dy : dy + size, dx : dx + size]
+    gain = 0.8 + 0.4 * torch.rand((n, 1, 1, 1), generator=generator)
+    noise = 0.1 * torch.randn(images.shape, generator=generator)
+    images = (images * gain + noise).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    return images, labels
+
+
+def _build_synthetic(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
+    """One fixed random blob pattern per class; items are the pattern shifted by up to size/16
+    pixels, scaled in brightness (x0.8..1.2) and with Gaussian noise (std 0.1). Everything
+    follows from ``seed``; no extra augmentation."""
+    size = cfg.image_size or 32
+    coarse = max(2, size // 6)
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.rand((cfg.num_classes, cfg.channels, coarse, coarse), generator=generator)
+    smooth = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    templates = torch.sigmoid((smooth - 0.5) * 12)  # (K, C, S, S) near-binary blobs
+    train_x, train_y = _synthetic_split(templates, cfg.train_size, torch.Generator().manual_seed(seed + 1))
+    test_x, test_y = _synthetic_split(templates, cfg.test_size, torch.Generator().manual_seed(seed + 2))
+    mean, std = channel_stats(train_x)
+    transform = PixelTransform(mean, std)
+    names = [f"class{i}" for i in range(cfg.num_classes)]
+    info = DataInfo(cfg.num_classes, cfg.channels, size, names, mean, std)
+    return ImageDataset(train_x, train_y, transform), ImageDataset(test_x, test_y, transform), info
+
+
+# --------------------------------------------------------------------------- entry points
+
+_BUILDERS: dict[str, Callable[[DataConfig, int], tuple[ImageDataset, ImageDataset, DataInfo]]] = {
+    "mnist": _build_idx,
+    "fashion-mnist": _build_idx,
+    "cifar10": _build_torchvision,
+    "svhn": _build_torchvision,
+    "smallnorb": _build_smallnorb,
+    "folder": _build_folder,
+    "synthetic": _build_synthetic,
+}
+
+
+def build_datasets(
+    cfg: DataConfig, seed: int = 0
+) -> tuple[ImageDataset, ImageDataset | None, ImageDataset, DataInfo]:
+    """(train, val or None, test, info) for ``cfg``.
+
+    With ``data.val_split`` > 0 a seeded random share of the training data
+    (never the test set) becomes the validation set, with test-time transforms.
+    Extra evaluation sets (smallNORB "test_familiar") are in ``test.extra_splits``.
+    """
+    if cfg.name not in _BUILDERS:
+        raise DataError(f"data.name: unknown dataset {cfg.name!r} (known: {', '.join(DATASETS)})")
+    train, test, info = _BUILDERS[cfg.name](cfg, seed)
+    val = None
+    if cfg.val_split > 0:
+        kept, held = split_indices(len(train), cfg.val_split, seed, group=train.group)
+        val = train.subset(held, evaluation=True)
+        train = train.subset(kept)
+    return train, val, test, info
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``rank``'s contiguous slice of ``range(length)``: slices are disjoint, cover every
+    index exactly once and are not padded, so metrics summed over ranks count each sample once."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.start = length * rank // world_size
+        self.stop = length * (rank + 1) // world_size
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:
+    """Loaders for training (shuffled, seeded) and evaluation (in order, sharded across ranks).
+
+    The training order comes from ``loaders.train_generator`` (seeded with
+    ``train.seed``) or, under ``world_size`` > 1, from a DistributedSampler with
+    the same seed. Random augmentation draws from torch's global generator in
+    the main process, and from per-worker seeds derived from
+    ``train_generator`` when ``train.num_workers`` > 0.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    train, val, test, info = build_datasets(cfg.data, seed=cfg.train.seed)
+    batch_size = cfg.train.batch_size
+    eval_batch_size = cfg.train.eval_batch_size or 2 * batch_size
+    workers = cfg.train.num_workers
+    common: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": cfg.train.device in ("auto", "cuda") and torch.cuda.is_available(),
+        "persistent_workers": workers > 0,
+    }
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(
+            train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=False
+        )
+    train_loader = DataLoader(
+        train,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        drop_last=False,
+        **common,
+    )
+
+    def eval_loader(dataset: Dataset) -> DataLoader:
+        shard = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
+        return DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, sampler=shard, **common)
+
+    return Loaders(
+        train=train_loader,
+        val=eval_loader(val) if val is not None else None,
+        test=eval_loader(test),
+        info=info,
+        train_sampler=sampler,
+        train_generator=generator,
+        extra={name: eval_loader(ds) for name, ds in test.extra_splits.items()},
+    )

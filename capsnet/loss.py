@@ -1,0 +1,150 @@
+"""Losses and schedules.
+
+Everything here is a pure function: the losses of a batch, and the learning
+rate and spread-loss margin as functions of the global step. The step is stored
+in every checkpoint, so a resumed run continues the schedules exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from capsnet.config import Config, LossConfig, OptimConfig
+
+if TYPE_CHECKING:
+    from capsnet.model import CapsNet, CapsOutput
+
+# --------------------------------------------------------------------------- classification losses
+
+
+def spread_loss(activations: Tensor, target: Tensor, margin: float) -> Tensor:
+    """The paper's spread loss, averaged over the batch.
+
+    L = sum over wrong classes i of max(0, m - (a_t - a_i))^2, where a_t is the
+    activation of the target class and m the margin.
+    """
+    a_target = activations.gather(1, target[:, None])  # (N, 1)
+    gap = (margin - (a_target - activations)).clamp(min=0).square()  # (N, E)
+    wrong = torch.ones_like(gap, dtype=torch.bool).scatter_(1, target[:, None], False)  # (N, E)
+    return (gap * wrong).sum(dim=1).mean()
+
+
+def margin_loss(
+    activations: Tensor, target: Tensor, m_plus: float = 0.9, m_minus: float = 0.1, down_weight: float = 0.5
+) -> Tensor:
+    """The margin loss of Sabour et al. (2017), on activations in (0, 1), averaged over the batch.
+
+    L = T_k max(0, m+ - a_k)^2 + down_weight (1 - T_k) max(0, a_k - m-)^2, summed over classes k.
+    """
+    present = F.one_hot(target, activations.shape[1]).to(activations.dtype)  # (N, E)
+    hit = (m_plus - activations).clamp(min=0).square()  # (N, E)
+    miss = (activations - m_minus).clamp(min=0).square()  # (N, E)
+    return (present * hit + down_weight * (1 - present) * miss).sum(dim=1).mean()
+
+
+def cross_entropy(activations: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
+    """Softmax cross-entropy with the logits of the activations as class scores.
+
+    Class activations come out of a logistic function, so ``logit(a)`` recovers
+    the score before it; activations are clamped to [eps, 1 - eps] first.
+    """
+    scores = torch.logit(activations, eps=eps)  # (N, E)
+    return F.cross_entropy(scores, target)
+
+
+def reconstruction_loss(recon: Tensor, x: Tensor) -> Tensor:
+    """Sum of squared pixel errors per sample, averaged over the batch."""
+    return (recon - x).square().flatten(1).sum(dim=1).mean()
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def _sigmoid_ramp(frac: float, sharpness: float = 12.0) -> float:
+    """A logistic ramp rescaled so that it is exactly 0 at frac=0 and 1 at frac=1."""
+    lo = 1 / (1 + math.exp(sharpness / 2))
+    hi = 1 / (1 + math.exp(-sharpness / 2))
+    mid = 1 / (1 + math.exp(-sharpness * (frac - 0.5)))
+    return (mid - lo) / (hi - lo)
+
+
+def margin_at(step: int, total_steps: int, cfg: LossConfig) -> float:
+    """Spread-loss margin at ``step``: ``margin_start`` rising to ``margin_end``.
+
+    The rise takes ``cfg.margin_steps`` steps (``None``: ``total_steps``, the
+    whole run), linearly or along a logistic curve, and stays at the end value after.
+    """
+    steps = cfg.margin_steps if cfg.margin_steps is not None else total_steps
+    frac = min(max(step / max(steps, 1), 0.0), 1.0)
+    if cfg.margin_schedule == "sigmoid":
+        frac = _sigmoid_ramp(frac)
+    return cfg.margin_start + (cfg.margin_end - cfg.margin_start) * frac
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Learning rate at ``step``: ``lr * decay_rate ** (step / decay_steps)``.
+
+    With ``staircase`` the exponent is rounded down (the rate drops every
+    ``decay_steps``); during the first ``warmup_steps`` steps the rate also rises
+    linearly from ``lr / warmup_steps`` to its scheduled value.
+    """
+    exponent = step / cfg.decay_steps
+    if cfg.staircase:
+        exponent = math.floor(exponent)
+    lr = cfg.lr * cfg.decay_rate**exponent
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        lr *= (step + 1) / cfg.warmup_steps
+    return lr
+
+
+# --------------------------------------------------------------------------- the training objective
+
+
+def class_loss(activations: Tensor, target: Tensor, cfg: LossConfig, margin: float) -> Tensor:
+    """The classification loss that ``cfg.kind`` names."""
+    if cfg.kind == "spread":
+        return spread_loss(activations, target, margin)
+    if cfg.kind == "margin":
+        return margin_loss(activations, target)
+    if cfg.kind == "cross_entropy":
+        return cross_entropy(activations, target)
+    raise ValueError(f"unknown loss.kind {cfg.kind!r}")
+
+
+def uses_reconstruction(model: CapsNet, cfg: Config) -> bool:
+    return model.decoder is not None and cfg.loss.recon_weight > 0
+
+
+def compute_loss(
+    out: CapsOutput,
+    x: Tensor,
+    y: Tensor,
+    model: CapsNet,
+    cfg: Config,
+    step: int,
+    total_steps: int,
+    recon: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor | float]]:
+    """Classification loss plus the weighted reconstruction loss.
+
+    ``recon`` is the decoder's image when the caller already computed it (the
+    trainer does, inside the module that DDP wraps); otherwise it is computed here
+    from the target class's pose. Returns the loss and its detached parts:
+    ``class``, ``recon`` (when used) and ``margin``.
+    """
+    margin = margin_at(step, total_steps, cfg.loss)
+    activations = out.activations.float()  # (N, E); losses in fp32 under autocast
+    loss = class_loss(activations, y, cfg.loss, margin)
+    parts: dict[str, Tensor | float] = {"class": loss.detach(), "margin": margin}
+    if uses_reconstruction(model, cfg):
+        if recon is None:
+            recon = model.reconstruct(out.poses, y)  # (N, C, H, W)
+        rec = reconstruction_loss(recon.float(), x.float())
+        parts["recon"] = rec.detach()
+        loss = loss + cfg.loss.recon_weight * rec
+    return loss, parts

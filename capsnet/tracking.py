@@ -1,0 +1,226 @@
+"""Experiment tracking: TensorBoard events, ``metrics.jsonl`` and the progress bar.
+
+One metric vocabulary everywhere (TensorBoard tags, ``metrics.jsonl`` keys, the
+progress bar and the epoch summary)::
+
+    train/loss  train/acc  val/loss  val/acc  test/loss  test/acc
+    sched/lr  sched/margin  sched/lambda  perf/img_per_s
+    routing/<layer>/entropy  routing/<layer>/activation_mean
+    routing/<layer>/variance  routing/<layer>/active_fraction
+    routing/<layer>/activation   (histogram)
+    recon/images                 (image: inputs above their reconstructions)
+
+Only rank 0 writes: the trainer builds ``TensorBoardWriter`` there and a
+``NullWriter`` elsewhere, and calls either without checking the rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ROUTING_SCALARS = ("entropy", "activation_mean", "variance", "active_fraction")
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, Tensor):
+        return float(value.detach().float().mean().item())
+    return float(value)
+
+
+def _json_value(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)  # JSON has no NaN or inf
+
+
+class MetricsFile:
+    """Appends one JSON object per logged step to ``metrics.jsonl``.
+
+    Metrics logged for the same step are merged into one line, written when a
+    later step arrives or on ``flush``.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._step: int | None = None
+        self._pending: dict[str, float | str] = {}
+
+    def add(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._step is not None and step != self._step:
+            self.flush()
+        self._step = step
+        self._pending.update({k: _json_value(v) for k, v in metrics.items()})
+
+    def flush(self) -> None:
+        if self._step is None or not self._pending:
+            return
+        line = json.dumps({"step": self._step, **self._pending})
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+        self._step, self._pending = None, {}
+
+
+def truncate_metrics(path: str | Path, after_step: int) -> None:
+    """Drops lines past ``after_step`` (a resumed run rewrites that part of the history)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= after_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+class NullWriter:
+    """Accepts every tracking call and does nothing (ranks other than 0, tracking off)."""
+
+    def scalar(self, tag: str, value: float | Tensor, step: int) -> None:
+        pass
+
+    def scalars(self, metrics: Mapping[str, float | Tensor], step: int) -> None:
+        pass
+
+    def histogram(self, tag: str, values: Tensor, step: int) -> None:
+        pass
+
+    def image(self, tag: str, image: Tensor, step: int) -> None:
+        pass
+
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardWriter(NullWriter):
+    """Writes TensorBoard events to ``log_dir`` (None: none) and scalars to ``metrics_path``.
+
+    ``purge_step`` hides events at or past that step that an earlier, interrupted
+    attempt of the same run wrote (a resumed run writes them again).
+    """
+
+    def __init__(
+        self,
+        log_dir: str | Path | None,
+        metrics_path: str | Path | None = None,
+        purge_step: int | None = None,
+    ):
+        self.tb = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        self.metrics = MetricsFile(metrics_path) if metrics_path is not None else None
+
+    def scalar(self, tag: str, value: float | Tensor, step: int) -> None:
+        self.scalars({tag: value}, step)
+
+    def scalars(self, metrics: Mapping[str, float | Tensor], step: int) -> None:
+        values = {tag: _to_float(v) for tag, v in metrics.items()}
+        if self.tb is not None:
+            for tag, v in values.items():
+                self.tb.add_scalar(tag, v, step)
+        if self.metrics is not None:
+            self.metrics.add(values, step)
+
+    def histogram(self, tag: str, values: Tensor, step: int) -> None:
+        if self.tb is not None:
+            values = values.detach().float().flatten().cpu()
+            values = values[torch.isfinite(values)]
+            if values.numel():
+                self.tb.add_histogram(tag, values, step)
+
+    def image(self, tag: str, image: Tensor, step: int) -> None:
+        """``image`` is (C, H, W) with values in [0, 1]."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image.detach().float().clamp(0, 1).cpu(), step)
+
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        if self.tb is not None:
+            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+            self.tb.add_hparams(clean, {k: float(v) for k, v in metrics.items()}, run_name=".")
+
+    def flush(self) -> None:
+        if self.metrics is not None:
+            self.metrics.flush()
+        if self.tb is not None:
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------- routing statistics and images
+
+
+def routing_scalars(stats: Mapping[str, Mapping[str, Tensor]]) -> dict[str, float]:
+    """``routing/<layer>/<stat>`` scalars from ``CapsNet.routing_stats``."""
+    return {
+        f"routing/{layer}/{key}": _to_float(values[key])
+        for layer, values in stats.items()
+        for key in ROUTING_SCALARS
+        if key in values
+    }
+
+
+def log_routing_histograms(writer: NullWriter, stats: Mapping[str, Mapping[str, Tensor]], step: int) -> None:
+    for layer, values in stats.items():
+        if "activation" in values:
+            writer.histogram(f"routing/{layer}/activation", values["activation"], step)
+
+
+def reconstruction_grid(x: Tensor, recon: Tensor, max_images: int = 8) -> Tensor:
+    """Inputs (top row) above their reconstructions (bottom row), scaled to [0, 1]: (C, H', W')."""
+    from torchvision.utils import make_grid
+
+    x, recon = x[:max_images].detach().float().cpu(), recon[:max_images].detach().float().cpu()
+    if x.shape[1] not in (1, 3):  # e.g. stereo pairs: show the first view
+        x, recon = x[:, :1], recon[:, :1]
+    both = torch.cat([x, recon])  # (2n, C, H, W)
+    lo, hi = both.amin(), both.amax()
+    both = (both - lo) / (hi - lo).clamp(min=1e-8)
+    return make_grid(both, nrow=x.shape[0], padding=1, pad_value=1.0)
+
+
+# --------------------------------------------------------------------------- console
+
+
+def progress(iterable: Iterable, total: int | None, enabled: bool, desc: str = ""):
+    """A tqdm bar on stderr when enabled and stderr is a terminal, else the plain iterable."""
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def set_postfix(bar: Any, **values: float) -> None:
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+
+
+def format_metrics(metrics: Mapping[str, float], keys: Iterable[str]) -> str:
+    """``"train/loss 0.512  val/acc 0.7031"`` for the keys present."""
+    parts = []
+    for key in keys:
+        if key in metrics:
+            v = metrics[key]
+            parts.append(f"{key} {v:.3g}" if key.startswith("sched/lr") else f"{key} {v:.4f}")
+    return "  ".join(parts)

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""capsnet's routing against the plain EM-routing transcription, measured in one run.
+
+Runs `capsnet bench` and the baseline script alternately, several rounds, each in
+a fresh process, and prints the median of each figure and the median ratios.
+Both run the paper's small model on 1x32x32 inputs, 5 classes, 3 routing
+iterations, batch 32, an Adam step per batch, with the same thread count.
+
+    python scripts/bench_vs_baseline.py [--rounds 3] [--steps 5] [--baseline PATH] [--json]
+
+The baseline pads its first convolution (32x32 -> 16x16 -> 7x7 -> 5x5 capsule
+grids); the paper and capsnet do not (14x14 -> 6x6 -> 4x4). capsnet is measured
+both ways: `paper geometry` is what `configs/small.yaml` trains, `baseline
+geometry` (-o model.stem_padding=2) does exactly the baseline's work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BASELINE = ROOT.parent / "shared" / "bench" / "baseline_em.py"
+LINE = re.compile(r"train ([\d.]+) img/s, inference ([\d.]+) img/s, peak RSS (\d+) MiB")
+
+VARIANTS = {
+    "paper geometry": [],
+    "baseline geometry": ["-o", "model.stem_padding=2"],
+}
+
+
+def run_capsnet(extra: list[str], args) -> dict:
+    cmd = [
+        sys.executable, "-m", "capsnet", "bench", "--config", str(ROOT / "configs" / "small.yaml"),
+        "-o", "model.decoder=false", "--image-size", "32", "--classes", "5",
+        "--batch-size", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads),
+        "--json", *extra,
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out)
+
+
+def run_baseline(args) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, str(args.baseline), "--batch", str(args.batch), "--steps", str(args.steps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    m = LINE.search(out)
+    if not m:
+        raise SystemExit(f"could not read the baseline's output:\n{out}")
+    return {"train_img_per_s": float(m[1]), "infer_img_per_s": float(m[2]), "peak_rss_mib": float(m[3])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if not args.baseline.exists():
+        raise SystemExit(f"baseline script not found: {args.baseline} (pass --baseline PATH)")
+
+    runs: dict[str, list[dict]] = {"baseline": [], **{k: [] for k in VARIANTS}}
+    for r in range(args.rounds):
+        runs["baseline"].append(run_baseline(args))
+        for name, extra in VARIANTS.items():
+            runs[name].append(run_capsnet(extra, args))
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    keys = ("train_img_per_s", "infer_img_per_s", "peak_rss_mib")
+    med = {name: {k: statistics.median(x[k] for x in rs) for k in keys} for name, rs in runs.items()}
+    base = med["baseline"]
+    report = {"rounds": args.rounds, "batch": args.batch, "threads": args.threads, "median": med, "ratio": {}}
+    for name in VARIANTS:
+        report["ratio"][name] = {
+            "train_speedup": med[name]["train_img_per_s"] / base["train_img_per_s"],
+            "inference_speedup": med[name]["infer_img_per_s"] / base["infer_img_per_s"],
+            "memory_fraction": med[name]["peak_rss_mib"] / base["peak_rss_mib"],
+        }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"median of {args.rounds} rounds, batch {args.batch}, {args.threads} threads, 1x32x32, 5 classes, 3 iterations")
+    print(f"{'':22} {'train img/s':>12} {'infer img/s':>12} {'peak RSS MiB':>13}")
+    for name, m in med.items():
+        print(f"{name:22} {m['train_img_per_s']:12.1f} {m['infer_img_per_s']:12.1f} {m['peak_rss_mib']:13.0f}")
+    for name, r in report["ratio"].items():
+        print(
+            f"{name}: train x{r['train_speedup']:.1f}, inference x{r['inference_speedup']:.1f}, "
+            f"memory {r['memory_fraction']:.2f} of the baseline's"
+        )
+
+
+if __name__ == "__main__":
+    main()

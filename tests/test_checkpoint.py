@@ -1,0 +1,181 @@
+"""Checkpoints: atomic saves, safe loading, latest/best resolution, clear errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from capsnet.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    atomic_save,
+    capture_rng,
+    check_architecture,
+    load_checkpoint,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    step_checkpoints,
+    validate_run_name,
+    write_run_record,
+)
+from capsnet.config import ConfigError, load_config
+
+
+def fake_checkpoint(step: int, run: str = "run", epoch: int = 0) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": {"w": torch.full((2,), float(step))},
+        "step": step,
+        "epoch": epoch,
+        "config": {},
+        "arch": {"caps_types": [4, 4]},
+        "run": run,
+        "time": time.time(),
+    }
+
+
+def test_a_saved_checkpoint_loads_back_with_the_same_tensors(tmp_path):
+    atomic_save(fake_checkpoint(7), tmp_path / "a.pt")
+    ckpt = load_checkpoint(tmp_path / "a.pt")
+    assert ckpt["step"] == 7 and torch.equal(ckpt["model"]["w"], torch.full((2,), 7.0))
+
+
+def test_a_full_disk_leaves_no_temp_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save(fake_checkpoint(1), path)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(CheckpointError) as info:
+        atomic_save(fake_checkpoint(2), path)
+    monkeypatch.undo()
+    assert str(path) in str(info.value) and "no space left" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert load_checkpoint(path)["step"] == 1
+
+
+class _WritesMarker:
+    """Unpickling this calls open(marker, "w"): harmless, but visible."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loading_refuses_a_pickle_that_would_run_code(tmp_path):
+    path, marker = tmp_path / "evil.pt", tmp_path / "marker"
+    torch.save({**fake_checkpoint(1), "payload": _WritesMarker(marker)}, path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_a_yaml_config_with_a_python_object_tag_is_rejected(tmp_path):
+    marker = tmp_path / "marker"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"train:\n  epochs: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    assert not marker.exists()
+
+
+def test_a_truncated_file_gives_a_short_clear_error(tmp_path):
+    path = tmp_path / "cut.pt"
+    atomic_save(fake_checkpoint(3), path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message and "corrupt or truncated" in message and len(message.splitlines()) <= 2
+
+
+def test_a_missing_file_and_a_file_that_is_no_checkpoint_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a capsnet checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_no_runs_at_all_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no runs with checkpoints"):
+        resolve_checkpoint("latest", tmp_path / "weights")
+
+
+def test_save_keeps_the_newest_step_files_plus_last_and_best(tmp_path):
+    run = tmp_path / "r"
+    for step in (1, 2, 3, 4):
+        save_checkpoint(run, fake_checkpoint(step), keep=2, is_best=step == 2)
+    assert [s for s, _ in step_checkpoints(run)] == [3, 4]
+    assert load_checkpoint(run / "last.pt")["step"] == 4
+    assert load_checkpoint(run / "best.pt")["step"] == 2
+
+
+def test_latest_is_the_highest_step_of_the_most_recently_updated_run_not_the_newest_file(tmp_path):
+    out = tmp_path / "weights"
+    for step in (10, 20):
+        save_checkpoint(out / "old", fake_checkpoint(step, "old"), keep=5)
+    time.sleep(0.01)
+    for step in (5, 15):
+        save_checkpoint(out / "new", fake_checkpoint(step, "new"), keep=5, is_best=step == 5)
+    # The lower step file of the newest run is touched last: file times must not matter.
+    os.utime(out / "new" / "step-000005.pt", (time.time() + 100, time.time() + 100))
+    assert resolve_checkpoint("latest", out) == out / "new" / "step-000015.pt"
+    assert resolve_checkpoint("best", out) == out / "new" / "best.pt"
+    assert resolve_checkpoint(str(out / "old"), out) == out / "old" / "step-000020.pt"
+    assert resolve_checkpoint("old", out) == out / "old" / "step-000020.pt"
+    # Resuming the old run makes it the latest one.
+    write_run_record(out / "old", step=20)
+    assert resolve_checkpoint("latest", out) == out / "old" / "step-000020.pt"
+
+
+def test_best_without_a_best_file_and_an_unknown_spec_are_clear_errors(tmp_path):
+    out = tmp_path / "weights"
+    save_checkpoint(out / "r", fake_checkpoint(1), keep=1)
+    with pytest.raises(CheckpointError, match="no best.pt"):
+        resolve_checkpoint("best", out)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        resolve_checkpoint("does-not-exist", out)
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", "", ".hidden", "x\\y", "a..b"])
+def test_run_names_with_path_tricks_are_rejected(name):
+    with pytest.raises(CheckpointError, match="invalid run name"):
+        validate_run_name(name)
+
+
+def test_an_architecture_mismatch_names_the_config_key():
+    with pytest.raises(CheckpointError, match=r"model\.caps_types: \[4, 4\] in the checkpoint, \[8, 8\] now"):
+        check_architecture({"caps_types": [4, 4]}, {"caps_types": [8, 8]}, "x.pt")
+    check_architecture({"recompute_votes": False}, {"recompute_votes": True}, "x.pt")  # runtime only
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    atomic_save({**fake_checkpoint(1), "rng": capture_rng(gen)}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+    restore_rng(load_checkpoint(tmp_path / "r.pt")["rng"], gen)
+    assert (
+        random.random(),
+        np.random.rand(),
+        torch.rand(1).item(),
+        torch.rand(1, generator=gen).item(),
+    ) == expected
+
+
+def test_run_record_is_plain_json(tmp_path):
+    save_checkpoint(tmp_path / "r", fake_checkpoint(4), keep=1)
+    record = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert record["step"] == 4 and record["updated"] >= record["started"]

@@ -1,0 +1,220 @@
+"""End to end through the real CLI: train, eval, export on configs/tiny.yaml; bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from capsnet.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+ROUTING_LAYERS = ("caps1", "caps2", "class")
+ROUTING_STATS = ("entropy", "activation_mean", "variance", "active_fraction")
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A fresh directory holding one finished 2-epoch run of configs/tiny.yaml."""
+    path = tmp_path_factory.mktemp("cli")
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        result = runner.invoke(app, ["train", "--config", TINY, "--run-name", "tiny-e2e"])
+        assert result.exit_code == 0, result.output
+        yield path, result
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture
+def in_workdir(workdir, monkeypatch):
+    monkeypatch.chdir(workdir[0])
+    return workdir[0]
+
+
+def test_train_prints_one_line_per_epoch_and_how_to_evaluate(workdir):
+    out = workdir[1].stdout
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2
+    assert "train/loss" in epoch_lines[0] and "test/acc" in epoch_lines[0]
+    assert "best.pt is chosen by test accuracy" in out
+    assert "capsnet eval --ckpt" in out
+
+
+def test_train_writes_config_checkpoints_and_metrics(in_workdir):
+    run = in_workdir / "weights" / "em_capsules" / "tiny-e2e"
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "last.pt", "best.pt", "metrics.jsonl", "step-000006.pt", "step-000012.pt"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [line["step"] for line in lines]
+    assert steps == sorted(set(steps)), "one JSON object per logged step"
+    train_steps = [line["step"] for line in lines if "train/loss" in line]
+    assert train_steps == [2, 4, 6, 8, 10, 12]
+    assert [line["step"] for line in lines if "test/acc" in line] == [6, 12]
+    for layer in ROUTING_LAYERS:
+        assert all(f"routing/{layer}/entropy" in line for line in lines if "train/loss" in line)
+
+
+def test_tensorboard_has_every_routing_scalar_once_per_logged_step(in_workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(
+        str(in_workdir / "runs" / "tiny-e2e"), size_guidance={"scalars": 0, "histograms": 0}
+    )
+    events.Reload()
+    tags = events.Tags()
+    for name in ("train/loss", "train/acc", "sched/lr", "sched/margin", "sched/lambda", "perf/img_per_s"):
+        assert [e.step for e in events.Scalars(name)] == [2, 4, 6, 8, 10, 12], name
+    for layer in ROUTING_LAYERS:
+        for stat in ROUTING_STATS:
+            assert [e.step for e in events.Scalars(f"routing/{layer}/{stat}")] == [2, 4, 6, 8, 10, 12]
+        assert f"routing/{layer}/activation" in tags["histograms"]
+    assert [e.step for e in events.Scalars("test/acc")] == [6, 12]
+    assert "recon/images" in tags["images"]
+
+
+def test_eval_latest_prints_accuracy_loss_and_a_per_class_table(in_workdir):
+    result = runner.invoke(app, ["eval", "--ckpt", "latest"])
+    assert result.exit_code == 0, result.output
+    assert "step-000012.pt" in result.stdout
+    assert "test: accuracy" in result.stdout and "loss" in result.stdout
+    assert all(f"class{i}" in result.stdout for i in range(4))
+
+
+def test_eval_json_parses_and_counts_every_test_image(in_workdir):
+    result = runner.invoke(app, ["eval", "--ckpt", "best", "--json", "--batch-size", "5"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n"] == 32 and sum(report["per_class_total"]) == 32 and 0 <= report["acc"] <= 1
+    assert report["checkpoint"].endswith("best.pt")
+
+
+def test_eval_applies_overrides_to_the_checkpoint_config_and_checks_their_keys(in_workdir):
+    result = runner.invoke(app, ["eval", "--ckpt", "latest", "--json", "-o", "data.root=elsewhere"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n"] == 32
+    result = runner.invoke(app, ["eval", "--ckpt", "latest", "-o", "data.bogus=1"])
+    assert result.exit_code == 2 and "data.bogus" in result.stderr
+
+
+def test_eval_of_a_missing_split_is_a_clear_error(in_workdir):
+    result = runner.invoke(app, ["eval", "--split", "val"])
+    assert result.exit_code == 2 and "no 'val' split" in result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_export_writes_the_file_and_reports_parity(in_workdir, fmt):
+    result = runner.invoke(app, ["export", "--ckpt", "latest", "--format", fmt])
+    assert result.exit_code == 0, result.output
+    path = in_workdir / "exports" / "tiny-e2e" / f"model.{fmt}"
+    assert path.is_file() and path.stat().st_size > 0
+    assert "parity ok" in result.stdout and "synthetic test images" in result.stdout
+
+
+def test_training_into_an_existing_run_without_resume_or_overwrite_fails(in_workdir):
+    result = runner.invoke(app, ["train", "--config", TINY, "--run-name", "tiny-e2e"])
+    assert result.exit_code == 2
+    assert "already exists" in result.stderr and "--resume" in result.stderr
+
+
+def test_a_run_name_that_leaves_the_weights_folder_is_rejected_and_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "--config", TINY, "--run-name", "../../x"])
+    assert result.exit_code == 2 and "invalid run name" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_reports_throughput_as_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--config", TINY, "--batch-size", "4", "--steps", "1", "--threads", "1", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["train_img_per_s"] > 0 and report["batch_size"] == 4 and report["image_size"] == 20
+
+
+def test_a_missing_checkpoint_is_exit_code_2_with_a_one_line_message(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["eval", "--ckpt", "latest"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.bogus=1", "train.bogus"),
+        ("train.epochs=two", "train.epochs"),
+        ("train.batch_size=-4", "train.batch_size"),
+        ("data.name=imagenet", "data.name"),
+    ],
+)
+def test_a_bad_config_exits_with_code_2_names_the_key_and_writes_nothing(
+    tmp_path, monkeypatch, override, key
+):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "--config", TINY, "-o", override])
+    assert result.exit_code == 2
+    assert key in result.stderr
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_yaml_file_names_the_unknown_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 1\n  bach_size: 8\n")
+    result = runner.invoke(app, ["train", "--config", str(bad)])
+    assert result.exit_code == 2 and "train.bach_size: unknown key" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["eval", "--ckpt", "latest", "--debug"])
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_every_command_help_explains_its_options():
+    for command, options in {
+        "train": ["--config", "--override", "--resume", "--run-name", "--overwrite", "--debug"],
+        "eval": ["--ckpt", "--split", "--batch-size", "--json", "--data-root"],
+        "export": ["--ckpt", "--format", "--out"],
+        "bench": [
+            "--config",
+            "--override",
+            "--batch-size",
+            "--steps",
+            "--image-size",
+            "--classes",
+            "--threads",
+        ],
+    }.items():
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0
+        for option in options:
+            assert option in result.stdout, (command, option)
+
+
+def test_python_dash_m_capsnet_help_works():
+    result = subprocess.run(
+        [sys.executable, "-m", "capsnet", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    assert all(command in result.stdout for command in ("train", "eval", "export", "bench"))

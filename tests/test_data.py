@@ -1,0 +1,503 @@
+"""Datasets and loaders: file formats, splits, folders, synthetic data, sharding."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from capsnet import data, smallnorb
+from capsnet.config import DataConfig, config_from_dict
+from capsnet.data import (
+    DataFormatError,
+    DataInfo,
+    DatasetNotFoundError,
+    PixelTransform,
+    build_datasets,
+    build_loaders,
+    check_channels,
+    per_image_standardise,
+    read_idx,
+    shifted,
+    split_names,
+)
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# --------------------------------------------------------------------------- writers of the on-disk formats
+
+
+def _opener(path: Path):
+    return gzip.open if path.suffix == ".gz" else open
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """IDX: 0x00 0x00, type 0x08 (uint8), ndim, big-endian uint32 dims, then the bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with _opener(path)(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+    return path
+
+
+def write_norb(path: Path, array: np.ndarray) -> Path:
+    """smallNORB: little-endian int32 magic, ndim, max(3, ndim) dims (padded with 1), then the data."""
+    magic = 0x1E3D4C55 if array.dtype == np.uint8 else 0x1E3D4C54
+    body = np.ascontiguousarray(array, dtype=np.uint8 if array.dtype == np.uint8 else "<i4")
+    dims = list(array.shape) + [1] * (3 - array.ndim)
+    header = struct.pack("<ii", magic, array.ndim) + struct.pack(f"<{len(dims)}i", *dims)
+    with _opener(path)(path, "wb") as f:
+        f.write(header + body.tobytes())
+    return path
+
+
+def write_mnist(folder: Path, n_train: int = 30, n_test: int = 12, gz: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(
+            folder / f"{stem}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        )
+        write_idx(folder / f"{stem}-labels-idx1-ubyte{suffix}", (np.arange(n) % 10).astype(np.uint8))
+    return folder
+
+
+NORB_ROWS = 20
+
+
+def norb_info(n: int) -> np.ndarray:
+    """(instance, elevation 0..8, azimuth field 0, 2, .., 34, lighting) that visit every viewpoint value."""
+    i = np.arange(n)
+    return np.stack([i % 5, i % 9, (2 * i) % 36, i % 6], axis=1).astype(np.int32)
+
+
+def write_smallnorb(folder: Path, seed: int = 0) -> Path:
+    """Training files gzipped, testing files plain: both readings are exercised in every test."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for stem, suffix in ((smallnorb.FILES["train"], ".gz"), (smallnorb.FILES["test"], "")):
+        write_norb(
+            folder / f"{stem}-dat.mat{suffix}", rng.integers(0, 256, (NORB_ROWS, 2, 96, 96), dtype=np.uint8)
+        )
+        write_norb(folder / f"{stem}-cat.mat{suffix}", (np.arange(NORB_ROWS) % 5).astype(np.int32))
+        write_norb(folder / f"{stem}-info.mat{suffix}", norb_info(NORB_ROWS))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def norb_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("norb")
+    write_smallnorb(root / "smallnorb")
+    return root
+
+
+def norb_cfg(root: Path, **kwargs) -> DataConfig:
+    return DataConfig(name="smallnorb", root=str(root), download=False, **kwargs)
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_idx_reader_round_trips_plain_and_gzipped_files(tmp_path, suffix):
+    images = np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    read_images = read_idx(write_idx(tmp_path / f"images{suffix}", images), data.IDX_IMAGES_MAGIC)
+    read_labels = read_idx(write_idx(tmp_path / f"labels{suffix}", labels), data.IDX_LABELS_MAGIC)
+    assert read_images.dtype == torch.uint8 and torch.equal(read_images, torch.from_numpy(images))
+    assert torch.equal(read_labels, torch.from_numpy(labels))
+
+
+def test_idx_reader_rejects_wrong_magic_number(tmp_path):
+    path = write_idx(tmp_path / "labels-idx1-ubyte", np.zeros(4, dtype=np.uint8))
+    with pytest.raises(DataFormatError, match="magic") as info:
+        read_idx(path, data.IDX_IMAGES_MAGIC)
+    assert str(path) in str(info.value)
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x12\x34\x56\x78" + bytes(16))
+    with pytest.raises(DataFormatError, match="garbage"):
+        read_idx(garbage)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_idx_reader_rejects_truncated_body(tmp_path, suffix):
+    path = tmp_path / f"images{suffix}"
+    header = bytes([0, 0, 8, 3]) + struct.pack(">3I", 10, 28, 28)
+    with _opener(path)(path, "wb") as f:
+        f.write(header + bytes(28 * 28 * 9))
+    with pytest.raises(DataFormatError, match="truncated") as info:
+        read_idx(path)
+    assert path.name in str(info.value)
+
+
+def test_mnist_is_read_from_idx_files_under_the_root(tmp_path):
+    write_mnist(tmp_path / "mnist" / "raw", gz=False)
+    train, val, test, info = build_datasets(DataConfig(name="mnist", root=str(tmp_path), download=False))
+    assert val is None and len(train) == 30 and len(test) == 12
+    assert info == DataInfo(10, 1, 28, [str(i) for i in range(10)], [0.1307], [0.3081])
+    image, label = test[3]
+    assert image.dtype == torch.float32 and image.shape == (1, 28, 28) and label == 3
+    assert isinstance(label, int)
+    augmented, _ = train[0]
+    assert augmented.shape == (1, 28, 28)
+
+
+def test_image_size_resizes_idx_images_by_interpolation(tmp_path):
+    write_mnist(tmp_path)
+    cfg = DataConfig(name="fashion-mnist", root=str(tmp_path), download=False, image_size=32)
+    train, _, test, info = build_datasets(cfg)
+    assert info.image_size == 32 and info.class_names[0] == "T-shirt/top"
+    assert train[0][0].shape == (1, 32, 32) and test[0][0].shape == (1, 32, 32)
+
+
+def test_mismatched_idx_label_count_is_a_format_error(tmp_path):
+    write_mnist(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(5, dtype=np.uint8))
+    with pytest.raises(DataFormatError, match="t10k-labels"):
+        build_datasets(DataConfig(name="mnist", root=str(tmp_path), download=False))
+
+
+def test_missing_dataset_error_lists_every_folder_searched(tmp_path):
+    cfg = DataConfig(name="mnist", root=str(tmp_path / "empty"), download=False)
+    with pytest.raises(DatasetNotFoundError) as info:
+        build_datasets(cfg)
+    message = str(info.value)
+    for folder in ("empty", "empty/mnist", "empty/mnist/raw", "/usr/share/datasets/mnist"):
+        assert folder in message
+    assert "data.download=true" in message and "data.root" in message
+    assert len(message.splitlines()) <= 2
+    assert tmp_path / "empty" / "mnist" in info.value.searched
+
+
+def test_missing_fashion_mnist_suggests_the_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion-mnist", [tmp_path / "system"])
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist") as info:
+        build_datasets(DataConfig(name="fashion-mnist", root=str(tmp_path / "root"), download=False))
+    assert str(tmp_path / "system") in str(info.value)
+
+
+def test_missing_smallnorb_and_cifar_raise_dataset_not_found(tmp_path):
+    for name in ("smallnorb", "cifar10"):
+        with pytest.raises(DatasetNotFoundError, match=str(tmp_path)):
+            build_datasets(DataConfig(name=name, root=str(tmp_path), download=False))
+
+
+@pytest.mark.skipif(
+    not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST is not installed in {FASHION_DIR} (apt-get install dataset-fashion-mnist)",
+)
+def test_real_fashion_mnist_is_found_in_the_system_folder(tmp_path):
+    train, _, test, info = build_datasets(
+        DataConfig(name="fashion-mnist", root=str(tmp_path), download=False)
+    )
+    assert (len(train), len(test), info.num_classes, info.channels) == (60000, 10000, 10, 1)
+    assert torch.bincount(test.targets, minlength=10).tolist() == [1000] * 10
+    image, _ = test[0]
+    assert image.shape == (1, 28, 28) and abs(float(image.mean())) < 3
+
+
+def test_pixel_transform_normalises_and_shifts_with_black_padding():
+    x = np.arange(1, 17, dtype=np.uint8).reshape(1, 4, 4)
+    normalise = PixelTransform([0.5], [0.25])
+    expected = (torch.from_numpy(x).float() / 255 - 0.5) / 0.25
+    assert torch.allclose(normalise(x), expected)
+    moved = shifted(x, 1, -1)  # one row down, one column left
+    assert np.array_equal(moved[:, 1:, :3], x[:, :3, 1:]) and moved[:, 0].sum() == moved[:, :, 3].sum() == 0
+    augment = PixelTransform([0.5], [0.25], padding=1, flip=True)
+    candidates = [
+        normalise(np.ascontiguousarray(v))
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+        for v in (shifted(x, dy, dx), shifted(x, dy, dx)[:, :, ::-1])
+    ]
+    outputs = [augment(x) for _ in range(40)]
+    assert all(any(torch.equal(out, c) for c in candidates) for out in outputs)
+    assert len({tuple(out.flatten().tolist()) for out in outputs}) > 3
+
+
+# --------------------------------------------------------------------------- smallNORB
+
+
+def test_smallnorb_reader_reads_gzipped_and_plain_matrix_files(norb_root):
+    folder = norb_root / "smallnorb"
+    dat = smallnorb.read_norb_matrix(folder / f"{smallnorb.FILES['train']}-dat.mat.gz")
+    cat = smallnorb.read_norb_matrix(folder / f"{smallnorb.FILES['test']}-cat.mat")
+    info = smallnorb.read_norb_matrix(folder / f"{smallnorb.FILES['test']}-info.mat")
+    assert dat.shape == (NORB_ROWS, 2, 96, 96) and dat.dtype == np.uint8
+    assert cat.shape == (NORB_ROWS,) and cat.tolist() == [i % 5 for i in range(NORB_ROWS)]
+    assert np.array_equal(info, norb_info(NORB_ROWS))
+
+
+def test_smallnorb_stereo_channels_gives_two_channel_32px_crops(norb_root):
+    train, val, test, info = build_datasets(norb_cfg(norb_root))
+    assert val is None and len(train) == len(test) == NORB_ROWS
+    assert (info.num_classes, info.channels, info.image_size) == (5, 2, 32)
+    assert info.class_names == ["animal", "human", "airplane", "truck", "car"]
+    assert train.images.shape == (NORB_ROWS, 2, 48, 48)  # downsampled once at load
+    for dataset in (train, test):
+        image, label = dataset[7]
+        assert image.shape == (2, 32, 32) and image.dtype == torch.float32 and label == 7 % 5
+    assert split_names(norb_cfg(norb_root)) == ["train", "test"]
+
+
+def test_smallnorb_stereo_samples_makes_each_view_a_one_channel_item(norb_root):
+    train, _, test, info = build_datasets(norb_cfg(norb_root, stereo="samples"))
+    assert len(train) == len(test) == 2 * NORB_ROWS and info.channels == 1
+    pair = torch.cat([test[10][0], test[11][0]])  # the two views of row 5
+    assert pair.shape == (2, 32, 32) and test[10][1] == test[11][1] == 5 % 5
+    _, _, stereo_test, _ = build_datasets(norb_cfg(norb_root))
+    assert torch.allclose(pair, stereo_test[5][0])  # same pixels as the 2-channel item of row 5
+
+
+def test_smallnorb_downsampling_averages_2x2_blocks(tmp_path):
+    images = np.zeros((1, 2, 96, 96), dtype=np.uint8)
+    images[0, 0, 0, :2] = 200  # the first 2x2 block averages to 100
+    images[0, 1] = 7
+    small = smallnorb.downsample(images, 48)
+    assert small.shape == (1, 2, 48, 48)
+    assert small[0, 0, 0, 0] == 100 and small[0, 0, 0, 1] == 0 and bool((small[0, 1] == 7).all())
+
+
+def test_smallnorb_images_are_standardised_per_image_before_the_crop(norb_root):
+    _, _, test, _ = build_datasets(norb_cfg(norb_root))
+    standardised = torch.from_numpy(per_image_standardise(test.images[4].numpy()))  # (2, 48, 48)
+    assert torch.allclose(standardised.mean(dim=(1, 2)), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(standardised.std(dim=(1, 2), correction=0), torch.ones(2), atol=1e-4)
+    pixels = test.images[4].double()
+    mean = pixels.mean(dim=(1, 2), keepdim=True)
+    reference = (pixels - mean) / pixels.std(dim=(1, 2), correction=0, keepdim=True)
+    item = test[4][0]  # test items: the centre 32 x 32 of the standardised 48 x 48 image
+    assert torch.allclose(item.double(), reference[:, 8:40, 8:40], atol=1e-5)
+
+
+def test_smallnorb_training_items_are_random_crops_with_jitter(norb_root):
+    train, _, _, _ = build_datasets(norb_cfg(norb_root))
+    torch.manual_seed(0)
+    first, second = train[0][0], train[0][0]
+    assert first.shape == second.shape == (2, 32, 32)
+    assert not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize(
+    ("split", "column", "familiar"),
+    [("azimuth", "azimuth", {300, 320, 340, 0, 20, 40}), ("elevation", "elevation", {0, 1, 2})],
+)
+def test_viewpoint_splits_select_exactly_the_documented_viewpoints(norb_root, split, column, familiar):
+    train, _, test, _ = build_datasets(norb_cfg(norb_root, split=split))
+    test_familiar = test.extra_splits["test_familiar"]
+    values = {
+        name: ds.selected_meta()[column].tolist()
+        for name, ds in (("train", train), ("test", test), ("familiar", test_familiar))
+    }
+    info = norb_info(NORB_ROWS)
+    every = (info[:, 2] * 10).tolist() if column == "azimuth" else info[:, 1].tolist()
+    assert sorted(values["train"]) == sorted(v for v in every if v in familiar)
+    assert sorted(values["familiar"]) == sorted(v for v in every if v in familiar)
+    assert sorted(values["test"]) == sorted(v for v in every if v not in familiar)
+    assert len(values["test"]) + len(values["familiar"]) == NORB_ROWS
+    if column == "azimuth":
+        assert all(60 <= v <= 280 for v in values["test"])
+    else:
+        assert all(3 <= v <= 8 for v in values["test"])
+    labels = [label for _, label in test]
+    assert labels == [i % 5 for i in range(NORB_ROWS) if every[i] not in familiar]
+    assert split_names(norb_cfg(norb_root, split=split)) == ["train", "test", "test_familiar"]
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_smallnorb_reader_rejects_wrong_magic_and_truncated_files(tmp_path, suffix):
+    labels = write_norb(tmp_path / f"cat.mat{suffix}", np.arange(4, dtype=np.int32))
+    with pytest.raises(DataFormatError, match="magic") as info:
+        smallnorb.read_norb_matrix(labels, smallnorb.EXPECTED_MAGIC["dat"])
+    assert labels.name in str(info.value)
+    truncated = tmp_path / f"dat.mat{suffix}"
+    header = struct.pack("<ii4i", 0x1E3D4C55, 4, 3, 2, 96, 96)
+    with _opener(truncated)(truncated, "wb") as f:
+        f.write(header + bytes(3 * 2 * 96 * 96 - 10))
+    with pytest.raises(DataFormatError, match="truncated") as info:
+        smallnorb.read_norb_matrix(truncated)
+    assert truncated.name in str(info.value)
+    garbage = tmp_path / f"info.mat{suffix}"
+    with _opener(garbage)(garbage, "wb") as f:
+        f.write(b"\x00\x01\x02\x03" + bytes(20))
+    with pytest.raises(DataFormatError, match="not a smallNORB"):
+        smallnorb.read_norb_matrix(garbage)
+
+
+def test_corrupt_smallnorb_file_fails_the_build_naming_the_file(tmp_path):
+    folder = write_smallnorb(tmp_path / "smallnorb")
+    bad = folder / f"{smallnorb.FILES['test']}-cat.mat"
+    bad.write_bytes(bad.read_bytes()[:-4])
+    with pytest.raises(DataFormatError, match="testing-cat.mat"):
+        build_datasets(norb_cfg(tmp_path))
+
+
+# --------------------------------------------------------------------------- image folder
+
+
+def _save(path: Path, mode: str, size: tuple[int, int], seed: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = {"L": (), "RGB": (3,), "RGBA": (4,)}[mode]
+    array = rng.integers(0, 256, (size[1], size[0], *channels), dtype=np.uint8)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    root = tmp_path / "images"
+    shapes = {
+        "cat": [("L", (20, 20)), ("RGB", (40, 30)), ("RGB", (64, 64)), ("L", (33, 17)), ("RGB", (8, 50))],
+        "dog": [("RGBA", (50, 50)), ("RGB", (31, 31)), ("L", (16, 24)), ("RGB", (45, 20)), ("L", (60, 60))],
+    }
+    for label, images in shapes.items():
+        (root / label).mkdir(parents=True)
+        for i, (mode, size) in enumerate(images):
+            _save(root / label / f"{i}.png", mode, size, seed=i)
+    (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    (root / "dog" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_image_folder_skips_bad_files_with_one_warning(image_tree):
+    cfg = DataConfig(name="folder", train_dir=str(image_tree), image_size=16, bad_files="skip")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train, _, test, info = build_datasets(cfg)
+    skipped = [w for w in caught if "skipped" in str(w.message)]
+    assert len(skipped) == 1 and "skipped 2 " in str(skipped[0].message)
+    assert len(train) + len(test) == 10 and len(test) == 2  # 20% of each class (5 valid + 1 bad) held out
+    assert info.class_names == ["cat", "dog"] and info.channels == 3 and info.image_size == 16
+    image, label = train[0]
+    assert image.shape == (3, 16, 16) and label in (0, 1)
+
+
+def test_image_folder_fail_mode_raises_naming_the_bad_file(image_tree):
+    cfg = DataConfig(name="folder", train_dir=str(image_tree), bad_files="fail")
+    with pytest.raises(DataFormatError, match=r"broken\.png|notes\.txt"):
+        build_datasets(cfg)
+
+
+def test_image_folder_grayscale_and_separate_test_dir(image_tree, tmp_path):
+    test_dir = tmp_path / "test"
+    (test_dir / "dog").mkdir(parents=True)
+    _save(test_dir / "dog" / "x.png", "RGB", (12, 12), seed=9)
+    cfg = DataConfig(name="folder", train_dir=str(image_tree), test_dir=str(test_dir), grayscale=True)
+    with pytest.warns(UserWarning, match="skipped 2"):
+        train, _, test, info = build_datasets(cfg)
+    assert info.channels == 1 and info.image_size == 32 and len(train) == 10
+    assert len(test) == 1 and test[0][0].shape == (1, 32, 32) and test[0][1] == 1
+
+
+def test_image_folder_test_carve_is_deterministic_and_disjoint(image_tree):
+    cfg = DataConfig(name="folder", train_dir=str(image_tree), image_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = build_datasets(cfg, seed=0)
+        second = build_datasets(cfg, seed=5)
+    assert torch.equal(first[2].images, second[2].images)
+    train_images = {bytes(x.numpy()) for x in first[0].images}
+    assert not any(bytes(x.numpy()) in train_images for x in first[2].images)
+
+
+# --------------------------------------------------------------------------- synthetic, validation, loaders
+
+
+def test_synthetic_data_is_deterministic_per_seed_with_the_configured_shape():
+    cfg = DataConfig(name="synthetic", num_classes=4, channels=3, image_size=20, train_size=40, test_size=12)
+    train, _, test, info = build_datasets(cfg, seed=3)
+    again, _, _, _ = build_datasets(cfg, seed=3)
+    other, _, _, _ = build_datasets(cfg, seed=4)
+    assert (info.num_classes, info.channels, info.image_size) == (4, 3, 20)
+    assert len(train) == 40 and len(test) == 12
+    assert train[0][0].shape == (3, 20, 20) and set(train.targets.tolist()) == {0, 1, 2, 3}
+    assert torch.equal(train.images, again.images) and torch.equal(train.labels, again.labels)
+    assert not torch.equal(train.images, other.images)
+
+
+def test_synthetic_data_is_learnable_by_nearest_class_mean():
+    cfg = DataConfig(name="synthetic", num_classes=5, channels=1, train_size=200, test_size=100)
+    train, _, test, _ = build_datasets(cfg, seed=0)
+    x_train = torch.stack([x for x, _ in train]).flatten(1)
+    x_test = torch.stack([x for x, _ in test]).flatten(1)
+    means = torch.stack([x_train[train.targets == k].mean(0) for k in range(5)])
+    predicted = torch.cdist(x_test, means).argmin(1)
+    assert (predicted == test.targets).float().mean() > 0.9
+
+
+def test_val_split_is_disjoint_from_train_and_deterministic():
+    cfg = DataConfig(name="synthetic", train_size=50, test_size=10, val_split=0.2)
+    train, val, test, _ = build_datasets(cfg, seed=1)
+    again_train, again_val, _, _ = build_datasets(cfg, seed=1)
+    assert len(val) == 10 and len(train) == 40 and len(test) == 10
+    assert set(train.rows().tolist()).isdisjoint(val.rows().tolist())
+    assert sorted(train.rows().tolist() + val.rows().tolist()) == list(range(50))
+    assert torch.equal(val.rows(), again_val.rows()) and torch.equal(train.rows(), again_train.rows())
+    assert val.images is train.images  # carved from the training data, never the test set
+    assert split_names(cfg) == ["train", "val", "test"]
+
+
+def test_val_split_uses_test_time_transforms(tmp_path):
+    write_mnist(tmp_path)
+    cfg = DataConfig(name="mnist", root=str(tmp_path), download=False, val_split=0.2)
+    train, val, _, _ = build_datasets(cfg)
+    assert train.transform is not val.transform and val.transform is val.eval_transform
+    assert torch.equal(val[0][0], val[0][0])
+
+
+def test_val_split_keeps_both_smallnorb_views_together(norb_root):
+    train, val, _, _ = build_datasets(norb_cfg(norb_root, stereo="samples", val_split=0.25), seed=2)
+    assert len(val) == 10 and len(train) == 30
+    for rows in (train.rows(), val.rows()):
+        assert set((rows // 2).tolist()) == set((rows[::2] // 2).tolist()) and len(rows) % 2 == 0
+
+
+def loader_config(**train):
+    return config_from_dict(
+        {
+            "data": {"name": "synthetic", "train_size": 21, "test_size": 13, "val_split": 0.3},
+            "train": {"batch_size": 4, "seed": 7, **train},
+        }
+    )
+
+
+def test_distributed_eval_slices_cover_every_test_sample_exactly_once():
+    cfg = loader_config()
+    ranks = [build_loaders(cfg, rank=r, world_size=2) for r in range(2)]
+    for split in ("test", "val"):
+        slices = [list(getattr(loaders, split).sampler) for loaders in ranks]
+        assert set(slices[0]).isdisjoint(slices[1])
+        assert sorted(slices[0] + slices[1]) == list(range(len(getattr(ranks[0], split).dataset)))
+        assert sum(len(batch[1]) for loaders in ranks for batch in getattr(loaders, split)) == len(
+            getattr(ranks[0], split).dataset
+        )
+    assert all(isinstance(loaders.train_sampler, DistributedSampler) for loaders in ranks)
+    assert ranks[0].test.batch_size == 8  # eval_batch_size null -> 2 x batch_size
+
+
+def test_train_order_is_reproducible_from_the_seed_and_generator_state():
+    def labels(loader):
+        return torch.cat([y for _, y in loader]).tolist()
+
+    first, second = build_loaders(loader_config()), build_loaders(loader_config())
+    assert first.train_sampler is None and first.train.drop_last is False
+    assert labels(first.train) == labels(second.train)
+    state = first.train_generator.get_state()
+    epoch = labels(first.train)
+    first.train_generator.set_state(state)
+    assert labels(first.train) == epoch
+    assert sum(1 for _ in first.train.dataset) == 15
+
+
+def test_check_channels_explains_a_mismatch():
+    info = DataInfo(10, 1, 28, [str(i) for i in range(10)])
+    check_channels(info, 1)
+    with pytest.raises(DataFormatError, match="expects 3-channel images but this data has 1"):
+        check_channels(info, 3)

@@ -1,0 +1,202 @@
+"""The training loop: exact resume, non-finite steps, signals, run directories, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsnet import trainer
+from capsnet.checkpoint import load_checkpoint
+from capsnet.config import load_config
+from capsnet.trainer import TrainingError, TrainingInterrupted, fit
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def tiny(tmp_path, *overrides: str):
+    base = [f"logging.out_dir={tmp_path / 'weights'}", f"logging.tb_dir={tmp_path / 'runs'}"]
+    return load_config(TINY, base + list(overrides))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def logged(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    return fit(tiny(tmp), run_name="straight", echo=quiet)
+
+
+@pytest.mark.parametrize("stop_at", [6, 8], ids=["at-an-epoch-boundary", "mid-epoch"])
+def test_a_resumed_run_is_bit_identical_to_a_straight_run(tmp_path, straight, stop_at):
+    first = fit(tiny(tmp_path, f"train.max_steps={stop_at}"), run_name="split", echo=quiet)
+    assert first.stopped == "max_steps" and first.step == stop_at
+    resumed = fit(tiny(tmp_path), resume="latest", echo=quiet)
+    assert resumed.run_dir == first.run_dir and resumed.step == straight.step == 12
+    assert same_weights(straight.run_dir / "last.pt", resumed.run_dir / "last.pt")
+    a = {line["step"]: line.get("train/loss") for line in logged(straight.run_dir)}
+    b = {line["step"]: line.get("train/loss") for line in logged(resumed.run_dir)}
+    assert a == b
+
+
+def test_four_epochs_equal_two_epochs_plus_a_resumed_two_through_the_cli(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from capsnet.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    straight = runner.invoke(
+        app, ["train", "--config", str(TINY), "-o", "train.epochs=4", "--run-name", "four"]
+    )
+    assert straight.exit_code == 0, straight.output
+    first = runner.invoke(app, ["train", "--config", str(TINY), "--run-name", "two"])
+    assert first.exit_code == 0, first.output
+    resumed = runner.invoke(app, ["train", "--resume", "latest", "-o", "train.epochs=4"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from" in resumed.stdout and resumed.stdout.count("epoch ") >= 2
+    weights = tmp_path / "weights" / "em_capsules"
+    assert load_checkpoint(weights / "two" / "last.pt")["step"] == 24
+    assert same_weights(weights / "four" / "last.pt", weights / "two" / "last.pt")
+
+
+def test_non_finite_steps_are_skipped_then_training_stops_and_nothing_non_finite_is_best(
+    tmp_path, monkeypatch
+):
+    real = trainer.compute_loss
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        return loss * float("nan"), parts
+
+    monkeypatch.setattr(trainer, "compute_loss", poisoned)
+    cfg = tiny(tmp_path, "train.max_bad_steps=3")
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
+        fit(cfg, run_name="nan", echo=quiet)
+    run = tmp_path / "weights" / "nan"
+    assert not (run / "best.pt").exists() and not (run / "last.pt").exists()
+
+
+def test_the_stop_message_names_the_first_routing_layer_with_non_finite_statistics(tmp_path, monkeypatch):
+    real = trainer.build_optimizer
+
+    def poison_caps2(model, cfg):
+        with torch.no_grad():
+            model.convcaps[1].weight.fill_(float("nan"))
+        return real(model, cfg)
+
+    monkeypatch.setattr(trainer, "build_optimizer", poison_caps2)
+    with pytest.raises(TrainingError) as info:
+        fit(tiny(tmp_path, "train.max_bad_steps=2"), run_name="nan-layer", echo=quiet)
+    message = str(info.value)
+    assert "stopped at step 1" in message and "'caps2'" in message and "convcaps.1.weight" in message
+
+
+def test_a_few_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    real, calls = trainer.compute_loss, {"n": 0}
+
+    def sometimes(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("inf") if calls["n"] in (2, 3) else loss), parts
+
+    monkeypatch.setattr(trainer, "compute_loss", sometimes)
+    result = fit(tiny(tmp_path), run_name="skips", echo=quiet)
+    assert result.bad_steps == 2 and result.stopped == "completed"
+    assert [line["train/skipped_steps"] for line in logged(result.run_dir) if "train/loss" in line][-1] == 2
+    ckpt = load_checkpoint(result.run_dir / "best.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path, monkeypatch):
+    real, calls, lines = trainer.compute_loss, {"n": 0}, []
+
+    def interrupt_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "compute_loss", interrupt_on_third)
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(tiny(tmp_path), run_name="sig", echo=lines.append)
+    result = info.value.result
+    assert info.value.exit_code == 130 and result.stopped == "SIGINT" and result.step == 3
+    assert load_checkpoint(result.run_dir / "last.pt")["batches_done"] == 3
+    assert any("capsnet train --resume" in line for line in lines)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_existing_run_needs_resume_or_overwrite(tmp_path):
+    cfg = tiny(tmp_path, "train.max_steps=1")
+    fit(cfg, run_name="dup", echo=quiet)
+    with pytest.raises(TrainingError, match="already exists"):
+        fit(cfg, run_name="dup", echo=quiet)
+    result = fit(cfg, run_name="dup", overwrite=True, echo=quiet)
+    assert result.step == 1 and len(logged(result.run_dir)) == 1
+
+
+def test_automatic_run_names_never_clash(tmp_path):
+    cfg = tiny(tmp_path, "train.max_steps=1")
+    a = fit(cfg, echo=quiet, name_prefix="tiny")
+    b = fit(cfg, echo=quiet, name_prefix="tiny")
+    assert a.run_dir != b.run_dir and a.run_name.startswith("tiny-")
+
+
+def test_resuming_with_a_different_architecture_is_a_clear_error(tmp_path):
+    from capsnet.checkpoint import CheckpointError
+
+    fit(tiny(tmp_path, "train.max_steps=1"), run_name="arch", echo=quiet)
+    with pytest.raises(CheckpointError, match=r"model\.caps_types"):
+        fit(tiny(tmp_path, "model.caps_types=[4,6]"), resume="latest", echo=quiet)
+
+
+def test_a_validation_split_chooses_best_by_validation_accuracy(tmp_path):
+    result = fit(tiny(tmp_path, "data.val_split=0.25", "train.epochs=1"), run_name="val", echo=quiet)
+    assert result.best_split == "val"
+    assert "val/acc" in logged(result.run_dir)[-1]
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_cpu_processes_trains_and_writes_one_run(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "capsnet",
+        "train",
+        "--config",
+        str(TINY),
+        "--run-name",
+        "ddp",
+        "-o",
+        f"logging.out_dir={tmp_path / 'weights'}",
+        "-o",
+        f"logging.tb_dir={tmp_path / 'runs'}",
+    ]
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("epoch ") >= 2
+    ckpt = load_checkpoint(tmp_path / "weights" / "ddp" / "last.pt")
+    assert ckpt["step"] == 6  # 96 images / 2 ranks / batch 16 = 3 steps per epoch
