@@ -96,8 +96,9 @@ def run_benchmark(
     if threads:
         torch.set_num_threads(threads)
     base_rss = _rss_mib()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     channels, num_classes, size = geometry(cfg.data)
     size = image_size or size
     num_classes = classes or num_classes
@@ -112,7 +113,10 @@ def run_benchmark(
         out = model(x)
         loss = _spread(out.activations, y, cfg.loss.margin_start)
         if use_recon:
-            loss = loss + cfg.loss.recon_weight * (model.reconstruct(out.poses, y) - x).square().sum() / batch_size
+            loss = (
+                loss
+                + cfg.loss.recon_weight * (model.reconstruct(out.poses, y) - x).square().sum() / batch_size
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -2,7 +2,8 @@
 
 The exported graph maps images (N, C, H, W) to class activations (N, E) and
 poses (N, E, 4, 4); the decoder is left out. The batch dimension is dynamic;
-the routing loop is unrolled (its iteration count is static). Before an export
+the routing loop is unrolled (its iteration count is static), and the routing
+is the fast path's contraction form traced whole-batch. Before an export
 is reported as done, its outputs are compared with the eager model's on a batch
 of real test images, and on a second, smaller batch to exercise the dynamic
 batch size. A difference above the tolerance is an error.
@@ -154,11 +155,11 @@ def export_checkpoint(
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     ckpt_path = resolve_checkpoint(spec, out_dir)
     ckpt = load_checkpoint(ckpt_path)
-    model = build_model_from_checkpoint(ckpt, ckpt_path).eval().requires_grad_(False)
-    # The elementwise routing computes the same function as the default one and
-    # decomposes into ONNX operators under a symbolic batch size.
-    if fmt == "onnx":
-        model.set_routing_impl("plain")
+    # The default (fast) routing is what gets exported: while torch.export traces,
+    # it runs the whole batch through plain differentiable operations (no in-place
+    # writes, no custom autograd function, no cached geometry), which decompose into
+    # ATen and ONNX operators under a symbolic batch size.
+    model = build_model_from_checkpoint(ckpt, ckpt_path).eval()
     path = (
         Path(out) if out is not None else default_export_path(str(ckpt.get("run") or "run"), fmt, exports_dir)
     )

@@ -12,9 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from functools import partial
-
-from capsnet.routing import ChildFold, LazyVotes, RoutingSettings, child_fold, em_routing
+from capsnet.routing import ChildFold, RoutingSettings, VoteProduct, child_fold, em_routing
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int = 0) -> int:
@@ -66,11 +64,19 @@ class RoutingLayer(nn.Module):
         self.beta_a = nn.Parameter(torch.zeros(out_types))
         self.record_stats = False
         self.stats: dict[str, Tensor] | None = None
+        # Set to {} to record the next forward's votes, child activations and every routing
+        # iteration (plain path; for figures, see capsnet.inspection).
+        self.trace: dict | None = None
 
-    def route(self, votes: Tensor, act_in: Tensor, fold: ChildFold | None):
+    def route(self, votes: Tensor | VoteProduct, act_in: Tensor, fold: ChildFold | None):
+        iterations = None
+        if self.trace is not None:
+            votes = votes.compute() if isinstance(votes, VoteProduct) else votes
+            iterations = []
+            self.trace.update(votes=votes.detach(), act_in=act_in.detach(), fold=fold, iterations=iterations)
         result = em_routing(
             votes, act_in, self.beta_u, self.beta_a, self.settings, fold, impl=self.impl,
-            stats=self.record_stats,
+            stats=self.record_stats, trace=iterations,
         )
         self.stats = result.stats
         return result
@@ -94,7 +100,7 @@ class ConvCaps(RoutingLayer):
         settings: RoutingSettings = RoutingSettings(),
         normalisation: str = "cross_position",
         name: str = "convcaps",
-        recompute_votes: bool = False,
+        recompute_votes: bool = True,
     ):
         super().__init__(out_types, settings)
         self.recompute_votes = recompute_votes
@@ -124,26 +130,14 @@ class ConvCaps(RoutingLayer):
         m = patches.reshape(n * positions, children, p, p).permute(1, 0, 2, 3)  # (I, N*L, P, P)
         m = m.reshape(children, n * positions * p, p)
         wt = self.weight.reshape(children, p, c * p)  # (I, P, C*P)
-        votes = LazyVotes(partial(_conv_votes, shape=(n, positions, p, c)), (m, wt))
-        if not self.recompute_votes:
-            # Otherwise the fast routing recomputes the votes in backward instead of
-            # keeping the layer's largest tensors alive (less memory, more time).
-            votes = votes.compute()
+        # Described, not computed: the routing builds what it needs a few samples at a time.
+        # With recompute_votes it rebuilds its vote moments in backward instead of keeping them.
+        votes = VoteProduct(m, wt, (n, positions, c, p), self.recompute_votes)
         use_fold = fold if self.normalisation == "cross_position" else None
         result = self.route(votes, act_in, use_fold)
         pose_out = result.pose.view(n, out_h, out_w, c, p * p)  # (N, Ho, Wo, C, P*P)
         act_out = result.activation.view(n, out_h, out_w, c)  # (N, Ho, Wo, C)
         return pose_out, act_out
-
-
-def _conv_votes(m: Tensor, weight: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
-    """V_ij = M_i W_ij for every patch slot i and parent type j as one batched product.
-
-    m (I, N*L*P, P), weight (I, P, C*P) -> votes (N, L, C, I, P, P), a permuted view.
-    """
-    n, positions, p, c = shape
-    votes = torch.bmm(m, weight)  # (I, N*L*P, C*P)
-    return votes.view(-1, n, positions, p, c, p).permute(1, 2, 4, 0, 3, 5)
 
 
 class ClassCaps(RoutingLayer):

@@ -48,13 +48,15 @@ class CapsNet(nn.Module):
         final_lambda: float = 0.01,
         lambda_decay: float = 0.95,
         min_var: float = 0.0005,
-        recompute_votes: bool = False,
+        cost_norm: float | None = None,
+        beta_a_logit: bool = False,
+        recompute_votes: bool = True,
     ):
         super().__init__()
         if len(caps_strides) != len(caps_types):
             raise ValueError(f"caps_strides {list(caps_strides)} needs one stride per ConvCaps layer {list(caps_types)}")
         self.in_channels, self.num_classes, self.image_size = in_channels, num_classes, image_size
-        self.settings = RoutingSettings(iterations, final_lambda, lambda_decay, min_var)
+        self.settings = RoutingSettings(iterations, final_lambda, lambda_decay, min_var, cost_norm, beta_a_logit)
         self.hparams = dict(
             in_channels=in_channels, num_classes=num_classes, image_size=image_size,
             stem_channels=list(stem_channels), stem_kernel=stem_kernel, stem_stride=stem_stride,
@@ -62,7 +64,8 @@ class CapsNet(nn.Module):
             caps_types=list(caps_types), caps_kernel=caps_kernel, caps_strides=list(caps_strides),
             pose_size=pose_size, iterations=iterations, normalisation=normalisation, coord_add=coord_add,
             decoder=decoder, decoder_hidden=list(decoder_hidden), final_lambda=final_lambda,
-            lambda_decay=lambda_decay, min_var=min_var, recompute_votes=recompute_votes,
+            lambda_decay=lambda_decay, min_var=min_var, cost_norm=cost_norm, beta_a_logit=beta_a_logit,
+            recompute_votes=recompute_votes,
         )
 
         # Stem: ReLU conv K x K stride s ("A" channels), then 3x3 stride 1 convs ("AA", ...).
@@ -122,7 +125,7 @@ class CapsNet(nn.Module):
             pose_size=m.pose_size, iterations=m.iterations, normalisation=m.normalisation,
             coord_add=m.coord_add, decoder=m.decoder, decoder_hidden=m.decoder_hidden,
             final_lambda=routing.final_lambda, lambda_decay=routing.lambda_decay, min_var=routing.min_var,
-            recompute_votes=m.recompute_votes,
+            cost_norm=routing.cost_norm, beta_a_logit=routing.beta_a_logit, recompute_votes=m.recompute_votes,
         )
 
     # ------------------------------------------------------------------ geometry

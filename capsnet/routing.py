@@ -22,11 +22,16 @@ Two implementations compute the same function:
 * ``impl="plain"``: the equations written out elementwise; clear, and the
   reference for the fast path.
 * ``impl="fast"``: the M-step moments and the E-step log-likelihood written as
-  batched matrix products over the centred votes and their squares. When a
-  gradient is needed, a custom backward collects the per-iteration gradient
-  factors of the vote tensor and applies them in one product at the end, so
-  backward reads the votes about as often as forward does and stores no
-  per-iteration temporaries of vote size.
+  batched matrix products over the centred votes and their squares, routed a
+  chunk of samples at a time (routing never mixes samples) so that a chunk's
+  moments stay in cache and no tensor of the batch's vote size is allocated.
+  When a gradient is needed, a hand-written backward (:class:`_FastRouting`)
+  keeps only each iteration's assignments and moment sums, collects the
+  gradient of the moments as rank-one factors applied in one product per chunk,
+  and, for votes given as a :class:`VoteProduct`, goes straight to the
+  gradients of the poses and transformation matrices. While torch.compile or
+  torch.export traces, the same iterations run on the whole batch in plain
+  differentiable operations.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,6 +59,19 @@ class RoutingSettings:
     final_lambda: float = 0.01
     lambda_decay: float = 0.95
     min_var: float = 0.0005
+    #: None: the paper's cost, (beta_u + ln sigma_h) * sum_i R_ij. A number k scales
+    #: sum_i R_ij by k * C / I (C parent types, I children per patch), so that every
+    #: layer's activation logits have a similar range whatever its fan-in.
+    cost_norm: float | None = None
+    #: True: the learned beta_a is kept in units of the final logit (the routing uses
+    #: beta_a / final_lambda), so an optimiser step moves the activations at the same
+    #: rate as the other parameters instead of final_lambda times slower.
+    beta_a_logit: bool = False
+
+
+def cost_scale(settings: RoutingSettings, types: int, children: int) -> float:
+    """Factor on sum_i R_ij in the activation cost (1.0 unless ``cost_norm`` is set)."""
+    return 1.0 if settings.cost_norm is None else settings.cost_norm * types / children
 
 
 def inverse_temperatures(settings: RoutingSettings) -> list[float]:
@@ -136,8 +154,19 @@ class ChildFold:
 
 
 @lru_cache(maxsize=64)
-def child_fold(height: int, width: int, kernel: int, stride: int, types: int, device: str) -> ChildFold:
+def _cached_fold(height: int, width: int, kernel: int, stride: int, types: int, device: str) -> ChildFold:
     return ChildFold(height, width, kernel, stride, types, torch.device(device))
+
+
+def child_fold(height: int, width: int, kernel: int, stride: int, types: int, device: str) -> ChildFold:
+    """The :class:`ChildFold` of a layer geometry, built once per geometry and device.
+
+    While torch.compile or torch.export traces, a fresh one is built instead, so
+    that no traced (fake) tensor is ever cached and reused outside the trace.
+    """
+    if torch.compiler.is_compiling():
+        return ChildFold(height, width, kernel, stride, types, torch.device(device))
+    return _cached_fold(height, width, kernel, stride, types, device)
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -163,13 +192,15 @@ def normalise_assignments(logits: Tensor, fold: ChildFold | None) -> Tensor:
 
 
 def parent_activation(
-    rsum: Tensor, var: Tensor, beta_u: Tensor, beta_a: Tensor, lam: float
+    rsum: Tensor, var: Tensor, beta_u: Tensor, beta_a: Tensor, lam: float, scale: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """cost_h = (beta_u + ln sigma_h) * sum_i R_ij; a_j = sigmoid(lambda (beta_a - sum_h cost_h)).
 
     Returns (a_j, ln a_j), each (N, L, C); ln a_j is computed stably for the E-step.
     """
     cost = ((beta_u[:, None] + 0.5 * torch.log(var)) * rsum[..., None]).sum(-1)  # (N, L, C)
+    if scale != 1.0:
+        cost = cost * scale
     logit = lam * (beta_a - cost)
     return torch.sigmoid(logit), torch.nn.functional.logsigmoid(logit)
 
@@ -199,11 +230,12 @@ def routing_stats(r: Tensor, act: Tensor, var: Tensor, fold: ChildFold | None) -
 # --------------------------------------------------------------------------- plain implementation
 
 
-def _em_plain(votes, act_in, beta_u, beta_a, settings, fold, want_stats):
+def _em_plain(votes, act_in, beta_u, beta_a, settings, fold, want_stats, trace=None):
     votes = votes.reshape(*votes.shape[:4], -1)  # (N, L, C, I, H)
     r = initial_assignments(*votes.shape[:4], fold, votes.dtype, votes.device)  # (N, L, C, I)
     a_in = act_in[:, :, None, :]  # (N, L, 1, I)
     lambdas = inverse_temperatures(settings)
+    scale = cost_scale(settings, votes.shape[2], votes.shape[3])
     for t, lam in enumerate(lambdas):
         # M-step: R_ij = r_ij a_i, no renormalisation over parents.
         weight = r * a_in  # (N, L, C, I)
@@ -212,7 +244,10 @@ def _em_plain(votes, act_in, beta_u, beta_a, settings, fold, want_stats):
         mu = (weight[..., None] * votes).sum(-2) / denom  # (N, L, C, H)
         dev = votes - mu[..., None, :]  # (N, L, C, I, H)
         var = (weight[..., None] * dev * dev).sum(-2) / denom + settings.min_var  # (N, L, C, H)
-        act, log_act = parent_activation(rsum, var, beta_u, beta_a, lam)
+        act, log_act = parent_activation(rsum, var, beta_u, beta_a, lam, scale)
+        if trace is not None:  # what iteration t saw and made, for figures
+            detached = {"r": r, "mu": mu, "var": var, "act": act}
+            trace.append({**{k: v.detach() for k, v in detached.items()}, "lambda": lam})
         if t < len(lambdas) - 1:
             # E-step in the log domain: ln p_ij = sum_h ln N(V_ijh; mu_jh, sigma2_jh).
             log_p = -0.5 * (dev * dev / var[..., None, :] + torch.log(var[..., None, :]) + LOG_2PI).sum(-1)
@@ -224,217 +259,470 @@ def _em_plain(votes, act_in, beta_u, beta_a, settings, fold, want_stats):
 # --------------------------------------------------------------------------- fast implementation
 
 
-class LazyVotes(NamedTuple):
-    """Votes described by how to compute them: ``fn(*inputs)`` -> (N, L, C, I, ...).
+class VoteProduct(NamedTuple):
+    """Votes described by the product that makes them, V_ij = M_i W_ij.
 
-    Given this instead of a tensor, the fast path keeps only the (small) inputs
-    for backward and recomputes the votes there, instead of holding the vote
-    tensor and its squares between forward and backward.
+    Given this instead of a vote tensor, the fast path builds its moments a few
+    samples at a time (the full vote tensor never exists), takes the gradients of
+    M and W straight from the gradient of the votes, and, with ``recompute``,
+    rebuilds the moments in backward instead of keeping them.
     """
 
-    fn: Callable[..., Tensor]
-    inputs: tuple[Tensor, ...]
+    poses: Tensor  # (I, N*L*P, P) pose matrix M_i of the child in each patch slot, rows sample-major
+    weight: Tensor  # (I, P, C*P) transformation W_ij from each slot to each parent type
+    shape: tuple[int, int, int, int]  # (N, L, C, P)
+    recompute: bool = False
 
-    def compute(self) -> Tensor:
-        return self.fn(*self.inputs)
+    def product(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """Votes of samples ``start:stop`` as the product lays them out: (I, n*L*P, C*P), contiguous."""
+        _, positions, _, p = self.shape
+        m = self.poses[:, start * positions * p : stop * positions * p]
+        if out is None:
+            return torch.bmm(m, self.weight)
+        return torch.bmm(m, self.weight, out=_leading(out, (m.shape[0], m.shape[1], self.weight.shape[2])))
+
+    def compute(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Votes of samples ``start:stop``: (n, L, C, I, P, P), a permuted view of one product."""
+        n, positions, types, p = self.shape
+        stop = n if stop is None else stop
+        votes = self.product(start, stop)
+        return votes.view(-1, stop - start, positions, p, types, p).permute(1, 2, 4, 0, 3, 5)
 
 
-def _centred_moments(votes: Tensor, shift: Tensor) -> Tensor:
-    """[V - shift, (V - shift)^2] as one (B, I, 2H) tensor, written in a single pass each.
+def _leading(buffer: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
+    """The first prod(shape) elements of a contiguous buffer, viewed as ``shape``."""
+    return None if buffer is None else buffer.view(-1)[: math.prod(shape)].view(shape)
 
-    ``votes`` may be any strided view (the permuted output of the vote product);
-    the result is contiguous in routing layout.
+
+class _Workspace:
+    """Buffers reused by every chunk of one routing call.
+
+    A chunk's moments and votes are dead once the chunk is routed; writing the
+    next chunk into the same (cache-warm) memory instead of fresh allocations
+    saves most of the cost of building them.
     """
+
+    def __init__(self, votes: Tensor | VoteProduct, samples: int, moments: bool = True):
+        _, positions, types, children, h = _vote_geometry(votes)
+        like = votes.poses if isinstance(votes, VoteProduct) else votes
+        self.moments = like.new_empty(samples * positions * types * children * 2 * h) if moments else None
+        self.votes = (
+            like.new_empty(samples * positions * types * children * h)
+            if isinstance(votes, VoteProduct)
+            else None
+        )
+
+
+def _copy_rows(dst: Tensor, src: Tensor) -> None:
+    """``dst.copy_(src)`` for two layouts whose last dimension (a pose row) is contiguous in both.
+
+    Moving between the product layout and the routing layout is a transpose whose
+    contiguous runs are single pose rows (4 floats). Reinterpreting each row as
+    one 16-byte element (a bit-exact view, no arithmetic) makes the copy move
+    whole rows, several times faster than element by element.
+    """
+    row_bytes = src.shape[-1] * src.element_size()
+    if row_bytes % 16 == 0 and src.device.type == "cpu":
+        try:
+            units_dst, units_src = dst.view(torch.complex128), src.view(torch.complex128)
+            if row_bytes == 16:  # one unit per row: drop the unit dimension, or the copy loops over it
+                units_dst, units_src = units_dst.squeeze(-1), units_src.squeeze(-1)
+            units_dst.copy_(units_src)
+            return
+        except RuntimeError:  # a stride or offset that is not a whole number of 16-byte units
+            pass
+    dst.copy_(src)
+
+
+#: Earlier name of :class:`VoteProduct`.
+LazyVotes = VoteProduct
+
+#: The fast path routes a chunk of samples at a time (routing never mixes
+#: samples), sized so that the chunk's moments [V - s, (V - s)^2] take about this
+#: many bytes: they stay in cache across the iterations' passes over them, and no
+#: tensor of the whole batch's vote size is ever allocated.
+CHUNK_BYTES = 8 << 20
+#: On a GPU, where each operation has a launch cost and memory is plentiful, chunks are larger.
+GPU_CHUNK_BYTES = 1 << 30
+
+
+def _vote_geometry(votes: Tensor | VoteProduct) -> tuple[int, int, int, int, int]:
+    """(N, L, C, I, H) of a vote tensor or product."""
+    if isinstance(votes, VoteProduct):
+        n, positions, types, p = votes.shape
+        return n, positions, types, votes.poses.shape[0], p * p
     n, positions, types, children = votes.shape[:4]
-    h = votes[0, 0, 0, 0].numel()
-    both = votes.new_empty(n * positions * types, children, 2 * h)  # (B, I, 2H)
-    centred = both[..., :h].view(votes.shape)
-    torch.sub(votes, shift, out=centred)
-    torch.mul(centred, centred, out=both[..., h:].view(votes.shape))
-    return both
+    return n, positions, types, children, votes[0, 0, 0, 0].numel()
 
 
-#: The last step of the backward pass works on this many samples at a time, so
-#: the full-size gradient of [V, V^2] is never materialised at once.
-BACKWARD_CHUNK = 8
+def _sample_chunks(geom: tuple[int, ...], like: Tensor) -> list[tuple[int, int]]:
+    per_sample = 2 * math.prod(geom[1:]) * like.element_size()  # bytes of [V - s, (V - s)^2] per sample
+    budget = CHUNK_BYTES if like.device.type == "cpu" else GPU_CHUNK_BYTES
+    step = max(1, budget // max(per_sample, 1))
+    return [(start, min(start + step, geom[0])) for start in range(0, geom[0], step)]
 
 
-class _VoteState:
-    """What the custom backward of one routing call shares between its pieces.
+def _build_moments(
+    votes: Tensor | VoteProduct,
+    start: int,
+    stop: int,
+    out: Tensor | None = None,
+    work: _Workspace | None = None,
+) -> tuple[Tensor, Tensor]:
+    """[V - s, (V - s)^2] of samples ``start:stop`` as one (B, I, 2H) tensor, and s = mean_i V_ij.
 
-    ``both`` = [V - s, (V - s)^2] (B, I, 2H) lives through forward; with lazy votes
-    it is dropped after forward and rebuilt once when backward first needs it.
-    ``left``/``right`` collect low-rank pieces of d(loss)/d(both), applied in
-    one product at the end of backward.
+    Written with ``out=`` and in place (no autograd), into ``out`` when given. The
+    routing is invariant to a per-parent shift of its votes; centring keeps
+    E[V^2] - E[V]^2 accurate in float32.
     """
-
-    def __init__(self, votes: Tensor | LazyVotes):
-        self.lazy = votes if isinstance(votes, LazyVotes) else None
-        self.both: Tensor | None = None
-        self.left: list[Tensor] = []  # (B, I, 1) each
-        self.right: list[Tensor] = []  # (B, 1, 2H) each
-
-    def build(self, votes: Tensor) -> tuple[Tensor, Tensor]:
-        shift = votes.detach().mean(dim=3, keepdim=True)  # (N, L, C, 1, *pose)
-        self.both = _centred_moments(votes.detach(), shift)
-        return self.both, shift
-
-    def get_both(self) -> Tensor:
-        if self.both is None:  # lazy votes: rebuild, bit-identical to forward
-            with torch.no_grad():
-                self.build(self.lazy.compute())
-        return self.both
-
-
-class _VoteSource(torch.autograd.Function):
-    """Starts a routing call: builds [V - s, (V - s)^2]; its gradient arrives through the state.
-
-    The shift s = mean_i V_ij carries no gradient: routing is invariant to a
-    per-parent shift of the votes, so treating it as constant is exact.
-    Backward writes d(loss)/dV in the votes' own memory layout (no transpose copy).
-    """
-
-    @staticmethod
-    def forward(ctx, state: _VoteState, *inputs: Tensor):
-        votes = state.lazy.compute() if state.lazy is not None else inputs[0]
-        both, shift = state.build(votes)
-        ctx.set_materialize_grads(False)
-        ctx.state = state
-        ctx.layout = (votes.shape, votes.stride())  # eager votes themselves are not kept
-        ctx.save_for_backward(*(inputs if state.lazy is not None else ()))
-        token = votes.new_zeros(())
-        ctx.mark_non_differentiable(shift)
-        return token, shift
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, _grad_token, _grad_shift):
-        state: _VoteState = ctx.state
-        inputs = ctx.saved_tensors
-        nothing = (None,) * (len(ctx.needs_input_grad) - 1)
-        if not state.left:
-            return (None, *nothing)
-        left, right = torch.cat(state.left, dim=2), torch.cat(state.right, dim=1)  # (B, I, k), (B, k, 2H)
-        state.left, state.right = [], []
-        both = state.get_both()
-        if state.lazy is not None:
-            state.both = None  # rebuilt again if backward runs again (retain_graph)
-        shape, stride = ctx.layout
-        h = both.shape[-1] // 2
-        grad = torch.empty_strided(shape, stride, dtype=both.dtype, device=both.device)
-        per_sample = both.shape[0] // shape[0]
-        for start in range(0, shape[0], BACKWARD_CHUNK):
-            stop = min(start + BACKWARD_CHUNK, shape[0])
-            rows = slice(start * per_sample, stop * per_sample)
-            g = torch.bmm(left[rows], right[rows])  # (b, I, 2H): every iteration's contribution
-            part = (stop - start, *shape[1:])
-            # d/dV of [V - s, (V - s)^2] = [1, 2 (V - s)]
-            torch.addcmul(
-                g[..., :h].view(part), both[rows, :, :h].view(part), g[..., h:].view(part),
-                value=2.0, out=grad[start:stop],
-            )
-        del both, left, right
-        if state.lazy is None:
-            return None, grad
-        with torch.enable_grad():
-            ins = [x.detach().requires_grad_(need) for x, need in zip(inputs, ctx.needs_input_grad[1:])]
-            votes = state.lazy.fn(*ins)
-            wanted = [x for x in ins if x.requires_grad]
-            found = iter(torch.autograd.grad(votes, wanted, grad))
-        return (None, *(next(found) if x.requires_grad else None for x in ins))
-
-
-class _Moments(torch.autograd.Function):
-    """M-step contraction: (B, 1, I) weights @ (B, I, 2H) -> sums of R V and R V^2."""
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, token: Tensor, state: _VoteState):
-        ctx.save_for_backward(weight)
-        ctx.state = state
-        return torch.bmm(weight, state.both)  # (B, 1, 2H)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        state: _VoteState = ctx.state
-        state.left.append(weight.transpose(1, 2))
-        state.right.append(grad)
-        grad_weight = torch.bmm(grad, state.get_both().transpose(1, 2))  # (B, 1, I)
-        return grad_weight, grad.new_zeros(()), None
-
-
-class _Project(torch.autograd.Function):
-    """E-step contraction: (B, 1, 2H) coefficients . (B, I, 2H) -> (B, 1, I), one dot per vote."""
-
-    @staticmethod
-    def forward(ctx, coeff: Tensor, token: Tensor, state: _VoteState):
-        ctx.save_for_backward(coeff)
-        ctx.state = state
-        return torch.bmm(coeff, state.both.transpose(1, 2))  # (B, 1, I)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (coeff,) = ctx.saved_tensors
-        state: _VoteState = ctx.state
-        state.left.append(grad.transpose(1, 2))
-        state.right.append(coeff)
-        grad_coeff = torch.bmm(grad, state.get_both())  # (B, 1, 2H)
-        return grad_coeff, grad.new_zeros(()), None
-
-
-def _em_fast(votes, act_in, beta_u, beta_a, settings, fold, want_stats, custom_backward):
-    if custom_backward:
-        state = _VoteState(votes)
-        inputs = votes.inputs if isinstance(votes, LazyVotes) else (votes,)
-        token, shift = _VoteSource.apply(state, *inputs)
-        both = state.both
-
-        def moments(weight):
-            return _Moments.apply(weight, token, state)
-
-        def project(coeff):
-            return _Project.apply(coeff, token, state)
+    _, positions, types, children, h = _vote_geometry(votes)
+    n = stop - start
+    if out is None and work is not None and work.moments is not None:
+        out = _leading(work.moments, (n * positions * types, children, 2 * h))
+    if isinstance(votes, VoteProduct):
+        p = votes.shape[3]
+        v = votes.product(
+            start, stop, None if work is None else work.votes
+        )  # (I, n*L*P, C*P), ours to change
+        mean = v.mean(dim=0, keepdim=True)  # (1, n*L*P, C*P)
+        v.sub_(mean)  # centred in the product's layout, where it is contiguous
+        both = v.new_empty(n * positions * types, children, 2 * h) if out is None else out  # (B, I, 2H)
+        centred = both[..., :h].view(n, positions, types, children, p, p)
+        _copy_rows(centred, v.view(children, n, positions, p, types, p).permute(1, 2, 4, 0, 3, 5))
+        shift = mean.view(n, positions, p, types, p).transpose(2, 3)  # (n, L, C, P, P)
     else:
-        state = None
-        if isinstance(votes, LazyVotes):
-            votes = votes.compute()
-        shift = votes.mean(dim=3, keepdim=True)  # (N, L, C, 1, *pose)
-        both = _centred_moments(votes, shift)  # (B, I, 2H)
+        v = votes[start:stop]  # (n, L, C, I, *pose)
+        both = v.new_empty(n * positions * types, children, 2 * h) if out is None else out  # (B, I, 2H)
+        shift = v.mean(dim=3, keepdim=True)  # (n, L, C, 1, *pose)
+        centred = both[..., :h].view(v.shape)
+        torch.sub(v, shift, out=centred)
+    torch.mul(centred, centred, out=both[..., h:].view(centred.shape))
+    return both, shift.reshape(n, positions, types, h)
 
-        def moments(weight):
-            return torch.bmm(weight, both)
 
-        def project(coeff):
-            return torch.bmm(coeff, both.transpose(1, 2))
+def _traceable_moments(votes: Tensor | VoteProduct) -> tuple[Tensor, Tensor]:
+    """The same as :func:`_build_moments` for the whole batch, in plain differentiable operations."""
+    n, positions, types, children, h = _vote_geometry(votes)
+    v = votes.compute() if isinstance(votes, VoteProduct) else votes
+    v = v.reshape(n, positions, types, children, h)
+    shift = v.detach().mean(dim=3, keepdim=True)  # (N, L, C, 1, H)
+    centred = v - shift
+    both = torch.cat([centred, centred * centred], dim=-1).reshape(n * positions * types, children, 2 * h)
+    return both, shift.reshape(n, positions, types, h)
 
-    n, positions, children = act_in.shape
-    batch, _, two_h = both.shape
-    types, h = batch // (n * positions), two_h // 2
-    # The routing is invariant to a per-parent shift of its votes; centring keeps
-    # E[V^2] - E[V]^2 accurate in float32.
+
+def _em_iterations(both, act_in, beta_u, beta_a, settings, fold, geom, saved: list | None = None):
+    """The EM iterations on the moments ``both`` = [V - s, (V - s)^2] (B, I, 2H).
+
+    M-step sums and E-step quadratic forms are batched matrix products over
+    ``both``. Returns the centred means mu, variances, activations and the last
+    assignments; ``saved`` receives, per iteration, the assignments entering it
+    and its moment sums (all that the hand-written backward needs).
+    """
+    n, positions, types, children, h = geom
+    batch = n * positions * types
     r = initial_assignments(n, positions, types, children, fold, both.dtype, both.device)  # (N, L, C, I)
     a_in = act_in[:, :, None, :]  # (N, L, 1, I)
     lambdas = inverse_temperatures(settings)
+    scale = cost_scale(settings, types, children)
     for t, lam in enumerate(lambdas):
         weight = r * a_in  # (N, L, C, I)
         rsum = weight.sum(-1)  # (N, L, C)
-        sums = moments(weight.reshape(batch, 1, children)).view(n, positions, types, 2 * h)
+        sums = torch.bmm(weight.reshape(batch, 1, children), both).view(n, positions, types, 2 * h)
+        if saved is not None:
+            saved += [r, sums]
         denom = rsum.clamp_min(RSUM_FLOOR)[..., None]
         mu = sums[..., :h] / denom  # (N, L, C, H), centred
         var = (sums[..., h:] / denom - mu * mu).clamp_min(0.0) + settings.min_var
-        act, log_act = parent_activation(rsum, var, beta_u, beta_a, lam)
+        act, log_act = parent_activation(rsum, var, beta_u, beta_a, lam, scale)
         if t < len(lambdas) - 1:
             inv = 1.0 / var
             coeff = torch.cat([mu * inv, -0.5 * inv], dim=-1)  # (N, L, C, 2H)
-            quad = project(coeff.reshape(batch, 1, 2 * h)).view(n, positions, types, children)
+            quad = torch.bmm(coeff.reshape(batch, 1, 2 * h), both.transpose(1, 2))  # (B, 1, I)
             const = -0.5 * (mu * mu * inv + torch.log(var) + LOG_2PI).sum(-1)  # (N, L, C)
-            log_p = quad + const[..., None]  # (N, L, C, I)
+            log_p = quad.view(n, positions, types, children) + const[..., None]  # (N, L, C, I)
             r = normalise_assignments(log_act[..., None] + log_p, fold)
-    if state is not None and state.lazy is not None:
-        state.both = None  # rebuilt in backward from the small vote inputs
-    pose = mu + shift.reshape(n, positions, types, h)
+    return mu, var, act, r
+
+
+def _route_in_chunks(votes, act_in, beta_u, beta_a, settings, fold, want_final, keep=None, keep_both=True):
+    """Routes each chunk of samples on its own; returns pose, activation and (r, var) of the last iteration.
+
+    ``keep`` (a dict) receives what :func:`_routing_backward` needs: the
+    assignments entering iterations 1.. ("r"), every iteration's moment sums
+    ("sums") and, with ``keep_both``, the moments themselves ("both"). Everything
+    that outlives a chunk is allocated for the whole batch up front, so the
+    chunks' temporaries reuse the same memory instead of fragmenting the heap.
+    """
+    n, positions, types, children, h = geom = _vote_geometry(votes)
+    iterations = settings.iterations
+    new = act_in.new_empty
+    pose, act = new(n, positions, types, h), new(n, positions, types)
+    final = (new(n, positions, types, children), new(n, positions, types, h)) if want_final else (None, None)
+    if keep is not None:
+        keep["r"] = new(max(iterations - 1, 0), n, positions, types, children)
+        keep["sums"] = new(iterations, n, positions, types, 2 * h)
+        keep["both"] = new(n * positions * types, children, 2 * h) if keep_both else None
+    chunks = _sample_chunks(geom, act_in)
+    kept = keep is not None and keep_both
+    work = _Workspace(votes, max(b - a for a, b in chunks), moments=not kept)
+    for start, stop in chunks:
+        rows = slice(start * positions * types, stop * positions * types)
+        both, shift = _build_moments(votes, start, stop, keep["both"][rows] if kept else None, work)
+        saved = [] if keep is not None else None
+        mu, var, a, r = _em_iterations(
+            both, act_in[start:stop], beta_u, beta_a, settings, fold, (stop - start, *geom[1:]), saved
+        )
+        del both
+        torch.add(mu, shift, out=pose[start:stop])
+        act[start:stop] = a
+        if want_final:
+            final[0][start:stop] = r
+            final[1][start:stop] = var
+        if keep is not None:
+            for t in range(iterations):
+                keep["sums"][t, start:stop] = saved[2 * t + 1]
+                if t > 0:
+                    keep["r"][t - 1, start:stop] = saved[2 * t]
+    return pose, act, final
+
+
+class _Job:
+    """Non-tensor inputs of one routing call, and its final state for the statistics."""
+
+    def __init__(self, votes, settings, fold, want_final):
+        self.product = isinstance(votes, VoteProduct)
+        self.shape = votes.shape if self.product else None
+        self.recompute = self.product and votes.recompute
+        self.layout = None if self.product else (votes.shape, votes.stride())
+        self.geom = _vote_geometry(votes)
+        self.settings, self.fold, self.want_final = settings, fold, want_final
+        self.chunks: list[tuple[int, int]] = []
+        self.final: tuple[Tensor, Tensor] | None = None  # (r, var) of the last iteration
+
+
+class _FastRouting(torch.autograd.Function):
+    """EM routing with a hand-written backward, one chunk of samples at a time.
+
+    Forward keeps, per chunk, each iteration's assignments and moment sums, and
+    the chunk's moments ``both`` (for a :class:`VoteProduct` with ``recompute``,
+    not even those: backward rebuilds them). Backward runs the iterations in
+    reverse on (N, L, C, I)- and (N, L, C, H)-sized tensors; the gradient of
+    ``both`` is a sum of rank-one pieces per parent (weights x moment gradients
+    from the M-steps, log-likelihood gradients x E-step coefficients), applied in
+    one product per chunk, followed by the product rule into M and W.
+    """
+
+    @staticmethod
+    def forward(ctx, job: _Job, act_in: Tensor, beta_u: Tensor, beta_a: Tensor, *vote_inputs: Tensor):
+        votes = VoteProduct(*vote_inputs, job.shape) if job.product else vote_inputs[0]
+        keep: dict[str, Tensor | None] = {}
+        pose, act, job.final = _route_in_chunks(
+            votes, act_in, beta_u, beta_a, job.settings, job.fold, job.want_final, keep, not job.recompute
+        )
+        job.chunks = _sample_chunks(job.geom, act_in)
+        ctx.job = job
+        inputs = vote_inputs if job.product else ()
+        kept = () if job.recompute else (keep["both"],)
+        ctx.save_for_backward(act_in, beta_u, beta_a, keep["r"], keep["sums"], *inputs, *kept)
+        return pose, act
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_pose: Tensor, g_act: Tensor):
+        job: _Job = ctx.job
+        act_in, beta_u, beta_a, r_saved, sums_saved, *rest = ctx.saved_tensors
+        inputs = tuple(rest[:2]) if job.product else ()
+        needs = ctx.needs_input_grad
+        _, positions, types, children, _ = job.geom
+        g_act_in = torch.zeros_like(act_in)
+        g_beta_u, g_beta_a = torch.zeros_like(beta_u), torch.zeros_like(beta_a)
+        sink = _VoteGradients(job, inputs, needs[4:], act_in)
+        if job.recompute:
+            product = VoteProduct(*inputs, job.shape)
+            work = _Workspace(product, max(b - a for a, b in job.chunks))
+        for start, stop in job.chunks:
+            rows = slice(start * positions * types, stop * positions * types)
+            if job.recompute:
+                both = _build_moments(product, start, stop, work=work)[0]
+            else:
+                both = rest[-1][rows]
+            r0 = initial_assignments(
+                stop - start, positions, types, children, job.fold, both.dtype, both.device
+            )
+            pairs = [
+                (r0 if t == 0 else r_saved[t - 1, start:stop], sums_saved[t, start:stop])
+                for t in range(sums_saved.shape[0])
+            ]
+            geom = (stop - start, *job.geom[1:])
+            left, right, (g_a, g_u, g_b) = _routing_backward(
+                both,
+                act_in[start:stop],
+                beta_u,
+                beta_a,
+                pairs,
+                g_pose[start:stop],
+                g_act[start:stop],
+                job.settings,
+                job.fold,
+                geom,
+            )
+            g_act_in[start:stop] = g_a
+            g_beta_u += g_u
+            g_beta_a += g_b
+            sink.add(both, left, right, start, stop)
+            del both, left, right
+        return (
+            None,
+            g_act_in if needs[1] else None,
+            g_beta_u if needs[2] else None,
+            g_beta_a if needs[3] else None,
+            *sink.result(),
+        )
+
+
+def _routing_backward(both, act_in, beta_u, beta_a, pairs, g_pose, g_act, settings, fold, geom):
+    """Reverse pass of :func:`_em_iterations` on one chunk of samples.
+
+    Returns the rank-one factors of d(loss)/d(both) (``left`` (B, I, 1) and
+    ``right`` (B, 1, 2H) per piece) and the gradients of act_in, beta_u, beta_a.
+    """
+    n, positions, types, children, h = geom
+    batch = n * positions * types
+    lambdas = inverse_temperatures(settings)
+    scale = cost_scale(settings, types, children)
+    a_in = act_in[:, :, None, :]  # (N, L, 1, I)
+    g_act_in = torch.zeros_like(act_in)
+    g_beta_u = torch.zeros_like(beta_u)
+    g_beta_a = torch.zeros_like(beta_a)
+    left: list[Tensor] = []
+    right: list[Tensor] = []
+    g_r = None  # d(loss)/d(assignments made by this iteration's E-step)
+    last = len(lambdas) - 1
+    for t in range(last, -1, -1):
+        lam = lambdas[t]
+        r, sums = pairs[t]
+        # This iteration's small quantities, recomputed from its saved moment sums.
+        weight = r * a_in  # (N, L, C, I)
+        rsum = weight.sum(-1)  # (N, L, C)
+        denom = rsum.clamp_min(RSUM_FLOOR)[..., None]  # (N, L, C, 1)
+        s2 = sums[..., h:]
+        mu = sums[..., :h] / denom
+        excess = s2 / denom - mu * mu
+        var = excess.clamp_min(0.0) + settings.min_var
+        log_var = torch.log(var)
+        cost = ((beta_u[:, None] + 0.5 * log_var) * rsum[..., None]).sum(-1) * scale
+        act = torch.sigmoid(lam * (beta_a - cost))  # (N, L, C)
+        if t == last:
+            g_mu = g_pose
+            g_var = torch.zeros_like(var)
+            g_logit = g_act * act * (1.0 - act)
+        else:
+            # E-step: r' = normalise(ln a_j + const_j + coeff_j . both_i) over every parent a child feeds.
+            r_next = pairs[t + 1][0]
+            inner = (r_next * g_r).sum(2)  # (N, L, I)
+            if fold is not None:
+                inner = fold.sum(inner)
+            g_logits = r_next * (g_r - inner[:, :, None, :])  # (N, L, C, I)
+            g_sum = g_logits.sum(-1)  # (N, L, C): gradient of ln a_j and of const_j
+            inv = 1.0 / var
+            coeff = torch.cat([mu * inv, -0.5 * inv], dim=-1)  # (N, L, C, 2H)
+            g_flat = g_logits.reshape(batch, 1, children)
+            g_coeff = torch.bmm(g_flat, both).view(n, positions, types, 2 * h)
+            left.append(g_flat.transpose(1, 2))
+            right.append(coeff.reshape(batch, 1, 2 * h))
+            g_c1, g_c2 = g_coeff[..., :h], g_coeff[..., h:]
+            gs = g_sum[..., None]
+            g_mu = (g_c1 - gs * mu) * inv
+            g_var = (0.5 * g_c2 - g_c1 * mu) * inv * inv + 0.5 * gs * (mu * mu * inv - 1.0) * inv
+            g_logit = g_sum * (1.0 - act)  # d ln sigmoid(x) / dx = 1 - sigmoid(x)
+        # Activation: a_j = sigmoid(lambda (beta_a - scale * rsum * sum_h (beta_u + ln sigma_h))).
+        g_beta_a += lam * g_logit.sum((0, 1))
+        g_cost = -lam * scale * g_logit  # (N, L, C), per unit of rsum * sum_h (...)
+        g_rsum = g_cost * (beta_u[:, None] + 0.5 * log_var).sum(-1)
+        g_beta_u += (g_cost * rsum).sum((0, 1)) * h
+        g_var = g_var + (0.5 * g_cost * rsum)[..., None] / var
+        # M-step: mu = s1 / d, var = max(s2 / d - mu^2, 0) + floor, d = max(rsum, RSUM_FLOOR).
+        g_excess = g_var * (excess >= 0)
+        g_mu = g_mu - 2.0 * mu * g_excess
+        g_sums = torch.cat([g_mu, g_excess], dim=-1) / denom  # (N, L, C, 2H)
+        g_denom = -(g_sums[..., :h] * mu + g_sums[..., h:] * s2 / denom).sum(-1)  # (N, L, C)
+        g_rsum = g_rsum + g_denom * (rsum >= RSUM_FLOOR)
+        g_sums_flat = g_sums.reshape(batch, 1, 2 * h)
+        g_weight = torch.bmm(g_sums_flat, both.transpose(1, 2)).view(n, positions, types, children)
+        g_weight = g_weight + g_rsum[..., None]
+        left.append(weight.reshape(batch, children, 1))
+        right.append(g_sums_flat)
+        g_act_in += (g_weight * r).sum(2)
+        if t > 0:
+            g_r = g_weight * a_in
+    return left, right, (g_act_in, g_beta_u, g_beta_a)
+
+
+class _VoteGradients:
+    """Collects d(loss)/dV = G[..., :H] + 2 (V - s) G[..., H:] chunk by chunk, G = sum of rank-one pieces.
+
+    For a :class:`VoteProduct` each chunk's vote gradient becomes gradients of M
+    and W at once (V = M W), so no tensor of the whole batch's vote size exists.
+    """
+
+    def __init__(self, job: _Job, inputs: tuple[Tensor, ...], needs: tuple[bool, ...], like: Tensor):
+        self.job, self.inputs, self.needs = job, inputs, needs
+        if job.product:
+            self.grads = [torch.zeros_like(x) if need else None for x, need in zip(inputs, needs)]
+        elif needs[0]:
+            shape, stride = job.layout
+            self.grads = [torch.empty_strided(shape, stride, dtype=like.dtype, device=like.device)]
+        else:
+            self.grads = [None]
+
+    def add(self, both: Tensor, left: list[Tensor], right: list[Tensor], start: int, stop: int) -> None:
+        if not any(self.needs):
+            return
+        job, h = self.job, both.shape[-1] // 2
+        g = torch.bmm(torch.cat(left, dim=2), torch.cat(right, dim=1))  # (B, I, 2H): every iteration's pieces
+        if not job.product:
+            out = self.grads[0][start:stop]
+            part = out.shape
+            # d/dV of [V - s, (V - s)^2] = [1, 2 (V - s)]
+            torch.addcmul(
+                g[..., :h].view(part), both[..., :h].view(part), g[..., h:].view(part), value=2.0, out=out
+            )
+            return
+        _, positions, types, p = job.shape
+        children, n = both.shape[1], stop - start
+        g_votes = torch.addcmul(g[..., :h], both[..., :h], g[..., h:], value=2.0)  # (B, I, H)
+        flat = both.new_empty(children, n * positions * p, types * p)  # the product's layout
+        target = flat.view(children, n, positions, p, types, p).permute(1, 2, 4, 0, 3, 5)
+        _copy_rows(target, g_votes.view(n, positions, types, children, p, p))
+        poses, weight = self.inputs
+        g_poses, g_weight = self.grads
+        rows = slice(start * positions * p, stop * positions * p)
+        if g_poses is not None:
+            g_poses[:, rows] = torch.bmm(flat, weight.transpose(1, 2))
+        if g_weight is not None:
+            g_weight += torch.bmm(poses[:, rows].transpose(1, 2), flat)
+
+    def result(self) -> list[Tensor | None]:
+        return self.grads
+
+
+def _em_fast(votes, act_in, beta_u, beta_a, settings, fold, want_stats):
+    tensors = (act_in, beta_u, beta_a, *(votes[:2] if isinstance(votes, VoteProduct) else (votes,)))
+    tracing = torch.compiler.is_compiling()
+    if tracing:
+        # torch.compile and export trace plain differentiable operations on the whole batch.
+        geom = _vote_geometry(votes)
+        both, shift = _traceable_moments(votes)
+        mu, var, act, r = _em_iterations(both, act_in, beta_u, beta_a, settings, fold, geom)
+        pose = mu + shift
+    elif torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        job = _Job(votes, settings, fold, want_stats)
+        inputs = votes[:2] if job.product else (votes,)
+        pose, act = _FastRouting.apply(job, act_in, beta_u, beta_a, *inputs)
+        (r, var), job.final = job.final, None
+    else:
+        pose, act, (r, var) = _route_in_chunks(votes, act_in, beta_u, beta_a, settings, fold, want_stats)
     stats = routing_stats(r, act, var, fold) if want_stats else None
     return RoutingResult(pose, act, stats)
 
@@ -443,7 +731,7 @@ def _em_fast(votes, act_in, beta_u, beta_a, settings, fold, want_stats, custom_b
 
 
 def em_routing(
-    votes: Tensor | LazyVotes,
+    votes: Tensor | VoteProduct,
     act_in: Tensor,
     beta_u: Tensor,
     beta_a: Tensor,
@@ -452,20 +740,24 @@ def em_routing(
     *,
     impl: str = "fast",
     stats: bool = False,
+    trace: list | None = None,
 ) -> RoutingResult:
     """EM routing between one layer of children and one layer of parents.
 
     Args:
         votes: (N, L, C, I, H) or (N, L, C, I, P, P) vote of each patch slot for each
-            parent, V_ij, with any strides; or a :class:`LazyVotes` that computes
-            them (the fast path then recomputes the votes in backward instead of
-            keeping them).
+            parent, V_ij, with any strides; or a :class:`VoteProduct` that describes
+            them (the fast path then never holds the whole vote tensor, and with
+            ``recompute`` rebuilds its moments in backward instead of keeping them).
         act_in: (N, L, I) activation a_i of the child in each slot.
         beta_u, beta_a: (C,) learned per parent type.
         settings: iterations, final lambda and its decay, variance floor.
         fold: child geometry of a convolutional layer; None normalises per patch.
         impl: "fast" (contractions, custom backward) or "plain" (elementwise).
         stats: also return detached routing statistics.
+        trace: a list to receive, per iteration, the assignments ``r`` entering its M-step and
+            the ``mu``, ``var``, ``act`` it produced (detached) and its ``lambda``; forces the
+            plain path. For figures only.
 
     Routing runs in float32 (float64 when the child activations are float64), also under autocast.
     """
@@ -474,25 +766,20 @@ def em_routing(
     dtype = torch.float64 if act_in.dtype == torch.float64 else torch.float32
     with torch.autocast(act_in.device.type, enabled=False):
         act_in, beta_u, beta_a = act_in.to(dtype), beta_u.to(dtype), beta_a.to(dtype)
-        if isinstance(votes, LazyVotes):
-            votes = LazyVotes(votes.fn, tuple(x.to(dtype) for x in votes.inputs))
-            grad_votes = any(x.requires_grad for x in votes.inputs)
+        if settings.beta_a_logit:
+            beta_a = beta_a / settings.final_lambda
+        if isinstance(votes, VoteProduct):
+            votes = votes._replace(poses=votes.poses.to(dtype), weight=votes.weight.to(dtype))
         else:
             votes = votes.to(dtype)
-            grad_votes = votes.requires_grad
-        if impl == "plain":
-            if isinstance(votes, LazyVotes):
+        if impl == "plain" or trace is not None:
+            if isinstance(votes, VoteProduct):
                 votes = votes.compute()
             _check_shapes(votes, act_in)
-            return _em_plain(votes, act_in, beta_u, beta_a, settings, fold, stats)
-        custom = (
-            torch.is_grad_enabled()
-            and (grad_votes or act_in.requires_grad)
-            and not torch.compiler.is_compiling()
-        )
-        if not isinstance(votes, LazyVotes):
+            return _em_plain(votes, act_in, beta_u, beta_a, settings, fold, stats, trace)
+        if not isinstance(votes, VoteProduct):
             _check_shapes(votes, act_in)
-        return _em_fast(votes, act_in, beta_u, beta_a, settings, fold, stats, custom)
+        return _em_fast(votes, act_in, beta_u, beta_a, settings, fold, stats)
 
 
 def _check_shapes(votes: Tensor, act_in: Tensor) -> None:

@@ -12,11 +12,13 @@ _tuned = False
 def tune_allocator() -> bool:
     """Keeps freed memory in the process heap instead of returning it to the OS.
 
-    EM routing allocates tensors of a few hundred MB every step. glibc serves
-    such sizes with fresh mmap()s, so each step pays the page faults of touching
-    new memory again, which costs about as much as the arithmetic. Serving them
-    from the heap, and not trimming it, lets later steps reuse warm pages; peak
-    memory is unchanged. Only glibc on Linux is tuned; elsewhere this does nothing.
+    A training step allocates and frees thousands of tensors of a few MB (the
+    routing's per-chunk temporaries, convolution buffers). glibc serves such sizes
+    with fresh mmap()s, so each step would pay the page faults of touching new
+    memory again. Serving them from the heap, and not trimming it, lets later
+    steps reuse warm pages; the peak stays that of the live tensors plus the
+    heap's fragmentation (the routing allocates what outlives a chunk up front to
+    keep that small). Only glibc on Linux is tuned; elsewhere this does nothing.
     Returns True when the setting was applied.
     """
     global _tuned

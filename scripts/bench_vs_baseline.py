@@ -33,14 +33,33 @@ VARIANTS = {
     "paper geometry": [],
     "baseline geometry": ["-o", "model.stem_padding=2"],
 }
+#: Memory-lean routing (vote moments rebuilt in backward, not kept), whatever the config says.
+COMMON = ["-o", "model.recompute_votes=true"]
 
 
 def run_capsnet(extra: list[str], args) -> dict:
     cmd = [
-        sys.executable, "-m", "capsnet", "bench", "--config", str(ROOT / "configs" / "small.yaml"),
-        "-o", "model.decoder=false", "--image-size", "32", "--classes", "5",
-        "--batch-size", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads),
-        "--json", *extra,
+        sys.executable,
+        "-m",
+        "capsnet",
+        "bench",
+        "--config",
+        str(ROOT / "configs" / "small.yaml"),
+        "-o",
+        "model.decoder=false",
+        "--image-size",
+        "32",
+        "--classes",
+        "5",
+        "--batch-size",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--json",
+        *COMMON,
+        *extra,
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return json.loads(out)
@@ -88,10 +107,14 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"median of {args.rounds} rounds, batch {args.batch}, {args.threads} threads, 1x32x32, 5 classes, 3 iterations")
+    print(
+        f"median of {args.rounds} rounds, batch {args.batch}, {args.threads} threads, 1x32x32, 5 classes, 3 iterations"
+    )
     print(f"{'':22} {'train img/s':>12} {'infer img/s':>12} {'peak RSS MiB':>13}")
     for name, m in med.items():
-        print(f"{name:22} {m['train_img_per_s']:12.1f} {m['infer_img_per_s']:12.1f} {m['peak_rss_mib']:13.0f}")
+        print(
+            f"{name:22} {m['train_img_per_s']:12.1f} {m['infer_img_per_s']:12.1f} {m['peak_rss_mib']:13.0f}"
+        )
     for name, r in report["ratio"].items():
         print(
             f"{name}: train x{r['train_speedup']:.1f}, inference x{r['inference_speedup']:.1f}, "

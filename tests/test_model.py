@@ -146,11 +146,28 @@ def test_fast_and_plain_routing_give_the_same_model_outputs():
 def test_recomputing_votes_in_backward_gives_the_same_gradients():
     torch.manual_seed(2)
     kept = CapsNet.from_preset("small", num_classes=5, image_size=28, decoder=False).double()
-    lazy = CapsNet.from_preset("small", num_classes=5, image_size=28, decoder=False, recompute_votes=True).double()
+    lazy = CapsNet.from_preset(
+        "small", num_classes=5, image_size=28, decoder=False, recompute_votes=True
+    ).double()
     lazy.load_state_dict(kept.state_dict())
     x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
     for model in (kept, lazy):
         out = model(x)
         (out.activations.sum() + out.poses.square().sum()).backward()
     for (name, a), b in zip(kept.named_parameters(), lazy.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_keeping_or_recomputing_the_vote_moments_gives_the_same_gradients():
+    torch.manual_seed(4)
+    kept = CapsNet.from_preset(
+        "small", num_classes=5, image_size=28, decoder=False, recompute_votes=False
+    ).double()
+    default = CapsNet.from_preset("small", num_classes=5, image_size=28, decoder=False).double()
+    default.load_state_dict(kept.state_dict())
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    for model in (kept, default):
+        out = model(x)
+        (out.activations.sum() + out.poses.square().sum()).backward()
+    for (name, a), b in zip(kept.named_parameters(), default.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-8, msg=name)

@@ -44,7 +44,9 @@ def naive_em(children, parents, links, settings, group_of):
             rsum = sum(weights)
             denom = torch.clamp(rsum, min=1e-10)
             mu = sum(w * links[idx][2] for w, idx in zip(weights, mine)) / denom
-            var = sum(w * (links[idx][2] - mu) ** 2 for w, idx in zip(weights, mine)) / denom + settings.min_var
+            var = (
+                sum(w * (links[idx][2] - mu) ** 2 for w, idx in zip(weights, mine)) / denom + settings.min_var
+            )
             cost = 0.0
             for h in range(mu.shape[0]):
                 cost = cost + (beta_u + 0.5 * torch.log(var[h])) * rsum
@@ -77,8 +79,12 @@ def naive_convcaps(layer: ConvCaps, pose, act, cross_position: bool):
     out_h, out_w = (h - k) // s + 1, (w - k) // s + 1
     weight = layer.weight.view(k, k, b_types, p, c_types, p)
     children = {(b, y, x): act[0, y, x, b] for b in range(b_types) for y in range(h) for x in range(w)}
-    parents = {(c, oy, ox): (layer.beta_u[c], layer.beta_a[c]) for c in range(c_types)
-               for oy in range(out_h) for ox in range(out_w)}
+    parents = {
+        (c, oy, ox): (layer.beta_u[c], layer.beta_a[c])
+        for c in range(c_types)
+        for oy in range(out_h)
+        for ox in range(out_w)
+    }
     links, patch = [], []
     for oy in range(out_h):
         for ox in range(out_w):
@@ -92,16 +98,31 @@ def naive_convcaps(layer: ConvCaps, pose, act, cross_position: bool):
                             links.append(((b, y, x), (c, oy, ox), vote))
                             patch.append((oy, ox))
     if cross_position:
+
         def group_of(idx):
             return links[idx][0]
     else:
+
         def group_of(idx):
             return (links[idx][0], patch[idx])
+
     result = naive_em(children, parents, links, layer.settings, group_of)
-    mu = torch.stack([torch.stack([torch.stack([result[(c, oy, ox)][0] for c in range(c_types)])
-                                   for ox in range(out_w)]) for oy in range(out_h)])
-    a = torch.stack([torch.stack([torch.stack([result[(c, oy, ox)][1] for c in range(c_types)])
-                                  for ox in range(out_w)]) for oy in range(out_h)])
+    mu = torch.stack(
+        [
+            torch.stack(
+                [torch.stack([result[(c, oy, ox)][0] for c in range(c_types)]) for ox in range(out_w)]
+            )
+            for oy in range(out_h)
+        ]
+    )
+    a = torch.stack(
+        [
+            torch.stack(
+                [torch.stack([result[(c, oy, ox)][1] for c in range(c_types)]) for ox in range(out_w)]
+            )
+            for oy in range(out_h)
+        ]
+    )
     return mu[None], a[None]
 
 
@@ -281,9 +302,7 @@ def test_per_patch_assignments_sum_to_one_within_each_patch():
 
 
 @pytest.mark.parametrize("iterations", [3, 5])
-@pytest.mark.parametrize(
-    "case", ["huge_votes", "tiny_votes", "all_zero_activations", "single_active_child"]
-)
+@pytest.mark.parametrize("case", ["huge_votes", "tiny_votes", "all_zero_activations", "single_active_child"])
 @pytest.mark.parametrize("impl", ["fast", "plain"])
 def test_routing_stays_finite_with_extreme_inputs(iterations, case, impl):
     g = torch.Generator().manual_seed(14)
@@ -340,3 +359,46 @@ def test_routing_runs_in_float32_under_bf16_autocast():
         mu, a = layer(pose, act)
     assert mu.dtype == torch.float32 and a.dtype == torch.float32
     assert torch.isfinite(mu).all()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
+def test_fast_routing_gives_the_same_result_in_any_chunking_of_the_batch(chunk_bytes, monkeypatch):
+    from capsnet import routing
+
+    settings = RoutingSettings(iterations=3, final_lambda=0.5)
+    layer = randomise(ConvCaps(2, 3, kernel=2, stride=1, settings=settings), 21).double()
+    pose, act = random_capsules(4, 3, 2, seed=22)
+    g = torch.Generator().manual_seed(23)
+    pose = pose.detach().repeat(3, 1, 1, 1, 1) + 0.3 * torch.randn(
+        3, 4, 3, 2, 16, generator=g, dtype=torch.float64
+    )
+    act = act.detach().repeat(3, 1, 1, 1).mul(torch.rand(3, 4, 3, 2, generator=g, dtype=torch.float64))
+    layer.impl = "plain"
+    want = layer(pose, act)
+    layer.impl = "fast"
+    monkeypatch.setattr(routing, "CHUNK_BYTES", chunk_bytes)  # one sample per chunk, or the whole batch
+    params = [layer.weight, layer.beta_u, layer.beta_a]
+    got = layer(pose, act)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-7)
+    grads_got = torch.autograd.grad(got[0].sum() + got[1].sum(), params)
+    layer.impl = "plain"
+    want = layer(pose, act)
+    grads_want = torch.autograd.grad(want[0].sum() + want[1].sum(), params)
+    for g, w in zip(grads_got, grads_want):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_routing_on_cuda_matches_the_cpu_result():
+    settings = RoutingSettings(iterations=3, final_lambda=0.5)
+    layer = randomise(ConvCaps(2, 3, kernel=2, stride=1, settings=settings), 31)
+    pose, act = random_capsules(4, 3, 2, seed=32)
+    want = layer(pose, act)
+    want_grads = torch.autograd.grad(want[0].sum() + want[1].sum(), [layer.weight, pose, act])
+    layer.cuda()
+    pose_gpu, act_gpu = pose.detach().cuda().requires_grad_(), act.detach().cuda().requires_grad_()
+    got = layer(pose_gpu, act_gpu)
+    got_grads = torch.autograd.grad(got[0].sum() + got[1].sum(), [layer.weight, pose_gpu, act_gpu])
+    for g, w in zip([*got, *got_grads], [*want, *want_grads]):
+        torch.testing.assert_close(g.cpu(), w, atol=1e-8, rtol=1e-6)

@@ -1,0 +1,72 @@
+"""Export of the default (fast) routing path: torch.export .pt2 and ONNX, checked against eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capsnet import routing
+from capsnet.export import Classifier, export_onnx, export_pt2
+from capsnet.model import CapsNet
+
+
+def small_model() -> Classifier:
+    torch.manual_seed(3)
+    model = CapsNet(
+        in_channels=1,
+        num_classes=4,
+        image_size=20,
+        stem_channels=(8,),
+        primary_types=4,
+        caps_types=(4, 4),
+        caps_strides=(2, 1),
+        iterations=3,
+        decoder=False,
+    )
+    return Classifier(model).eval()
+
+
+def eager(module, x):
+    with torch.no_grad():
+        return module(x)
+
+
+def assert_matches(runner, module, batches):
+    for x in batches:
+        want = eager(module, x)
+        got = runner(x)
+        assert len(got) == 2
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            torch.testing.assert_close(torch.as_tensor(g), w, atol=1e-5, rtol=1e-4)
+
+
+def test_pt2_export_of_the_fast_path_matches_eager_on_other_batch_sizes(tmp_path):
+    module = small_model()
+    assert all(layer.impl == "fast" for layer in module.model.routing_layers())
+    assert any(p.requires_grad for p in module.parameters())  # no requires_grad_(False) needed
+    runner = export_pt2(module, torch.randn(4, 1, 20, 20), tmp_path / "model.pt2")
+    assert_matches(runner, module, [torch.randn(3, 1, 20, 20), torch.randn(7, 1, 20, 20)])
+
+
+def test_onnx_export_of_the_fast_path_matches_eager_on_other_batch_sizes(tmp_path):
+    pytest.importorskip("onnxscript")
+    module = small_model()
+    runner = export_onnx(module, torch.randn(4, 1, 20, 20), tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx").stat().st_size > 0
+    if runner is None:
+        pytest.skip("onnxruntime is not installed")
+    assert_matches(runner, module, [torch.randn(2, 1, 20, 20), torch.randn(5, 1, 20, 20)])
+
+
+def test_exporting_leaves_no_traced_tensor_in_the_fold_cache(tmp_path):
+    module = small_model()
+    x = torch.randn(3, 1, 20, 20)
+    routing._cached_fold.cache_clear()
+    export_pt2(module, torch.randn(4, 1, 20, 20), tmp_path / "model.pt2")
+    assert routing._cached_fold.cache_info().currsize == 0  # folds built while tracing are not kept
+    got = eager(module, x)
+    assert routing._cached_fold.cache_info().currsize == 2
+    fresh = small_model()
+    for a, b in zip(got, eager(fresh, x)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
