@@ -42,6 +42,7 @@ RUN_FILE = "run.json"
 LAST = "last.pt"
 BEST = "best.pt"
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+_TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what atomic_write_bytes writes before the rename
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
 #: Keys of the architecture signature that do not change the parameters or the function computed.
 _RUNTIME_ONLY = {"recompute_votes"}
@@ -142,6 +143,20 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
                 os.unlink(tmp_name)
             except OSError:
                 pass
+
+
+def remove_temp_files(directory: str | Path) -> list[Path]:
+    """Deletes the temporary files that writes killed before their rename left in ``directory``.
+
+    Only call it while nothing else writes there (a resumed run's own directory).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if _TEMP_FILE.match(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return sorted(stale)
 
 
 def serialize(obj: Any) -> bytes:
@@ -324,7 +339,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             ) from None
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated)") from None
     except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EIO):
+            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+        # a seek past the end of a cut-off archive: EINVAL
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated)") from None
     except (RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -348,7 +366,7 @@ def _config_key(name: str) -> str:
         return "data.channels"
     if name in ("num_classes", "image_size"):
         return f"data.{name}"
-    if name in ("final_lambda", "lambda_decay", "min_var"):
+    if name in ("final_lambda", "lambda_decay", "min_var", "cost_norm", "beta_a_logit"):
         return f"routing.{name}"
     return f"model.{name}"
 

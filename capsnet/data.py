@@ -63,6 +63,10 @@ class DataFormatError(DataError):
     """A file exists but is not what it should be (magic number, size, decoding, channels)."""
 
 
+class DataWarning(UserWarning):
+    """Data was usable but not all of it (skipped files); training shows it as a ``warning:`` line."""
+
+
 @dataclass
 class DataInfo:
     num_classes: int
@@ -79,8 +83,8 @@ class Loaders:
     val: DataLoader | None
     test: DataLoader
     info: DataInfo
-    train_sampler: Sampler | None  # DistributedSampler under world_size > 1; call set_epoch on it
-    train_generator: torch.Generator | None = None  # shuffling state; save/restore it to resume exactly
+    train_sampler: Sampler | None  # the epoch's shuffled order (all ranks); call set_epoch on it
+    train_generator: torch.Generator | None = None  # loader state (worker seeds); save/restore it to resume
     extra: dict[str, DataLoader] = field(default_factory=dict)  # e.g. smallNORB "test_familiar"
 
 
@@ -745,7 +749,11 @@ def _build_folder(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDatase
         raise DataFormatError(f"{bad[0]}: not a readable image (data.bad_files is 'fail'; 'skip' ignores it)")
     if bad:
         shown = ", ".join(str(p) for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
-        warnings.warn(f"skipped {len(bad)} unreadable or non-image files: {shown}", stacklevel=3)
+        warnings.warn(
+            f"skipped {len(bad)} unreadable or non-image files (data.bad_files: skip): {shown}",
+            DataWarning,
+            stacklevel=3,
+        )
     if len(train_x) == 0:
         raise DataFormatError(f"{train_dir}: no readable training images")
     if len(test_x) == 0:
@@ -855,11 +863,14 @@ class ShardSampler(Sampler[int]):
 def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:
     """Loaders for training (shuffled, seeded) and evaluation (in order, sharded across ranks).
 
-    The training order comes from ``loaders.train_generator`` (seeded with
-    ``train.seed``) or, under ``world_size`` > 1, from a DistributedSampler with
-    the same seed. Random augmentation draws from torch's global generator in
-    the main process, and from per-worker seeds derived from
-    ``train_generator`` when ``train.num_workers`` > 0.
+    The training order of an epoch is one permutation drawn from ``train.seed``
+    and the epoch number (a DistributedSampler; call ``set_epoch``), whatever
+    the number of processes: rank ``r`` of ``world_size`` takes every
+    ``world_size``-th index from position ``r``, so the ranks' k-th batches
+    together hold exactly the k-th batch of a single process whose batch size
+    is ``world_size`` times larger. Random augmentation draws from torch's
+    global generator in the main process, and from per-worker seeds derived
+    from ``train_generator`` when ``train.num_workers`` > 0.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
@@ -873,15 +884,12 @@ def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:
         "persistent_workers": workers > 0,
     }
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    sampler = None
-    if world_size > 1:
-        sampler = DistributedSampler(
-            train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=False
-        )
+    sampler = DistributedSampler(
+        train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=False
+    )
     train_loader = DataLoader(
         train,
         batch_size=batch_size,
-        shuffle=sampler is None,
         sampler=sampler,
         generator=generator,
         drop_last=False,

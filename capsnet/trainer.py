@@ -1,15 +1,17 @@
 """Training: ``fit(cfg)`` builds everything in order and owns the loop.
 
-Order: distributed set-up -> checkpoint to resume (if any) -> run directory name
+Under torchrun every rank runs this same code (:mod:`capsnet.distributed`); rank 0
+alone writes files. Order: process group -> checkpoint to resume (if any) -> run name
 -> seeds -> device -> data -> model -> optimiser -> run directory, config.yaml
 -> writers -> restored RNG states -> epochs (train, evaluate, checkpoint).
 
 The global step counts optimiser steps (a skipped non-finite step counts too,
 so the step <-> epoch mapping never drifts); schedules are pure functions of it.
 
-Resuming restores the model, optimiser, step, epoch, best metric and every RNG
-state, including the training loader's shuffling generator, so on a CPU a run
-resumed from a checkpoint gives bit-identical results to one that never
+Resuming restores the model, optimiser, step, epoch, best metric, the steps
+not yet logged and every rank's RNG states (see :mod:`capsnet.runs`); the
+data order is a function of the seed and the epoch. So on a CPU a run resumed
+from a checkpoint gives bit-identical weights and metrics to one that never
 stopped. Checkpoints written at the end of an epoch hold the RNG state at that
 point. Checkpoints written mid-epoch (``train.max_steps``, SIGINT/SIGTERM) hold
 the RNG state at the start of that epoch and the number of batches consumed; a
@@ -21,44 +23,46 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
+import re
 import signal
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from capsnet import __version__
-from capsnet.checkpoint import (
-    CHECKPOINT_FORMAT,
-    atomic_write_bytes,
-    capture_rng,
-    check_architecture,
-    discard_after,
-    load_checkpoint,
-    load_model_state,
-    resolve_checkpoint,
-    restore_rng,
-    safe_child,
-    save_checkpoint,
-    validate_run_name,
-    write_run_record,
+from capsnet.checkpoint import capture_rng, check_architecture, load_model_state, safe_child
+from capsnet.config import Config, ConfigError
+from capsnet.data import DataWarning, build_loaders
+from capsnet.distributed import (
+    any_rank,
+    convert_sync_batchnorm,
+    init_distributed,
+    rank_seed,
+    restart_count,
+    shutdown,
+    sum_over_ranks,
 )
-from capsnet.config import Config, ConfigError, config_from_dict, dump_config
-from capsnet.data import Loaders, build_loaders
 from capsnet.evaluate import EvalResult, autocast, evaluate, resolve_device
 from capsnet.loss import compute_loss, lr_at, margin_at, uses_reconstruction
 from capsnet.model import CapsNet, CapsOutput
+from capsnet.runs import (
+    Run,
+    TrainingError,
+    choose_run,
+    config_for_resume,
+    first_non_finite,
+    open_run_dir,
+    restore_run,
+    save_run,
+    seed_everything,
+)
+from capsnet.signals import EXIT_CODES, StopRequest, catch_stop_signals
 from capsnet.tracking import (
     NullWriter,
     TensorBoardWriter,
@@ -68,12 +72,14 @@ from capsnet.tracking import (
     reconstruction_grid,
     routing_scalars,
     set_postfix,
-    truncate_metrics,
 )
 
+__all__ = ["RunResult", "TrainingError", "TrainingInterrupted", "config_for_resume", "fit"]
 
-class TrainingError(Exception):
-    """Training cannot go on (run directory clash, non-finite steps, ...); the message says why."""
+#: How Gloo and NCCL report a peer process that went away.
+_LOST_PEER = re.compile(
+    r"Connection (reset|closed|refused)|Broken pipe|NCCL communicator was aborted", re.IGNORECASE
+)
 
 
 class TrainingInterrupted(Exception):
@@ -102,85 +108,6 @@ class RunResult:
     stopped: str  # "completed" | "max_steps" | "SIGINT" | "SIGTERM"
     bad_steps: int  # non-finite steps skipped so far in the run (resumes included)
     exit_code: int = 0  # 130 after SIGINT, 143 after SIGTERM
-
-
-# --------------------------------------------------------------------------- processes and devices
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device: str) -> DistInfo:
-    """Joins the process group when started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK set)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(info.local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return info
-
-
-def _agree(flags: list[bool], device: torch.device) -> list[bool]:
-    """Element-wise OR of boolean flags over all ranks (identity in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flags
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
-def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-class StopRequest:
-    """Set by the first SIGINT/SIGTERM: stop after the current step, save, exit 130/143."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else ""
-
-
-@contextlib.contextmanager
-def catch_stop_signals() -> Iterator[StopRequest]:
-    """Turns the first SIGINT/SIGTERM into a StopRequest; a second one acts as usual."""
-    stop, previous = StopRequest(), {}
-
-    def handle(signum, frame) -> None:
-        stop.received = signum
-        signal.signal(signum, previous.get(signum, signal.SIG_DFL))
-
-    with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handle)
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -212,112 +139,11 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=0.9, weight_decay=o.weight_decay)
 
 
-def default_run_name(cfg: Config, prefix: str | None = None) -> str:
-    return f"{prefix or cfg.data.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def config_for_resume(resume: str, overrides: list[str] | None = None) -> Config:
-    """The config stored in the checkpoint that ``resume`` names, with ``overrides`` applied."""
-    out_dir = config_from_dict({}, overrides).logging.out_dir
-    ckpt = load_checkpoint(resolve_checkpoint(resume, out_dir))
-    return config_from_dict(ckpt["config"], overrides)
-
-
-def _finite_parameters(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
 # --------------------------------------------------------------------------- the run
 
 
-@dataclass
-class Run:
-    """Everything the loop reads and updates."""
-
-    cfg: Config
-    dist: DistInfo
-    device: torch.device
-    loaders: Loaders
-    model: CapsNet  # the bare model: checkpoints, evaluation, statistics
-    step_module: nn.Module  # what the loop calls: TrainStep, maybe DDP-wrapped
-    optimizer: torch.optim.Optimizer
-    writer: NullWriter
-    run_name: str
-    run_dir: Path
-    steps_per_epoch: int
-    total_steps: int
-    echo: Callable[[str], None]
-    step: int = 0
-    epoch: int = 0  # completed epochs
-    batches_done: int = 0  # optimiser steps taken in the current, unfinished epoch
-    epoch_rng: dict[str, Any] = field(default_factory=dict)
-    best_acc: float | None = None
-    best_step: int | None = None
-    bad_in_row: int = 0
-    bad_total: int = 0
-    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "n": 0, "steps": 0})
-    window_start: float = field(default_factory=time.perf_counter)
-    last_checkpoint: Path | None = None
-
-    @property
-    def eval_split(self) -> str:
-        return "val" if self.loaders.val is not None else "test"
-
-
-def _prepare_run_dir(cfg: Config, name: str, resuming_here: bool, overwrite: bool, tb_dir: Path) -> Path:
-    run_dir = safe_child(cfg.logging.out_dir, name)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resuming_here:
-        if not overwrite:
-            raise TrainingError(
-                f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
-                "replace it with --overwrite, or pick another --run-name"
-            )
-        shutil.rmtree(run_dir)
-        shutil.rmtree(tb_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def _make_checkpoint(run: Run, mid_epoch: bool) -> dict[str, Any]:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "version": __version__,
-        "run": run.run_name,
-        "time": time.time(),
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "step": run.step,
-        "epoch": run.epoch,
-        "batches_done": run.batches_done if mid_epoch else 0,
-        "rng": run.epoch_rng if mid_epoch else capture_rng(run.loaders.train_generator),
-        "best_metric": run.best_acc,
-        "best_step": run.best_step,
-        "best_split": run.eval_split,
-        "skipped_steps": run.bad_total,
-        "config": run.cfg.to_dict(),
-        "arch": dict(run.model.hparams),
-        "data_info": asdict(run.loaders.info),
-    }
-
-
-def _save(run: Run, mid_epoch: bool, is_best: bool = False) -> Path | None:
-    if run.dist.is_main:
-        run.writer.flush()
-        ckpt = _make_checkpoint(run, mid_epoch)
-        run.last_checkpoint = save_checkpoint(run.run_dir, ckpt, run.cfg.logging.keep, is_best)
-    return run.last_checkpoint
-
-
 def _log_step(run: Run, lr: float, margin: float) -> None:
-    loss, steps, correct, n = _sum_over_ranks(
+    loss, steps, correct, n = sum_over_ranks(
         [run.window["loss"], run.window["steps"], run.window["correct"], run.window["n"]], run.device
     )
     elapsed = max(time.perf_counter() - run.window_start, 1e-9)
@@ -363,7 +189,7 @@ def _train_step(run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     loss_value = float(loss_sum)
-    bad, stopping = _agree(
+    bad, stopping = any_rank(
         [not (math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))), stop.received is not None],
         run.device,
     )
@@ -373,7 +199,7 @@ def _train_step(run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest)
         run.bad_total += 1
         if run.bad_in_row >= cfg.train.max_bad_steps:
             raise TrainingError(
-                f"stopped at step {run.step}: {run.bad_in_row} non-finite steps in a row "
+                f"stopped at step {next_step}: {run.bad_in_row} non-finite steps in a row "
                 f"(train.max_bad_steps); {_diagnose(run, group[0][0])}; "
                 "try a lower optim.lr or set optim.grad_clip"
             )
@@ -401,11 +227,8 @@ def _train_step(run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest)
 def _diagnose(run: Run, x: Tensor) -> str:
     """Names the first routing layer whose statistics are non-finite on ``x`` (the failing batch)."""
     model = run.model
-    if not _finite_parameters(model):
-        bad = next(n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all()))
-        where = f"parameter {bad} is non-finite"
-    else:
-        where = "all parameters are finite"
+    bad = first_non_finite(model)
+    where = f"parameter {bad} is non-finite" if bad is not None else "all parameters are finite"
     model.record_stats = True
     try:
         with autocast(run.device, run.cfg.train.precision):
@@ -430,8 +253,8 @@ def _batches(run: Run) -> Iterator[list[tuple[Tensor, Tensor]]]:
 
 def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, float]]:
     """Trains until the epoch ends, ``train.max_steps`` is reached or a stop is requested."""
-    if run.loaders.train_sampler is not None and hasattr(run.loaders.train_sampler, "set_epoch"):
-        run.loaders.train_sampler.set_epoch(run.epoch)
+    if hasattr(run.loaders.train_sampler, "set_epoch"):
+        run.loaders.train_sampler.set_epoch(run.epoch)  # the epoch's order: a function of seed and epoch
     if run.batches_done == 0:
         run.epoch_rng = capture_rng(run.loaders.train_generator)
     run.model.train()
@@ -472,7 +295,7 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
     if bar is not batches:
         bar.close()
     elapsed = time.perf_counter() - totals["start"]
-    loss, steps, correct, n = _sum_over_ranks(
+    loss, steps, correct, n = sum_over_ranks(
         [totals["loss"], totals["steps"], totals["correct"], totals["n"]], run.device
     )
     summary = {
@@ -497,11 +320,11 @@ def end_of_epoch(run: Run, summary: dict[str, float]) -> EvalResult:
     improved = (
         math.isfinite(result.loss)
         and (run.best_acc is None or result.acc > run.best_acc)
-        and _finite_parameters(run.model)
+        and first_non_finite(run.model) is None
     )
     if improved:
         run.best_acc, run.best_step = result.acc, run.step
-    path = _save(run, mid_epoch=run.batches_done > 0, is_best=improved)
+    path = save_run(run, mid_epoch=run.batches_done > 0, is_best=improved)
     line = format_metrics(
         {
             **summary,
@@ -554,44 +377,44 @@ def fit(
 
     ``resume``: ``latest`` | ``best`` | run directory | checkpoint file. Without
     ``run_name`` a resumed run continues in its own directory; a fresh run gets
-    ``<name_prefix or data.name>-<date>-<time>``. Raises ConfigError, DataError,
+    ``<name_prefix or data.name>-<date>-<time>``. ``run_name`` with ``latest``
+    continues that run, or starts it when it has no checkpoint yet (see
+    :func:`resume_checkpoint`). Under torchrun every rank calls this; rank 0's
+    choices (run name, checkpoint) are used by all. Raises ConfigError, DataError,
     CheckpointError or TrainingError with a message meant for the user, and
     TrainingInterrupted (holding the RunResult) after SIGINT/SIGTERM once the
     checkpoint is saved.
     """
-    dist_info = init_distributed(cfg.train.device)
+    try:
+        dist_info = init_distributed(cfg.train.device)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = (
+            "; after a torchrun restart, launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "(PyTorch otherwise hands the restarted workers the previous attempt's addresses)"
+            if restart_count()
+            else ""
+        )
+        raise TrainingError(f"could not join the torchrun process group: {first}{hint}") from None
     try:
         return _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix)
+    except RuntimeError as e:
+        if not (dist_info.distributed and _LOST_PEER.search(str(e))):
+            raise
+        raise TrainingError(
+            "lost contact with another process of the run (it stopped or was killed); "
+            "with torchrun --max-restarts N and --resume latest the run goes on from its last checkpoint"
+        ) from e
     finally:
-        if dist_info.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        if dist_info.distributed:
+            shutdown()
 
 
 def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunResult:
     say = echo if dist_info.is_main else (lambda _msg: None)
-    out_dir = Path(cfg.logging.out_dir)
-    ckpt, ckpt_path = None, None
-    if resume is not None:
-        ckpt_path = resolve_checkpoint(resume, out_dir)
-        ckpt = load_checkpoint(ckpt_path)
-    if run_name is not None:
-        name = validate_run_name(run_name)
-    elif ckpt is not None:
-        name = validate_run_name(str(ckpt.get("run") or ckpt_path.parent.name))
-    else:
-        name = default_run_name(cfg, name_prefix)
-        base, k = name, 2
-        while (out_dir / name).exists():
-            name, k = f"{base}-{k}", k + 1
-    if dist_info.distributed:
-        holder = [name]
-        dist.broadcast_object_list(holder, src=0)
-        name = holder[0]
-    resuming_here = ckpt is not None and safe_child(out_dir, name).resolve() == ckpt_path.parent.resolve()
-    if resuming_here and overwrite:
-        raise TrainingError("--overwrite with --resume into the same run would delete the run being resumed")
-
-    seed_everything(cfg.train.seed)
+    choice = choose_run(cfg, run_name, resume, overwrite, name_prefix)
+    ckpt, ckpt_path, name = choice.checkpoint, choice.checkpoint_path, choice.name
+    seed_everything(rank_seed(cfg.train.seed, dist_info.rank))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device, dist_info.local_rank)
@@ -599,7 +422,14 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         from capsnet.runtime import tune_allocator
 
         tune_allocator()
-    loaders = build_loaders(cfg, dist_info.rank, dist_info.world_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        loaders = build_loaders(cfg, dist_info.rank, dist_info.world_size)
+    for w in caught:
+        if issubclass(w.category, DataWarning):
+            say(f"warning: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     info = loaders.info
     try:
         model = CapsNet.from_config(cfg.model, cfg.routing, info.channels, info.num_classes, info.image_size)
@@ -609,7 +439,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         check_architecture(ckpt["arch"], model.hparams, ckpt_path)
         load_model_state(model, ckpt["model"], ckpt_path)
     if dist_info.distributed and cfg.train.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, device)
     model.to(device)
     optimizer = build_optimizer(model, cfg)
     if ckpt is not None:
@@ -635,22 +465,14 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
 
     tb_dir = safe_child(cfg.logging.tb_dir, name)
     writer: NullWriter = NullWriter()
-    run_dir = safe_child(out_dir, name)
-    start_step = int(ckpt["step"]) if ckpt is not None else 0
+    run_dir = safe_child(cfg.logging.out_dir, name)
     if dist_info.is_main:
-        run_dir = _prepare_run_dir(cfg, name, resuming_here, overwrite, tb_dir)
-        atomic_write_bytes(dump_config(cfg).encode(), run_dir / "config.yaml")
-        if resuming_here:
-            for dropped in discard_after(run_dir, start_step):
-                say(f"note: removed {dropped.name}, past the resumed step {start_step}")
-        truncate_metrics(run_dir / "metrics.jsonl", start_step)
-        write_run_record(run_dir, run=name, started=time.time(), step=start_step)
+        run_dir = open_run_dir(cfg, choice, overwrite, say)
         writer = TensorBoardWriter(
             tb_dir if cfg.logging.tensorboard else None,
             run_dir / "metrics.jsonl",
-            purge_step=start_step + 1 if ckpt is not None else None,
+            purge_step=int(ckpt["step"]) + 1 if ckpt is not None else None,
         )
-
     run = Run(
         cfg,
         dist_info,
@@ -667,15 +489,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         say,
     )
     if ckpt is not None:
-        run.step, run.epoch, run.batches_done = (
-            start_step,
-            int(ckpt["epoch"]),
-            int(ckpt.get("batches_done", 0)),
-        )
-        run.best_acc, run.best_step = ckpt.get("best_metric"), ckpt.get("best_step")
-        run.bad_total = int(ckpt.get("skipped_steps", 0))
-        restore_rng(ckpt["rng"], loaders.train_generator)
-        run.epoch_rng = ckpt["rng"]
+        restore_run(run, ckpt, ckpt_path)
     try:
         return _loop(run, ckpt_path)
     finally:
@@ -702,6 +516,8 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
         f"{run.dist.world_size} process(es); {cfg.train.epochs} epochs x {run.steps_per_epoch} steps"
         + (f", stopping at step {cfg.train.max_steps}" if cfg.train.max_steps else "")
     )
+    if restart_count():
+        say(f"torchrun restarted the workers ({restart_count()} time(s) so far)")
     if resumed_from is not None:
         say(
             f"resumed from {resumed_from} at step {run.step} ("
@@ -727,7 +543,7 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
             reason, summary = train_epoch(run, stop)
             if reason in ("SIGINT", "SIGTERM"):
                 stopped = reason
-                _save(run, mid_epoch=run.batches_done > 0)
+                save_run(run, mid_epoch=run.batches_done > 0)
                 break
             last_eval = end_of_epoch(run, summary)
             if reason == "max_steps":
@@ -753,7 +569,7 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
                 "hparam/last_loss": last_eval.loss,
             },
         )
-    exit_code = {"SIGINT": 130, "SIGTERM": 143}.get(stopped, 0)
+    exit_code = EXIT_CODES.get(stopped, 0)
     if exit_code:
         say(f"stopped by {stopped} at step {run.step}; saved {run.last_checkpoint}")
         say(f"resume with: capsnet train --resume {run.run_dir}")

@@ -91,10 +91,12 @@ def test_a_yaml_config_with_a_python_object_tag_is_rejected(tmp_path):
     assert not marker.exists()
 
 
-def test_a_truncated_file_gives_a_short_clear_error(tmp_path):
+@pytest.mark.parametrize("keep", [0.0, 0.01, 0.1, 0.5, 0.99])
+def test_a_truncated_file_gives_a_short_clear_error(tmp_path, keep):
     path = tmp_path / "cut.pt"
-    atomic_save(fake_checkpoint(3), path)
-    path.write_bytes(path.read_bytes()[:200])
+    atomic_save({**fake_checkpoint(3), "big": torch.arange(20000.0)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     message = str(info.value)
@@ -179,3 +181,12 @@ def test_run_record_is_plain_json(tmp_path):
     save_checkpoint(tmp_path / "r", fake_checkpoint(4), keep=1)
     record = json.loads((tmp_path / "r" / "run.json").read_text())
     assert record["step"] == 4 and record["updated"] >= record["started"]
+
+
+def test_the_default_export_path_cannot_leave_the_exports_folder(tmp_path):
+    from capsnet.export import default_export_path
+
+    assert default_export_path("run-1", "onnx", tmp_path) == tmp_path / "run-1" / "model.onnx"
+    for name in ("../../x", "/etc", "a/../../b"):
+        with pytest.raises(CheckpointError, match="invalid run name"):
+            default_export_path(name, "onnx", tmp_path)

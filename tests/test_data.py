@@ -487,13 +487,39 @@ def test_train_order_is_reproducible_from_the_seed_and_generator_state():
         return torch.cat([y for _, y in loader]).tolist()
 
     first, second = build_loaders(loader_config()), build_loaders(loader_config())
-    assert first.train_sampler is None and first.train.drop_last is False
+    assert first.train.drop_last is False
     assert labels(first.train) == labels(second.train)
     state = first.train_generator.get_state()
     epoch = labels(first.train)
     first.train_generator.set_state(state)
     assert labels(first.train) == epoch
     assert sum(1 for _ in first.train.dataset) == 15
+
+
+def test_the_training_order_depends_on_the_epoch_not_on_the_number_of_processes():
+    def order(loaders, epoch):
+        loaders.train_sampler.set_epoch(epoch)
+        return [[round(v, 3) for v in x.flatten(1).sum(1).tolist()] for x, _ in loaders.train]
+
+    cfg = config_from_dict(
+        {
+            "data": {"name": "synthetic", "train_size": 24, "test_size": 4},
+            "train": {"batch_size": 6, "seed": 3},
+        }
+    )
+    half = config_from_dict(
+        {
+            "data": {"name": "synthetic", "train_size": 24, "test_size": 4},
+            "train": {"batch_size": 3, "seed": 3},
+        }
+    )
+    single = build_loaders(cfg)
+    ranks = [build_loaders(half, rank=r, world_size=2) for r in range(2)]
+    for epoch in (0, 1):
+        one = order(single, epoch)
+        two = [order(loaders, epoch) for loaders in ranks]
+        assert [sorted(batch) for batch in one] == [sorted(a + b) for a, b in zip(*two)]
+    assert order(single, 0) != order(single, 1)
 
 
 def test_check_channels_explains_a_mismatch():

@@ -1,0 +1,308 @@
+"""A training run's identity and state: its name, its directory, what a checkpoint holds of it
+and how a resumed run gets it back.
+
+The training loop (:mod:`capsnet.trainer`) updates a :class:`Run`; this module
+decides which run a command means (``--run-name``, ``--resume``), prepares its
+directory, writes its checkpoints (rank 0, atomically, never a non-finite
+model) and restores everything from one: model and optimiser (done by the
+trainer), step, epoch, batches consumed, best metric, every rank's RNG states
+and the steps not yet logged, so that a resumed run logs and trains exactly as
+one that never stopped.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from capsnet import __version__
+from capsnet.checkpoint import (
+    CHECKPOINT_FORMAT,
+    LAST,
+    CheckpointError,
+    atomic_write_bytes,
+    capture_rng,
+    discard_after,
+    load_checkpoint,
+    remove_temp_files,
+    resolve_checkpoint,
+    restore_rng,
+    run_checkpoint,
+    safe_child,
+    save_checkpoint,
+    step_checkpoints,
+    validate_run_name,
+    write_run_record,
+)
+from capsnet.config import Config, config_from_dict, dump_config
+from capsnet.data import Loaders
+from capsnet.distributed import DistInfo, any_rank, broadcast, gather_to_main, rank_seed, sum_over_ranks
+from capsnet.model import CapsNet
+from capsnet.tracking import NullWriter, truncate_metrics
+
+
+class TrainingError(Exception):
+    """Training cannot go on (run directory clash, non-finite steps, ...); the message says why."""
+
+
+@dataclass
+class Run:
+    """Everything the loop reads and updates."""
+
+    cfg: Config
+    dist: DistInfo
+    device: torch.device
+    loaders: Loaders
+    model: CapsNet  # the bare model: checkpoints, evaluation, statistics
+    step_module: nn.Module  # what the loop calls: TrainStep, maybe DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    writer: NullWriter
+    run_name: str
+    run_dir: Path
+    steps_per_epoch: int
+    total_steps: int
+    echo: Callable[[str], None]
+    step: int = 0
+    epoch: int = 0  # completed epochs
+    batches_done: int = 0  # optimiser steps taken in the current, unfinished epoch
+    epoch_rng: dict[str, Any] = field(default_factory=dict)
+    best_acc: float | None = None
+    best_step: int | None = None
+    bad_in_row: int = 0
+    bad_total: int = 0
+    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "n": 0, "steps": 0})
+    window_start: float = field(default_factory=time.perf_counter)
+    last_checkpoint: Path | None = None
+
+    @property
+    def eval_split(self) -> str:
+        return "val" if self.loaders.val is not None else "test"
+
+
+WINDOW_KEYS = ("loss", "correct", "n", "steps")  # what Run.window sums between two logged steps
+
+
+# --------------------------------------------------------------------------- seeds and names
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_run_name(cfg: Config, prefix: str | None = None) -> str:
+    return f"{prefix or cfg.data.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def resume_checkpoint(resume: str, run_name: str | None, out_dir: str | Path) -> Path | None:
+    """The checkpoint ``--resume`` names; None when there is nothing to resume yet.
+
+    ``latest`` with a run name is that run's highest completed step, or None when
+    the run has no checkpoint yet (a first launch, or a restart before the first
+    save): one command then both starts and continues a run, which is what
+    torchrun's ``--max-restarts`` and requeued cluster jobs need. Otherwise see
+    :func:`~capsnet.checkpoint.resolve_checkpoint`.
+    """
+    if resume == "latest" and run_name is not None:
+        run_dir = safe_child(out_dir, run_name)
+        has_checkpoint = bool(step_checkpoints(run_dir)) or (run_dir / LAST).is_file()
+        return run_checkpoint(run_dir) if has_checkpoint else None
+    return resolve_checkpoint(resume, out_dir)
+
+
+def config_for_resume(resume: str, overrides: list[str] | None = None, run_name: str | None = None) -> Config:
+    """The config stored in the checkpoint that ``resume`` names, with ``overrides`` applied."""
+    out_dir = config_from_dict({}, overrides).logging.out_dir
+    path = resume_checkpoint(resume, run_name, out_dir)
+    if path is None:
+        raise CheckpointError(f"run {run_name} has no checkpoint in {out_dir} yet; give --config to start it")
+    ckpt = load_checkpoint(path)
+    return config_from_dict(ckpt["config"], overrides)
+
+
+@dataclass
+class RunChoice:
+    """Which run a command trains, and from which checkpoint (the same on every rank)."""
+
+    name: str
+    checkpoint: dict[str, Any] | None
+    checkpoint_path: Path | None
+    resuming_here: bool  # continuing in the checkpoint's own run directory
+    starting_named_run: bool  # --run-name R --resume latest and R has no checkpoint yet: start R
+
+
+def choose_run(
+    cfg: Config, run_name: str | None, resume: str | None, overwrite: bool, name_prefix: str | None
+) -> RunChoice:
+    """Resolves the run name and the checkpoint to resume; rank 0 decides, the other ranks follow."""
+    out_dir = Path(cfg.logging.out_dir)
+    ckpt, ckpt_path = None, None
+    if run_name is not None:
+        validate_run_name(run_name)
+    if resume is not None:
+        ckpt_path = resume_checkpoint(resume, run_name, out_dir)
+        ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    if run_name is not None:
+        name = run_name
+    elif ckpt is not None:
+        name = validate_run_name(str(ckpt.get("run") or ckpt_path.parent.name))
+    else:
+        name = default_run_name(cfg, name_prefix)
+        base, k = name, 2
+        while (out_dir / name).exists():
+            name, k = f"{base}-{k}", k + 1
+    main_choice = broadcast((name, ckpt_path))
+    if main_choice != (name, ckpt_path):
+        name, ckpt_path = main_choice
+        ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    resuming_here = ckpt is not None and safe_child(out_dir, name).resolve() == ckpt_path.parent.resolve()
+    if resuming_here and overwrite:
+        raise TrainingError("--overwrite with --resume into the same run would delete the run being resumed")
+    return RunChoice(name, ckpt, ckpt_path, resuming_here, resume is not None and ckpt is None)
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+def prepare_run_dir(cfg: Config, name: str, resuming_here: bool, overwrite: bool, tb_dir: Path) -> Path:
+    run_dir = safe_child(cfg.logging.out_dir, name)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resuming_here:
+        if not overwrite:
+            raise TrainingError(
+                f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
+                "replace it with --overwrite, or pick another --run-name"
+            )
+        shutil.rmtree(run_dir)
+        shutil.rmtree(tb_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def open_run_dir(cfg: Config, choice: RunChoice, overwrite: bool, say: Callable[[str], None]) -> Path:
+    """Rank 0: creates (or cleans, when resuming) the run directory and writes config.yaml and run.json."""
+    run_dir = safe_child(cfg.logging.out_dir, choice.name)
+    tb_dir = safe_child(cfg.logging.tb_dir, choice.name)
+    start_step = int(choice.checkpoint["step"]) if choice.checkpoint is not None else 0
+    if choice.starting_named_run and run_dir.exists():
+        say(f"no checkpoint in {run_dir} yet: starting the run from step 0")
+    run_dir = prepare_run_dir(
+        cfg, choice.name, choice.resuming_here, overwrite or choice.starting_named_run, tb_dir
+    )
+    atomic_write_bytes(dump_config(cfg).encode(), run_dir / "config.yaml")
+    if choice.resuming_here:
+        for dropped in discard_after(run_dir, start_step):
+            say(f"note: removed {dropped.name}, past the resumed step {start_step}")
+        for stale in remove_temp_files(run_dir):
+            say(f"note: removed {stale.name}, left by a save that was interrupted")
+    truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    write_run_record(run_dir, run=choice.name, started=time.time(), step=start_step)
+    return run_dir
+
+
+# --------------------------------------------------------------------------- saving and restoring
+
+
+def first_non_finite(model: nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity, or None."""
+    return next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+
+
+def make_checkpoint(
+    run: Run, mid_epoch: bool, rng_per_rank: list[dict[str, Any]], window: list[float]
+) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": __version__,
+        "run": run.run_name,
+        "time": time.time(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "step": run.step,
+        "epoch": run.epoch,
+        "batches_done": run.batches_done if mid_epoch else 0,
+        "rng": rng_per_rank[0],
+        "rng_per_rank": rng_per_rank,  # every rank's own state, restored when the world size is the same
+        "world_size": run.dist.world_size,
+        "best_metric": run.best_acc,
+        "best_step": run.best_step,
+        "best_split": run.eval_split,
+        "skipped_steps": run.bad_total,
+        "log_window": dict(zip(WINDOW_KEYS, window)),  # steps since the last log, summed over ranks
+        "config": run.cfg.to_dict(),
+        "arch": dict(run.model.hparams),
+        "data_info": asdict(run.loaders.info),
+    }
+
+
+def save_run(run: Run, mid_epoch: bool, is_best: bool = False) -> Path | None:
+    """Writes a checkpoint on rank 0; every rank calls it and learns whether it worked.
+
+    A model with a non-finite parameter is never saved (the run stops); a
+    failed write (disk full, no permission) stops every rank with rank 0's
+    message, the previous checkpoints being intact.
+    """
+    bad = first_non_finite(run.model)
+    if bad is not None:
+        raise TrainingError(
+            f"stopped at step {run.step}: parameter {bad} became non-finite, so it was not saved; "
+            f"the last good checkpoint is {run.last_checkpoint or 'none'}; "
+            "try a lower optim.lr or set optim.grad_clip"
+        )
+    rng = run.epoch_rng if mid_epoch else capture_rng(run.loaders.train_generator)
+    rng_per_rank = gather_to_main(rng)
+    window = sum_over_ranks([float(run.window[k]) for k in WINDOW_KEYS], run.device)
+    error: CheckpointError | None = None
+    if run.dist.is_main:
+        run.writer.flush()
+        try:
+            ckpt = make_checkpoint(run, mid_epoch, rng_per_rank, window)
+            run.last_checkpoint = save_checkpoint(run.run_dir, ckpt, run.cfg.logging.keep, is_best)
+        except CheckpointError as e:
+            error = e
+    (failed,) = any_rank([error is not None], run.device)  # also the barrier after rank 0's save
+    if failed:
+        if error is None:
+            raise TrainingError(f"stopped at step {run.step}: rank 0 could not save a checkpoint")
+        raise CheckpointError(
+            f"{error}\ntraining stopped at step {run.step}; the last complete checkpoint is "
+            f"{run.last_checkpoint or 'none'}; free some space and resume with: "
+            f"capsnet train --resume {run.run_dir}"
+        )
+    return run.last_checkpoint
+
+
+def restore_run(run: Run, ckpt: dict[str, Any], where: Path) -> None:
+    """Puts the loop's state of ``ckpt`` into ``run`` (the model and optimiser are loaded already)."""
+    dist_info = run.dist
+    run.step, run.epoch = int(ckpt["step"]), int(ckpt["epoch"])
+    run.batches_done = int(ckpt.get("batches_done", 0))
+    run.best_acc, run.best_step = ckpt.get("best_metric"), ckpt.get("best_step")
+    run.bad_total = int(ckpt.get("skipped_steps", 0))
+    if dist_info.is_main and isinstance(ckpt.get("log_window"), dict):
+        run.window.update({k: ckpt["log_window"].get(k, 0) for k in WINDOW_KEYS})
+    generator = run.loaders.train_generator
+    per_rank = ckpt.get("rng_per_rank")
+    if isinstance(per_rank, list) and len(per_rank) == dist_info.world_size:
+        run.epoch_rng = per_rank[dist_info.rank]
+        restore_rng(run.epoch_rng, generator)
+        return
+    # another number of processes than the saved run: rank 0's state, fresh streams elsewhere
+    run.echo(
+        f"note: {where} was written by {ckpt.get('world_size', 1)} process(es), this run has "
+        f"{dist_info.world_size}: it continues, but not bit for bit as the first run would have"
+    )
+    restore_rng(ckpt["rng"], generator)
+    if dist_info.rank > 0:
+        seed_everything(rank_seed(run.cfg.train.seed + run.step, dist_info.rank))
+    run.epoch_rng = capture_rng(generator)

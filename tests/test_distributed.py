@@ -1,0 +1,213 @@
+"""Training under torchrun on CPUs (Gloo): one run written once, results equal to one process.
+
+The torchrun tests are slow (each starts several Python processes) and run with
+--runslow or CAPSNET_SLOW=1. They compare with a single process whose batch is
+the global batch: the data order is a function of the seed and the epoch only
+(see capsnet.data.build_loaders), so both see the same images in each step.
+They use SGD: Adam divides each update by the gradient's running RMS, which turns
+last-bit differences of tiny gradients (the two ways of summing a batch) into
+visible weight differences, while SGD keeps them at rounding level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsnet.checkpoint import load_checkpoint, step_checkpoints
+from capsnet.config import load_config
+from capsnet.distributed import GlobalBatchNorm2d, rank_seed
+from capsnet.trainer import fit
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+SGD = ["optim.name=sgd", "optim.lr=0.05"]
+
+
+def overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return [f"logging.out_dir={tmp_path / 'weights'}", f"logging.tb_dir={tmp_path / 'runs'}", *SGD, *extra]
+
+
+def cli_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return [arg for value in overrides(tmp_path, *extra) for arg in ("-o", value)]
+
+
+def torchrun(*launcher: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "capsnet", "train"]
+
+
+def single_process(tmp_path: Path, name: str, *extra: str) -> Path:
+    cfg = load_config(TINY, overrides(tmp_path, *extra))
+    return fit(cfg, run_name=name, echo=lambda _msg: None).run_dir
+
+
+def max_difference(a: Path, b: Path) -> float:
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert wa.keys() == wb.keys()
+    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa if wa[k].is_floating_point())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- without torchrun
+
+
+def test_rank_seeds_differ_per_rank_and_rank_0_keeps_the_run_seed():
+    seeds = [rank_seed(7, rank) for rank in range(4)]
+    assert seeds[0] == 7 and len(set(seeds)) == 4 and seeds == [rank_seed(7, r) for r in range(4)]
+    assert rank_seed(8, 1) != seeds[1]
+
+
+def test_global_batch_norm_is_batch_norm_in_a_single_process():
+    torch.manual_seed(0)
+    plain, global_ = torch.nn.BatchNorm2d(3), GlobalBatchNorm2d(3)
+    global_.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(global_(x), plain(x))
+    torch.testing.assert_close(global_.running_var, plain.running_var)
+
+
+def test_accumulating_two_half_batches_equals_one_whole_batch(tmp_path):
+    whole = single_process(tmp_path, "whole", "train.batch_size=32", "model.batch_norm=false")
+    halves = single_process(
+        tmp_path, "halves", "train.batch_size=16", "train.accumulate=2", "model.batch_norm=false"
+    )
+    assert load_checkpoint(halves / "last.pt")["step"] == load_checkpoint(whole / "last.pt")["step"] == 6
+    assert max_difference(whole / "last.pt", halves / "last.pt") < 1e-5
+    apart = single_process(tmp_path, "apart", "train.batch_size=16", "model.batch_norm=false")
+    assert max_difference(whole / "last.pt", apart / "last.pt") > 1e-3  # the comparison can fail
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.slow
+def test_two_processes_with_sync_bn_write_one_run_equal_to_one_process_with_the_global_batch(tmp_path):
+    cmd = torchrun("--standalone", "--nproc-per-node", "2")
+    cmd += ["--config", str(TINY), "--run-name", "ddp", *cli_overrides(tmp_path, "train.sync_bn=true")]
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    check(result)
+    run = tmp_path / "weights" / "ddp"
+    # rank 0 alone writes: one line per epoch, one set of checkpoints, one metrics file, one event file
+    assert len([line for line in result.stdout.splitlines() if line.startswith("epoch ")]) == 2
+    assert {p.name for p in run.iterdir()} == {
+        "config.yaml",
+        "metrics.jsonl",
+        "run.json",
+        "last.pt",
+        "best.pt",
+        "step-000003.pt",
+        "step-000006.pt",
+    }
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # 96 images / (2 ranks x 16) = 3 steps per epoch
+    events = [p.name for p in (tmp_path / "runs" / "ddp").rglob("events.out.tfevents.*")]
+    assert events and len({name.split(".")[-2] for name in events}) == 1  # all by one process (its pid)
+    assert [p.name for p in (tmp_path / "weights").iterdir()] == ["ddp"]
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["world_size"] == 2 and len(ckpt["rng_per_rank"]) == 2
+    one = single_process(tmp_path, "one", "train.batch_size=32")
+    assert max_difference(run / "last.pt", one / "last.pt") < 1e-4
+    test_acc = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]["test/acc"]
+    assert (
+        test_acc
+        == [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()][-1]["test/acc"]
+    )
+
+
+@pytest.mark.slow
+def test_a_two_node_launch_with_accumulation_equals_one_process(tmp_path):
+    """Two torchrun agents (one process each) meet at a c10d rendezvous, as on two machines."""
+    port, args = free_port(), ["--config", str(TINY), "--run-name", "nodes"]
+    args += cli_overrides(tmp_path, "train.sync_bn=true", "train.batch_size=8", "train.accumulate=2")
+    agents = [
+        subprocess.Popen(
+            torchrun(
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "capsnet-test",
+            )
+            + args,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [agent.communicate(timeout=300) for agent in agents]
+    for agent, (out, err) in zip(agents, outputs):
+        assert agent.returncode == 0, out[-3000:] + err[-3000:]
+    run = tmp_path / "weights" / "nodes"
+    assert load_checkpoint(run / "last.pt")["step"] == 6
+    one = single_process(tmp_path, "one", "train.batch_size=16", "train.accumulate=2")
+    assert max_difference(run / "last.pt", one / "last.pt") < 1e-4
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(child) for child in text]
+    return found
+
+
+def environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
+def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_finishes_from_its_checkpoint(tmp_path):
+    epochs = 6
+    cmd = torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1")
+    cmd += ["--config", str(TINY), "--run-name", "elastic", "--resume", "latest"]
+    cmd += cli_overrides(tmp_path, "train.sync_bn=true", f"train.epochs={epochs}")
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see README: restarts need it
+    agent = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    run = tmp_path / "weights" / "elastic"
+    deadline = time.monotonic() + 240
+    while not step_checkpoints(run):
+        assert agent.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.01)
+    victim = next(pid for pid in children(agent.pid) if environment(pid).get("LOCAL_RANK") == "1")
+    os.kill(victim, signal.SIGKILL)
+    out, err = agent.communicate(timeout=300)
+    assert agent.returncode == 0, out[-3000:] + err[-3000:]
+    assert "torchrun restarted the workers (1 time(s) so far)" in out
+    assert "resumed from" in out
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["step"] == 3 * epochs and ckpt["epoch"] == epochs
+    one = single_process(
+        tmp_path, "one", "train.batch_size=32", "train.sync_bn=true", f"train.epochs={epochs}"
+    )
+    assert max_difference(run / "last.pt", one / "last.pt") < 1e-4

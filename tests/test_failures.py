@@ -1,0 +1,540 @@
+"""What a user sees when training is killed, interrupted, runs out of disk or is given bad input.
+
+The kill and signal tests run ``capsnet train`` in a subprocess on configs/tiny.yaml,
+stop it from outside while it trains, then resume it with ``--resume latest`` and
+check that the finished run equals one that was never stopped, bit for bit.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from capsnet.checkpoint import load_checkpoint, step_checkpoints
+from capsnet.cli import app
+from capsnet.config import load_config
+from capsnet.trainer import TrainingError, fit
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+EPOCHS = 4  # 6 steps each: 24 steps in all
+runner = CliRunner()
+
+
+def dirs(tmp_path: Path) -> list[str]:
+    return ["-o", f"logging.out_dir={tmp_path / 'weights'}", "-o", f"logging.tb_dir={tmp_path / 'runs'}"]
+
+
+def train_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(TINY), "-o", f"train.epochs={EPOCHS}", *dirs(tmp_path), *extra]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def logged(run_dir: Path) -> dict[int, dict[str, float]]:
+    """metrics.jsonl by step, without the timings (perf/...)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: {k: v for k, v in line.items() if not k.startswith("perf/")} for line in lines}
+
+
+def temp_files(run_dir: Path) -> list[str]:
+    return [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def logged_step(run_dir: Path) -> int:
+    """The highest step in metrics.jsonl so far (0 when there is none yet)."""
+    try:
+        text = (run_dir / "metrics.jsonl").read_text()
+    except OSError:
+        return 0
+    steps = [json.loads(line)["step"] for line in text.splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def start(args: list[str], tmp_path: Path, prelude: str = "") -> subprocess.Popen:
+    """``capsnet <args>`` in a new process; ``prelude`` is Python run before the CLI starts."""
+    code = f"{prelude}\nimport sys\nfrom capsnet.cli import main\nsys.argv = ['capsnet', *{args!r}]\nmain()\n"
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (code {proc.returncode}) before it could be stopped:\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the run did not get far enough in time")
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """last.pt of a run of configs/tiny.yaml that was never stopped."""
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = load_config(
+        TINY,
+        [f"train.epochs={EPOCHS}", f"logging.out_dir={tmp / 'weights'}", f"logging.tb_dir={tmp / 'runs'}"],
+    )
+    result = fit(cfg, run_name="straight", echo=lambda _msg: None)
+    assert result.step == 6 * EPOCHS
+    return result.run_dir
+
+
+def resume_and_finish(tmp_path: Path, straight: Path, run: str) -> str:
+    result = runner.invoke(app, ["train", "--resume", "latest", *dirs(tmp_path)])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "weights" / run
+    assert load_checkpoint(run_dir / "last.pt")["step"] == 6 * EPOCHS
+    assert same_weights(straight / "last.pt", run_dir / "last.pt")
+    assert logged(run_dir) == logged(straight)
+    assert temp_files(run_dir) == []
+    return result.stdout
+
+
+# --------------------------------------------------------------------------- SIGKILL
+
+
+def test_a_run_killed_with_sigkill_mid_epoch_resumes_from_its_last_checkpoint(tmp_path, straight):
+    run_dir = tmp_path / "weights" / "killed"
+    proc = start(train_args(tmp_path, "--run-name", "killed"), tmp_path)
+    wait_until(proc, lambda: logged_step(run_dir) >= 8)  # inside epoch 2 (steps 7..12)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved = load_checkpoint(run_dir / "last.pt")["step"]
+    assert 6 <= saved < 6 * EPOCHS
+    out = resume_and_finish(tmp_path, straight, "killed")
+    assert f"at step {saved} " in out
+
+
+KILL_IN_SAVE = """
+import os, signal
+_fsync, _seen = os.fsync, []
+def fsync(fd):
+    name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+    if name.startswith(TARGET) and name.endswith(".tmp"):
+        _seen.append(name)
+        if len(_seen) == NTH:
+            os.ftruncate(fd, os.fstat(fd).st_size // 2)  # half of the bytes on disk, then gone
+            os.kill(os.getpid(), signal.SIGKILL)
+    return _fsync(fd)
+os.fsync = fsync
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to find the file being saved")
+@pytest.mark.parametrize(
+    "target,nth,resumed_step",
+    [
+        (".step-000012.pt.", 1, 6),
+        pytest.param(".last.pt.", 2, 12, marks=pytest.mark.slow),
+        pytest.param(".step-000006.pt.", 1, 0, marks=pytest.mark.slow),
+    ],
+    ids=["while-writing-the-step-file", "while-writing-last.pt", "during-the-first-save"],
+)
+def test_a_run_killed_in_the_middle_of_a_save_keeps_the_previous_checkpoint(
+    tmp_path, straight, target, nth, resumed_step
+):
+    """Killed with the temporary file half written: the previous checkpoint is intact, resume
+    continues from the highest complete step (or starts over when there was none) and finishes."""
+    run_dir = tmp_path / "weights" / "cut"
+    hook = KILL_IN_SAVE.replace("TARGET", repr(target)).replace("NTH", str(nth))
+    proc = start(train_args(tmp_path, "--run-name", "cut", "--resume", "latest"), tmp_path, hook)
+    proc.communicate(timeout=180)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(temp_files(run_dir)) == 1  # the half-written file a killed process leaves
+    assert [step for step, _ in step_checkpoints(run_dir)] == (
+        sorted({6, resumed_step}) if resumed_step else []
+    )
+    if resumed_step:
+        assert load_checkpoint(run_dir / "last.pt")["step"] in (6, 12)
+    result = runner.invoke(app, train_args(tmp_path, "--run-name", "cut", "--resume", "latest"))
+    assert result.exit_code == 0, result.output
+    assert same_weights(straight / "last.pt", run_dir / "last.pt")
+    assert logged(run_dir) == logged(straight)
+    assert temp_files(run_dir) == []
+    if resumed_step:
+        assert f"at step {resumed_step} " in result.stdout
+        assert "left by a save that was interrupted" in result.stdout
+    else:
+        assert "no checkpoint in" in result.stdout and "starting the run from step 0" in result.stdout
+
+
+# --------------------------------------------------------------------------- SIGTERM and Ctrl-C
+
+
+@pytest.mark.parametrize(
+    "sig,code",
+    [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
+    ids=["SIGTERM", "SIGINT"],
+)
+def test_sigterm_and_ctrl_c_save_say_how_to_resume_and_exit_143_or_130(tmp_path, straight, sig, code):
+    run_dir = tmp_path / "weights" / "stopped"
+    proc = start(train_args(tmp_path, "--run-name", "stopped"), tmp_path)
+    wait_until(proc, lambda: logged_step(run_dir) >= 8)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert f"stopped by {sig.name} at step {ckpt['step']}" in out
+    assert f"resume with: capsnet train --resume {run_dir}" in out
+    assert 8 <= ckpt["step"] < 6 * EPOCHS and "Traceback" not in err
+    if sig == signal.SIGTERM:
+        resume_and_finish(tmp_path, straight, "stopped")
+
+
+# --------------------------------------------------------------------------- disk full, no permission
+
+
+def test_a_full_disk_during_training_stops_with_the_path_and_keeps_the_previous_checkpoint(
+    tmp_path, monkeypatch, straight
+):
+    real = os.fsync
+
+    def full_at_step_12(fd):
+        if "step-000012" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full_at_step_12)
+    result = runner.invoke(app, train_args(tmp_path, "--run-name", "full"))
+    monkeypatch.undo()
+    run_dir = tmp_path / "weights" / "full"
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 2
+    assert str(run_dir / "step-000012.pt") in message[0] and "no space left on device" in message[0]
+    assert "stopped at step 12" in message[1] and f"--resume {run_dir}" in message[1]
+    assert temp_files(run_dir) == [] and load_checkpoint(run_dir / "last.pt")["step"] == 6
+    resume_and_finish(tmp_path, straight, "full")
+
+
+def test_an_unwritable_run_directory_is_a_clear_error(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    result = runner.invoke(app, train_args(tmp_path, "--run-name", "ro"))
+    monkeypatch.undo()
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert str(tmp_path / "weights" / "ro") in result.stderr and "Permission denied" in result.stderr
+
+
+# --------------------------------------------------------------------------- non-finite models
+
+
+def test_a_model_that_became_non_finite_is_never_saved(tmp_path, monkeypatch):
+    from capsnet import trainer
+
+    real = trainer.build_optimizer
+
+    def poison(model, cfg):
+        with torch.no_grad():
+            model.classcaps.weight[0, 0, 0, 0] = float("inf")
+        return real(model, cfg)
+
+    monkeypatch.setattr(trainer, "build_optimizer", poison)
+    cfg = load_config(TINY, [f"logging.out_dir={tmp_path}", "train.max_bad_steps=100"])
+    with pytest.raises(TrainingError, match=r"classcaps\.weight became non-finite, so it was not saved"):
+        fit(cfg, run_name="inf", echo=lambda _msg: None)
+    assert sorted(p.name for p in (tmp_path / "inf").iterdir() if p.suffix == ".pt") == []
+
+
+# --------------------------------------------------------------------------- soak
+
+
+def soak(tmp_path: Path, steps: int, train_size: int) -> None:
+    """Extreme settings (lr 0.1, final_lambda 1.0, min_var 1e-8): a finished run or a clean stop,
+    and every checkpoint written holds finite weights."""
+    cfg = load_config(
+        TINY,
+        [
+            f"logging.out_dir={tmp_path}",
+            f"logging.tb_dir={tmp_path / 'runs'}",
+            "optim.lr=0.1",
+            "routing.final_lambda=1.0",
+            "routing.min_var=1e-8",
+            f"data.train_size={train_size}",
+            "train.epochs=1000",
+            f"train.max_steps={steps}",
+            "logging.log_every=50",
+            "logging.hist_every=100000",
+            "logging.tensorboard=false",
+        ],
+    )
+    try:
+        result = fit(cfg, run_name="soak", echo=lambda _msg: None)
+        assert result.step == steps and result.stopped == "max_steps"
+    except TrainingError as stop:  # a clean stop names the step
+        assert "stopped at step" in str(stop)
+    saved = [p for p in (tmp_path / "soak").iterdir() if p.suffix == ".pt"]
+    for path in saved:
+        weights = load_checkpoint(path)["model"]
+        assert all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()), path
+
+
+def test_a_short_soak_with_extreme_settings_ends_finite_or_stops_cleanly(tmp_path):
+    soak(tmp_path, steps=60, train_size=480)
+
+
+@pytest.mark.slow
+def test_a_2000_step_soak_with_extreme_settings_ends_finite_or_stops_cleanly(tmp_path):
+    soak(tmp_path, steps=2000, train_size=1600)
+
+
+# --------------------------------------------------------------------------- bad input through the CLI
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int | None = None) -> None:
+    head = magic if magic is not None else (0x0800 | array.ndim)
+    path.write_bytes(
+        head.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
+    )
+
+
+def mnist_files(folder: Path, wrong_magic: bool = False, truncate: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("t10k", 8)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte", images, 0x0801 if wrong_magic else None)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n, dtype=np.uint8))
+    if truncate:
+        path = folder / "train-images-idx3-ubyte"
+        path.write_bytes(path.read_bytes()[:-100])
+    return folder
+
+
+def image_folder(root: Path, mode: str = "RGB", bad: bool = True) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(5):
+            shape = (20, 20, 3) if mode == "RGB" else (20, 20)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(
+                root / label / f"{i}.png"
+            )
+    if bad:
+        (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(30))
+        (root / "b" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory) -> Path:
+    """A folder holding weights/one/: a finished one-step run of configs/tiny.yaml."""
+    tmp = tmp_path_factory.mktemp("one")
+    cfg = load_config(
+        TINY, [f"logging.out_dir={tmp / 'weights'}", f"logging.tb_dir={tmp / 'runs'}", "train.max_steps=1"]
+    )
+    fit(cfg, run_name="one", echo=lambda _msg: None)
+    return tmp
+
+
+def truncated_checkpoint(tmp: Path, one: Path) -> Path:
+    path = tmp / "cut.pt"
+    path.write_bytes((one / "weights" / "one" / "last.pt").read_bytes()[:5000])
+    return path
+
+
+def code_checkpoint(tmp: Path, one: Path) -> Path:
+    path = tmp / "code.pt"
+    ckpt = load_checkpoint(one / "weights" / "one" / "last.pt")
+    torch.save({**ckpt, "payload": _RunsCode(str(tmp / "marker"))}, path)
+    return path
+
+
+class _RunsCode:
+    """Unpickling this would call open(marker, "w")."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def folder_args(tmp: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--config",
+        str(TINY),
+        *dirs(tmp),
+        "-o",
+        "data.name=folder",
+        "-o",
+        f"data.train_dir={image_folder(tmp / 'images')}",
+        "-o",
+        "train.max_steps=1",
+        *extra,
+    ]
+
+
+# Each case: (arguments given the test's folder and the finished run's folder, what stderr must say).
+BAD_INPUTS = {
+    "truncated-checkpoint-resume": (
+        lambda tmp, one: ["train", "--resume", str(truncated_checkpoint(tmp, one)), *dirs(tmp)],
+        "corrupt or truncated",
+    ),
+    "truncated-checkpoint-eval": (
+        lambda tmp, one: ["eval", "--ckpt", str(truncated_checkpoint(tmp, one))],
+        "corrupt or truncated",
+    ),
+    "checkpoint-that-runs-code": (
+        lambda tmp, one: ["eval", "--ckpt", str(code_checkpoint(tmp, one))],
+        "refusing to load",
+    ),
+    "checkpoint-of-another-architecture": (
+        lambda tmp, one: [
+            "train",
+            "--config",
+            str(TINY),
+            "--resume",
+            str(one / "weights" / "one"),
+            "--run-name",
+            "other",
+            *dirs(tmp),
+            "-o",
+            "model.caps_types=[4,6]",
+        ],
+        "model.caps_types: [4, 4] in the checkpoint, [4, 6] now",
+    ),
+    "resume-latest-with-no-runs": (
+        lambda tmp, one: ["train", "--resume", "latest", *dirs(tmp)],
+        "no runs with checkpoints",
+    ),
+    "eval-latest-with-no-runs": (lambda tmp, one: ["eval", "--ckpt", "latest"], "no runs with checkpoints"),
+    "missing-dataset": (
+        lambda tmp, one: [
+            *train_args(tmp),
+            "-o",
+            "data.name=smallnorb",
+            "-o",
+            f"data.root={tmp / 'nowhere'}",
+            "-o",
+            "data.download=false",
+        ],
+        "smallnorb not found (looked in: ",
+    ),
+    "idx-wrong-magic": (
+        lambda tmp, one: [
+            *train_args(tmp),
+            "-o",
+            "data.name=mnist",
+            "-o",
+            f"data.root={mnist_files(tmp / 'mnist', wrong_magic=True)}",
+            "-o",
+            "data.download=false",
+        ],
+        "train-images-idx3-ubyte: wrong magic number 0x00000801 (expected 0x00000803)",
+    ),
+    "idx-truncated-body": (
+        lambda tmp, one: [
+            *train_args(tmp),
+            "-o",
+            "data.name=mnist",
+            "-o",
+            f"data.root={mnist_files(tmp / 'mnist', truncate=True)}",
+            "-o",
+            "data.download=false",
+        ],
+        "train-images-idx3-ubyte: truncated",
+    ),
+    "image-folder-with-bad-files-in-fail-mode": (
+        lambda tmp, one: folder_args(tmp, "-o", "data.bad_files=fail"),
+        "not a readable image (data.bad_files is 'fail'",
+    ),
+    "channels-differ-from-the-checkpoint-resume": (
+        lambda tmp, one: [
+            "train",
+            "--resume",
+            str(one / "weights" / "one"),
+            "--run-name",
+            "rgb",
+            *dirs(tmp),
+            "-o",
+            "data.channels=3",
+        ],
+        "data.channels: 1 in the checkpoint, 3 now",
+    ),
+    "channels-differ-from-the-checkpoint-eval": (
+        lambda tmp, one: ["eval", "--ckpt", str(one / "weights" / "one"), "-o", "data.channels=3"],
+        "expects 1-channel images but this data has 3",
+    ),
+    "run-name-outside-the-weights-folder": (
+        lambda tmp, one: [*train_args(tmp), "--run-name", "../../x"],
+        "invalid run name",
+    ),
+    "yaml-with-a-python-tag": (
+        lambda tmp, one: ["train", "--config", str(python_tag_yaml(tmp))],
+        "not valid YAML",
+    ),
+}
+
+
+def python_tag_yaml(tmp: Path) -> Path:
+    path = tmp / "evil.yaml"
+    path.write_text(f"train:\n  epochs: !!python/object/apply:builtins.open ['{tmp / 'marker'}', 'w']\n")
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_short_error_with_exit_code_2_and_no_traceback(tmp_path, monkeypatch, one_run, case):
+    monkeypatch.chdir(tmp_path)
+    make_args, expected = BAD_INPUTS[case]
+    result = runner.invoke(app, make_args(tmp_path, one_run))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "marker").exists()
+    (tmp_path / "again").mkdir()
+    with_debug = runner.invoke(app, ["--debug", *make_args(tmp_path / "again", one_run)])
+    assert with_debug.exit_code != 0 and with_debug.exception is not None
+
+
+def test_an_existing_run_directory_needs_resume_or_overwrite(tmp_path, one_run, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "--config", str(TINY), "--run-name", "one", *dirs(one_run)])
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert "--resume" in result.stderr and "--overwrite" in result.stderr
+
+
+def test_an_image_folder_with_bad_files_is_trained_with_one_warning_and_a_count(tmp_path):
+    result = runner.invoke(app, folder_args(tmp_path, "--run-name", "imgs"))
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "skipped 2 unreadable or non-image files" in warnings[0]
+    assert "broken.png" in warnings[0] and "notes.txt" in warnings[0]
+
+
+def test_scientific_notation_without_a_dot_is_read_as_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("routing:\n  min_var: 1e-8\n")
+    assert load_config(path, ["optim.lr=2E-3"]).routing.min_var == 1e-8
+    assert load_config(path, ["optim.lr=2E-3"]).optim.lr == 2e-3
