@@ -39,8 +39,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from capsnet.data import DataError
     from capsnet.export import ExportError
     from capsnet.trainer import TrainingError
+    from capsnet.visualize import ExperimentError
 
-    return ConfigError, DataError, CheckpointError, TrainingError, ExportError
+    return ConfigError, DataError, CheckpointError, TrainingError, ExportError, ExperimentError
 
 
 @contextlib.contextmanager
@@ -95,7 +96,9 @@ def train(
         str | None,
         typer.Option(
             "--resume",
-            help="Continue from 'latest', 'best', a run directory or a checkpoint file.",
+            help="Continue from 'latest', 'best', a run directory or a checkpoint file. "
+            "With --run-name, 'latest' continues that run, or starts it when it has no checkpoint yet "
+            "(for torchrun --max-restarts and requeued jobs).",
         ),
     ] = None,
     run_name: Annotated[
@@ -121,7 +124,11 @@ def train(
 
         if config is None and resume is None:
             raise ConfigError(["--config is required (or --resume to continue a run with its own config)"])
-        cfg = load_config(config, override) if config is not None else config_for_resume(resume, override)
+        cfg = (
+            load_config(config, override)
+            if config is not None
+            else config_for_resume(resume, override, run_name)
+        )
         prefix = config.stem if config is not None else None
         try:
             fit(
@@ -173,16 +180,74 @@ def eval_(
     ] = None,
     out_dir: Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)] = DEFAULT_OUT_DIR,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    crops: Annotated[
+        int | None,
+        typer.Option(
+            "--crops",
+            min=1,
+            help="Also run the multi-crop test: average the class activations over N crops of each image "
+            "(the centre crop plus a grid of shifted crops; 5: centre and corners, 9: a 3x3 grid) and report "
+            "it beside the single-crop accuracy. N=1 is the single-crop test.",
+        ),
+    ] = None,
+    crop_shift: Annotated[
+        int | None,
+        typer.Option(
+            "--crop-shift",
+            min=1,
+            help="Largest crop offset in pixels (default: the room around the centre crop, 8 px on "
+            "smallNORB; image size / 14 for datasets seen whole, whose shifted crops are padded with black).",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", min=1, help="Evaluate a seeded random subset of this many images (default: all)."
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also write a PNG bar chart of the per-class accuracy (single crop, multi-crop, familiar "
+            "and novel viewpoints) to this file (needs matplotlib, the viz extra).",
+        ),
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
-    """Evaluate a checkpoint: accuracy, loss and a per-class table (the config travels inside it)."""
+    """Evaluate a checkpoint: accuracy, loss and a per-class table (the config travels inside it).
+
+    With a smallNORB viewpoint split (data.split azimuth or elevation) the test set holds the
+    novel viewpoints, and the accuracy on the familiar ones is reported beside it.
+    """
     with _errors(debug):
         from capsnet.evaluate import evaluate_checkpoint
         from capsnet.runtime import tune_allocator
 
         tune_allocator()
-        report = evaluate_checkpoint(ckpt, out_dir, split, batch_size, data_root, device, override)
+        if plot is not None:
+            from capsnet.visualize import require_matplotlib
+
+            require_matplotlib()  # before the evaluation, not after it
+        report = evaluate_checkpoint(
+            ckpt,
+            out_dir,
+            split,
+            batch_size,
+            data_root,
+            device,
+            override,
+            crops=crops,
+            crop_shift=crop_shift,
+            limit=limit,
+        )
+        if plot is not None:
+            from capsnet.visualize import plot_eval, save_figure
+
+            save_figure(plot_eval(report), plot)
     typer.echo(json.dumps(report.to_dict()) if as_json else report.summary())
+    if plot is not None and not as_json:
+        typer.echo(f"wrote {plot}")
 
 
 @app.command()
@@ -257,6 +322,204 @@ def bench(
             cfg, batch_size, steps, image_size=image_size, classes=classes, device=device, threads=threads
         )
     typer.echo(json.dumps(result.to_dict()) if as_json else result.summary())
+
+
+REPORT_DIR_HELP = "Folder for the files written (default: reports/<run>/{})."
+TB_DIR_HELP = "TensorBoard folder; events go to <it>/<run>/{} (default: the run's logging.tb_dir)."
+
+
+@app.command()
+def attack(
+    ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",
+    method: Annotated[
+        str,
+        typer.Option("--method", "-m", help="fgsm (one step) or bim (iterative, --steps of --step-size)."),
+    ] = "fgsm",
+    eps: Annotated[
+        str,
+        typer.Option(
+            "--eps",
+            help="Comma-separated perturbation sizes: fractions of the pixel range [0, 1], or for smallNORB "
+            "(standardised per image) units of the image's standard deviation.",
+        ),
+    ] = "0.01,0.05,0.1,0.2",
+    targeted: Annotated[
+        bool,
+        typer.Option(
+            "--targeted/--untargeted",
+            help="Push images towards a target class and report the success rate (default: untargeted, "
+            "away from the true class, reporting accuracy).",
+        ),
+    ] = False,
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            help="Targeted attacks: next (true class + 1), random (another class, seeded) or least "
+            "(the least active other class).",
+        ),
+    ] = "next",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="BIM: number of steps.")] = 10,
+    step_size: Annotated[
+        float | None,
+        typer.Option(
+            "--step-size", min=0.0, help="BIM: size of each step, in eps units (default 2.5 * eps / steps)."
+        ),
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="Split to attack: test, or val.")] = "test",
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", min=1, help="Attack a seeded random subset of this many images (default: all)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Images per batch (default: the run's).")
+    ] = None,
+    report_dir: Annotated[
+        Path | None, typer.Option("--out", help=REPORT_DIR_HELP.format("attack-<method>.json/.png"))
+    ] = None,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard/--no-tensorboard", help="Write attack/<method>/acc scalars (step = eps x 1000)."
+        ),
+    ] = True,
+    tb_dir: Annotated[str | None, typer.Option("--tb-dir", help=TB_DIR_HELP.format("attack"))] = None,
+    plot: Annotated[
+        bool, typer.Option("--plot/--no-plot", help="Write the PNG plot (needs matplotlib, the viz extra).")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    data_root: Annotated[
+        str | None,
+        typer.Option("--data-root", help="Look for the dataset here instead of the run's data.root."),
+    ] = None,
+    override: Annotated[
+        list[str] | None,
+        typer.Option("--override", "-o", help="Change a data value of the checkpoint's config (repeatable)."),
+    ] = None,
+    out_dir: Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)] = DEFAULT_OUT_DIR,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+) -> None:
+    """Adversarial robustness: accuracy (or targeted success) against epsilon for FGSM or BIM.
+
+    Prints a table and writes JSON, a PNG plot and TensorBoard scalars.
+    """
+    with _errors(debug):
+        from capsnet.attack import attack_checkpoint, parse_epsilons
+
+        report = attack_checkpoint(
+            ckpt,
+            out_dir,
+            split,
+            method,
+            parse_epsilons(eps),
+            targeted,
+            target,
+            steps,
+            step_size,
+            limit,
+            batch_size,
+            data_root,
+            device,
+            override,
+            report_dir,
+            tensorboard,
+            tb_dir,
+            plot,
+        )
+    typer.echo(json.dumps(report.to_dict()) if as_json else report.summary())
+
+
+@app.command()
+def inspect(
+    ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",
+    index: Annotated[
+        int, typer.Option("--index", "-i", min=0, help="Which image of the split (0-based).")
+    ] = 0,
+    split: Annotated[str, typer.Option("--split", help="Split the image comes from: test, or val.")] = "test",
+    layer: Annotated[
+        str,
+        typer.Option(
+            "--layer", help="Routing layer of figure (c): class (default) or a ConvCaps layer (caps1, ...)."
+        ),
+    ] = "class",
+    parent: Annotated[
+        int | None,
+        typer.Option(
+            "--parent",
+            min=0,
+            help="Parent capsule of figure (c): a class index in the class layer (default: the predicted "
+            "class), a capsule type in a ConvCaps layer (default: the most active).",
+        ),
+    ] = None,
+    position: Annotated[
+        str | None,
+        typer.Option(
+            "--position", help="ConvCaps layers: parent position ROW,COL (default: where it is most active)."
+        ),
+    ] = None,
+    entries: Annotated[
+        str,
+        typer.Option(
+            "--entries",
+            help="Two pose entries (0..15 for 4x4 poses, row-major) to project the votes on, e.g. 3,7; "
+            "auto: the two along which the votes spread most.",
+        ),
+    ] = "auto",
+    perturb: Annotated[
+        float,
+        typer.Option(
+            "--perturb", min=0.0, help="Figure (e): each pose entry moves from -perturb to +perturb."
+        ),
+    ] = 0.25,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Figure (e): images per pose entry.")] = 11,
+    report_dir: Annotated[
+        Path | None, typer.Option("--out", help=REPORT_DIR_HELP.format("inspect-<split>-<index>"))
+    ] = None,
+    tensorboard: Annotated[
+        bool,
+        typer.Option("--tensorboard", help="Also write the figures to TensorBoard (tag inspect/<figure>)."),
+    ] = False,
+    tb_dir: Annotated[str | None, typer.Option("--tb-dir", help=TB_DIR_HELP.format("inspect"))] = None,
+    data_root: Annotated[
+        str | None,
+        typer.Option("--data-root", help="Look for the dataset here instead of the run's data.root."),
+    ] = None,
+    override: Annotated[
+        list[str] | None,
+        typer.Option("--override", "-o", help="Change a data value of the checkpoint's config (repeatable)."),
+    ] = None,
+    out_dir: Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)] = DEFAULT_OUT_DIR,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+) -> None:
+    """Figures of one image: (a) input and reconstruction, (b) class activations, (c) EM routing of one
+    parent, iteration by iteration, (d) capsule activation maps, (e) pose perturbations through the decoder.
+    """
+    with _errors(debug):
+        from capsnet.inspection import inspect_checkpoint, parse_pair
+
+        result = inspect_checkpoint(
+            ckpt,
+            index,
+            out_dir,
+            split,
+            layer,
+            parent,
+            parse_pair(position, "--position"),
+            parse_pair(entries, "--entries"),
+            perturb,
+            steps,
+            data_root,
+            device,
+            override,
+            report_dir,
+            tensorboard,
+            tb_dir,
+        )
+    typer.echo(result.summary())
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -140,33 +141,28 @@ def evaluate(
 
 
 @dataclass
-class CheckpointEval:
-    checkpoint: str
-    run: str
-    step: int
-    epoch: int
+class Prepared:
+    """A checkpoint made ready for analysis: its config, model (eval mode, on ``device``) and data."""
+
+    path: Path
+    ckpt: dict[str, Any]
+    cfg: Config
+    model: nn.Module
+    loaders: Any  # capsnet.data.Loaders
+    loader: DataLoader  # the chosen split
     split: str
-    result: EvalResult
+    device: torch.device
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "checkpoint": self.checkpoint,
-            "run": self.run,
-            "step": self.step,
-            "epoch": self.epoch,
-            "split": self.split,
-            **self.result.to_dict(),
-        }
+    @property
+    def run(self) -> str:
+        return str(self.ckpt.get("run", "")) or self.path.parent.name
 
-    def summary(self) -> str:
-        r = self.result
-        return (
-            f"checkpoint {self.checkpoint} (run {self.run}, step {self.step}, epoch {self.epoch})\n"
-            f"{self.split}: accuracy {r.acc:.4f} ({r.correct}/{r.n}), loss {r.loss:.4f}\n{r.table()}"
-        )
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.loaders.info.class_names)
 
 
-def evaluate_checkpoint(
+def prepare_checkpoint(
     spec: str,
     out_dir: str = "weights/em_capsules",
     split: str = "test",
@@ -174,11 +170,13 @@ def evaluate_checkpoint(
     data_root: str | None = None,
     device: str = "auto",
     overrides: list[str] | None = None,
-) -> CheckpointEval:
-    """Evaluates the checkpoint ``spec`` names (latest | best | run dir | file) on ``split``.
+    limit: int | None = None,
+) -> Prepared:
+    """Loads the checkpoint ``spec`` names (latest | best | run dir | file), its model and its data.
 
     Everything comes from the checkpoint: the config it was trained with (for the
-    data) and its architecture (for the model).
+    data) and its architecture (for the model); ``overrides`` change the data side.
+    ``limit`` keeps a seeded random subset of that many images of every evaluation split.
     """
     from capsnet.checkpoint import build_model_from_checkpoint, load_checkpoint, resolve_checkpoint
     from capsnet.config import config_from_dict
@@ -193,7 +191,7 @@ def evaluate_checkpoint(
         settings.append(f"data.root={data_root}")
     cfg = config_from_dict(ckpt["config"], [*(overrides or []), *settings])
     dev = resolve_device(device)
-    model = build_model_from_checkpoint(ckpt, path).to(dev)
+    model = build_model_from_checkpoint(ckpt, path).to(dev).eval()
     loaders = build_loaders(cfg)
     check_channels(loaders.info, model.in_channels)
     if loaders.info.num_classes != model.num_classes:
@@ -204,7 +202,136 @@ def evaluate_checkpoint(
     if loader is None:
         known = ", ".join(["test"] + (["val"] if loaders.val is not None else []) + list(loaders.extra))
         raise DataError(f"this run has no {split!r} split (available: {known}); val needs data.val_split > 0")
-    result = evaluate(model, loader, cfg, dev, class_names=loaders.info.class_names)
-    return CheckpointEval(
-        str(path), str(ckpt.get("run", "")), int(ckpt["step"]), int(ckpt["epoch"]), split, result
+    if limit is not None:
+        loaders.extra = {name: limited(ld, limit, cfg.train.seed) for name, ld in loaders.extra.items()}
+        loader = limited(loader, limit, cfg.train.seed)
+    return Prepared(Path(path), ckpt, cfg, model, loaders, loader, split, dev)
+
+
+def limited(loader: DataLoader, limit: int, seed: int = 0) -> DataLoader:
+    """An in-order loader over a seeded random subset of ``limit`` items of ``loader``'s dataset."""
+    dataset = loader.dataset
+    if limit >= len(dataset):
+        return loader
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+    return DataLoader(dataset.subset(chosen.sort().values, evaluation=True), batch_size=loader.batch_size)
+
+
+def _brief(result: Any) -> dict[str, Any]:
+    return {"acc": result.acc, "n": result.n, "correct": result.correct}
+
+
+@dataclass
+class CheckpointEval:
+    checkpoint: str
+    run: str
+    step: int
+    epoch: int
+    split: str
+    result: EvalResult
+    #: smallNORB viewpoint splits: data.split and the test file's rows with the training viewpoints
+    viewpoint_split: str | None = None
+    familiar: EvalResult | None = None
+    #: multi-crop results (``--crops``), on ``split`` and, with a viewpoint split, on the familiar rows
+    multicrop: Any = None  # capsnet.multicrop.MultiCropResult
+    multicrop_familiar: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {
+            "checkpoint": self.checkpoint,
+            "run": self.run,
+            "step": self.step,
+            "epoch": self.epoch,
+            "split": self.split,
+            **self.result.to_dict(),
+        }
+        if self.familiar is not None:
+            data["viewpoints"] = {
+                "split": self.viewpoint_split,
+                "novel": _brief(self.result),
+                "familiar": _brief(self.familiar),
+            }
+        if self.multicrop is not None:
+            data["multicrop"] = self.multicrop.to_dict()
+            if self.multicrop_familiar is not None:
+                data["multicrop"]["familiar"] = _brief(self.multicrop_familiar)
+        return data
+
+    def summary(self) -> str:
+        r = self.result
+        lines = [
+            f"checkpoint {self.checkpoint} (run {self.run}, step {self.step}, epoch {self.epoch})",
+            f"{self.split}: accuracy {r.acc:.4f} ({r.correct}/{r.n}), loss {r.loss:.4f}",
+        ]
+        if self.familiar is not None:
+            f = self.familiar
+            lines.append(
+                f"viewpoints (data.split {self.viewpoint_split}): novel accuracy {r.acc:.4f} ({r.correct}/{r.n}), "
+                f"familiar accuracy {f.acc:.4f} ({f.correct}/{f.n})"
+            )
+        if self.multicrop is not None:
+            m = self.multicrop
+            text = f"{m.crops}-crop accuracy {m.acc:.4f} ({m.correct}/{m.n}) beside single-crop {r.acc:.4f}"
+            if self.multicrop_familiar is not None:
+                mf = self.multicrop_familiar
+                text += f"; familiar viewpoints {mf.acc:.4f} ({mf.correct}/{mf.n})"
+            lines.append(text)
+        lines.append(r.table())
+        return "\n".join(lines)
+
+
+def evaluate_checkpoint(
+    spec: str,
+    out_dir: str = "weights/em_capsules",
+    split: str = "test",
+    batch_size: int | None = None,
+    data_root: str | None = None,
+    device: str = "auto",
+    overrides: list[str] | None = None,
+    crops: int | None = None,
+    crop_shift: int | None = None,
+    progress: bool = True,
+    limit: int | None = None,
+) -> CheckpointEval:
+    """Evaluates the checkpoint ``spec`` names (latest | best | run dir | file) on ``split``.
+
+    With a smallNORB viewpoint split (``data.split: azimuth | elevation``) the test
+    split holds the novel viewpoints, and the test file's rows with the training
+    viewpoints are evaluated too (familiar). ``crops`` also runs the multi-crop test
+    (:mod:`capsnet.multicrop`) with shifts of up to ``crop_shift`` pixels. ``limit``
+    evaluates a seeded random subset of that many images.
+    """
+    prep = prepare_checkpoint(spec, out_dir, split, batch_size, data_root, device, overrides, limit)
+    cfg, model, dev, names = prep.cfg, prep.model, prep.device, prep.class_names
+    result = evaluate(model, prep.loader, cfg, dev, class_names=names)
+    report = CheckpointEval(
+        str(prep.path),
+        str(prep.ckpt.get("run", "")),
+        int(prep.ckpt["step"]),
+        int(prep.ckpt["epoch"]),
+        split,
+        result,
     )
+    familiar = prep.loaders.extra.get("test_familiar") if split == "test" else None
+    if familiar is not None:
+        report.viewpoint_split = cfg.data.split
+        report.familiar = evaluate(model, familiar, cfg, dev, class_names=names)
+    if crops is not None:
+        from capsnet.multicrop import evaluate_crops
+
+        eval_batch = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
+        common: dict[str, Any] = {
+            "crops": crops,
+            "device": dev,
+            "batch_size": eval_batch,
+            "reach": crop_shift,
+            "class_names": names,
+            "precision": cfg.train.precision,
+            "progress": progress,
+        }
+        report.multicrop = evaluate_crops(model, prep.loader.dataset, desc=f"{split} crops", **common)
+        if familiar is not None:
+            report.multicrop_familiar = evaluate_crops(
+                model, familiar.dataset, desc="familiar crops", **common
+            )
+    return report

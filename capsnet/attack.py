@@ -1,0 +1,417 @@
+"""White-box adversarial attacks: accuracy (or targeted success) against the size of the perturbation.
+
+The paper compares how capsules and a CNN stand up to the fast gradient sign
+method (FGSM) and its iterative form (BIM), untargeted and targeted. Both move
+the image along the sign of the gradient of a loss on the class capsules:
+cross-entropy over the activation logits ``ln a - ln(1 - a)``, ascended away
+from the true class (untargeted) or descended towards a target class (targeted).
+
+* FGSM: ``x' = x + eps * sign(grad)`` in one step.
+* BIM: ``steps`` steps of ``step_size``, each followed by a projection back into
+  the ``eps`` box around ``x`` (default step size ``2.5 * eps / steps``).
+
+Units of ``eps``: for datasets with a fixed per-channel normalisation (MNIST,
+Fashion-MNIST, CIFAR-10, SVHN, folders, synthetic) ``eps`` is a fraction of the
+pixel range [0, 1], and adversarial images are clipped to valid pixels. For
+smallNORB, standardised per image, ``eps`` is in units of the image's standard
+deviation (no clipping).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from capsnet.visualize import ExperimentError
+
+METHODS = ("fgsm", "bim")
+TARGETS = ("next", "random", "least")
+
+
+def parse_epsilons(text: str) -> list[float]:
+    """``"0.01,0.05,0.1"`` -> [0.01, 0.05, 0.1] (sorted, duplicates dropped); ExperimentError if malformed."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise ExperimentError(f"--eps: {part!r} is not a number (expected e.g. 0.01,0.05,0.1)") from None
+        if not math.isfinite(value) or value < 0:
+            raise ExperimentError(f"--eps: {part!r} must be a finite number >= 0")
+        values.append(value)
+    if not values:
+        raise ExperimentError("--eps: give at least one epsilon, e.g. 0.01,0.05,0.1,0.2")
+    return sorted(set(values))
+
+
+def activation_logits(activations: Tensor, eps: float = 1e-6) -> Tensor:
+    """ln a - ln(1 - a) of class activations (N, E), the quantity the attacks' cross-entropy uses."""
+    a = activations.float().clamp(eps, 1 - eps)
+    return torch.log(a) - torch.log1p(-a)
+
+
+@dataclass
+class InputSpace:
+    """How ``eps`` maps to the model's (normalised) input and which inputs are valid pixels."""
+
+    scale: Tensor  # (1, C, 1, 1): input units per unit of eps
+    low: Tensor | None  # (1, C, 1, 1) bounds of valid pixels in input units, or None (no clipping)
+    high: Tensor | None
+    units: str  # "pixel" | "standardised"
+
+    @classmethod
+    def from_info(cls, mean: list[float] | None, std: list[float] | None, channels: int) -> InputSpace:
+        if mean is None or std is None:
+            return cls(torch.ones(1, channels, 1, 1), None, None, "standardised")
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        return cls(1.0 / s, (0.0 - m) / s, (1.0 - m) / s, "pixel")
+
+    def to(self, device: torch.device) -> InputSpace:
+        low = None if self.low is None else self.low.to(device)
+        high = None if self.high is None else self.high.to(device)
+        return InputSpace(self.scale.to(device), low, high, self.units)
+
+    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+        """``x_adv`` clipped into the eps box around ``x`` and to valid pixels."""
+        radius = eps * self.scale
+        x_adv = torch.maximum(torch.minimum(x_adv, x + radius), x - radius)
+        if self.low is not None:
+            x_adv = torch.maximum(torch.minimum(x_adv, self.high), self.low)
+        return x_adv
+
+
+def gradient_sign(
+    model: nn.Module, x: Tensor, labels: Tensor, targeted: bool, precision: str = "fp32"
+) -> Tensor:
+    """Sign of the gradient that raises the loss on ``labels`` (lowers it when ``targeted``)."""
+    from capsnet.evaluate import autocast
+
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad(), autocast(x.device, precision):
+        out = model(x)
+        loss = F.cross_entropy(activation_logits(out.activations), labels, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    return -grad.sign() if targeted else grad.sign()
+
+
+def fgsm(
+    model: nn.Module, x: Tensor, labels: Tensor, eps: float, space: InputSpace, targeted: bool = False, **kw
+) -> Tensor:
+    """One step of size ``eps`` along the gradient sign."""
+    if eps == 0:
+        return x
+    return space.project(x + eps * space.scale * gradient_sign(model, x, labels, targeted, **kw), x, eps)
+
+
+def bim(
+    model: nn.Module,
+    x: Tensor,
+    labels: Tensor,
+    eps: float,
+    space: InputSpace,
+    targeted: bool = False,
+    steps: int = 10,
+    step_size: float | None = None,
+    **kw,
+) -> Tensor:
+    """``steps`` FGSM steps of ``step_size`` (default 2.5 eps / steps), projected into the eps box each time."""
+    if eps == 0:
+        return x
+    alpha = step_size if step_size is not None else 2.5 * eps / steps
+    x_adv = x
+    for _ in range(steps):
+        x_adv = space.project(
+            x_adv + alpha * space.scale * gradient_sign(model, x_adv, labels, targeted, **kw), x, eps
+        )
+    return x_adv.detach()
+
+
+def choose_targets(labels: Tensor, activations: Tensor, mode: str, generator: torch.Generator) -> Tensor:
+    """Target classes: "next" (label + 1 mod E), "random" (any other class), "least" (least active other class)."""
+    num_classes = activations.shape[1]
+    if mode == "next":
+        return (labels + 1) % num_classes
+    if mode == "random":
+        shift = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device)
+        return (labels + shift) % num_classes
+    if mode == "least":
+        masked = activations.float().clone()
+        masked[torch.arange(len(labels)), labels] = float("inf")
+        return masked.argmin(1)
+    raise ExperimentError(f"--target: {mode!r} is not one of: {', '.join(TARGETS)}")
+
+
+@dataclass
+class AttackPoint:
+    eps: float
+    acc: float  # accuracy on the attacked images
+    success: float | None  # targeted: share classified as the target; untargeted: None
+    correct: int
+    hits: int | None
+
+
+@dataclass
+class AttackReport:
+    checkpoint: str
+    run: str
+    split: str
+    method: str
+    targeted: bool
+    target: str | None
+    steps: int | None
+    step_size: float | None
+    eps_units: str
+    n: int
+    clean_acc: float
+    points: list[AttackPoint]
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-targeted" if self.targeted else self.method
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint,
+            "run": self.run,
+            "split": self.split,
+            "method": self.method,
+            "targeted": self.targeted,
+            "target": self.target,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "eps_units": self.eps_units,
+            "n": self.n,
+            "clean_acc": self.clean_acc,
+            "results": [
+                {"eps": p.eps, "acc": p.acc, "success": p.success, "correct": p.correct, "hits": p.hits}
+                for p in self.points
+            ],
+            "files": self.files,
+        }
+
+    def table(self) -> str:
+        header = f"{'epsilon':>8}  {'accuracy':>8}" + (f"  {'success':>8}" if self.targeted else "")
+        lines = [header, f"{'clean':>8}  {self.clean_acc:8.4f}" + (f"  {'':>8}" if self.targeted else "")]
+        for p in self.points:
+            line = f"{p.eps:8.4g}  {p.acc:8.4f}"
+            if self.targeted:
+                line += f"  {p.success:8.4f}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        kind = f"targeted ({self.target} class)" if self.targeted else "untargeted"
+        detail = f", {self.steps} steps" if self.method == "bim" else ""
+        lines = [
+            f"checkpoint {self.checkpoint} (run {self.run})",
+            f"{self.method.upper()} {kind}{detail} on {self.n} {self.split} images, eps in {self.eps_units} units",
+            self.table(),
+        ]
+        lines += [f"wrote {path}" for path in self.files.values()]
+        return "\n".join(lines)
+
+
+@dataclass
+class Examples:
+    """One image attacked at every epsilon, for the figure."""
+
+    clean: Tensor  # (C, H, W)
+    label: int
+    target: int | None
+    adversarial: list[Tensor]  # one (C, H, W) per epsilon
+    predictions: list[int]
+
+
+def run_attack(
+    model: nn.Module,
+    loader: DataLoader,
+    epsilons: list[float],
+    space: InputSpace,
+    method: str = "fgsm",
+    targeted: bool = False,
+    target: str = "next",
+    steps: int = 10,
+    step_size: float | None = None,
+    precision: str = "fp32",
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[float, list[AttackPoint], int, Examples | None]:
+    """(clean accuracy, one AttackPoint per epsilon, images attacked, examples of the first image)."""
+    from capsnet.tracking import progress as progress_bar
+
+    if method not in METHODS:
+        raise ExperimentError(f"--method: {method!r} is not one of: {', '.join(METHODS)}")
+    device = next(model.parameters()).device
+    space = space.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    clean_correct, total = 0, 0
+    correct = [0] * len(epsilons)
+    hits = [0] * len(epsilons)
+    examples = None
+    for x, y in progress_bar(loader, len(loader), progress, desc=f"attack {method}"):
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad():
+            clean = model(x).activations.float()  # (N, E)
+        clean_correct += int((clean.argmax(1) == y).sum())
+        total += len(y)
+        goal = choose_targets(y, clean, target, generator) if targeted else y
+        adversarial = []
+        for k, eps in enumerate(epsilons):
+            if method == "fgsm":
+                x_adv = fgsm(model, x, goal, eps, space, targeted, precision=precision)
+            else:
+                x_adv = bim(model, x, goal, eps, space, targeted, steps, step_size, precision=precision)
+            with torch.no_grad():
+                pred = model(x_adv).activations.argmax(1)
+            correct[k] += int((pred == y).sum())
+            hits[k] += int((pred == goal).sum())
+            if examples is None:
+                adversarial.append((x_adv[0].detach().cpu(), int(pred[0])))
+        if examples is None:
+            examples = Examples(
+                x[0].cpu(),
+                int(y[0]),
+                int(goal[0]) if targeted else None,
+                [a for a, _ in adversarial],
+                [p for _, p in adversarial],
+            )
+    if total == 0:
+        raise ExperimentError("no images to attack (the split is empty)")
+    points = [
+        AttackPoint(
+            eps,
+            correct[k] / total,
+            hits[k] / total if targeted else None,
+            correct[k],
+            hits[k] if targeted else None,
+        )
+        for k, eps in enumerate(epsilons)
+    ]
+    return clean_correct / total, points, total, examples
+
+
+def attack_checkpoint(
+    spec: str,
+    out_dir: str = "weights/em_capsules",
+    split: str = "test",
+    method: str = "fgsm",
+    epsilons: list[float] | None = None,
+    targeted: bool = False,
+    target: str = "next",
+    steps: int = 10,
+    step_size: float | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    data_root: str | None = None,
+    device: str = "auto",
+    overrides: list[str] | None = None,
+    report_dir: str | Path | None = None,
+    tensorboard: bool = True,
+    tb_dir: str | None = None,
+    plot: bool = True,
+    progress: bool = True,
+) -> AttackReport:
+    """Attacks the checkpoint ``spec`` names on (up to ``limit`` images of) ``split``.
+
+    Writes ``attack-<method>[-targeted].json`` and, when ``plot`` (needs matplotlib),
+    a ``.png`` of accuracy against epsilon to ``report_dir`` (default
+    ``reports/<run>``), and TensorBoard scalars ``attack/<name>/acc`` (and
+    ``/success``) to ``<tb_dir>/<run>/attack`` with the step = epsilon x 1000.
+    """
+    from capsnet.evaluate import prepare_checkpoint
+    from capsnet.visualize import require_matplotlib
+
+    if method not in METHODS:
+        raise ExperimentError(f"--method: {method!r} is not one of: {', '.join(METHODS)}")
+    if target not in TARGETS:
+        raise ExperimentError(f"--target: {target!r} is not one of: {', '.join(TARGETS)}")
+    if steps < 1:
+        raise ExperimentError(f"--steps must be at least 1, got {steps}")
+    if plot:
+        require_matplotlib()
+    epsilons = list(epsilons or [0.01, 0.05, 0.1, 0.2])
+    prep = prepare_checkpoint(spec, out_dir, split, batch_size, data_root, device, overrides, limit)
+    info = prep.loaders.info
+    space = InputSpace.from_info(info.mean, info.std, info.channels)
+    for param in prep.model.parameters():
+        param.requires_grad_(False)
+    clean_acc, points, n, examples = run_attack(
+        prep.model,
+        prep.loader,
+        epsilons,
+        space,
+        method,
+        targeted,
+        target,
+        steps,
+        step_size,
+        prep.cfg.train.precision,
+        prep.cfg.train.seed,
+        progress,
+    )
+    report = AttackReport(
+        str(prep.path),
+        prep.run,
+        split,
+        method,
+        targeted,
+        target if targeted else None,
+        steps if method == "bim" else None,
+        step_size if method == "bim" else None,
+        space.units,
+        n,
+        clean_acc,
+        points,
+    )
+    folder = Path(report_dir) if report_dir is not None else Path("reports") / prep.run
+    folder.mkdir(parents=True, exist_ok=True)
+    figure = None
+    if plot:
+        from capsnet.visualize import plot_attack, save_figure
+
+        figure = plot_attack(report, examples, prep.class_names, info.mean, info.std)
+        png = folder / f"attack-{report.name}.png"
+        save_figure(figure, png)
+        report.files["png"] = str(png)
+    if tensorboard:
+        log_dir = Path(tb_dir or prep.cfg.logging.tb_dir) / prep.run / "attack"
+        _log_tensorboard(report, log_dir, figure)
+        report.files["tensorboard"] = str(log_dir)
+    path = folder / f"attack-{report.name}.json"
+    report.files["json"] = str(path)
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def _log_tensorboard(report: AttackReport, log_dir: Path, figure: Any) -> None:
+    from capsnet.tracking import TensorBoardWriter
+
+    writer = TensorBoardWriter(log_dir)
+    try:
+        if all(p.eps != 0 for p in report.points):
+            writer.scalar(f"attack/{report.name}/acc", report.clean_acc, 0)
+        for p in report.points:
+            step = round(p.eps * 1000)
+            writer.scalar(f"attack/{report.name}/acc", p.acc, step)
+            if p.success is not None:
+                writer.scalar(f"attack/{report.name}/success", p.success, step)
+        if figure is not None:
+            from capsnet.visualize import figure_to_tensor
+
+            writer.image(f"attack/{report.name}/plot", figure_to_tensor(figure), 0)
+    finally:
+        writer.close()

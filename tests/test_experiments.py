@@ -1,0 +1,346 @@
+"""The paper's experiments as commands: multi-crop eval, viewpoint splits, attacks, inspect figures."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from capsnet import smallnorb
+from capsnet.attack import InputSpace, bim, fgsm
+from capsnet.cli import app
+from capsnet.config import DataConfig
+from capsnet.data import PixelTransform, StandardisedCrop, build_datasets
+from capsnet.multicrop import MultiCrop, crop_offsets
+from capsnet.routing import RoutingSettings, em_routing
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Fits 64 synthetic images in seconds; the test set is 32 images.
+FIT = ["-o", "train.epochs=6", "-o", "data.train_size=64", "-o", "loss.margin_steps=24"]
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A fresh directory with one tiny model trained to fit its synthetic data."""
+    path = tmp_path_factory.mktemp("experiments")
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        result = invoke("train", "--config", TINY, "--run-name", "fit", *FIT)
+        assert result.exit_code == 0, result.output
+        yield path
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture
+def here(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    return workdir
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def scalar_events(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    out = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    out["_images"] = events.Tags()["images"]
+    return out
+
+
+# --------------------------------------------------------------------------- multi-crop
+
+
+def test_crop_offsets_start_at_the_centre_and_are_distinct_within_reach():
+    assert crop_offsets(1, 0) == [(0, 0)]
+    assert crop_offsets(5, 8) == [(0, 0), (-8, -8), (-8, 8), (8, -8), (8, 8)]
+    for count in (2, 9, 10, 17, 25):
+        offsets = crop_offsets(count, 3)
+        assert offsets[0] == (0, 0) and len(set(offsets)) == count
+        assert all(abs(dy) <= 3 and abs(dx) <= 3 for dy, dx in offsets)
+    with pytest.raises(Exception, match="at most 9 distinct crops"):
+        crop_offsets(10, 1)
+
+
+def test_one_crop_is_the_evaluation_transform_bit_for_bit():
+    rng = np.random.default_rng(0)
+    norb_like = rng.integers(0, 256, (2, 48, 48), dtype=np.uint8)
+    centre = StandardisedCrop(32)
+    stack = MultiCrop(centre, [(0, 0)], 48)(norb_like)
+    assert stack.shape == (1, 2, 32, 32) and torch.equal(stack[0], centre(norb_like))
+    moved = MultiCrop(centre, [(0, 0), (8, -8)], 48)(norb_like)
+    window = norb_like[:, 16:48, 0:32].astype(np.float64)
+    mean = norb_like.reshape(2, -1).mean(1)[:, None, None]
+    std = norb_like.reshape(2, -1).std(1)[:, None, None]
+    assert torch.allclose(moved[1].double(), torch.from_numpy((window - mean) / std), atol=1e-4)
+    whole = PixelTransform([0.5], [0.25])
+    digit = rng.integers(0, 256, (1, 28, 28), dtype=np.uint8)
+    shifted = MultiCrop(whole, [(0, 0), (2, 0)], 28)(digit)
+    assert torch.equal(shifted[0], whole(digit))
+    assert torch.equal(shifted[1, :, 2:], whole(digit)[:, :-2])
+    assert torch.all(shifted[1, :, :2] == (0 - 0.5) / 0.25), "the uncovered rows are black"
+
+
+def test_eval_with_one_crop_equals_the_single_crop_result(here):
+    result = invoke("eval", "--ckpt", "fit", "--crops", "1", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    crops = report["multicrop"]
+    assert crops["crops"] == 1 and crops["offsets"] == [[0, 0]]
+    assert (crops["acc"], crops["correct"], crops["n"]) == (report["acc"], report["correct"], report["n"])
+    assert {k: v["count"] for k, v in crops["per_class"].items()} == {
+        k: v["count"] for k, v in report["per_class"].items()
+    }
+
+
+def test_eval_with_five_crops_reports_them_beside_the_single_crop(here):
+    result = invoke("eval", "--ckpt", "fit", "--crops", "5", "--crop-shift", "2", "--plot", "crops.png")
+    assert result.exit_code == 0, result.output
+    assert "5-crop accuracy" in result.stdout and "beside single-crop" in result.stdout
+    assert is_png(here / "crops.png")
+    bad = invoke("eval", "--ckpt", "fit", "--crops", "30", "--crop-shift", "1")
+    assert bad.exit_code == 2 and "distinct crops" in bad.output
+
+
+# --------------------------------------------------------------------------- smallNORB viewpoint splits
+
+ELEVATIONS, AZIMUTHS = 9, 18
+
+
+def write_norb(path: Path, array: np.ndarray) -> None:
+    """The official binary-matrix layout: int32 magic, ndim, max(3, ndim) dims, little-endian data."""
+    magic = 0x1E3D4C55 if array.dtype == np.uint8 else 0x1E3D4C54
+    dims = list(array.shape) + [1] * (3 - array.ndim)
+    header = struct.pack("<ii", magic, array.ndim) + struct.pack(f"<{len(dims)}i", *dims)
+    body = np.ascontiguousarray(array, dtype=np.uint8 if array.dtype == np.uint8 else "<i4")
+    path.write_bytes(header + body.tobytes())
+
+
+@pytest.fixture(scope="module")
+def norb_root(tmp_path_factory) -> Path:
+    """Both official file triples, with one stereo pair at every (elevation, azimuth) viewpoint."""
+    root = tmp_path_factory.mktemp("norb")
+    folder = root / "smallnorb"
+    folder.mkdir()
+    rows = ELEVATIONS * AZIMUTHS
+    elevation, azimuth = np.divmod(np.arange(rows), AZIMUTHS)
+    info = np.stack([np.arange(rows) % 5, elevation, 2 * azimuth, np.arange(rows) % 6], 1).astype(np.int32)
+    rng = np.random.default_rng(0)
+    for stem in smallnorb.FILES.values():
+        labels = (np.arange(rows) % 5).astype(np.int32)
+        # Learnable: a bright square whose place depends on the class.
+        images = rng.integers(0, 60, (rows, 2, 96, 96), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            images[i, :, 16 + 12 * label : 40 + 12 * label, 30:66] = 220
+        write_norb(folder / f"{stem}-dat.mat", images)
+        write_norb(folder / f"{stem}-cat.mat", labels)
+        write_norb(folder / f"{stem}-info.mat", info)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("split", "key", "familiar", "novel"),
+    [
+        ("azimuth", "azimuth", {300, 320, 340, 0, 20, 40}, set(range(60, 281, 20))),
+        ("elevation", "elevation", {0, 1, 2}, set(range(3, 9))),
+    ],
+)
+def test_viewpoint_splits_select_exactly_the_documented_viewpoints(norb_root, split, key, familiar, novel):
+    cfg = DataConfig(name="smallnorb", root=str(norb_root), download=False, split=split)
+    train, _, test, _ = build_datasets(cfg)
+    seen = {
+        "train": train.selected_meta()[key].tolist(),
+        "novel": test.selected_meta()[key].tolist(),
+        "familiar": test.extra_splits["test_familiar"].selected_meta()[key].tolist(),
+    }
+    assert set(seen["train"]) == familiar and set(seen["familiar"]) == familiar
+    assert set(seen["novel"]) == novel
+    per_value = AZIMUTHS if key == "elevation" else ELEVATIONS  # rows sharing one value of the key
+    assert len(seen["train"]) == len(seen["familiar"]) == per_value * len(familiar)
+    assert len(seen["novel"]) == per_value * len(novel)
+
+
+def test_eval_reports_familiar_and_novel_viewpoint_accuracy(norb_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = ["data.name=smallnorb", f"data.root={norb_root}", "data.download=false", "data.split=azimuth"]
+    overrides = [arg for setting in [*data, "train.epochs=1"] for arg in ("-o", setting)]
+    trained = invoke("train", "--config", TINY, "--run-name", "norb", *overrides)
+    assert trained.exit_code == 0, trained.output
+    result = invoke("eval", "--ckpt", "norb", "--json", "--crops", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    views = report["viewpoints"]
+    assert views["split"] == "azimuth"
+    assert views["novel"]["n"] == report["n"] == 12 * ELEVATIONS
+    assert views["familiar"]["n"] == 6 * ELEVATIONS
+    assert 0 <= views["familiar"]["acc"] <= 1 and views["novel"]["acc"] == report["acc"]
+    assert report["multicrop"]["familiar"]["n"] == 6 * ELEVATIONS
+    text = invoke("eval", "--ckpt", "norb").stdout
+    assert "novel accuracy" in text and "familiar accuracy" in text
+
+
+# --------------------------------------------------------------------------- attacks
+
+
+def test_attack_writes_a_table_json_png_and_tensorboard_scalars(here):
+    result = invoke("attack", "--ckpt", "fit", "--eps", "0.2,0.01,0.05,0.1", "--out", "rep", "--tb-dir", "tb")
+    assert result.exit_code == 0, result.output
+    assert "epsilon  accuracy" in result.stdout and "clean" in result.stdout
+    report = json.loads((here / "rep" / "attack-fgsm.json").read_text())
+    assert {
+        "checkpoint",
+        "run",
+        "method",
+        "targeted",
+        "eps_units",
+        "n",
+        "clean_acc",
+        "results",
+        "files",
+    } <= set(report)
+    assert report["method"] == "fgsm" and report["targeted"] is False and report["eps_units"] == "pixel"
+    assert report["n"] == 32 and [r["eps"] for r in report["results"]] == [0.01, 0.05, 0.1, 0.2]
+    for row in report["results"]:
+        assert set(row) == {"eps", "acc", "success", "correct", "hits"} and 0 <= row["acc"] <= 1
+    assert is_png(here / "rep" / "attack-fgsm.png")
+    scalars = scalar_events(here / "tb" / "fit" / "attack")
+    assert [step for step, _ in scalars["attack/fgsm/acc"]] == [0, 10, 50, 100, 200]
+    assert "attack/fgsm/plot" in scalars["_images"]
+
+
+@pytest.mark.parametrize("method", ["fgsm", "bim"])
+def test_attack_accuracy_does_not_increase_with_epsilon(here, method):
+    args = ["--eps", "0,0.02,0.05,0.1,0.2", "--steps", "4", "--no-plot", "--no-tensorboard", "--json"]
+    result = invoke("attack", "--ckpt", "fit", "--method", method, "--out", "rep", *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    accuracy = [report["clean_acc"]] + [row["acc"] for row in report["results"]]
+    assert accuracy[0] == accuracy[1] >= 0.9, "the model fits its data, and eps 0 changes nothing"
+    assert all(a >= b for a, b in itertools.pairwise(accuracy)), accuracy
+    assert accuracy[-1] < accuracy[0]
+
+
+def test_targeted_attack_reports_its_success_rate(here):
+    args = ["--method", "bim", "--targeted", "--target", "next", "--eps", "0.05,0.2", "--steps", "3"]
+    result = invoke("attack", "--ckpt", "fit", *args, "--no-plot", "--out", "rep", "--tb-dir", "tb")
+    assert result.exit_code == 0, result.output
+    assert "success" in result.stdout
+    report = json.loads((here / "rep" / "attack-bim-targeted.json").read_text())
+    assert report["targeted"] and report["target"] == "next" and report["steps"] == 3
+    assert all(0 <= row["success"] <= 1 and row["hits"] is not None for row in report["results"])
+    assert report["results"][-1]["success"] > 0
+    assert "attack/bim-targeted/success" in scalar_events(here / "tb" / "fit" / "attack")
+
+
+def test_adversarial_images_stay_within_epsilon_and_valid_pixels(here):
+    from capsnet.evaluate import prepare_checkpoint
+
+    prep = prepare_checkpoint("fit", device="cpu")
+    x, y = next(iter(prep.loader))
+    info = prep.loaders.info
+    space = InputSpace.from_info(info.mean, info.std, info.channels)
+    for attack in (fgsm, bim):
+        x_adv = attack(prep.model, x, y, 0.1, space)
+        change = (x_adv - x) * torch.tensor(info.std).view(1, -1, 1, 1)  # in pixel units
+        assert change.abs().max() <= 0.1 + 1e-5 and change.abs().max() > 0.05
+        assert torch.all(x_adv >= space.low - 1e-6) and torch.all(x_adv <= space.high + 1e-6)
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def test_inspect_writes_five_png_figures_and_tensorboard_images(here):
+    result = invoke(
+        "inspect", "--ckpt", "fit", "--index", "3", "--out", "fig", "--tensorboard", "--tb-dir", "tb"
+    )
+    assert result.exit_code == 0, result.output
+    names = [
+        "a_reconstruction",
+        "b_class_activations",
+        "c_routing",
+        "d_activation_maps",
+        "e_pose_perturbation",
+    ]
+    for name in names:
+        assert is_png(here / "fig" / f"{name}.png"), name
+        assert f"fig/{name}.png" in result.stdout
+    assert "routing figure: layer class" in result.stdout
+    images = scalar_events(here / "tb" / "fit" / "inspect")["_images"]
+    assert sorted(images) == [f"inspect/{name}" for name in names]
+
+
+def test_inspect_draws_a_convolutional_layer_at_a_chosen_position(here):
+    args = ["--layer", "caps1", "--parent", "2", "--position", "1,2", "--entries", "0,5", "--out", "conv"]
+    result = invoke("inspect", "--ckpt", "fit", *args)
+    assert result.exit_code == 0, result.output
+    assert "layer caps1, parent type 2 at (1, 2), pose entries (0, 5)" in result.stdout
+    assert is_png(here / "conv" / "c_routing.png")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["inspect", "--index", "999"], "has 32 images"),
+        (["inspect", "--layer", "caps9"], "not a routing layer"),
+        (["inspect", "--layer", "caps2", "--position", "5,5"], "positions"),
+        (["inspect", "--entries", "3,3"], "two different pose entries"),
+        (["attack", "--eps", "0.1,big"], "is not a number"),
+        (["attack", "--method", "pgd"], "not one of"),
+    ],
+)
+def test_bad_experiment_arguments_fail_with_a_message(here, args, message):
+    result = invoke(*args[:1], "--ckpt", "fit", *args[1:])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_missing_matplotlib_is_reported_with_the_install_command(here, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    result = invoke("inspect", "--ckpt", "fit")
+    assert result.exit_code == 2
+    assert "pip install 'capsnet[viz]'" in result.output
+
+
+# --------------------------------------------------------------------------- routing trace
+
+
+@pytest.mark.parametrize("impl", ["plain", "fast"])
+def test_tracing_the_routing_changes_nothing_and_records_every_iteration(impl):
+    torch.manual_seed(0)
+    votes = torch.randn(2, 3, 4, 6, 16, dtype=torch.float64)  # (N, L, C, I, H)
+    act_in = torch.rand(2, 3, 6, dtype=torch.float64)
+    beta_u, beta_a = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    settings = RoutingSettings(iterations=3)
+    plain = em_routing(votes, act_in, beta_u, beta_a, settings, impl=impl)
+    trace: list = []
+    traced = em_routing(votes, act_in, beta_u, beta_a, settings, impl=impl, trace=trace)
+    assert torch.allclose(traced.pose, plain.pose) and torch.allclose(traced.activation, plain.activation)
+    assert len(trace) == 3
+    assert torch.allclose(trace[0]["r"], torch.full_like(trace[0]["r"], 1 / 4)), "r starts uniform"
+    assert torch.allclose(trace[-1]["mu"], traced.pose) and torch.allclose(
+        trace[-1]["act"], traced.activation
+    )
+    for it in trace[1:]:
+        assert torch.allclose(it["r"].sum(2), torch.ones(2, 3, 6, dtype=torch.float64))
