@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["CapsNet", "CapsOutput", "Config", "load_config", "load_checkpoint", "__version__"]
+__all__ = ["CapsNet", "CapsOutput", "Config", "__version__", "load_checkpoint", "load_config"]
 
 
 def __getattr__(name: str):

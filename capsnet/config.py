@@ -58,7 +58,9 @@ class ModelConfig:
     coord_add: bool = True  # coordinate addition in the class capsules
     decoder: bool = True  # reconstruction decoder (used when loss.recon_weight > 0)
     decoder_hidden: list[int] = field(default_factory=lambda: [512, 1024])
-    recompute_votes: bool = True  # rebuild the vote moments in backward instead of keeping them: ~320 MB less at batch 32
+    recompute_votes: bool = (
+        True  # rebuild the vote moments in backward instead of keeping them: ~320 MB less at batch 32
+    )
 
     def resolved(self) -> ModelConfig:
         """A copy with every size filled from the preset."""
@@ -183,17 +185,45 @@ CHOICES: dict[str, tuple[str | None, ...]] = {
 }
 
 POSITIVE = {
-    "model.stem_kernel", "model.stem_stride", "model.primary_types", "model.caps_kernel",
-    "model.pose_size", "model.iterations", "routing.final_lambda", "routing.min_var", "routing.cost_norm",
-    "optim.lr", "optim.decay_rate", "optim.decay_steps", "loss.margin_steps",
-    "data.num_classes", "data.channels", "data.train_size", "data.test_size", "data.image_size",
-    "train.epochs", "train.batch_size", "train.eval_batch_size", "train.max_steps",
-    "train.max_bad_steps", "train.threads", "train.accumulate",
-    "logging.log_every", "logging.hist_every", "logging.keep", "optim.grad_clip",
+    "model.stem_kernel",
+    "model.stem_stride",
+    "model.primary_types",
+    "model.caps_kernel",
+    "model.pose_size",
+    "model.iterations",
+    "routing.final_lambda",
+    "routing.min_var",
+    "routing.cost_norm",
+    "optim.lr",
+    "optim.decay_rate",
+    "optim.decay_steps",
+    "loss.margin_steps",
+    "data.num_classes",
+    "data.channels",
+    "data.train_size",
+    "data.test_size",
+    "data.image_size",
+    "train.epochs",
+    "train.batch_size",
+    "train.eval_batch_size",
+    "train.max_steps",
+    "train.max_bad_steps",
+    "train.threads",
+    "train.accumulate",
+    "logging.log_every",
+    "logging.hist_every",
+    "logging.keep",
+    "optim.grad_clip",
 }
 NON_NEGATIVE = {
-    "model.stem_padding", "loss.recon_weight", "loss.margin_start", "loss.margin_end",
-    "optim.weight_decay", "optim.warmup_steps", "train.num_workers", "train.seed",
+    "model.stem_padding",
+    "loss.recon_weight",
+    "loss.margin_start",
+    "loss.margin_end",
+    "optim.weight_decay",
+    "optim.warmup_steps",
+    "train.num_workers",
+    "train.seed",
 }
 POSITIVE_LISTS = {"model.stem_channels", "model.caps_types", "model.caps_strides", "model.decoder_hidden"}
 
@@ -292,12 +322,15 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"model.{key}: must be given when model.preset is null")
     if isinstance(m.stem_channels, list) and not m.stem_channels:
         problems.append("model.stem_channels: needs at least one conv layer")
-    if isinstance(m.caps_types, list) and isinstance(m.caps_strides, list):
-        if len(m.caps_types) != len(m.caps_strides):
-            problems.append(
-                f"model.caps_strides: needs one stride per ConvCaps layer "
-                f"({len(m.caps_types)} in model.caps_types), got {m.caps_strides!r}"
-            )
+    if (
+        isinstance(m.caps_types, list)
+        and isinstance(m.caps_strides, list)
+        and len(m.caps_types) != len(m.caps_strides)
+    ):
+        problems.append(
+            f"model.caps_strides: needs one stride per ConvCaps layer "
+            f"({len(m.caps_types)} in model.caps_types), got {m.caps_strides!r}"
+        )
     if not 0.0 <= cfg.data.val_split < 1.0:
         problems.append(f"data.val_split: must be in [0, 1), got {cfg.data.val_split!r}")
     if cfg.loss.margin_end < cfg.loss.margin_start:

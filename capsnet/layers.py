@@ -8,6 +8,8 @@ Capsules travel between layers as a pair::
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,6 +49,10 @@ class PrimaryCaps(nn.Module):
         return pose, act
 
 
+#: Routing settings of a layer built without any (frozen, so safe to share).
+DEFAULT_SETTINGS = RoutingSettings()
+
+
 def _transform_init(shape: tuple[int, ...], pose_size: int) -> Tensor:
     # Entries N(0, 1/P): a vote has about the scale of the pose it transforms.
     return torch.randn(shape) / pose_size**0.5
@@ -75,8 +81,15 @@ class RoutingLayer(nn.Module):
             iterations = []
             self.trace.update(votes=votes.detach(), act_in=act_in.detach(), fold=fold, iterations=iterations)
         result = em_routing(
-            votes, act_in, self.beta_u, self.beta_a, self.settings, fold, impl=self.impl,
-            stats=self.record_stats, trace=iterations,
+            votes,
+            act_in,
+            self.beta_u,
+            self.beta_a,
+            self.settings,
+            fold,
+            impl=self.impl,
+            stats=self.record_stats,
+            trace=iterations,
         )
         self.stats = result.stats
         return result
@@ -97,7 +110,7 @@ class ConvCaps(RoutingLayer):
         kernel: int = 3,
         stride: int = 1,
         pose_size: int = 4,
-        settings: RoutingSettings = RoutingSettings(),
+        settings: RoutingSettings = DEFAULT_SETTINGS,
         normalisation: str = "cross_position",
         name: str = "convcaps",
         recompute_votes: bool = True,
@@ -105,15 +118,21 @@ class ConvCaps(RoutingLayer):
         super().__init__(out_types, settings)
         self.recompute_votes = recompute_votes
         if normalisation not in ("cross_position", "per_patch"):
-            raise ValueError(f"{name}: normalisation must be cross_position or per_patch, got {normalisation!r}")
+            raise ValueError(
+                f"{name}: normalisation must be cross_position or per_patch, got {normalisation!r}"
+            )
         self.in_types, self.kernel, self.stride, self.pose_size = in_types, kernel, stride, pose_size
         self.normalisation, self.name = normalisation, name
         # One P x P transformation per (kernel offset, child type, parent type): "W_ij".
-        self.weight = nn.Parameter(_transform_init((kernel * kernel * in_types, pose_size, out_types, pose_size), pose_size))
+        self.weight = nn.Parameter(
+            _transform_init((kernel * kernel * in_types, pose_size, out_types, pose_size), pose_size)
+        )
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         check_geometry(self.name, height, width, self.kernel)
-        return conv_output_size(height, self.kernel, self.stride), conv_output_size(width, self.kernel, self.stride)
+        return conv_output_size(height, self.kernel, self.stride), conv_output_size(
+            width, self.kernel, self.stride
+        )
 
     def forward(self, pose: Tensor, act: Tensor) -> tuple[Tensor, Tensor]:
         n, h, w, types, pp = pose.shape
@@ -154,7 +173,7 @@ class ClassCaps(RoutingLayer):
         in_types: int,
         num_classes: int,
         pose_size: int = 4,
-        settings: RoutingSettings = RoutingSettings(),
+        settings: RoutingSettings = DEFAULT_SETTINGS,
         coord_add: bool = True,
         name: str = "class",
     ):
@@ -166,7 +185,7 @@ class ClassCaps(RoutingLayer):
         self, pose: Tensor, act: Tensor, rows: Tensor | None = None, cols: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """``rows`` (H,), ``cols`` (W,): scaled receptive-field centres for coordinate addition."""
-        n, h, w, types, pp = pose.shape
+        n, h, w, types, _ = pose.shape
         if types != self.in_types:
             raise ValueError(f"{self.name}: expected {self.in_types} input capsule types, got {types}")
         p, e = self.pose_size, self.out_types
@@ -195,7 +214,7 @@ class Decoder(nn.Module):
         self.out_shape = tuple(out_shape)
         sizes = [num_classes * pose_size * pose_size, *hidden]
         layers: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in itertools.pairwise(sizes):
             layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
         c, hh, ww = self.out_shape
         layers.append(nn.Linear(sizes[-1], c * hh * ww))

@@ -54,19 +54,39 @@ class CapsNet(nn.Module):
     ):
         super().__init__()
         if len(caps_strides) != len(caps_types):
-            raise ValueError(f"caps_strides {list(caps_strides)} needs one stride per ConvCaps layer {list(caps_types)}")
+            raise ValueError(
+                f"caps_strides {list(caps_strides)} needs one stride per ConvCaps layer {list(caps_types)}"
+            )
         self.in_channels, self.num_classes, self.image_size = in_channels, num_classes, image_size
-        self.settings = RoutingSettings(iterations, final_lambda, lambda_decay, min_var, cost_norm, beta_a_logit)
-        self.hparams = dict(
-            in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-            stem_channels=list(stem_channels), stem_kernel=stem_kernel, stem_stride=stem_stride,
-            stem_padding=stem_padding, batch_norm=batch_norm, primary_types=primary_types,
-            caps_types=list(caps_types), caps_kernel=caps_kernel, caps_strides=list(caps_strides),
-            pose_size=pose_size, iterations=iterations, normalisation=normalisation, coord_add=coord_add,
-            decoder=decoder, decoder_hidden=list(decoder_hidden), final_lambda=final_lambda,
-            lambda_decay=lambda_decay, min_var=min_var, cost_norm=cost_norm, beta_a_logit=beta_a_logit,
-            recompute_votes=recompute_votes,
+        self.settings = RoutingSettings(
+            iterations, final_lambda, lambda_decay, min_var, cost_norm, beta_a_logit
         )
+        self.hparams = {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "image_size": image_size,
+            "stem_channels": list(stem_channels),
+            "stem_kernel": stem_kernel,
+            "stem_stride": stem_stride,
+            "stem_padding": stem_padding,
+            "batch_norm": batch_norm,
+            "primary_types": primary_types,
+            "caps_types": list(caps_types),
+            "caps_kernel": caps_kernel,
+            "caps_strides": list(caps_strides),
+            "pose_size": pose_size,
+            "iterations": iterations,
+            "normalisation": normalisation,
+            "coord_add": coord_add,
+            "decoder": decoder,
+            "decoder_hidden": list(decoder_hidden),
+            "final_lambda": final_lambda,
+            "lambda_decay": lambda_decay,
+            "min_var": min_var,
+            "cost_norm": cost_norm,
+            "beta_a_logit": beta_a_logit,
+            "recompute_votes": recompute_votes,
+        }
 
         # Stem: ReLU conv K x K stride s ("A" channels), then 3x3 stride 1 convs ("AA", ...).
         stem: list[nn.Module] = []
@@ -87,8 +107,15 @@ class CapsNet(nn.Module):
         for idx, (out_types, stride) in enumerate(zip(caps_types, caps_strides), start=1):
             convcaps.append(
                 ConvCaps(
-                    types, out_types, caps_kernel, stride, pose_size, self.settings, normalisation,
-                    name=f"caps{idx}", recompute_votes=recompute_votes,
+                    types,
+                    out_types,
+                    caps_kernel,
+                    stride,
+                    pose_size,
+                    self.settings,
+                    normalisation,
+                    name=f"caps{idx}",
+                    recompute_votes=recompute_votes,
                 )
             )
             types = out_types
@@ -104,7 +131,9 @@ class CapsNet(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_preset(cls, name: str, in_channels: int = 1, num_classes: int = 5, image_size: int = 32, **overrides):
+    def from_preset(
+        cls, name: str, in_channels: int = 1, num_classes: int = 5, image_size: int = 32, **overrides
+    ):
         """``CapsNet.from_preset("small")`` (A=64, B=8, C=D=16) or ``"paper"`` (A=B=C=D=32)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
@@ -118,14 +147,30 @@ class CapsNet(nn.Module):
     ) -> CapsNet:
         m = model.resolved()
         return cls(
-            in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-            stem_channels=m.stem_channels, stem_kernel=m.stem_kernel, stem_stride=m.stem_stride,
-            stem_padding=m.stem_padding, batch_norm=m.batch_norm, primary_types=m.primary_types,
-            caps_types=m.caps_types, caps_kernel=m.caps_kernel, caps_strides=m.caps_strides,
-            pose_size=m.pose_size, iterations=m.iterations, normalisation=m.normalisation,
-            coord_add=m.coord_add, decoder=m.decoder, decoder_hidden=m.decoder_hidden,
-            final_lambda=routing.final_lambda, lambda_decay=routing.lambda_decay, min_var=routing.min_var,
-            cost_norm=routing.cost_norm, beta_a_logit=routing.beta_a_logit, recompute_votes=m.recompute_votes,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            image_size=image_size,
+            stem_channels=m.stem_channels,
+            stem_kernel=m.stem_kernel,
+            stem_stride=m.stem_stride,
+            stem_padding=m.stem_padding,
+            batch_norm=m.batch_norm,
+            primary_types=m.primary_types,
+            caps_types=m.caps_types,
+            caps_kernel=m.caps_kernel,
+            caps_strides=m.caps_strides,
+            pose_size=m.pose_size,
+            iterations=m.iterations,
+            normalisation=m.normalisation,
+            coord_add=m.coord_add,
+            decoder=m.decoder,
+            decoder_hidden=m.decoder_hidden,
+            final_lambda=routing.final_lambda,
+            lambda_decay=routing.lambda_decay,
+            min_var=routing.min_var,
+            cost_norm=routing.cost_norm,
+            beta_a_logit=routing.beta_a_logit,
+            recompute_votes=m.recompute_votes,
         )
 
     # ------------------------------------------------------------------ geometry
@@ -202,7 +247,7 @@ class CapsNet(nn.Module):
         return {layer.name: layer.stats for layer in self.routing_layers() if layer.stats is not None}
 
     def set_routing_impl(self, impl: str) -> None:
-        """"fast" (default) or "plain" routing in every layer; both compute the same function."""
+        """ "fast" (default) or "plain" routing in every layer; both compute the same function."""
         for layer in self.routing_layers():
             layer.impl = impl
 
@@ -216,7 +261,9 @@ class CapsNet(nn.Module):
         return total
 
     def summary(self) -> str:
-        grid = " -> ".join(f"{name} {h}x{w}" for name, h, w in self.capsule_grid(self.image_size, self.image_size))
+        grid = " -> ".join(
+            f"{name} {h}x{w}" for name, h, w in self.capsule_grid(self.image_size, self.image_size)
+        )
         text = f"CapsNet: {self.num_parameters():,} parameters"
         if self.decoder is not None:
             text += f" (+{self.num_parameters(True) - self.num_parameters():,} in the decoder)"

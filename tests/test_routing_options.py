@@ -40,7 +40,13 @@ def test_without_the_options_the_cost_is_the_papers():
     votes, act, beta_u, beta_a = random_routing_problem(1)
     paper = em_routing(votes, act, beta_u, beta_a, RoutingSettings(), None, impl="plain")
     unit = em_routing(
-        votes, act, beta_u, beta_a, RoutingSettings(cost_norm=votes.shape[3] / votes.shape[2]), None, impl="plain"
+        votes,
+        act,
+        beta_u,
+        beta_a,
+        RoutingSettings(cost_norm=votes.shape[3] / votes.shape[2]),
+        None,
+        impl="plain",
     )
     torch.testing.assert_close(paper.activation, unit.activation)
     scaled = em_routing(votes, act, beta_u, beta_a, RoutingSettings(cost_norm=100.0), None, impl="plain")
@@ -62,7 +68,9 @@ def test_fast_equals_plain_with_both_options_in_outputs_and_gradients(cross_posi
     kernel, stride, child_types, types = 3, 1, 2, 3
     out = (height - kernel) // stride + 1
     children = kernel * kernel * child_types
-    votes, act, beta_u, beta_a = random_routing_problem(3, positions=out * out, types=types, children=children)
+    votes, act, beta_u, beta_a = random_routing_problem(
+        3, positions=out * out, types=types, children=children
+    )
     fold = child_fold(height, width, kernel, stride, child_types, "cpu") if cross_position else None
     settings = RoutingSettings(iterations=3, final_lambda=0.05, cost_norm=100.0, beta_a_logit=True)
     inputs = [votes, act, beta_u, beta_a]
