@@ -1,0 +1,118 @@
+"""Learning curves of one or more runs from their metrics.jsonl, as one PNG.
+
+    python scripts/plot_curves.py RUN_DIR [RUN_DIR ...] --out docs/figures/fashion_curves.png
+
+Each RUN_DIR is a directory that ``capsnet train`` wrote (weights/em_capsules/<run>/).
+The left panel shows training accuracy (a moving average of the logged windows) and
+the accuracy of every end-of-epoch evaluation against images seen; the right one the
+training loss. Needs matplotlib (``pip install -e '.[dev]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist; is {run_dir} a run directory of capsnet train?")
+    rows = []
+    with path.open() as handle:
+        for line in handle:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+def batch_size(run_dir: Path) -> int:
+    """The global batch of the run, from its resolved config.yaml (32 if it cannot be read)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return 32
+    train = cfg.get("train", {}) if isinstance(cfg, dict) else {}
+    return int(train.get("batch_size", 32)) * int(train.get("accumulate", 1) or 1)
+
+
+def smooth(values: list[float], width: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= width:
+            total -= values[i - width]
+        out.append(total / min(i + 1, width))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--labels", nargs="*", help="one legend label per run (default: directory names)")
+    parser.add_argument("--smooth", type=int, default=10, help="moving-average width over logged windows")
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("error: matplotlib is needed: pip install -e '.[dev]'", file=sys.stderr)
+        return 2
+    labels = args.labels or [run.name for run in args.runs]
+    if len(labels) != len(args.runs):
+        parser.error("--labels needs one label per run")
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for run, label in zip(args.runs, labels):
+        rows = read_metrics(run)
+        per_step = batch_size(run)
+        train = [r for r in rows if "train/acc" in r and "step" in r]
+        evals = [(r["step"], r[k], k.split("/")[0]) for r in rows for k in ("val/acc", "test/acc") if k in r]
+        if train:
+            seen = [r["step"] * per_step / 1000 for r in train]
+            (line,) = ax_acc.plot(
+                seen, smooth([r["train/acc"] for r in train], args.smooth), alpha=0.6, label=f"{label} train"
+            )
+            ax_loss.plot(
+                seen,
+                smooth([r["train/loss"] for r in train], args.smooth),
+                color=line.get_color(),
+                label=label,
+            )
+            color = line.get_color()
+        else:
+            color = None
+        if evals:
+            split = evals[0][2]
+            ax_acc.plot(
+                [s * per_step / 1000 for s, _, _ in evals],
+                [a for _, a, _ in evals],
+                "o-",
+                color=color,
+                label=f"{label} {split}",
+            )
+    ax_acc.set_xlabel("training images seen (thousands)")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    ax_loss.set_xlabel("training images seen (thousands)")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(alpha=0.3)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
