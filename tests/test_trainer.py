@@ -141,13 +141,15 @@ def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "compute_loss", interrupt_on_third)
+    # Whatever handler was there before (a background job starts with SIGINT ignored).
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as info:
         fit(tiny(tmp_path), run_name="sig", echo=lines.append)
     result = info.value.result
     assert info.value.exit_code == 130 and result.stopped == "SIGINT" and result.step == 3
     assert load_checkpoint(result.run_dir / "last.pt")["batches_done"] == 3
     assert any("capsnet train --resume" in line for line in lines)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 def test_an_existing_run_needs_resume_or_overwrite(tmp_path):
