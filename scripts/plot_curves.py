@@ -30,15 +30,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def batch_size(run_dir: Path) -> int:
-    """The global batch of the run, from its resolved config.yaml (32 if it cannot be read)."""
-    import yaml
+    """The global batch of the run, from its resolved config.yaml (32 if there is none)."""
+    from capsnet.config import load_config
 
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+    path = run_dir / "config.yaml"
+    if not path.is_file():
         return 32
-    train = cfg.get("train", {}) if isinstance(cfg, dict) else {}
-    return int(train.get("batch_size", 32)) * int(train.get("accumulate", 1) or 1)
+    train = load_config(path).train
+    return train.batch_size * train.accumulate
 
 
 def smooth(values: list[float], width: int) -> list[float]:
