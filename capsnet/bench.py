@@ -41,6 +41,7 @@ class BenchResult:
     threads: int
     steps: int
     device: str
+    peak_gpu_mib: float | None = None  # peak CUDA memory allocated by tensors (CUDA runs only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +54,7 @@ class BenchResult:
             f"{self.parameters:,} parameters, batch {self.batch_size}, "
             f"{self.channels}x{self.image_size}x{self.image_size}, {self.classes} classes, "
             f"{self.iterations} iterations, {self.threads} threads, {self.device}"
+            + (f"; peak GPU memory {self.peak_gpu_mib:.0f} MiB" if self.peak_gpu_mib is not None else "")
         )
 
 
@@ -131,11 +133,14 @@ def run_benchmark(
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     model.train()
     for _ in range(warmup):
         train_step()
     train_s = timed(train_step, steps)
     peak = _rss_mib()
+    peak_gpu = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
     model.eval()
     with torch.no_grad():
         for _ in range(warmup):
@@ -157,4 +162,5 @@ def run_benchmark(
         threads=torch.get_num_threads(),
         steps=steps,
         device=str(dev),
+        peak_gpu_mib=peak_gpu,
     )

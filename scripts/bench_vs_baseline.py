@@ -6,12 +6,17 @@ a fresh process, and prints the median of each figure and the median ratios.
 Both run the paper's small model on 1x32x32 inputs, 5 classes, 3 routing
 iterations, batch 32, an Adam step per batch, with the same thread count.
 
-    python scripts/bench_vs_baseline.py [--rounds 3] [--steps 5] [--baseline PATH] [--json]
+    python scripts/bench_vs_baseline.py [--rounds 3] [--steps 5] [--baseline PATH] [--device cuda] [--json]
 
 The baseline pads its first convolution (32x32 -> 16x16 -> 7x7 -> 5x5 capsule
 grids); the paper and capsnet do not (14x14 -> 6x6 -> 4x4). capsnet is measured
 both ways: `paper geometry` is what `configs/small.yaml` trains, `baseline
 geometry` (-o model.stem_padding=2) does exactly the baseline's work.
+
+With --device cuda both run on the GPU: the baseline script is run unchanged
+with CUDA as torch's default device and a clock that waits for the GPU before
+each reading, and memory is the peak of CUDA memory allocated by tensors
+instead of the process's resident memory.
 """
 
 from __future__ import annotations
@@ -33,8 +38,27 @@ VARIANTS = {
     "paper geometry": [],
     "baseline geometry": ["-o", "model.stem_padding=2"],
 }
-#: Memory-lean routing (vote moments rebuilt in backward, not kept), whatever the config says.
-COMMON = ["-o", "model.recompute_votes=true"]
+#: The baseline's settings (3 routing iterations) and memory-lean routing (vote moments
+#: rebuilt in backward, not kept), whatever configs/small.yaml says.
+COMMON = ["-o", "model.iterations=3", "-o", "model.recompute_votes=true"]
+
+
+#: Runs the baseline script unchanged on CUDA: tensors and parameters default to the GPU, and
+#: every clock reading first waits for queued GPU work, so the timings cover the work itself.
+CUDA_BASELINE = """
+import runpy, sys, time, torch
+torch.set_default_device("cuda")
+_clock = time.perf_counter
+def _synced_clock():
+    torch.cuda.synchronize()
+    return _clock()
+time.perf_counter = _synced_clock
+path = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(path, run_name="__main__")
+print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+"""
+GPU_LINE = re.compile(r"peak GPU memory (\d+) MiB")
 
 
 def run_capsnet(extra: list[str], args) -> dict:
@@ -57,22 +81,34 @@ def run_capsnet(extra: list[str], args) -> dict:
         str(args.steps),
         "--threads",
         str(args.threads),
+        "--device",
+        args.device,
         "--json",
         *COMMON,
         *extra,
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out)
+    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+    out["memory_mib"] = out["peak_gpu_mib"] if args.device == "cuda" else out["peak_rss_mib"]
+    return out
 
 
 def run_baseline(args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    cmd = [sys.executable, str(args.baseline), "--batch", str(args.batch), "--steps", str(args.steps)]
+    launcher = [sys.executable] if args.device == "cpu" else [sys.executable, "-c", CUDA_BASELINE]
+    cmd = [*launcher, str(args.baseline), "--batch", str(args.batch), "--steps", str(args.steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     m = LINE.search(out)
     if not m:
         raise SystemExit(f"could not read the baseline's output:\n{out}")
-    return {"train_img_per_s": float(m[1]), "infer_img_per_s": float(m[2]), "peak_rss_mib": float(m[3])}
+    result = {"train_img_per_s": float(m[1]), "infer_img_per_s": float(m[2]), "peak_rss_mib": float(m[3])}
+    if args.device == "cuda":
+        g = GPU_LINE.search(out)
+        if not g:
+            raise SystemExit(f"could not read the baseline's GPU memory:\n{out}")
+        result["memory_mib"] = float(g[1])
+    else:
+        result["memory_mib"] = result["peak_rss_mib"]
+    return result
 
 
 def main() -> None:
@@ -82,6 +118,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not args.baseline.exists():
@@ -94,27 +131,35 @@ def main() -> None:
             runs[name].append(run_capsnet(extra, args))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
-    keys = ("train_img_per_s", "infer_img_per_s", "peak_rss_mib")
+    keys = ("train_img_per_s", "infer_img_per_s", "memory_mib")
     med = {name: {k: statistics.median(x[k] for x in rs) for k in keys} for name, rs in runs.items()}
     base = med["baseline"]
-    report = {"rounds": args.rounds, "batch": args.batch, "threads": args.threads, "median": med, "ratio": {}}
+    memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
+    report = {
+        "rounds": args.rounds,
+        "batch": args.batch,
+        "threads": args.threads,
+        "device": args.device,
+        "memory": memory,
+        "median": med,
+        "ratio": {},
+    }
     for name in VARIANTS:
         report["ratio"][name] = {
             "train_speedup": med[name]["train_img_per_s"] / base["train_img_per_s"],
             "inference_speedup": med[name]["infer_img_per_s"] / base["infer_img_per_s"],
-            "memory_fraction": med[name]["peak_rss_mib"] / base["peak_rss_mib"],
+            "memory_fraction": med[name]["memory_mib"] / base["memory_mib"],
         }
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(
-        f"median of {args.rounds} rounds, batch {args.batch}, {args.threads} threads, 1x32x32, 5 classes, 3 iterations"
+        f"median of {args.rounds} rounds on {args.device}, batch {args.batch}, {args.threads} threads, "
+        "1x32x32, 5 classes, 3 iterations"
     )
-    print(f"{'':22} {'train img/s':>12} {'infer img/s':>12} {'peak RSS MiB':>13}")
+    print(f"{'':22} {'train img/s':>12} {'infer img/s':>12} {memory + ' MiB':>20}")
     for name, m in med.items():
-        print(
-            f"{name:22} {m['train_img_per_s']:12.1f} {m['infer_img_per_s']:12.1f} {m['peak_rss_mib']:13.0f}"
-        )
+        print(f"{name:22} {m['train_img_per_s']:12.1f} {m['infer_img_per_s']:12.1f} {m['memory_mib']:20.0f}")
     for name, r in report["ratio"].items():
         print(
             f"{name}: train x{r['train_speedup']:.1f}, inference x{r['inference_speedup']:.1f}, "
