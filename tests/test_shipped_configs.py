@@ -37,11 +37,11 @@ def test_the_default_config_is_the_measured_recipe():
     assert (m.stem_channels, m.primary_types, m.caps_types) == ([64], 8, [16, 16])
     assert m.iterations == 2 and m.normalisation == "cross_position" and m.coord_add
     assert cfg.data.name == "fashion-mnist" and cfg.data.val_split == 0.1
-    assert cfg.train.epochs == 5 and cfg.loss.kind == "spread"
+    assert cfg.train.epochs == 5 and cfg.loss.kind == "spread" and cfg.data.augment is False
 
 
 def test_the_paper_size_fashion_config_uses_the_paper_preset():
     cfg = load_config(REPO / "configs" / "fashion_paper.yaml")
     m = cfg.model.resolved()
     assert (m.stem_channels, m.primary_types, m.caps_types) == ([32], 32, [32, 32])
-    assert m.iterations == 3
+    assert m.iterations == 2 and cfg.data.augment is False
