@@ -42,7 +42,9 @@ def test_a_cuda_run_trains_and_its_checkpoint_evaluates_the_same_on_the_cpu(tmp_
 
 
 def test_a_cuda_run_resumes_on_the_cpu(tmp_path):
-    first = fit(tiny(tmp_path, "train.device=cuda", "train.max_steps=6"), run_name="move", echo=lambda _m: None)
+    first = fit(
+        tiny(tmp_path, "train.device=cuda", "train.max_steps=6"), run_name="move", echo=lambda _m: None
+    )
     assert first.stopped == "max_steps"
     resumed = fit(tiny(tmp_path, "train.device=cpu"), resume="latest", run_name="move", echo=lambda _m: None)
     assert resumed.stopped == "completed" and resumed.step == 12

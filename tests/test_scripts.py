@@ -1,4 +1,4 @@
-"""The helper scripts under scripts/ that are not bash: learning-curve plots."""
+"""The helper scripts under scripts/ that are not bash: learning-curve plots, the baseline comparison."""
 
 from __future__ import annotations
 
@@ -42,3 +42,37 @@ def test_plot_curves_names_a_folder_that_is_not_a_run(tmp_path):
     plot = load_script("plot_curves")
     with pytest.raises(SystemExit, match="metrics.jsonl does not exist"):
         plot.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+
+
+FAKE_BASELINE = """
+import argparse, resource
+ap = argparse.ArgumentParser()
+ap.add_argument("--batch", type=int)
+ap.add_argument("--steps", type=int)
+a = ap.parse_args()
+print(f"baseline: train 2.00 img/s, inference 4.00 img/s, peak RSS 5000 MiB (batch {a.batch}, 32x32, iters 3)")
+"""
+
+
+def test_bench_vs_baseline_reports_ratios_against_the_baseline_run_in_the_same_invocation(tmp_path):
+    import subprocess
+    import sys
+
+    baseline = tmp_path / "baseline_em.py"
+    baseline.write_text(FAKE_BASELINE)
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_vs_baseline.py"), "--rounds", "1", "--steps", "1"]
+    cmd += ["--batch", "4", "--baseline", str(baseline), "--json"]
+    report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    base = report["median"]["baseline"]
+    assert (base["train_img_per_s"], base["infer_img_per_s"], base["memory_mib"]) == (2.0, 4.0, 5000.0)
+    torch_alone = 5000.0 - base["above_torch_mib"]
+    assert 50 < torch_alone < 5000  # the wrapper read the process's memory once torch was imported
+    for name in ("paper geometry", "baseline geometry"):
+        ours, ratio = report["median"][name], report["ratio"][name]
+        assert ratio["train_speedup"] == pytest.approx(ours["train_img_per_s"] / 2.0)
+        assert ratio["inference_speedup"] == pytest.approx(ours["infer_img_per_s"] / 4.0)
+        assert ratio["memory_fraction"] == pytest.approx(ours["memory_mib"] / 5000.0)
+        assert 0 < ours["above_torch_mib"] < ours["memory_mib"]
+        assert ratio["above_torch_fraction"] == pytest.approx(
+            ours["above_torch_mib"] / base["above_torch_mib"]
+        )
