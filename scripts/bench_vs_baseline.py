@@ -47,33 +47,35 @@ VARIANTS = {
 COMMON = ["-o", "model.iterations=3", "-o", "model.recompute_votes=true"]
 
 
-#: Runs the baseline script unchanged on CUDA: tensors and parameters default to the GPU, and
-#: every clock reading first waits for queued GPU work, so the timings cover the work itself.
-CUDA_BASELINE = """
-import runpy, sys, time, torch
-torch.set_default_device("cuda")
-_clock = time.perf_counter
-def _synced_clock():
-    torch.cuda.synchronize()
-    return _clock()
-time.perf_counter = _synced_clock
-path = sys.argv[1]
-sys.argv = sys.argv[1:]
+#: Runs the baseline script unchanged: first notes the resident memory of the process once
+#: torch is imported (the fixed cost both sides pay). On CUDA, tensors and parameters default
+#: to the GPU and every clock reading first waits for queued GPU work, so the timings cover
+#: the work itself; the peak of CUDA memory allocated is printed at the end.
+BASELINE_WRAPPER = """
+import resource, runpy, sys, time, torch
+print(f"torch alone {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+device, path = sys.argv[1], sys.argv[2]
+if device == "cuda":
+    torch.set_default_device("cuda")
+    _clock = time.perf_counter
+    def _synced_clock():
+        torch.cuda.synchronize()
+        return _clock()
+    time.perf_counter = _synced_clock
+sys.argv = sys.argv[2:]
 runpy.run_path(path, run_name="__main__")
-print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+if device == "cuda":
+    print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 """
 GPU_LINE = re.compile(r"peak GPU memory (\d+) MiB")
-
-#: Runs the baseline script unchanged on the CPU, first noting the resident memory of the
-#: process once torch is imported, so both sides can also be compared above that fixed cost.
-CPU_BASELINE = """
-import resource, runpy, sys, torch
-print(f"torch alone {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-path = sys.argv[1]
-sys.argv = sys.argv[1:]
-runpy.run_path(path, run_name="__main__")
-"""
 BASE_LINE = re.compile(r"torch alone (\d+) MiB")
+
+
+def _read(pattern: re.Pattern, out: str, what: str) -> re.Match:
+    m = pattern.search(out)
+    if not m:
+        raise SystemExit(f"could not read the baseline's {what}:\n{out}")
+    return m
 
 
 def run_capsnet(extra: list[str], args) -> dict:
@@ -110,22 +112,16 @@ def run_capsnet(extra: list[str], args) -> dict:
 
 def run_baseline(args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    launcher = [sys.executable, "-c", CPU_BASELINE if args.device == "cpu" else CUDA_BASELINE]
-    cmd = [*launcher, str(args.baseline), "--batch", str(args.batch), "--steps", str(args.steps)]
+    cmd = [sys.executable, "-c", BASELINE_WRAPPER, args.device, str(args.baseline)]
+    cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    m = LINE.search(out)
-    if not m:
-        raise SystemExit(f"could not read the baseline's output:\n{out}")
+    m = _read(LINE, out, "output")
     result = {"train_img_per_s": float(m[1]), "infer_img_per_s": float(m[2]), "peak_rss_mib": float(m[3])}
-    if args.device == "cuda":
-        g = GPU_LINE.search(out)
-        if not g:
-            raise SystemExit(f"could not read the baseline's GPU memory:\n{out}")
-        result["memory_mib"] = float(g[1])
-    else:
-        result["memory_mib"] = result["peak_rss_mib"]
-    b = BASE_LINE.search(out)
-    result["above_torch_mib"] = result["peak_rss_mib"] - float(b[1]) if b else float("nan")
+    cuda = args.device == "cuda"
+    result["memory_mib"] = float(_read(GPU_LINE, out, "GPU memory")[1]) if cuda else result["peak_rss_mib"]
+    result["above_torch_mib"] = result["peak_rss_mib"] - float(
+        _read(BASE_LINE, out, "memory after import")[1]
+    )
     return result
 
 

@@ -45,7 +45,7 @@ def test_plot_curves_names_a_folder_that_is_not_a_run(tmp_path):
 
 
 FAKE_BASELINE = """
-import argparse, resource
+import argparse
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int)
 ap.add_argument("--steps", type=int)
