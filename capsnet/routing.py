@@ -113,39 +113,30 @@ class ChildFold:
         self.height, self.width, self.types = height, width, types
         self.positions = out_h * out_w
         self.kernel_area = kernel * kernel
-        flat = self.index.reshape(-1)
-        self._flat = flat
-        counts = torch.zeros(height * width, device=device).index_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.float32)
+        area = height * width
+        #: (L*KK*B,) child held by each patch slot (l, k, b), numbered b * H*W + input position
+        self._child = (
+            self.index[:, :, None] + torch.arange(types, device=device)[None, None, :] * area
+        ).reshape(-1)
+        self._children = types * area
+        counts = torch.zeros(area, device=device).index_add_(
+            0, self.index.reshape(-1), torch.ones(self.index.numel(), device=device)
         )
         #: (L, KK): how many patch slots hold the child at each slot's position
         self.slot_counts = counts[self.index]
 
-    def _to_children(self, x: Tensor) -> Tensor:
-        """(N, L, KK*B) slot values -> (N, B, L*KK)."""
-        n = x.shape[0]
-        return x.reshape(n, self.positions * self.kernel_area, self.types).transpose(1, 2)
-
-    def _to_slots(self, y: Tensor) -> Tensor:
-        """(N, B, H*W) per-child values -> (N, L, KK*B) gathered at every slot."""
-        n = y.shape[0]
-        g = y[:, :, self._flat]  # (N, B, L*KK)
-        return g.transpose(1, 2).reshape(n, self.positions, self.kernel_area * self.types)
-
     def sum(self, x: Tensor) -> Tensor:
         """Sum over all slots of each child, returned at every slot: (N, L, I) -> (N, L, I)."""
-        xs = self._to_children(x)
-        total = xs.new_zeros(x.shape[0], self.types, self.height * self.width)
-        total = total.index_add(2, self._flat, xs)  # (N, B, H*W)
-        return self._to_slots(total)
+        flat = x.reshape(x.shape[0], -1)  # (N, L*I)
+        total = flat.new_zeros(x.shape[0], self._children).index_add_(1, self._child, flat)
+        return total[:, self._child].view(x.shape)
 
     def max(self, x: Tensor) -> Tensor:
         """Maximum over all slots of each child (no gradient): (N, L, I) -> (N, L, I)."""
-        xs = self._to_children(x.detach())
-        init = xs.new_full((x.shape[0], self.types, self.height * self.width), -torch.inf)
-        idx = self._flat.expand(xs.shape[0], self.types, -1)
-        best = init.scatter_reduce(2, idx, xs, reduce="amax", include_self=True)
-        return self._to_slots(best)
+        flat = x.detach().reshape(x.shape[0], -1)  # (N, L*I)
+        best = flat.new_full((x.shape[0], self._children), -torch.inf)
+        best.scatter_reduce_(1, self._child.expand_as(flat), flat, reduce="amax", include_self=True)
+        return best[:, self._child].view(x.shape)
 
     def parents_per_slot(self, parent_types: int) -> Tensor:
         """(L, I): number of parents (all patches x all types) the slot's child feeds."""
@@ -181,14 +172,24 @@ def initial_assignments(n, positions, types, children, fold: ChildFold | None, d
     return r[None, :, None, :].expand(n, positions, types, children)
 
 
+#: Floor of the exponent in the assignment softmax. torch.exp takes a slow path (a hundred
+#: times slower) where float32 results underflow (below about -87.3), and the products of
+#: such tiny assignments are denormal numbers, also slow; an assignment of exp(-80) = 2e-35
+#: of a child's best one is zero for every purpose.
+EXP_FLOOR = -80.0
+
+
 def normalise_assignments(logits: Tensor, fold: ChildFold | None) -> Tensor:
     """Softmax of ln(a_j) + ln(p_ij) over every parent a child feeds, with a max shift."""
     if fold is None:
         return torch.softmax(logits, dim=2)
     shift = fold.max(logits.amax(dim=2))  # (N, L, I), per child over all its parents
-    e = torch.exp(logits - shift[:, :, None, :])  # (N, L, C, I), each child's best parent -> 1
-    total = fold.sum(e.sum(dim=2))  # (N, L, I)
-    return e / total[:, :, None, :]
+    arg = logits - shift[:, :, None, :]  # each child's best parent -> 0
+    if torch.is_grad_enabled() and arg.requires_grad:
+        e = torch.exp(arg.clamp_min(EXP_FLOOR))
+        return e / fold.sum(e.sum(dim=2))[:, :, None, :]
+    e = arg.clamp_min_(EXP_FLOOR).exp_()  # no autograd: in place
+    return e.div_(fold.sum(e.sum(dim=2))[:, :, None, :])
 
 
 def parent_activation(
@@ -418,6 +419,13 @@ def _em_iterations(both, act_in, beta_u, beta_a, settings, fold, geom, saved: li
     ``both``. Returns the centred means mu, variances, activations and the last
     assignments; ``saved`` receives, per iteration, the assignments entering it
     and its moment sums (all that the hand-written backward needs).
+
+    The same equations as :func:`_em_plain`, grouped into fewer operations: a chunk
+    is one or two samples, so each operation's fixed cost counts as much as its
+    arithmetic. sum_h cost_h = rsum * (H beta_u + sum_h ln sigma_h), and the E-step's
+    per-parent terms (ln a_j and the constant of ln p_ij) enter the product that
+    makes the quadratic form. The constant H ln(2 pi) / 2, the same for every
+    parent, is left out: the normalisation over parents cancels it.
     """
     n, positions, types, children, h = geom
     batch = n * positions * types
@@ -425,23 +433,30 @@ def _em_iterations(both, act_in, beta_u, beta_a, settings, fold, geom, saved: li
     a_in = act_in[:, :, None, :]  # (N, L, 1, I)
     lambdas = inverse_temperatures(settings)
     scale = cost_scale(settings, types, children)
+    h_beta_u = h * beta_u  # (C,)
     for t, lam in enumerate(lambdas):
         weight = r * a_in  # (N, L, C, I)
         rsum = weight.sum(-1)  # (N, L, C)
         sums = torch.bmm(weight.reshape(batch, 1, children), both).view(n, positions, types, 2 * h)
         if saved is not None:
             saved += [r, sums]
-        denom = rsum.clamp_min(RSUM_FLOOR)[..., None]
-        mu = sums[..., :h] / denom  # (N, L, C, H), centred
-        var = (sums[..., h:] / denom - mu * mu).clamp_min(0.0) + settings.min_var
-        act, log_act = parent_activation(rsum, var, beta_u, beta_a, lam, scale)
+        moments = sums / rsum.clamp_min(RSUM_FLOOR)[..., None]  # [E[V - s], E[(V - s)^2]]
+        mu = moments[..., :h]  # (N, L, C, H), centred
+        var = torch.addcmul(moments[..., h:], mu, mu, value=-1.0).clamp_min(0.0) + settings.min_var
+        log_var_sum = torch.log(var).sum(-1)  # (N, L, C)
+        unit = torch.add(h_beta_u, log_var_sum, alpha=0.5)  # sum_h (beta_u + ln sigma_h)
+        logit = torch.addcmul(lam * beta_a, rsum, unit, value=-lam * scale)
+        act = torch.sigmoid(logit)
         if t < len(lambdas) - 1:
-            inv = 1.0 / var
+            inv = torch.reciprocal(var)
             coeff = torch.cat([mu * inv, -0.5 * inv], dim=-1)  # (N, L, C, 2H)
-            quad = torch.bmm(coeff.reshape(batch, 1, 2 * h), both.transpose(1, 2))  # (B, 1, I)
-            const = -0.5 * (mu * mu * inv + torch.log(var) + LOG_2PI).sum(-1)  # (N, L, C)
-            log_p = quad.view(n, positions, types, children) + const[..., None]  # (N, L, C, I)
-            r = normalise_assignments(log_act[..., None] + log_p, fold)
+            # ln a_j + ln p_ij = [ln a_j - (sum_h mu^2 / sigma^2 + ln sigma^2) / 2] + coeff_j . both_i
+            inner = (mu * coeff[..., :h]).sum(-1) + log_var_sum
+            bias = torch.add(torch.nn.functional.logsigmoid(logit), inner, alpha=-0.5)  # (N, L, C)
+            logits = torch.baddbmm(
+                bias.reshape(batch, 1, 1), coeff.reshape(batch, 1, 2 * h), both.transpose(1, 2)
+            )  # (B, 1, I)
+            r = normalise_assignments(logits.view(n, positions, types, children), fold)
     return mu, var, act, r
 
 
@@ -599,6 +614,7 @@ def _routing_backward(both, act_in, beta_u, beta_a, pairs, g_pose, g_act, settin
     right: list[Tensor] = []
     g_r = None  # d(loss)/d(assignments made by this iteration's E-step)
     last = len(lambdas) - 1
+    h_beta_u = h * beta_u  # (C,)
     for t in range(last, -1, -1):
         lam = lambdas[t]
         r, sums = pairs[t]
@@ -606,51 +622,56 @@ def _routing_backward(both, act_in, beta_u, beta_a, pairs, g_pose, g_act, settin
         weight = r * a_in  # (N, L, C, I)
         rsum = weight.sum(-1)  # (N, L, C)
         denom = rsum.clamp_min(RSUM_FLOOR)[..., None]  # (N, L, C, 1)
-        s2 = sums[..., h:]
-        mu = sums[..., :h] / denom
-        excess = s2 / denom - mu * mu
-        var = excess.clamp_min(0.0) + settings.min_var
-        log_var = torch.log(var)
-        cost = ((beta_u[:, None] + 0.5 * log_var) * rsum[..., None]).sum(-1) * scale
-        act = torch.sigmoid(lam * (beta_a - cost))  # (N, L, C)
+        moments = sums / denom  # [mu, s2 / d]
+        mu = moments[..., :h]
+        excess = torch.addcmul(moments[..., h:], mu, mu, value=-1.0)
+        inv = torch.reciprocal(excess.clamp_min(0.0) + settings.min_var)  # 1 / var
+        unit = torch.add(h_beta_u, torch.log(inv).sum(-1), alpha=-0.5)  # sum_h (beta_u + ln sigma_h)
+        act = torch.sigmoid(torch.addcmul(lam * beta_a, rsum, unit, value=-lam * scale))  # (N, L, C)
         if t == last:
             g_mu = g_pose
-            g_var = torch.zeros_like(var)
+            g_var_e = None
             g_logit = g_act * act * (1.0 - act)
         else:
             # E-step: r' = normalise(ln a_j + const_j + coeff_j . both_i) over every parent a child feeds.
             r_next = pairs[t + 1][0]
-            inner = (r_next * g_r).sum(2)  # (N, L, I)
+            prod = r_next * g_r
+            inner = prod.sum(2)  # (N, L, I)
             if fold is not None:
                 inner = fold.sum(inner)
-            g_logits = r_next * (g_r - inner[:, :, None, :])  # (N, L, C, I)
+            g_logits = torch.addcmul(prod, r_next, inner[:, :, None, :], value=-1.0)  # (N, L, C, I)
             g_sum = g_logits.sum(-1)  # (N, L, C): gradient of ln a_j and of const_j
-            inv = 1.0 / var
-            coeff = torch.cat([mu * inv, -0.5 * inv], dim=-1)  # (N, L, C, 2H)
+            c1 = mu * inv
+            coeff = torch.cat([c1, -0.5 * inv], dim=-1)  # (N, L, C, 2H)
             g_flat = g_logits.reshape(batch, 1, children)
             g_coeff = torch.bmm(g_flat, both).view(n, positions, types, 2 * h)
             left.append(g_flat.transpose(1, 2))
             right.append(coeff.reshape(batch, 1, 2 * h))
             g_c1, g_c2 = g_coeff[..., :h], g_coeff[..., h:]
             gs = g_sum[..., None]
-            g_mu = (g_c1 - gs * mu) * inv
-            g_var = (0.5 * g_c2 - g_c1 * mu) * inv * inv + 0.5 * gs * (mu * mu * inv - 1.0) * inv
-            g_logit = g_sum * (1.0 - act)  # d ln sigmoid(x) / dx = 1 - sigmoid(x)
+            g_mu = torch.addcmul(g_c1, gs, mu, value=-1.0) * inv
+            # d/d var of c1 . m1 + c2 . m2 + const, times var: (g_c2 / 2 - g_c1 mu) / var + gs (mu^2 / var - 1) / 2
+            g_var_e = torch.addcmul(
+                torch.addcmul(0.5 * g_c2, g_c1, mu, value=-1.0) * inv, gs, c1 * mu - 1.0, value=0.5
+            )
+            g_logit = torch.addcmul(g_sum, g_sum, act, value=-1.0)  # d ln sigmoid(x) / dx = 1 - sigmoid(x)
         # Activation: a_j = sigmoid(lambda (beta_a - scale * rsum * sum_h (beta_u + ln sigma_h))).
         g_beta_a += lam * g_logit.sum((0, 1))
         g_cost = -lam * scale * g_logit  # (N, L, C), per unit of rsum * sum_h (...)
-        g_rsum = g_cost * (beta_u[:, None] + 0.5 * log_var).sum(-1)
-        g_beta_u += (g_cost * rsum).sum((0, 1)) * h
-        g_var = g_var + (0.5 * g_cost * rsum)[..., None] / var
+        g_rsum = g_cost * unit
+        g_cost_r = g_cost * rsum
+        g_beta_u += g_cost_r.sum((0, 1)) * h
+        half = (0.5 * g_cost_r)[..., None]
+        g_var = (half if g_var_e is None else g_var_e + half) * inv
         # M-step: mu = s1 / d, var = max(s2 / d - mu^2, 0) + floor, d = max(rsum, RSUM_FLOOR).
-        g_excess = g_var * (excess >= 0)
-        g_mu = g_mu - 2.0 * mu * g_excess
+        g_excess = torch.where(excess >= 0, g_var, 0.0)
+        g_mu = torch.addcmul(g_mu, mu, g_excess, value=-2.0)
         g_sums = torch.cat([g_mu, g_excess], dim=-1) / denom  # (N, L, C, 2H)
-        g_denom = -(g_sums[..., :h] * mu + g_sums[..., h:] * s2 / denom).sum(-1)  # (N, L, C)
-        g_rsum = g_rsum + g_denom * (rsum >= RSUM_FLOOR)
+        g_denom = (g_sums * moments).sum(-1)  # minus d(loss)/d(d)
+        g_rsum = torch.where(rsum >= RSUM_FLOOR, g_rsum - g_denom, g_rsum)
         g_sums_flat = g_sums.reshape(batch, 1, 2 * h)
-        g_weight = torch.bmm(g_sums_flat, both.transpose(1, 2)).view(n, positions, types, children)
-        g_weight = g_weight + g_rsum[..., None]
+        g_weight = torch.baddbmm(g_rsum.reshape(batch, 1, 1), g_sums_flat, both.transpose(1, 2))
+        g_weight = g_weight.view(n, positions, types, children)
         left.append(weight.reshape(batch, children, 1))
         right.append(g_sums_flat)
         g_act_in += (g_weight * r).sum(2)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from capsnet import routing
 from capsnet.layers import ClassCaps, ConvCaps
 from capsnet.routing import ChildFold, RoutingSettings, em_routing, inverse_temperatures
 
@@ -258,7 +259,6 @@ def test_fast_path_equals_plain_path_in_float64_for_outputs_and_gradients():
 
 def final_assignments(votes, act, beta_u, beta_a, fold, settings):
     """Runs the routing with stats and recovers r via the stats' entropy inputs."""
-    from capsnet import routing
 
     captured = {}
     original = routing.routing_stats
@@ -291,6 +291,35 @@ def test_every_childs_assignments_sum_to_one_over_all_parents_it_feeds(iteration
         counts = fold.parents_per_slot(c_types)
         torch.testing.assert_close(r[0, :, 0, :], 1.0 / counts)
         assert counts.min() < counts.max()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_assignment_softmax_matches_float64_for_logits_hundreds_apart(grad):
+    """Logits far apart (exponents far below float32's range) still give the exact softmax.
+
+    The exponent is floored at -80 to keep torch.exp off its slow underflow path; the
+    assignments this changes are below 1e-34, and the in-place (no autograd) and
+    differentiable branches agree.
+    """
+    g = torch.Generator().manual_seed(21)
+    fold = ChildFold(7, 7, 3, 2, types=4)
+    logits = 400.0 * torch.randn(3, fold.positions, 5, 9 * 4, generator=g)
+    logits.requires_grad_(grad)
+    r = routing.normalise_assignments(logits, fold)
+    # float64 reference: for each child, a softmax over every (slot, parent type) it feeds
+    ref = torch.zeros(logits.shape, dtype=torch.float64)
+    child = fold._child.view(fold.positions, -1)  # (L, I) child id of each slot
+    x = logits.detach().double()
+    for n in range(x.shape[0]):
+        for c in child.unique():
+            slots = (child == c).nonzero()
+            vals = x[n, slots[:, 0], :, slots[:, 1]]  # (slots, C)
+            ref[n, slots[:, 0], :, slots[:, 1]] = torch.softmax(vals.reshape(-1), 0).view_as(vals)
+    assert (x - x.amax(dim=2, keepdim=True)).min() < -1000  # far below float32's exp range
+    torch.testing.assert_close(r.detach().double(), ref, atol=1e-6, rtol=1e-5)
+    if grad:
+        r.sum().backward()
+        assert torch.isfinite(logits.grad).all()
 
 
 def test_per_patch_assignments_sum_to_one_within_each_patch():
