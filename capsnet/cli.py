@@ -32,6 +32,19 @@ CKPT_HELP = (
 OUT_DIR_HELP = "Folder that holds the run directories (logging.out_dir of the training config)."
 DEBUG_HELP = "Show the full traceback when something fails."
 
+#: Options that several commands take with the same meaning.
+DebugOption = Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)]
+OutDirOption = Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+RunDataRootOption = Annotated[
+    str | None,
+    typer.Option("--data-root", help="Look for the dataset here instead of the run's data.root."),
+]
+DataOverrideOption = Annotated[
+    list[str] | None,
+    typer.Option("--override", "-o", help="Change a data value of the checkpoint's config (repeatable)."),
+]
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from capsnet.checkpoint import CheckpointError
@@ -70,7 +83,7 @@ def _errors(debug: bool):
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False) -> None:
+def _main(debug: DebugOption = False) -> None:
     _state["debug"] = debug
 
 
@@ -115,7 +128,7 @@ def train(
             help="Replace an existing run directory of that name (and its TensorBoard events).",
         ),
     ] = False,
-    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+    debug: DebugOption = False,
 ) -> None:
     """Train a model: checkpoints go to <logging.out_dir>/<run>/, TensorBoard events to <logging.tb_dir>/<run>/."""
     with _errors(debug):
@@ -162,13 +175,7 @@ def eval_(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
-    data_root: Annotated[
-        str | None,
-        typer.Option(
-            "--data-root",
-            help="Look for the dataset here instead of the run's data.root.",
-        ),
-    ] = None,
+    data_root: RunDataRootOption = None,
     override: Annotated[
         list[str] | None,
         typer.Option(
@@ -178,8 +185,8 @@ def eval_(
             "(repeatable; the model's architecture always comes from the checkpoint).",
         ),
     ] = None,
-    out_dir: Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)] = DEFAULT_OUT_DIR,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    out_dir: OutDirOption = DEFAULT_OUT_DIR,
+    device: DeviceOption = "auto",
     crops: Annotated[
         int | None,
         typer.Option(
@@ -213,7 +220,7 @@ def eval_(
             "and novel viewpoints) to this file (needs matplotlib, the viz extra).",
         ),
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+    debug: DebugOption = False,
 ) -> None:
     """Evaluate a checkpoint: accuracy, loss and a per-class table (the config travels inside it).
 
@@ -278,8 +285,8 @@ def export(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=2, help="Images in the parity-check batch.")
     ] = 8,
-    out_dir: Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)] = DEFAULT_OUT_DIR,
-    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+    out_dir: OutDirOption = DEFAULT_OUT_DIR,
+    debug: DebugOption = False,
 ) -> None:
     """Export a checkpoint to ONNX or .pt2 and check its outputs against the eager model."""
     with _errors(debug):
@@ -310,7 +317,7 @@ def bench(
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, mps or auto.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+    debug: DebugOption = False,
 ) -> None:
     """Time training and inference steps of a config's model on random data of its geometry."""
     with _errors(debug):
@@ -390,17 +397,11 @@ def attack(
         bool, typer.Option("--plot/--no-plot", help="Write the PNG plot (needs matplotlib, the viz extra).")
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
-    data_root: Annotated[
-        str | None,
-        typer.Option("--data-root", help="Look for the dataset here instead of the run's data.root."),
-    ] = None,
-    override: Annotated[
-        list[str] | None,
-        typer.Option("--override", "-o", help="Change a data value of the checkpoint's config (repeatable)."),
-    ] = None,
-    out_dir: Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)] = DEFAULT_OUT_DIR,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
-    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+    data_root: RunDataRootOption = None,
+    override: DataOverrideOption = None,
+    out_dir: OutDirOption = DEFAULT_OUT_DIR,
+    device: DeviceOption = "auto",
+    debug: DebugOption = False,
 ) -> None:
     """Adversarial robustness: accuracy (or targeted success) against epsilon for FGSM or BIM.
 
@@ -483,17 +484,11 @@ def inspect(
         typer.Option("--tensorboard", help="Also write the figures to TensorBoard (tag inspect/<figure>)."),
     ] = False,
     tb_dir: Annotated[str | None, typer.Option("--tb-dir", help=TB_DIR_HELP.format("inspect"))] = None,
-    data_root: Annotated[
-        str | None,
-        typer.Option("--data-root", help="Look for the dataset here instead of the run's data.root."),
-    ] = None,
-    override: Annotated[
-        list[str] | None,
-        typer.Option("--override", "-o", help="Change a data value of the checkpoint's config (repeatable)."),
-    ] = None,
-    out_dir: Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)] = DEFAULT_OUT_DIR,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
-    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+    data_root: RunDataRootOption = None,
+    override: DataOverrideOption = None,
+    out_dir: OutDirOption = DEFAULT_OUT_DIR,
+    device: DeviceOption = "auto",
+    debug: DebugOption = False,
 ) -> None:
     """Figures of one image: (a) input and reconstruction, (b) class activations, (c) EM routing of one
     parent, iteration by iteration, (d) capsule activation maps, (e) pose perturbations through the decoder.

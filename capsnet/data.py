@@ -372,6 +372,14 @@ IDX_FILES = {
 }
 
 
+def check_body_size(path: str | Path, body: bytes, dims: tuple[int, ...], expected: int) -> None:
+    """Raises DataFormatError unless ``body`` (read as ``expected`` + 1 bytes) holds exactly ``expected``."""
+    if len(body) != expected:
+        what = "truncated" if len(body) < expected else "longer than its header says"
+        found = len(body) if len(body) < expected else f"more than {expected}"
+        raise DataFormatError(f"{path}: {what}: header says {dims} = {expected} bytes of data, found {found}")
+
+
 def read_idx(path: str | Path, expected_magic: int | None = None) -> torch.Tensor:
     """Reads an IDX file (plain or ``.gz``) into a tensor of its element type.
 
@@ -402,10 +410,7 @@ def read_idx(path: str | Path, expected_magic: int | None = None) -> torch.Tenso
             body = f.read(expected + 1)
     except (OSError, EOFError, zlib.error) as e:
         raise DataFormatError(f"{path}: cannot read ({e})") from None
-    if len(body) != expected:
-        what = "truncated" if len(body) < expected else "longer than its header says"
-        found = len(body) if len(body) < expected else f"more than {expected}"
-        raise DataFormatError(f"{path}: {what}: header says {dims} = {expected} bytes of data, found {found}")
+    check_body_size(path, body, dims, expected)
     array = np.frombuffer(body, dtype=dtype).reshape(dims)
     return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capsnet.data import DataFormatError, DatasetNotFoundError, one_line
+from capsnet.data import DataFormatError, DatasetNotFoundError, check_body_size, one_line
 
 CLASS_NAMES = ["animal", "human", "airplane", "truck", "car"]
 URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
@@ -121,10 +121,7 @@ def read_norb_matrix(path: str | Path, expected_magic: int | None = None) -> np.
             body = f.read(expected + 1)
     except (OSError, EOFError, zlib.error) as e:
         raise DataFormatError(f"{path}: cannot read ({e})") from None
-    if len(body) != expected:
-        what = "truncated" if len(body) < expected else "longer than its header says"
-        found = len(body) if len(body) < expected else f"more than {expected}"
-        raise DataFormatError(f"{path}: {what}: header says {dims} = {expected} bytes of data, found {found}")
+    check_body_size(path, body, dims, expected)
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
