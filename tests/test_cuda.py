@@ -5,10 +5,9 @@ Skipped where no CUDA device is present.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import TINY, tiny
 
 from capsnet import CapsNet
 from capsnet.bench import run_benchmark
@@ -18,14 +17,6 @@ from capsnet.evaluate import evaluate_checkpoint
 from capsnet.trainer import fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
-
-
-def tiny(tmp_path, *overrides: str):
-    base = [f"logging.out_dir={tmp_path / 'weights'}", f"logging.tb_dir={tmp_path / 'runs'}"]
-    return load_config(TINY, base + list(overrides))
 
 
 def test_a_cuda_run_trains_and_its_checkpoint_evaluates_the_same_on_the_cpu(tmp_path):

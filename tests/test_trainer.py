@@ -9,23 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, tiny
 
 from capsnet import trainer
 from capsnet.checkpoint import load_checkpoint
-from capsnet.config import load_config
 from capsnet.trainer import TrainingError, TrainingInterrupted, fit
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
 
 
 def quiet(_msg: str) -> None:
     pass
-
-
-def tiny(tmp_path, *overrides: str):
-    base = [f"logging.out_dir={tmp_path / 'weights'}", f"logging.tb_dir={tmp_path / 'runs'}"]
-    return load_config(TINY, base + list(overrides))
 
 
 def same_weights(a: Path, b: Path) -> bool:

@@ -1,0 +1,16 @@
+"""Helpers shared by several test modules (pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from capsnet.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def tiny(tmp_path: Path, *overrides: str) -> Config:
+    """configs/tiny.yaml with its run and TensorBoard folders under ``tmp_path``, plus ``overrides``."""
+    base = [f"logging.out_dir={tmp_path / 'weights'}", f"logging.tb_dir={tmp_path / 'runs'}"]
+    return load_config(TINY, base + list(overrides))
