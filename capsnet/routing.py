@@ -340,9 +340,13 @@ LazyVotes = VoteProduct
 
 #: The fast path routes a chunk of samples at a time (routing never mixes
 #: samples), sized so that the chunk's moments [V - s, (V - s)^2] take about this
-#: many bytes: they stay in cache across the iterations' passes over them, and no
-#: tensor of the whole batch's vote size is ever allocated.
-CHUNK_BYTES = 8 << 20
+#: many bytes, and no tensor of the whole batch's vote size is ever allocated.
+#: Smaller chunks keep the moments in cache across the iterations' passes over
+#: them, larger ones pay the fixed cost of each small operation on the
+#: per-parent statistics for more samples at once. On a 2-core CPU, with the
+#: small model at batch 32 on 32x32 inputs, 32 MiB (4 samples) trained 20% and
+#: inferred 17% faster than 8 MiB (one sample), for about 90 MB more peak memory.
+CHUNK_BYTES = 32 << 20
 #: On a GPU, where each operation has a launch cost and memory is plentiful, chunks are larger.
 GPU_CHUNK_BYTES = 1 << 30
 
