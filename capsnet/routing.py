@@ -23,8 +23,8 @@ Two implementations compute the same function:
   reference for the fast path.
 * ``impl="fast"``: the M-step moments and the E-step log-likelihood written as
   batched matrix products over the centred votes and their squares, routed a
-  chunk of samples at a time (routing never mixes samples) so that a chunk's
-  moments stay in cache and no tensor of the batch's vote size is allocated.
+  chunk of a few samples at a time (routing never mixes samples), so that no
+  tensor of the batch's vote size is allocated (see :data:`CHUNK_BYTES`).
   When a gradient is needed, a hand-written backward (:class:`_FastRouting`)
   keeps only each iteration's assignments and moment sums, collects the
   gradient of the moments as rank-one factors applied in one product per chunk,
@@ -425,7 +425,7 @@ def _em_iterations(both, act_in, beta_u, beta_a, settings, fold, geom, saved: li
     and its moment sums (all that the hand-written backward needs).
 
     The same equations as :func:`_em_plain`, grouped into fewer operations: a chunk
-    is one or two samples, so each operation's fixed cost counts as much as its
+    is a few samples, so each operation's fixed cost counts as much as its
     arithmetic. sum_h cost_h = rsum * (H beta_u + sum_h ln sigma_h), and the E-step's
     per-parent terms (ln a_j and the constant of ln p_ij) enter the product that
     makes the quadratic form. The constant H ln(2 pi) / 2, the same for every
