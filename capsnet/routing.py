@@ -416,6 +416,31 @@ def _traceable_moments(votes: Tensor | VoteProduct) -> tuple[Tensor, Tensor]:
     return both, shift.reshape(n, positions, types, h)
 
 
+class _MStep(NamedTuple):
+    denom: Tensor  # (N, L, C, 1) max(sum_i R_ij, RSUM_FLOOR)
+    moments: Tensor  # (N, L, C, 2H) [E[V - s], E[(V - s)^2]]
+    mu: Tensor  # (N, L, C, H) centred mean
+    excess: Tensor  # (N, L, C, H) E[(V - s)^2] - mu^2, before the floor
+    var: Tensor  # (N, L, C, H)
+    log_var_sum: Tensor  # (N, L, C) sum_h ln sigma_h^2
+    unit: Tensor  # (N, L, C) sum_h (beta_u + ln sigma_h)
+    logit: Tensor  # (N, L, C) lambda (beta_a - cost), cost = scale * rsum * unit
+
+
+def _m_step(sums, rsum, h_beta_u, beta_a, lam, scale, min_var) -> _MStep:
+    """One M-step from its moment sums (forward, and again in the hand-written backward)."""
+    h = sums.shape[-1] // 2
+    denom = rsum.clamp_min(RSUM_FLOOR)[..., None]
+    moments = sums / denom
+    mu = moments[..., :h]
+    excess = torch.addcmul(moments[..., h:], mu, mu, value=-1.0)
+    var = excess.clamp_min(0.0) + min_var
+    log_var_sum = torch.log(var).sum(-1)
+    unit = torch.add(h_beta_u, log_var_sum, alpha=0.5)
+    logit = torch.addcmul(lam * beta_a, rsum, unit, value=-lam * scale)
+    return _MStep(denom, moments, mu, excess, var, log_var_sum, unit, logit)
+
+
 def _em_iterations(both, act_in, beta_u, beta_a, settings, fold, geom, saved: list | None = None):
     """The EM iterations on the moments ``both`` = [V - s, (V - s)^2] (B, I, 2H).
 
@@ -444,12 +469,8 @@ def _em_iterations(both, act_in, beta_u, beta_a, settings, fold, geom, saved: li
         sums = torch.bmm(weight.reshape(batch, 1, children), both).view(n, positions, types, 2 * h)
         if saved is not None:
             saved += [r, sums]
-        moments = sums / rsum.clamp_min(RSUM_FLOOR)[..., None]  # [E[V - s], E[(V - s)^2]]
-        mu = moments[..., :h]  # (N, L, C, H), centred
-        var = torch.addcmul(moments[..., h:], mu, mu, value=-1.0).clamp_min(0.0) + settings.min_var
-        log_var_sum = torch.log(var).sum(-1)  # (N, L, C)
-        unit = torch.add(h_beta_u, log_var_sum, alpha=0.5)  # sum_h (beta_u + ln sigma_h)
-        logit = torch.addcmul(lam * beta_a, rsum, unit, value=-lam * scale)
+        m = _m_step(sums, rsum, h_beta_u, beta_a, lam, scale, settings.min_var)
+        mu, var, log_var_sum, logit = m.mu, m.var, m.log_var_sum, m.logit
         act = torch.sigmoid(logit)
         if t < len(lambdas) - 1:
             inv = torch.reciprocal(var)
@@ -625,13 +646,10 @@ def _routing_backward(both, act_in, beta_u, beta_a, pairs, g_pose, g_act, settin
         # This iteration's small quantities, recomputed from its saved moment sums.
         weight = r * a_in  # (N, L, C, I)
         rsum = weight.sum(-1)  # (N, L, C)
-        denom = rsum.clamp_min(RSUM_FLOOR)[..., None]  # (N, L, C, 1)
-        moments = sums / denom  # [mu, s2 / d]
-        mu = moments[..., :h]
-        excess = torch.addcmul(moments[..., h:], mu, mu, value=-1.0)
-        inv = torch.reciprocal(excess.clamp_min(0.0) + settings.min_var)  # 1 / var
-        unit = torch.add(h_beta_u, torch.log(inv).sum(-1), alpha=-0.5)  # sum_h (beta_u + ln sigma_h)
-        act = torch.sigmoid(torch.addcmul(lam * beta_a, rsum, unit, value=-lam * scale))  # (N, L, C)
+        m = _m_step(sums, rsum, h_beta_u, beta_a, lam, scale, settings.min_var)
+        denom, moments, mu, excess, unit = m.denom, m.moments, m.mu, m.excess, m.unit
+        inv = torch.reciprocal(m.var)
+        act = torch.sigmoid(m.logit)  # (N, L, C)
         if t == last:
             g_mu = g_pose
             g_var_e = None
