@@ -97,7 +97,7 @@ class OptimConfig:
     lr: float = 3e-3
     weight_decay: float = 2e-7
     decay_rate: float = 0.96  # lr * decay_rate ** (step / decay_steps)
-    decay_steps: int = 20000
+    decay_steps: int | None = 20000  # null: the whole run (the rate reaches lr * decay_rate at the end)
     staircase: bool = False
     warmup_steps: int = 0
     grad_clip: float | None = None  # max global gradient norm; null: no clipping

@@ -86,14 +86,18 @@ def margin_at(step: int, total_steps: int, cfg: LossConfig) -> float:
     return cfg.margin_start + (cfg.margin_end - cfg.margin_start) * frac
 
 
-def lr_at(step: int, cfg: OptimConfig) -> float:
+def lr_at(step: int, cfg: OptimConfig, total_steps: int | None = None) -> float:
     """Learning rate at ``step``: ``lr * decay_rate ** (step / decay_steps)``.
 
-    With ``staircase`` the exponent is rounded down (the rate drops every
+    ``decay_steps=None`` stretches the decay over the whole run (``total_steps``),
+    so the rate ends at ``lr * decay_rate`` whatever the epoch count. With ``staircase`` the exponent is rounded down (the rate drops every
     ``decay_steps``); during the first ``warmup_steps`` steps the rate also rises
     linearly from ``lr / warmup_steps`` to its scheduled value.
     """
-    exponent = step / cfg.decay_steps
+    steps = cfg.decay_steps if cfg.decay_steps is not None else total_steps
+    if steps is None:
+        raise ValueError("optim.decay_steps is null (the whole run), so lr_at needs total_steps")
+    exponent = step / max(steps, 1)
     if cfg.staircase:
         exponent = math.floor(exponent)
     lr = cfg.lr * cfg.decay_rate**exponent

@@ -165,7 +165,7 @@ def _log_step(run: Run, lr: float, margin: float) -> None:
 def _train_step(run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest) -> tuple[float, int, int]:
     """One optimiser step over ``group`` (``train.accumulate`` micro-batches)."""
     cfg, model = run.cfg, run.model
-    lr = lr_at(run.step, cfg.optim)
+    lr = lr_at(run.step, cfg.optim, run.total_steps)
     margin = margin_at(run.step, run.total_steps, cfg.loss)
     for g in run.optimizer.param_groups:
         g["lr"] = lr
@@ -330,7 +330,7 @@ def end_of_epoch(run: Run, summary: dict[str, float]) -> EvalResult:
             **summary,
             f"{split}/loss": result.loss,
             f"{split}/acc": result.acc,
-            "sched/lr": lr_at(max(run.step - 1, 0), run.cfg.optim),
+            "sched/lr": lr_at(max(run.step - 1, 0), run.cfg.optim, run.total_steps),
             "sched/margin": margin_at(max(run.step - 1, 0), run.total_steps, run.cfg.loss),
         },
         ["train/loss", "train/acc", f"{split}/loss", f"{split}/acc", "sched/lr", "sched/margin"],

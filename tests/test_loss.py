@@ -94,6 +94,16 @@ def test_learning_rate_decays_exponentially_with_the_step():
     assert lr_at(50, cfg) == pytest.approx(0.01 * math.sqrt(0.5))
 
 
+def test_null_decay_steps_spread_the_decay_over_the_whole_run():
+    cfg = OptimConfig(lr=0.01, decay_rate=0.1, decay_steps=None)
+    assert lr_at(0, cfg, total_steps=400) == pytest.approx(0.01)
+    assert lr_at(200, cfg, total_steps=400) == pytest.approx(0.01 * math.sqrt(0.1))
+    assert lr_at(400, cfg, total_steps=400) == pytest.approx(0.001)
+    assert lr_at(400, cfg, total_steps=800) == pytest.approx(0.01 * math.sqrt(0.1))
+    with pytest.raises(ValueError, match="total_steps"):
+        lr_at(10, cfg)
+
+
 def test_staircase_learning_rate_drops_only_every_decay_steps():
     cfg = OptimConfig(lr=0.01, decay_rate=0.5, decay_steps=100, staircase=True)
     assert lr_at(99, cfg) == pytest.approx(0.01)
