@@ -11,6 +11,7 @@ import torch
 
 from capsnet.config import Config, DataConfig
 from capsnet.model import CapsNet
+from capsnet.routing import compiled_kernels_enabled, use_compiled_kernels
 from capsnet.runtime import tune_allocator
 
 #: (channels, classes, image size) of each dataset, so a benchmark needs no data on disk.
@@ -95,6 +96,17 @@ def run_benchmark(
 ) -> BenchResult:
     """Times training steps (forward, spread loss, backward, Adam) and inference batches."""
     tune_allocator()
+    compiled_before = compiled_kernels_enabled()
+    use_compiled_kernels(cfg.train.compile_routing)
+    try:
+        return _run(cfg, batch_size, steps, warmup, image_size, classes, device, threads)
+    finally:
+        use_compiled_kernels(compiled_before)
+
+
+def _run(cfg, batch_size, steps, warmup, image_size, classes, device, threads) -> BenchResult:
+    if cfg.train.compile_routing:
+        warmup = max(warmup, 3)  # the first calls compile (and recompile for a second chunk shape)
     if threads:
         torch.set_num_threads(threads)
     base_rss = _rss_mib()

@@ -136,6 +136,7 @@ class TrainConfig:
     num_workers: int = 0
     precision: str = "fp32"  # fp32 | bf16
     compile: bool = False  # torch.compile the model
+    compile_routing: bool = False  # torch.compile only the routing's per-chunk contractions (faster; README)
     max_steps: int | None = None  # stop after this many optimiser steps (quick tries)
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     threads: int | None = None  # torch intra-op threads; null: torch's default

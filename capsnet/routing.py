@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import NamedTuple
 
 import torch
@@ -295,6 +295,71 @@ def _leading(buffer: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
     return None if buffer is None else buffer.view(-1)[: math.prod(shape)].view(shape)
 
 
+# --------------------------------------------------------------------------- per-chunk contractions
+#
+# Every pass of the EM iterations over a chunk's votes is one of three contractions
+# with the moments [V - s, (V - s)^2] of each (sample, position, parent) row. Eager,
+# they are batched matrix products over a materialised (B, I, 2H) moments tensor.
+# Compiled (:func:`use_compiled_kernels`), torch.compile turns each into one loop
+# that reads only D = V - s, (B, I, H), and squares it on the fly: half the bytes
+# of the eager products, and the squared half is never written.
+
+_compiled_kernels = False
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Route with torch.compile'd contractions (``train.compile_routing``); False: eager batched products.
+
+    Same results to rounding; compiling takes a while on the first calls of each
+    chunk shape and needs a C++ compiler on a CPU. Not used while torch.compile or
+    torch.export traces the model (they see the plain operations instead).
+    """
+    global _compiled_kernels
+    _compiled_kernels = bool(enabled)
+
+
+def compiled_kernels_enabled() -> bool:
+    return _compiled_kernels
+
+
+def _moments_kernel(w: Tensor, d: Tensor) -> Tensor:
+    """sum_i w_i [D_i, D_i^2]: (B, I) weights and (B, I, H) centred votes -> (B, 2H)."""
+    wd = w.unsqueeze(-1) * d
+    return torch.cat([wd.sum(1), (wd * d).sum(1)], dim=-1)
+
+
+def _quadratic_kernel(coeff: Tensor, bias: Tensor, d: Tensor) -> Tensor:
+    """bias + coeff . [D_i, D_i^2] for every child i: (B, 2H), (B,), (B, I, H) -> (B, I)."""
+    h = d.shape[-1]
+    return (d * (coeff[:, None, :h] + coeff[:, None, h:] * d)).sum(-1) + bias[:, None]
+
+
+def _vote_gradient_kernel(left: Tensor, right: Tensor, d: Tensor) -> Tensor:
+    """d(loss)/dD for d(loss)/d[D, D^2] = left @ right: (B, I, K), (B, K, 2H), (B, I, H) -> (B, I, H)."""
+    h = d.shape[-1]
+    l4 = left.unsqueeze(-1)  # (B, I, K, 1): K is small (a few pieces per iteration), summed in the loop
+    return (l4 * right[:, None, :, :h]).sum(2) + 2.0 * d * (l4 * right[:, None, :, h:]).sum(2)
+
+
+@cache
+def _kernel(fn):
+    return torch.compile(fn, fullgraph=True)
+
+
+def _weighted_moments(w: Tensor, moments: Tensor, fused: bool) -> Tensor:
+    """sum_i w_i [D_i, D_i^2] per row: (B, I) -> (B, 2H); ``moments`` is D (fused) or [D, D^2]."""
+    if fused:
+        return _kernel(_moments_kernel)(w, moments)
+    return torch.bmm(w.unsqueeze(1), moments).squeeze(1)
+
+
+def _quadratic(coeff: Tensor, bias: Tensor, moments: Tensor, fused: bool) -> Tensor:
+    """bias + coeff . [D_i, D_i^2] per row and child: (B, 2H), (B,) -> (B, I)."""
+    if fused:
+        return _kernel(_quadratic_kernel)(coeff, bias, moments)
+    return torch.baddbmm(bias[:, None, None], coeff.unsqueeze(1), moments.transpose(1, 2)).squeeze(1)
+
+
 class _Workspace:
     """Buffers reused by every chunk of one routing call.
 
@@ -303,10 +368,11 @@ class _Workspace:
     saves most of the cost of building them.
     """
 
-    def __init__(self, votes: Tensor | VoteProduct, samples: int, moments: bool = True):
+    def __init__(self, votes: Tensor | VoteProduct, samples: int, moments: bool = True, fused: bool = False):
         _, positions, types, children, h = _vote_geometry(votes)
         like = votes.poses if isinstance(votes, VoteProduct) else votes
-        self.moments = like.new_empty(samples * positions * types * children * 2 * h) if moments else None
+        width = h if fused else 2 * h
+        self.moments = like.new_empty(samples * positions * types * children * width) if moments else None
         self.votes = (
             like.new_empty(samples * positions * types * children * h)
             if isinstance(votes, VoteProduct)
@@ -373,17 +439,20 @@ def _build_moments(
     stop: int,
     out: Tensor | None = None,
     work: _Workspace | None = None,
+    fused: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """[V - s, (V - s)^2] of samples ``start:stop`` as one (B, I, 2H) tensor, and s = mean_i V_ij.
 
-    Written with ``out=`` and in place (no autograd), into ``out`` when given. The
-    routing is invariant to a per-parent shift of its votes; centring keeps
-    E[V^2] - E[V]^2 accurate in float32.
+    With ``fused`` (compiled contractions), only V - s, (B, I, H). Written with
+    ``out=`` and in place (no autograd), into ``out`` when given. The routing is
+    invariant to a per-parent shift of its votes; centring keeps E[V^2] - E[V]^2
+    accurate in float32.
     """
     _, positions, types, children, h = _vote_geometry(votes)
     n = stop - start
+    width = h if fused else 2 * h
     if out is None and work is not None and work.moments is not None:
-        out = _leading(work.moments, (n * positions * types, children, 2 * h))
+        out = _leading(work.moments, (n * positions * types, children, width))
     if isinstance(votes, VoteProduct):
         p = votes.shape[3]
         v = votes.product(
@@ -391,17 +460,18 @@ def _build_moments(
         )  # (I, n*L*P, C*P), ours to change
         mean = v.mean(dim=0, keepdim=True)  # (1, n*L*P, C*P)
         v.sub_(mean)  # centred in the product's layout, where it is contiguous
-        both = v.new_empty(n * positions * types, children, 2 * h) if out is None else out  # (B, I, 2H)
+        both = v.new_empty(n * positions * types, children, width) if out is None else out  # (B, I, 2H)
         centred = both[..., :h].view(n, positions, types, children, p, p)
         _copy_rows(centred, v.view(children, n, positions, p, types, p).permute(1, 2, 4, 0, 3, 5))
         shift = mean.view(n, positions, p, types, p).transpose(2, 3)  # (n, L, C, P, P)
     else:
         v = votes[start:stop]  # (n, L, C, I, *pose)
-        both = v.new_empty(n * positions * types, children, 2 * h) if out is None else out  # (B, I, 2H)
+        both = v.new_empty(n * positions * types, children, width) if out is None else out  # (B, I, 2H)
         shift = v.mean(dim=3, keepdim=True)  # (n, L, C, 1, *pose)
         centred = both[..., :h].view(v.shape)
         torch.sub(v, shift, out=centred)
-    torch.mul(centred, centred, out=both[..., h:].view(centred.shape))
+    if not fused:
+        torch.mul(centred, centred, out=both[..., h:].view(centred.shape))
     return both, shift.reshape(n, positions, types, h)
 
 
@@ -441,11 +511,14 @@ def _m_step(sums, rsum, h_beta_u, beta_a, lam, scale, min_var) -> _MStep:
     return _MStep(denom, moments, mu, excess, var, log_var_sum, unit, logit)
 
 
-def _em_iterations(both, act_in, beta_u, beta_a, settings, fold, geom, saved: list | None = None):
+def _em_iterations(
+    both, act_in, beta_u, beta_a, settings, fold, geom, saved: list | None = None, fused=False
+):
     """The EM iterations on the moments ``both`` = [V - s, (V - s)^2] (B, I, 2H).
 
     M-step sums and E-step quadratic forms are batched matrix products over
-    ``both``. Returns the centred means mu, variances, activations and the last
+    ``both`` (with ``fused``, ``both`` holds V - s alone and the contractions are
+    compiled loops). Returns the centred means mu, variances, activations and the last
     assignments; ``saved`` receives, per iteration, the assignments entering it
     and its moment sums (all that the hand-written backward needs).
 
@@ -466,7 +539,9 @@ def _em_iterations(both, act_in, beta_u, beta_a, settings, fold, geom, saved: li
     for t, lam in enumerate(lambdas):
         weight = r * a_in  # (N, L, C, I)
         rsum = weight.sum(-1)  # (N, L, C)
-        sums = torch.bmm(weight.reshape(batch, 1, children), both).view(n, positions, types, 2 * h)
+        sums = _weighted_moments(weight.reshape(batch, children), both, fused).view(
+            n, positions, types, 2 * h
+        )
         if saved is not None:
             saved += [r, sums]
         m = _m_step(sums, rsum, h_beta_u, beta_a, lam, scale, settings.min_var)
@@ -478,14 +553,14 @@ def _em_iterations(both, act_in, beta_u, beta_a, settings, fold, geom, saved: li
             # ln a_j + ln p_ij = [ln a_j - (sum_h mu^2 / sigma^2 + ln sigma^2) / 2] + coeff_j . both_i
             inner = (mu * coeff[..., :h]).sum(-1) + log_var_sum
             bias = torch.add(torch.nn.functional.logsigmoid(logit), inner, alpha=-0.5)  # (N, L, C)
-            logits = torch.baddbmm(
-                bias.reshape(batch, 1, 1), coeff.reshape(batch, 1, 2 * h), both.transpose(1, 2)
-            )  # (B, 1, I)
+            logits = _quadratic(coeff.reshape(batch, 2 * h), bias.reshape(batch), both, fused)  # (B, I)
             r = normalise_assignments(logits.view(n, positions, types, children), fold)
     return mu, var, act, r
 
 
-def _route_in_chunks(votes, act_in, beta_u, beta_a, settings, fold, want_final, keep=None, keep_both=True):
+def _route_in_chunks(
+    votes, act_in, beta_u, beta_a, settings, fold, want_final, keep=None, keep_both=True, fused=False
+):
     """Routes each chunk of samples on its own; returns pose, activation and (r, var) of the last iteration.
 
     ``keep`` (a dict) receives what :func:`_routing_backward` needs: the
@@ -502,16 +577,16 @@ def _route_in_chunks(votes, act_in, beta_u, beta_a, settings, fold, want_final, 
     if keep is not None:
         keep["r"] = new(max(iterations - 1, 0), n, positions, types, children)
         keep["sums"] = new(iterations, n, positions, types, 2 * h)
-        keep["both"] = new(n * positions * types, children, 2 * h) if keep_both else None
+        keep["both"] = new(n * positions * types, children, h if fused else 2 * h) if keep_both else None
     chunks = _sample_chunks(geom, act_in)
     kept = keep is not None and keep_both
-    work = _Workspace(votes, max(b - a for a, b in chunks), moments=not kept)
+    work = _Workspace(votes, max(b - a for a, b in chunks), moments=not kept, fused=fused)
     for start, stop in chunks:
         rows = slice(start * positions * types, stop * positions * types)
-        both, shift = _build_moments(votes, start, stop, keep["both"][rows] if kept else None, work)
+        both, shift = _build_moments(votes, start, stop, keep["both"][rows] if kept else None, work, fused)
         saved = [] if keep is not None else None
         mu, var, a, r = _em_iterations(
-            both, act_in[start:stop], beta_u, beta_a, settings, fold, (stop - start, *geom[1:]), saved
+            both, act_in[start:stop], beta_u, beta_a, settings, fold, (stop - start, *geom[1:]), saved, fused
         )
         del both
         torch.add(mu, shift, out=pose[start:stop])
@@ -537,6 +612,7 @@ class _Job:
         self.layout = None if self.product else (votes.shape, votes.stride())
         self.geom = _vote_geometry(votes)
         self.settings, self.fold, self.want_final = settings, fold, want_final
+        self.fused = _compiled_kernels
         self.chunks: list[tuple[int, int]] = []
         self.final: tuple[Tensor, Tensor] | None = None  # (r, var) of the last iteration
 
@@ -558,7 +634,16 @@ class _FastRouting(torch.autograd.Function):
         votes = VoteProduct(*vote_inputs, job.shape) if job.product else vote_inputs[0]
         keep: dict[str, Tensor | None] = {}
         pose, act, job.final = _route_in_chunks(
-            votes, act_in, beta_u, beta_a, job.settings, job.fold, job.want_final, keep, not job.recompute
+            votes,
+            act_in,
+            beta_u,
+            beta_a,
+            job.settings,
+            job.fold,
+            job.want_final,
+            keep,
+            not job.recompute,
+            job.fused,
         )
         job.chunks = _sample_chunks(job.geom, act_in)
         ctx.job = job
@@ -580,11 +665,11 @@ class _FastRouting(torch.autograd.Function):
         sink = _VoteGradients(job, inputs, needs[4:], act_in)
         if job.recompute:
             product = VoteProduct(*inputs, job.shape)
-            work = _Workspace(product, max(b - a for a, b in job.chunks))
+            work = _Workspace(product, max(b - a for a, b in job.chunks), fused=job.fused)
         for start, stop in job.chunks:
             rows = slice(start * positions * types, stop * positions * types)
             if job.recompute:
-                both = _build_moments(product, start, stop, work=work)[0]
+                both = _build_moments(product, start, stop, work=work, fused=job.fused)[0]
             else:
                 both = rest[-1][rows]
             r0 = initial_assignments(
@@ -606,6 +691,7 @@ class _FastRouting(torch.autograd.Function):
                 job.settings,
                 job.fold,
                 geom,
+                job.fused,
             )
             g_act_in[start:stop] = g_a
             g_beta_u += g_u
@@ -621,7 +707,7 @@ class _FastRouting(torch.autograd.Function):
         )
 
 
-def _routing_backward(both, act_in, beta_u, beta_a, pairs, g_pose, g_act, settings, fold, geom):
+def _routing_backward(both, act_in, beta_u, beta_a, pairs, g_pose, g_act, settings, fold, geom, fused=False):
     """Reverse pass of :func:`_em_iterations` on one chunk of samples.
 
     Returns the rank-one factors of d(loss)/d(both) (``left`` (B, I, 1) and
@@ -666,7 +752,8 @@ def _routing_backward(both, act_in, beta_u, beta_a, pairs, g_pose, g_act, settin
             c1 = mu * inv
             coeff = torch.cat([c1, -0.5 * inv], dim=-1)  # (N, L, C, 2H)
             g_flat = g_logits.reshape(batch, 1, children)
-            g_coeff = torch.bmm(g_flat, both).view(n, positions, types, 2 * h)
+            g_coeff = _weighted_moments(g_logits.reshape(batch, children), both, fused)
+            g_coeff = g_coeff.view(n, positions, types, 2 * h)
             left.append(g_flat.transpose(1, 2))
             right.append(coeff.reshape(batch, 1, 2 * h))
             g_c1, g_c2 = g_coeff[..., :h], g_coeff[..., h:]
@@ -692,7 +779,7 @@ def _routing_backward(both, act_in, beta_u, beta_a, pairs, g_pose, g_act, settin
         g_denom = (g_sums * moments).sum(-1)  # minus d(loss)/d(d)
         g_rsum = torch.where(rsum >= RSUM_FLOOR, g_rsum - g_denom, g_rsum)
         g_sums_flat = g_sums.reshape(batch, 1, 2 * h)
-        g_weight = torch.baddbmm(g_rsum.reshape(batch, 1, 1), g_sums_flat, both.transpose(1, 2))
+        g_weight = _quadratic(g_sums.reshape(batch, 2 * h), g_rsum.reshape(batch), both, fused)
         g_weight = g_weight.view(n, positions, types, children)
         left.append(weight.reshape(batch, children, 1))
         right.append(g_sums_flat)
@@ -722,8 +809,17 @@ class _VoteGradients:
     def add(self, both: Tensor, left: list[Tensor], right: list[Tensor], start: int, stop: int) -> None:
         if not any(self.needs):
             return
-        job, h = self.job, both.shape[-1] // 2
-        g = torch.bmm(torch.cat(left, dim=2), torch.cat(right, dim=1))  # (B, I, 2H): every iteration's pieces
+        job, h = self.job, self.job.geom[4]
+        if job.fused:
+            g_votes = _kernel(_vote_gradient_kernel)(torch.cat(left, dim=2), torch.cat(right, dim=1), both)
+            if not job.product:
+                out = self.grads[0][start:stop]
+                out.copy_(g_votes.view(out.shape))
+                return
+        else:
+            g = torch.bmm(
+                torch.cat(left, dim=2), torch.cat(right, dim=1)
+            )  # (B, I, 2H): every iteration's pieces
         if not job.product:
             out = self.grads[0][start:stop]
             part = out.shape
@@ -734,7 +830,8 @@ class _VoteGradients:
             return
         _, positions, types, p = job.shape
         children, n = both.shape[1], stop - start
-        g_votes = torch.addcmul(g[..., :h], both[..., :h], g[..., h:], value=2.0)  # (B, I, H)
+        if not job.fused:
+            g_votes = torch.addcmul(g[..., :h], both[..., :h], g[..., h:], value=2.0)  # (B, I, H)
         flat = both.new_empty(children, n * positions * p, types * p)  # the product's layout
         target = flat.view(children, n, positions, p, types, p).permute(1, 2, 4, 0, 3, 5)
         _copy_rows(target, g_votes.view(n, positions, types, children, p, p))
@@ -765,7 +862,9 @@ def _em_fast(votes, act_in, beta_u, beta_a, settings, fold, want_stats):
         pose, act = _FastRouting.apply(job, act_in, beta_u, beta_a, *inputs)
         (r, var), job.final = job.final, None
     else:
-        pose, act, (r, var) = _route_in_chunks(votes, act_in, beta_u, beta_a, settings, fold, want_stats)
+        pose, act, (r, var) = _route_in_chunks(
+            votes, act_in, beta_u, beta_a, settings, fold, want_stats, fused=_compiled_kernels
+        )
     stats = routing_stats(r, act, var, fold) if want_stats else None
     return RoutingResult(pose, act, stats)
 

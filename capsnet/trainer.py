@@ -51,6 +51,7 @@ from capsnet.distributed import (
 from capsnet.evaluate import EvalResult, autocast, evaluate, resolve_device
 from capsnet.loss import compute_loss, lr_at, margin_at, uses_reconstruction
 from capsnet.model import CapsNet, CapsOutput
+from capsnet.routing import compiled_kernels_enabled, use_compiled_kernels
 from capsnet.runs import (
     Run,
     TrainingError,
@@ -396,6 +397,8 @@ def fit(
             else ""
         )
         raise TrainingError(f"could not join the torchrun process group: {first}{hint}") from None
+    compiled_before = compiled_kernels_enabled()
+    use_compiled_kernels(cfg.train.compile_routing)
     try:
         return _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix)
     except RuntimeError as e:
@@ -406,6 +409,7 @@ def fit(
             "with torchrun --max-restarts N and --resume latest the run goes on from its last checkpoint"
         ) from e
     finally:
+        use_compiled_kernels(compiled_before)
         if dist_info.distributed:
             shutdown()
 

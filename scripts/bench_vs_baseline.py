@@ -6,12 +6,15 @@ a fresh process, and prints the median of each figure and the median ratios.
 Both run the paper's small model on 1x32x32 inputs, 5 classes, 3 routing
 iterations, batch 32, an Adam step per batch, with the same thread count.
 
-    python scripts/bench_vs_baseline.py [--rounds 3] [--steps 5] [--baseline PATH] [--device cuda] [--json]
+    python scripts/bench_vs_baseline.py [--rounds 3] [--steps 5] [--baseline PATH] [--device cuda] [--compiled] [--json]
 
 The baseline pads its first convolution (32x32 -> 16x16 -> 7x7 -> 5x5 capsule
 grids); the paper and capsnet do not (14x14 -> 6x6 -> 4x4). capsnet is measured
 both ways: `paper geometry` is what `configs/small.yaml` trains, `baseline
-geometry` (-o model.stem_padding=2) does exactly the baseline's work.
+geometry` (-o model.stem_padding=2) does exactly the baseline's work. With
+--compiled, both are also measured with `train.compile_routing: true` (the
+routing's per-chunk contractions compiled by torch.compile; the compiling, in the
+warm-up steps, is not timed).
 
 With --device cuda both run on the GPU: the baseline script is run unchanged
 with CUDA as torch's default device and a clock that waits for the GPU before
@@ -41,6 +44,10 @@ LINE = re.compile(r"train ([\d.]+) img/s, inference ([\d.]+) img/s, peak RSS (\d
 VARIANTS = {
     "paper geometry": [],
     "baseline geometry": ["-o", "model.stem_padding=2"],
+}
+#: The same with the routing's contractions compiled (--compiled).
+COMPILED = {
+    f"{name}, compiled": extra + ["-o", "train.compile_routing=true"] for name, extra in VARIANTS.items()
 }
 #: The baseline's settings (3 routing iterations) and memory-lean routing (vote moments
 #: rebuilt in backward, not kept), whatever configs/small.yaml says.
@@ -133,15 +140,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--compiled", action="store_true", help="also time train.compile_routing: true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    variants = {**VARIANTS, **(COMPILED if args.compiled else {})}
     if not args.baseline.exists():
         raise SystemExit(f"baseline script not found: {args.baseline} (pass --baseline PATH)")
 
-    runs: dict[str, list[dict]] = {"baseline": [], **{k: [] for k in VARIANTS}}
+    runs: dict[str, list[dict]] = {"baseline": [], **{k: [] for k in variants}}
     for r in range(args.rounds):
         runs["baseline"].append(run_baseline(args))
-        for name, extra in VARIANTS.items():
+        for name, extra in variants.items():
             runs[name].append(run_capsnet(extra, args))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
@@ -158,7 +167,7 @@ def main() -> None:
         "median": med,
         "ratio": {},
     }
-    for name in VARIANTS:
+    for name in variants:
         report["ratio"][name] = {
             "train_speedup": med[name]["train_img_per_s"] / base["train_img_per_s"],
             "inference_speedup": med[name]["infer_img_per_s"] / base["infer_img_per_s"],
@@ -168,16 +177,17 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
+    width = max(len(name) for name in med)
     print(
         f"median of {args.rounds} rounds on {args.device}, batch {args.batch}, {args.threads} threads, "
         "1x32x32, 5 classes, 3 iterations"
     )
     print(
-        f"{'':22} {'train img/s':>12} {'infer img/s':>12} {memory + ' MiB':>20} {'RSS above torch MiB':>20}"
+        f"{'':{width}} {'train img/s':>12} {'infer img/s':>12} {memory + ' MiB':>20} {'RSS above torch MiB':>20}"
     )
     for name, m in med.items():
         print(
-            f"{name:22} {m['train_img_per_s']:12.1f} {m['infer_img_per_s']:12.1f} {m['memory_mib']:20.0f} "
+            f"{name:{width}} {m['train_img_per_s']:12.1f} {m['infer_img_per_s']:12.1f} {m['memory_mib']:20.0f} "
             f"{m['above_torch_mib']:20.0f}"
         )
     for name, r in report["ratio"].items():

@@ -431,3 +431,67 @@ def test_fast_routing_on_cuda_matches_the_cpu_result():
     got_grads = torch.autograd.grad(got[0].sum() + got[1].sum(), [layer.weight, pose_gpu, act_gpu])
     for g, w in zip([*got, *got_grads], [*want, *want_grads]):
         torch.testing.assert_close(g.cpu(), w, atol=1e-8, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- compiled contractions
+
+
+@pytest.fixture
+def compiled_routing():
+    routing.use_compiled_kernels(True)
+    try:
+        yield
+    finally:
+        routing.use_compiled_kernels(False)
+
+
+def _layer_outputs_and_grads(layer, pose, act):
+    out = layer(pose, act)
+    params = [layer.weight, layer.beta_u, layer.beta_a]
+    return [*out, *grads(list(out), [*params, pose, act])]
+
+
+@pytest.mark.parametrize("recompute_votes", [False, True])
+def test_compiled_contractions_equal_the_eager_ones_in_float64(recompute_votes, monkeypatch):
+    settings = RoutingSettings(iterations=3, final_lambda=0.5)
+    layer = randomise(ConvCaps(2, 3, kernel=2, stride=1, settings=settings), 41).double()
+    layer.recompute_votes = recompute_votes
+    g = torch.Generator().manual_seed(42)
+    pose = (0.5 * torch.randn(3, 4, 3, 2, 16, generator=g, dtype=torch.float64)).requires_grad_()
+    act = torch.rand(3, 4, 3, 2, generator=g, dtype=torch.float64).requires_grad_()
+    # Two samples per chunk: chunks of 2 and 1 samples, two shapes for the compiled kernels.
+    per_sample = 2 * 6 * 3 * 8 * 16 * 8  # [V - s, (V - s)^2] of one sample in bytes
+    monkeypatch.setattr(routing, "CHUNK_BYTES", 2 * per_sample)
+    want = _layer_outputs_and_grads(layer, pose, act)
+    with torch.no_grad():
+        want_infer = layer(pose, act)
+    routing.use_compiled_kernels(True)
+    try:
+        got = _layer_outputs_and_grads(layer, pose, act)
+        with torch.no_grad():
+            got_infer = layer(pose, act)
+    finally:
+        routing.use_compiled_kernels(False)
+    assert not routing.compiled_kernels_enabled()
+    for a, b in zip([*got, *got_infer], [*want, *want_infer]):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+def test_compiled_contractions_equal_the_plain_routing_for_a_vote_tensor(compiled_routing):
+    g = torch.Generator().manual_seed(51)
+    fold = ChildFold(4, 4, 2, 1, types=2)
+    votes = torch.randn(2, 9, 3, 8, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    act = torch.rand(2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    beta_u = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    beta_a = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    inputs = [votes, act, beta_u, beta_a]
+    settings = RoutingSettings(iterations=3, final_lambda=0.3)
+    for f in (fold, None):
+        fast = em_routing(votes, act, beta_u, beta_a, settings, f, impl="fast")
+        plain = em_routing(votes, act, beta_u, beta_a, settings, f, impl="plain")
+        torch.testing.assert_close(fast.pose, plain.pose, atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(fast.activation, plain.activation, atol=1e-9, rtol=1e-7)
+        for a, b in zip(
+            grads([fast.pose, fast.activation], inputs), grads([plain.pose, plain.activation], inputs)
+        ):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)

@@ -61,13 +61,15 @@ def test_bench_vs_baseline_reports_ratios_against_the_baseline_run_in_the_same_i
     baseline = tmp_path / "baseline_em.py"
     baseline.write_text(FAKE_BASELINE)
     cmd = [sys.executable, str(REPO / "scripts" / "bench_vs_baseline.py"), "--rounds", "1", "--steps", "1"]
-    cmd += ["--batch", "4", "--baseline", str(baseline), "--json"]
+    cmd += ["--batch", "4", "--baseline", str(baseline), "--compiled", "--json"]
     report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     base = report["median"]["baseline"]
     assert (base["train_img_per_s"], base["infer_img_per_s"], base["memory_mib"]) == (2.0, 4.0, 5000.0)
     torch_alone = 5000.0 - base["above_torch_mib"]
     assert 50 < torch_alone < 5000  # the wrapper read the process's memory once torch was imported
-    for name in ("paper geometry", "baseline geometry"):
+    names = ("paper geometry", "baseline geometry", "paper geometry, compiled", "baseline geometry, compiled")
+    assert set(report["ratio"]) == set(names)
+    for name in names:
         ours, ratio = report["median"][name], report["ratio"][name]
         assert ratio["train_speedup"] == pytest.approx(ours["train_img_per_s"] / 2.0)
         assert ratio["inference_speedup"] == pytest.approx(ours["infer_img_per_s"] / 4.0)

@@ -47,6 +47,29 @@ def test_a_resumed_run_is_bit_identical_to_a_straight_run(tmp_path, straight, st
     assert a == b
 
 
+def test_compiled_routing_trains_like_the_eager_one_and_is_switched_off_after(
+    tmp_path, straight, monkeypatch
+):
+    from capsnet import routing
+
+    seen = []
+    original = routing._route_in_chunks
+
+    def spy(*args, **kwargs):
+        seen.append(routing.compiled_kernels_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(routing, "_route_in_chunks", spy)
+    result = fit(tiny(tmp_path, "train.compile_routing=true"), run_name="compiled", echo=quiet)
+    assert seen and all(seen) and not routing.compiled_kernels_enabled()
+    a = {line["step"]: line.get("train/loss") for line in logged(straight.run_dir)}
+    b = {line["step"]: line.get("train/loss") for line in logged(result.run_dir)}
+    assert a.keys() == b.keys()
+    for step, loss in a.items():
+        if loss is not None:
+            assert b[step] == pytest.approx(loss, rel=1e-4)
+
+
 def test_four_epochs_equal_two_epochs_plus_a_resumed_two_through_the_cli(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
