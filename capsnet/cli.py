@@ -51,10 +51,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from capsnet.config import ConfigError
     from capsnet.data import DataError
     from capsnet.export import ExportError
+    from capsnet.routing import KernelCompileError
     from capsnet.trainer import TrainingError
     from capsnet.visualize import ExperimentError
 
-    return ConfigError, DataError, CheckpointError, TrainingError, ExportError, ExperimentError
+    return (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        TrainingError,
+        ExportError,
+        ExperimentError,
+        KernelCompileError,
+    )
 
 
 @contextlib.contextmanager

@@ -346,6 +346,32 @@ def _kernel(fn):
     return torch.compile(fn, fullgraph=True)
 
 
+class KernelCompileError(RuntimeError):
+    """torch.compile could not build the routing's kernels (``train.compile_routing``)."""
+
+
+@cache
+def _check_kernels(device_type: str) -> None:
+    """Builds and runs the compiled kernels once on tiny inputs, so a missing compiler is one clear error."""
+    try:
+        d = torch.zeros(1, 2, 4, device=device_type)
+        _kernel(_moments_kernel)(torch.ones(1, 2, device=device_type), d)
+        _kernel(_quadratic_kernel)(
+            torch.zeros(1, 8, device=device_type), torch.zeros(1, device=device_type), d
+        )
+        _kernel(_vote_gradient_kernel)(
+            torch.zeros(1, 2, 1, device=device_type), torch.zeros(1, 1, 8, device=device_type), d
+        )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        need = "a C++ compiler (g++) and the Python headers" if device_type == "cpu" else "a working Triton"
+        raise KernelCompileError(
+            f"train.compile_routing: torch.compile could not build the routing kernels on {device_type} "
+            f"({type(e).__name__}: {first[:300]}); it needs {need}. Set train.compile_routing: false "
+            "to route with the eager kernels (same results, slower)."
+        ) from e
+
+
 def _weighted_moments(w: Tensor, moments: Tensor, fused: bool) -> Tensor:
     """sum_i w_i [D_i, D_i^2] per row: (B, I) -> (B, 2H); ``moments`` is D (fused) or [D, D^2]."""
     if fused:
@@ -579,6 +605,8 @@ def _route_in_chunks(
         keep["sums"] = new(iterations, n, positions, types, 2 * h)
         keep["both"] = new(n * positions * types, children, h if fused else 2 * h) if keep_both else None
     chunks = _sample_chunks(geom, act_in)
+    if fused:
+        _check_kernels(act_in.device.type)
     kept = keep is not None and keep_both
     work = _Workspace(votes, max(b - a for a, b in chunks), moments=not kept, fused=fused)
     for start, stop in chunks:

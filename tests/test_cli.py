@@ -218,3 +218,34 @@ def test_python_dash_m_capsnet_help_works():
     )
     assert result.returncode == 0, result.stderr
     assert all(command in result.stdout for command in ("train", "eval", "export", "bench"))
+
+
+def test_compiled_routing_without_a_working_compiler_is_a_one_line_error(monkeypatch):
+    from capsnet import routing
+
+    def broken(fn):
+        def call(*args):
+            raise RuntimeError("CppCompileError: g++: not found")
+
+        return call
+
+    monkeypatch.setattr(routing, "_kernel", broken)
+    routing._check_kernels.cache_clear()
+    try:
+        cmd = [
+            "bench",
+            "--config",
+            TINY,
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "-o",
+            "train.compile_routing=true",
+        ]
+        result = runner.invoke(app, cmd)
+    finally:
+        routing._check_kernels.cache_clear()
+    assert result.exit_code == 2, result.output
+    assert "could not build the routing kernels" in result.output and "Traceback" not in result.output
+    assert not routing.compiled_kernels_enabled()

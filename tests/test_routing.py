@@ -495,3 +495,22 @@ def test_compiled_contractions_equal_the_plain_routing_for_a_vote_tensor(compile
             grads([fast.pose, fast.activation], inputs), grads([plain.pose, plain.activation], inputs)
         ):
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+def test_a_compiler_that_fails_is_one_clear_error(compiled_routing, monkeypatch):
+    def broken(fn):
+        def call(*args):
+            raise RuntimeError("CppCompileError: g++: not found\nmore lines")
+
+        return call
+
+    monkeypatch.setattr(routing, "_kernel", broken)
+    routing._check_kernels.cache_clear()
+    try:
+        g = torch.Generator().manual_seed(61)
+        votes = torch.randn(1, 4, 2, 3, 16, generator=g)
+        act = torch.rand(1, 4, 3, generator=g)
+        with pytest.raises(routing.KernelCompileError, match="C\\+\\+ compiler.*compile_routing: false"):
+            em_routing(votes, act, torch.zeros(2), torch.zeros(2), RoutingSettings(iterations=2), None)
+    finally:
+        routing._check_kernels.cache_clear()
