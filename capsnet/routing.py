@@ -337,8 +337,13 @@ def _quadratic_kernel(coeff: Tensor, bias: Tensor, d: Tensor) -> Tensor:
 def _vote_gradient_kernel(left: Tensor, right: Tensor, d: Tensor) -> Tensor:
     """d(loss)/dD for d(loss)/d[D, D^2] = left @ right: (B, I, K), (B, K, 2H), (B, I, H) -> (B, I, H)."""
     h = d.shape[-1]
-    l4 = left.unsqueeze(-1)  # (B, I, K, 1): K is small (a few pieces per iteration), summed in the loop
-    return (l4 * right[:, None, :, :h]).sum(2) + 2.0 * d * (l4 * right[:, None, :, h:]).sum(2)
+    # K is small (two pieces per iteration): unrolled, the sum is one elementwise loop over (B, I, H).
+    g1 = g2 = None
+    for k in range(left.shape[-1]):
+        lk = left[:, :, k, None]
+        t1, t2 = lk * right[:, None, k, :h], lk * right[:, None, k, h:]
+        g1, g2 = (t1, t2) if g1 is None else (g1 + t1, g2 + t2)
+    return g1 + 2.0 * d * g2
 
 
 @cache
