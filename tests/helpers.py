@@ -14,3 +14,12 @@ def tiny(tmp_path: Path, *overrides: str) -> Config:
     """configs/tiny.yaml with its run and TensorBoard folders under ``tmp_path``, plus ``overrides``."""
     base = [f"logging.out_dir={tmp_path / 'weights'}", f"logging.tb_dir={tmp_path / 'runs'}"]
     return load_config(TINY, base + list(overrides))
+
+
+def broken_compiler(fn):
+    """Stands in for capsnet.routing._kernel where torch.compile cannot build anything."""
+
+    def call(*args):
+        raise RuntimeError("CppCompileError: g++: not found\nmore lines")
+
+    return call

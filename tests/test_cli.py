@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import broken_compiler
 from typer.testing import CliRunner
 
 from capsnet.cli import app
@@ -223,13 +224,7 @@ def test_python_dash_m_capsnet_help_works():
 def test_compiled_routing_without_a_working_compiler_is_a_one_line_error(monkeypatch):
     from capsnet import routing
 
-    def broken(fn):
-        def call(*args):
-            raise RuntimeError("CppCompileError: g++: not found")
-
-        return call
-
-    monkeypatch.setattr(routing, "_kernel", broken)
+    monkeypatch.setattr(routing, "_kernel", broken_compiler)
     routing._check_kernels.cache_clear()
     try:
         cmd = [

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import broken_compiler
 
 from capsnet import routing
 from capsnet.layers import ClassCaps, ConvCaps
@@ -234,7 +235,16 @@ def test_coordinate_addition_changes_only_the_right_hand_column():
     assert not changed.any()
 
 
-def test_fast_path_equals_plain_path_in_float64_for_outputs_and_gradients():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fast_path_equals_plain_path_in_float64_for_outputs_and_gradients(compiled):
+    routing.use_compiled_kernels(compiled)
+    try:
+        _compare_fast_and_plain_routing()
+    finally:
+        routing.use_compiled_kernels(False)
+
+
+def _compare_fast_and_plain_routing():
     g = torch.Generator().manual_seed(11)
     fold = ChildFold(5, 5, 3, 1, types=3)
     votes = torch.randn(2, 9, 4, 27, 16, generator=g, dtype=torch.float64, requires_grad=True)
@@ -477,34 +487,8 @@ def test_compiled_contractions_equal_the_eager_ones_in_float64(recompute_votes, 
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
 
 
-def test_compiled_contractions_equal_the_plain_routing_for_a_vote_tensor(compiled_routing):
-    g = torch.Generator().manual_seed(51)
-    fold = ChildFold(4, 4, 2, 1, types=2)
-    votes = torch.randn(2, 9, 3, 8, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    act = torch.rand(2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    beta_u = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
-    beta_a = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
-    inputs = [votes, act, beta_u, beta_a]
-    settings = RoutingSettings(iterations=3, final_lambda=0.3)
-    for f in (fold, None):
-        fast = em_routing(votes, act, beta_u, beta_a, settings, f, impl="fast")
-        plain = em_routing(votes, act, beta_u, beta_a, settings, f, impl="plain")
-        torch.testing.assert_close(fast.pose, plain.pose, atol=1e-9, rtol=1e-7)
-        torch.testing.assert_close(fast.activation, plain.activation, atol=1e-9, rtol=1e-7)
-        for a, b in zip(
-            grads([fast.pose, fast.activation], inputs), grads([plain.pose, plain.activation], inputs)
-        ):
-            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
-
-
 def test_a_compiler_that_fails_is_one_clear_error(compiled_routing, monkeypatch):
-    def broken(fn):
-        def call(*args):
-            raise RuntimeError("CppCompileError: g++: not found\nmore lines")
-
-        return call
-
-    monkeypatch.setattr(routing, "_kernel", broken)
+    monkeypatch.setattr(routing, "_kernel", broken_compiler)
     routing._check_kernels.cache_clear()
     try:
         g = torch.Generator().manual_seed(61)
