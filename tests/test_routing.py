@@ -390,14 +390,20 @@ def test_inverse_temperature_follows_the_schedule():
     assert lam == pytest.approx([0.01 * (1 - 0.95 ** (t + 1)) for t in range(3)])
 
 
-def test_routing_runs_in_float32_under_bf16_autocast():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_routing_runs_in_float32_under_bf16_autocast(compiled):
     layer = ConvCaps(2, 2, kernel=3, stride=1)
-    pose = torch.randn(2, 4, 4, 2, 16).bfloat16()
+    pose = torch.randn(2, 4, 4, 2, 16).bfloat16().requires_grad_()
     act = torch.rand(2, 4, 4, 2).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mu, a = layer(pose, act)
+    routing.use_compiled_kernels(compiled)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mu, a = layer(pose, act)
+        (mu.sum() + a.sum()).backward()
+    finally:
+        routing.use_compiled_kernels(False)
     assert mu.dtype == torch.float32 and a.dtype == torch.float32
-    assert torch.isfinite(mu).all()
+    assert torch.isfinite(mu).all() and torch.isfinite(pose.grad).all()
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
