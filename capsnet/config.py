@@ -138,6 +138,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     compile_routing: bool = False  # torch.compile only the routing's per-chunk contractions (faster; README)
     max_steps: int | None = None  # stop after this many optimiser steps (quick tries)
+    init_from: str | None = None  # start from this checkpoint's model weights (fresh optimiser, step 0)
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     threads: int | None = None  # torch intra-op threads; null: torch's default
     sync_bn: bool = False  # SyncBatchNorm under torchrun

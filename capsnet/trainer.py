@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from capsnet.checkpoint import capture_rng, check_architecture, load_model_state, safe_child
+from capsnet.checkpoint import capture_rng, check_architecture, load_checkpoint, load_model_state, safe_child
 from capsnet.config import Config, ConfigError
 from capsnet.data import DataWarning, build_loaders
 from capsnet.distributed import (
@@ -442,6 +442,13 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     if ckpt is not None:
         check_architecture(ckpt["arch"], model.hparams, ckpt_path)
         load_model_state(model, ckpt["model"], ckpt_path)
+    elif cfg.train.init_from:
+        source = load_checkpoint(cfg.train.init_from)
+        check_architecture(source["arch"], model.hparams, cfg.train.init_from)
+        load_model_state(model, source["model"], cfg.train.init_from)
+        say(
+            f"model weights from {cfg.train.init_from} (step {source.get('step', '?')}); optimiser and schedules start afresh"
+        )
     if dist_info.distributed and cfg.train.sync_bn:
         model = convert_sync_batchnorm(model, device)
     model.to(device)

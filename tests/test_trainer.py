@@ -195,3 +195,23 @@ def test_a_validation_split_chooses_best_by_validation_accuracy(tmp_path):
     result = fit(tiny(tmp_path, "data.val_split=0.25", "train.epochs=1"), run_name="val", echo=quiet)
     assert result.best_split == "val"
     assert "val/acc" in logged(result.run_dir)[-1]
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, straight):
+    source = straight.run_dir / "last.pt"
+    cfg = tiny(tmp_path, f"train.init_from={source}", "train.max_steps=1", "optim.lr=1e-12")
+    result = fit(cfg, run_name="init", echo=quiet)
+    assert result.step == 1  # a fresh optimiser and step count, not a resume
+    want, got = load_checkpoint(source)["model"], load_checkpoint(result.run_dir / "last.pt")["model"]
+    params = [k for k in want if "running" not in k and "num_batches" not in k]
+    assert params
+    for k in params:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+
+
+def test_init_from_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, straight):
+    from capsnet.checkpoint import CheckpointError
+
+    cfg = tiny(tmp_path, f"train.init_from={straight.run_dir / 'last.pt'}", "model.iterations=3")
+    with pytest.raises(CheckpointError, match="iterations"):
+        fit(cfg, run_name="other", echo=quiet)
