@@ -90,7 +90,8 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int | None = None) -> float:
     """Learning rate at ``step``: ``lr * decay_rate ** (step / decay_steps)``.
 
     ``decay_steps=None`` stretches the decay over the whole run (``total_steps``),
-    so the rate ends at ``lr * decay_rate`` whatever the epoch count. With ``staircase`` the exponent is rounded down (the rate drops every
+    so the rate ends at ``lr * decay_rate`` whatever the epoch count. With
+    ``staircase`` the exponent is rounded down (the rate drops every
     ``decay_steps``); during the first ``warmup_steps`` steps the rate also rises
     linearly from ``lr / warmup_steps`` to its scheduled value.
     """

@@ -391,6 +391,27 @@ def _quadratic(coeff: Tensor, bias: Tensor, moments: Tensor, fused: bool) -> Ten
     return torch.baddbmm(bias[:, None, None], coeff.unsqueeze(1), moments.transpose(1, 2)).squeeze(1)
 
 
+def _vote_gradient(
+    left: Tensor, right: Tensor, moments: Tensor, fused: bool, out: Tensor | None = None
+) -> Tensor:
+    """d(loss)/dV for d(loss)/d[D, D^2] = left @ right: (B, I, H), or written into ``out`` (the votes' layout)."""
+    if fused:
+        g_votes = _kernel(_vote_gradient_kernel)(left, right, moments)
+        return g_votes if out is None else out.copy_(g_votes.view(out.shape))
+    h = moments.shape[-1] // 2
+    g = torch.bmm(left, right)  # (B, I, 2H)
+    shape = g.shape[:-1] + (h,) if out is None else out.shape
+    # d/dV of [V - s, (V - s)^2] = [1, 2 (V - s)]
+    return torch.addcmul(
+        g[..., :h].view(shape), moments[..., :h].view(shape), g[..., h:].view(shape), value=2.0, out=out
+    )
+
+
+def _moment_width(h: int, fused: bool) -> int:
+    """Last dimension of a chunk's moments: [V - s, (V - s)^2], or V - s alone with compiled contractions."""
+    return h if fused else 2 * h
+
+
 class _Workspace:
     """Buffers reused by every chunk of one routing call.
 
@@ -402,7 +423,7 @@ class _Workspace:
     def __init__(self, votes: Tensor | VoteProduct, samples: int, moments: bool = True, fused: bool = False):
         _, positions, types, children, h = _vote_geometry(votes)
         like = votes.poses if isinstance(votes, VoteProduct) else votes
-        width = h if fused else 2 * h
+        width = _moment_width(h, fused)
         self.moments = like.new_empty(samples * positions * types * children * width) if moments else None
         self.votes = (
             like.new_empty(samples * positions * types * children * h)
@@ -481,7 +502,7 @@ def _build_moments(
     """
     _, positions, types, children, h = _vote_geometry(votes)
     n = stop - start
-    width = h if fused else 2 * h
+    width = _moment_width(h, fused)
     if out is None and work is not None and work.moments is not None:
         out = _leading(work.moments, (n * positions * types, children, width))
     if isinstance(votes, VoteProduct):
@@ -608,7 +629,7 @@ def _route_in_chunks(
     if keep is not None:
         keep["r"] = new(max(iterations - 1, 0), n, positions, types, children)
         keep["sums"] = new(iterations, n, positions, types, 2 * h)
-        keep["both"] = new(n * positions * types, children, h if fused else 2 * h) if keep_both else None
+        keep["both"] = new(n * positions * types, children, _moment_width(h, fused)) if keep_both else None
     chunks = _sample_chunks(geom, act_in)
     if fused:
         _check_kernels(act_in.device.type)
@@ -842,29 +863,14 @@ class _VoteGradients:
     def add(self, both: Tensor, left: list[Tensor], right: list[Tensor], start: int, stop: int) -> None:
         if not any(self.needs):
             return
-        job, h = self.job, self.job.geom[4]
-        if job.fused:
-            g_votes = _kernel(_vote_gradient_kernel)(torch.cat(left, dim=2), torch.cat(right, dim=1), both)
-            if not job.product:
-                out = self.grads[0][start:stop]
-                out.copy_(g_votes.view(out.shape))
-                return
-        else:
-            g = torch.bmm(
-                torch.cat(left, dim=2), torch.cat(right, dim=1)
-            )  # (B, I, 2H): every iteration's pieces
+        job = self.job
+        left_all, right_all = torch.cat(left, dim=2), torch.cat(right, dim=1)  # every iteration's pieces
         if not job.product:
-            out = self.grads[0][start:stop]
-            part = out.shape
-            # d/dV of [V - s, (V - s)^2] = [1, 2 (V - s)]
-            torch.addcmul(
-                g[..., :h].view(part), both[..., :h].view(part), g[..., h:].view(part), value=2.0, out=out
-            )
+            _vote_gradient(left_all, right_all, both, job.fused, out=self.grads[0][start:stop])
             return
         _, positions, types, p = job.shape
         children, n = both.shape[1], stop - start
-        if not job.fused:
-            g_votes = torch.addcmul(g[..., :h], both[..., :h], g[..., h:], value=2.0)  # (B, I, H)
+        g_votes = _vote_gradient(left_all, right_all, both, job.fused)  # (B, I, H)
         flat = both.new_empty(children, n * positions * p, types * p)  # the product's layout
         target = flat.view(children, n, positions, p, types, p).permute(1, 2, 4, 0, 3, 5)
         _copy_rows(target, g_votes.view(n, positions, types, children, p, p))

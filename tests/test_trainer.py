@@ -215,3 +215,12 @@ def test_init_from_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_pat
     cfg = tiny(tmp_path, f"train.init_from={straight.run_dir / 'last.pt'}", "model.iterations=3")
     with pytest.raises(CheckpointError, match="iterations"):
         fit(cfg, run_name="other", echo=quiet)
+
+
+def test_null_decay_steps_decays_the_rate_over_the_whole_run(tmp_path):
+    cfg = tiny(tmp_path, "optim.decay_steps=null", "optim.decay_rate=0.1")
+    result = fit(cfg, run_name="decay", echo=quiet)
+    lrs = {line["step"]: line["sched/lr"] for line in logged(result.run_dir) if "sched/lr" in line}
+    total = result.step
+    last = max(lrs)
+    assert lrs[last] == pytest.approx(cfg.optim.lr * 0.1 ** ((last - 1) / total))
