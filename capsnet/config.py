@@ -111,6 +111,8 @@ class DataConfig:
     image_size: int | None = None  # resize/crop target; null: the dataset's own
     val_split: float = 0.0  # fraction of the training set held out for validation
     augment: bool = True  # training augmentation (random crop etc., per dataset)
+    shift: int | None = None  # augment: largest random shift in pixels; null: the dataset's (2 at 28 px)
+    flip: bool | None = None  # augment: random horizontal flips; null: the dataset's (clothes, CIFAR-10)
     # smallnorb
     stereo: str = "channels"  # "channels": both views as 2 channels | "samples": each view a sample
     split: str = "standard"  # smallnorb: "standard" | "azimuth" | "elevation"
@@ -219,6 +221,7 @@ POSITIVE = {
 }
 NON_NEGATIVE = {
     "model.stem_padding",
+    "data.shift",
     "loss.recon_weight",
     "loss.margin_start",
     "loss.margin_end",
@@ -339,6 +342,13 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append("loss.margin_end: must not be below loss.margin_start")
     if cfg.data.name == "folder" and not cfg.data.train_dir:
         problems.append("data.train_dir: required when data.name is 'folder'")
+    for key in ("shift", "flip"):
+        if getattr(cfg.data, key) is None:
+            continue
+        if cfg.data.name in ("smallnorb", "synthetic"):
+            problems.append(f"data.{key}: not used by data.name {cfg.data.name!r} (leave it null)")
+        elif not cfg.data.augment:
+            problems.append(f"data.{key}: has no effect unless data.augment is true")
     if cfg.optim.decay_rate > 1:
         problems.append(f"optim.decay_rate: must be at most 1, got {cfg.optim.decay_rate!r}")
 

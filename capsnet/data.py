@@ -28,6 +28,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import signal
 import struct
 import warnings
 import zlib
@@ -359,6 +360,13 @@ def _train_or_eval(augment: bool, train: Callable, evaluation: Callable) -> Call
     return train if augment else evaluation
 
 
+def _training_transform(cfg: DataConfig, mean: list[float], std: list[float], shift: int, flip: bool):
+    """The augmenting transform: the dataset's ``shift`` and ``flip`` unless data.shift / data.flip say otherwise."""
+    shift = shift if cfg.shift is None else cfg.shift
+    flip = flip if cfg.flip is None else cfg.flip
+    return PixelTransform(mean, std, padding=shift, flip=flip)
+
+
 # --------------------------------------------------------------------------- IDX (mnist, fashion-mnist)
 
 IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -521,7 +529,7 @@ def _build_idx(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, 
     pad = max(1, round(2 * size / 28))
     evaluation = PixelTransform(meta["mean"], meta["std"])
     # shifts of up to 2 px (at 28 px); horizontal flips for clothes, never for digits
-    training = PixelTransform(meta["mean"], meta["std"], padding=pad, flip=cfg.name == "fashion-mnist")
+    training = _training_transform(cfg, meta["mean"], meta["std"], pad, cfg.name == "fashion-mnist")
     info = DataInfo(num_classes, 1, size, list(meta["classes"]), list(meta["mean"]), list(meta["std"]))
     return (
         ImageDataset(train_x, train_y, _train_or_eval(cfg.augment, training, evaluation), evaluation),
@@ -595,7 +603,7 @@ def _build_torchvision(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageD
     train_x, test_x = resize_images(train_x, size), resize_images(test_x, size)
     evaluation = PixelTransform(meta["mean"], meta["std"])
     pad = max(1, round(4 * size / 32))
-    training = PixelTransform(meta["mean"], meta["std"], padding=pad, flip=cfg.name == "cifar10")
+    training = _training_transform(cfg, meta["mean"], meta["std"], pad, cfg.name == "cifar10")
     info = DataInfo(10, 3, size, list(meta["classes"]), list(meta["mean"]), list(meta["std"]))
     return (
         ImageDataset(train_x, train_y.long(), _train_or_eval(cfg.augment, training, evaluation), evaluation),
@@ -766,7 +774,7 @@ def _build_folder(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDatase
 
     mean, std = channel_stats(train_x)
     evaluation = PixelTransform(mean, std)
-    training = PixelTransform(mean, std, padding=max(1, size // 8))
+    training = _training_transform(cfg, mean, std, max(1, size // 8), False)
     info = DataInfo(len(classes), train_x.shape[1], size, classes, mean, std)
     return (
         ImageDataset(train_x, train_y, _train_or_eval(cfg.augment, training, evaluation), evaluation),
@@ -865,6 +873,19 @@ class ShardSampler(Sampler[int]):
         return self.stop - self.start
 
 
+def leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
+    """Loader workers ignore SIGINT and SIGTERM.
+
+    Ctrl-C, ``timeout``, ``kill -- -PGID`` and cluster schedulers signal the
+    whole process group; a worker that died of it would end the run with a
+    loader error before the main process could save. The main process stops
+    them itself once its checkpoint is written, and a worker whose main process
+    is gone exits on its own.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:
     """Loaders for training (shuffled, seeded) and evaluation (in order, sharded across ranks).
 
@@ -885,6 +906,7 @@ def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:
     workers = cfg.train.num_workers
     common: dict[str, Any] = {
         "num_workers": workers,
+        "worker_init_fn": leave_stop_signals_to_the_main_process if workers else None,
         "pin_memory": cfg.train.device in ("auto", "cuda") and torch.cuda.is_available(),
         "persistent_workers": workers > 0,
     }

@@ -59,3 +59,42 @@ def test_bench_on_cuda_reports_gpu_memory():
     assert result.device.startswith("cuda")
     assert result.peak_gpu_mib is not None and result.peak_gpu_mib > 0
     assert result.train_img_per_s > 0 and result.infer_img_per_s > 0
+
+
+def test_compiled_routing_on_cuda_equals_eager_routing_for_outputs_and_gradients():
+    from capsnet import routing
+
+    torch.manual_seed(3)
+    model = CapsNet.from_preset("small", in_channels=1, num_classes=10, image_size=28).cuda().double()
+    x = torch.rand(6, 1, 28, 28, device="cuda", dtype=torch.float64)
+
+    def run():
+        model.zero_grad()
+        out = model(x)
+        (out.activations.sum() + out.poses.square().sum()).backward()
+        used = [p for name, p in model.named_parameters() if not name.startswith("decoder")]
+        return [out.activations, out.poses] + [p.grad.clone() for p in used]
+
+    want = run()
+    routing.use_compiled_kernels(True)
+    try:
+        got = run()
+    finally:
+        routing.use_compiled_kernels(False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-6)
+
+
+def test_a_cuda_run_with_compiled_routing_logs_the_eager_runs_losses(tmp_path):
+    import json
+
+    def losses(name, *extra):
+        cfg = tiny(tmp_path, "train.device=cuda", "train.epochs=1", *extra)
+        result = fit(cfg, run_name=name, echo=lambda _m: None)
+        assert result.stopped == "completed"
+        rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["train/loss"] for r in rows if "train/loss" in r]
+
+    eager = losses("eager")
+    compiled = losses("compiled", "train.compile_routing=true")
+    assert eager and compiled == pytest.approx(eager, rel=1e-3, abs=1e-5)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from capsnet import data, smallnorb
-from capsnet.config import DataConfig, config_from_dict
+from capsnet.config import ConfigError, DataConfig, config_from_dict
 from capsnet.data import (
     DataFormatError,
     DataInfo,
@@ -146,6 +146,56 @@ def test_mnist_is_read_from_idx_files_under_the_root(tmp_path):
     assert isinstance(label, int)
     augmented, _ = train[0]
     assert augmented.shape == (1, 28, 28)
+
+
+def _augmented_views(tmp_path, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Image 0 as evaluated and 30 draws of it through the training transform."""
+    write_mnist(tmp_path)
+    train, _, _, _ = build_datasets(
+        DataConfig(name="fashion-mnist", root=str(tmp_path), download=False, **kwargs)
+    )
+    clean = train.eval_transform(train._pixels[0])
+    return clean, [train[0][0] for _ in range(30)]
+
+
+def test_data_shift_and_flip_choose_the_training_augmentation(tmp_path):
+    torch.manual_seed(0)
+    clean, views = _augmented_views(tmp_path, augment=True, shift=0, flip=False)
+    assert all(torch.equal(v, clean) for v in views)
+    clean, views = _augmented_views(tmp_path, augment=True, shift=0, flip=True)
+    mirrored = clean.flip(-1)
+    assert all(torch.equal(v, clean) or torch.equal(v, mirrored) for v in views)
+    assert any(torch.equal(v, mirrored) for v in views) and any(torch.equal(v, clean) for v in views)
+    clean, views = _augmented_views(tmp_path, augment=True, shift=3, flip=False)
+    assert max(_blank_border(v, clean.min()) for v in views) == 3
+    assert not any(torch.equal(v, clean.flip(-1)) for v in views)
+    clean, views = _augmented_views(tmp_path, augment=True)  # Fashion-MNIST's default: 2 px (and flips)
+    assert max(_blank_border(v, clean.min()) for v in views) == 2
+
+
+def _blank_border(image: torch.Tensor, blank: torch.Tensor) -> int:
+    """The most rows or columns of padding on any side of a (1, H, W) image (random images have none)."""
+    empty = image[0] == blank
+    rows, cols = empty.all(dim=1).tolist(), empty.all(dim=0).tolist()
+    return max(_run(rows), _run(rows[::-1]), _run(cols), _run(cols[::-1]))
+
+
+def _run(flags: list[bool]) -> int:
+    n = 0
+    while n < len(flags) and flags[n]:
+        n += 1
+    return n
+
+
+def test_data_shift_and_flip_are_checked_against_augment_and_the_dataset():
+    with pytest.raises(ConfigError, match="data.shift: has no effect unless data.augment is true"):
+        config_from_dict({"data": {"augment": False, "shift": 2}})
+    with pytest.raises(ConfigError, match="data.flip: not used by data.name 'smallnorb'"):
+        config_from_dict({"data": {"name": "smallnorb", "augment": True, "flip": True}})
+    with pytest.raises(ConfigError, match="data.shift: must not be negative"):
+        config_from_dict({"data": {"augment": True, "shift": -1}})
+    cfg = config_from_dict({"data": {"augment": True, "shift": 2, "flip": False}})
+    assert cfg.data.shift == 2 and cfg.data.flip is False
 
 
 def test_image_size_resizes_idx_images_by_interpolation(tmp_path):

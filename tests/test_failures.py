@@ -66,8 +66,9 @@ def logged_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def start(args: list[str], tmp_path: Path, prelude: str = "") -> subprocess.Popen:
-    """``capsnet <args>`` in a new process; ``prelude`` is Python run before the CLI starts."""
+def start(args: list[str], tmp_path: Path, prelude: str = "", new_group: bool = False) -> subprocess.Popen:
+    """``capsnet <args>`` in a new process (``new_group``: the leader of a new process group);
+    ``prelude`` is Python run before the CLI starts."""
     code = f"{prelude}\nimport sys\nfrom capsnet.cli import main\nsys.argv = ['capsnet', *{args!r}]\nmain()\n"
     return subprocess.Popen(
         [sys.executable, "-c", code],
@@ -75,6 +76,7 @@ def start(args: list[str], tmp_path: Path, prelude: str = "") -> subprocess.Pope
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=new_group,
     )
 
 
@@ -204,6 +206,23 @@ def test_sigterm_and_ctrl_c_save_say_how_to_resume_and_exit_143_or_130(tmp_path,
     assert 8 <= ckpt["step"] < 6 * EPOCHS and "Traceback" not in err
     if sig == signal.SIGTERM:
         resume_and_finish(tmp_path, straight, "stopped")
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves_and_exits_143(tmp_path):
+    # timeout(1), kill -- -PGID and schedulers signal the workers as well as the main process
+    run_dir = tmp_path / "weights" / "group"
+    args = train_args(tmp_path, "--run-name", "group", "-o", "train.num_workers=2")
+    proc = start(args, tmp_path, new_group=True)
+    wait_until(proc, lambda: logged_step(run_dir) >= 8)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert f"stopped by SIGTERM at step {ckpt['step']}" in out
+    assert 8 <= ckpt["step"] < 6 * EPOCHS and "Traceback" not in err and "error" not in err.lower()
+    resumed = runner.invoke(app, ["train", "--resume", "latest", *dirs(tmp_path)])
+    assert resumed.exit_code == 0, resumed.output
+    assert load_checkpoint(run_dir / "last.pt")["step"] == 6 * EPOCHS
 
 
 # --------------------------------------------------------------------------- disk full, no permission
