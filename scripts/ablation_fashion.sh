@@ -7,6 +7,8 @@
 #
 #   bash scripts/ablation_fashion.sh            # writes docs/ablation_fashion.md
 #   STEPS=400 bash scripts/ablation_fashion.sh  # a quicker, noisier table
+#   ARGS="train.compile_routing=true" bash scripts/ablation_fashion.sh
+#                                               # extra overrides for every variant (space-separated)
 #
 # Runs go to weights/em_capsules/ablation-<variant>/ (replaced when the script reruns).
 # On a 2-core CPU each one-epoch variant takes roughly 10-15 minutes.
@@ -15,6 +17,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 bash scripts/fetch_fashion_mnist.sh
 steps="${STEPS:-1688}"
+read -r -a extra <<< "${ARGS:-}"
 out="${OUT:-docs/ablation_fashion.md}"
 capsnet=".venv/bin/capsnet"
 python=".venv/bin/python"
@@ -34,6 +37,7 @@ for entry in "${variants[@]}"; do
     IFS='|' read -r name what change <<< "$entry"
     args=(-o "train.max_steps=$steps" -o data.val_split=0.1 -o loss.margin_steps=8440)
     [[ -n "$change" ]] && args+=(-o "$change")
+    for override in "${extra[@]}"; do args+=(-o "$override"); done
     echo "== $name: $what"
     start=$(date +%s)
     "$capsnet" train --config configs/small.yaml --run-name "ablation-$name" --overwrite "${args[@]}"
@@ -42,17 +46,18 @@ for entry in "${variants[@]}"; do
     printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$what" "$change" "$seconds" "$json" >> "$results"
 done
 
-"$python" - "$results" "$out" "$steps" <<'PY'
+"$python" - "$results" "$out" "$steps" "${ARGS:-}" <<'PY'
 import json
 import sys
 
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
 steps = int(sys.argv[3])
+common = " ".join(f"-o {a}" for a in sys.argv[4].split())
 lines = [
     f"# Routing ablation on Fashion-MNIST ({steps} steps of batch 32 each)",
     "",
     "Every row is `configs/small.yaml` with one change (`-o train.max_steps="
-    f"{steps} -o data.val_split=0.1 -o loss.margin_steps=8440`, so the spread-loss margin rises",
+    f"{steps} -o data.val_split=0.1 -o loss.margin_steps=8440{' ' + common if common else ''}`, so the spread-loss margin rises",
     "as it does over the default 5-epoch run), scored on the 10,000 test images by",
     "`capsnet eval --split test`. Written by `scripts/ablation_fashion.sh`.",
     "",
