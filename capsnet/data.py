@@ -28,7 +28,6 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import signal
 import struct
 import warnings
 import zlib
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from capsnet.config import Config, DataConfig
+from capsnet.config import Config, ConfigError, DataConfig
 
 # --------------------------------------------------------------------------- public types
 
@@ -360,8 +359,12 @@ def _train_or_eval(augment: bool, train: Callable, evaluation: Callable) -> Call
     return train if augment else evaluation
 
 
-def _training_transform(cfg: DataConfig, mean: list[float], std: list[float], shift: int, flip: bool):
+def _training_transform(
+    cfg: DataConfig, mean: list[float], std: list[float], size: int, shift: int, flip: bool
+) -> PixelTransform:
     """The augmenting transform: the dataset's ``shift`` and ``flip`` unless data.shift / data.flip say otherwise."""
+    if cfg.shift is not None and cfg.shift >= size:
+        raise ConfigError([f"data.shift: {cfg.shift} pixels is not smaller than the {size}-pixel images"])
     shift = shift if cfg.shift is None else cfg.shift
     flip = flip if cfg.flip is None else cfg.flip
     return PixelTransform(mean, std, padding=shift, flip=flip)
@@ -529,7 +532,8 @@ def _build_idx(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, 
     pad = max(1, round(2 * size / 28))
     evaluation = PixelTransform(meta["mean"], meta["std"])
     # shifts of up to 2 px (at 28 px); horizontal flips for clothes, never for digits
-    training = _training_transform(cfg, meta["mean"], meta["std"], pad, cfg.name == "fashion-mnist")
+    # data.shift / data.flip override both
+    training = _training_transform(cfg, meta["mean"], meta["std"], size, pad, cfg.name == "fashion-mnist")
     info = DataInfo(num_classes, 1, size, list(meta["classes"]), list(meta["mean"]), list(meta["std"]))
     return (
         ImageDataset(train_x, train_y, _train_or_eval(cfg.augment, training, evaluation), evaluation),
@@ -603,7 +607,7 @@ def _build_torchvision(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageD
     train_x, test_x = resize_images(train_x, size), resize_images(test_x, size)
     evaluation = PixelTransform(meta["mean"], meta["std"])
     pad = max(1, round(4 * size / 32))
-    training = _training_transform(cfg, meta["mean"], meta["std"], pad, cfg.name == "cifar10")
+    training = _training_transform(cfg, meta["mean"], meta["std"], size, pad, cfg.name == "cifar10")
     info = DataInfo(10, 3, size, list(meta["classes"]), list(meta["mean"]), list(meta["std"]))
     return (
         ImageDataset(train_x, train_y.long(), _train_or_eval(cfg.augment, training, evaluation), evaluation),
@@ -727,7 +731,8 @@ def _build_folder(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDatase
     raise DataFormatError (``fail``). Without ``data.test_dir`` a fixed 20% of
     each class (chosen with seed 0, whatever the training seed) is the test set.
     Normalisation uses the per-channel mean and std of the training images;
-    training augmentation is a random crop with zero padding of size/8.
+    training augmentation is a random crop with zero padding of size/8 (``data.shift``,
+    and no flips unless ``data.flip``).
     """
     train_dir = _folder_tree(cfg.train_dir or "", "data.train_dir")
     train_files = _class_files(train_dir)
@@ -774,7 +779,7 @@ def _build_folder(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDatase
 
     mean, std = channel_stats(train_x)
     evaluation = PixelTransform(mean, std)
-    training = _training_transform(cfg, mean, std, max(1, size // 8), False)
+    training = _training_transform(cfg, mean, std, size, max(1, size // 8), False)
     info = DataInfo(len(classes), train_x.shape[1], size, classes, mean, std)
     return (
         ImageDataset(train_x, train_y, _train_or_eval(cfg.augment, training, evaluation), evaluation),
@@ -874,16 +879,15 @@ class ShardSampler(Sampler[int]):
 
 
 def leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
-    """Loader workers ignore SIGINT and SIGTERM.
+    """Moves a loader worker into a process group of its own.
 
-    Ctrl-C, ``timeout``, ``kill -- -PGID`` and cluster schedulers signal the
-    whole process group; a worker that died of it would end the run with a
-    loader error before the main process could save. The main process stops
-    them itself once its checkpoint is written, and a worker whose main process
-    is gone exits on its own.
+    Ctrl-C, ``timeout``, ``kill -- -PGID`` and torchrun signal a whole process
+    group; a worker killed by that would end the run with a loader error before
+    the main process could save. In their own group the workers keep their
+    default handlers, so the main process still stops them directly (the loader
+    does at shutdown), and a worker whose main process is gone exits on its own.
     """
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    os.setpgid(0, 0)
 
 
 def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:

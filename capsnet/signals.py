@@ -3,9 +3,12 @@
 The first SIGINT or SIGTERM only sets a flag that the training loop reads
 after each step (and after evaluation or saving); the loop then writes a
 checkpoint, prints how to resume and the command exits with 128 + the signal
-number. A second signal gets the handler that was there before, so pressing
+number. A second SIGINT gets the handler that was there before, so pressing
 Ctrl-C twice interrupts at once (the checkpoint of the previous save is intact,
-since every save is atomic).
+since every save is atomic). Repeated SIGTERMs change nothing: ``timeout``
+signals the command and then its process group, and schedulers and torchrun
+may each forward one, so a second SIGTERM arriving right after the first is
+routine and must not cost the save.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ class StopRequest:
 
 @contextlib.contextmanager
 def catch_stop_signals() -> Iterator[StopRequest]:
-    """Turns the first SIGINT/SIGTERM into a StopRequest; a second one acts as it did before."""
+    """Turns the first SIGINT/SIGTERM into a StopRequest; a second SIGINT acts as it did before."""
     stop, previous = StopRequest(), {}
 
     def handle(signum, frame) -> None:
-        stop.received = signum
-        signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+        if stop.received is None:
+            stop.received = signum
+        if signum == signal.SIGINT:
+            signal.signal(signum, previous.get(signum, signal.SIG_DFL))
 
     with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
         for sig in (signal.SIGINT, signal.SIGTERM):

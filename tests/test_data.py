@@ -148,29 +148,33 @@ def test_mnist_is_read_from_idx_files_under_the_root(tmp_path):
     assert augmented.shape == (1, 28, 28)
 
 
-def _augmented_views(tmp_path, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Image 0 as evaluated and 30 draws of it through the training transform."""
+def _augmented_views(tmp_path, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Image 0 as evaluated, 30 draws of it through the training transform, and the value of padding."""
     write_mnist(tmp_path)
     train, _, _, _ = build_datasets(
         DataConfig(name="fashion-mnist", root=str(tmp_path), download=False, **kwargs)
     )
     clean = train.eval_transform(train._pixels[0])
-    return clean, [train[0][0] for _ in range(30)]
+    blank = train.eval_transform(np.zeros((1, 1, 1), dtype=np.uint8))[0, 0, 0]
+    return clean, [train[0][0] for _ in range(30)], blank
 
 
 def test_data_shift_and_flip_choose_the_training_augmentation(tmp_path):
     torch.manual_seed(0)
-    clean, views = _augmented_views(tmp_path, augment=True, shift=0, flip=False)
+    clean, views, _ = _augmented_views(tmp_path, augment=True, shift=0, flip=False)
     assert all(torch.equal(v, clean) for v in views)
-    clean, views = _augmented_views(tmp_path, augment=True, shift=0, flip=True)
+    clean, views, _ = _augmented_views(tmp_path, augment=True, shift=0)  # clothes: flips by default
     mirrored = clean.flip(-1)
     assert all(torch.equal(v, clean) or torch.equal(v, mirrored) for v in views)
     assert any(torch.equal(v, mirrored) for v in views) and any(torch.equal(v, clean) for v in views)
-    clean, views = _augmented_views(tmp_path, augment=True, shift=3, flip=False)
-    assert max(_blank_border(v, clean.min()) for v in views) == 3
-    assert not any(torch.equal(v, clean.flip(-1)) for v in views)
-    clean, views = _augmented_views(tmp_path, augment=True)  # Fashion-MNIST's default: 2 px (and flips)
-    assert max(_blank_border(v, clean.min()) for v in views) == 2
+    clean, views, blank = _augmented_views(tmp_path, augment=True, shift=3, flip=False)
+    assert max(_blank_border(v, blank) for v in views) == 3
+    clean, views, blank = _augmented_views(
+        tmp_path, augment=True
+    )  # Fashion-MNIST's default: 2 px (and flips)
+    assert max(_blank_border(v, blank) for v in views) == 2
+    with pytest.raises(ConfigError, match="data.shift: 28 pixels is not smaller than the 28-pixel images"):
+        _augmented_views(tmp_path, augment=True, shift=28)
 
 
 def _blank_border(image: torch.Tensor, blank: torch.Tensor) -> int:

@@ -214,6 +214,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves_and_exits_
     args = train_args(tmp_path, "--run-name", "group", "-o", "train.num_workers=2")
     proc = start(args, tmp_path, new_group=True)
     wait_until(proc, lambda: logged_step(run_dir) >= 8)
+    proc.send_signal(signal.SIGTERM)  # as timeout(1) does: the command, then its whole group
     os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -223,6 +224,55 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves_and_exits_
     resumed = runner.invoke(app, ["train", "--resume", "latest", *dirs(tmp_path)])
     assert resumed.exit_code == 0, resumed.output
     assert load_checkpoint(run_dir / "last.pt")["step"] == 6 * EPOCHS
+
+
+REPEATED_SIGNALS = """
+import os, signal, time
+from capsnet.signals import catch_stop_signals
+with catch_stop_signals() as stop:
+    for _ in range(3):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+    print("after SIGTERMs", stop.name, flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
+    print("after one SIGINT", stop.name, flush=True)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    except KeyboardInterrupt:
+        print("second SIGINT interrupts", flush=True)
+"""
+
+
+def test_repeated_sigterms_only_ask_once_and_a_second_ctrl_c_interrupts():
+    # timeout(1) signals the command and then its group: two SIGTERMs must still save
+    done = subprocess.run(
+        [sys.executable, "-c", REPEATED_SIGNALS], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.splitlines() == [
+        "after SIGTERMs SIGTERM",
+        "after one SIGINT SIGTERM",
+        "second SIGINT interrupts",
+    ]
+
+
+def test_an_error_with_debug_and_loader_workers_exits_instead_of_waiting_for_them(tmp_path):
+    # --debug lets the exception reach the interpreter, whose exit handlers then stop the workers
+    args = [
+        "--debug",
+        *train_args(tmp_path, "--run-name", "diverges"),
+        *["-o", "train.num_workers=2", "-o", "optim.lr=1e30", "-o", "train.max_bad_steps=1"],
+    ]
+    proc = start(args, tmp_path)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the process did not exit after the error: its loader workers kept it alive")
+    assert proc.returncode == 1 and "TrainingError" in err
 
 
 # --------------------------------------------------------------------------- disk full, no permission
