@@ -6,15 +6,18 @@
 #   bash scripts/reproduce_fashion.sh                              # configs/small.yaml
 #   bash scripts/reproduce_fashion.sh configs/fashion_paper.yaml   # the paper-size model
 #   bash scripts/reproduce_fashion.sh configs/small.yaml -o train.epochs=3   # shorter
+#   RUN=my-run bash scripts/reproduce_fashion.sh configs/small_long.yaml -o optim.name=adam
+#                                           # a run name of your own (default: reproduce-<config>)
 #
 # Long: the small model takes roughly 10-15 minutes per epoch on a 2-core CPU.
 # Interrupted runs continue where they stopped: rerun the same command (the run name
-# is derived from the config, and training resumes from its latest checkpoint).
+# is derived from the config, or RUN, and training resumes from its latest checkpoint);
+# give a variant with different overrides its own RUN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config="${1:-configs/small.yaml}"
 shift || true
-name="reproduce-$(basename "$config" .yaml)"
+name="${RUN:-reproduce-$(basename "$config" .yaml)}"
 bash scripts/setup_env.sh
 bash scripts/fetch_fashion_mnist.sh
 start=$(date +%s)
