@@ -7,7 +7,7 @@
 #
 #   bash scripts/ablation_fashion.sh            # writes docs/ablation_fashion.md
 #   STEPS=400 bash scripts/ablation_fashion.sh  # a quicker, noisier table
-#   ARGS="train.compile_routing=true" bash scripts/ablation_fashion.sh
+#   OVERRIDES="train.compile_routing=true" bash scripts/ablation_fashion.sh
 #                                               # extra overrides for every variant (space-separated)
 #
 # Runs go to weights/em_capsules/ablation-<variant>/ (replaced when the script reruns).
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 bash scripts/fetch_fashion_mnist.sh
 steps="${STEPS:-1688}"
-read -r -a extra <<< "${ARGS:-}"
+read -r -a extra <<< "${OVERRIDES:-}"
 out="${OUT:-docs/ablation_fashion.md}"
 capsnet=".venv/bin/capsnet"
 python=".venv/bin/python"
@@ -36,8 +36,8 @@ trap 'rm -f "$results"' EXIT
 for entry in "${variants[@]}"; do
     IFS='|' read -r name what change <<< "$entry"
     args=(-o "train.max_steps=$steps" -o data.val_split=0.1 -o loss.margin_steps=8440)
-    [[ -n "$change" ]] && args+=(-o "$change")
-    for override in "${extra[@]}"; do args+=(-o "$override"); done
+    for override in ${extra[@]+"${extra[@]}"}; do args+=(-o "$override"); done
+    [[ -n "$change" ]] && args+=(-o "$change")  # last, so the variant's own change wins
     echo "== $name: $what"
     start=$(date +%s)
     "$capsnet" train --config configs/small.yaml --run-name "ablation-$name" --overwrite "${args[@]}"
@@ -46,7 +46,7 @@ for entry in "${variants[@]}"; do
     printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$what" "$change" "$seconds" "$json" >> "$results"
 done
 
-"$python" - "$results" "$out" "$steps" "${ARGS:-}" <<'PY'
+"$python" - "$results" "$out" "$steps" "${extra[*]+${extra[*]}}" <<'PY'
 import json
 import sys
 
