@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from capsnet.config import Config, load_config
@@ -14,6 +15,11 @@ def tiny(tmp_path: Path, *overrides: str) -> Config:
     """configs/tiny.yaml with its run and TensorBoard folders under ``tmp_path``, plus ``overrides``."""
     base = [f"logging.out_dir={tmp_path / 'weights'}", f"logging.tb_dir={tmp_path / 'runs'}"]
     return load_config(TINY, base + list(overrides))
+
+
+def logged(run_dir: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def broken_compiler(fn):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import broken_compiler
+from helpers import broken_compiler, logged
 from typer.testing import CliRunner
 
 from capsnet.cli import app
@@ -56,7 +56,7 @@ def test_train_writes_config_checkpoints_and_metrics(in_workdir):
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "last.pt", "best.pt", "metrics.jsonl", "step-000006.pt", "step-000012.pt"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = logged(run)
     steps = [line["step"] for line in lines]
     assert steps == sorted(set(steps)), "one JSON object per logged step"
     train_steps = [line["step"] for line in lines if "train/loss" in line]

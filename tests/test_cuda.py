@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY, tiny
+from helpers import TINY, logged, tiny
 
-from capsnet import CapsNet
+from capsnet import CapsNet, routing
 from capsnet.bench import run_benchmark
 from capsnet.checkpoint import load_checkpoint
 from capsnet.config import load_config
@@ -62,8 +62,6 @@ def test_bench_on_cuda_reports_gpu_memory():
 
 
 def test_compiled_routing_on_cuda_equals_eager_routing_for_outputs_and_gradients():
-    from capsnet import routing
-
     torch.manual_seed(3)
     model = CapsNet.from_preset("small", in_channels=1, num_classes=10, image_size=28).cuda().double()
     x = torch.rand(6, 1, 28, 28, device="cuda", dtype=torch.float64)
@@ -86,14 +84,11 @@ def test_compiled_routing_on_cuda_equals_eager_routing_for_outputs_and_gradients
 
 
 def test_a_cuda_run_with_compiled_routing_logs_the_eager_runs_losses(tmp_path):
-    import json
-
     def losses(name, *extra):
         cfg = tiny(tmp_path, "train.device=cuda", "train.epochs=1", *extra)
         result = fit(cfg, run_name=name, echo=lambda _m: None)
         assert result.stopped == "completed"
-        rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [r["train/loss"] for r in rows if "train/loss" in r]
+        return [r["train/loss"] for r in logged(result.run_dir) if "train/loss" in r]
 
     eager = losses("eager")
     compiled = losses("compiled", "train.compile_routing=true")

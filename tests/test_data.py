@@ -169,9 +169,8 @@ def test_data_shift_and_flip_choose_the_training_augmentation(tmp_path):
     assert any(torch.equal(v, mirrored) for v in views) and any(torch.equal(v, clean) for v in views)
     clean, views, blank = _augmented_views(tmp_path, augment=True, shift=3, flip=False)
     assert max(_blank_border(v, blank) for v in views) == 3
-    clean, views, blank = _augmented_views(
-        tmp_path, augment=True
-    )  # Fashion-MNIST's default: 2 px (and flips)
+    # Fashion-MNIST's default: 2 px (and flips)
+    clean, views, blank = _augmented_views(tmp_path, augment=True)
     assert max(_blank_border(v, blank) for v in views) == 2
     with pytest.raises(ConfigError, match="data.shift: 28 pixels is not smaller than the 28-pixel images"):
         _augmented_views(tmp_path, augment=True, shift=28)

@@ -11,7 +11,6 @@ visible weight differences, while SGD keeps them at rounding level.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import logged
 
 from capsnet.checkpoint import load_checkpoint, step_checkpoints
 from capsnet.config import load_config
@@ -116,7 +116,7 @@ def test_two_processes_with_sync_bn_write_one_run_equal_to_one_process_with_the_
         "step-000003.pt",
         "step-000006.pt",
     }
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [line["step"] for line in logged(run)]
     assert steps == sorted(set(steps)) and steps[-1] == 6  # 96 images / (2 ranks x 16) = 3 steps per epoch
     events = [p.name for p in (tmp_path / "runs" / "ddp").rglob("events.out.tfevents.*")]
     assert events and len({name.split(".")[-2] for name in events}) == 1  # all by one process (its pid)
@@ -125,11 +125,8 @@ def test_two_processes_with_sync_bn_write_one_run_equal_to_one_process_with_the_
     assert ckpt["world_size"] == 2 and len(ckpt["rng_per_rank"]) == 2
     one = single_process(tmp_path, "one", "train.batch_size=32")
     assert max_difference(run / "last.pt", one / "last.pt") < 1e-4
-    test_acc = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]["test/acc"]
-    assert (
-        test_acc
-        == [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()][-1]["test/acc"]
-    )
+    test_acc = logged(run)[-1]["test/acc"]
+    assert test_acc == logged(one)[-1]["test/acc"]
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import logged as metric_lines
 from typer.testing import CliRunner
 
 from capsnet.checkpoint import load_checkpoint, step_checkpoints
@@ -48,8 +49,10 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def logged(run_dir: Path) -> dict[int, dict[str, float]]:
     """metrics.jsonl by step, without the timings (perf/...)."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: {k: v for k, v in line.items() if not k.startswith("perf/")} for line in lines}
+    return {
+        line["step"]: {k: v for k, v in line.items() if not k.startswith("perf/")}
+        for line in metric_lines(run_dir)
+    }
 
 
 def temp_files(run_dir: Path) -> list[str]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, tiny
+from helpers import TINY, logged, tiny
 
 from capsnet import trainer
 from capsnet.checkpoint import load_checkpoint
@@ -23,10 +22,6 @@ def quiet(_msg: str) -> None:
 def same_weights(a: Path, b: Path) -> bool:
     wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def logged(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
