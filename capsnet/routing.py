@@ -400,8 +400,10 @@ def _vote_gradient(
         return g_votes if out is None else out.copy_(g_votes.view(out.shape))
     h = moments.shape[-1] // 2
     g = torch.bmm(left, right)  # (B, I, 2H)
-    shape = g.shape[:-1] + (h,) if out is None else out.shape
     # d/dV of [V - s, (V - s)^2] = [1, 2 (V - s)]
+    if out is None:  # in place into the first half of g: (B, I, H) with a stride of 2H
+        return g[..., :h].addcmul_(moments[..., :h], g[..., h:], value=2.0)
+    shape = out.shape
     return torch.addcmul(
         g[..., :h].view(shape), moments[..., :h].view(shape), g[..., h:].view(shape), value=2.0, out=out
     )
@@ -750,7 +752,9 @@ class _FastRouting(torch.autograd.Function):
             g_act_in[start:stop] = g_a
             g_beta_u += g_u
             g_beta_a += g_b
-            sink.add(both, left, right, start, stop)
+            # A rebuilt chunk's product-layout votes are dead once its moments exist: the
+            # vote gradient is laid out in the same buffer.
+            sink.add(both, left, right, start, stop, work.votes if job.recompute else None)
             del both, left, right
         return (
             None,
@@ -860,7 +864,16 @@ class _VoteGradients:
         else:
             self.grads = [None]
 
-    def add(self, both: Tensor, left: list[Tensor], right: list[Tensor], start: int, stop: int) -> None:
+    def add(
+        self,
+        both: Tensor,
+        left: list[Tensor],
+        right: list[Tensor],
+        start: int,
+        stop: int,
+        spare: Tensor | None = None,
+    ) -> None:
+        """Adds the gradients from samples ``start:stop``; ``spare``: a free buffer of at least a chunk's votes."""
         if not any(self.needs):
             return
         job = self.job
@@ -871,7 +884,8 @@ class _VoteGradients:
         _, positions, types, p = job.shape
         children, n = both.shape[1], stop - start
         g_votes = _vote_gradient(left_all, right_all, both, job.fused)  # (B, I, H)
-        flat = both.new_empty(children, n * positions * p, types * p)  # the product's layout
+        layout = (children, n * positions * p, types * p)  # the product's layout
+        flat = both.new_empty(layout) if spare is None else _leading(spare, layout)
         target = flat.view(children, n, positions, p, types, p).permute(1, 2, 4, 0, 3, 5)
         _copy_rows(target, g_votes.view(n, positions, types, children, p, p))
         poses, weight = self.inputs
