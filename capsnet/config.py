@@ -145,6 +145,8 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; null: torch's default
     sync_bn: bool = False  # SyncBatchNorm under torchrun
     accumulate: int = 1  # gradient accumulation steps
+    ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.999),
+    # which is then what is evaluated, chosen as best.pt and exported; null: none
 
 
 @dataclass
@@ -349,6 +351,8 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"data.{key}: not used by data.name {cfg.data.name!r} (leave it null)")
         elif not cfg.data.augment:
             problems.append(f"data.{key}: has no effect unless data.augment is true")
+    if cfg.train.ema is not None and not 0.0 < cfg.train.ema < 1.0:
+        problems.append(f"train.ema: must be in (0, 1) (a decay per step, e.g. 0.999), got {cfg.train.ema!r}")
     if cfg.optim.decay_rate > 1:
         problems.append(f"optim.decay_rate: must be at most 1, got {cfg.optim.decay_rate!r}")
 

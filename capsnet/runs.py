@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from capsnet import __version__
+from capsnet.averaging import WeightAverage
 from capsnet.checkpoint import (
     CHECKPOINT_FORMAT,
     LAST,
@@ -83,6 +84,12 @@ class Run:
     window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "n": 0, "steps": 0})
     window_start: float = field(default_factory=time.perf_counter)
     last_checkpoint: Path | None = None
+    ema: WeightAverage | None = None  # the moving average of the weights (train.ema)
+
+    @property
+    def eval_model(self) -> CapsNet:
+        """The weights that are evaluated, saved as "model" and chosen as best: the average when there is one."""
+        return self.ema.model if self.ema is not None else self.model
 
     @property
     def eval_split(self) -> str:
@@ -226,7 +233,8 @@ def make_checkpoint(
         "version": __version__,
         "run": run.run_name,
         "time": time.time(),
-        "model": run.model.state_dict(),
+        "model": run.eval_model.state_dict(),  # what eval, export and init_from use
+        **({"train_model": run.model.state_dict()} if run.ema is not None else {}),  # what resuming trains on
         "optimizer": run.optimizer.state_dict(),
         "step": run.step,
         "epoch": run.epoch,

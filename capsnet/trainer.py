@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from capsnet.averaging import WeightAverage
 from capsnet.checkpoint import capture_rng, check_architecture, load_checkpoint, load_model_state, safe_child
 from capsnet.config import Config, ConfigError
 from capsnet.data import DataWarning, build_loaders
@@ -206,6 +207,8 @@ def _train_step(run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest)
             )
     else:
         run.optimizer.step()
+        if run.ema is not None:
+            run.ema.update(run.step)
         run.bad_in_row = 0
     run.step = next_step
     run.batches_done += 1
@@ -313,7 +316,7 @@ def end_of_epoch(run: Run, summary: dict[str, float]) -> EvalResult:
     split = run.eval_split
     loader = run.loaders.val if split == "val" else run.loaders.test
     result = evaluate(
-        run.model, loader, run.cfg, run.device, run.step, run.total_steps, run.loaders.info.class_names
+        run.eval_model, loader, run.cfg, run.device, run.step, run.total_steps, run.loaders.info.class_names
     )
     run.writer.scalars({f"{split}/loss": result.loss, f"{split}/acc": result.acc}, run.step)
     if uses_reconstruction(run.model, run.cfg):
@@ -321,7 +324,7 @@ def end_of_epoch(run: Run, summary: dict[str, float]) -> EvalResult:
     improved = (
         math.isfinite(result.loss)
         and (run.best_acc is None or result.acc > run.best_acc)
-        and first_non_finite(run.model) is None
+        and first_non_finite(run.eval_model) is None
     )
     if improved:
         run.best_acc, run.best_step = result.acc, run.step
@@ -357,9 +360,11 @@ def _log_reconstructions(run: Run, loader) -> None:
         return
     x, y = next(iter(loader))
     x, y = x[:8].to(run.device), y[:8].to(run.device)
-    run.model.eval()
-    recon = run.model.reconstruct(run.model(x).poses, y)
-    run.model.train()
+    model = run.eval_model
+    training = model.training
+    model.eval()
+    recon = model.reconstruct(model(x).poses, y)
+    model.train(training)
     run.writer.image("recon/images", reconstruction_grid(x, recon), run.step)
 
 
@@ -441,7 +446,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         raise ConfigError([f"model: {e}"]) from None
     if ckpt is not None:
         check_architecture(ckpt["arch"], model.hparams, ckpt_path)
-        load_model_state(model, ckpt["model"], ckpt_path)
+        # with train.ema, "model" holds the average and "train_model" the weights being trained
+        load_model_state(model, ckpt.get("train_model", ckpt["model"]), ckpt_path)
     elif cfg.train.init_from:
         source = load_checkpoint(cfg.train.init_from)
         check_architecture(source["arch"], model.hparams, cfg.train.init_from)
@@ -452,6 +458,9 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     if dist_info.distributed and cfg.train.sync_bn:
         model = convert_sync_batchnorm(model, device)
     model.to(device)
+    ema = WeightAverage(model, cfg.train.ema) if cfg.train.ema is not None else None
+    if ema is not None and ckpt is not None and "train_model" in ckpt:
+        load_model_state(ema.model, ckpt["model"], ckpt_path)
     optimizer = build_optimizer(model, cfg)
     if ckpt is not None:
         try:
@@ -498,6 +507,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         steps_per_epoch,
         total_steps,
         say,
+        ema=ema,
     )
     if ckpt is not None:
         restore_run(run, ckpt, ckpt_path)
@@ -522,6 +532,11 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
     if run.loaders.val is None:
         say("no validation split (data.val_split is 0): best.pt is chosen by test accuracy")
     say(run.model.summary())
+    if run.ema is not None:
+        say(
+            f"moving average of the weights (train.ema={cfg.train.ema}): it is what is evaluated, "
+            "saved as best.pt and exported"
+        )
     say(
         f"device {run.device}, {torch.get_num_threads()} threads, {cfg.train.precision}, "
         f"{run.dist.world_size} process(es); {cfg.train.epochs} epochs x {run.steps_per_epoch} steps"
