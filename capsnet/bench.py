@@ -11,7 +11,7 @@ import torch
 
 from capsnet.config import Config, DataConfig
 from capsnet.model import CapsNet
-from capsnet.routing import compiled_kernels_enabled, use_compiled_kernels
+from capsnet.routing import choose_compiled_kernels, compiled_kernels_enabled, use_compiled_kernels
 from capsnet.runtime import tune_allocator
 
 #: (channels, classes, image size) of each dataset, so a benchmark needs no data on disk.
@@ -43,6 +43,8 @@ class BenchResult:
     steps: int
     device: str
     peak_gpu_mib: float | None = None  # peak CUDA memory allocated by tensors (CUDA runs only)
+    compiled_routing: bool = False  # whether the routing's compiled kernels were used (train.compile_routing)
+    warning: str | None = None  # why they were not, where train.compile_routing was left to choose
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,7 +56,9 @@ class BenchResult:
             f"peak RSS {self.peak_rss_mib:.0f} MiB (torch alone {self.base_rss_mib:.0f} MiB); "
             f"{self.parameters:,} parameters, batch {self.batch_size}, "
             f"{self.channels}x{self.image_size}x{self.image_size}, {self.classes} classes, "
-            f"{self.iterations} iterations, {self.threads} threads, {self.device}"
+            f"{self.iterations} iterations, {self.threads} threads, {self.device}, "
+            + ("compiled" if self.compiled_routing else "eager")
+            + " routing"
             + (f"; peak GPU memory {self.peak_gpu_mib:.0f} MiB" if self.peak_gpu_mib is not None else "")
         )
 
@@ -96,23 +100,27 @@ def run_benchmark(
 ) -> BenchResult:
     """Times training steps (forward, spread loss, backward, Adam) and inference batches."""
     tune_allocator()
+    base_rss = _rss_mib()  # torch alone, before any compiling
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     compiled_before = compiled_kernels_enabled()
-    use_compiled_kernels(cfg.train.compile_routing)
+    compiled, warning = choose_compiled_kernels(cfg.train.compile_routing, dev.type)
+    use_compiled_kernels(compiled)
     try:
-        return _run(cfg, batch_size, steps, warmup, image_size, classes, device, threads)
+        result = _run(cfg, batch_size, steps, warmup, image_size, classes, dev, threads, base_rss)
+        result.warning = warning
+        return result
     finally:
         use_compiled_kernels(compiled_before)
 
 
-def _run(cfg, batch_size, steps, warmup, image_size, classes, device, threads) -> BenchResult:
-    if cfg.train.compile_routing:
+def _run(cfg, batch_size, steps, warmup, image_size, classes, dev, threads, base_rss) -> BenchResult:
+    compiled = compiled_kernels_enabled()
+    if compiled:
         warmup = max(warmup, 3)  # the first calls compile (and recompile for a second chunk shape)
     if threads:
         torch.set_num_threads(threads)
-    base_rss = _rss_mib()
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
     channels, num_classes, size = geometry(cfg.data)
     size = image_size or size
     num_classes = classes or num_classes
@@ -175,4 +183,5 @@ def _run(cfg, batch_size, steps, warmup, image_size, classes, device, threads) -
         steps=steps,
         device=str(dev),
         peak_gpu_mib=peak_gpu,
+        compiled_routing=compiled,
     )

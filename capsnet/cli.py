@@ -337,6 +337,8 @@ def bench(
         result = run_benchmark(
             cfg, batch_size, steps, image_size=image_size, classes=classes, device=device, threads=threads
         )
+    if result.warning is not None:
+        typer.echo(f"warning: {result.warning}", err=True)
     typer.echo(json.dumps(result.to_dict()) if as_json else result.summary())
 
 

@@ -138,7 +138,10 @@ class TrainConfig:
     num_workers: int = 0
     precision: str = "fp32"  # fp32 | bf16
     compile: bool = False  # torch.compile the model
-    compile_routing: bool = False  # torch.compile only the routing's per-chunk contractions (faster on a CPU, slower on CUDA; README)
+    compile_routing: bool | None = (
+        None  # torch.compile the routing's per-chunk contractions; null: on for a CPU
+    )
+    # when a C++ compiler works (faster there), off on CUDA (slower there) and MPS (README, Speed)
     max_steps: int | None = None  # stop after this many optimiser steps (quick tries)
     init_from: str | None = None  # start from this checkpoint's model weights (fresh optimiser, step 0)
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping

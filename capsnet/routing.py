@@ -377,6 +377,30 @@ def _check_kernels(device_type: str) -> None:
         ) from e
 
 
+def choose_compiled_kernels(setting: bool | None, device_type: str) -> tuple[bool, str | None]:
+    """What ``train.compile_routing`` means on ``device_type``: (compile the kernels?, a warning or None).
+
+    True and False are taken as given (True fails later with :class:`KernelCompileError`
+    where nothing can be compiled). None (the default) compiles on a CPU, where the
+    compiled kernels are faster, provided that they can be built here; elsewhere
+    (CUDA, where they are slower, and MPS) it does not.
+    """
+    if setting is not None:
+        return bool(setting), None
+    if device_type != "cpu":
+        return False, None
+    try:
+        _check_kernels(device_type)
+    except KernelCompileError as e:
+        reason = str(e.__cause__ or e).strip().splitlines()
+        return False, (
+            "the routing's compiled kernels cannot be built here "
+            f"({reason[0][:200] if reason else type(e).__name__}); routing with the eager kernels "
+            "(same results, slower). Set train.compile_routing: false to skip this check."
+        )
+    return True, None
+
+
 def _weighted_moments(w: Tensor, moments: Tensor, fused: bool) -> Tensor:
     """sum_i w_i [D_i, D_i^2] per row: (B, I) -> (B, 2H); ``moments`` is D (fused) or [D, D^2]."""
     if fused:

@@ -52,7 +52,7 @@ from capsnet.distributed import (
 from capsnet.evaluate import EvalResult, autocast, evaluate, resolve_device
 from capsnet.loss import compute_loss, lr_at, margin_at, uses_reconstruction
 from capsnet.model import CapsNet, CapsOutput
-from capsnet.routing import compiled_kernels_enabled, use_compiled_kernels
+from capsnet.routing import choose_compiled_kernels, compiled_kernels_enabled, use_compiled_kernels
 from capsnet.runs import (
     Run,
     TrainingError,
@@ -403,7 +403,12 @@ def fit(
         )
         raise TrainingError(f"could not join the torchrun process group: {first}{hint}") from None
     compiled_before = compiled_kernels_enabled()
-    use_compiled_kernels(cfg.train.compile_routing)
+    compiled, warning = choose_compiled_kernels(
+        cfg.train.compile_routing, resolve_device(cfg.train.device, dist_info.local_rank).type
+    )
+    if warning is not None and dist_info.is_main:
+        echo(f"warning: {warning}")
+    use_compiled_kernels(compiled)
     try:
         return _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix)
     except RuntimeError as e:

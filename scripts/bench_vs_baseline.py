@@ -41,13 +41,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = ROOT.parent / "shared" / "bench" / "baseline_em.py"
 LINE = re.compile(r"train ([\d.]+) img/s, inference ([\d.]+) img/s, peak RSS (\d+) MiB")
 
-VARIANTS = {
+GEOMETRIES = {
     "paper geometry": [],
     "baseline geometry": ["-o", "model.stem_padding=2"],
 }
+#: The eager kernels, whatever a CPU's default (train.compile_routing: null) would choose.
+VARIANTS = {name: extra + ["-o", "train.compile_routing=false"] for name, extra in GEOMETRIES.items()}
 #: The same with the routing's contractions compiled (--compiled).
 COMPILED = {
-    f"{name}, compiled": extra + ["-o", "train.compile_routing=true"] for name, extra in VARIANTS.items()
+    f"{name}, compiled": extra + ["-o", "train.compile_routing=true"] for name, extra in GEOMETRIES.items()
 }
 #: The baseline's settings (3 routing iterations) and memory-lean routing (vote moments
 #: rebuilt in backward, not kept), whatever configs/small.yaml says.

@@ -1,0 +1,93 @@
+"""train.compile_routing: null (the default) compiles the routing's kernels on a CPU where they can be built."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import TINY, broken_compiler, tiny
+from typer.testing import CliRunner
+
+from capsnet import routing
+from capsnet.cli import app
+from capsnet.config import TrainConfig, load_config
+from capsnet.trainer import fit
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    monkeypatch.setattr(routing, "_kernel", broken_compiler)
+    routing._check_kernels.cache_clear()
+    yield
+    routing._check_kernels.cache_clear()
+
+
+def test_the_default_is_left_to_the_device():
+    assert TrainConfig().compile_routing is None
+    assert load_config(None).train.compile_routing is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "want"),
+    [
+        (True, "cpu", True),
+        (False, "cpu", False),
+        (True, "cuda", True),
+        (None, "cuda", False),
+        (None, "mps", False),
+    ],
+)
+def test_an_explicit_setting_or_a_gpu_needs_no_compiler_check(no_compiler, setting, device, want):
+    assert routing.choose_compiled_kernels(setting, device) == (want, None)
+
+
+def test_the_default_compiles_on_a_cpu_that_can():
+    assert routing.choose_compiled_kernels(None, "cpu") == (True, None)
+
+
+def test_the_default_falls_back_to_the_eager_kernels_with_a_warning(no_compiler):
+    compiled, warning = routing.choose_compiled_kernels(None, "cpu")
+    assert not compiled
+    assert "g++: not found" in warning and "train.compile_routing: false" in warning
+
+
+def test_a_run_without_a_compiler_trains_eagerly_and_says_so(tmp_path, no_compiler, monkeypatch):
+    seen, said = [], []
+    original = routing._route_in_chunks
+
+    def spy(*args, **kwargs):
+        seen.append(routing.compiled_kernels_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(routing, "_route_in_chunks", spy)
+    result = fit(
+        tiny(tmp_path, "train.compile_routing=null", "train.epochs=1"), run_name="r", echo=said.append
+    )
+    assert result.stopped == "completed"
+    assert seen and not any(seen)
+    assert any(line.startswith("warning: the routing's compiled kernels cannot be built") for line in said)
+
+
+def test_a_run_with_the_default_on_a_cpu_routes_with_the_compiled_kernels(tmp_path, monkeypatch):
+    seen = []
+    original = routing._route_in_chunks
+
+    def spy(*args, **kwargs):
+        seen.append(routing.compiled_kernels_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(routing, "_route_in_chunks", spy)
+    fit(tiny(tmp_path, "train.compile_routing=null", "train.max_steps=2"), run_name="r", echo=lambda _m: None)
+    assert seen and all(seen) and not routing.compiled_kernels_enabled()
+
+
+def test_bench_reports_which_kernels_it_timed(no_compiler):
+    runner = CliRunner()
+    args = ["bench", "--config", str(TINY), "--steps", "1", "--batch-size", "2", "--json"]
+    eager = runner.invoke(app, args)
+    assert eager.exit_code == 0, eager.output
+    assert json.loads(eager.stdout.strip().splitlines()[-1])["compiled_routing"] is False
+    fallback = runner.invoke(app, [*args, "-o", "train.compile_routing=null"])
+    assert fallback.exit_code == 0, fallback.output
+    assert "warning: the routing's compiled kernels cannot be built" in fallback.output
+    assert json.loads(fallback.stdout.strip().splitlines()[-1])["compiled_routing"] is False
