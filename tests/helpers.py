@@ -29,3 +29,18 @@ def broken_compiler(fn):
         raise RuntimeError("CppCompileError: g++: not found\nmore lines")
 
     return call
+
+
+def record_kernel_choice(monkeypatch) -> list[bool]:
+    """Notes, at every routing call, whether the compiled kernels are in use; returns the notes so far."""
+    from capsnet import routing
+
+    seen: list[bool] = []
+    original = routing._route_in_chunks
+
+    def spy(*args, **kwargs):
+        seen.append(routing.compiled_kernels_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(routing, "_route_in_chunks", spy)
+    return seen

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import TINY, broken_compiler, tiny
+from helpers import TINY, broken_compiler, record_kernel_choice, tiny
 from typer.testing import CliRunner
 
 from capsnet import routing
@@ -52,14 +52,7 @@ def test_the_default_falls_back_to_the_eager_kernels_with_a_warning(no_compiler)
 
 
 def test_a_run_without_a_compiler_trains_eagerly_and_says_so(tmp_path, no_compiler, monkeypatch):
-    seen, said = [], []
-    original = routing._route_in_chunks
-
-    def spy(*args, **kwargs):
-        seen.append(routing.compiled_kernels_enabled())
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(routing, "_route_in_chunks", spy)
+    seen, said = record_kernel_choice(monkeypatch), []
     result = fit(
         tiny(tmp_path, "train.compile_routing=null", "train.epochs=1"), run_name="r", echo=said.append
     )
@@ -69,14 +62,7 @@ def test_a_run_without_a_compiler_trains_eagerly_and_says_so(tmp_path, no_compil
 
 
 def test_a_run_with_the_default_on_a_cpu_routes_with_the_compiled_kernels(tmp_path, monkeypatch):
-    seen = []
-    original = routing._route_in_chunks
-
-    def spy(*args, **kwargs):
-        seen.append(routing.compiled_kernels_enabled())
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(routing, "_route_in_chunks", spy)
+    seen = record_kernel_choice(monkeypatch)
     fit(tiny(tmp_path, "train.compile_routing=null", "train.max_steps=2"), run_name="r", echo=lambda _m: None)
     assert seen and all(seen) and not routing.compiled_kernels_enabled()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, logged, tiny
+from helpers import TINY, logged, record_kernel_choice, tiny
 
 from capsnet import trainer
 from capsnet.checkpoint import load_checkpoint
@@ -47,14 +47,7 @@ def test_compiled_routing_trains_like_the_eager_one_and_is_switched_off_after(
 ):
     from capsnet import routing
 
-    seen = []
-    original = routing._route_in_chunks
-
-    def spy(*args, **kwargs):
-        seen.append(routing.compiled_kernels_enabled())
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(routing, "_route_in_chunks", spy)
+    seen = record_kernel_choice(monkeypatch)
     result = fit(tiny(tmp_path, "train.compile_routing=true"), run_name="compiled", echo=quiet)
     assert seen and all(seen) and not routing.compiled_kernels_enabled()
     a = {line["step"]: line.get("train/loss") for line in logged(straight.run_dir)}
