@@ -403,9 +403,10 @@ def fit(
         )
         raise TrainingError(f"could not join the torchrun process group: {first}{hint}") from None
     compiled_before = compiled_kernels_enabled()
-    compiled, warning = choose_compiled_kernels(
-        cfg.train.compile_routing, resolve_device(cfg.train.device, dist_info.local_rank).type
-    )
+    device_type = resolve_device(cfg.train.device, dist_info.local_rank).type
+    if cfg.train.compile_routing is None and device_type == "cpu" and dist_info.is_main:
+        echo("routing: compiling its kernels for the CPU (train.compile_routing: null; false skips this)")
+    compiled, warning = choose_compiled_kernels(cfg.train.compile_routing, device_type)
     if warning is not None and dist_info.is_main:
         echo(f"warning: {warning}")
     use_compiled_kernels(compiled)
@@ -544,7 +545,8 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
         )
     say(
         f"device {run.device}, {torch.get_num_threads()} threads, {cfg.train.precision}, "
-        f"{run.dist.world_size} process(es); {cfg.train.epochs} epochs x {run.steps_per_epoch} steps"
+        f"{run.dist.world_size} process(es), {'compiled' if compiled_kernels_enabled() else 'eager'} routing; "
+        f"{cfg.train.epochs} epochs x {run.steps_per_epoch} steps"
         + (f", stopping at step {cfg.train.max_steps}" if cfg.train.max_steps else "")
     )
     if restart_count():

@@ -59,12 +59,16 @@ def test_a_run_without_a_compiler_trains_eagerly_and_says_so(tmp_path, no_compil
     assert result.stopped == "completed"
     assert seen and not any(seen)
     assert any(line.startswith("warning: the routing's compiled kernels cannot be built") for line in said)
+    assert any(line.startswith("device cpu") and "eager routing" in line for line in said)
 
 
 def test_a_run_with_the_default_on_a_cpu_routes_with_the_compiled_kernels(tmp_path, monkeypatch):
     seen = record_kernel_choice(monkeypatch)
-    fit(tiny(tmp_path, "train.compile_routing=null", "train.max_steps=2"), run_name="r", echo=lambda _m: None)
+    said = []
+    fit(tiny(tmp_path, "train.compile_routing=null", "train.max_steps=2"), run_name="r", echo=said.append)
     assert seen and all(seen) and not routing.compiled_kernels_enabled()
+    assert said[0].startswith("routing: compiling its kernels for the CPU")
+    assert any(line.startswith("device cpu") and "compiled routing" in line for line in said)
 
 
 def test_bench_reports_which_kernels_it_timed(no_compiler):
