@@ -403,14 +403,8 @@ def fit(
         )
         raise TrainingError(f"could not join the torchrun process group: {first}{hint}") from None
     compiled_before = compiled_kernels_enabled()
-    device_type = resolve_device(cfg.train.device, dist_info.local_rank).type
-    if cfg.train.compile_routing is None and device_type == "cpu" and dist_info.is_main:
-        echo("routing: compiling its kernels for the CPU (train.compile_routing: null; false skips this)")
-    compiled, warning = choose_compiled_kernels(cfg.train.compile_routing, device_type)
-    if warning is not None and dist_info.is_main:
-        echo(f"warning: {warning}")
-    use_compiled_kernels(compiled)
     try:
+        _choose_routing_kernels(cfg, dist_info, echo)
         return _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix)
     except RuntimeError as e:
         if not (dist_info.distributed and _LOST_PEER.search(str(e))):
@@ -423,6 +417,17 @@ def fit(
         use_compiled_kernels(compiled_before)
         if dist_info.distributed:
             shutdown()
+
+
+def _choose_routing_kernels(cfg: Config, dist_info, echo: Callable[[str], None]) -> None:
+    """Compiled or eager routing kernels for this run (``train.compile_routing``), said on rank 0."""
+    device_type = resolve_device(cfg.train.device, dist_info.local_rank).type
+    if cfg.train.compile_routing is None and device_type == "cpu" and dist_info.is_main:
+        echo("routing: compiling its kernels for the CPU (train.compile_routing: null; false skips this)")
+    compiled, warning = choose_compiled_kernels(cfg.train.compile_routing, device_type)
+    if warning is not None and dist_info.is_main:
+        echo(f"warning: {warning}")
+    use_compiled_kernels(compiled)
 
 
 def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunResult:
@@ -465,7 +470,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         model = convert_sync_batchnorm(model, device)
     model.to(device)
     ema = WeightAverage(model, cfg.train.ema) if cfg.train.ema is not None else None
-    if ema is not None and ckpt is not None and "train_model" in ckpt:
+    resumed_average = ema is not None and ckpt is not None and "train_model" in ckpt
+    if resumed_average:
         load_model_state(ema.model, ckpt["model"], ckpt_path)
     optimizer = build_optimizer(model, cfg)
     if ckpt is not None:
@@ -483,6 +489,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=model.decoder is not None and not uses_reconstruction(model, cfg),
         )
+        if ema is not None and not resumed_average:
+            ema.reset()  # DDP gave every rank rank 0's weights: so must the average start from them
 
     steps_per_epoch = math.ceil(len(loaders.train) / cfg.train.accumulate)
     total_steps = cfg.train.epochs * steps_per_epoch
@@ -517,6 +525,13 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     )
     if ckpt is not None:
         restore_run(run, ckpt, ckpt_path)
+        if ("train_model" in ckpt) != (ema is not None) and run.best_acc is not None:
+            say(
+                f"note: train.ema was switched {'on' if ema is not None else 'off'} for this run: "
+                f"its best {run.eval_split}/acc so far ({run.best_acc:.4f}) was of the other weights, "
+                "so best.pt is chosen afresh from here"
+            )
+            run.best_acc = run.best_step = None
     try:
         return _loop(run, ckpt_path)
     finally:

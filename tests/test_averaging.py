@@ -45,6 +45,16 @@ def test_an_update_moves_every_float_tensor_towards_the_model_and_copies_the_oth
     assert not avg.model.training and not any(p.requires_grad for p in avg.model.parameters())
 
 
+def test_the_first_update_keeps_a_tenth_of_the_starting_weights():
+    model = nn.Linear(2, 2)
+    avg = WeightAverage(model, decay=0.999)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    avg.update(0)
+    assert torch.allclose(avg.model.weight, 0.1 * start + 0.9 * model.weight.detach(), atol=1e-6)
+
+
 def test_the_average_is_a_copy_that_training_does_not_touch():
     model = nn.Linear(2, 2)
     avg = WeightAverage(model, decay=0.99)
@@ -61,9 +71,18 @@ def test_an_ema_decay_outside_zero_to_one_is_a_config_error(tmp_path, decay):
         tiny(tmp_path, f"train.ema={decay}")
 
 
-def test_a_run_with_ema_evaluates_and_saves_the_average_and_resumes_bit_for_bit(tmp_path):
+def test_a_run_with_ema_evaluates_and_saves_the_average_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+    counts: list[int] = []
+    original = WeightAverage.update
+
+    def counted(self, updates):
+        counts.append(updates)
+        return original(self, updates)
+
+    monkeypatch.setattr(WeightAverage, "update", counted)
     cfg = tiny(tmp_path, "train.ema=0.8")
     straight = fit(cfg, run_name="ema", echo=quiet)
+    assert counts == list(range(12))  # one update per optimiser step, numbered by the global step
     ckpt = load_checkpoint(straight.run_dir / "last.pt")
     averaged, trained = ckpt["model"], ckpt["train_model"]
     assert averaged.keys() == trained.keys()
@@ -81,11 +100,16 @@ def test_a_run_with_ema_evaluates_and_saves_the_average_and_resumes_bit_for_bit(
     assert of_average.loss == pytest.approx(last_logged["test/loss"], rel=1e-5)
     assert of_average.acc == pytest.approx(last_logged["test/acc"])
     assert of_trained.loss != pytest.approx(last_logged["test/loss"], rel=1e-3)
+    best = load_checkpoint(straight.run_dir / "best.pt")
+    assert "train_model" in best and best["best_metric"] == straight.best_acc
+    step = best["step"]
+    assert scored(best["model"]).acc == pytest.approx(best["best_metric"])
 
     first = fit(tiny(tmp_path, "train.ema=0.8", "train.max_steps=8"), run_name="split", echo=quiet)
     assert first.step == 8
+    counts.clear()
     resumed = fit(tiny(tmp_path, "train.ema=0.8"), resume=str(first.run_dir), echo=quiet)
-    assert resumed.step == straight.step
+    assert resumed.step == straight.step and counts == list(range(8, 12))
     again = load_checkpoint(resumed.run_dir / "last.pt")
     for key in ("model", "train_model"):
         assert all(torch.equal(again[key][k], ckpt[key][k]) for k in ckpt[key]), key
@@ -94,3 +118,12 @@ def test_a_run_with_ema_evaluates_and_saves_the_average_and_resumes_bit_for_bit(
 def test_a_run_without_ema_saves_only_the_trained_weights(tmp_path):
     result = fit(tiny(tmp_path, "train.epochs=1"), run_name="plain", echo=quiet)
     assert "train_model" not in load_checkpoint(result.run_dir / "last.pt")
+
+
+def test_switching_ema_on_when_resuming_chooses_best_afresh(tmp_path):
+    first = fit(tiny(tmp_path, "train.max_steps=6"), run_name="switch", echo=quiet)
+    assert first.best_acc is not None and first.best_step == 6
+    said: list[str] = []
+    resumed = fit(tiny(tmp_path, "train.ema=0.8"), resume=str(first.run_dir), echo=said.append)
+    assert any("train.ema was switched on" in line and "chosen afresh" in line for line in said)
+    assert resumed.best_step == 12 and "train_model" in load_checkpoint(resumed.run_dir / "best.pt")

@@ -130,6 +130,20 @@ def test_two_processes_with_sync_bn_write_one_run_equal_to_one_process_with_the_
 
 
 @pytest.mark.slow
+def test_the_weight_average_of_two_processes_equals_that_of_one(tmp_path):
+    """Every rank's average starts from rank 0's weights (the ones DDP hands every rank), not its own."""
+    ema = ["train.sync_bn=true", "train.ema=0.5", "train.epochs=1"]
+    cmd = torchrun("--standalone", "--nproc-per-node", "2")
+    cmd += ["--config", str(TINY), "--run-name", "ddp", *cli_overrides(tmp_path, *ema)]
+    check(subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path))
+    run = tmp_path / "weights" / "ddp"
+    one = single_process(tmp_path, "one", "train.batch_size=32", *ema)
+    assert max_difference(run / "last.pt", one / "last.pt") < 1e-4
+    # the test loss is summed over both ranks' halves of the test set, each scored by its own rank's average
+    assert logged(run)[-1]["test/loss"] == pytest.approx(logged(one)[-1]["test/loss"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_a_two_node_launch_with_accumulation_equals_one_process(tmp_path):
     """Two torchrun agents (one process each) meet at a c10d rendezvous, as on two machines."""
     port, args = free_port(), ["--config", str(TINY), "--run-name", "nodes"]
