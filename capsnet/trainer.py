@@ -52,7 +52,12 @@ from capsnet.distributed import (
 from capsnet.evaluate import EvalResult, autocast, evaluate, resolve_device
 from capsnet.loss import compute_loss, lr_at, margin_at, uses_reconstruction
 from capsnet.model import CapsNet, CapsOutput
-from capsnet.routing import choose_compiled_kernels, compiled_kernels_enabled, use_compiled_kernels
+from capsnet.routing import (
+    choose_compiled_kernels,
+    compiled_kernels_enabled,
+    training_chunks,
+    use_compiled_kernels,
+)
 from capsnet.runs import (
     Run,
     TrainingError,
@@ -593,7 +598,8 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
                 stopped = reason
                 save_run(run, mid_epoch=run.batches_done > 0)
                 break
-            last_eval = end_of_epoch(run, summary)
+            with training_chunks():  # evaluating within the memory of a training step
+                last_eval = end_of_epoch(run, summary)
             if reason == "max_steps":
                 stopped = reason
                 break

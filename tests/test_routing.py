@@ -422,6 +422,7 @@ def test_fast_routing_gives_the_same_result_in_any_chunking_of_the_batch(chunk_b
     want = layer(pose, act)
     layer.impl = "fast"
     monkeypatch.setattr(routing, "CHUNK_BYTES", chunk_bytes)  # one sample per chunk, or the whole batch
+    monkeypatch.setattr(routing, "INFERENCE_CHUNK_BYTES", chunk_bytes)
     params = [layer.weight, layer.beta_u, layer.beta_a]
     got = layer(pose, act)
     for g, w in zip(got, want):
@@ -478,6 +479,7 @@ def test_compiled_contractions_equal_the_eager_ones_in_float64(recompute_votes, 
     # Two samples per chunk: chunks of 2 and 1 samples, two shapes for the compiled kernels.
     per_sample = 2 * 6 * 3 * 8 * 16 * 8  # [V - s, (V - s)^2] of one sample in bytes
     monkeypatch.setattr(routing, "CHUNK_BYTES", 2 * per_sample)
+    monkeypatch.setattr(routing, "INFERENCE_CHUNK_BYTES", 2 * per_sample)
     want = _layer_outputs_and_grads(layer, pose, act)
     with torch.no_grad():
         want_infer = layer(pose, act)
@@ -504,3 +506,15 @@ def test_a_compiler_that_fails_is_one_clear_error(compiled_routing, monkeypatch)
             em_routing(votes, act, torch.zeros(2), torch.zeros(2), RoutingSettings(iterations=2), None)
     finally:
         routing._check_kernels.cache_clear()
+
+
+def test_routing_without_autograd_takes_larger_chunks_except_within_training_chunks(monkeypatch):
+    monkeypatch.setattr(routing, "CHUNK_BYTES", 4 << 10)
+    monkeypatch.setattr(routing, "INFERENCE_CHUNK_BYTES", 64 << 10)
+    geom = (10, 4, 2, 8, 16)  # one sample's [V - s, (V - s)^2]: 2 * 4 * 2 * 8 * 16 * 4 bytes = 8 KiB
+    like = torch.zeros(1)
+    assert routing._sample_chunks(geom, like) == [(i, i + 1) for i in range(10)]
+    assert routing._sample_chunks(geom, like, inference=True) == [(0, 8), (8, 10)]
+    with routing.training_chunks():
+        assert routing._sample_chunks(geom, like, inference=True) == [(i, i + 1) for i in range(10)]
+    assert routing._sample_chunks(geom, like, inference=True) == [(0, 8), (8, 10)]

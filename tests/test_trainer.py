@@ -212,3 +212,29 @@ def test_null_decay_steps_decays_the_rate_over_the_whole_run(tmp_path):
     total = result.step
     last = max(lrs)
     assert lrs[last] == pytest.approx(cfg.optim.lr * 0.1 ** ((last - 1) / total))
+
+
+def test_a_training_run_evaluates_in_the_chunks_of_its_training_steps(tmp_path, monkeypatch):
+    from capsnet import routing
+
+    monkeypatch.setattr(routing, "CHUNK_BYTES", 1 << 30)  # the whole batch in one chunk
+    monkeypatch.setattr(routing, "INFERENCE_CHUNK_BYTES", 1)  # one sample per chunk
+    counts = []
+    original = routing._sample_chunks
+
+    def spy(*args, **kwargs):
+        chunks = original(*args, **kwargs)
+        counts.append(len(chunks))
+        return chunks
+
+    monkeypatch.setattr(routing, "_sample_chunks", spy)
+    result = fit(tiny(tmp_path, "train.epochs=1"), run_name="chunks", echo=quiet)
+    assert result.last_eval is not None and counts and set(counts) == {1}
+    # outside a training run, the same evaluation routes one sample per chunk
+    from capsnet.checkpoint import build_model_from_checkpoint
+
+    model = build_model_from_checkpoint(load_checkpoint(result.run_dir / "last.pt")).eval()
+    counts.clear()
+    with torch.no_grad():
+        model(torch.rand(3, 1, 20, 20))
+    assert counts and all(n == 3 for n in counts)
