@@ -29,24 +29,24 @@ class WeightAverage:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self._float: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._other: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # (average, source) tensor lists, built once: detached views share the weights' storage
         mine = self.model.state_dict(keep_vars=True)
-        for name, src in model.state_dict(keep_vars=True).items():
-            pair = (mine[name], src)
-            (self._float if src.is_floating_point() else self._other).append(pair)
+        pairs = [(mine[name], src.detach()) for name, src in model.state_dict(keep_vars=True).items()]
+        floats = [pair for pair in pairs if pair[1].is_floating_point()]
+        self._avg = [a for a, _ in floats]
+        self._src = [s for _, s in floats]
+        self._other = [pair for pair in pairs if not pair[1].is_floating_point()]
 
     @torch.no_grad()
     def update(self, updates: int) -> None:
         """Moves the average towards the training model's current weights (update number ``updates``)."""
-        weight = 1.0 - ema_decay_at(self.decay, updates)
-        if self._float:
-            torch._foreach_lerp_([a for a, _ in self._float], [w.detach() for _, w in self._float], weight)
+        if self._avg:
+            torch._foreach_lerp_(self._avg, self._src, 1.0 - ema_decay_at(self.decay, updates))
         for avg, src in self._other:
             avg.copy_(src)
 
     @torch.no_grad()
     def reset(self) -> None:
         """Makes the average equal to the training model's weights."""
-        for avg, src in self._float + self._other:
-            avg.copy_(src.detach())
+        for avg, src in [*zip(self._avg, self._src), *self._other]:
+            avg.copy_(src)
