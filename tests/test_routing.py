@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -479,10 +480,21 @@ def test_compiled_contractions_equal_the_eager_ones_in_float64(recompute_votes, 
     # Two samples per chunk: chunks of 2 and 1 samples, two shapes for the compiled kernels.
     per_sample = 2 * 6 * 3 * 8 * 16 * 8  # [V - s, (V - s)^2] of one sample in bytes
     monkeypatch.setattr(routing, "CHUNK_BYTES", 2 * per_sample)
+    monkeypatch.setattr(routing, "FUSED_CHUNK_BYTES", 2 * per_sample)
     monkeypatch.setattr(routing, "INFERENCE_CHUNK_BYTES", 2 * per_sample)
     want = _layer_outputs_and_grads(layer, pose, act)
     with torch.no_grad():
         want_infer = layer(pose, act)
+    monkeypatch.setattr(routing, "CHUNK_BYTES", 1 << 30)  # eager training chunks do not apply
+    original, training_chunks = routing._sample_chunks, []
+
+    def spy(geom, like, inference=False, fused=False):
+        chunks = original(geom, like, inference, fused)
+        if not inference:
+            training_chunks.append(chunks)
+        return chunks
+
+    monkeypatch.setattr(routing, "_sample_chunks", spy)
     routing.use_compiled_kernels(True)
     try:
         got = _layer_outputs_and_grads(layer, pose, act)
@@ -491,6 +503,7 @@ def test_compiled_contractions_equal_the_eager_ones_in_float64(recompute_votes, 
     finally:
         routing.use_compiled_kernels(False)
     assert not routing.compiled_kernels_enabled()
+    assert training_chunks and all(c == [(0, 2), (2, 3)] for c in training_chunks)
     for a, b in zip([*got, *got_infer], [*want, *want_infer]):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
 
@@ -518,3 +531,33 @@ def test_routing_without_autograd_takes_larger_chunks_except_within_training_chu
     with routing.training_chunks():
         assert routing._sample_chunks(geom, like, inference=True) == [(i, i + 1) for i in range(10)]
     assert routing._sample_chunks(geom, like, inference=True) == [(0, 8), (8, 10)]
+
+
+def test_compiled_contractions_train_in_their_own_chunk_size(monkeypatch):
+    monkeypatch.setattr(routing, "CHUNK_BYTES", 4 << 10)
+    monkeypatch.setattr(routing, "FUSED_CHUNK_BYTES", 24 << 10)
+    monkeypatch.setattr(routing, "INFERENCE_CHUNK_BYTES", 64 << 10)
+    geom = (10, 4, 2, 8, 16)  # 8 KiB of [V - s, (V - s)^2] per sample
+    like = torch.zeros(1)
+    assert routing._sample_chunks(geom, like, fused=True) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert routing._sample_chunks(geom, like, fused=False) == [(i, i + 1) for i in range(10)]
+    assert routing._sample_chunks(geom, like, inference=True, fused=True) == [(0, 8), (8, 10)]
+    with routing.training_chunks():
+        assert routing._sample_chunks(geom, like, inference=True, fused=True) == [
+            (0, 3),
+            (3, 6),
+            (6, 9),
+            (9, 10),
+        ]
+
+
+def test_compiled_kernels_keep_working_across_many_dtypes_and_shapes():
+    # Sizes of 1 and each dtype get their own compilation: 16 of them, beyond dynamo's default limit of 8.
+    for dtype in (torch.float32, torch.float64):
+        for b, i, h in itertools.product((1, 3), (1, 5), (1, 4)):
+            g = torch.Generator().manual_seed(b * 100 + i * 10 + h)
+            w = torch.rand(b, i, generator=g).to(dtype)
+            d = torch.randn(b, i, h, generator=g).to(dtype)
+            got = routing._weighted_moments(w, d, fused=True)
+            want = torch.cat([(w[..., None] * d).sum(1), (w[..., None] * d * d).sum(1)], dim=-1)
+            torch.testing.assert_close(got, want)
