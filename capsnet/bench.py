@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from capsnet.config import Config, DataConfig
+from capsnet.config import Config, ConfigError, DataConfig
+from capsnet.evaluate import resolve_device
 from capsnet.model import CapsNet
 from capsnet.routing import choose_compiled_kernels, compiled_kernels_enabled, use_compiled_kernels
 from capsnet.runtime import tune_allocator
@@ -86,6 +87,18 @@ def _spread(activations: torch.Tensor, target: torch.Tensor, margin: float) -> t
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _bench_device(name: str) -> torch.device:
+    """``auto``: CUDA, then MPS, then the CPU, as training picks; an unknown or unavailable one is a ConfigError."""
+    if name not in ("cpu", "cuda", "mps", "auto"):
+        raise ConfigError([f"--device: {name!r} is not one of cpu, cuda, mps, auto"])
+    try:
+        return resolve_device(name)
+    except ConfigError as e:
+        raise ConfigError([p.replace("train.device", "--device") for p in e.problems]) from None
 
 
 def run_benchmark(
@@ -101,9 +114,7 @@ def run_benchmark(
     """Times training steps (forward, spread loss, backward, Adam) and inference batches."""
     tune_allocator()
     base_rss = _rss_mib()  # torch alone, before any compiling
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = _bench_device(device)
     compiled_before = compiled_kernels_enabled()
     compiled, warning = choose_compiled_kernels(cfg.train.compile_routing, dev.type)
     use_compiled_kernels(compiled)

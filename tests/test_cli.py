@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import broken_compiler, logged
 from typer.testing import CliRunner
 
@@ -142,6 +143,22 @@ def test_bench_reports_throughput_as_json(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["train_img_per_s"] > 0 and report["batch_size"] == 4 and report["image_size"] == 20
+
+
+def test_bench_picks_its_device_as_training_does_and_rejects_one_it_cannot_use(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--config", TINY, "--batch-size", "2", "--steps", "1", "--json"]
+    unknown = runner.invoke(app, [*args, "--device", "tpu"])
+    assert unknown.exit_code == 2 and "--device: 'tpu' is not one of cpu, cuda, mps, auto" in unknown.stderr
+    auto = runner.invoke(app, [*args, "--device", "auto"])
+    assert auto.exit_code == 0, auto.output
+    expected = (
+        "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    )
+    assert json.loads(auto.stdout)["device"].split(":")[0] == expected
+    if not torch.cuda.is_available():
+        missing = runner.invoke(app, [*args, "--device", "cuda"])
+        assert missing.exit_code == 2 and "--device: 'cuda' was asked for" in missing.stderr
 
 
 def test_a_missing_checkpoint_is_exit_code_2_with_a_one_line_message(tmp_path, monkeypatch):
