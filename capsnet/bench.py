@@ -92,13 +92,20 @@ def _sync(device: torch.device) -> None:
 
 
 def _bench_device(name: str) -> torch.device:
-    """``auto``: CUDA, then MPS, then the CPU, as training picks; an unknown or unavailable one is a ConfigError."""
-    if name not in ("cpu", "cuda", "mps", "auto"):
-        raise ConfigError([f"--device: {name!r} is not one of cpu, cuda, mps, auto"])
+    """``auto``: CUDA, then MPS, then the CPU, as training picks; ``cuda:N`` one GPU.
+
+    An unknown or unavailable device is a ConfigError.
+    """
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps", "auto") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError([f"--device: {name!r} is not one of cpu, cuda, cuda:N, mps, auto"])
     try:
-        return resolve_device(name)
+        device = resolve_device(kind, int(index or 0))
     except ConfigError as e:
         raise ConfigError([p.replace("train.device", "--device") for p in e.problems]) from None
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError([f"--device: {name!r}: there are {torch.cuda.device_count()} CUDA devices"])
+    return device
 
 
 def run_benchmark(

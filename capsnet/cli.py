@@ -324,7 +324,9 @@ def bench(
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="torch intra-op threads (default: torch's).")
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, mps or auto.")] = "cpu",
+    device: Annotated[
+        str, typer.Option("--device", help="cpu, cuda, cuda:N, mps or auto (CUDA, then MPS, then the CPU).")
+    ] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
     debug: DebugOption = False,
 ) -> None:

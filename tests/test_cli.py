@@ -148,8 +148,9 @@ def test_bench_reports_throughput_as_json(tmp_path, monkeypatch):
 def test_bench_picks_its_device_as_training_does_and_rejects_one_it_cannot_use(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["bench", "--config", TINY, "--batch-size", "2", "--steps", "1", "--json"]
-    unknown = runner.invoke(app, [*args, "--device", "tpu"])
-    assert unknown.exit_code == 2 and "--device: 'tpu' is not one of cpu, cuda, mps, auto" in unknown.stderr
+    for bad in ("tpu", "cpu:1", "cuda:x"):
+        unknown = runner.invoke(app, [*args, "--device", bad])
+        assert unknown.exit_code == 2 and f"--device: {bad!r} is not one of" in unknown.stderr
     auto = runner.invoke(app, [*args, "--device", "auto"])
     assert auto.exit_code == 0, auto.output
     expected = (
@@ -159,6 +160,16 @@ def test_bench_picks_its_device_as_training_does_and_rejects_one_it_cannot_use(t
     if not torch.cuda.is_available():
         missing = runner.invoke(app, [*args, "--device", "cuda"])
         assert missing.exit_code == 2 and "--device: 'cuda' was asked for" in missing.stderr
+
+
+def test_bench_auto_prefers_cuda_then_mps_then_the_cpu(monkeypatch):
+    from capsnet.bench import _bench_device
+
+    for cuda, mps, expected in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
+        assert _bench_device("auto").type == expected
+    assert _bench_device("cpu").type == "cpu"
 
 
 def test_a_missing_checkpoint_is_exit_code_2_with_a_one_line_message(tmp_path, monkeypatch):
