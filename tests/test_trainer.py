@@ -214,10 +214,13 @@ def test_null_decay_steps_decays_the_rate_over_the_whole_run(tmp_path):
     assert lrs[last] == pytest.approx(cfg.optim.lr * 0.1 ** ((last - 1) / total))
 
 
-def test_a_training_run_evaluates_in_the_chunks_of_its_training_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_training_run_evaluates_in_the_chunks_of_its_training_steps(tmp_path, monkeypatch, compiled):
     from capsnet import routing
 
-    monkeypatch.setattr(routing, "CHUNK_BYTES", 1 << 30)  # the whole batch in one chunk
+    # the whole batch in one chunk with the kernels in use, one sample per chunk otherwise
+    monkeypatch.setattr(routing, "FUSED_CHUNK_BYTES" if compiled else "CHUNK_BYTES", 1 << 30)
+    monkeypatch.setattr(routing, "CHUNK_BYTES" if compiled else "FUSED_CHUNK_BYTES", 1)
     monkeypatch.setattr(routing, "INFERENCE_CHUNK_BYTES", 1)  # one sample per chunk
     counts = []
     original = routing._sample_chunks
@@ -228,7 +231,8 @@ def test_a_training_run_evaluates_in_the_chunks_of_its_training_steps(tmp_path, 
         return chunks
 
     monkeypatch.setattr(routing, "_sample_chunks", spy)
-    result = fit(tiny(tmp_path, "train.epochs=1"), run_name="chunks", echo=quiet)
+    overrides = ["train.epochs=1", f"train.compile_routing={str(compiled).lower()}"]
+    result = fit(tiny(tmp_path, *overrides), run_name="chunks", echo=quiet)
     assert result.last_eval is not None and counts and set(counts) == {1}
     # outside a training run, the same evaluation routes one sample per chunk
     from capsnet.checkpoint import build_model_from_checkpoint
