@@ -56,8 +56,19 @@ def init_distributed(device: str) -> DistInfo:
     return info
 
 
-def shutdown() -> None:
+def shutdown(synchronise: bool = False) -> None:
+    """Leaves the process group; ``synchronise``: first wait until every rank is leaving too.
+
+    Without that wait, a rank that tore down its Gloo connections while a peer was
+    still in its own teardown sometimes aborted the peer at exit (SIGABRT, "terminate
+    called without an active exception") after a run that had finished.
+    """
     if dist.is_available() and dist.is_initialized():
+        if synchronise:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer already gone: nothing to wait for
+                pass
         dist.destroy_process_group()
 
 

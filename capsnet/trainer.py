@@ -408,9 +408,12 @@ def fit(
         )
         raise TrainingError(f"could not join the torchrun process group: {first}{hint}") from None
     compiled_before = compiled_kernels_enabled()
+    finished = False
     try:
         _choose_routing_kernels(cfg, dist_info, echo)
-        return _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix)
+        result = _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix)
+        finished = True
+        return result
     except RuntimeError as e:
         if not (dist_info.distributed and _LOST_PEER.search(str(e))):
             raise
@@ -421,7 +424,7 @@ def fit(
     finally:
         use_compiled_kernels(compiled_before)
         if dist_info.distributed:
-            shutdown()
+            shutdown(synchronise=finished)
 
 
 def _choose_routing_kernels(cfg: Config, dist_info, echo: Callable[[str], None]) -> None:
