@@ -99,10 +99,7 @@ def _bench_device(name: str) -> torch.device:
     kind, _, index = name.partition(":")
     if kind not in ("cpu", "cuda", "mps", "auto") or (index and (kind != "cuda" or not index.isdigit())):
         raise ConfigError([f"--device: {name!r} is not one of cpu, cuda, cuda:N, mps, auto"])
-    try:
-        device = resolve_device(kind, int(index or 0))
-    except ConfigError as e:
-        raise ConfigError([p.replace("train.device", "--device") for p in e.problems]) from None
+    device = resolve_device(kind, int(index or 0), option="--device")
     if index and int(index) >= torch.cuda.device_count():
         raise ConfigError([f"--device: {name!r}: there are {torch.cuda.device_count()} CUDA devices"])
     return device

@@ -21,14 +21,14 @@ from capsnet.config import Config
 from capsnet.loss import compute_loss
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then the CPU; an unavailable explicit choice is a ConfigError."""
+def resolve_device(name: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then the CPU; an unavailable explicit choice is a ConfigError naming ``option``."""
     from capsnet.config import ConfigError
 
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(["train.device: 'cuda' was asked for but no CUDA device is available"])
+        raise ConfigError([f"{option}: 'cuda' was asked for but no CUDA device is available"])
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(["train.device: 'mps' was asked for but MPS is not available"])
+        raise ConfigError([f"{option}: 'mps' was asked for but MPS is not available"])
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     if name == "mps" or (name == "auto" and torch.backends.mps.is_available()):
