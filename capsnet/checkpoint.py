@@ -37,7 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINT_FORMAT = 1
+#: 2: routing.beta_a_logit divides beta_a by the last routing iteration's lambda
+#: (format 1 divided it by routing.final_lambda, which is not that lambda).
+CHECKPOINT_FORMAT = 2
 RUN_FILE = "run.json"
 LAST = "last.pt"
 BEST = "best.pt"
@@ -354,6 +356,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if ckpt["format"] > CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} was written by a newer capsnet (format {ckpt['format']}); upgrade capsnet to load it"
+        )
+    arch = ckpt["arch"] if isinstance(ckpt["arch"], dict) else {}
+    if ckpt["format"] < 2 and arch.get("beta_a_logit"):
+        raise CheckpointError(
+            f"{path} was trained with routing.beta_a_logit by an older capsnet (format {ckpt['format']}), "
+            "which divided beta_a by routing.final_lambda; this one divides it by the last routing "
+            "iteration's lambda, so those weights would route differently: retrain it"
         )
     return ckpt
 

@@ -74,11 +74,11 @@ class ModelConfig:
 
 @dataclass
 class RoutingConfig:
-    final_lambda: float = 0.01  # inverse temperature of the last iteration
-    lambda_decay: float = 0.95  # lambda_t = final_lambda * (1 - lambda_decay ** (t + 1))
+    final_lambda: float = 0.01  # scale of the inverse temperatures (their limit over many iterations)
+    lambda_decay: float = 0.95  # lambda_t = final_lambda * (1 - lambda_decay ** (t + 1)), t = 0 .. T-1
     min_var: float = 0.0005  # variance floor of the parent Gaussians
     cost_norm: float | None = None  # null: the paper's cost; k: scale sum_i R_ij by k * C / I per layer
-    beta_a_logit: bool = False  # learn beta_a in final-logit units (the routing uses beta_a / final_lambda)
+    beta_a_logit: bool = False  # learn beta_a in last-iteration logit units (routing: beta_a / lambda_T-1)
 
 
 @dataclass

@@ -190,3 +190,26 @@ def test_the_default_export_path_cannot_leave_the_exports_folder(tmp_path):
     for name in ("../../x", "/etc", "a/../../b"):
         with pytest.raises(CheckpointError, match="invalid run name"):
             default_export_path(name, "onnx", tmp_path)
+
+
+def test_a_checkpoint_from_a_newer_format_is_refused_with_a_clear_error(tmp_path):
+    ckpt = fake_checkpoint(3)
+    ckpt["format"] = CHECKPOINT_FORMAT + 1
+    atomic_save(ckpt, tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match="newer capsnet"):
+        load_checkpoint(tmp_path / "new.pt")
+
+
+def test_a_format_1_checkpoint_loads_unless_it_learned_beta_a_in_the_old_logit_units(tmp_path):
+    old = fake_checkpoint(3)
+    old["format"] = 1
+    atomic_save(old, tmp_path / "plain.pt")
+    assert load_checkpoint(tmp_path / "plain.pt")["step"] == 3
+    old["arch"] = {"caps_types": [4, 4], "beta_a_logit": True}
+    atomic_save(old, tmp_path / "logit.pt")
+    with pytest.raises(CheckpointError, match="beta_a_logit.*retrain"):
+        load_checkpoint(tmp_path / "logit.pt")
+    current = fake_checkpoint(3)
+    current["arch"] = {"caps_types": [4, 4], "beta_a_logit": True}
+    atomic_save(current, tmp_path / "current.pt")
+    assert load_checkpoint(tmp_path / "current.pt")["arch"]["beta_a_logit"] is True

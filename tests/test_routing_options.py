@@ -31,7 +31,8 @@ def test_one_iteration_uses_the_scaled_cost_and_the_rescaled_beta_a():
     scale = 50.0 * types / children
     cost = ((beta_u[:, None] + 0.5 * torch.log(var)) * (scale * rsum)[..., None]).sum(-1)
     lam = inverse_temperatures(settings)[0]
-    want = torch.sigmoid(lam * (beta_a / 0.3 - cost))
+    # beta_a in units of the (only, so last) iteration's logit: the logit is beta_a - lambda * cost
+    want = torch.sigmoid(beta_a - lam * cost)
     torch.testing.assert_close(result.activation, want)
     torch.testing.assert_close(result.pose, mu)
 
@@ -53,11 +54,14 @@ def test_without_the_options_the_cost_is_the_papers():
     assert not torch.allclose(paper.activation, scaled.activation)
 
 
-def test_beta_a_logit_is_the_paper_beta_a_divided_by_the_final_lambda():
+def test_beta_a_logit_is_the_paper_beta_a_divided_by_the_last_iterations_lambda():
     votes, act, beta_u, beta_a = random_routing_problem(2)
     settings = RoutingSettings(final_lambda=0.02, beta_a_logit=True)
+    # lambda of the last of 3 iterations: 0.02 * (1 - 0.95 ** 3), not final_lambda itself
+    last = 0.02 * (1 - 0.95**3)
+    assert inverse_temperatures(settings)[-1] == pytest.approx(last)
     logit_units = em_routing(votes, act, beta_u, beta_a, settings, None, impl="fast")
-    paper_units = em_routing(votes, act, beta_u, beta_a / 0.02, RoutingSettings(final_lambda=0.02), None)
+    paper_units = em_routing(votes, act, beta_u, beta_a / last, RoutingSettings(final_lambda=0.02), None)
     torch.testing.assert_close(logit_units.activation, paper_units.activation)
     torch.testing.assert_close(logit_units.pose, paper_units.pose)
 

@@ -78,3 +78,36 @@ def test_bench_vs_baseline_reports_ratios_against_the_baseline_run_in_the_same_i
         assert ratio["above_torch_fraction"] == pytest.approx(
             ours["above_torch_mib"] / base["above_torch_mib"]
         )
+
+
+def test_class_activations_measures_target_other_and_margin_by_hand():
+    import torch
+
+    script = load_script("class_activations")
+    acts = torch.tensor([[0.9, 0.5, 0.3], [0.4, 0.6, 0.05], [0.97, 0.02, 0.06]])
+    labels = torch.tensor([0, 1, 0])
+    stats = script.summarise(acts, labels)
+    assert stats["accuracy"] == pytest.approx(1.0)
+    assert stats["target_mean"] == pytest.approx((0.9 + 0.6 + 0.97) / 3)
+    assert stats["other_mean"] == pytest.approx((0.5 + 0.3 + 0.4 + 0.05 + 0.02 + 0.06) / 6)
+    assert stats["best_other_mean"] == pytest.approx((0.5 + 0.4 + 0.06) / 3)
+    assert stats["other_min"] == pytest.approx(0.02)
+    assert stats["margin_mean"] == pytest.approx((0.4 + 0.2 + 0.91) / 3)
+    assert stats["margin_0.5"] == pytest.approx(1 / 3)  # only the third image: 0.91
+    assert stats["margin_0.9"] == pytest.approx(1 / 3)
+    assert stats["logit_min"] == pytest.approx(float(torch.logit(torch.tensor(0.02, dtype=torch.float64))))
+
+
+def test_class_activations_reads_a_trained_checkpoint_and_names_a_missing_one(tmp_path, capsys):
+    from helpers import tiny
+
+    from capsnet.trainer import fit
+
+    fit(tiny(tmp_path))
+    script = load_script("class_activations")
+    run = tmp_path / "weights"
+    assert script.main(["best", "--out-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "(test, 32 images)" in out and "margin_0.9" in out
+    assert script.main([str(tmp_path / "nothing.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
