@@ -38,6 +38,7 @@ def test_the_default_config_is_the_measured_recipe():
     assert m.iterations == 2 and m.normalisation == "cross_position" and m.coord_add
     assert cfg.data.name == "fashion-mnist" and cfg.data.val_split == 0.1
     assert cfg.train.epochs == 5 and cfg.loss.kind == "spread" and cfg.data.augment is False
+    assert cfg.routing.beta_a_logit is True and cfg.routing.final_lambda == 0.01
 
 
 def test_the_paper_size_fashion_config_uses_the_paper_preset():
