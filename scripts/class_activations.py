@@ -20,18 +20,18 @@ import torch
 
 def summarise(activations: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Statistics of (N, E) class activations against the (N,) labels."""
-    target = activations.gather(1, labels[:, None]).squeeze(1)
-    others = activations.masked_fill(torch.nn.functional.one_hot(labels, activations.shape[1]).bool(), -1.0)
-    best_other = others.max(1).values
-    mask = others >= 0
+    is_target = torch.nn.functional.one_hot(labels, activations.shape[1]).bool()
+    target = activations[is_target]  # (N,), in image order
+    other = activations[~is_target]
+    best_other = activations.masked_fill(is_target, float("-inf")).max(1).values
     logits = torch.logit(activations.double(), eps=1e-12)
     margin = target - best_other
     return {
         "accuracy": (activations.argmax(1) == labels).double().mean().item(),
         "target_mean": target.double().mean().item(),
-        "other_mean": activations[mask].double().mean().item(),
+        "other_mean": other.double().mean().item(),
         "best_other_mean": best_other.double().mean().item(),
-        "other_min": activations[mask].min().item(),
+        "other_min": other.min().item(),
         "logit_min": logits.min().item(),
         "logit_max": logits.max().item(),
         "margin_mean": margin.double().mean().item(),
