@@ -145,26 +145,20 @@ def test_the_weight_average_of_two_processes_equals_that_of_one(tmp_path):
 
 @pytest.mark.slow
 def test_a_two_node_launch_with_accumulation_equals_one_process(tmp_path):
-    """Two torchrun agents (one process each) meet at a c10d rendezvous, as on two machines."""
+    """Two torchrun agents (one process each) meet at a c10d rendezvous, as on two machines.
+
+    The rendezvous store is hosted here, outside both agents (``is_host=false``): an agent
+    that hosts it and finishes first would take it away from the other agent's last
+    health check, and that agent would then fail after a finished run.
+    """
     port, args = free_port(), ["--config", str(TINY), "--run-name", "nodes"]
     args += cli_overrides(tmp_path, "train.sync_bn=true", "train.batch_size=8", "train.accumulate=2")
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    launcher = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "capsnet-test"]
+    launcher += ["--rdzv-conf", "is_host=false"]
     agents = [
         subprocess.Popen(
-            torchrun(
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(node),
-                "--nproc-per-node",
-                "1",
-                "--rdzv-backend",
-                "c10d",
-                "--rdzv-endpoint",
-                f"127.0.0.1:{port}",
-                "--rdzv-id",
-                "capsnet-test",
-            )
-            + args,
+            torchrun("--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", *launcher) + args,
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -173,6 +167,7 @@ def test_a_two_node_launch_with_accumulation_equals_one_process(tmp_path):
         for node in (0, 1)
     ]
     outputs = [agent.communicate(timeout=300) for agent in agents]
+    del store
     for agent, (out, err) in zip(agents, outputs):
         assert agent.returncode == 0, out[-3000:] + err[-3000:]
     run = tmp_path / "weights" / "nodes"
