@@ -96,6 +96,8 @@ class OptimConfig:
     name: str = "adam"  # "adam" | "adamw" | "sgd"
     lr: float = 3e-3
     weight_decay: float = 2e-7
+    decay_scope: str = "all"  # "all" parameters | "matrices": weights of 2+ dimensions only (not
+    # biases, batch-norm scales or the routing's beta_u / beta_a)
     decay_rate: float = 0.96  # lr * decay_rate ** (step / decay_steps)
     decay_steps: int | None = 20000  # null: the whole run (the rate reaches lr * decay_rate at the end)
     staircase: bool = False
@@ -185,6 +187,7 @@ CHOICES: dict[str, tuple[str | None, ...]] = {
     "loss.kind": ("spread", "cross_entropy", "margin"),
     "loss.margin_schedule": ("linear", "sigmoid"),
     "optim.name": ("adam", "adamw", "sgd"),
+    "optim.decay_scope": ("all", "matrices"),
     "data.name": ("mnist", "fashion-mnist", "cifar10", "svhn", "smallnorb", "folder", "synthetic"),
     "data.stereo": ("channels", "samples"),
     "data.split": ("standard", "azimuth", "elevation"),

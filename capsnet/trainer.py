@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -137,13 +138,29 @@ class TrainStep(nn.Module):
         return out, recon
 
 
+def parameter_groups(model: nn.Module, weight_decay: float, scope: str) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: with ``scope="matrices"`` only tensors of two or
+    more dimensions (convolution kernels, transformation matrices, linear weights) are
+    decayed; biases, batch-norm scales and the routing's beta_u / beta_a are not."""
+    params = list(model.parameters())
+    if scope == "all":
+        return [{"params": params, "weight_decay": weight_decay}]
+    decayed = [p for p in params if p.dim() >= 2]
+    kept = [p for p in params if p.dim() < 2]
+    return [
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": kept, "weight_decay": 0.0},
+    ]
+
+
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     o = cfg.optim
+    groups = parameter_groups(model, o.weight_decay, o.decay_scope)
     if o.name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(groups, lr=o.lr)
     if o.name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=0.9, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=o.lr)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=0.9)
 
 
 # --------------------------------------------------------------------------- the run
@@ -487,7 +504,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
             raise TrainingError(
-                f"optimizer state in {ckpt_path} does not fit optim.name={cfg.optim.name}: {e}"
+                f"optimizer state in {ckpt_path} does not fit optim.name={cfg.optim.name}, "
+                f"optim.decay_scope={cfg.optim.decay_scope}: {e}"
             ) from None
     forward = torch.compile(model) if cfg.train.compile else None
     step_module: nn.Module = TrainStep(model, forward, uses_reconstruction(model, cfg))

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY, logged, record_kernel_choice, tiny
+from torch import Tensor
 
 from capsnet import trainer
 from capsnet.checkpoint import load_checkpoint
+from capsnet.config import ConfigError
 from capsnet.trainer import TrainingError, TrainingInterrupted, fit
 
 
@@ -242,3 +244,56 @@ def test_a_training_run_evaluates_in_the_chunks_of_its_training_steps(tmp_path, 
     with torch.no_grad():
         model(torch.rand(3, 1, 20, 20))
     assert counts and all(n == 3 for n in counts)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_decay_scope_matrices_decays_only_tensors_of_two_or_more_dimensions(tmp_path, name):
+    from capsnet.model import CapsNet
+
+    def one_step(scope: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        model = CapsNet(
+            num_classes=3,
+            image_size=20,
+            stem_channels=(4,),
+            primary_types=2,
+            caps_types=(2, 2),
+            decoder=False,
+        )
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        cfg = tiny(tmp_path, f"optim.name={name}", "optim.weight_decay=0.5", f"optim.decay_scope={scope}")
+        optimizer = trainer.build_optimizer(model, cfg)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)  # no loss: only the weight decay moves anything
+        optimizer.step()
+        return before, dict(model.named_parameters())
+
+    before, after = one_step("matrices")
+    vectors = [n for n, p in after.items() if p.dim() < 2]
+    assert {"convcaps.0.beta_a", "convcaps.0.beta_u", "classcaps.beta_a", "stem.1.weight"} <= set(vectors)
+    for n, p in after.items():
+        moved = not torch.equal(p, before[n])
+        assert moved == (p.dim() >= 2 and bool(before[n].abs().sum() > 0)), n
+    before, after = one_step("all")
+    assert all(not torch.equal(after[n], before[n]) for n in vectors if before[n].abs().sum() > 0)
+
+
+def test_a_run_with_decay_scope_matrices_resumes_bit_identically(tmp_path):
+    scope = ["optim.name=adamw", "optim.weight_decay=0.1", "optim.decay_scope=matrices"]
+    straight = fit(tiny(tmp_path, *scope), run_name="whole", echo=quiet)
+    first = fit(tiny(tmp_path, *scope, "train.max_steps=7"), run_name="split", echo=quiet)
+    resumed = fit(tiny(tmp_path, *scope), resume=str(first.run_dir / "last.pt"), echo=quiet)
+    assert resumed.step == straight.step
+    assert same_weights(straight.run_dir / "last.pt", resumed.run_dir / "last.pt")
+    # the other scope has another number of parameter groups: a clear error, not a traceback
+    with pytest.raises(TrainingError, match="optim.decay_scope=all"):
+        fit(
+            tiny(tmp_path, "optim.name=adamw"),
+            resume=str(first.run_dir / "last.pt"),
+            run_name="other",
+            echo=quiet,
+        )
+
+
+def test_an_unknown_decay_scope_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="decay_scope"):
+        tiny(tmp_path, "optim.decay_scope=biases")
