@@ -171,3 +171,26 @@ def test_keeping_or_recomputing_the_vote_moments_gives_the_same_gradients():
         (out.activations.sum() + out.poses.square().sum()).backward()
     for (name, a), b in zip(kept.named_parameters(), default.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_a_padded_stem_on_28x28_sees_the_grid_and_receptive_centres_of_32x32_without_padding():
+    """stem_padding=2 on a 28x28 image is the unpadded model on the image zero-padded to 32x32."""
+    torch.manual_seed(0)
+    padded = CapsNet.from_preset(
+        "small", num_classes=10, image_size=28, stem_padding=2, coord_add=False, decoder=False
+    ).eval()
+    plain = CapsNet.from_preset("small", num_classes=10, image_size=32, coord_add=False, decoder=False).eval()
+    plain.load_state_dict(padded.state_dict())
+    assert [h for _, h, _ in padded.capsule_grid(28, 28)] == [14, 14, 6, 4]
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(
+        padded(x).activations,
+        plain(torch.nn.functional.pad(x, (2, 2, 2, 2))).activations,
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    # Coordinate addition: the same centres in pixels, two pixels further left and up in the 28x28 frame.
+    rows28, cols28 = padded._receptive_centres(28, 28, "cpu", torch.float64)
+    rows32, cols32 = plain._receptive_centres(32, 32, "cpu", torch.float64)
+    torch.testing.assert_close((rows28 + 0.5) * 28, (rows32 + 0.5) * 32 - 2)
+    torch.testing.assert_close((cols28 + 0.5) * 28, (cols32 + 0.5) * 32 - 2)
