@@ -41,12 +41,14 @@ def test_the_default_config_is_the_measured_recipe():
     assert cfg.routing.beta_a_logit is True and cfg.routing.final_lambda == 0.01
 
 
-def test_the_paper_size_fashion_config_uses_the_paper_preset():
+def test_the_paper_size_fashion_config_is_the_paper_preset_with_the_measured_recipe():
     cfg = load_config(REPO / "configs" / "fashion_paper.yaml")
     m = cfg.model.resolved()
     assert (m.stem_channels, m.primary_types, m.caps_types) == ([32], 32, [32, 32])
-    assert m.iterations == 2 and cfg.data.augment is False
-    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr) == (6, 128, 0.003)
+    assert m.iterations == 2 and cfg.data.augment is False and cfg.data.val_split == 0.1
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr) == (16, 256, 0.008)
+    assert (cfg.optim.name, cfg.optim.weight_decay) == ("adamw", 0.1)
+    assert cfg.routing.beta_a_logit is True and cfg.routing.final_lambda == 0.01
     assert cfg.optim.decay_rate == 0.1 and cfg.optim.decay_steps is None
 
 
