@@ -56,6 +56,7 @@ def test_the_long_fashion_config_is_the_measured_recipe():
     cfg = load_config(REPO / "configs" / "small_long.yaml")
     m = cfg.model.resolved()
     assert (m.stem_channels, m.primary_types, m.caps_types) == ([64], 8, [16, 16])
+    assert m.stem_padding == 2
     assert m.iterations == 2 and cfg.data.augment is False and cfg.data.val_split == 0.1
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr) == (18, 256, 0.008)
     assert (cfg.optim.name, cfg.optim.weight_decay) == ("adamw", 0.1)
