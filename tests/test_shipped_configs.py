@@ -41,15 +41,22 @@ def test_the_default_config_is_the_measured_recipe():
     assert cfg.routing.beta_a_logit is True and cfg.routing.final_lambda == 0.01
 
 
+def assert_long_fashion_recipe(cfg, epochs: int) -> None:
+    """The measured recipe of configs/small_long.yaml: AdamW, lr 0.008 -> 0.0008 at batch 256."""
+    m = cfg.model.resolved()
+    assert m.iterations == 2 and cfg.data.augment is False and cfg.data.val_split == 0.1
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr) == (epochs, 256, 0.008)
+    assert (cfg.optim.name, cfg.optim.weight_decay) == ("adamw", 0.1)
+    assert cfg.routing.beta_a_logit is True and cfg.routing.final_lambda == 0.01
+    assert cfg.optim.decay_rate == 0.1 and cfg.optim.decay_steps is None
+
+
 def test_the_paper_size_fashion_config_is_the_paper_preset_with_the_measured_recipe():
     cfg = load_config(REPO / "configs" / "fashion_paper.yaml")
     m = cfg.model.resolved()
     assert (m.stem_channels, m.primary_types, m.caps_types) == ([32], 32, [32, 32])
-    assert m.iterations == 2 and cfg.data.augment is False and cfg.data.val_split == 0.1
-    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr) == (16, 256, 0.008)
-    assert (cfg.optim.name, cfg.optim.weight_decay) == ("adamw", 0.1)
-    assert cfg.routing.beta_a_logit is True and cfg.routing.final_lambda == 0.01
-    assert cfg.optim.decay_rate == 0.1 and cfg.optim.decay_steps is None
+    assert m.stem_padding == 0
+    assert_long_fashion_recipe(cfg, epochs=16)
 
 
 def test_the_long_fashion_config_is_the_measured_recipe():
@@ -57,8 +64,4 @@ def test_the_long_fashion_config_is_the_measured_recipe():
     m = cfg.model.resolved()
     assert (m.stem_channels, m.primary_types, m.caps_types) == ([64], 8, [16, 16])
     assert m.stem_padding == 2
-    assert m.iterations == 2 and cfg.data.augment is False and cfg.data.val_split == 0.1
-    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr) == (18, 256, 0.008)
-    assert (cfg.optim.name, cfg.optim.weight_decay) == ("adamw", 0.1)
-    assert cfg.routing.beta_a_logit is True and cfg.routing.final_lambda == 0.01
-    assert cfg.optim.decay_rate == 0.1 and cfg.optim.decay_steps is None
+    assert_long_fashion_recipe(cfg, epochs=18)
