@@ -375,7 +375,7 @@ def _config_key(name: str) -> str:
         return "data.channels"
     if name in ("num_classes", "image_size"):
         return f"data.{name}"
-    if name in ("final_lambda", "lambda_decay", "min_var", "cost_norm", "beta_a_logit"):
+    if name in ("final_lambda", "lambda_decay", "min_var", "cost_norm", "beta_a_logit", "layer_cost_scales"):
         return f"routing.{name}"
     return f"model.{name}"
 

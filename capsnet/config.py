@@ -79,6 +79,9 @@ class RoutingConfig:
     min_var: float = 0.0005  # variance floor of the parent Gaussians
     cost_norm: float | None = None  # null: the paper's cost; k: scale sum_i R_ij by k * C / I per layer
     beta_a_logit: bool = False  # learn beta_a in last-iteration logit units (routing: beta_a / lambda_T-1)
+    # One factor per routing layer (each ConvCaps layer, then the class capsules) on its
+    # activation cost, i.e. a per-layer inverse temperature; null: 1 for every layer.
+    layer_cost_scales: list[float] | None = None
 
 
 @dataclass
@@ -344,6 +347,15 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             f"model.caps_strides: needs one stride per ConvCaps layer "
             f"({len(m.caps_types)} in model.caps_types), got {m.caps_strides!r}"
         )
+    scales = cfg.routing.layer_cost_scales
+    if isinstance(scales, list) and isinstance(m.caps_types, list):
+        if len(scales) != len(m.caps_types) + 1:
+            problems.append(
+                f"routing.layer_cost_scales: needs one factor per routing layer ({len(m.caps_types)} "
+                f"ConvCaps layers, then the class capsules: {len(m.caps_types) + 1}), got {scales!r}"
+            )
+        if any(isinstance(x, (int, float)) and not isinstance(x, bool) and x <= 0 for x in scales):
+            problems.append(f"routing.layer_cost_scales: every entry must be positive, got {scales!r}")
     if not 0.0 <= cfg.data.val_split < 1.0:
         problems.append(f"data.val_split: must be in [0, 1), got {cfg.data.val_split!r}")
     if cfg.loss.margin_end < cfg.loss.margin_start:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -50,6 +51,7 @@ class CapsNet(nn.Module):
         min_var: float = 0.0005,
         cost_norm: float | None = None,
         beta_a_logit: bool = False,
+        layer_cost_scales: tuple[float, ...] | list[float] | None = None,
         recompute_votes: bool = True,
     ):
         super().__init__()
@@ -57,10 +59,17 @@ class CapsNet(nn.Module):
             raise ValueError(
                 f"caps_strides {list(caps_strides)} needs one stride per ConvCaps layer {list(caps_types)}"
             )
+        if layer_cost_scales is not None and len(layer_cost_scales) != len(caps_types) + 1:
+            raise ValueError(
+                f"layer_cost_scales {list(layer_cost_scales)} needs one factor per routing layer "
+                f"({len(caps_types)} ConvCaps layers, then the class capsules)"
+            )
         self.in_channels, self.num_classes, self.image_size = in_channels, num_classes, image_size
         self.settings = RoutingSettings(
             iterations, final_lambda, lambda_decay, min_var, cost_norm, beta_a_logit
         )
+        scales = [1.0] * (len(caps_types) + 1) if layer_cost_scales is None else list(layer_cost_scales)
+        layer_settings = [dataclasses.replace(self.settings, layer_scale=float(x)) for x in scales]
         self.hparams = {
             "in_channels": in_channels,
             "num_classes": num_classes,
@@ -85,6 +94,7 @@ class CapsNet(nn.Module):
             "min_var": min_var,
             "cost_norm": cost_norm,
             "beta_a_logit": beta_a_logit,
+            "layer_cost_scales": None if layer_cost_scales is None else [float(x) for x in layer_cost_scales],
             "recompute_votes": recompute_votes,
         }
 
@@ -112,7 +122,7 @@ class CapsNet(nn.Module):
                     caps_kernel,
                     stride,
                     pose_size,
-                    self.settings,
+                    layer_settings[idx - 1],
                     normalisation,
                     name=f"caps{idx}",
                     recompute_votes=recompute_votes,
@@ -120,7 +130,7 @@ class CapsNet(nn.Module):
             )
             types = out_types
         self.convcaps = nn.ModuleList(convcaps)
-        self.classcaps = ClassCaps(types, num_classes, pose_size, self.settings, coord_add, name="class")
+        self.classcaps = ClassCaps(types, num_classes, pose_size, layer_settings[-1], coord_add, name="class")
         self.decoder = (
             Decoder(num_classes, pose_size, (in_channels, image_size, image_size), tuple(decoder_hidden))
             if decoder
@@ -170,6 +180,7 @@ class CapsNet(nn.Module):
             min_var=routing.min_var,
             cost_norm=routing.cost_norm,
             beta_a_logit=routing.beta_a_logit,
+            layer_cost_scales=routing.layer_cost_scales,
             recompute_votes=m.recompute_votes,
         )
 

@@ -70,11 +70,17 @@ class RoutingSettings:
     #: step moves the activations at the rate of the other parameters instead of lambda_T-1
     #: times slower (about 1,000 times with 2 iterations and final_lambda 0.01).
     beta_a_logit: bool = False
+    #: A fixed factor on this layer's activation cost (the model sets one per layer from
+    #: ``routing.layer_cost_scales``): the cost of a convolutional capsule layer, with few
+    #: children per parent, is hundreds of times smaller than the class capsules', so with
+    #: one lambda for all layers its activations hardly depend on the input.
+    layer_scale: float = 1.0
 
 
 def cost_scale(settings: RoutingSettings, types: int, children: int) -> float:
-    """Factor on sum_i R_ij in the activation cost (1.0 unless ``cost_norm`` is set)."""
-    return 1.0 if settings.cost_norm is None else settings.cost_norm * types / children
+    """Factor on sum_i R_ij in the activation cost (``layer_scale``, times k C / I with ``cost_norm``)."""
+    base = 1.0 if settings.cost_norm is None else settings.cost_norm * types / children
+    return base * settings.layer_scale
 
 
 def inverse_temperatures(settings: RoutingSettings) -> list[float]:

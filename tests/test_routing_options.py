@@ -1,4 +1,4 @@
-"""The activation-cost options: ``cost_norm`` and ``beta_a_logit``."""
+"""The activation-cost options: ``cost_norm``, ``beta_a_logit`` and the per-layer cost scales."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from capsnet import CapsNet
+from capsnet.checkpoint import CheckpointError, check_architecture
+from capsnet.config import ConfigError, config_from_dict
 from capsnet.routing import RoutingSettings, child_fold, em_routing, inverse_temperatures
 
 
@@ -76,7 +78,9 @@ def test_fast_equals_plain_with_both_options_in_outputs_and_gradients(cross_posi
         3, positions=out * out, types=types, children=children
     )
     fold = child_fold(height, width, kernel, stride, child_types, "cpu") if cross_position else None
-    settings = RoutingSettings(iterations=3, final_lambda=0.05, cost_norm=100.0, beta_a_logit=True)
+    settings = RoutingSettings(
+        iterations=3, final_lambda=0.05, cost_norm=100.0, beta_a_logit=True, layer_scale=7.0
+    )
     inputs = [votes, act, beta_u, beta_a]
     results = {}
     for impl in ("fast", "plain"):
@@ -96,3 +100,55 @@ def test_the_model_passes_the_options_from_its_config_to_every_routing_layer():
     assert all(layer.settings.cost_norm == 100.0 and layer.settings.beta_a_logit for layer in layers)
     out = model(torch.rand(2, 1, 28, 28))
     assert torch.isfinite(out.activations).all() and torch.isfinite(out.poses).all()
+
+
+def test_a_layer_scale_multiplies_the_cost_as_cost_norm_does():
+    votes, act, beta_u, beta_a = random_routing_problem(4)
+    types, children = votes.shape[2], votes.shape[3]
+    for impl in ("plain", "fast"):
+        scaled = em_routing(votes, act, beta_u, beta_a, RoutingSettings(layer_scale=40.0), None, impl=impl)
+        # cost_norm k scales sum_i R_ij by k * C / I: the same factor 40 with k = 40 I / C
+        same = RoutingSettings(cost_norm=40.0 * children / types)
+        torch.testing.assert_close(
+            scaled.activation, em_routing(votes, act, beta_u, beta_a, same, None, impl=impl).activation
+        )
+        both = RoutingSettings(cost_norm=2.0 * children / types, layer_scale=20.0)
+        torch.testing.assert_close(
+            scaled.activation, em_routing(votes, act, beta_u, beta_a, both, None, impl=impl).activation
+        )
+        paper = em_routing(votes, act, beta_u, beta_a, RoutingSettings(), None, impl=impl)
+        assert not torch.allclose(paper.activation, scaled.activation)
+
+
+def test_the_model_gives_each_routing_layer_its_own_cost_scale():
+    model = CapsNet.from_preset(
+        "small", num_classes=10, image_size=28, beta_a_logit=True, layer_cost_scales=[100, 20, 1]
+    )
+    assert [layer.settings.layer_scale for layer in model.routing_layers()] == [100.0, 20.0, 1.0]
+    assert all(layer.settings.beta_a_logit for layer in model.routing_layers())
+    # the architecture record rebuilds the same model (checkpoints, eval, export)
+    again = CapsNet(**model.hparams)
+    assert [layer.settings.layer_scale for layer in again.routing_layers()] == [100.0, 20.0, 1.0]
+    default = CapsNet.from_preset("small", num_classes=10, image_size=28)
+    assert [layer.settings.layer_scale for layer in default.routing_layers()] == [1.0, 1.0, 1.0]
+    assert default.hparams["layer_cost_scales"] is None
+    # an architecture record written before the option existed has no such key: scales of 1
+    old_arch = {k: v for k, v in default.hparams.items() if k != "layer_cost_scales"}
+    assert [layer.settings.layer_scale for layer in CapsNet(**old_arch).routing_layers()] == [1.0] * 3
+    check_architecture(old_arch, default.hparams, "old.pt")
+    with pytest.raises(CheckpointError, match=r"routing\.layer_cost_scales: None in the checkpoint"):
+        check_architecture(old_arch, model.hparams, "old.pt")
+    with pytest.raises(ValueError, match="one factor per routing layer"):
+        CapsNet.from_preset("small", num_classes=10, image_size=28, layer_cost_scales=[100, 1])
+
+
+def test_the_config_takes_one_positive_cost_scale_per_routing_layer():
+    base = {"model": {"preset": "small", "iterations": 2}, "data": {"name": "synthetic"}}
+    cfg = config_from_dict(base, ["routing.layer_cost_scales=[100, 20, 1]"])
+    assert cfg.routing.layer_cost_scales == [100.0, 20.0, 1.0]
+    model = CapsNet.from_config(cfg.model, cfg.routing, 1, 10, 28)
+    assert [layer.settings.layer_scale for layer in model.routing_layers()] == [100.0, 20.0, 1.0]
+    with pytest.raises(ConfigError, match=r"routing\.layer_cost_scales: needs one factor per routing layer"):
+        config_from_dict(base, ["routing.layer_cost_scales=[100, 1]"])
+    with pytest.raises(ConfigError, match=r"routing\.layer_cost_scales: every entry must be positive"):
+        config_from_dict(base, ["routing.layer_cost_scales=[100, 0, 1]"])
