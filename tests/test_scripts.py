@@ -104,19 +104,22 @@ def test_class_activations_reads_a_trained_checkpoint_and_names_a_missing_one(tm
     from capsnet.trainer import fit
 
     fit(tiny(tmp_path))
+    capsys.readouterr()  # the training's own output
     script = load_script("class_activations")
     run = tmp_path / "weights"
     assert script.main(["best", "--out-dir", str(run)]) == 0
     out = capsys.readouterr().out
     assert "(test, 32 images)" in out and "margin_0.9" in out
+    table = out[out.index("layer") :].splitlines()[1:]
+    assert [line.split()[0] for line in table] == ["primary", "caps1", "caps2", "class"]  # tiny.yaml
     assert script.main([str(tmp_path / "nothing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
 
 
-def test_capsule_activations_measures_the_spread_over_images_by_hand():
+def test_class_activations_measures_each_layers_spread_over_images_by_hand():
     import torch
 
-    script = load_script("capsule_activations")
+    script = load_script("class_activations")
     # 3 images, 2 positions, 1 type; the first capsule is the same for every image
     acts = torch.tensor([[[0.5], [0.2]], [[0.5], [0.4]], [[0.5], [0.9]]])
     stats = script.spread(acts)
@@ -125,20 +128,3 @@ def test_capsule_activations_measures_the_spread_over_images_by_hand():
     assert stats["spread"] == pytest.approx((0.0 + second.std().item()) / 2)
     assert stats["logit_spread"] == pytest.approx((0.0 + torch.logit(second).std().item()) / 2)
     assert (stats["min"], stats["max"]) == (pytest.approx(0.2), pytest.approx(0.9))
-
-
-def test_capsule_activations_reads_every_layer_of_a_trained_checkpoint(tmp_path, capsys):
-    from helpers import tiny
-
-    from capsnet.trainer import fit
-
-    fit(tiny(tmp_path))
-    capsys.readouterr()  # the training's own output
-    script = load_script("capsule_activations")
-    assert script.main(["best", "--out-dir", str(tmp_path / "weights"), "--split", "test"]) == 0
-    out = capsys.readouterr().out
-    assert "(test, 32 images)" in out
-    rows = [line.split()[0] for line in out.splitlines()[2:]]
-    assert rows == ["primary", "caps1", "caps2", "class"]  # configs/tiny.yaml: caps_types [4, 4]
-    assert script.main([str(tmp_path / "nothing.pt")]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
