@@ -65,3 +65,14 @@ def test_the_long_fashion_config_is_the_measured_recipe():
     assert (m.stem_channels, m.primary_types, m.caps_types) == ([64], 8, [16, 16])
     assert m.stem_padding == 2
     assert_long_fashion_recipe(cfg, epochs=18)
+
+
+def test_the_deep_stem_fashion_config_is_the_measured_recipe():
+    cfg = load_config(REPO / "configs" / "small_deep.yaml")
+    m = cfg.model.resolved()
+    assert (m.stem_channels, m.primary_types, m.caps_types) == ([64, 64, 64], 8, [16, 16])
+    assert m.stem_padding == 0 and m.batch_norm
+    assert_long_fashion_recipe(cfg, epochs=18)
+    model = CapsNet.from_config(cfg.model, cfg.routing, 1, 10, 28)
+    # the two extra 3x3 convs (64 -> 64, no bias, batch norm) on top of the small model
+    assert model.num_parameters() == 68_508 + 2 * (64 * 64 * 9 + 2 * 64) == 142_492
