@@ -10,13 +10,13 @@ from capsnet.export import Classifier, export_onnx, export_pt2
 from capsnet.model import CapsNet
 
 
-def small_model() -> Classifier:
+def small_model(stem_channels: tuple[int, ...] = (8,)) -> Classifier:
     torch.manual_seed(3)
     model = CapsNet(
         in_channels=1,
         num_classes=4,
         image_size=20,
-        stem_channels=(8,),
+        stem_channels=stem_channels,
         primary_types=4,
         caps_types=(4, 4),
         caps_strides=(2, 1),
@@ -54,6 +54,20 @@ def test_onnx_export_of_the_fast_path_matches_eager_on_other_batch_sizes(tmp_pat
     module = small_model()
     runner = export_onnx(module, torch.randn(4, 1, 20, 20), tmp_path / "model.onnx")
     assert (tmp_path / "model.onnx").stat().st_size > 0
+    if runner is None:
+        pytest.skip("onnxruntime is not installed")
+    assert_matches(runner, module, [torch.randn(2, 1, 20, 20), torch.randn(5, 1, 20, 20)])
+
+
+def test_onnx_export_of_a_deeper_stem_matches_eager(tmp_path):
+    """configs/small_deep.yaml's kind of stem: extra 3x3 convs with batch norm after the first."""
+    pytest.importorskip("onnxscript")
+    module = small_model(stem_channels=(8, 8, 8))
+    for layer in module.model.stem:  # batch-norm statistics that are not the identity
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.5, 2.0)
+    runner = export_onnx(module, torch.randn(4, 1, 20, 20), tmp_path / "model.onnx")
     if runner is None:
         pytest.skip("onnxruntime is not installed")
     assert_matches(runner, module, [torch.randn(2, 1, 20, 20), torch.randn(5, 1, 20, 20)])

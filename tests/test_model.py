@@ -104,6 +104,18 @@ def test_a_two_conv_stem_like_the_seed_notebook_builds_and_runs():
     assert model(torch.randn(2, 1, 32, 32)).activations.shape == (2, 5)
 
 
+def test_extra_stem_convs_keep_the_capsule_grid_and_add_their_parameters():
+    single = CapsNet.from_preset("small", num_classes=10, image_size=28)
+    deep = CapsNet.from_preset("small", num_classes=10, image_size=28, stem_channels=[64, 64, 64])
+    grid = [(h, w) for name, h, w in single.capsule_grid(28, 28) if not name.startswith("stem")]
+    deep_grid = [(h, w) for name, h, w in deep.capsule_grid(28, 28) if not name.startswith("stem")]
+    assert deep_grid == grid == [(12, 12), (5, 5), (3, 3)]  # primary, caps1, caps2
+    # each extra conv: 64 x 64 x 3 x 3 weights (no bias under batch norm) + the norm's scale and shift
+    assert deep.num_parameters() - single.num_parameters() == 2 * (64 * 64 * 9 + 2 * 64)
+    out = deep(torch.randn(2, 1, 28, 28))
+    assert out.activations.shape == (2, 10) and torch.isfinite(out.activations).all()
+
+
 def test_model_from_config_uses_the_preset_and_routing_settings():
     cfg = load_config(None, ["model.preset=paper", "routing.min_var=0.001", "model.iterations=2"])
     model = CapsNet.from_config(cfg.model, cfg.routing, in_channels=1, num_classes=5, image_size=32)
