@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -163,6 +165,14 @@ def train(
             )
         except TrainingInterrupted as stopped:  # the checkpoint is saved and the resume command printed
             raise typer.Exit(stopped.exit_code) from None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # A finished torchrun worker: every file is written and closed and the process
+            # group is gone. Leave without the interpreter's teardown, where Gloo's
+            # background threads were seen to abort a worker (SIGABRT, "terminate called
+            # without an active exception") after a complete run.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 @app.command("eval")
