@@ -144,6 +144,7 @@ def train(
     """Train a model: checkpoints go to <logging.out_dir>/<run>/, TensorBoard events to <logging.tb_dir>/<run>/."""
     with _errors(debug):
         from capsnet.config import ConfigError, load_config
+        from capsnet.distributed import launched_world_size
         from capsnet.trainer import TrainingInterrupted, config_for_resume, fit
 
         if config is None and resume is None:
@@ -165,7 +166,7 @@ def train(
             )
         except TrainingInterrupted as stopped:  # the checkpoint is saved and the resume command printed
             raise typer.Exit(stopped.exit_code) from None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if launched_world_size() > 1:
             # A finished torchrun worker: every file is written and closed and the process
             # group is gone. Leave without the interpreter's teardown, where Gloo's
             # background threads were seen to abort a worker (SIGABRT, "terminate called

@@ -42,9 +42,14 @@ def backend_for(device: str) -> str:
     return "nccl" if device in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun started for this run (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: str) -> DistInfo:
     """Joins the process group when started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK set)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     if world <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))

@@ -67,26 +67,26 @@ def test_the_long_fashion_config_is_the_measured_recipe():
     assert_long_fashion_recipe(cfg, epochs=18)
 
 
-def test_the_deep_stem_fashion_config_is_the_measured_recipe():
-    cfg = load_config(REPO / "configs" / "small_deep.yaml")
+def deep_stem_config_parameters(name: str, stem: list[int]) -> int:
+    """Checks a deeper-stem Fashion config (stem, unpadded grid, recipe); returns its parameter count."""
+    cfg = load_config(REPO / "configs" / name)
     m = cfg.model.resolved()
-    assert (m.stem_channels, m.primary_types, m.caps_types) == ([64, 64, 64], 8, [16, 16])
+    assert (m.stem_channels, m.primary_types, m.caps_types) == (stem, 8, [16, 16])
     assert m.stem_padding == 0 and m.batch_norm
     assert_long_fashion_recipe(cfg, epochs=18)
-    model = CapsNet.from_config(cfg.model, cfg.routing, 1, 10, 28)
+    return CapsNet.from_config(cfg.model, cfg.routing, 1, 10, 28).num_parameters()
+
+
+def test_the_deep_stem_fashion_config_is_the_measured_recipe():
+    parameters = deep_stem_config_parameters("small_deep.yaml", [64, 64, 64])
     # the two extra 3x3 convs (64 -> 64, no bias, batch norm) on top of the small model
-    assert model.num_parameters() == 68_508 + 2 * (64 * 64 * 9 + 2 * 64) == 142_492
+    assert parameters == 68_508 + 2 * (64 * 64 * 9 + 2 * 64) == 142_492
 
 
 def test_the_narrow_deep_stem_fashion_config_is_the_measured_recipe():
-    cfg = load_config(REPO / "configs" / "small_deep_narrow.yaml")
-    m = cfg.model.resolved()
-    assert (m.stem_channels, m.primary_types, m.caps_types) == ([24, 24, 24], 8, [16, 16])
-    assert m.stem_padding == 0 and m.batch_norm
-    assert_long_fashion_recipe(cfg, epochs=18)
-    model = CapsNet.from_config(cfg.model, cfg.routing, 1, 10, 28)
+    parameters = deep_stem_config_parameters("small_deep_narrow.yaml", [24, 24, 24])
     # against the small model: the first conv and PrimaryCaps see 24 channels instead of 64
     # (5x5 weights, batch norm; 1x1 conv to 8 x (16 + 1) outputs), plus two 3x3 convs 24 -> 24
     first_conv, primary = 25 + 2, 8 * 17
     narrower = (64 - 24) * (first_conv + primary)
-    assert model.num_parameters() == 68_508 - narrower + 2 * (24 * 24 * 9 + 2 * 24) == 72_452
+    assert parameters == 68_508 - narrower + 2 * (24 * 24 * 9 + 2 * 24) == 72_452
