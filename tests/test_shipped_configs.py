@@ -90,3 +90,11 @@ def test_the_narrow_deep_stem_fashion_config_is_the_measured_recipe():
     first_conv, primary = 25 + 2, 8 * 17
     narrower = (64 - 24) * (first_conv + primary)
     assert parameters == 68_508 - narrower + 2 * (24 * 24 * 9 + 2 * 24) == 72_452
+
+
+def test_the_small_size_deep_stem_fashion_config_is_the_measured_recipe():
+    parameters = deep_stem_config_parameters("small_deep20.yaml", [20, 20, 20])
+    # as the 24-channel config, at 20 channels: within 0.2% of the small model's 68,508
+    first_conv, primary = 25 + 2, 8 * 17
+    narrower = (64 - 20) * (first_conv + primary)
+    assert parameters == 68_508 - narrower + 2 * (20 * 20 * 9 + 2 * 20) == 68_616
