@@ -83,18 +83,13 @@ def test_the_deep_stem_fashion_config_is_the_measured_recipe():
     assert parameters == 68_508 + 2 * (64 * 64 * 9 + 2 * 64) == 142_492
 
 
-def test_the_narrow_deep_stem_fashion_config_is_the_measured_recipe():
-    parameters = deep_stem_config_parameters("small_deep_narrow.yaml", [24, 24, 24])
-    # against the small model: the first conv and PrimaryCaps see 24 channels instead of 64
-    # (5x5 weights, batch norm; 1x1 conv to 8 x (16 + 1) outputs), plus two 3x3 convs 24 -> 24
+@pytest.mark.parametrize(
+    ("name", "width", "expected"), [("small_deep_narrow.yaml", 24, 72_452), ("small_deep20.yaml", 20, 68_616)]
+)
+def test_the_narrow_deep_stem_fashion_configs_are_the_measured_recipe(name, width, expected):
+    parameters = deep_stem_config_parameters(name, [width] * 3)
+    # against the small model: the first conv and PrimaryCaps see `width` channels instead of 64
+    # (5x5 weights, batch norm; 1x1 conv to 8 x (16 + 1) outputs), plus two 3x3 convs width -> width
     first_conv, primary = 25 + 2, 8 * 17
-    narrower = (64 - 24) * (first_conv + primary)
-    assert parameters == 68_508 - narrower + 2 * (24 * 24 * 9 + 2 * 24) == 72_452
-
-
-def test_the_small_size_deep_stem_fashion_config_is_the_measured_recipe():
-    parameters = deep_stem_config_parameters("small_deep20.yaml", [20, 20, 20])
-    # as the 24-channel config, at 20 channels: within 0.2% of the small model's 68,508
-    first_conv, primary = 25 + 2, 8 * 17
-    narrower = (64 - 20) * (first_conv + primary)
-    assert parameters == 68_508 - narrower + 2 * (20 * 20 * 9 + 2 * 20) == 68_616
+    narrower = (64 - width) * (first_conv + primary)
+    assert parameters == 68_508 - narrower + 2 * (width * width * 9 + 2 * width) == expected
