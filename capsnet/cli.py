@@ -226,6 +226,15 @@ def eval_(
             "smallNORB; image size / 14 for datasets seen whole, whose shifted crops are padded with black).",
         ),
     ] = None,
+    mirror: Annotated[
+        bool,
+        typer.Option(
+            "--mirror",
+            help="Also average the class activations of each image (or of each crop, with --crops) with "
+            "those of its left-right mirror, and report that beside the single-crop accuracy: test-time "
+            "flipping, for models trained with horizontal flips (data.flip; not for digits).",
+        ),
+    ] = False,
     limit: Annotated[
         int | None,
         typer.Option(
@@ -267,6 +276,7 @@ def eval_(
             crops=crops,
             crop_shift=crop_shift,
             limit=limit,
+            mirror=mirror,
         )
         if plot is not None:
             from capsnet.visualize import plot_eval, save_figure

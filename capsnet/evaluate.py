@@ -232,7 +232,7 @@ class CheckpointEval:
     #: smallNORB viewpoint splits: data.split and the test file's rows with the training viewpoints
     viewpoint_split: str | None = None
     familiar: EvalResult | None = None
-    #: multi-crop results (``--crops``), on ``split`` and, with a viewpoint split, on the familiar rows
+    #: multi-crop results (``--crops``, ``--mirror``), on ``split`` and, with a viewpoint split, on the familiar rows
     multicrop: Any = None  # capsnet.multicrop.MultiCropResult
     multicrop_familiar: Any = None
 
@@ -271,7 +271,7 @@ class CheckpointEval:
             )
         if self.multicrop is not None:
             m = self.multicrop
-            text = f"{m.crops}-crop accuracy {m.acc:.4f} ({m.correct}/{m.n}) beside single-crop {r.acc:.4f}"
+            text = f"{m.label} accuracy {m.acc:.4f} ({m.correct}/{m.n}) beside single-crop {r.acc:.4f}"
             if self.multicrop_familiar is not None:
                 mf = self.multicrop_familiar
                 text += f"; familiar viewpoints {mf.acc:.4f} ({mf.correct}/{mf.n})"
@@ -292,14 +292,16 @@ def evaluate_checkpoint(
     crop_shift: int | None = None,
     progress: bool = True,
     limit: int | None = None,
+    mirror: bool = False,
 ) -> CheckpointEval:
     """Evaluates the checkpoint ``spec`` names (latest | best | run dir | file) on ``split``.
 
     With a smallNORB viewpoint split (``data.split: azimuth | elevation``) the test
     split holds the novel viewpoints, and the test file's rows with the training
     viewpoints are evaluated too (familiar). ``crops`` also runs the multi-crop test
-    (:mod:`capsnet.multicrop`) with shifts of up to ``crop_shift`` pixels. ``limit``
-    evaluates a seeded random subset of that many images.
+    (:mod:`capsnet.multicrop`) with shifts of up to ``crop_shift`` pixels; ``mirror``
+    averages each crop with its left-right mirror (with ``crops`` unset: the single crop
+    and its mirror). ``limit`` evaluates a seeded random subset of that many images.
     """
     prep = prepare_checkpoint(spec, out_dir, split, batch_size, data_root, device, overrides, limit)
     cfg, model, dev, names = prep.cfg, prep.model, prep.device, prep.class_names
@@ -316,6 +318,8 @@ def evaluate_checkpoint(
     if familiar is not None:
         report.viewpoint_split = cfg.data.split
         report.familiar = evaluate(model, familiar, cfg, dev, class_names=names)
+    if mirror and crops is None:
+        crops = 1
     if crops is not None:
         from capsnet.multicrop import evaluate_crops
 
@@ -328,6 +332,7 @@ def evaluate_checkpoint(
             "class_names": names,
             "precision": cfg.train.precision,
             "progress": progress,
+            "mirror": mirror,
         }
         report.multicrop = evaluate_crops(model, prep.loader.dataset, desc=f"{split} crops", **common)
         if familiar is not None:

@@ -5,6 +5,8 @@ image and also with several crops per image. Here a test image is seen as ``N``
 crops: the usual evaluation crop (the centre) plus ``N - 1`` points of an evenly
 spaced grid of offsets, and the prediction is the class with the highest mean
 activation over the crops. With ``N = 1`` it is exactly the single-crop evaluation.
+With ``mirror`` every crop is also seen flipped left to right (2N views), the
+test-time counterpart of training with horizontal flips (``data.flip``).
 
 What a crop is depends on the dataset's test-time transform:
 
@@ -69,12 +71,14 @@ def default_reach(transform: Any, image_size: int, stored_size: int) -> int:
 class MultiCrop:
     """uint8 (C, S, S) -> float32 (K, C, s, s): the test-time transform at each of K offsets.
 
-    The (0, 0) crop is the unchanged test-time transform, bit for bit.
+    The (0, 0) crop is the unchanged test-time transform, bit for bit. With ``mirror``
+    the K crops are followed by their left-right mirrors: (2K, C, s, s).
     """
 
-    def __init__(self, base: Any, offsets: list[Offset], stored_size: int):
+    def __init__(self, base: Any, offsets: list[Offset], stored_size: int, mirror: bool = False):
         self.base = base
         self.offsets = list(offsets)
+        self.mirror = mirror
         if isinstance(base, StandardisedCrop):
             room = stored_size - base.size
             reach = max(max(abs(dy), abs(dx)) for dy, dx in self.offsets)
@@ -101,7 +105,10 @@ class MultiCrop:
         return torch.from_numpy(shifted(self.base(x).numpy(), down, right))
 
     def __call__(self, x: np.ndarray) -> torch.Tensor:
-        return torch.stack([self.crop(x, dy, dx) for dy, dx in self.offsets])  # (K, C, s, s)
+        views = torch.stack([self.crop(x, dy, dx) for dy, dx in self.offsets])  # (K, C, s, s)
+        if self.mirror:
+            views = torch.cat([views, views.flip(-1)])  # (2K, C, s, s)
+        return views
 
 
 @dataclass
@@ -114,11 +121,24 @@ class MultiCropResult:
     per_class_correct: list[int]
     per_class_total: list[int]
     class_names: list[str] = field(default_factory=list)
+    mirror: bool = False  # each crop also seen mirrored left to right
+
+    @property
+    def views(self) -> int:
+        """Views averaged per image: the crops, and their mirrors with ``mirror``."""
+        return self.crops * (2 if self.mirror else 1)
+
+    @property
+    def label(self) -> str:
+        """``5-crop`` or ``5-crop + mirror``."""
+        return f"{self.crops}-crop" + (" + mirror" if self.mirror else "")
 
     def to_dict(self) -> dict[str, Any]:
         names = self.class_names or [str(i) for i in range(len(self.per_class_total))]
         return {
             "crops": self.crops,
+            "mirror": self.mirror,
+            "views": self.views,
             "offsets": [list(o) for o in self.offsets],
             "acc": self.acc,
             "n": self.n,
@@ -130,9 +150,9 @@ class MultiCropResult:
         }
 
 
-def multicrop_dataset(dataset: ImageDataset, offsets: list[Offset]) -> ImageDataset:
-    """The same items as ``dataset``, each as a (K, C, s, s) stack of crops."""
-    transform = MultiCrop(dataset.transform, offsets, dataset.images.shape[-1])
+def multicrop_dataset(dataset: ImageDataset, offsets: list[Offset], mirror: bool = False) -> ImageDataset:
+    """The same items as ``dataset``, each as a (K, C, s, s) stack of crops ((2K, ...) with ``mirror``)."""
+    transform = MultiCrop(dataset.transform, offsets, dataset.images.shape[-1], mirror)
     return ImageDataset(
         dataset.images, dataset.labels, transform, transform, dataset.indices, dataset.meta, dataset.group
     )
@@ -150,11 +170,13 @@ def evaluate_crops(
     precision: str = "fp32",
     progress: bool = True,
     desc: str = "crops",
+    mirror: bool = False,
 ) -> MultiCropResult:
     """Accuracy of ``model`` on ``dataset`` with class activations averaged over ``crops`` crops.
 
     ``batch_size`` counts images through the model at once (crops included).
     ``reach`` (pixels) is the largest shift; default :func:`default_reach`.
+    ``mirror`` averages over each crop's left-right mirror too (2 x ``crops`` views).
     """
     from capsnet.evaluate import autocast
     from capsnet.tracking import progress as progress_bar
@@ -164,8 +186,9 @@ def evaluate_crops(
     if reach is None:
         reach = default_reach(dataset.transform, model.image_size, stored)
     offsets = crop_offsets(crops, reach)
-    views = multicrop_dataset(dataset, offsets)
-    loader = DataLoader(views, batch_size=max(1, batch_size // len(offsets)), shuffle=False)
+    views = multicrop_dataset(dataset, offsets, mirror)
+    per_image = len(offsets) * (2 if mirror else 1)
+    loader = DataLoader(views, batch_size=max(1, batch_size // per_image), shuffle=False)
     num_classes = model.num_classes
     per_correct = torch.zeros(num_classes, dtype=torch.long)
     per_count = torch.zeros(num_classes, dtype=torch.long)
@@ -192,4 +215,5 @@ def evaluate_crops(
         per_class_correct=per_correct.tolist(),
         per_class_total=per_count.tolist(),
         class_names=list(class_names or []),
+        mirror=mirror,
     )

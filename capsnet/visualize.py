@@ -317,15 +317,13 @@ def plot_eval(report: Any) -> Any:
     series = [(f"{novel}: {r.acc:.3f}", r.per_class_correct, r.per_class_total)]
     if report.multicrop is not None:
         m = report.multicrop
-        series.append((f"{novel}, {m.crops} crops: {m.acc:.3f}", m.per_class_correct, m.per_class_total))
+        series.append((f"{novel}, {m.label}: {m.acc:.3f}", m.per_class_correct, m.per_class_total))
     if report.familiar is not None:
         f = report.familiar
         series.append((f"familiar viewpoints: {f.acc:.3f}", f.per_class_correct, f.per_class_total))
         if report.multicrop_familiar is not None:
             mf = report.multicrop_familiar
-            series.append(
-                (f"familiar, {mf.crops} crops: {mf.acc:.3f}", mf.per_class_correct, mf.per_class_total)
-            )
+            series.append((f"familiar, {mf.label}: {mf.acc:.3f}", mf.per_class_correct, mf.per_class_total))
     figure = new_figure(6.0, 1.0 + 0.22 * len(names) * len(series))
     ax = figure.add_subplot(1, 1, 1)
     height = 0.8 / len(series)

@@ -17,8 +17,9 @@ from capsnet import smallnorb
 from capsnet.attack import InputSpace, bim, fgsm
 from capsnet.cli import app
 from capsnet.config import DataConfig
-from capsnet.data import PixelTransform, StandardisedCrop, build_datasets
-from capsnet.multicrop import MultiCrop, crop_offsets
+from capsnet.data import ImageDataset, PixelTransform, StandardisedCrop, build_datasets
+from capsnet.model import CapsNet
+from capsnet.multicrop import MultiCrop, crop_offsets, evaluate_crops
 from capsnet.routing import RoutingSettings, em_routing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +121,59 @@ def test_eval_with_five_crops_reports_them_beside_the_single_crop(here):
     assert is_png(here / "crops.png")
     bad = invoke("eval", "--ckpt", "fit", "--crops", "30", "--crop-shift", "1")
     assert bad.exit_code == 2 and "distinct crops" in bad.output
+
+
+def test_mirrored_views_are_the_crops_flipped_left_to_right():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (1, 28, 28), dtype=np.uint8)
+    whole = PixelTransform([0.5], [0.25])
+    offsets = [(0, 0), (2, -1)]
+    plain = MultiCrop(whole, offsets, 28)(image)
+    views = MultiCrop(whole, offsets, 28, mirror=True)(image)
+    assert views.shape == (4, 1, 28, 28)
+    assert torch.equal(views[:2], plain)
+    assert torch.equal(views[2], whole(np.ascontiguousarray(image[:, :, ::-1])))
+    assert torch.equal(views[3], plain[1].flip(-1))
+    norb_like = rng.integers(0, 256, (2, 48, 48), dtype=np.uint8)
+    centre = StandardisedCrop(32)
+    pair = MultiCrop(centre, [(0, 0)], 48, mirror=True)(norb_like)
+    assert torch.allclose(pair[1], centre(np.ascontiguousarray(norb_like[:, :, ::-1])), atol=1e-5)
+
+
+def test_mirrored_evaluation_predicts_the_class_of_the_mean_over_image_and_mirror():
+    torch.manual_seed(1)
+    model = CapsNet.from_preset(
+        "small", in_channels=1, num_classes=4, image_size=20, caps_types=[4, 4]
+    ).eval()
+    images = torch.randint(0, 256, (12, 1, 20, 20), dtype=torch.uint8)
+    transform = PixelTransform([0.5], [0.25])
+    x = torch.stack([transform(img.numpy()) for img in images])  # (12, 1, 20, 20)
+    with torch.no_grad():
+        plain = model(x).activations  # (12, 4)
+        mean = (plain + model(x.flip(-1)).activations) / 2  # (12, 4)
+    # Labels are the mirrored prediction, so it scores 12 of 12 and the single view fewer.
+    labels = mean.argmax(1)
+    plain_hits = plain.argmax(1) == labels
+    assert not plain_hits.all(), "the mirror must change some predictions for this test to tell them apart"
+    dataset = ImageDataset(images, labels, transform)
+    result = evaluate_crops(model, dataset, 1, "cpu", batch_size=5, mirror=True, progress=False)
+    assert (result.mirror, result.views, result.n, result.correct) == (True, 2, 12, 12)
+    assert result.per_class_total == [int((labels == k).sum()) for k in range(4)]
+    single = evaluate_crops(model, dataset, 1, "cpu", batch_size=5, progress=False)
+    assert not single.mirror and single.correct == int(plain_hits.sum())
+    assert single.per_class_correct == [int(plain_hits[labels == k].sum()) for k in range(4)]
+
+
+def test_eval_with_mirror_reports_it_beside_the_single_crop(here):
+    result = invoke("eval", "--ckpt", "fit", "--mirror", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    views = report["multicrop"]
+    assert (views["crops"], views["mirror"], views["views"], views["n"]) == (1, True, 2, report["n"])
+    text = invoke("eval", "--ckpt", "fit", "--mirror", "--crops", "5", "--crop-shift", "2", "--plot", "m.png")
+    assert text.exit_code == 0, text.output
+    assert "5-crop + mirror accuracy" in text.stdout and "beside single-crop" in text.stdout
+    assert is_png(here / "m.png")
 
 
 # --------------------------------------------------------------------------- smallNORB viewpoint splits
