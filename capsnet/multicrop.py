@@ -79,6 +79,8 @@ class MultiCrop:
         self.base = base
         self.offsets = list(offsets)
         self.mirror = mirror
+        #: views per image: the crops, then their mirrors with ``mirror``
+        self.views = len(self.offsets) * (2 if mirror else 1)
         if isinstance(base, StandardisedCrop):
             room = stored_size - base.size
             reach = max(max(abs(dy), abs(dx)) for dy, dx in self.offsets)
@@ -186,9 +188,8 @@ def evaluate_crops(
     if reach is None:
         reach = default_reach(dataset.transform, model.image_size, stored)
     offsets = crop_offsets(crops, reach)
-    views = multicrop_dataset(dataset, offsets, mirror)
-    per_image = len(offsets) * (2 if mirror else 1)
-    loader = DataLoader(views, batch_size=max(1, batch_size // per_image), shuffle=False)
+    stacked = multicrop_dataset(dataset, offsets, mirror)
+    loader = DataLoader(stacked, batch_size=max(1, batch_size // stacked.transform.views), shuffle=False)
     num_classes = model.num_classes
     per_correct = torch.zeros(num_classes, dtype=torch.long)
     per_count = torch.zeros(num_classes, dtype=torch.long)
