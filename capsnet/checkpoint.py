@@ -249,10 +249,26 @@ def save_checkpoint(run_dir: str | Path, ckpt: dict[str, Any], keep: int, is_bes
 
 
 def discard_after(run_dir: str | Path, step: int) -> list[Path]:
-    """Removes step checkpoints past ``step`` (a run resumed from an earlier point replaces them)."""
+    """Removes the checkpoints past ``step``: a run resumed from an earlier point replaces them.
+
+    That includes best.pt and last.pt when they were written later than ``step``: the
+    resumed run's best accuracy is the one recorded at ``step``, so a best.pt from the
+    abandoned steps would otherwise stand for a model the run no longer leads to.
+    """
     removed = []
     for s, path in step_checkpoints(run_dir):
         if s > step:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    for name in (BEST, LAST):
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            later = int(load_checkpoint(path).get("step", -1)) > step
+        except CheckpointError:
+            continue  # unreadable: left as it is
+        if later:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

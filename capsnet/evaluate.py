@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from capsnet.config import Config
-from capsnet.loss import compute_loss
+from capsnet.loss import compute_loss, uses_reconstruction
+
+if TYPE_CHECKING:
+    from capsnet.model import CapsNet
 
 
 def resolve_device(name: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
@@ -198,6 +201,7 @@ def prepare_checkpoint(
         raise DataError(
             f"the checkpoint's model has {model.num_classes} classes but the data has {loaders.info.num_classes}"
         )
+    check_image_size(model, cfg, loaders.info.image_size)
     loader = {"test": loaders.test, "val": loaders.val, **loaders.extra}.get(split)
     if loader is None:
         known = ", ".join(["test"] + (["val"] if loaders.val is not None else []) + list(loaders.extra))
@@ -206,6 +210,28 @@ def prepare_checkpoint(
         loaders.extra = {name: limited(ld, limit, cfg.train.seed) for name, ld in loaders.extra.items()}
         loader = limited(loader, limit, cfg.train.seed)
     return Prepared(Path(path), ckpt, cfg, model, loaders, loader, split, dev)
+
+
+def check_image_size(model: CapsNet, cfg: Config, size: int) -> None:
+    """Raises DataError when images of ``size`` cannot be scored by ``model`` under ``cfg``.
+
+    The capsule layers take any size their kernels fit; the decoder (and so the
+    reconstruction term of the loss) only the size the model was trained on.
+    """
+    from capsnet.data import DataError
+
+    if size == model.image_size:
+        return
+    try:
+        model.capsule_grid(size, size)
+    except ValueError as e:
+        raise DataError(f"the checkpoint's model cannot take {size}x{size} images: {e}") from None
+    if uses_reconstruction(model, cfg):
+        raise DataError(
+            f"the checkpoint's model was trained on {model.image_size}x{model.image_size} images, the size "
+            f"its decoder reconstructs, but this data gives {size}x{size}: drop the data.image_size "
+            "override, or add -o loss.recon_weight=0 to score the classification alone"
+        )
 
 
 def limited(loader: DataLoader, limit: int, seed: int = 0) -> DataLoader:

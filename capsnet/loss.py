@@ -2,7 +2,9 @@
 
 Everything here is a pure function: the losses of a batch, and the learning
 rate and spread-loss margin as functions of the global step. The step is stored
-in every checkpoint, so a resumed run continues the schedules exactly.
+in every checkpoint, so a resumed run continues the schedules exactly, as long
+as the run's length (train.epochs, train.max_steps) is unchanged: schedules that
+span the whole run stretch or shrink with it, and the trainer says so on resume.
 """
 
 from __future__ import annotations

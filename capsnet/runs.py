@@ -83,6 +83,7 @@ class Run:
     bad_total: int = 0
     window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "n": 0, "steps": 0})
     window_start: float = field(default_factory=time.perf_counter)
+    window_untimed: int = 0  # images of the window counted before a resume: not in its img/s
     last_checkpoint: Path | None = None
     ema: WeightAverage | None = None  # the moving average of the weights (train.ema)
 
@@ -130,7 +131,10 @@ def resume_checkpoint(resume: str, run_name: str | None, out_dir: str | Path) ->
 
 def config_for_resume(resume: str, overrides: list[str] | None = None, run_name: str | None = None) -> Config:
     """The config stored in the checkpoint that ``resume`` names, with ``overrides`` applied."""
-    out_dir = config_from_dict({}, overrides).logging.out_dir
+    # Only logging.out_dir is needed to find the checkpoint: the other overrides are
+    # checked against the checkpoint's config, not against the defaults.
+    where = [o for o in overrides or [] if o.split("=", 1)[0].strip() == "logging.out_dir"]
+    out_dir = config_from_dict({}, where).logging.out_dir
     path = resume_checkpoint(resume, run_name, out_dir)
     if path is None:
         raise CheckpointError(f"run {run_name} has no checkpoint in {out_dir} yet; give --config to start it")
@@ -239,6 +243,7 @@ def make_checkpoint(
         "step": run.step,
         "epoch": run.epoch,
         "batches_done": run.batches_done if mid_epoch else 0,
+        "total_steps": run.total_steps,  # the length the whole-run schedules were spread over
         "rng": rng_per_rank[0],
         "rng_per_rank": rng_per_rank,  # every rank's own state, restored when the world size is the same
         "world_size": run.dist.world_size,
@@ -299,6 +304,7 @@ def restore_run(run: Run, ckpt: dict[str, Any], where: Path) -> None:
     run.bad_total = int(ckpt.get("skipped_steps", 0))
     if dist_info.is_main and isinstance(ckpt.get("log_window"), dict):
         run.window.update({k: ckpt["log_window"].get(k, 0) for k in WINDOW_KEYS})
+        run.window_untimed = int(run.window["n"])
     generator = run.loaders.train_generator
     per_rank = ckpt.get("rng_per_rank")
     if isinstance(per_rank, list) and len(per_rank) == dist_info.world_size:

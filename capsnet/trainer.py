@@ -38,11 +38,19 @@ import torch
 from torch import Tensor, nn
 
 from capsnet.averaging import WeightAverage
-from capsnet.checkpoint import capture_rng, check_architecture, load_checkpoint, load_model_state, safe_child
+from capsnet.checkpoint import (
+    BEST,
+    capture_rng,
+    check_architecture,
+    load_checkpoint,
+    load_model_state,
+    safe_child,
+)
 from capsnet.config import Config, ConfigError
 from capsnet.data import DataWarning, build_loaders
 from capsnet.distributed import (
     any_rank,
+    broadcast,
     convert_sync_batchnorm,
     init_distributed,
     rank_seed,
@@ -167,8 +175,9 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def _log_step(run: Run, lr: float, margin: float) -> None:
-    loss, steps, correct, n = sum_over_ranks(
-        [run.window["loss"], run.window["steps"], run.window["correct"], run.window["n"]], run.device
+    loss, steps, correct, n, untimed = sum_over_ranks(
+        [run.window["loss"], run.window["steps"], run.window["correct"], run.window["n"], run.window_untimed],
+        run.device,
     )
     elapsed = max(time.perf_counter() - run.window_start, 1e-9)
     metrics = {
@@ -177,13 +186,13 @@ def _log_step(run: Run, lr: float, margin: float) -> None:
         "sched/lr": lr,
         "sched/margin": margin,
         "sched/lambda": run.model.lambdas()[-1],
-        "perf/img_per_s": n / elapsed,
+        "perf/img_per_s": (n - untimed) / elapsed,
         "train/skipped_steps": run.bad_total,
         **routing_scalars(run.model.routing_stats),
     }
     run.writer.scalars(metrics, run.step)
     run.window = {"loss": 0.0, "correct": 0, "n": 0, "steps": 0}
-    run.window_start = time.perf_counter()
+    run.window_start, run.window_untimed = time.perf_counter(), 0
 
 
 def _train_step(run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest) -> tuple[float, int, int]:
@@ -307,13 +316,16 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
             acc=totals["correct"] / max(totals["n"], 1),
             img_s=totals["n"] / max(elapsed, 1e-9),
         )
+        if run.cfg.train.max_steps is not None and run.step >= run.cfg.train.max_steps:
+            reason = "max_steps"  # evaluated before stopping, even when a signal came on this step
+            break
         if stop.received is not None:
             reason = stop.name
             break
-        if run.cfg.train.max_steps is not None and run.step >= run.cfg.train.max_steps:
-            reason = "max_steps"
-            break
-    if reason is None or run.batches_done >= run.steps_per_epoch:
+    # A signal on the epoch's last step leaves the epoch open (all its steps done): it is
+    # saved as mid-epoch, and the resumed run ends it with its evaluation, as an
+    # uninterrupted run would have.
+    if reason is None or (reason == "max_steps" and run.batches_done >= run.steps_per_epoch):
         for _ in batches:  # run the loader to its end, as a full epoch does (the sampler draws there)
             pass
         run.epoch += 1
@@ -324,12 +336,9 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
     loss, steps, correct, n = sum_over_ranks(
         [totals["loss"], totals["steps"], totals["correct"], totals["n"]], run.device
     )
-    summary = {
-        "train/loss": loss / max(steps, 1),
-        "train/acc": correct / max(n, 1),
-        "perf/img_per_s": n / max(elapsed, 1e-9),
-        "time": elapsed,
-    }
+    summary = {"perf/img_per_s": n / max(elapsed, 1e-9), "time": elapsed}
+    if n:  # none when a resumed run only had the epoch's evaluation left
+        summary.update({"train/loss": loss / max(steps, 1), "train/acc": correct / n})
     return reason, summary
 
 
@@ -551,6 +560,9 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     )
     if ckpt is not None:
         restore_run(run, ckpt, ckpt_path)
+        note = schedule_change(cfg, run.step, ckpt.get("total_steps"), total_steps)
+        if note:
+            say(note)
         if ("train_model" in ckpt) != (ema is not None) and run.best_acc is not None:
             say(
                 f"note: train.ema was switched {'on' if ema is not None else 'off'} for this run: "
@@ -558,10 +570,39 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
                 "so best.pt is chosen afresh from here"
             )
             run.best_acc = run.best_step = None
+        # No best.pt beside the resumed checkpoint (one from steps past it was just removed,
+        # or the run continues in a new folder): the recorded best has no file to stand for it.
+        missing = broadcast(dist_info.is_main and not (run_dir / BEST).is_file())
+        if missing and run.best_acc is not None:
+            say(
+                f"note: {run_dir} holds no best.pt of the steps up to {run.step}, so best.pt is chosen "
+                f"afresh from here (the best {run.eval_split}/acc so far was {run.best_acc:.4f} at step "
+                f"{run.best_step})"
+            )
+            run.best_acc = run.best_step = None
     try:
         return _loop(run, ckpt_path)
     finally:
         writer.close()
+
+
+def schedule_change(cfg: Config, step: int, before: int | None, now: int) -> str | None:
+    """A note when a resumed run's length changed the schedules that span the whole run, else None."""
+    if before is None or int(before) == now:
+        return None
+    moves = []
+    if cfg.optim.decay_steps is None:
+        lr0, lr1 = lr_at(step, cfg.optim, int(before)), lr_at(step, cfg.optim, now)
+        moves.append(f"the learning rate from {lr0:.3g} to {lr1:.3g}")
+    if cfg.loss.kind == "spread" and cfg.loss.margin_steps is None:
+        m0, m1 = margin_at(step, int(before), cfg.loss), margin_at(step, now, cfg.loss)
+        moves.append(f"the spread-loss margin from {m0:.3f} to {m1:.3f}")
+    if not moves:
+        return None
+    return (
+        f"note: the run is now {now} steps long instead of {before} (train.epochs or train.max_steps "
+        f"changed), and the schedules spread over the whole run follow: at step {step} " + " and ".join(moves)
+    )
 
 
 def _loop(run: Run, resumed_from: Path | None) -> RunResult:
@@ -596,7 +637,9 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
         say(
             f"resumed from {resumed_from} at step {run.step} ("
             + (
-                f"{run.batches_done} of {run.steps_per_epoch} steps into epoch {run.epoch + 1}"
+                f"after the last step of epoch {run.epoch + 1}, before its evaluation"
+                if run.batches_done >= run.steps_per_epoch
+                else f"{run.batches_done} of {run.steps_per_epoch} steps into epoch {run.epoch + 1}"
                 if run.batches_done
                 else f"after epoch {run.epoch}"
             )

@@ -558,6 +558,14 @@ BAD_INPUTS = {
         lambda tmp, one: ["eval", "--ckpt", str(one / "weights" / "one"), "-o", "data.channels=3"],
         "expects 1-channel images but this data has 3",
     ),
+    "image-size-differs-from-the-decoders-eval": (
+        lambda tmp, one: ["eval", "--ckpt", str(one / "weights" / "one"), "-o", "data.image_size=24"],
+        "trained on 20x20 images, the size its decoder reconstructs, but this data gives 24x24",
+    ),
+    "image-size-too-small-for-the-model-eval": (
+        lambda tmp, one: ["eval", "--ckpt", str(one / "weights" / "one"), "-o", "data.image_size=12"],
+        "cannot take 12x12 images: caps2",
+    ),
     "run-name-outside-the-weights-folder": (
         lambda tmp, one: [*train_args(tmp), "--run-name", "../../x"],
         "invalid run name",
@@ -588,6 +596,15 @@ def test_bad_input_is_a_short_error_with_exit_code_2_and_no_traceback(tmp_path, 
     (tmp_path / "again").mkdir()
     with_debug = runner.invoke(app, ["--debug", *make_args(tmp_path / "again", one_run)])
     assert with_debug.exit_code != 0 and with_debug.exception is not None
+
+
+def test_eval_at_another_image_size_scores_the_classification_without_the_decoder(tmp_path, one_run):
+    ckpt = str(one_run / "weights" / "one")
+    args = ["eval", "--ckpt", ckpt, "--json", "-o", "data.image_size=24", "-o", "loss.recon_weight=0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n"] == 32 and 0 <= report["acc"] <= 1
 
 
 def test_an_existing_run_directory_needs_resume_or_overwrite(tmp_path, one_run, monkeypatch):

@@ -297,3 +297,136 @@ def test_a_run_with_decay_scope_matrices_resumes_bit_identically(tmp_path):
 def test_an_unknown_decay_scope_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="decay_scope"):
         tiny(tmp_path, "optim.decay_scope=biases")
+
+
+def sigterm_on_call(monkeypatch, n: int) -> None:
+    """SIGTERM to this process during the ``n``-th training step's loss (the step itself completes)."""
+    real, calls = trainer.compute_loss, {"n": 0}
+
+    def loss_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "compute_loss", loss_then_signal)
+
+
+def merged_metrics(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl by step, lines of one step merged (a stop can split them), without perf/..."""
+    merged: dict[int, dict] = {}
+    for line in logged(run_dir):
+        merged.setdefault(line["step"], {}).update(
+            {k: v for k, v in line.items() if not k.startswith("perf/")}
+        )
+    return merged
+
+
+def test_a_stop_on_an_epochs_last_step_leaves_its_evaluation_to_the_resumed_run(
+    tmp_path, straight, monkeypatch
+):
+    sigterm_on_call(monkeypatch, 6)  # configs/tiny.yaml: 6 steps an epoch
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(tiny(tmp_path), run_name="edge", echo=quiet)
+    result = info.value.result
+    assert result.stopped == "SIGTERM" and result.step == 6
+    ckpt = load_checkpoint(result.run_dir / "last.pt")
+    assert ckpt["epoch"] == 0 and ckpt["batches_done"] == 6  # all steps done, not yet evaluated
+    monkeypatch.undo()
+    lines: list[str] = []
+    resumed = fit(tiny(tmp_path), resume="latest", echo=lines.append)
+    assert any("after the last step of epoch 1, before its evaluation" in line for line in lines), lines
+    epoch_lines = [line for line in lines if line.startswith("epoch 1/2  step 6")]
+    assert len(epoch_lines) == 1 and "train/loss" not in epoch_lines[0]  # no training in it to report
+    assert resumed.step == 12 and (resumed.best_acc, resumed.best_step) == (
+        straight.best_acc,
+        straight.best_step,
+    )
+    assert same_weights(straight.run_dir / "last.pt", resumed.run_dir / "last.pt")
+    assert merged_metrics(resumed.run_dir) == merged_metrics(straight.run_dir)  # step 6's evaluation included
+
+
+def test_a_stop_on_the_max_steps_step_evaluates_before_it_exits(tmp_path):
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        sigterm_on_call(mp, 4)
+        result = fit(tiny(tmp_path, "train.max_steps=4"), run_name="cap", echo=lines.append)
+    assert result.stopped == "max_steps" and result.step == 4 and result.last_eval is not None
+    assert any(line.startswith("epoch 1/2 (partial: 4/6 steps)  step 4") for line in lines), lines
+
+
+def test_resuming_from_an_earlier_step_drops_the_best_pt_of_the_steps_it_replaces(tmp_path, straight):
+    import shutil
+
+    run_dir = tmp_path / "weights" / "straight"  # the run name the checkpoints carry
+    shutil.copytree(straight.run_dir, run_dir)
+    shutil.copyfile(run_dir / "step-000012.pt", run_dir / "best.pt")  # a best from the later steps
+    lines: list[str] = []
+    resumed = fit(
+        tiny(tmp_path, "train.max_steps=8"), resume=str(run_dir / "step-000006.pt"), echo=lines.append
+    )
+    assert any("removed best.pt, past the resumed step 6" in line for line in lines), lines
+    assert any("best.pt is chosen afresh" in line for line in lines), lines
+    assert not (run_dir / "step-000012.pt").exists()
+    # the resumed run's first evaluation (step 8) is its best, whatever the accuracy of steps 6 and 12
+    assert resumed.best_step == 8 and load_checkpoint(run_dir / "best.pt")["step"] == 8
+    assert load_checkpoint(run_dir / "last.pt")["step"] == 8
+
+
+def test_a_resume_that_changes_the_runs_length_says_how_the_schedules_move(tmp_path):
+    whole_run = ["loss.margin_steps=null", "optim.decay_steps=null", "optim.decay_rate=0.1"]
+    first = fit(tiny(tmp_path, *whole_run, "train.max_steps=6"), run_name="short", echo=quiet)
+    assert load_checkpoint(first.run_dir / "last.pt")["total_steps"] == 6
+    lines: list[str] = []
+    fit(tiny(tmp_path, *whole_run), resume=str(first.run_dir), echo=lines.append)
+    cfg = tiny(tmp_path, *whole_run)
+    lr6, lr12 = trainer.lr_at(6, cfg.optim, 6), trainer.lr_at(6, cfg.optim, 12)
+    m6, m12 = trainer.margin_at(6, 6, cfg.loss), trainer.margin_at(6, 12, cfg.loss)
+    assert lr6 < lr12 and m6 > m12
+    expected = (
+        "note: the run is now 12 steps long instead of 6 (train.epochs or train.max_steps changed), and the "
+        f"schedules spread over the whole run follow: at step 6 the learning rate from {lr6:.3g} to {lr12:.3g} "
+        f"and the spread-loss margin from {m6:.3f} to {m12:.3f}"
+    )
+    assert expected in lines, lines
+    # schedules of a fixed length (configs/tiny.yaml's own) do not move, and an unchanged length says nothing
+    fixed = tiny(tmp_path)
+    assert trainer.schedule_change(fixed, 6, 6, 12) is None
+    assert (
+        trainer.schedule_change(cfg, 6, 12, 12) is None and trainer.schedule_change(cfg, 6, None, 12) is None
+    )
+
+
+def test_the_first_img_per_s_after_a_resume_counts_only_the_images_it_timed():
+    import time
+    from types import SimpleNamespace
+
+    written: dict = {}
+    run = SimpleNamespace(
+        window={"loss": 1.0, "steps": 2, "correct": 10, "n": 32},
+        window_untimed=16,  # the window's first step, trained before the stop
+        window_start=time.perf_counter() - 2.0,
+        device=torch.device("cpu"),
+        model=SimpleNamespace(lambdas=lambda: [0.01], routing_stats={}),
+        bad_total=0,
+        step=4,
+        writer=SimpleNamespace(scalars=lambda metrics, step: written.update(metrics)),
+    )
+    trainer._log_step(run, 0.01, 0.2)
+    assert 7.0 < written["perf/img_per_s"] <= 8.0  # 16 images in about 2 s, not 32
+    assert written["train/acc"] == 10 / 32  # the accuracy still covers the whole window
+    assert run.window_untimed == 0 and run.window["n"] == 0
+
+
+def test_overrides_on_resume_are_checked_against_the_checkpoints_config_not_the_defaults(tmp_path):
+    from capsnet.runs import config_for_resume
+
+    one_layer = ["model.caps_types=[4]", "model.caps_strides=[2]", "train.max_steps=2"]
+    first = fit(tiny(tmp_path, *one_layer), run_name="one-layer", echo=quiet)
+    # one ConvCaps layer, then the class capsules: two factors (the default model would need three)
+    cfg = config_for_resume(
+        str(first.run_dir), ["routing.layer_cost_scales=[2,1]", f"logging.out_dir={tmp_path / 'weights'}"]
+    )
+    assert cfg.routing.layer_cost_scales == [2, 1] and cfg.model.caps_types == [4]
+    with pytest.raises(ConfigError, match="layer_cost_scales"):
+        config_for_resume(str(first.run_dir), ["routing.layer_cost_scales=[2,1,1]"])
