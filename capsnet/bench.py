@@ -13,7 +13,7 @@ from capsnet.config import Config, ConfigError, DataConfig
 from capsnet.evaluate import resolve_device
 from capsnet.model import CapsNet
 from capsnet.routing import choose_compiled_kernels, compiled_kernels_enabled, use_compiled_kernels
-from capsnet.runtime import tune_allocator
+from capsnet.runtime import allocator_is_tuned, tune_allocator
 
 #: (channels, classes, image size) of each dataset, so a benchmark needs no data on disk.
 DATASET_GEOMETRY = {
@@ -46,6 +46,11 @@ class BenchResult:
     peak_gpu_mib: float | None = None  # peak CUDA memory allocated by tensors (CUDA runs only)
     compiled_routing: bool = False  # whether the routing's compiled kernels were used (train.compile_routing)
     warning: str | None = None  # why they were not, where train.compile_routing was left to choose
+    #: the same throughputs from the mean time of the timed steps (the figures above use the median)
+    train_img_per_s_mean: float | None = None
+    infer_img_per_s_mean: float | None = None
+    warmup: int = 2  # untimed steps before each timed series
+    allocator_tuned: bool = False  # the process's heap tuned (capsnet.runtime.tune_allocator), as in training
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,9 +119,14 @@ def run_benchmark(
     classes: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
+    tune: bool = True,
 ) -> BenchResult:
-    """Times training steps (forward, spread loss, backward, Adam) and inference batches."""
-    tune_allocator()
+    """Times training steps (forward, spread loss, backward, Adam) and inference batches.
+
+    ``tune``: keep freed memory in the heap as training does (capsnet.runtime.tune_allocator);
+    off, the C library's default allocator, for comparing with code that does not tune it.
+    """
+    tuned = tune_allocator() if tune else allocator_is_tuned()  # the setting lasts for the process
     base_rss = _rss_mib()  # torch alone, before any compiling
     dev = _bench_device(device)
     compiled_before = compiled_kernels_enabled()
@@ -124,7 +134,7 @@ def run_benchmark(
     use_compiled_kernels(compiled)
     try:
         result = _run(cfg, batch_size, steps, warmup, image_size, classes, dev, threads, base_rss)
-        result.warning = warning
+        result.warning, result.allocator_tuned = warning, tuned
         return result
     finally:
         use_compiled_kernels(compiled_before)
@@ -140,7 +150,10 @@ def _run(cfg, batch_size, steps, warmup, image_size, classes, dev, threads, base
     size = image_size or size
     num_classes = classes or num_classes
     torch.manual_seed(cfg.train.seed)
-    model = CapsNet.from_config(cfg.model, cfg.routing, channels, num_classes, size).to(dev)
+    try:
+        model = CapsNet.from_config(cfg.model, cfg.routing, channels, num_classes, size).to(dev)
+    except ValueError as e:  # a geometry the layers cannot take
+        raise ConfigError([f"{size}x{size} images: {e}"]) from None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
     x = torch.randn(batch_size, channels, size, size, device=dev)
     y = torch.randint(0, num_classes, (batch_size,), device=dev)
@@ -158,7 +171,8 @@ def _run(cfg, batch_size, steps, warmup, image_size, classes, dev, threads, base
         loss.backward()
         opt.step()
 
-    def timed(fn, n):
+    def timed(fn, n) -> tuple[float, float]:
+        """The median and the mean seconds of ``n`` calls."""
         times = []
         for _ in range(n):
             _sync(dev)
@@ -166,21 +180,21 @@ def _run(cfg, batch_size, steps, warmup, image_size, classes, dev, threads, base
             fn()
             _sync(dev)
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return statistics.median(times), statistics.fmean(times)
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     model.train()
     for _ in range(warmup):
         train_step()
-    train_s = timed(train_step, steps)
+    train_s, train_mean = timed(train_step, steps)
     peak = _rss_mib()
     peak_gpu = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
     model.eval()
     with torch.no_grad():
         for _ in range(warmup):
             model(x)
-        infer_s = timed(lambda: model(x), steps)
+        infer_s, infer_mean = timed(lambda: model(x), steps)
     return BenchResult(
         train_img_per_s=batch_size / train_s,
         infer_img_per_s=batch_size / infer_s,
@@ -199,4 +213,7 @@ def _run(cfg, batch_size, steps, warmup, image_size, classes, dev, threads, base
         device=str(dev),
         peak_gpu_mib=peak_gpu,
         compiled_routing=compiled,
+        train_img_per_s_mean=batch_size / train_mean,
+        infer_img_per_s_mean=batch_size / infer_mean,
+        warmup=warmup,
     )

@@ -335,6 +335,21 @@ def bench(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 32,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps (the median is reported).")] = 10,
+    warmup: Annotated[
+        int,
+        typer.Option(
+            "--warmup",
+            min=0,
+            help="Untimed steps first (at least 3 with compiled routing, which compiles in them).",
+        ),
+    ] = 2,
+    allocator: Annotated[
+        str,
+        typer.Option(
+            "--allocator",
+            help="tuned: freed memory stays in the heap, as in training; default: the C library's own behaviour.",
+        ),
+    ] = "tuned",
     image_size: Annotated[
         int | None,
         typer.Option("--image-size", min=1, help="Image side length (default: the dataset's)."),
@@ -354,11 +369,21 @@ def bench(
     """Time training and inference steps of a config's model on random data of its geometry."""
     with _errors(debug):
         from capsnet.bench import run_benchmark
-        from capsnet.config import load_config
+        from capsnet.config import ConfigError, load_config
 
+        if allocator not in ("tuned", "default"):
+            raise ConfigError([f"--allocator: {allocator!r} is not one of tuned, default"])
         cfg = load_config(config, override)
         result = run_benchmark(
-            cfg, batch_size, steps, image_size=image_size, classes=classes, device=device, threads=threads
+            cfg,
+            batch_size,
+            steps,
+            warmup=warmup,
+            image_size=image_size,
+            classes=classes,
+            device=device,
+            threads=threads,
+            tune=allocator == "tuned",
         )
     if result.warning is not None:
         typer.echo(f"warning: {result.warning}", err=True)

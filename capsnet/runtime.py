@@ -35,3 +35,8 @@ def tune_allocator() -> bool:
     ok = mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 1 << 30) == 1
     _tuned = ok
     return ok
+
+
+def allocator_is_tuned() -> bool:
+    """Whether :func:`tune_allocator` has changed this process's heap setting."""
+    return _tuned

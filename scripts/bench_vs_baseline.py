@@ -23,7 +23,15 @@ instead of the process's resident memory.
 
 "RSS above torch" is the peak resident memory minus that of the process once
 torch is imported, the same fixed cost on both sides (about 700 MiB with a
-CUDA build of torch, even on a CPU).
+CUDA build of torch, even on a CPU): both processes read it at that point,
+before importing anything else.
+
+Both sides are measured alike: the same warm-up (one untimed step, the
+baseline's; three with compiled routing, whose compiling they hold), the same
+statistic (the mean time of the timed steps, which is what the baseline prints),
+and the same memory allocator: with `--allocator tuned` (the default) the
+baseline's process also gets the heap setting capsnet trains with
+(capsnet.runtime.tune_allocator), with `--allocator default` neither does.
 """
 
 from __future__ import annotations
@@ -63,7 +71,12 @@ COMMON = ["-o", "model.iterations=3", "-o", "model.recompute_votes=true"]
 BASELINE_WRAPPER = """
 import resource, runpy, sys, time, torch
 print(f"torch alone {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-device, path = sys.argv[1], sys.argv[2]
+device, allocator, path = sys.argv[1], sys.argv[2], sys.argv[3]
+if allocator == "tuned":
+    from capsnet.runtime import tune_allocator
+    print(f"allocator tuned {tune_allocator()}")
+else:
+    print("allocator tuned False")
 if device == "cuda":
     torch.set_default_device("cuda")
     _clock = time.perf_counter
@@ -71,13 +84,23 @@ if device == "cuda":
         torch.cuda.synchronize()
         return _clock()
     time.perf_counter = _synced_clock
-sys.argv = sys.argv[2:]
+sys.argv = sys.argv[3:]
 runpy.run_path(path, run_name="__main__")
 if device == "cuda":
     print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 """
+#: Runs ``capsnet bench`` after reading the process's memory once torch is imported, as the
+#: baseline's wrapper does (on stderr: stdout is the benchmark's JSON).
+CAPSNET_WRAPPER = """
+import resource, sys, torch
+print(f"torch alone {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", file=sys.stderr)
+from capsnet.cli import main
+sys.argv = ["capsnet", *sys.argv[1:]]
+main()
+"""
 GPU_LINE = re.compile(r"peak GPU memory (\d+) MiB")
 BASE_LINE = re.compile(r"torch alone (\d+) MiB")
+TUNED_LINE = re.compile(r"allocator tuned (True|False)")
 
 
 def _read(pattern: re.Pattern, out: str, what: str) -> re.Match:
@@ -90,8 +113,8 @@ def _read(pattern: re.Pattern, out: str, what: str) -> re.Match:
 def run_capsnet(extra: list[str], args) -> dict:
     cmd = [
         sys.executable,
-        "-m",
-        "capsnet",
+        "-c",
+        CAPSNET_WRAPPER,
         "bench",
         "--config",
         str(ROOT / "configs" / "small.yaml"),
@@ -109,23 +132,33 @@ def run_capsnet(extra: list[str], args) -> dict:
         str(args.threads),
         "--device",
         args.device,
+        "--warmup",
+        "1",  # the baseline's one untimed step (compiled routing takes three, for its compiling)
+        "--allocator",
+        args.allocator,
         "--json",
         *COMMON,
         *extra,
     ]
-    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    out = json.loads(proc.stdout)
+    # the baseline's statistic: images over the mean time of the timed steps
+    out["train_img_per_s"], out["infer_img_per_s"] = out["train_img_per_s_mean"], out["infer_img_per_s_mean"]
     out["memory_mib"] = out["peak_gpu_mib"] if args.device == "cuda" else out["peak_rss_mib"]
-    out["above_torch_mib"] = out["peak_rss_mib"] - out["base_rss_mib"]
+    out["above_torch_mib"] = out["peak_rss_mib"] - float(
+        _read(BASE_LINE, proc.stderr, "memory after import")[1]
+    )
     return out
 
 
 def run_baseline(args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    cmd = [sys.executable, "-c", BASELINE_WRAPPER, args.device, str(args.baseline)]
+    cmd = [sys.executable, "-c", BASELINE_WRAPPER, args.device, args.allocator, str(args.baseline)]
     cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     m = _read(LINE, out, "output")
     result = {"train_img_per_s": float(m[1]), "infer_img_per_s": float(m[2]), "peak_rss_mib": float(m[3])}
+    result["allocator_tuned"] = _read(TUNED_LINE, out, "allocator setting")[1] == "True"
     cuda = args.device == "cuda"
     result["memory_mib"] = float(_read(GPU_LINE, out, "GPU memory")[1]) if cuda else result["peak_rss_mib"]
     result["above_torch_mib"] = result["peak_rss_mib"] - float(
@@ -143,6 +176,12 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--compiled", action="store_true", help="also time train.compile_routing: true")
+    ap.add_argument(
+        "--allocator",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="the heap setting of both processes: capsnet's (tuned) or the C library's (default)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     variants = {**VARIANTS, **(COMPILED if args.compiled else {})}
@@ -161,6 +200,7 @@ def main() -> None:
     base = med["baseline"]
     memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
     report = {
+        "allocator": args.allocator,
         "rounds": args.rounds,
         "batch": args.batch,
         "threads": args.threads,
@@ -169,6 +209,7 @@ def main() -> None:
         "median": med,
         "ratio": {},
     }
+    report["allocator_tuned"] = {name: all(x["allocator_tuned"] for x in rs) for name, rs in runs.items()}
     for name in variants:
         report["ratio"][name] = {
             "train_speedup": med[name]["train_img_per_s"] / base["train_img_per_s"],
@@ -182,7 +223,7 @@ def main() -> None:
     width = max(len(name) for name in med)
     print(
         f"median of {args.rounds} rounds on {args.device}, batch {args.batch}, {args.threads} threads, "
-        "1x32x32, 5 classes, 3 iterations"
+        f"1x32x32, 5 classes, 3 iterations, {args.allocator} allocator on both sides"
     )
     print(
         f"{'':{width}} {'train img/s':>12} {'infer img/s':>12} {memory + ' MiB':>20} {'RSS above torch MiB':>20}"

@@ -145,6 +145,22 @@ def test_bench_reports_throughput_as_json(tmp_path, monkeypatch):
     assert report["train_img_per_s"] > 0 and report["batch_size"] == 4 and report["image_size"] == 20
 
 
+def test_bench_reports_the_mean_beside_the_median_and_its_warmup_and_rejects_bad_options(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--config", TINY, "--batch-size", "4", "--threads", "1", "--json"]
+    one = json.loads(runner.invoke(app, [*args, "--steps", "1", "--warmup", "0"]).stdout)
+    assert one["warmup"] == 0
+    assert one["train_img_per_s_mean"] == pytest.approx(one["train_img_per_s"])  # one step: median = mean
+    three = json.loads(runner.invoke(app, [*args, "--steps", "3"]).stdout)
+    assert three["warmup"] == 2 and three["infer_img_per_s_mean"] > 0
+    bad = runner.invoke(app, [*args, "--allocator", "jemalloc"])
+    assert bad.exit_code == 2 and "--allocator: 'jemalloc' is not one of tuned, default" in bad.stderr
+    small = runner.invoke(app, [*args, "--image-size", "8"])
+    assert small.exit_code == 2 and "8x8 images: caps1" in small.stderr, small.output
+
+
 def test_bench_picks_its_device_as_training_does_and_rejects_one_it_cannot_use(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["bench", "--config", TINY, "--batch-size", "2", "--steps", "1", "--json"]

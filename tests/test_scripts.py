@@ -50,7 +50,9 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int)
 ap.add_argument("--steps", type=int)
 a = ap.parse_args()
-print(f"baseline: train 2.00 img/s, inference 4.00 img/s, peak RSS 5000 MiB (batch {a.batch}, 32x32, iters 3)")
+from capsnet.runtime import allocator_is_tuned
+train = 2.0 if allocator_is_tuned() else 3.0  # shows which heap setting the script gave this process
+print(f"baseline: train {train:.2f} img/s, inference 4.00 img/s, peak RSS 5000 MiB (batch {a.batch}, 32x32, iters 3)")
 """
 
 
@@ -65,6 +67,7 @@ def test_bench_vs_baseline_reports_ratios_against_the_baseline_run_in_the_same_i
     report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     base = report["median"]["baseline"]
     assert (base["train_img_per_s"], base["infer_img_per_s"], base["memory_mib"]) == (2.0, 4.0, 5000.0)
+    assert report["allocator"] == "tuned" and all(report["allocator_tuned"].values())  # both sides alike
     torch_alone = 5000.0 - base["above_torch_mib"]
     assert 50 < torch_alone < 5000  # the wrapper read the process's memory once torch was imported
     names = ("paper geometry", "baseline geometry", "paper geometry, compiled", "baseline geometry, compiled")
@@ -78,6 +81,25 @@ def test_bench_vs_baseline_reports_ratios_against_the_baseline_run_in_the_same_i
         assert ratio["above_torch_fraction"] == pytest.approx(
             ours["above_torch_mib"] / base["above_torch_mib"]
         )
+
+
+def test_bench_vs_baseline_with_the_default_allocator_tunes_neither_side(tmp_path):
+    import subprocess
+    import sys
+
+    baseline = tmp_path / "baseline_em.py"
+    baseline.write_text(FAKE_BASELINE)
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_vs_baseline.py"), "--rounds", "1", "--steps", "2"]
+    cmd += ["--batch", "4", "--baseline", str(baseline), "--allocator", "default", "--json"]
+    report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    assert report["median"]["baseline"]["train_img_per_s"] == 3.0
+    assert report["allocator_tuned"] == {
+        "baseline": False,
+        "paper geometry": False,
+        "baseline geometry": False,
+    }
+    ratio = report["ratio"]["paper geometry"]["train_speedup"]
+    assert ratio == pytest.approx(report["median"]["paper geometry"]["train_img_per_s"] / 3.0)
 
 
 def test_class_activations_measures_target_other_and_margin_by_hand():
