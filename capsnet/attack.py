@@ -160,6 +160,9 @@ class AttackPoint:
     success: float | None  # targeted: share classified as the target; untargeted: None
     correct: int
     hits: int | None
+    #: images the attack left exactly as they were (eps > 0): every gradient entry was zero,
+    #: as when class activations saturate at 0 or 1, or every pixel was pushed against its bound
+    unmoved: int = 0
 
 
 @dataclass
@@ -196,7 +199,14 @@ class AttackReport:
             "n": self.n,
             "clean_acc": self.clean_acc,
             "results": [
-                {"eps": p.eps, "acc": p.acc, "success": p.success, "correct": p.correct, "hits": p.hits}
+                {
+                    "eps": p.eps,
+                    "acc": p.acc,
+                    "success": p.success,
+                    "correct": p.correct,
+                    "hits": p.hits,
+                    "unmoved": p.unmoved,
+                }
                 for p in self.points
             ],
             "files": self.files,
@@ -220,6 +230,13 @@ class AttackReport:
             f"{self.method.upper()} {kind}{detail} on {self.n} {self.split} images, eps in {self.eps_units} units",
             self.table(),
         ]
+        for p in self.points:
+            if p.eps > 0 and p.unmoved:
+                lines.append(
+                    f"note: at eps {p.eps:g}, {p.unmoved} of {self.n} images were not changed at all (a zero "
+                    "gradient: saturated class activations, or pixels all at their bounds), so the accuracy "
+                    "there overstates robustness"
+                )
         lines += [f"wrote {path}" for path in self.files.values()]
         return "\n".join(lines)
 
@@ -261,6 +278,7 @@ def run_attack(
     clean_correct, total = 0, 0
     correct = [0] * len(epsilons)
     hits = [0] * len(epsilons)
+    unmoved = [0] * len(epsilons)
     examples = None
     for x, y in progress_bar(loader, len(loader), progress, desc=f"attack {method}"):
         x, y = x.to(device), y.to(device)
@@ -279,6 +297,8 @@ def run_attack(
                 pred = model(x_adv).activations.argmax(1)
             correct[k] += int((pred == y).sum())
             hits[k] += int((pred == goal).sum())
+            if eps > 0:  # compared with x as the attack's projection alone leaves it (valid pixels)
+                unmoved[k] += int((x_adv == space.project(x, x, 0.0)).flatten(1).all(1).sum())
             if examples is None:
                 adversarial.append((x_adv[0].detach().cpu(), int(pred[0])))
         if examples is None:
@@ -298,6 +318,7 @@ def run_attack(
             hits[k] / total if targeted else None,
             correct[k],
             hits[k] if targeted else None,
+            unmoved[k],
         )
         for k, eps in enumerate(epsilons)
     ]

@@ -275,7 +275,7 @@ def test_attack_writes_a_table_json_png_and_tensorboard_scalars(here):
     assert report["method"] == "fgsm" and report["targeted"] is False and report["eps_units"] == "pixel"
     assert report["n"] == 32 and [r["eps"] for r in report["results"]] == [0.01, 0.05, 0.1, 0.2]
     for row in report["results"]:
-        assert set(row) == {"eps", "acc", "success", "correct", "hits"} and 0 <= row["acc"] <= 1
+        assert set(row) == {"eps", "acc", "success", "correct", "hits", "unmoved"} and 0 <= row["acc"] <= 1
     assert is_png(here / "rep" / "attack-fgsm.png")
     scalars = scalar_events(here / "tb" / "fit" / "attack")
     assert [step for step, _ in scalars["attack/fgsm/acc"]] == [0, 10, 50, 100, 200]
@@ -304,6 +304,38 @@ def test_targeted_attack_reports_its_success_rate(here):
     assert all(0 <= row["success"] <= 1 and row["hits"] is not None for row in report["results"])
     assert report["results"][-1]["success"] > 0
     assert "attack/bim-targeted/success" in scalar_events(here / "tb" / "fit" / "attack")
+
+
+class Saturated(torch.nn.Module):
+    """Class activations of 0 or 1 to float precision: the attack's logits have no gradient."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(classes, 1, 20, 20))
+
+    def forward(self, x):
+        from capsnet.model import CapsOutput
+
+        z = torch.tanh(torch.einsum("nchw,echw->ne", x, self.w))  # depends on every pixel
+        side = torch.where(torch.arange(z.shape[1]) == 0, 1.0, -1.0)  # class 0 on, the others off
+        a = torch.sigmoid(side * 1e3 * (1 + 0.1 * z))  # logits of magnitude 900-1100: saturated
+        return CapsOutput(a, torch.zeros(len(x), a.shape[1], 4, 4))
+
+
+def test_an_attack_that_cannot_move_the_images_says_so(here):
+    from capsnet.attack import AttackReport, run_attack
+    from capsnet.evaluate import prepare_checkpoint
+
+    prep = prepare_checkpoint("fit", device="cpu")
+    info = prep.loaders.info
+    space = InputSpace.from_info(info.mean, info.std, info.channels)
+    stuck = run_attack(Saturated(info.num_classes), prep.loader, [0.0, 0.1], space, progress=False)
+    _clean, points, n, _ = stuck
+    assert [p.unmoved for p in points] == [0, n]  # eps 0 changes nothing by design: not counted
+    report = AttackReport("c", "r", "test", "fgsm", False, None, None, None, "pixel", n, _clean, points)
+    assert f"at eps 0.1, {n} of {n} images were not changed at all" in report.summary()
+    moved = run_attack(prep.model, prep.loader, [0.1], space, method="bim", steps=2, progress=False)[1]
+    assert moved[0].unmoved < n  # the trained capsule network's gradients do move its images
 
 
 def test_adversarial_images_stay_within_epsilon_and_valid_pixels(here):
