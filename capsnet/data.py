@@ -349,6 +349,14 @@ def split_indices(n: int, fraction: float, seed: int, group: int = 1) -> tuple[t
     return expand(kept_groups), expand(held_groups)
 
 
+def fitting_rows(cfg: DataConfig, n: int, seed: int) -> torch.Tensor:
+    """The rows of an ``n``-image training set that stay for training once :func:`build_datasets`
+    holds out ``data.val_split`` of them: what normalisation statistics may be computed on."""
+    if cfg.val_split <= 0:
+        return torch.arange(n)
+    return split_indices(n, cfg.val_split, seed)[0]
+
+
 def one_line(error: BaseException, limit: int = 300) -> str:
     """An exception's message on one line, shortened to ``limit`` characters."""
     text = " ".join(str(error).split()) or type(error).__name__
@@ -777,7 +785,7 @@ def _build_folder(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDatase
     if len(test_x) == 0:
         raise DataFormatError(f"no readable test images ({cfg.test_dir or train_dir})")
 
-    mean, std = channel_stats(train_x)
+    mean, std = channel_stats(train_x[fitting_rows(cfg, len(train_x), seed)])
     evaluation = PixelTransform(mean, std)
     training = _training_transform(cfg, mean, std, size, max(1, size // 8), False)
     info = DataInfo(len(classes), train_x.shape[1], size, classes, mean, std)
@@ -823,7 +831,7 @@ def _build_synthetic(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDat
     templates = torch.sigmoid((smooth - 0.5) * 12)  # (K, C, S, S) near-binary blobs
     train_x, train_y = _synthetic_split(templates, cfg.train_size, torch.Generator().manual_seed(seed + 1))
     test_x, test_y = _synthetic_split(templates, cfg.test_size, torch.Generator().manual_seed(seed + 2))
-    mean, std = channel_stats(train_x)
+    mean, std = channel_stats(train_x[fitting_rows(cfg, len(train_x), seed)])
     transform = PixelTransform(mean, std)
     names = [f"class{i}" for i in range(cfg.num_classes)]
     info = DataInfo(cfg.num_classes, cfg.channels, size, names, mean, std)

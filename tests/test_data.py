@@ -580,3 +580,15 @@ def test_check_channels_explains_a_mismatch():
     check_channels(info, 1)
     with pytest.raises(DataFormatError, match="expects 3-channel images but this data has 1"):
         check_channels(info, 3)
+
+
+def test_normalisation_is_computed_on_the_training_rows_only_never_the_validation_ones():
+    cfg = DataConfig(name="synthetic", image_size=16, num_classes=3, channels=1, train_size=60, test_size=6)
+    held_out = DataConfig(**{**cfg.__dict__, "val_split": 0.25})
+    train, val, _test, info = build_datasets(held_out, seed=3)
+    assert val is not None and len(train) == 45 and len(val) == 15
+    whole = build_datasets(cfg, seed=3)[3]
+    pixels = train.images[train.rows()].float() / 255  # the rows that stayed for training
+    assert info.mean == pytest.approx([float(pixels.mean())], abs=1e-6)
+    assert info.std == pytest.approx([float(pixels.std())], rel=1e-3)
+    assert info.mean != pytest.approx(whole.mean, abs=1e-6)  # all 60 rows would give another mean
