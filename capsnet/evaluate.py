@@ -359,6 +359,10 @@ def evaluate_checkpoint(
             "precision": cfg.train.precision,
             "progress": progress,
             "mirror": mirror,
+            # smallNORB's two cameras as two channels: a mirror swaps them
+            "stereo_pair": cfg.data.name == "smallnorb"
+            and cfg.data.stereo == "channels"
+            and model.in_channels == 2,
         }
         report.multicrop = evaluate_crops(model, prep.loader.dataset, desc=f"{split} crops", **common)
         if familiar is not None:

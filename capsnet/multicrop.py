@@ -72,13 +72,24 @@ class MultiCrop:
     """uint8 (C, S, S) -> float32 (K, C, s, s): the test-time transform at each of K offsets.
 
     The (0, 0) crop is the unchanged test-time transform, bit for bit. With ``mirror``
-    the K crops are followed by their left-right mirrors: (2K, C, s, s).
+    the K crops are followed by their left-right mirrors: (2K, C, s, s). With
+    ``stereo_pair`` the channels are a stereo pair (left, right camera): mirroring the
+    scene also swaps the cameras, so a mirror's channels are flipped *and* swapped, the
+    pair that cameras facing the mirrored scene would have taken.
     """
 
-    def __init__(self, base: Any, offsets: list[Offset], stored_size: int, mirror: bool = False):
+    def __init__(
+        self,
+        base: Any,
+        offsets: list[Offset],
+        stored_size: int,
+        mirror: bool = False,
+        stereo_pair: bool = False,
+    ):
         self.base = base
         self.offsets = list(offsets)
         self.mirror = mirror
+        self.stereo_pair = stereo_pair
         #: views per image: the crops, then their mirrors with ``mirror``
         self.views = len(self.offsets) * (2 if mirror else 1)
         if isinstance(base, StandardisedCrop):
@@ -109,7 +120,8 @@ class MultiCrop:
     def __call__(self, x: np.ndarray) -> torch.Tensor:
         views = torch.stack([self.crop(x, dy, dx) for dy, dx in self.offsets])  # (K, C, s, s)
         if self.mirror:
-            views = torch.cat([views, views.flip(-1)])  # (2K, C, s, s)
+            mirrored = views.flip(-1).flip(1) if self.stereo_pair else views.flip(-1)
+            views = torch.cat([views, mirrored])  # (2K, C, s, s)
         return views
 
 
@@ -152,9 +164,11 @@ class MultiCropResult:
         }
 
 
-def multicrop_dataset(dataset: ImageDataset, offsets: list[Offset], mirror: bool = False) -> ImageDataset:
+def multicrop_dataset(
+    dataset: ImageDataset, offsets: list[Offset], mirror: bool = False, stereo_pair: bool = False
+) -> ImageDataset:
     """The same items as ``dataset``, each as a (K, C, s, s) stack of crops ((2K, ...) with ``mirror``)."""
-    transform = MultiCrop(dataset.transform, offsets, dataset.images.shape[-1], mirror)
+    transform = MultiCrop(dataset.transform, offsets, dataset.images.shape[-1], mirror, stereo_pair)
     return ImageDataset(
         dataset.images, dataset.labels, transform, transform, dataset.indices, dataset.meta, dataset.group
     )
@@ -173,12 +187,14 @@ def evaluate_crops(
     progress: bool = True,
     desc: str = "crops",
     mirror: bool = False,
+    stereo_pair: bool = False,
 ) -> MultiCropResult:
     """Accuracy of ``model`` on ``dataset`` with class activations averaged over ``crops`` crops.
 
     ``batch_size`` counts images through the model at once (crops included).
     ``reach`` (pixels) is the largest shift; default :func:`default_reach`.
-    ``mirror`` averages over each crop's left-right mirror too (2 x ``crops`` views).
+    ``mirror`` averages over each crop's left-right mirror too (2 x ``crops`` views);
+    ``stereo_pair``: the two channels are a stereo pair, swapped in the mirrors (see MultiCrop).
     """
     from capsnet.evaluate import autocast
     from capsnet.tracking import progress as progress_bar
@@ -188,7 +204,7 @@ def evaluate_crops(
     if reach is None:
         reach = default_reach(dataset.transform, model.image_size, stored)
     offsets = crop_offsets(crops, reach)
-    stacked = multicrop_dataset(dataset, offsets, mirror)
+    stacked = multicrop_dataset(dataset, offsets, mirror, stereo_pair)
     loader = DataLoader(stacked, batch_size=max(1, batch_size // stacked.transform.views), shuffle=False)
     num_classes = model.num_classes
     per_correct = torch.zeros(num_classes, dtype=torch.long)

@@ -138,6 +138,11 @@ def test_mirrored_views_are_the_crops_flipped_left_to_right():
     centre = StandardisedCrop(32)
     pair = MultiCrop(centre, [(0, 0)], 48, mirror=True)(norb_like)
     assert torch.allclose(pair[1], centre(np.ascontiguousarray(norb_like[:, :, ::-1])), atol=1e-5)
+    # a stereo pair's mirror: each camera's image flipped, and the cameras swapped
+    stereo = MultiCrop(centre, [(0, 0)], 48, mirror=True, stereo_pair=True)(norb_like)
+    swapped = np.ascontiguousarray(norb_like[::-1, :, ::-1])  # (right, left), each flipped
+    assert torch.equal(stereo[0], pair[0]) and not torch.equal(stereo[1], pair[1])
+    assert torch.allclose(stereo[1], centre(swapped), atol=1e-5)
 
 
 def test_mirrored_evaluation_predicts_the_class_of_the_mean_over_image_and_mirror():
@@ -249,6 +254,19 @@ def test_eval_reports_familiar_and_novel_viewpoint_accuracy(norb_root, tmp_path,
     assert views["familiar"]["n"] == 6 * ELEVATIONS
     assert 0 <= views["familiar"]["acc"] <= 1 and views["novel"]["acc"] == report["acc"]
     assert report["multicrop"]["familiar"]["n"] == 6 * ELEVATIONS
+    # mirrored views of the stereo pair swap its cameras
+    from capsnet import multicrop
+
+    pairs, real = [], multicrop.multicrop_dataset
+
+    def recording(dataset, offsets, mirror=False, stereo_pair=False):
+        pairs.append((mirror, stereo_pair))
+        return real(dataset, offsets, mirror, stereo_pair)
+
+    monkeypatch.setattr(multicrop, "multicrop_dataset", recording)
+    mirrored = invoke("eval", "--ckpt", "norb", "--json", "--mirror")
+    assert mirrored.exit_code == 0, mirrored.output
+    assert pairs == [(True, True), (True, True)]  # the novel and the familiar viewpoints
     text = invoke("eval", "--ckpt", "norb").stdout
     assert "novel accuracy" in text and "familiar accuracy" in text
 
