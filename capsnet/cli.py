@@ -261,6 +261,12 @@ def eval_(
         from capsnet.runtime import tune_allocator
 
         tune_allocator()
+        if crop_shift is not None and crops is None and not mirror:
+            from capsnet.visualize import ExperimentError
+
+            raise ExperimentError(
+                "--crop-shift sets the shifts of the multi-crop test: give --crops N with it"
+            )
         if plot is not None:
             from capsnet.visualize import require_matplotlib
 
@@ -468,7 +474,12 @@ def attack(
     """
     with _errors(debug):
         from capsnet.attack import attack_checkpoint, parse_epsilons
+        from capsnet.visualize import ExperimentError
 
+        if step_size is not None and not step_size > 0:
+            raise ExperimentError(
+                f"--step-size: must be above 0 (0 leaves every image as it is), got {step_size:g}"
+            )
         report = attack_checkpoint(
             ckpt,
             out_dir,

@@ -84,3 +84,34 @@ def test_exporting_leaves_no_traced_tensor_in_the_fold_cache(tmp_path):
     fresh = small_model()
     for a, b in zip(got, eager(fresh, x)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_the_parity_check_scales_its_tolerance_to_each_outputs_magnitude():
+    from capsnet.export import TOLERANCE, _max_diff
+
+    acts, poses = torch.full((2, 3), 0.5), torch.full((2, 3, 4, 4), 1000.0)
+    # poses of magnitude 1000 off by 0.05: within 1e-4 of their scale; activations exact
+    diff, ratio = _max_diff((acts, poses), (acts.clone(), poses + 0.05))
+    assert diff == pytest.approx(0.05, rel=1e-3) and ratio == pytest.approx(
+        0.05 / (TOLERANCE * 1000), rel=1e-3
+    )
+    assert ratio <= 1
+    # activations off by 1e-3 fail whatever the poses' scale
+    assert _max_diff((acts, poses), (acts + 1e-3, poses.clone()))[1] > 1
+    # a NaN fails
+    assert not _max_diff((acts, poses), (acts.clone(), poses * float("nan")))[1] <= 1
+    with pytest.raises(Exception, match="shape"):
+        _max_diff((acts,), (acts[:1],))
+
+
+def test_an_empty_test_split_falls_back_to_random_parity_images(monkeypatch):
+    from types import SimpleNamespace
+
+    from capsnet import data
+    from capsnet.export import sample_batch
+
+    empty = SimpleNamespace(test=[], info=SimpleNamespace(channels=1))
+    monkeypatch.setattr(data, "build_loaders", lambda cfg: empty)
+    x, source = sample_batch(SimpleNamespace(data=SimpleNamespace(name="folder")), 1, 20, 4)
+    assert x.shape == (4, 1, 20, 20)
+    assert source == "of random images (test data unavailable: the test split has no images)"

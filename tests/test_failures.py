@@ -558,6 +558,14 @@ BAD_INPUTS = {
         lambda tmp, one: ["eval", "--ckpt", str(one / "weights" / "one"), "-o", "data.channels=3"],
         "expects 1-channel images but this data has 3",
     ),
+    "crop-shift-without-crops-eval": (
+        lambda tmp, one: ["eval", "--ckpt", str(one / "weights" / "one"), "--crop-shift", "2"],
+        "--crop-shift sets the shifts of the multi-crop test: give --crops N with it",
+    ),
+    "bim-step-size-0-attack": (
+        lambda tmp, one: ["attack", "--ckpt", str(one / "weights" / "one"), "-m", "bim", "--step-size", "0"],
+        "--step-size: must be above 0",
+    ),
     "image-size-differs-from-the-decoders-eval": (
         lambda tmp, one: ["eval", "--ckpt", str(one / "weights" / "one"), "-o", "data.image_size=24"],
         "trained on 20x20 images, the size its decoder reconstructs, but this data gives 24x24",
