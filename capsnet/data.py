@@ -691,12 +691,16 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
 
 def _decode_image(path: Path, size: int, mode: str) -> np.ndarray | None:
     """(size, size, C) uint8, or None when the file is not a readable image."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)  # photos stored sideways, upright as they were taken
+            if image.mode.startswith("I;16"):  # 16-bit grey: scaled to 8 bits (convert() would clip at 255)
+                wide = np.asarray(image, dtype=np.uint16).astype(np.float32)
+                image = Image.fromarray(np.round(wide / 257.0).astype(np.uint8), mode="L")
             image = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except Exception:  # noqa: BLE001 - PIL reports broken files with many exception types
