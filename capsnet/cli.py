@@ -424,13 +424,13 @@ def attack(
         ),
     ] = False,
     target: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--target",
-            help="Targeted attacks: next (true class + 1), random (another class, seeded) or least "
-            "(the least active other class).",
+            help="Targeted attacks: next (true class + 1; the default), random (another class, seeded) or "
+            "least (the least active other class).",
         ),
-    ] = "next",
+    ] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="BIM: number of steps.")] = 10,
     step_size: Annotated[
         float | None,
@@ -476,6 +476,11 @@ def attack(
         from capsnet.attack import attack_checkpoint, parse_epsilons
         from capsnet.visualize import ExperimentError
 
+        if target is not None and not targeted:
+            raise ExperimentError(
+                f"--target applies to targeted attacks: add --targeted (got --target {target})"
+            )
+        target = target or "next"
         if step_size is not None and not step_size > 0:
             raise ExperimentError(
                 f"--step-size: must be above 0 (0 leaves every image as it is), got {step_size:g}"

@@ -179,6 +179,11 @@ def inspect_image(
     types = final.shape[1]
     where = None
     if layer == model.classcaps.name:
+        if position is not None:
+            raise ExperimentError(
+                f"--position: the class capsules have one position (pooled over the grid); it applies to "
+                f"ConvCaps layers ({', '.join(m.name for m in model.convcaps)})"
+            )
         j = prediction if parent is None else parent
         l = 0
         name = class_names[j] if j < len(class_names) else f"class {j}"

@@ -407,6 +407,8 @@ def test_inspect_draws_a_convolutional_layer_at_a_chosen_position(here):
         (["inspect", "--index", "999"], "has 32 images"),
         (["inspect", "--layer", "caps9"], "not a routing layer"),
         (["inspect", "--layer", "caps2", "--position", "5,5"], "positions"),
+        (["inspect", "--position", "0,0"], "the class capsules have one position"),
+        (["attack", "--target", "least"], "--target applies to targeted attacks"),
         (["inspect", "--entries", "3,3"], "two different pose entries"),
         (["attack", "--eps", "0.1,big"], "is not a number"),
         (["attack", "--method", "pgd"], "not one of"),
