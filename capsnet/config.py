@@ -8,6 +8,7 @@ Dotted overrides (``train.batch_size=64``) go through the same checks.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -320,6 +321,9 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         if flat.get(key) not in allowed:
             shown = ", ".join("null" if a is None else a for a in allowed)
             problems.append(f"{key}: {flat.get(key)!r} is not one of: {shown}")
+    for key, v in flat.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            problems.append(f"{key}: must be a finite number, got {v!r}")
     for key in POSITIVE:
         v = flat.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
@@ -371,6 +375,16 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"data.{key}: has no effect unless data.augment is true")
     if cfg.train.ema is not None and not 0.0 < cfg.train.ema < 1.0:
         problems.append(f"train.ema: must be in (0, 1) (a decay per step, e.g. 0.999), got {cfg.train.ema!r}")
+    if not 0.0 <= cfg.routing.lambda_decay < 1.0:
+        problems.append(
+            f"routing.lambda_decay: must be in [0, 1) (1 makes every inverse temperature 0), "
+            f"got {cfg.routing.lambda_decay!r}"
+        )
+    if m.coord_add and isinstance(m.pose_size, int) and m.pose_size < 2:
+        problems.append(
+            f"model.pose_size: coordinate addition writes into two pose entries, so it needs at least 2 "
+            f"(got {m.pose_size!r}; or set model.coord_add: false)"
+        )
     if cfg.optim.decay_rate > 1:
         problems.append(f"optim.decay_rate: must be at most 1, got {cfg.optim.decay_rate!r}")
 

@@ -13,6 +13,7 @@ one that never stopped.
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -110,7 +111,11 @@ def seed_everything(seed: int) -> None:
 
 
 def default_run_name(cfg: Config, prefix: str | None = None) -> str:
-    return f"{prefix or cfg.data.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    """``<prefix (the config's file name) or the dataset>-<date>-<time>``, made a valid run name:
+    characters a run name cannot hold become "-", leading ones are dropped."""
+    stem = re.sub(r"[^A-Za-z0-9._+=@-]+", "-", prefix or cfg.data.name).replace("..", "-")
+    stem = stem.lstrip("._+=@-")[:150] or "run"
+    return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def resume_checkpoint(resume: str, run_name: str | None, out_dir: str | Path) -> Path | None:

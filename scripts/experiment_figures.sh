@@ -8,6 +8,9 @@
 # LIMIT (default 1000) test images are used; extra arguments for every command can be given
 # in CAPSNET_ARGS (e.g. "--device cpu"). The PNGs are reduced to 128 colours to stay small.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+PATH="$PWD/.venv/bin:$PATH"  # capsnet and python: the project's own
 
 ckpt="${1:-latest}"
 norb="${2:-}"

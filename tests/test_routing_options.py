@@ -152,3 +152,27 @@ def test_the_config_takes_one_positive_cost_scale_per_routing_layer():
         config_from_dict(base, ["routing.layer_cost_scales=[100, 1]"])
     with pytest.raises(ConfigError, match=r"routing\.layer_cost_scales: every entry must be positive"):
         config_from_dict(base, ["routing.layer_cost_scales=[100, 0, 1]"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=.nan", r"optim\.lr: must be a finite number, got nan"),
+        ("routing.min_var=.inf", r"routing\.min_var: must be a finite number, got inf"),
+        ("routing.lambda_decay=1", r"routing\.lambda_decay: must be in \[0, 1\)"),
+        ("routing.lambda_decay=-0.5", r"routing\.lambda_decay: must be in \[0, 1\)"),
+        ("model.pose_size=1", r"model\.pose_size: coordinate addition writes into two pose entries"),
+    ],
+)
+def test_values_that_would_break_routing_are_config_errors(override, message):
+    base = {"model": {"preset": "small"}, "data": {"name": "synthetic"}}
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(base, [override])
+
+
+def test_a_one_by_one_pose_without_coordinate_addition_and_lambda_decay_0_are_accepted():
+    base = {"model": {"preset": "small"}, "data": {"name": "synthetic"}}
+    cfg = config_from_dict(base, ["model.pose_size=1", "model.coord_add=false", "routing.lambda_decay=0"])
+    assert cfg.model.pose_size == 1 and cfg.routing.lambda_decay == 0
+    lambdas = inverse_temperatures(RoutingSettings(iterations=3, final_lambda=0.01, lambda_decay=0.0))
+    assert lambdas == pytest.approx([0.01, 0.01, 0.01])  # every iteration at the final temperature

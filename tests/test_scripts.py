@@ -150,3 +150,77 @@ def test_class_activations_measures_each_layers_spread_over_images_by_hand():
     assert stats["spread"] == pytest.approx((0.0 + second.std().item()) / 2)
     assert stats["logit_spread"] == pytest.approx((0.0 + torch.logit(second).std().item()) / 2)
     assert (stats["min"], stats["max"]) == (pytest.approx(0.2), pytest.approx(0.9))
+
+
+FAKE_PYTHON = """#!/bin/bash
+# An interpreter whose venv module works: "-m venv DIR" makes DIR/bin/python, a stand-in
+# that records its arguments and succeeds (so "pip" works without installing anything).
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+    mkdir -p "$3/bin"
+    printf '#!/bin/bash\\necho "$*" >> "$(dirname "$0")/../calls"\\n' > "$3/bin/python"
+    chmod +x "$3/bin/python"
+    exit 0
+fi
+[ "$1" = "-c" ] && { echo 3.11; exit 0; }
+exit 1
+"""
+
+NO_VENV_PYTHON = """#!/bin/bash
+# An interpreter without the venv module (Debian without python3-venv): venv leaves a
+# half-made folder behind and fails.
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then mkdir -p "$3/bin"; : > "$3/bin/python"; exit 1; fi
+[ "$1" = "-c" ] && { echo 3.11; exit 0; }
+exit 1
+"""
+
+
+def run_setup(root: Path, env: dict):
+    import subprocess
+
+    return subprocess.run(
+        ["bash", "scripts/setup_env.sh"], check=False, cwd=root, env=env, capture_output=True, text=True
+    )
+
+
+def setup_copy(tmp_path: Path, python: str) -> tuple[Path, dict]:
+    import os
+    import shutil
+
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "setup_env.sh", tmp_path / "scripts")
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    fake = tmp_path / "fake-python"
+    fake.write_text(python)
+    fake.chmod(0o755)
+    tools = tmp_path / "tools"  # the commands the script needs, and no apt-get or sudo
+    tools.mkdir()
+    for tool in ("bash", "dirname", "rm", "id", "touch", "mkdir", "chmod", "printf"):
+        found = shutil.which(tool)
+        if found:
+            os.symlink(found, tools / tool)
+    return tmp_path, {"PATH": str(tools), "PYTHON": str(fake), "HOME": str(tmp_path)}
+
+
+def test_setup_env_replaces_a_venv_left_without_pip_and_installs_into_the_new_one(tmp_path):
+    root, env = setup_copy(tmp_path, FAKE_PYTHON)
+    (root / ".venv" / "bin").mkdir(parents=True)
+    broken = root / ".venv" / "bin" / "python"
+    broken.write_text("#!/bin/bash\nexit 1\n")  # no pip: what a failed first attempt leaves
+    broken.chmod(0o755)
+    done = run_setup(root, env)
+    assert done.returncode == 0, done.stderr
+    calls = (root / ".venv" / "calls").read_text().splitlines()
+    assert calls[0] == "-m pip install -q --upgrade pip" and "-m pip install -q -e .[dev]" in calls
+    assert (root / ".venv" / ".capsnet-installed").is_file()
+    again = run_setup(root, env)
+    assert again.returncode == 0 and (root / ".venv" / "calls").read_text().splitlines()[len(calls) :] == [
+        "-m pip --version"
+    ]  # in place: only checked
+
+
+def test_setup_env_without_the_venv_module_or_apt_get_says_what_to_install(tmp_path):
+    root, env = setup_copy(tmp_path, NO_VENV_PYTHON)
+    done = run_setup(root, env)
+    assert done.returncode == 1
+    assert "install Python's venv module (Debian/Ubuntu: apt-get install python3-venv)" in done.stderr
+    assert not (root / ".venv").exists()  # nothing half-made left to be mistaken for a venv

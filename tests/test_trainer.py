@@ -430,3 +430,14 @@ def test_overrides_on_resume_are_checked_against_the_checkpoints_config_not_the_
     assert cfg.routing.layer_cost_scales == [2, 1] and cfg.model.caps_types == [4]
     with pytest.raises(ConfigError, match="layer_cost_scales"):
         config_for_resume(str(first.run_dir), ["routing.layer_cost_scales=[2,1,1]"])
+
+
+@pytest.mark.parametrize(
+    ("prefix", "start"), [("_base", "base-"), ("my cfg", "my-cfg-"), ("..", "run-"), (None, "synthetic-")]
+)
+def test_automatic_run_names_from_any_config_file_name_are_valid_run_names(prefix, start):
+    from capsnet.checkpoint import validate_run_name
+    from capsnet.runs import default_run_name
+
+    name = default_run_name(tiny(Path(".")), prefix)
+    assert name.startswith(start) and validate_run_name(name) == name
