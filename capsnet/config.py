@@ -8,6 +8,7 @@ Dotted overrides (``train.batch_size=64``) go through the same checks.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import re
 import types
@@ -286,6 +287,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, (datetime.date, int)) and not isinstance(value, bool):
+            return str(value)  # YAML read a name like 2024-05-01 or 2024 as a date or a number
         if not isinstance(value, str):
             problems.append(f"{key}: expected a string, got {value!r}")
         return value

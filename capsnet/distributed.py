@@ -52,6 +52,14 @@ def init_distributed(device: str) -> DistInfo:
     world = launched_world_size()
     if world <= 1:
         return DistInfo()
+    if "RANK" not in os.environ:
+        from capsnet.config import ConfigError
+
+        message = (
+            f"WORLD_SIZE={world} is set but RANK is not: start multi-process training with torchrun "
+            "(which sets both), or unset WORLD_SIZE for one process"
+        )
+        raise ConfigError([message])
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     backend = backend_for(device)
     if backend == "nccl":

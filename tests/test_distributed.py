@@ -75,6 +75,18 @@ def test_rank_seeds_differ_per_rank_and_rank_0_keeps_the_run_seed():
     assert rank_seed(8, 1) != seeds[1]
 
 
+def test_world_size_without_rank_is_a_clear_error(monkeypatch):
+    from capsnet.config import ConfigError
+    from capsnet.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(
+        ConfigError, match="WORLD_SIZE=4 is set but RANK is not: start multi-process training"
+    ):
+        init_distributed("cpu")
+
+
 def test_global_batch_norm_is_batch_norm_in_a_single_process():
     torch.manual_seed(0)
     plain, global_ = torch.nn.BatchNorm2d(3), GlobalBatchNorm2d(3)

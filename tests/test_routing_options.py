@@ -176,3 +176,11 @@ def test_a_one_by_one_pose_without_coordinate_addition_and_lambda_decay_0_are_ac
     assert cfg.model.pose_size == 1 and cfg.routing.lambda_decay == 0
     lambdas = inverse_temperatures(RoutingSettings(iterations=3, final_lambda=0.01, lambda_decay=0.0))
     assert lambdas == pytest.approx([0.01, 0.01, 0.01])  # every iteration at the final temperature
+
+
+def test_string_settings_take_names_yaml_would_read_as_a_date_or_a_number():
+    base = {"data": {"name": "synthetic"}}
+    cfg = config_from_dict(base, ["data.root=2024-05-01", "logging.tb_dir=2024"])
+    assert (cfg.data.root, cfg.logging.tb_dir) == ("2024-05-01", "2024")
+    with pytest.raises(ConfigError, match="data.root: expected a string, got True"):
+        config_from_dict(base, ["data.root=true"])
