@@ -540,7 +540,9 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         writer = TensorBoardWriter(
             tb_dir if cfg.logging.tensorboard else None,
             run_dir / "metrics.jsonl",
-            purge_step=int(ckpt["step"]) + 1 if ckpt is not None else None,
+            # a resumed run hides the events an earlier attempt wrote past its checkpoint; a
+            # fresh one all events of a run of that name whose folder was deleted by hand
+            purge_step=int(ckpt["step"]) + 1 if ckpt is not None else 0,
         )
     run = Run(
         cfg,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -441,3 +442,21 @@ def test_automatic_run_names_from_any_config_file_name_are_valid_run_names(prefi
 
     name = default_run_name(tiny(Path(".")), prefix)
     assert name.startswith(start) and validate_run_name(name) == name
+
+
+def test_a_fresh_run_hides_the_tensorboard_events_of_a_deleted_run_of_the_same_name(tmp_path):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def loss_steps() -> list[int]:
+        events = EventAccumulator(str(tmp_path / "runs" / "again"), size_guidance={"scalars": 0})
+        events.Reload()
+        return [e.step for e in events.Scalars("train/loss")]
+
+    first = fit(tiny(tmp_path, "train.max_steps=6"), run_name="again", echo=quiet)
+    assert loss_steps() == [2, 4, 6]
+    shutil.rmtree(first.run_dir)  # the checkpoints deleted by hand, runs/again left behind
+    time.sleep(1.1)  # event files are named by the second they were opened
+    fit(tiny(tmp_path, "train.max_steps=4"), run_name="again", echo=quiet)
+    assert loss_steps() == [2, 4]  # the new run's alone, not [2, 4, 6] or [2, 2, 4, 4, 6]
