@@ -467,6 +467,11 @@ def folder_args(tmp: Path, *extra: str) -> list[str]:
     ]
 
 
+def on_the_run(command: str, *args: str):
+    """The arguments of ``capsnet <command>`` on the finished run's checkpoint, then ``args``."""
+    return lambda tmp, one: [command, "--ckpt", str(one / "weights" / "one"), *args]
+
+
 # Each case: (arguments given the test's folder and the finished run's folder, what stderr must say).
 BAD_INPUTS = {
     "truncated-checkpoint-resume": (
@@ -555,23 +560,23 @@ BAD_INPUTS = {
         "data.channels: 1 in the checkpoint, 3 now",
     ),
     "channels-differ-from-the-checkpoint-eval": (
-        lambda tmp, one: ["eval", "--ckpt", str(one / "weights" / "one"), "-o", "data.channels=3"],
+        on_the_run("eval", "-o", "data.channels=3"),
         "expects 1-channel images but this data has 3",
     ),
     "crop-shift-without-crops-eval": (
-        lambda tmp, one: ["eval", "--ckpt", str(one / "weights" / "one"), "--crop-shift", "2"],
+        on_the_run("eval", "--crop-shift", "2"),
         "--crop-shift sets the shifts of the multi-crop test: give --crops N with it",
     ),
     "bim-step-size-0-attack": (
-        lambda tmp, one: ["attack", "--ckpt", str(one / "weights" / "one"), "-m", "bim", "--step-size", "0"],
+        on_the_run("attack", "-m", "bim", "--step-size", "0"),
         "--step-size: must be above 0",
     ),
     "image-size-differs-from-the-decoders-eval": (
-        lambda tmp, one: ["eval", "--ckpt", str(one / "weights" / "one"), "-o", "data.image_size=24"],
+        on_the_run("eval", "-o", "data.image_size=24"),
         "trained on 20x20 images, the size its decoder reconstructs, but this data gives 24x24",
     ),
     "image-size-too-small-for-the-model-eval": (
-        lambda tmp, one: ["eval", "--ckpt", str(one / "weights" / "one"), "-o", "data.image_size=12"],
+        on_the_run("eval", "-o", "data.image_size=12"),
         "cannot take 12x12 images: caps2",
     ),
     "run-name-outside-the-weights-folder": (
