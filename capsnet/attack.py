@@ -287,6 +287,7 @@ def run_attack(
         clean_correct += int((clean.argmax(1) == y).sum())
         total += len(y)
         goal = choose_targets(y, clean, target, generator) if targeted else y
+        unchanged = space.project(x, x, 0.0)  # x as the projection alone leaves it (valid pixels)
         adversarial = []
         for k, eps in enumerate(epsilons):
             if method == "fgsm":
@@ -297,8 +298,8 @@ def run_attack(
                 pred = model(x_adv).activations.argmax(1)
             correct[k] += int((pred == y).sum())
             hits[k] += int((pred == goal).sum())
-            if eps > 0:  # compared with x as the attack's projection alone leaves it (valid pixels)
-                unmoved[k] += int((x_adv == space.project(x, x, 0.0)).flatten(1).all(1).sum())
+            if eps > 0:
+                unmoved[k] += int((x_adv == unchanged).flatten(1).all(1).sum())
             if examples is None:
                 adversarial.append((x_adv[0].detach().cpu(), int(pred[0])))
         if examples is None:

@@ -113,9 +113,12 @@ def _max_diff(reference: tuple[Tensor, ...], got: tuple) -> tuple[float, float]:
         scale = max(1.0, float(ref.float().abs().max()))
         diffs.append(diff)
         ratios.append(diff / (TOLERANCE * scale))
-    if any(math.isnan(r) for r in ratios):  # max() would pass over a NaN
-        return math.nan, math.nan
-    return max(diffs), max(ratios)
+    return _worst(diffs), _worst(ratios)
+
+
+def _worst(values: list[float]) -> float:
+    """The largest of ``values``, or NaN when one is NaN (which max() would pass over)."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 @contextlib.contextmanager
@@ -198,9 +201,7 @@ def export_checkpoint(
         return ExportReport(path, fmt, ckpt_path, None, [], source, "onnxruntime is not installed")
     with torch.no_grad():
         checks = [_max_diff(ref, runner(b)) for ref, b in zip(reference, batches)]
-    diff, ratio = max(d for d, _ in checks), max(r for _, r in checks)
-    if any(math.isnan(r) for _, r in checks):
-        diff = ratio = math.nan
+    diff, ratio = _worst([d for d, _ in checks]), _worst([r for _, r in checks])
     if not ratio <= 1.0:  # NaN fails too
         path.unlink(missing_ok=True)
         raise ExportError(

@@ -636,17 +636,13 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
     if restart_count():
         say(f"torchrun restarted the workers ({restart_count()} time(s) so far)")
     if resumed_from is not None:
-        say(
-            f"resumed from {resumed_from} at step {run.step} ("
-            + (
-                f"after the last step of epoch {run.epoch + 1}, before its evaluation"
-                if run.batches_done >= run.steps_per_epoch
-                else f"{run.batches_done} of {run.steps_per_epoch} steps into epoch {run.epoch + 1}"
-                if run.batches_done
-                else f"after epoch {run.epoch}"
-            )
-            + ")"
-        )
+        if run.batches_done >= run.steps_per_epoch:
+            where = f"after the last step of epoch {run.epoch + 1}, before its evaluation"
+        elif run.batches_done:
+            where = f"{run.batches_done} of {run.steps_per_epoch} steps into epoch {run.epoch + 1}"
+        else:
+            where = f"after epoch {run.epoch}"
+        say(f"resumed from {resumed_from} at step {run.step} ({where})")
 
     stopped, last_eval = "completed", None
     with catch_stop_signals() as stop:
