@@ -224,4 +224,5 @@ class Decoder(nn.Module):
         n, e = poses.shape[:2]
         mask = F.one_hot(labels, e).to(poses.dtype)  # (N, E)
         masked = (poses.reshape(n, e, -1) * mask[:, :, None]).reshape(n, -1)  # (N, E*P*P)
-        return self.net(masked).view(n, *self.out_shape)
+        # Routing returns float32 poses; a decoder cast to another dtype takes them in its own.
+        return self.net(masked.to(self.net[0].weight.dtype)).view(n, *self.out_shape)

@@ -93,6 +93,19 @@ def test_decoder_masks_all_but_the_target_class():
     torch.testing.assert_close(model.reconstruct(poses, labels), model.reconstruct(changed, labels))
 
 
+def test_a_model_cast_to_bfloat16_reconstructs_from_the_routing_float32_poses():
+    torch.manual_seed(0)
+    model = CapsNet.from_preset("small", num_classes=5, image_size=28).eval()
+    x, labels = torch.randn(2, 1, 28, 28), torch.tensor([0, 3])
+    with torch.no_grad():
+        want = model.reconstruct(model(x).poses, labels)
+        model.bfloat16()
+        out = model(x.bfloat16())
+        recon = model.reconstruct(out.poses, labels)
+    assert recon.dtype == torch.bfloat16 and recon.shape == want.shape
+    torch.testing.assert_close(recon.float(), want, atol=0.1, rtol=0.1)
+
+
 def test_keyword_overrides_change_the_preset_sizes():
     model = CapsNet.from_preset("small", caps_types=[8, 8, 8], caps_strides=[1, 1, 1], image_size=32)
     assert len(model.convcaps) == 3

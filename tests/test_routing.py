@@ -265,6 +265,29 @@ def _compare_fast_and_plain_routing():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("view", ["broadcast", "sliced", "permuted"])
+def test_fast_path_gradients_for_votes_that_are_views_of_other_tensors(view):
+    g = torch.Generator().manual_seed(17)
+    act = torch.rand(3, 1, 6, generator=g, dtype=torch.float64)
+    zeros = torch.zeros(2, dtype=torch.float64)
+    if view == "broadcast":  # one sample's votes for the whole batch: stride 0
+        base = torch.randn(1, 1, 2, 6, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        make = lambda: base.expand(3, -1, -1, -1, -1)  # noqa: E731
+    elif view == "sliced":  # every other pose element: gaps between elements
+        base = torch.randn(3, 1, 2, 6, 32, generator=g, dtype=torch.float64, requires_grad=True)
+        make = lambda: base[..., ::2]  # noqa: E731
+    else:  # dense, in another order
+        base = torch.randn(6, 2, 1, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        make = lambda: base.permute(3, 2, 1, 0, 4)  # noqa: E731
+    results = {}
+    for impl in ("fast", "plain"):
+        out = em_routing(make(), act, zeros, zeros, RoutingSettings(iterations=3), impl=impl)
+        (grad,) = torch.autograd.grad((out.pose.square().sum() + out.activation.sum()), base)
+        results[impl] = (out.pose, grad)
+    torch.testing.assert_close(results["fast"][0], results["plain"][0], atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(results["fast"][1], results["plain"][1], atol=1e-9, rtol=1e-9)
+
+
 # --------------------------------------------------------------------------- properties
 
 
