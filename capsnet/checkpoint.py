@@ -44,7 +44,7 @@ RUN_FILE = "run.json"
 LAST = "last.pt"
 BEST = "best.pt"
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
-_TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what atomic_write_bytes writes before the rename
+TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what atomic_write_bytes writes before the rename
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
 #: Keys of the architecture signature that do not change the parameters or the function computed.
 _RUNTIME_ONLY = {"recompute_votes"}
@@ -155,7 +155,7 @@ def remove_temp_files(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stale = [p for p in directory.iterdir() if _TEMP_FILE.match(p.name) and p.is_file()]
+    stale = [p for p in directory.iterdir() if TEMP_FILE.match(p.name) and p.is_file()]
     for path in stale:
         path.unlink(missing_ok=True)
     return sorted(stale)
@@ -277,7 +277,7 @@ def discard_after(run_dir: str | Path, step: int) -> list[Path]:
 # --------------------------------------------------------------------------- finding checkpoints
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
+def has_checkpoint(run_dir: Path) -> bool:
     return bool(step_checkpoints(run_dir)) or (run_dir / LAST).is_file()
 
 
@@ -294,10 +294,11 @@ def _run_time(run_dir: Path) -> float:
 def latest_run(out_dir: str | Path) -> Path:
     """The run directory under ``out_dir`` that was started or updated most recently."""
     out_dir = Path(out_dir)
-    runs = [p for p in out_dir.iterdir() if p.is_dir() and _has_checkpoint(p)] if out_dir.is_dir() else []
+    runs = [p for p in out_dir.iterdir() if p.is_dir() and has_checkpoint(p)] if out_dir.is_dir() else []
     if not runs:
         raise CheckpointError(
-            f"no runs with checkpoints in {out_dir}; train one first (capsnet train --config ...)"
+            f"no runs with checkpoints in {out_dir}; train one first (capsnet train --config ...), "
+            "or name the folder that holds them (--out-dir; for train --resume, -o logging.out_dir=...)"
         )
     return max(runs, key=lambda p: (_run_time(p), p.name))
 
@@ -310,7 +311,10 @@ def run_checkpoint(run_dir: str | Path) -> Path:
         return steps[-1][1]
     if (run_dir / LAST).is_file():
         return run_dir / LAST
-    raise CheckpointError(f"no checkpoints in {run_dir}")
+    raise CheckpointError(
+        f"no checkpoints in {run_dir}: the run stopped before its first save; "
+        "start it again with the command that started it"
+    )
 
 
 def resolve_checkpoint(spec: str, out_dir: str | Path) -> Path:
@@ -350,7 +354,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only" in str(e):
+        if "GLOBAL" in str(e):  # the weights-only unpickler met a class or function to import
             raise CheckpointError(
                 f"refusing to load {path}: it holds Python objects that could run code "
                 "(only tensors and plain data are accepted)"
@@ -361,7 +365,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
         # a seek past the end of a cut-off archive: EINVAL
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated)") from None
-    except (RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        zipfile.BadZipFile,
+    ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{path} is not a readable checkpoint (corrupt or truncated): {first}"

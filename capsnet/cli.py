@@ -87,6 +87,10 @@ def _errors(debug: bool):
         if isinstance(e, _user_errors()):
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            # a folder or file the command was told to use that cannot be made, read or written
+            typer.echo(f"error: could not use {e.filename}: {e.strerror}", err=True)
+            raise typer.Exit(2) from None
         typer.echo(
             f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True
         )
@@ -284,13 +288,15 @@ def eval_(
             limit=limit,
             mirror=mirror,
         )
-        if plot is not None:
+    # the results first, so that a figure that cannot be written does not lose them
+    typer.echo(json.dumps(report.to_dict()) if as_json else report.summary())
+    if plot is not None:
+        with _errors(debug):
             from capsnet.visualize import plot_eval, save_figure
 
             save_figure(plot_eval(report), plot)
-    typer.echo(json.dumps(report.to_dict()) if as_json else report.summary())
-    if plot is not None and not as_json:
-        typer.echo(f"wrote {plot}")
+        if not as_json:
+            typer.echo(f"wrote {plot}")
 
 
 @app.command()

@@ -464,12 +464,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError([f"config file not found: {path}"]) from None
     except OSError as e:
         raise ConfigError([f"cannot read config file {path}: {e.strerror}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not a UTF-8 text file (byte {e.start} cannot be decoded)"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"{path}: not valid YAML{where} ({problem})"]) from None
     if data is None:
-        data = {}
+        raise ConfigError([f"{path} is empty: give at least one section (see configs/small.yaml)"])
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections"])
     return data

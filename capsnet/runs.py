@@ -30,11 +30,12 @@ from capsnet import __version__
 from capsnet.averaging import WeightAverage
 from capsnet.checkpoint import (
     CHECKPOINT_FORMAT,
-    LAST,
+    TEMP_FILE,
     CheckpointError,
     atomic_write_bytes,
     capture_rng,
     discard_after,
+    has_checkpoint,
     load_checkpoint,
     remove_temp_files,
     resolve_checkpoint,
@@ -42,7 +43,6 @@ from capsnet.checkpoint import (
     run_checkpoint,
     safe_child,
     save_checkpoint,
-    step_checkpoints,
     validate_run_name,
     write_run_record,
 )
@@ -129,8 +129,7 @@ def resume_checkpoint(resume: str, run_name: str | None, out_dir: str | Path) ->
     """
     if resume == "latest" and run_name is not None:
         run_dir = safe_child(out_dir, run_name)
-        has_checkpoint = bool(step_checkpoints(run_dir)) or (run_dir / LAST).is_file()
-        return run_checkpoint(run_dir) if has_checkpoint else None
+        return run_checkpoint(run_dir) if has_checkpoint(run_dir) else None
     return resolve_checkpoint(resume, out_dir)
 
 
@@ -205,15 +204,33 @@ def prepare_run_dir(cfg: Config, name: str, resuming_here: bool, overwrite: bool
     return run_dir
 
 
+START_FILES = frozenset({"config.yaml", "run.json", "metrics.jsonl"})
+
+
+def only_start_files(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds nothing but what a run writes before its first checkpoint.
+
+    A start killed before its first save leaves such a folder; it is started
+    afresh instead of refused. Anything else in it (a checkpoint, a user's file)
+    keeps the folder from being replaced without --overwrite.
+    """
+    return all(p.is_file() and (p.name in START_FILES or TEMP_FILE.match(p.name)) for p in run_dir.iterdir())
+
+
 def open_run_dir(cfg: Config, choice: RunChoice, overwrite: bool, say: Callable[[str], None]) -> Path:
     """Rank 0: creates (or cleans, when resuming) the run directory and writes config.yaml and run.json."""
     run_dir = safe_child(cfg.logging.out_dir, choice.name)
     tb_dir = safe_child(cfg.logging.tb_dir, choice.name)
     start_step = int(choice.checkpoint["step"]) if choice.checkpoint is not None else 0
+    unsaved = run_dir.is_dir() and not choice.resuming_here and only_start_files(run_dir)
     if choice.starting_named_run and run_dir.exists():
         say(f"no checkpoint in {run_dir} yet: starting the run from step 0")
+    elif unsaved and any(run_dir.iterdir()) and not overwrite:
+        say(
+            f"note: {run_dir} holds no checkpoint (a start that stopped before its first save): starting it afresh"
+        )
     run_dir = prepare_run_dir(
-        cfg, choice.name, choice.resuming_here, overwrite or choice.starting_named_run, tb_dir
+        cfg, choice.name, choice.resuming_here, overwrite or choice.starting_named_run or unsaved, tb_dir
     )
     atomic_write_bytes(dump_config(cfg).encode(), run_dir / "config.yaml")
     if choice.resuming_here:

@@ -587,7 +587,51 @@ BAD_INPUTS = {
         lambda tmp, one: ["train", "--config", str(python_tag_yaml(tmp))],
         "not valid YAML",
     ),
+    "yaml-syntax-error-names-the-line": (
+        lambda tmp, one: ["train", "--config", str(written(tmp / "bad.yaml", b"train:\n  epochs: [1, 2\n"))],
+        "bad.yaml: not valid YAML at line 3, column 1",
+    ),
+    "config-that-is-not-utf8": (
+        lambda tmp, one: ["train", "--config", str(written(tmp / "bin.yaml", b"\xff\xfetrain: 1\n"))],
+        "bin.yaml: not a UTF-8 text file (byte 0 cannot be decoded)",
+    ),
+    "empty-config-file": (
+        lambda tmp, one: ["train", "--config", str(written(tmp / "empty.yaml", b""))],
+        "empty.yaml is empty",
+    ),
+    "random-bytes-as-a-checkpoint-eval": (
+        lambda tmp, one: ["eval", "--ckpt", str(written(tmp / "rand.pt", bytes(range(256)) * 4))],
+        "rand.pt is not a readable checkpoint (corrupt or truncated)",
+    ),
+    "resume-a-run-that-stopped-before-its-first-save": (
+        lambda tmp, one: ["train", "--resume", str(start_files_only(tmp / "weights" / "k")), *dirs(tmp)],
+        "stopped before its first save",
+    ),
+    "export-into-a-folder-that-is-a-file": (
+        lambda tmp, one: [
+            "export",
+            "--ckpt",
+            str(one / "weights" / "one"),
+            "--out",
+            str(written(tmp / "plain-file", b"x") / "model.onnx"),
+        ],
+        "could not use",
+    ),
 }
+
+
+def written(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def start_files_only(run_dir: Path) -> Path:
+    """A run folder as a start killed before its first checkpoint leaves it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "run.json", "metrics.jsonl"):
+        (run_dir / name).write_text("{}\n" if name != "config.yaml" else "train:\n  epochs: 1\n")
+    return run_dir
 
 
 def python_tag_yaml(tmp: Path) -> Path:
@@ -625,6 +669,30 @@ def test_an_existing_run_directory_needs_resume_or_overwrite(tmp_path, one_run, 
     result = runner.invoke(app, ["train", "--config", str(TINY), "--run-name", "one", *dirs(one_run)])
     assert result.exit_code == 2 and "already exists" in result.stderr
     assert "--resume" in result.stderr and "--overwrite" in result.stderr
+
+
+def test_a_run_folder_left_without_a_checkpoint_is_started_afresh_by_the_same_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    start_files_only(tmp_path / "weights" / "k")
+    result = runner.invoke(app, [*train_args(tmp_path, "--run-name", "k"), "-o", "train.max_steps=2"])
+    assert result.exit_code == 0, result.output
+    assert "holds no checkpoint" in result.output and "starting it afresh" in result.output
+    assert [step for step, _ in step_checkpoints(tmp_path / "weights" / "k")] == [2]
+    # anything a run does not write before its first save keeps the folder
+    start_files_only(tmp_path / "weights" / "m")
+    (tmp_path / "weights" / "m" / "notes.txt").write_text("mine")
+    kept = runner.invoke(app, train_args(tmp_path, "--run-name", "m"))
+    assert kept.exit_code == 2 and "already exists" in kept.stderr
+    assert (tmp_path / "weights" / "m" / "notes.txt").read_text() == "mine"
+
+
+def test_eval_prints_its_results_before_a_figure_that_cannot_be_written(tmp_path, one_run):
+    blocker = written(tmp_path / "plain-file", b"x")
+    args = ["eval", "--ckpt", str(one_run / "weights" / "one"), "--plot", str(blocker / "eval.png")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "accuracy" in result.stdout.lower(), result.stdout
+    assert result.stderr.startswith("error: could not use ") and "plain-file" in result.stderr, result.stderr
 
 
 def test_an_image_folder_with_bad_files_is_trained_with_one_warning_and_a_count(tmp_path):

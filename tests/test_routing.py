@@ -272,13 +272,13 @@ def test_fast_path_gradients_for_votes_that_are_views_of_other_tensors(view):
     zeros = torch.zeros(2, dtype=torch.float64)
     if view == "broadcast":  # one sample's votes for the whole batch: stride 0
         base = torch.randn(1, 1, 2, 6, 16, generator=g, dtype=torch.float64, requires_grad=True)
-        make = lambda: base.expand(3, -1, -1, -1, -1)  # noqa: E731
+        make = lambda: base.expand(3, -1, -1, -1, -1)
     elif view == "sliced":  # every other pose element: gaps between elements
         base = torch.randn(3, 1, 2, 6, 32, generator=g, dtype=torch.float64, requires_grad=True)
-        make = lambda: base[..., ::2]  # noqa: E731
+        make = lambda: base[..., ::2]
     else:  # dense, in another order
         base = torch.randn(6, 2, 1, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
-        make = lambda: base.permute(3, 2, 1, 0, 4)  # noqa: E731
+        make = lambda: base.permute(3, 2, 1, 0, 4)
     results = {}
     for impl in ("fast", "plain"):
         out = em_routing(make(), act, zeros, zeros, RoutingSettings(iterations=3), impl=impl)
