@@ -257,9 +257,8 @@ def eval_(
 ) -> None:
     """Evaluate a checkpoint: accuracy, loss and a per-class table (the config travels inside it).
 
-    With a smallNORB viewpoint split (data.split azimuth or elevation) the test set holds the
-    novel viewpoints, and the accuracy on the familiar ones is reported beside it.
-    """
+    With a smallNORB viewpoint split (data.split azimuth or elevation) the test set holds the novel viewpoints, and the accuracy on the familiar ones is reported beside it.
+    """  # one line per help paragraph: the help keeps line breaks
     with _errors(debug):
         from capsnet.evaluate import evaluate_checkpoint
         from capsnet.runtime import tune_allocator
@@ -571,9 +570,10 @@ def inspect(
     device: DeviceOption = "auto",
     debug: DebugOption = False,
 ) -> None:
-    """Figures of one image: (a) input and reconstruction, (b) class activations, (c) EM routing of one
-    parent, iteration by iteration, (d) capsule activation maps, (e) pose perturbations through the decoder.
-    """
+    """Figures of one image: input and reconstruction, class activations, EM routing, capsule maps, poses.
+
+    (a) input and reconstruction, (b) class activations, (c) EM routing of one parent, iteration by iteration, (d) capsule activation maps, (e) pose perturbations through the decoder.
+    """  # one line per help paragraph: the help keeps line breaks
     with _errors(debug):
         from capsnet.inspection import inspect_checkpoint, parse_pair
 

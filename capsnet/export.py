@@ -172,6 +172,13 @@ def export_checkpoint(
     """Exports the checkpoint ``spec`` names (latest | best | run dir | file) as ``fmt``."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if out is not None:
+        named = {Path(name).suffix: other for other, name in FORMATS.items()}.get(Path(out).suffix.lower())
+        if named is not None and named != fmt:
+            raise ExportError(
+                f"--out {out} names a {named} file but --format is {fmt}; "
+                f"give --format {named}, or an {Path(FORMATS[fmt]).suffix} name"
+            )
     ckpt_path = resolve_checkpoint(spec, out_dir)
     ckpt = load_checkpoint(ckpt_path)
     # The default (fast) routing is what gets exported: while torch.export traces,

@@ -607,6 +607,10 @@ BAD_INPUTS = {
         lambda tmp, one: ["train", "--resume", str(start_files_only(tmp / "weights" / "k")), *dirs(tmp)],
         "stopped before its first save",
     ),
+    "export-to-a-file-named-for-the-other-format": (
+        on_the_run("export", "--format", "onnx", "--out", "model.pt2"),
+        "--out model.pt2 names a pt2 file but --format is onnx; give --format pt2, or an .onnx name",
+    ),
     "export-into-a-folder-that-is-a-file": (
         lambda tmp, one: [
             "export",
