@@ -190,14 +190,27 @@ def choose_run(
 # --------------------------------------------------------------------------- the run directory
 
 
+def _taken(run_dir: Path) -> TrainingError:
+    return TrainingError(
+        f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
+        "replace it with --overwrite, or pick another --run-name"
+    )
+
+
+def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
+    """Rank 0, before any slow set-up: refuses a run directory that open_run_dir would refuse."""
+    run_dir = safe_child(cfg.logging.out_dir, choice.name)
+    if overwrite or choice.resuming_here or choice.starting_named_run or not run_dir.is_dir():
+        return
+    if any(run_dir.iterdir()) and not only_start_files(run_dir):
+        raise _taken(run_dir)
+
+
 def prepare_run_dir(cfg: Config, name: str, resuming_here: bool, overwrite: bool, tb_dir: Path) -> Path:
     run_dir = safe_child(cfg.logging.out_dir, name)
     if run_dir.exists() and any(run_dir.iterdir()) and not resuming_here:
         if not overwrite:
-            raise TrainingError(
-                f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
-                "replace it with --overwrite, or pick another --run-name"
-            )
+            raise _taken(run_dir)
         shutil.rmtree(run_dir)
         shutil.rmtree(tb_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,7 @@ from capsnet.routing import (
 from capsnet.runs import (
     Run,
     TrainingError,
+    check_run_dir_free,
     choose_run,
     config_for_resume,
     first_non_finite,
@@ -436,7 +437,6 @@ def fit(
     compiled_before = compiled_kernels_enabled()
     finished = False
     try:
-        _choose_routing_kernels(cfg, dist_info, echo)
         result = _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix)
         finished = True
         return result
@@ -467,6 +467,9 @@ def _choose_routing_kernels(cfg: Config, dist_info, echo: Callable[[str], None])
 def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunResult:
     say = echo if dist_info.is_main else (lambda _msg: None)
     choice = choose_run(cfg, run_name, resume, overwrite, name_prefix)
+    if dist_info.is_main:
+        check_run_dir_free(cfg, choice, overwrite)  # before compiling kernels and loading data
+    _choose_routing_kernels(cfg, dist_info, echo)
     ckpt, ckpt_path, name = choice.checkpoint, choice.checkpoint_path, choice.name
     seed_everything(rank_seed(cfg.train.seed, dist_info.rank))
     if cfg.train.threads:

@@ -670,9 +670,22 @@ def test_eval_at_another_image_size_scores_the_classification_without_the_decode
 
 def test_an_existing_run_directory_needs_resume_or_overwrite(tmp_path, one_run, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["train", "--config", str(TINY), "--run-name", "one", *dirs(one_run)])
+    # compile_routing null would compile the kernels first (and say so) on a CPU
+    args = [
+        "train",
+        "--config",
+        str(TINY),
+        "--run-name",
+        "one",
+        *dirs(one_run),
+        "-o",
+        "train.compile_routing=null",
+    ]
+    result = runner.invoke(app, args)
     assert result.exit_code == 2 and "already exists" in result.stderr
     assert "--resume" in result.stderr and "--overwrite" in result.stderr
+    # refused before the slow set-up: no kernels compiled, no data loaded
+    assert "routing:" not in result.output and "data " not in result.output, result.output
 
 
 def test_a_run_folder_left_without_a_checkpoint_is_started_afresh_by_the_same_command(tmp_path, monkeypatch):
