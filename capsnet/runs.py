@@ -190,33 +190,6 @@ def choose_run(
 # --------------------------------------------------------------------------- the run directory
 
 
-def _taken(run_dir: Path) -> TrainingError:
-    return TrainingError(
-        f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
-        "replace it with --overwrite, or pick another --run-name"
-    )
-
-
-def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
-    """Rank 0, before any slow set-up: refuses a run directory that open_run_dir would refuse."""
-    run_dir = safe_child(cfg.logging.out_dir, choice.name)
-    if overwrite or choice.resuming_here or choice.starting_named_run or not run_dir.is_dir():
-        return
-    if any(run_dir.iterdir()) and not only_start_files(run_dir):
-        raise _taken(run_dir)
-
-
-def prepare_run_dir(cfg: Config, name: str, resuming_here: bool, overwrite: bool, tb_dir: Path) -> Path:
-    run_dir = safe_child(cfg.logging.out_dir, name)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resuming_here:
-        if not overwrite:
-            raise _taken(run_dir)
-        shutil.rmtree(run_dir)
-        shutil.rmtree(tb_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 START_FILES = frozenset({"config.yaml", "run.json", "metrics.jsonl"})
 
 
@@ -230,21 +203,38 @@ def only_start_files(run_dir: Path) -> bool:
     return all(p.is_file() and (p.name in START_FILES or TEMP_FILE.match(p.name)) for p in run_dir.iterdir())
 
 
+def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
+    """Rank 0, before any slow set-up: refuses a run directory that may not be replaced.
+
+    :func:`open_run_dir`, called later, relies on this check having passed.
+    """
+    run_dir = safe_child(cfg.logging.out_dir, choice.name)
+    if overwrite or choice.resuming_here or choice.starting_named_run or not run_dir.is_dir():
+        return
+    if not only_start_files(run_dir):
+        raise TrainingError(
+            f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
+            "replace it with --overwrite, or pick another --run-name"
+        )
+
+
 def open_run_dir(cfg: Config, choice: RunChoice, overwrite: bool, say: Callable[[str], None]) -> Path:
-    """Rank 0: creates (or cleans, when resuming) the run directory and writes config.yaml and run.json."""
+    """Rank 0, after :func:`check_run_dir_free`: creates the run directory (emptied unless resuming
+    into it) and writes config.yaml and run.json."""
     run_dir = safe_child(cfg.logging.out_dir, choice.name)
     tb_dir = safe_child(cfg.logging.tb_dir, choice.name)
     start_step = int(choice.checkpoint["step"]) if choice.checkpoint is not None else 0
-    unsaved = run_dir.is_dir() and not choice.resuming_here and only_start_files(run_dir)
+    leftover = run_dir.is_dir() and any(run_dir.iterdir()) and not choice.resuming_here
     if choice.starting_named_run and run_dir.exists():
         say(f"no checkpoint in {run_dir} yet: starting the run from step 0")
-    elif unsaved and any(run_dir.iterdir()) and not overwrite:
+    elif leftover and not overwrite:
         say(
             f"note: {run_dir} holds no checkpoint (a start that stopped before its first save): starting it afresh"
         )
-    run_dir = prepare_run_dir(
-        cfg, choice.name, choice.resuming_here, overwrite or choice.starting_named_run or unsaved, tb_dir
-    )
+    if leftover:
+        shutil.rmtree(run_dir)
+        shutil.rmtree(tb_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(dump_config(cfg).encode(), run_dir / "config.yaml")
     if choice.resuming_here:
         for dropped in discard_after(run_dir, start_step):
