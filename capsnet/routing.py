@@ -571,8 +571,14 @@ def _sample_chunks(
     return [(start, min(start + step, geom[0])) for start in range(0, geom[0], step)]
 
 
+def _centring_weights(act: Tensor) -> Tensor:
+    """a_i / sum_i a_i over each position's children: (n, L, I); zero where every child is inactive."""
+    return act / act.sum(-1, keepdim=True).clamp_min(torch.finfo(act.dtype).tiny)
+
+
 def _build_moments(
     votes: Tensor | VoteProduct,
+    act: Tensor,
     start: int,
     stop: int,
     out: Tensor | None = None,
@@ -583,11 +589,14 @@ def _build_moments(
 
     With ``fused`` (compiled contractions), only V - s, (B, I, H). Written with
     ``out=`` and in place (no autograd), into ``out`` when given. The routing is
-    invariant to a per-parent shift of its votes; centring keeps E[V^2] - E[V]^2
-    accurate in float32 while each parent's weighted mean lies near the plain
-    mean of its votes. Where it does not (active children far from inactive
-    ones, hundreds of units apart), float32 loses digits that the plain path's
-    (V - mu)^2 keeps: with votes +-300 the variance is off by a factor of 5.
+    invariant to a per-parent shift of its votes (so its backward treats s as a
+    constant); centring keeps E[V^2] - E[V]^2 accurate in float32. s is the mean
+    weighted by the children's activations ``act`` (N, L, I), not the plain mean:
+    inactive children may vote hundreds of units away from the active ones that
+    decide each parent's mean and variance, and a plain-mean centre would leave
+    those as differences of squares of hundreds, with no correct digit left. The
+    weighted mean costs one matrix product per chunk in place of the plain mean's
+    reduction, and is no slower.
     """
     _, positions, types, children, h = _vote_geometry(votes)
     n = stop - start
@@ -599,7 +608,9 @@ def _build_moments(
         v = votes.product(
             start, stop, None if work is None else work.votes
         )  # (I, n*L*P, C*P), ours to change
-        mean = v.mean(dim=0, keepdim=True)  # (1, n*L*P, C*P)
+        w = _centring_weights(act[start:stop]).view(n * positions, 1, children)
+        per_position = v.view(children, n * positions, p * types * p).transpose(0, 1)  # (n*L, I, P*C*P)
+        mean = torch.bmm(w, per_position).view(1, n * positions * p, types * p)
         v.sub_(mean)  # centred in the product's layout, where it is contiguous
         both = v.new_empty(n * positions * types, children, width) if out is None else out  # (B, I, 2H)
         centred = both[..., :h].view(n, positions, types, children, p, p)
@@ -608,7 +619,9 @@ def _build_moments(
     else:
         v = votes[start:stop]  # (n, L, C, I, *pose)
         both = v.new_empty(n * positions * types, children, width) if out is None else out  # (B, I, 2H)
-        shift = v.mean(dim=3, keepdim=True)  # (n, L, C, 1, *pose)
+        w = _centring_weights(act[start:stop])  # (n, L, I)
+        flat = v.reshape(n, positions, types, children, h)
+        shift = torch.matmul(w[:, :, None, None, :], flat).view(n, positions, types, 1, *v.shape[4:])
         centred = both[..., :h].view(v.shape)
         torch.sub(v, shift, out=centred)
     if not fused:
@@ -616,12 +629,13 @@ def _build_moments(
     return both, shift.reshape(n, positions, types, h)
 
 
-def _traceable_moments(votes: Tensor | VoteProduct) -> tuple[Tensor, Tensor]:
+def _traceable_moments(votes: Tensor | VoteProduct, act: Tensor) -> tuple[Tensor, Tensor]:
     """The same as :func:`_build_moments` for the whole batch, in plain differentiable operations."""
     n, positions, types, children, h = _vote_geometry(votes)
     v = votes.compute() if isinstance(votes, VoteProduct) else votes
     v = v.reshape(n, positions, types, children, h)
-    shift = v.detach().mean(dim=3, keepdim=True)  # (N, L, C, 1, H)
+    w = _centring_weights(act.detach())[:, :, None, None, :]  # (N, L, 1, 1, I)
+    shift = torch.matmul(w, v.detach())  # (N, L, C, 1, H)
     centred = v - shift
     both = torch.cat([centred, centred * centred], dim=-1).reshape(n * positions * types, children, 2 * h)
     return both, shift.reshape(n, positions, types, h)
@@ -726,7 +740,9 @@ def _route_in_chunks(
     work = _Workspace(votes, max(b - a for a, b in chunks), moments=not kept, fused=fused)
     for start, stop in chunks:
         rows = slice(start * positions * types, stop * positions * types)
-        both, shift = _build_moments(votes, start, stop, keep["both"][rows] if kept else None, work, fused)
+        both, shift = _build_moments(
+            votes, act_in, start, stop, keep["both"][rows] if kept else None, work, fused
+        )
         saved = [] if keep is not None else None
         mu, var, a, r = _em_iterations(
             both, act_in[start:stop], beta_u, beta_a, settings, fold, (stop - start, *geom[1:]), saved, fused
@@ -829,7 +845,7 @@ class _FastRouting(torch.autograd.Function):
         for start, stop in job.chunks:
             rows = slice(start * positions * types, stop * positions * types)
             if job.recompute:
-                both = _build_moments(product, start, stop, work=work, fused=job.fused)[0]
+                both = _build_moments(product, act_in, start, stop, work=work, fused=job.fused)[0]
             else:
                 both = rest[-1][rows]
             r0 = initial_assignments(
@@ -1010,7 +1026,7 @@ def _em_fast(votes, act_in, beta_u, beta_a, settings, fold, want_stats):
     if tracing:
         # torch.compile and export trace plain differentiable operations on the whole batch.
         geom = _vote_geometry(votes)
-        both, shift = _traceable_moments(votes)
+        both, shift = _traceable_moments(votes, act_in)
         mu, var, act, r = _em_iterations(both, act_in, beta_u, beta_a, settings, fold, geom)
         pose = mu + shift
     elif torch.is_grad_enabled() and any(x.requires_grad for x in tensors):

@@ -587,3 +587,53 @@ def test_compiled_kernels_keep_working_across_many_dtypes_and_shapes():
             got = routing._weighted_moments(w, d, fused=True)
             want = torch.cat([(w[..., None] * d).sum(1), (w[..., None] * d * d).sum(1)], dim=-1)
             torch.testing.assert_close(got, want)
+
+
+def _far_inactive_votes(kind, samples=2, scale=1000.0):
+    """Votes where active children agree closely and inactive ones vote ``scale`` units away.
+
+    Returns (votes for em_routing, the same votes as a float64 tensor, activations).
+    Centring on the plain mean of all votes would leave the active children's
+    spread (about 0.03) as the difference of two squares near ``scale``^2 in
+    float32, with no correct digit left.
+    """
+    g = torch.Generator().manual_seed(23)
+    children, types, p = 8, 2, 4
+    active = torch.arange(children) < children // 2
+    act = torch.where(active, 1.0, 0.0).expand(samples, 1, children).contiguous()
+    if kind == "tensor":
+        v = 0.03 * torch.randn(samples, 1, types, children, p * p, generator=g) + 2.0
+        v[:, :, :, ~active] = -scale
+        return v, v.double(), act
+    # V_ij = M_i W_ij: identity-like W, poses of inactive children scaled far out.
+    poses = 2.0 + 0.03 * torch.randn(children, samples * p, p, generator=g)
+    poses[~active] = -scale
+    weight = torch.eye(p).repeat(1, types).expand(children, p, types * p).contiguous()
+    product = routing.VoteProduct(poses, weight, (samples, 1, types, p))
+    return product, product.compute().double(), act
+
+
+@pytest.mark.parametrize("kind", ["tensor", "product"])
+@pytest.mark.parametrize("path", ["inference", "training", "compiled-kernels", "traced"])
+def test_fast_routing_keeps_float32_precision_when_inactive_children_vote_far_away(kind, path, monkeypatch):
+    votes, exact_votes, act = _far_inactive_votes(kind)
+    zeros = torch.zeros(2)
+    settings = RoutingSettings(iterations=2)
+    want = em_routing(exact_votes, act.double(), zeros.double(), zeros.double(), settings, impl="plain")
+    if path == "traced":  # the whole-batch operations that torch.compile and export see
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    routing.use_compiled_kernels(path == "compiled-kernels")
+    try:
+        if path == "inference":
+            with torch.no_grad():
+                got = em_routing(votes, act, zeros, zeros, settings, impl="fast")
+        else:
+            beta_u = zeros.clone().requires_grad_()
+            got = em_routing(votes, act, beta_u, zeros, settings, impl="fast")
+            (g_beta_u,) = torch.autograd.grad(got.activation.sum(), beta_u)
+            assert torch.isfinite(g_beta_u).all()
+    finally:
+        routing.use_compiled_kernels(False)
+    # The activation depends on ln(variance): 0.03^2 against about 1 for plain-mean centring.
+    torch.testing.assert_close(got.activation.double(), want.activation, atol=2e-4, rtol=0)
+    torch.testing.assert_close(got.pose.double(), want.pose, atol=1e-4, rtol=1e-6)
