@@ -7,6 +7,7 @@ Dotted overrides (``train.batch_size=64``) go through the same checks.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import datetime
 import math
@@ -299,7 +300,7 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problems.append(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
         return cls()
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
@@ -455,6 +456,28 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = 
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor"; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, collections.abc.Hashable):
+                continue  # the base class reports unhashable keys
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} given twice, first at line {first[key] + 1}",
+                    key_node.start_mark,
+                )
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Reads a YAML mapping with the safe loader (no Python object tags)."""
     path = Path(path)
@@ -467,7 +490,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError([f"{path}: not a UTF-8 text file (byte {e.start} cannot be decoded)"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a subclass of the safe loader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -26,7 +26,7 @@ from capsnet.checkpoint import (
     validate_run_name,
     write_run_record,
 )
-from capsnet.config import ConfigError, load_config
+from capsnet.config import ConfigError, load_config, read_yaml
 
 
 def fake_checkpoint(step: int, run: str = "run", epoch: int = 0) -> dict:
@@ -213,3 +213,13 @@ def test_a_format_1_checkpoint_loads_unless_it_learned_beta_a_in_the_old_logit_u
     current["arch"] = {"caps_types": [4, 4], "beta_a_logit": True}
     atomic_save(current, tmp_path / "current.pt")
     assert load_checkpoint(tmp_path / "current.pt")["arch"]["beta_a_logit"] is True
+
+
+def test_a_yaml_key_given_twice_is_an_error_but_a_merge_key_may_be_overridden(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  epochs: 1\ntrain:\n  epochs: 9\n")
+    with pytest.raises(ConfigError, match=r"line 3, column 1 \(key 'train' given twice, first at line 1\)"):
+        load_config(twice)
+    merged = tmp_path / "merged.yaml"  # "<<" copies the anchor's keys; a key after it replaces one
+    merged.write_text("a: &x {epochs: 1, batch_size: 8}\nb:\n  <<: *x\n  epochs: 3\n")
+    assert read_yaml(merged)["b"] == {"epochs": 3, "batch_size": 8}

@@ -591,6 +591,18 @@ BAD_INPUTS = {
         lambda tmp, one: ["train", "--config", str(written(tmp / "bad.yaml", b"train:\n  epochs: [1, 2\n"))],
         "bad.yaml: not valid YAML at line 3, column 1",
     ),
+    "yaml-key-given-twice": (
+        lambda tmp, one: [
+            "train",
+            "--config",
+            str(written(tmp / "twice.yaml", b"train:\n  epochs: 1\n  batch_size: 8\n  epochs: 9\n")),
+        ],
+        "twice.yaml: not valid YAML at line 4, column 3 (key 'epochs' given twice, first at line 2)",
+    ),
+    "override-of-a-whole-section-with-a-value": (
+        lambda tmp, one: ["train", "--config", str(TINY), "-o", "train=3", *dirs(tmp)],
+        "train: expected a mapping of keys, got 3",
+    ),
     "config-that-is-not-utf8": (
         lambda tmp, one: ["train", "--config", str(written(tmp / "bin.yaml", b"\xff\xfetrain: 1\n"))],
         "bin.yaml: not a UTF-8 text file (byte 0 cannot be decoded)",
