@@ -48,7 +48,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 #: Lower bound of sum_i R_ij in the M-step divisions; only a parent that no
-#: child feeds at all comes near it.
+#: child feeds at all comes near it. Below it the two paths' poses part: the
+#: plain path's sum_i R_ij V_ij / RSUM_FLOOR shrinks towards 0 (and its gradient
+#: with respect to the activations grows as 1 / RSUM_FLOOR), the fast path's stays
+#: near the children's activation-weighted mean vote, its centre. Where every child
+#: of a patch is exactly inactive, both give 0.
 RSUM_FLOOR = 1e-10
 LOG_2PI = math.log(2 * math.pi)
 

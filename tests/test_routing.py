@@ -637,3 +637,17 @@ def test_fast_routing_keeps_float32_precision_when_inactive_children_vote_far_aw
     # The activation depends on ln(variance): 0.03^2 against about 1 for plain-mean centring.
     torch.testing.assert_close(got.activation.double(), want.activation, atol=2e-4, rtol=0)
     torch.testing.assert_close(got.pose.double(), want.pose, atol=1e-4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "product"])
+def test_fast_and_plain_routing_agree_where_every_child_is_inactive(kind):
+    votes, _, act = _far_inactive_votes(kind, scale=5.0)
+    act = act.clone()
+    act[0] = 0.0  # the first sample's children are all off; the second's half on
+    zeros = torch.zeros(2)
+    settings = RoutingSettings(iterations=3)
+    fast = em_routing(votes, act, zeros, zeros, settings, impl="fast")
+    plain = em_routing(votes, act, zeros, zeros, settings, impl="plain")
+    assert torch.equal(fast.pose[0], torch.zeros_like(fast.pose[0]))
+    torch.testing.assert_close(fast.pose, plain.pose, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.activation, plain.activation, atol=1e-6, rtol=1e-6)
