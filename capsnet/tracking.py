@@ -146,9 +146,10 @@ class TensorBoardWriter(NullWriter):
                 self.tb.add_histogram(tag, values, step)
 
     def image(self, tag: str, image: Tensor, step: int) -> None:
-        """``image`` is (C, H, W) with values in [0, 1]."""
+        """``image`` is (C, H, W) with values in [0, 1]; a non-finite pixel is drawn black (inf: white)."""
         if self.tb is not None:
-            self.tb.add_image(tag, image.detach().float().clamp(0, 1).cpu(), step)
+            image = torch.nan_to_num(image.detach().float(), nan=0.0, posinf=1.0, neginf=0.0)
+            self.tb.add_image(tag, image.clamp(0, 1).cpu(), step)
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         if self.tb is not None:

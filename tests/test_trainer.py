@@ -460,3 +460,23 @@ def test_a_fresh_run_hides_the_tensorboard_events_of_a_deleted_run_of_the_same_n
     time.sleep(1.1)  # event files are named by the second they were opened
     fit(tiny(tmp_path, "train.max_steps=4"), run_name="again", echo=quiet)
     assert loss_steps() == [2, 4]  # the new run's alone, not [2, 4, 6] or [2, 2, 4, 4, 6]
+
+
+def test_a_non_finite_image_is_logged_without_a_warning(tmp_path):
+    import warnings
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from capsnet.tracking import TensorBoardWriter
+
+    image = torch.full((1, 4, 4), 0.5)
+    image[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    writer = TensorBoardWriter(tmp_path / "tb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        writer.image("recon", image, 3)
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    (logged_image,) = events.Images("recon")
+    assert (logged_image.step, logged_image.width, logged_image.height) == (3, 4, 4)
