@@ -51,7 +51,15 @@ _RUNTIME_ONLY = {"recompute_votes"}
 
 
 class CheckpointError(Exception):
-    """A checkpoint cannot be written, found or loaded; the message says which file and why."""
+    """A checkpoint cannot be written, found or loaded; the message says which file and why.
+
+    ``written``: a complete checkpoint that the failed save did write (its step file
+    and last.pt, where only best.pt failed), else None.
+    """
+
+    def __init__(self, message: str, written: Path | None = None):
+        super().__init__(message)
+        self.written = written
 
 
 # --------------------------------------------------------------------------- names and paths
@@ -240,11 +248,17 @@ def save_checkpoint(run_dir: str | Path, ckpt: dict[str, Any], keep: int, is_bes
     path = run_dir / step_file(step)
     atomic_write_bytes(data, path)
     atomic_write_bytes(data, run_dir / LAST)
+    failed = None
     if is_best:
-        atomic_write_bytes(data, run_dir / BEST)
+        try:
+            atomic_write_bytes(data, run_dir / BEST)
+        except CheckpointError as e:
+            failed = CheckpointError(f"{e} ({path.name} and {LAST} were written)", written=path)
     write_run_record(run_dir, run=run_dir.name, step=step, epoch=int(ckpt["epoch"]))
     for _, old in step_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+    if failed is not None:
+        raise failed
     return path
 
 
@@ -418,6 +432,60 @@ def check_architecture(saved: dict[str, Any], current: dict[str, Any], where: st
     ]
     if diffs:
         raise CheckpointError(f"the model in {where} does not match the config: " + "; ".join(diffs))
+
+
+#: The settings that decide which training images are held out for validation.
+SPLIT_KEYS = (
+    "data.name",
+    "data.val_split",
+    "train.seed",
+    "data.split",
+    "data.stereo",
+    "data.train_size",
+)
+
+
+_UNSET = object()
+
+
+def _setting(config: dict[str, Any], key: str) -> Any:
+    section, name = key.split(".")
+    return (config.get(section) or {}).get(name, _UNSET)
+
+
+def check_resume_settings(saved_config: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
+    """Raises CheckpointError where resuming with ``current`` would not continue the run of ``saved_config``.
+
+    The optimiser's state is kept only for an optimiser of the same state, and with a validation
+    split the settings that draw it must stay: another split would hold out images the
+    run has trained on, and its best model would be chosen on them.
+    """
+    problems = []
+    before, now = _setting(saved_config, "optim.name"), _setting(current, "optim.name")
+    state = {"adamw": "adam"}  # Adam and AdamW keep the same state; they differ in how they decay
+    if before is not _UNSET and state.get(before, before) != state.get(now, now):
+        problems.append(
+            f"optim.name: {before!r} in the checkpoint, {now!r} now (its optimiser state is {before}'s)"
+        )
+    split_moved = False
+    held_out = [_setting(c, "data.val_split") for c in (saved_config, current)]
+    if any(isinstance(v, (int, float)) and v > 0 for v in held_out):
+        for key in SPLIT_KEYS:
+            saved = _setting(saved_config, key)
+            if saved is not _UNSET and saved != _setting(current, key):
+                problems.append(f"{key}: {saved!r} in the checkpoint, {_setting(current, key)!r} now")
+                split_moved = True
+    if not problems:
+        return
+    why = (
+        " (these settings draw the validation split: another one would hold out images the run trained on)"
+        if split_moved
+        else ""
+    )
+    raise CheckpointError(
+        f"cannot resume {where} with other settings: {'; '.join(problems)}{why}; resume without those "
+        f"overrides, or start a new run from its weights with -o train.init_from={where}"
+    )
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any], where: str | Path) -> None:

@@ -314,7 +314,7 @@ def save_run(run: Run, mid_epoch: bool, is_best: bool = False) -> Path | None:
             raise TrainingError(f"stopped at step {run.step}: rank 0 could not save a checkpoint")
         raise CheckpointError(
             f"{error}\ntraining stopped at step {run.step}; the last complete checkpoint is "
-            f"{run.last_checkpoint or 'none'}; free some space and resume with: "
+            f"{error.written or run.last_checkpoint or 'none'}; free some space and resume with: "
             f"capsnet train --resume {run.run_dir}"
         )
     return run.last_checkpoint

@@ -40,8 +40,10 @@ from torch import Tensor, nn
 from capsnet.averaging import WeightAverage
 from capsnet.checkpoint import (
     BEST,
+    CheckpointError,
     capture_rng,
     check_architecture,
+    check_resume_settings,
     load_checkpoint,
     load_model_state,
     safe_child,
@@ -471,6 +473,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         check_run_dir_free(cfg, choice, overwrite)  # before compiling kernels and loading data
     _choose_routing_kernels(cfg, dist_info, echo)
     ckpt, ckpt_path, name = choice.checkpoint, choice.checkpoint_path, choice.name
+    if ckpt is not None:
+        check_resume_settings(ckpt.get("config") or {}, cfg.to_dict(), ckpt_path)
     seed_everything(rank_seed(cfg.train.seed, dist_info.rank))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -512,6 +516,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         load_model_state(ema.model, ckpt["model"], ckpt_path)
     optimizer = build_optimizer(model, cfg)
     if ckpt is not None:
+        # The state (moments, step counts) continues; the hyperparameters are the config's.
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
@@ -519,6 +525,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
                 f"optimizer state in {ckpt_path} does not fit optim.name={cfg.optim.name}, "
                 f"optim.decay_scope={cfg.optim.decay_scope}: {e}"
             ) from None
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)
     forward = torch.compile(model) if cfg.train.compile else None
     step_module: nn.Module = TrainStep(model, forward, uses_reconstruction(model, cfg))
     if dist_info.distributed:
@@ -578,6 +586,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         # No best.pt beside the resumed checkpoint (one from steps past it was just removed,
         # or the run continues in a new folder): the recorded best has no file to stand for it.
         missing = broadcast(dist_info.is_main and not (run_dir / BEST).is_file())
+        if not missing and run.best_acc is not None:
+            _agree_with_best_file(run, dist_info)
         if missing and run.best_acc is not None:
             say(
                 f"note: {run_dir} holds no best.pt of the steps up to {run.step}, so best.pt is chosen "
@@ -589,6 +599,43 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         return _loop(run, ckpt_path)
     finally:
         writer.close()
+
+
+def _agree_with_best_file(run: Run, dist_info) -> None:
+    """Takes the best accuracy and step from best.pt where the resumed checkpoint's record disagrees.
+
+    A save stopped between the step file and best.pt (disk full, killed) leaves a
+    checkpoint recording a best that best.pt does not hold; going on from that record,
+    no later model that beats best.pt but not the record would replace it.
+    """
+    record = None
+    if dist_info.is_main:
+        try:
+            best = load_checkpoint(run.run_dir / BEST)
+            record = (
+                best.get("best_metric"),
+                best.get("best_step"),
+                best.get("step"),
+                best.get("best_split"),
+            )
+        except CheckpointError:
+            record = (None, None, None, None)
+    acc, step, saved_at, split = broadcast(record)
+    if step == run.best_step and acc == run.best_acc:
+        return
+    if step is not None and step == saved_at and split == run.eval_split and acc is not None:
+        run.echo(
+            f"note: best.pt holds step {step} ({run.eval_split}/acc {acc:.4f}), not the step {run.best_step} "
+            f"({run.best_acc:.4f}) that the checkpoint records (a save stopped before writing it): "
+            f"the best so far is best.pt's"
+        )
+        run.best_acc, run.best_step = float(acc), int(step)
+    else:
+        run.echo(
+            f"note: best.pt is unreadable or not a best of this run, so best.pt is chosen afresh from here "
+            f"(the best {run.eval_split}/acc so far was {run.best_acc:.4f} at step {run.best_step})"
+        )
+        run.best_acc = run.best_step = None
 
 
 def schedule_change(cfg: Config, step: int, before: int | None, now: int) -> str | None:

@@ -480,3 +480,74 @@ def test_a_non_finite_image_is_logged_without_a_warning(tmp_path):
     events.Reload()
     (logged_image,) = events.Images("recon")
     assert (logged_image.step, logged_image.width, logged_image.height) == (3, 4, 4)
+
+
+def test_a_resumed_run_takes_the_configs_optimiser_settings_but_refuses_another_optimiser(tmp_path):
+    from capsnet.checkpoint import CheckpointError
+
+    first = fit(tiny(tmp_path, "train.max_steps=6"), run_name="opt", echo=quiet)
+    groups = load_checkpoint(first.run_dir / "last.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [2e-7]
+    resumed = fit(
+        tiny(tmp_path, "train.max_steps=8", "optim.weight_decay=0.1"), resume=str(first.run_dir), echo=quiet
+    )
+    state = load_checkpoint(resumed.run_dir / "last.pt")["optimizer"]
+    assert [g["weight_decay"] for g in state["param_groups"]] == [0.1]
+    assert state["state"]  # the moments went on
+    with pytest.raises(CheckpointError, match=r"optim.name: 'adam' in the checkpoint, 'sgd' now"):
+        fit(tiny(tmp_path, "train.max_steps=10", "optim.name=sgd"), resume=str(first.run_dir), echo=quiet)
+    switched = fit(  # Adam's state continues under AdamW, with decoupled decay
+        tiny(tmp_path, "train.max_steps=10", "optim.name=adamw"), resume=str(first.run_dir), echo=quiet
+    )
+    groups = load_checkpoint(switched.run_dir / "last.pt")["optimizer"]["param_groups"]
+    assert [g["decoupled_weight_decay"] for g in groups] == [True]
+
+
+def test_resuming_refuses_settings_that_would_draw_another_validation_split(tmp_path):
+    from capsnet.checkpoint import CheckpointError
+
+    first = fit(tiny(tmp_path, "train.max_steps=4", "data.val_split=0.25"), run_name="val", echo=quiet)
+    for change, message in [
+        (
+            "train.seed=5",
+            r"train.seed: 0 in the checkpoint, 5 now \(these settings draw the validation split",
+        ),
+        ("data.val_split=0.5", r"data.val_split: 0.25 in the checkpoint, 0.5 now"),
+        ("data.val_split=0", r"data.val_split: 0.25 in the checkpoint, 0.0 now"),
+    ]:
+        with pytest.raises(CheckpointError, match=message):
+            fit(tiny(tmp_path, "train.max_steps=6", change), resume=str(first.run_dir), echo=quiet)
+    # Without a validation split the seed draws only the data order: the run goes on.
+    plain = fit(tiny(tmp_path, "train.max_steps=4"), run_name="test-chosen", echo=quiet)
+    again = fit(tiny(tmp_path, "train.max_steps=6", "train.seed=5"), resume=str(plain.run_dir), echo=quiet)
+    assert load_checkpoint(again.run_dir / "last.pt")["step"] == 6
+
+
+def test_a_save_stopped_before_best_pt_leaves_the_best_with_best_pt(tmp_path, monkeypatch):
+    from capsnet import checkpoint
+    from capsnet.checkpoint import CheckpointError
+
+    real, writes = checkpoint.atomic_write_bytes, []
+
+    def full_disk_at_the_second_best(data, path):
+        if Path(path).name == "best.pt":
+            writes.append(path)
+            if len(writes) == 2:
+                raise CheckpointError(f"could not write {path}: no space left on device")
+        return real(data, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk_at_the_second_best)
+    with pytest.raises(CheckpointError, match="no space left") as stopped:
+        fit(tiny(tmp_path, "train.epochs=6", "optim.lr=0.0005"), run_name="b", echo=quiet)
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", real)
+    run_dir = tmp_path / "weights" / "b"
+    last, best = load_checkpoint(run_dir / "last.pt"), load_checkpoint(run_dir / "best.pt")
+    written = f"step-{last['step']:06d}.pt"
+    assert f"({written} and last.pt were written)" in str(stopped.value)
+    assert f"the last complete checkpoint is {run_dir / written}" in str(stopped.value)
+    assert last["best_step"] == last["step"] > best["step"] == best["best_step"]  # the record is ahead
+    said: list[str] = []
+    result = fit(tiny(tmp_path, "train.epochs=7", "optim.lr=1e-9"), resume=str(run_dir), echo=said.append)
+    assert any(f"best.pt holds step {best['step']}" in line for line in said)
+    final_best = load_checkpoint(run_dir / "best.pt")
+    assert (result.best_step, result.best_acc) == (final_best["step"], final_best["best_metric"])
