@@ -394,9 +394,38 @@ IDX_FILES = {
 def check_body_size(path: str | Path, body: bytes, dims: tuple[int, ...], expected: int) -> None:
     """Raises DataFormatError unless ``body`` (read as ``expected`` + 1 bytes) holds exactly ``expected``."""
     if len(body) != expected:
-        what = "truncated" if len(body) < expected else "longer than its header says"
         found = len(body) if len(body) < expected else f"more than {expected}"
-        raise DataFormatError(f"{path}: {what}: header says {dims} = {expected} bytes of data, found {found}")
+        _wrong_size(path, dims, expected, len(body), found)
+
+
+def _wrong_size(path, dims, expected: int, length: int, found) -> None:
+    what = "truncated" if length < expected else "longer than its header says"
+    raise DataFormatError(f"{path}: {what}: header says {dims} = {expected} bytes of data, found {found}")
+
+
+#: A compressed body is read in pieces of this size, so that a corrupt header
+#: announcing terabytes costs no more memory than the data that is really there.
+READ_PIECE = 64 << 20
+
+
+def read_body(f, path: str | Path, dims: tuple[int, ...], expected: int) -> bytearray:
+    """The rest of ``f``, which its header says is ``expected`` bytes; DataFormatError where it is not.
+
+    A plain file's size is checked before anything is read; a gzip stream is read
+    piece by piece up to one byte past ``expected``.
+    """
+    if not isinstance(f, gzip.GzipFile):
+        left = os.fstat(f.fileno()).st_size - f.tell()
+        if left != expected:
+            _wrong_size(path, dims, expected, left, left)
+    body = bytearray()
+    while len(body) <= expected:
+        piece = f.read(min(READ_PIECE, expected + 1 - len(body)))
+        if not piece:
+            break
+        body += piece
+    check_body_size(path, body, dims, expected)
+    return body
 
 
 def read_idx(path: str | Path, expected_magic: int | None = None) -> torch.Tensor:
@@ -426,10 +455,9 @@ def read_idx(path: str | Path, expected_magic: int | None = None) -> torch.Tenso
             dims = struct.unpack(f">{ndim}I", raw_dims)
             dtype = np.dtype(IDX_DTYPES[head[2]])
             expected = math.prod(dims) * dtype.itemsize
-            body = f.read(expected + 1)
+            body = read_body(f, path, dims, expected)
     except (OSError, EOFError, zlib.error) as e:
         raise DataFormatError(f"{path}: cannot read ({e})") from None
-    check_body_size(path, body, dims, expected)
     array = np.frombuffer(body, dtype=dtype).reshape(dims)
     return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
 

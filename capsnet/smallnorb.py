@@ -25,6 +25,7 @@ turns the arrays into datasets.
 from __future__ import annotations
 
 import gzip
+import math
 import shutil
 import struct
 import urllib.request
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capsnet.data import DataFormatError, DatasetNotFoundError, check_body_size, one_line
+from capsnet.data import DataFormatError, DatasetNotFoundError, one_line, read_body
 
 CLASS_NAMES = ["animal", "human", "airplane", "truck", "car"]
 URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
@@ -117,11 +118,10 @@ def read_norb_matrix(path: str | Path, expected_magic: int | None = None) -> np.
             if any(d < 0 for d in dims):
                 raise DataFormatError(f"{path}: corrupt header (dims {dims})")
             dtype = MAGIC_DTYPES[magic]
-            expected = int(np.prod(dims)) * dtype.itemsize
-            body = f.read(expected + 1)
+            expected = math.prod(dims) * dtype.itemsize  # Python integers: no overflow
+            body = read_body(f, path, dims, expected)
     except (OSError, EOFError, zlib.error) as e:
         raise DataFormatError(f"{path}: cannot read ({e})") from None
-    check_body_size(path, body, dims, expected)
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 

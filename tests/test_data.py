@@ -136,6 +136,26 @@ def test_idx_reader_rejects_truncated_body(tmp_path, suffix):
     assert path.name in str(info.value)
 
 
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_a_header_announcing_more_data_than_memory_is_a_format_error(tmp_path, suffix, monkeypatch):
+    """A corrupt size field: the readers compare it with the data, never allocate it."""
+    monkeypatch.setattr(data, "READ_PIECE", 1000)  # a gzip body is read in several pieces
+    idx = tmp_path / f"images{suffix}"
+    with _opener(idx)(idx, "wb") as f:  # 2^32 - 1 images of 28 x 28 bytes: about 3 TiB
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">3I", 2**32 - 1, 28, 28) + bytes(28 * 28 * 3))
+    with pytest.raises(
+        DataFormatError, match=r"truncated: header says \(4294967295, 28, 28\) = .* found 2352"
+    ):
+        read_idx(idx)
+    norb = tmp_path / f"dat.mat{suffix}"
+    with _opener(norb)(norb, "wb") as f:  # int32 dims whose product overflows 64 bits
+        f.write(struct.pack("<ii8i", 0x1E3D4C55, 8, *[2**31 - 1] * 8) + bytes(10))
+    with pytest.raises(DataFormatError, match=r"truncated: header says .* found 10"):
+        smallnorb.read_norb_matrix(norb)
+    images = np.random.default_rng(2).integers(0, 256, (7, 28, 28), dtype=np.uint8)  # 5.5 pieces
+    assert torch.equal(read_idx(write_idx(tmp_path / f"ok{suffix}", images)), torch.from_numpy(images))
+
+
 def test_mnist_is_read_from_idx_files_under_the_root(tmp_path):
     write_mnist(tmp_path / "mnist" / "raw", gz=False)
     train, val, test, info = build_datasets(DataConfig(name="mnist", root=str(tmp_path), download=False))
