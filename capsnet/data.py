@@ -28,6 +28,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import pickle
 import struct
 import warnings
 import zlib
@@ -594,14 +595,82 @@ _TV_META = {
 }
 
 
+#: CIFAR-10's python release: the folder its archive unpacks to, and its batch files.
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+#: The files torchvision keeps SVHN's splits in.
+SVHN_FILES = ["train_32x32.mat", "test_32x32.mat"]
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR's batches (dicts, lists, strings, numbers, NumPy arrays) and no other object.
+
+    A pickle can name any importable function to call while it loads; this one only
+    lets through what rebuilds a NumPy array, so a doctored file cannot run code.
+    """
+
+    ALLOWED = {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer")}
+    ALLOWED |= {("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}  # bytes under protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of a CIFAR batch)")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch file of CIFAR-10's python release: (N, 3, 32, 32) uint8 images and (N,) labels.
+
+    Each file is a pickled dict whose ``data`` is an (N, 3072) uint8 array (each
+    row the red, green and blue 32 x 32 planes in turn) and whose ``labels`` is a
+    list of N class numbers; keys are bytes (the files were written by Python 2).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+    except OSError as e:
+        raise DataFormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt pickle fails in many ways
+        raise DataFormatError(f"{path}: not a CIFAR-10 batch file ({one_line(e)})") from None
+    if not isinstance(batch, dict):
+        raise DataFormatError(f"{path}: not a CIFAR-10 batch file (holds {type(batch).__name__}, not a dict)")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    images, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2:
+        raise DataFormatError(f"{path}: not a CIFAR-10 batch file (no (N, 3072) uint8 'data' array)")
+    if images.shape[1] != 3 * 32 * 32:
+        raise DataFormatError(f"{path}: rows of {images.shape[1]} bytes, not 3 x 32 x 32 = 3072")
+    try:
+        labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    except (TypeError, ValueError):
+        labels = None
+    if labels is None or labels.shape != (images.shape[0],):
+        raise DataFormatError(f"{path}: its 'labels' are not one class number per image ({images.shape[0]})")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        raise DataFormatError(f"{path}: class numbers outside 0-9 ({int(labels.min())}..{int(labels.max())})")
+    return torch.from_numpy(images.reshape(-1, 3, 32, 32).copy()), labels
+
+
+def _read_cifar10(folder: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = [read_cifar_batch(folder / name) for name in CIFAR10_BATCHES["train" if train else "test"]]
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
 def _torchvision_split(
     name: str, folder: Path, train: bool, download: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     import torchvision.datasets as tvd
 
     if name == "cifar10":
-        ds = tvd.CIFAR10(str(folder), train=train, download=download)
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+        if download:  # downloads and unpacks the archive into folder / CIFAR10_FOLDER
+            tvd.CIFAR10(str(folder), train=train, download=True)
+        return _read_cifar10(folder / CIFAR10_FOLDER, train)
     try:
         ds = tvd.SVHN(str(folder), split="train" if train else "test", download=download)
     except ImportError:
@@ -613,13 +682,28 @@ def _load_torchvision(name: str, root: str | Path, download: bool):
     root = Path(root).expanduser()
     dirs = [root, root / name]
     for folder in dirs:
+        if name == "cifar10":
+            if (folder / CIFAR10_FOLDER).is_dir():
+                return _read_cifar10(folder / CIFAR10_FOLDER, True), _read_cifar10(
+                    folder / CIFAR10_FOLDER, False
+                )
+            continue
         try:
             return _torchvision_split(name, folder, True, False), _torchvision_split(
                 name, folder, False, False
             )
         except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+            present = [folder / f for f in SVHN_FILES if (folder / f).is_file()]
+            if present:
+                raise DataFormatError(
+                    f"{', '.join(map(str, present))}: present but failing torchvision's checksum "
+                    f"(corrupt or incomplete); delete and download again (data.download=true)"
+                ) from None
             continue
     reason = "data.download is false"
+    archives = [folder / CIFAR10_ARCHIVE for folder in dirs if (folder / CIFAR10_ARCHIVE).is_file()]
+    if name == "cifar10" and archives and not download:
+        reason += f"; {archives[0]} is there but not unpacked: tar xzf it in its folder"
     if download:
         try:
             return _torchvision_split(name, root, True, True), _torchvision_split(name, root, False, True)

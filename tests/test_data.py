@@ -255,6 +255,86 @@ def test_missing_fashion_mnist_suggests_the_debian_package(tmp_path, monkeypatch
     assert str(tmp_path / "system") in str(info.value)
 
 
+def write_cifar10(root: Path, per_batch: int = 3, seed: int = 0) -> Path:
+    """CIFAR-10's python release under ``root``: six pickled batches and batches.meta.
+
+    Each batch is a dict with bytes keys (the release was pickled by Python 2) whose
+    b"data" is an (N, 3072) uint8 array of red, green and blue 32 x 32 planes and whose
+    b"labels" is a list of ints; NumPy's module is named as the release's pickles name it.
+    """
+    import pickle
+
+    folder = root / data.CIFAR10_FOLDER
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i, name in enumerate([*data.CIFAR10_BATCHES["train"], *data.CIFAR10_BATCHES["test"]]):
+        batch = {
+            b"batch_label": f"batch {i}".encode(),
+            b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"img{i}_{k}.png".encode() for k in range(per_batch)],
+        }
+        raw = pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        (folder / name).write_bytes(raw)
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"airplane"] * 10}, protocol=2))
+    return folder
+
+
+def test_cifar10_is_read_from_its_python_release_without_torchvision(tmp_path):
+    import pickle
+
+    folder = write_cifar10(tmp_path / "cifar10")
+    train, _, test, info = build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=False))
+    assert (len(train), len(test), info.channels, info.image_size, info.num_classes) == (15, 3, 3, 32, 10)
+    first = pickle.loads((folder / "data_batch_1").read_bytes(), encoding="bytes")
+    # row n: the red plane, then green, then blue, each 32 rows of 32 pixels
+    assert torch.equal(train.images[0, 1, 2, 5], torch.tensor(first[b"data"][0, 1024 + 2 * 32 + 5]))
+    assert train.labels[:3].tolist() == first[b"labels"]
+    last = pickle.loads((folder / "test_batch").read_bytes(), encoding="bytes")
+    assert torch.equal(test.images.reshape(3, -1), torch.from_numpy(last[b"data"]))
+
+
+def test_a_corrupt_or_doctored_cifar10_batch_is_a_format_error_naming_it(tmp_path):
+    import pickle
+
+    folder = write_cifar10(tmp_path)
+    (folder / "test_batch").write_bytes(b"\x80\x02}q\x00(")  # cut short
+    with pytest.raises(DataFormatError, match=r"test_batch: not a CIFAR-10 batch file"):
+        build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=False))
+    marker = tmp_path / "marker"
+    evil = pickle.dumps({b"data": _Touches(marker)}, protocol=2)
+    (folder / "test_batch").write_bytes(evil)
+    with pytest.raises(DataFormatError, match="refusing to load"):
+        build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=False))
+    assert not marker.exists()
+    wrong = {b"data": np.zeros((2, 1024), dtype=np.uint8), b"labels": [0, 1]}
+    (folder / "test_batch").write_bytes(pickle.dumps(wrong, protocol=2))
+    with pytest.raises(DataFormatError, match="rows of 1024 bytes, not 3 x 32 x 32 = 3072"):
+        build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=False))
+
+
+def test_a_cifar10_archive_left_packed_is_named_when_the_data_is_not_found(tmp_path):
+    (tmp_path / data.CIFAR10_ARCHIVE).write_bytes(b"archive")
+    with pytest.raises(DatasetNotFoundError, match=r"cifar-10-python.tar.gz is there but not unpacked"):
+        build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=False))
+
+
+def test_a_corrupt_svhn_file_is_not_reported_as_missing(tmp_path):
+    (tmp_path / "train_32x32.mat").write_bytes(b"not the real file")
+    with pytest.raises(DataFormatError, match=r"train_32x32.mat: present but failing torchvision's checksum"):
+        build_datasets(DataConfig(name="svhn", root=str(tmp_path), download=False))
+
+
+class _Touches:
+    """Pickles as a call that creates ``path``: what a doctored data file could do."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
 def test_missing_smallnorb_and_cifar_raise_dataset_not_found(tmp_path):
     for name in ("smallnorb", "cifar10"):
         with pytest.raises(DatasetNotFoundError, match=str(tmp_path)):
