@@ -250,8 +250,21 @@ def open_run_dir(cfg: Config, choice: RunChoice, overwrite: bool, say: Callable[
 
 
 def first_non_finite(model: nn.Module) -> str | None:
-    """The name of the first parameter holding a NaN or an infinity, or None."""
-    return next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    """The first parameter or buffer holding a NaN or an infinity, or None.
+
+    "parameter NAME", or "batch-norm statistic NAME" for a buffer (a forward pass
+    updates those even in a step that is then skipped).
+    """
+    tensors = [("parameter", *p) for p in model.named_parameters()]
+    tensors += [("batch-norm statistic", *b) for b in model.named_buffers()]
+    return next(
+        (
+            f"{kind} {n}"
+            for kind, n, t in tensors
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ),
+        None,
+    )
 
 
 def make_checkpoint(
@@ -293,7 +306,7 @@ def save_run(run: Run, mid_epoch: bool, is_best: bool = False) -> Path | None:
     bad = first_non_finite(run.model)
     if bad is not None:
         raise TrainingError(
-            f"stopped at step {run.step}: parameter {bad} became non-finite, so it was not saved; "
+            f"stopped at step {run.step}: {bad} became non-finite, so it was not saved; "
             f"the last good checkpoint is {run.last_checkpoint or 'none'}; "
             "try a lower optim.lr or set optim.grad_clip"
         )

@@ -79,7 +79,9 @@ def truncate_metrics(path: str | Path, after_step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    path.write_text("".join(f"{line}\n" for line in kept))
+    from capsnet.checkpoint import atomic_write_bytes  # a kill while rewriting keeps the old file
+
+    atomic_write_bytes("".join(f"{line}\n" for line in kept).encode(), path)
 
 
 class NullWriter:

@@ -266,7 +266,7 @@ def _diagnose(run: Run, x: Tensor) -> str:
     """Names the first routing layer whose statistics are non-finite on ``x`` (the failing batch)."""
     model = run.model
     bad = first_non_finite(model)
-    where = f"parameter {bad} is non-finite" if bad is not None else "all parameters are finite"
+    where = f"{bad} is non-finite" if bad is not None else "all parameters are finite"
     model.record_stats = True
     try:
         with autocast(run.device, run.cfg.train.precision):

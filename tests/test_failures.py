@@ -335,6 +335,43 @@ def test_a_model_that_became_non_finite_is_never_saved(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "inf").iterdir() if p.suffix == ".pt") == []
 
 
+def test_a_batch_norm_statistic_that_became_non_finite_is_never_saved(tmp_path, monkeypatch):
+    from capsnet import trainer
+
+    real = trainer.build_optimizer
+
+    def poison(model, cfg):  # training uses the batch's statistics, evaluation these
+        model.stem[1].running_var.fill_(float("inf"))
+        return real(model, cfg)
+
+    monkeypatch.setattr(trainer, "build_optimizer", poison)
+    cfg = load_config(TINY, [f"logging.out_dir={tmp_path}", "logging.tensorboard=false"])
+    with pytest.raises(TrainingError, match=r"batch-norm statistic stem\.1\.running_var became non-finite"):
+        fit(cfg, run_name="bn", echo=lambda _msg: None)
+    assert not [p for p in (tmp_path / "bn").iterdir() if p.suffix == ".pt"]
+
+
+def test_a_failed_rewrite_of_the_metrics_file_leaves_it_whole(tmp_path, monkeypatch):
+    from capsnet import checkpoint
+    from capsnet.tracking import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "train/loss": 1.0 / s}) for s in (1, 2, 3)]
+    path.write_text("".join(f"{line}\n" for line in lines))
+
+    def disk_full(data, target):
+        Path(target).with_name("partial.tmp").write_bytes(data[:5])
+        raise checkpoint.CheckpointError(f"could not write {target}: no space left on device")
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", disk_full)
+    with pytest.raises(checkpoint.CheckpointError):
+        truncate_metrics(path, 2)
+    assert path.read_text().splitlines() == lines
+    monkeypatch.undo()
+    truncate_metrics(path, 2)
+    assert path.read_text().splitlines() == lines[:2]
+
+
 # --------------------------------------------------------------------------- soak
 
 
