@@ -576,6 +576,9 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         note = schedule_change(cfg, run.step, ckpt.get("total_steps"), total_steps)
         if note:
             say(note)
+        note = batch_change(ckpt, cfg, run.batches_done, run.epoch)
+        if note:
+            say(note)
         if ("train_model" in ckpt) != (ema is not None) and run.best_acc is not None:
             say(
                 f"note: train.ema was switched {'on' if ema is not None else 'off'} for this run: "
@@ -636,6 +639,21 @@ def _agree_with_best_file(run: Run, dist_info) -> None:
             f"(the best {run.eval_split}/acc so far was {run.best_acc:.4f} at step {run.best_step})"
         )
         run.best_acc = run.best_step = None
+
+
+def batch_change(ckpt: dict, cfg: Config, batches_done: int, epoch: int) -> str | None:
+    """A note when a run resumed in the middle of an epoch now groups its images differently, else None."""
+    saved = ckpt.get("config", {}).get("train", {})
+    before = (saved.get("batch_size"), saved.get("accumulate", 1))
+    now = (cfg.train.batch_size, cfg.train.accumulate)
+    if not batches_done or None in before or before == now:
+        return None
+    return (
+        f"note: train.batch_size x train.accumulate is {now[0]} x {now[1]} instead of {before[0]} x {before[1]} "
+        f"in the middle of epoch {epoch + 1}: its first {batches_done} steps are skipped in steps of the new "
+        f"size ({batches_done * now[0] * now[1]} images instead of the {batches_done * before[0] * before[1]} "
+        "trained on), so until the epoch ends some images are seen twice or not at all"
+    )
 
 
 def schedule_change(cfg: Config, step: int, before: int | None, now: int) -> str | None:

@@ -551,3 +551,31 @@ def test_a_save_stopped_before_best_pt_leaves_the_best_with_best_pt(tmp_path, mo
     assert any(f"best.pt holds step {best['step']}" in line for line in said)
     final_best = load_checkpoint(run_dir / "best.pt")
     assert (result.best_step, result.best_acc) == (final_best["step"], final_best["best_metric"])
+
+
+def test_resuming_mid_epoch_with_another_batch_size_says_what_it_does_to_the_epoch(tmp_path):
+    first = fit(tiny(tmp_path, "train.max_steps=8"), run_name="bs", echo=quiet)
+    ckpt = load_checkpoint(first.run_dir / "last.pt")
+    assert ckpt["batches_done"] == 2
+    size = ckpt["config"]["train"]["batch_size"]
+    said: list[str] = []
+    fit(
+        tiny(tmp_path, "train.max_steps=9", f"train.batch_size={2 * size}"),
+        resume=str(first.run_dir),
+        echo=said.append,
+    )
+    notes = [line for line in said if line.startswith("note: train.batch_size x train.accumulate")]
+    want = (
+        f"note: train.batch_size x train.accumulate is {2 * size} x 1 instead of {size} x 1 in the middle of "
+        f"epoch 2: its first 2 steps are skipped in steps of the new size ({4 * size} images instead of the "
+        f"{2 * size} trained on), so until the epoch ends some images are seen twice or not at all"
+    )
+    assert notes == [want]
+    said.clear()  # at an epoch boundary nothing is skipped: no note
+    again = fit(tiny(tmp_path, "train.max_steps=12"), run_name="bs2", echo=quiet)
+    fit(
+        tiny(tmp_path, "train.max_steps=14", "train.batch_size=4"),
+        resume=str(again.run_dir),
+        echo=said.append,
+    )
+    assert not [line for line in said if "train.batch_size x" in line]
