@@ -132,3 +132,15 @@ def test_total_loss_adds_the_weighted_reconstruction_error(tiny_config_path):
     no_recon = load_config(tiny_config_path, ["loss.recon_weight=0"])
     loss2, parts2 = compute_loss(out, x, y, model, no_recon, step=0, total_steps=10)
     assert "recon" not in parts2 and loss2.item() == pytest.approx(parts["class"].item())
+
+
+def test_cross_entropy_has_a_gradient_for_a_target_class_far_below_the_others():
+    scores = torch.tensor([[-30.0, 2.0, 0.0], [5.0, -1.0, 16.0]], requires_grad=True)
+    target = torch.tensor([0, 2])
+    loss = cross_entropy(torch.sigmoid(scores), target)
+    torch.testing.assert_close(loss, F.cross_entropy(scores, target), rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(loss, scores)
+    torch.testing.assert_close(
+        grad, torch.autograd.grad(F.cross_entropy(scores, target), scores)[0], rtol=1e-3, atol=1e-6
+    )
+    assert grad[0, 0] < -0.4  # the target at a score of -30 is pulled up
