@@ -409,6 +409,17 @@ def _wrong_size(path, dims, expected: int, length: int, found) -> None:
 READ_PIECE = 64 << 20
 
 
+def open_data_file(path: Path):
+    """``path`` opened for reading, decompressed when it is gzip data, whatever its name says.
+
+    Browsers and some mirrors keep a ``.gz`` name on a file they unpacked, or the
+    other way round; the first two bytes (gzip's 1F 8B) decide.
+    """
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
 def read_body(f, path: str | Path, dims: tuple[int, ...], expected: int) -> bytearray:
     """The rest of ``f``, which its header says is ``expected`` bytes; DataFormatError where it is not.
 
@@ -438,7 +449,7 @@ def read_idx(path: str | Path, expected_magic: int | None = None) -> torch.Tenso
     """
     path = Path(path)
     try:
-        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        with open_data_file(path) as f:
             head = f.read(4)
             if len(head) < 4:
                 raise DataFormatError(f"{path}: too short for an IDX header ({len(head)} bytes)")

@@ -24,7 +24,6 @@ turns the arrays into datasets.
 
 from __future__ import annotations
 
-import gzip
 import math
 import shutil
 import struct
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capsnet.data import DataFormatError, DatasetNotFoundError, one_line, read_body
+from capsnet.data import DataFormatError, DatasetNotFoundError, one_line, open_data_file, read_body
 
 CLASS_NAMES = ["animal", "human", "airplane", "truck", "car"]
 URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
@@ -83,10 +82,6 @@ class NorbPart:
 # --------------------------------------------------------------------------- reader
 
 
-def _open(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
 def read_norb_matrix(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
     """Reads one binary-matrix file (plain or ``.gz``); DataFormatError names the file on any defect.
 
@@ -94,7 +89,7 @@ def read_norb_matrix(path: str | Path, expected_magic: int | None = None) -> np.
     """
     path = Path(path)
     try:
-        with _open(path) as f:
+        with open_data_file(path) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise DataFormatError(f"{path}: too short for a smallNORB header ({len(head)} bytes)")

@@ -114,6 +114,18 @@ def test_idx_reader_round_trips_plain_and_gzipped_files(tmp_path, suffix):
     assert torch.equal(read_labels, torch.from_numpy(labels))
 
 
+def test_readers_go_by_the_gzip_signature_not_by_the_file_name(tmp_path):
+    images = np.random.default_rng(3).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    packed, plain = write_idx(tmp_path / "a.gz", images), write_idx(tmp_path / "b", images)
+    packed.rename(tmp_path / "packed-without-suffix")
+    plain.rename(tmp_path / "plain.gz")
+    for path in (tmp_path / "packed-without-suffix", tmp_path / "plain.gz"):
+        assert torch.equal(read_idx(path, data.IDX_IMAGES_MAGIC), torch.from_numpy(images))
+    labels = write_norb(tmp_path / "cat.mat.gz", np.arange(4, dtype=np.int32))
+    labels = labels.rename(tmp_path / "cat.mat")
+    assert smallnorb.read_norb_matrix(labels).tolist() == [0, 1, 2, 3]
+
+
 def test_idx_reader_rejects_wrong_magic_number(tmp_path):
     path = write_idx(tmp_path / "labels-idx1-ubyte", np.zeros(4, dtype=np.uint8))
     with pytest.raises(DataFormatError, match="magic") as info:
