@@ -189,8 +189,17 @@ class ClassCaps(RoutingLayer):
         if types != self.in_types:
             raise ValueError(f"{self.name}: expected {self.in_types} input capsule types, got {types}")
         p, e = self.pose_size, self.out_types
-        m = pose.reshape(n * h * w, types, p, p).permute(1, 0, 2, 3).reshape(types, n * h * w * p, p)
-        votes = torch.bmm(m, self.weight.to(m.dtype).reshape(types, p, e * p))  # (D, N*H*W*P, E*P)
+        # The votes are made in the routing's precision (float32, or float64), also under autocast,
+        # as the convolutional capsules' are inside the routing.
+        dtype = torch.float64 if pose.dtype == torch.float64 else torch.float32
+        m = (
+            pose.to(dtype)
+            .reshape(n * h * w, types, p, p)
+            .permute(1, 0, 2, 3)
+            .reshape(types, n * h * w * p, p)
+        )
+        with torch.autocast(pose.device.type, enabled=False):
+            votes = torch.bmm(m, self.weight.to(dtype).reshape(types, p, e * p))  # (D, N*H*W*P, E*P)
         votes = votes.view(types, n, h, w, p, e, p).permute(1, 5, 2, 3, 0, 4, 6)  # (N, E, H, W, D, P, P)
         if self.coord_add:
             if rows is None or cols is None:

@@ -227,7 +227,8 @@ class CapsNet(nn.Module):
         pose, act = self.primary(features)  # (N, H1, W1, B, 16), (N, H1, W1, B)
         for layer in self.convcaps:
             pose, act = layer(pose, act)  # (N, Hk, Wk, C, 16), (N, Hk, Wk, C)
-        rows, cols = self._receptive_centres(x.shape[-2], x.shape[-1], x.device, torch.float32)
+        dtype = torch.float64 if pose.dtype == torch.float64 else torch.float32  # the routing's precision
+        rows, cols = self._receptive_centres(x.shape[-2], x.shape[-1], x.device, dtype)
         poses, activations = self.classcaps(pose, act, rows, cols)  # (N, E, 4, 4), (N, E)
         return CapsOutput(activations, poses)
 

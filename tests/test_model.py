@@ -144,6 +144,47 @@ def test_forward_runs_under_bf16_autocast_with_float32_routing():
     assert torch.isfinite(out.activations).all()
 
 
+def test_class_capsule_votes_are_made_in_float32_under_autocast(monkeypatch):
+    from capsnet import layers
+
+    model = CapsNet.from_preset("small", num_classes=5, image_size=28).eval()
+    x = torch.randn(2, 1, 28, 28)
+    seen, real = [], layers.em_routing
+
+    def spy(votes, act_in, *args, **kwargs):
+        seen.append(votes.dtype if isinstance(votes, torch.Tensor) else None)
+        return real(votes, act_in, *args, **kwargs)
+
+    monkeypatch.setattr(layers, "em_routing", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert seen[-1] == torch.float32  # the class capsules' votes, a tensor (the others are products)
+    # From the same last-layer capsules, autocast changes nothing in the class layer.
+    with torch.no_grad():
+        pose, act = model.primary(model.stem(x))
+        for layer in model.convcaps:
+            pose, act = layer(pose, act)
+        want = model.classcaps(pose, act)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model.classcaps(pose, act)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+
+
+def test_a_float64_model_places_its_coordinate_offsets_in_float64(monkeypatch):
+    model = CapsNet.from_preset("small", num_classes=5, image_size=28).double()
+    seen = []
+    real = model.classcaps.forward
+
+    def spy(pose, act, rows=None, cols=None):
+        seen.append((rows.dtype, cols.dtype))
+        return real(pose, act, rows, cols)
+
+    monkeypatch.setattr(model.classcaps, "forward", spy)
+    model(torch.randn(1, 1, 28, 28, dtype=torch.float64))
+    assert seen == [(torch.float64, torch.float64)]
+
+
 def test_routing_statistics_are_recorded_when_asked():
     model = CapsNet.from_preset("small", num_classes=5, image_size=28)
     model(torch.randn(2, 1, 28, 28))
