@@ -19,7 +19,6 @@ deviation (no clipping).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from capsnet.tracking import strict_json
 from capsnet.visualize import ExperimentError
 
 METHODS = ("fgsm", "bim")
@@ -415,7 +415,7 @@ def attack_checkpoint(
         report.files["tensorboard"] = str(log_dir)
     path = folder / f"attack-{report.name}.json"
     report.files["json"] = str(path)
-    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    path.write_text(strict_json(report.to_dict(), indent=2) + "\n")
     return report
 
 

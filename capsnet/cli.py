@@ -7,7 +7,6 @@ short message on stderr and exit with code 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -264,16 +263,16 @@ def eval_(
         from capsnet.runtime import tune_allocator
 
         tune_allocator()
-        if crop_shift is not None and crops is None and not mirror:
+        if crop_shift is not None and crops is None:
             from capsnet.visualize import ExperimentError
 
             raise ExperimentError(
                 "--crop-shift sets the shifts of the multi-crop test: give --crops N with it"
             )
         if plot is not None:
-            from capsnet.visualize import require_matplotlib
+            from capsnet.visualize import figure_path
 
-            require_matplotlib()  # before the evaluation, not after it
+            figure_path(plot)  # matplotlib and a file name it can write, before the evaluation
         report = evaluate_checkpoint(
             ckpt,
             out_dir,
@@ -288,14 +287,21 @@ def eval_(
             mirror=mirror,
         )
     # the results first, so that a figure that cannot be written does not lose them
-    typer.echo(json.dumps(report.to_dict()) if as_json else report.summary())
+    typer.echo(_json(report.to_dict()) if as_json else report.summary())
     if plot is not None:
         with _errors(debug):
             from capsnet.visualize import plot_eval, save_figure
 
-            save_figure(plot_eval(report), plot)
+            written = save_figure(plot_eval(report), plot)
         if not as_json:
-            typer.echo(f"wrote {plot}")
+            typer.echo(f"wrote {written}")
+
+
+def _json(value) -> str:
+    """Standard JSON for --json (no NaN: an accuracy over no images is null)."""
+    from capsnet.tracking import strict_json
+
+    return strict_json(value)
 
 
 @app.command()
@@ -326,14 +332,23 @@ def export(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=2, help="Images in the parity-check batch.")
     ] = 8,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing file at the output path (once the new export passes)."
+        ),
+    ] = False,
     out_dir: OutDirOption = DEFAULT_OUT_DIR,
     debug: DebugOption = False,
 ) -> None:
-    """Export a checkpoint to ONNX or .pt2 and check its outputs against the eager model."""
+    """Export a checkpoint to ONNX or .pt2 and check its outputs against the eager model.
+
+    The file reaches its name only once its outputs match the eager model's, so a failed export leaves what was there.
+    """  # one line per help paragraph: the help keeps line breaks
     with _errors(debug):
         from capsnet.export import export_checkpoint
 
-        report = export_checkpoint(ckpt, fmt, out, out_dir, data_root, batch_size)
+        report = export_checkpoint(ckpt, fmt, out, out_dir, data_root, batch_size, overwrite=overwrite)
     typer.echo(report.summary())
 
 
@@ -398,7 +413,7 @@ def bench(
         )
     if result.warning is not None:
         typer.echo(f"warning: {result.warning}", err=True)
-    typer.echo(json.dumps(result.to_dict()) if as_json else result.summary())
+    typer.echo(_json(result.to_dict()) if as_json else result.summary())
 
 
 REPORT_DIR_HELP = "Folder for the files written (default: reports/<run>/{})."
@@ -510,7 +525,7 @@ def attack(
             tb_dir,
             plot,
         )
-    typer.echo(json.dumps(report.to_dict()) if as_json else report.summary())
+    typer.echo(_json(report.to_dict()) if as_json else report.summary())
 
 
 @app.command()

@@ -161,6 +161,8 @@ def shifted(x: np.ndarray, down: int, right: int) -> np.ndarray:
         return x
     _, height, width = x.shape
     out = np.zeros_like(x)
+    if abs(down) >= height or abs(right) >= width:  # moved out of view entirely
+        return out
     out[:, max(down, 0) : height + min(down, 0), max(right, 0) : width + min(right, 0)] = x[
         :, max(-down, 0) : height - max(down, 0), max(-right, 0) : width - max(right, 0)
     ]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,8 +170,14 @@ def export_checkpoint(
     data_root: str | None = None,
     batch_size: int = 8,
     exports_dir: str | Path = "exports",
+    overwrite: bool = False,
 ) -> ExportReport:
-    """Exports the checkpoint ``spec`` names (latest | best | run dir | file) as ``fmt``."""
+    """Exports the checkpoint ``spec`` names (latest | best | run dir | file) as ``fmt``.
+
+    The file is written beside its final name and moved there only once its parity
+    check passes, so an export that fails leaves whatever was there before; an
+    existing file is replaced only with ``overwrite``.
+    """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if out is not None:
@@ -189,6 +197,8 @@ def export_checkpoint(
     path = (
         Path(out) if out is not None else default_export_path(str(ckpt.get("run") or "run"), fmt, exports_dir)
     )
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} already exists; --overwrite replaces it, or give another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     overrides = ["train.device=cpu"] + ([f"data.root={data_root}"] if data_root else [])
@@ -199,20 +209,28 @@ def export_checkpoint(
     module = Classifier(model).eval()
     with torch.no_grad():
         reference = [module(b) for b in batches]  # eager first: also warms the model's caches
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    partial = Path(name)
     try:
-        runner = export_pt2(module, x, path) if fmt == "pt2" else export_onnx(module, x, path)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ExportError(f"{fmt} export of {ckpt_path} failed: {first[:300]}") from e
-    if runner is None:
-        return ExportReport(path, fmt, ckpt_path, None, [], source, "onnxruntime is not installed")
-    with torch.no_grad():
-        checks = [_max_diff(ref, runner(b)) for ref, b in zip(reference, batches)]
-    diff, ratio = _worst([d for d, _ in checks]), _worst([r for _, r in checks])
-    if not ratio <= 1.0:  # NaN fails too
-        path.unlink(missing_ok=True)
-        raise ExportError(
-            f"{fmt} export of {ckpt_path} differs from the eager model by {diff:.3g} "
-            f"(tolerance {TOLERANCE:g} x max(1, |eager output|)); removed {path}"
-        )
+        try:
+            runner = export_pt2(module, x, partial) if fmt == "pt2" else export_onnx(module, x, partial)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ExportError(f"{fmt} export of {ckpt_path} failed: {first[:300]}") from e
+        if runner is None:
+            os.replace(partial, path)
+            return ExportReport(path, fmt, ckpt_path, None, [], source, "onnxruntime is not installed")
+        with torch.no_grad():
+            checks = [_max_diff(ref, runner(b)) for ref, b in zip(reference, batches)]
+        diff, ratio = _worst([d for d, _ in checks]), _worst([r for _, r in checks])
+        if not ratio <= 1.0:  # NaN fails too
+            kept = f"; {path} is as it was" if path.exists() else ""
+            raise ExportError(
+                f"{fmt} export of {ckpt_path} differs from the eager model by {diff:.3g} "
+                f"(tolerance {TOLERANCE:g} x max(1, |eager output|)); nothing was written{kept}"
+            )
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return ExportReport(path, fmt, ckpt_path, diff, [len(b) for b in batches], source)

@@ -92,9 +92,14 @@ class MultiCrop:
         self.stereo_pair = stereo_pair
         #: views per image: the crops, then their mirrors with ``mirror``
         self.views = len(self.offsets) * (2 if mirror else 1)
+        reach = max(max(abs(dy), abs(dx)) for dy, dx in self.offsets)
+        if not isinstance(base, StandardisedCrop) and reach >= (stored_size + 1) // 2:
+            raise DataError(
+                f"crops shifted by {reach} px would move half or more of the {stored_size}-pixel images out "
+                f"of view (use --crop-shift {(stored_size + 1) // 2 - 1} or less)"
+            )
         if isinstance(base, StandardisedCrop):
             room = stored_size - base.size
-            reach = max(max(abs(dy), abs(dx)) for dy, dx in self.offsets)
             if reach > room // 2:
                 raise DataError(
                     f"crops shifted by {reach} px do not fit: the {stored_size}-pixel images leave "

@@ -39,6 +39,21 @@ def _json_value(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)  # JSON has no NaN or inf
 
 
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """``value`` as standard JSON: a NaN or infinity (an accuracy over no images) becomes null."""
+    return json.dumps(_finite_or_none(value), indent=indent, allow_nan=False)
+
+
 class MetricsFile:
     """Appends one JSON object per logged step to ``metrics.jsonl``.
 

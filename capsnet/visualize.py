@@ -40,8 +40,31 @@ def new_figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def save_figure(figure: Any, path: str | Path, dpi: int = 100) -> Path:
+def figure_path(path: str | Path) -> Path:
+    """The file a figure asked for as ``path`` is written to: ``.png`` added to a name without a suffix.
+
+    Raises ExperimentError for a folder or a suffix that matplotlib cannot write,
+    so that a command can check its output path before its work, not after.
+    """
+    require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
     path = Path(path)
+    if path.is_dir():
+        raise ExperimentError(f"{path} is a folder: give a file name, such as {path / 'figure.png'}")
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in kinds:
+        raise ExperimentError(
+            f"{path}: matplotlib cannot write {path.suffix} files; use one of {', '.join('.' + k for k in sorted(kinds))}"
+        )
+    return path
+
+
+def save_figure(figure: Any, path: str | Path, dpi: int = 100) -> Path:
+    """Writes ``figure`` to :func:`figure_path` of ``path``, and returns that path."""
+    path = figure_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)
     return path

@@ -288,3 +288,23 @@ def test_compiled_routing_without_a_working_compiler_is_a_one_line_error(monkeyp
     assert result.exit_code == 2, result.output
     assert "could not build the routing kernels" in result.output and "Traceback" not in result.output
     assert not routing.compiled_kernels_enabled()
+
+
+def test_export_replaces_a_file_only_when_asked_and_only_with_an_export_that_passed(in_workdir, monkeypatch):
+    from capsnet import export
+
+    out = in_workdir / "replace" / "m.onnx"
+    first = runner.invoke(app, ["export", "--ckpt", "latest", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    before = out.read_bytes()
+    again = runner.invoke(app, ["export", "--ckpt", "latest", "--out", str(out)])
+    assert again.exit_code == 2 and f"{out} already exists; --overwrite replaces it" in again.stderr
+    monkeypatch.setattr(export, "TOLERANCE", 1e-30)  # any difference at all now fails the parity check
+    failed = runner.invoke(app, ["export", "--ckpt", "latest", "--out", str(out), "--overwrite"])
+    assert failed.exit_code == 2 and f"nothing was written; {out} is as it was" in failed.stderr
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx"]  # no partial file left
+    monkeypatch.undo()
+    replaced = runner.invoke(app, ["export", "--ckpt", "latest", "--out", str(out), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx"]

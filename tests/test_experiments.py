@@ -450,3 +450,37 @@ def test_tracing_the_routing_changes_nothing_and_records_every_iteration(impl):
     )
     for it in trace[1:]:
         assert torch.allclose(it["r"].sum(2), torch.ones(2, 3, 6, dtype=torch.float64))
+
+
+def test_eval_plot_names_the_file_it_writes_and_checks_the_name_before_evaluating(here):
+    result = invoke("eval", "--ckpt", "fit", "--plot", "plots/acc")
+    assert result.exit_code == 0, result.output
+    assert is_png(here / "plots" / "acc.png") and "wrote plots/acc.png" in result.stdout
+    bad = invoke("eval", "--ckpt", "fit", "--plot", "acc.v2")
+    assert bad.exit_code == 2 and "acc.v2: matplotlib cannot write .v2 files; use one of" in bad.stderr
+    assert "accuracy" not in bad.stdout  # refused before the evaluation
+    folder = invoke("eval", "--ckpt", "fit", "--plot", "plots")
+    assert folder.exit_code == 2 and "plots is a folder: give a file name" in folder.stderr
+
+
+def test_eval_json_is_standard_json_when_a_class_has_no_images(here):
+    result = invoke("eval", "--ckpt", "fit", "--limit", "2", "--json")
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise ValueError(f"not standard JSON: {constant}")
+
+    report = json.loads(result.stdout, parse_constant=refuse)
+    empty = [v for v in report["per_class"].values() if v["count"] == 0]
+    assert empty and all(v["acc"] is None for v in empty)
+
+
+def test_multi_crop_shifts_that_move_half_of_the_image_out_of_view_are_refused(here):
+    result = invoke("eval", "--ckpt", "fit", "--crops", "5", "--crop-shift", "25")
+    assert result.exit_code == 2 and "crops shifted by 25 px would move half or more" in result.stderr
+    mirrored = invoke("eval", "--ckpt", "fit", "--mirror", "--crop-shift", "2")
+    assert mirrored.exit_code == 2 and "give --crops N with it" in mirrored.stderr
+    from capsnet.data import shifted
+
+    image = np.ones((1, 4, 4), dtype=np.uint8)
+    assert not shifted(image, 4, 0).any() and not shifted(image, -1, -9).any()
