@@ -55,10 +55,11 @@ def parse_epsilons(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def activation_logits(activations: Tensor, eps: float = 1e-6) -> Tensor:
+def activation_logits(activations: Tensor) -> Tensor:
     """ln a - ln(1 - a) of class activations (N, E), the quantity the attacks' cross-entropy uses."""
-    a = activations.float().clamp(eps, 1 - eps)
-    return torch.log(a) - torch.log1p(-a)
+    from capsnet.loss import class_scores
+
+    return class_scores(activations.float())
 
 
 @dataclass

@@ -186,7 +186,8 @@ def eval_(
         str,
         typer.Option(
             "--split",
-            help="Split to evaluate: test, or val (needs data.val_split > 0).",
+            help="Split to evaluate: test, val (needs data.val_split > 0), or test_familiar "
+            "(smallNORB viewpoint splits).",
         ),
     ] = "test",
     batch_size: Annotated[
@@ -451,7 +452,9 @@ def attack(
             "least (the least active other class).",
         ),
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="BIM: number of steps.")] = 10,
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, help="BIM: number of steps (default 10).")
+    ] = None,
     step_size: Annotated[
         float | None,
         typer.Option(
@@ -501,6 +504,12 @@ def attack(
                 f"--target applies to targeted attacks: add --targeted (got --target {target})"
             )
         target = target or "next"
+        if method.lower() == "fgsm" and (steps is not None or step_size is not None):
+            given = "--steps" if steps is not None else "--step-size"
+            raise ExperimentError(
+                f"{given} sets the steps of BIM; FGSM takes one step of eps: use -m bim with it"
+            )
+        steps = 10 if steps is None else steps
         if step_size is not None and not step_size > 0:
             raise ExperimentError(
                 f"--step-size: must be above 0 (0 leaves every image as it is), got {step_size:g}"

@@ -49,21 +49,23 @@ def margin_loss(
     return (present * hit + down_weight * (1 - present) * miss).sum(dim=1).mean()
 
 
-def cross_entropy(activations: Tensor, target: Tensor) -> Tensor:
-    """Softmax cross-entropy with the logits of the activations as class scores.
+def class_scores(activations: Tensor) -> Tensor:
+    """The scores behind class activations a = sigmoid(score): ln a - ln(1 - a), (N, E).
 
-    Class activations come out of a logistic function, so ln a - ln(1 - a)
-    recovers the score before it. Computed as such it stays exact, with a gradient,
-    for activations down to the smallest positive float (a score of about -87 in
-    float32); above, only an activation that has rounded to exactly 1 (a score
-    above about 16.6) is held just below 1 and passes no gradient. Clamping to
-    [eps, 1 - eps] instead would leave a target class below eps (a score below
-    -13.8 for eps 1e-6) without any gradient to climb back with.
+    Computed as such they stay exact, with a gradient, for activations down to the
+    smallest positive float (a score of about -87 in float32); above, only an
+    activation that has rounded to exactly 1 (a score above about 16.6) is held
+    just below 1 and passes no gradient. Clamping to [eps, 1 - eps] instead would
+    leave a class below eps (a score below -13.8 for eps 1e-6) without any gradient.
     """
     finfo = torch.finfo(activations.dtype)
     low = torch.log(activations.clamp_min(finfo.tiny))
-    high = torch.log1p(-activations.clamp_max(1.0 - finfo.eps / 2))
-    return F.cross_entropy(low - high, target)  # (N, E) scores
+    return low - torch.log1p(-activations.clamp_max(1.0 - finfo.eps / 2))
+
+
+def cross_entropy(activations: Tensor, target: Tensor) -> Tensor:
+    """Softmax cross-entropy with :func:`class_scores` of the activations as logits."""
+    return F.cross_entropy(class_scores(activations), target)
 
 
 def reconstruction_loss(recon: Tensor, x: Tensor) -> Tensor:

@@ -604,6 +604,10 @@ BAD_INPUTS = {
         on_the_run("eval", "--crop-shift", "2"),
         "--crop-shift sets the shifts of the multi-crop test: give --crops N with it",
     ),
+    "steps-given-to-fgsm-attack": (
+        on_the_run("attack", "-m", "fgsm", "--steps", "5"),
+        "--steps sets the steps of BIM; FGSM takes one step of eps: use -m bim with it",
+    ),
     "bim-step-size-0-attack": (
         on_the_run("attack", "-m", "bim", "--step-size", "0"),
         "--step-size: must be above 0",

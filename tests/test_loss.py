@@ -144,3 +144,14 @@ def test_cross_entropy_has_a_gradient_for_a_target_class_far_below_the_others():
         grad, torch.autograd.grad(F.cross_entropy(scores, target), scores)[0], rtol=1e-3, atol=1e-6
     )
     assert grad[0, 0] < -0.4  # the target at a score of -30 is pulled up
+
+
+def test_the_attacks_use_the_same_class_scores_as_the_loss():
+    from capsnet.attack import activation_logits
+    from capsnet.loss import class_scores
+
+    a = torch.sigmoid(torch.tensor([[-40.0, -5.0, 0.0, 3.0, 9.0]]))
+    torch.testing.assert_close(activation_logits(a), class_scores(a))
+    torch.testing.assert_close(
+        class_scores(a), torch.tensor([[-40.0, -5.0, 0.0, 3.0, 9.0]]), rtol=1e-3, atol=1e-3
+    )
