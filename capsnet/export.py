@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import os
 import tempfile
@@ -125,10 +126,18 @@ def _worst(values: list[float]) -> float:
 
 @contextlib.contextmanager
 def _quiet():
-    """Keeps the exporters' progress prints and warnings off the console."""
+    """Keeps the exporters' progress prints, warnings and logged warnings off the console."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        yield
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def export_pt2(module: nn.Module, example: Tensor, path: Path) -> Callable[[Tensor], tuple]:
