@@ -1,27 +1,54 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing or broken) and installs capsnet with its test extras into it.
-# Idempotent: a second run only checks that everything is in place.
+# Idempotent: a second run only checks that everything is in place (a venv of $PYTHON's
+# version, importable packages, an install newer than pyproject.toml and this script).
 # Where Python's venv module is missing (Debian and Ubuntu ship it as python3-venv),
 # it is installed with apt-get when this runs as root or with sudo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-venv_ok() { [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2>&1; }
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "error: capsnet needs Python 3.10 or newer; $PY is $("$PY" -V 2>&1 || echo missing)." \
+        "Set PYTHON to another interpreter, e.g. PYTHON=python3.11 bash $0" >&2
+    exit 1
+fi
+version=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-install_venv_module() {
+# A venv that works and was made by the same Python version as $PY.
+venv_ok() {
+    [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2>&1 \
+        && [ "$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$version" ]
+}
+
+apt_install() {  # apt_install PACKAGE...: as root or with sudo; returns 1 where neither works
     command -v apt-get >/dev/null 2>&1 || return 1
-    local sudo="" version
+    local sudo=""
     if [ "$(id -u)" -ne 0 ]; then
         command -v sudo >/dev/null 2>&1 || return 1
         sudo="sudo"
     fi
-    version=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-    echo "installing Python's venv module (python$version-venv) with apt-get" >&2
     $sudo apt-get update -qq >/dev/null || true
-    $sudo apt-get install -y -qq "python$version-venv" >/dev/null 2>&1 \
-        || $sudo apt-get install -y -qq python3-venv >/dev/null
+    $sudo apt-get install -y -qq -o DPkg::Lock::Timeout=120 "$@" >/dev/null 2>&1
 }
+
+install_venv_module() {
+    echo "installing Python's venv module (python$version-venv) with apt-get" >&2
+    apt_install "python$version-venv" || apt_install python3-venv
+}
+
+# Compiled routing (torch.compile on a CPU) builds C++ against Python's headers.
+build_tools_ok() {
+    command -v "${CXX:-g++}" >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1 || return 1
+    "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
+}
+
+if ! build_tools_ok; then
+    echo "installing a C++ compiler and Python's headers (g++, python$version-dev) with apt-get" >&2
+    apt_install g++ "python$version-dev" || apt_install g++ python3-dev || true
+    build_tools_ok || echo "warning: no C++ compiler or Python headers: training routes with the eager" \
+        "kernels (same results, slower), and the tests of the compiled kernels fail" >&2
+fi
 
 if ! venv_ok; then
     # A venv without pip (a first attempt where ensurepip was missing) is made again.
@@ -38,7 +65,8 @@ if ! venv_ok; then
     fi
 fi
 stamp=.venv/.capsnet-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+installed() { .venv/bin/python -c 'import torch, torchvision, capsnet' >/dev/null 2>&1; }
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ] || ! installed; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     # torch and torchvision are pinned to a matching pair (the default index's build
     # for the platform).
