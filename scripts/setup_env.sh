@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-    echo "error: capsnet needs Python 3.10 or newer; $PY is $("$PY" -V 2>&1 || echo missing)." \
+    echo "error: capsnet needs Python 3.10 or newer; $PY is $("$PY" -V 2>/dev/null || echo "not found")." \
         "Set PYTHON to another interpreter, e.g. PYTHON=python3.11 bash $0" >&2
     exit 1
 fi
