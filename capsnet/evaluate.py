@@ -28,6 +28,8 @@ def resolve_device(name: str, local_rank: int = 0, option: str = "train.device")
     """``auto`` picks CUDA, then MPS, then the CPU; an unavailable explicit choice is a ConfigError naming ``option``."""
     from capsnet.config import ConfigError
 
+    if name not in ("auto", "cpu", "cuda", "mps"):
+        raise ConfigError([f"{option}: {name!r} is not one of auto, cpu, cuda, mps"])
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError([f"{option}: 'cuda' was asked for but no CUDA device is available"])
     if name == "mps" and not torch.backends.mps.is_available():
@@ -185,6 +187,7 @@ def prepare_checkpoint(
     from capsnet.config import config_from_dict
     from capsnet.data import DataError, build_loaders, check_channels
 
+    dev = resolve_device(device, option="--device")  # named as the command's option, not the config key
     path = resolve_checkpoint(spec, out_dir)
     ckpt = load_checkpoint(path)
     settings = [f"train.device={device}"]
@@ -193,7 +196,6 @@ def prepare_checkpoint(
     if data_root is not None:
         settings.append(f"data.root={data_root}")
     cfg = config_from_dict(ckpt["config"], [*(overrides or []), *settings])
-    dev = resolve_device(device)
     model = build_model_from_checkpoint(ckpt, path).to(dev).eval()
     loaders = build_loaders(cfg)
     check_channels(loaders.info, model.in_channels)

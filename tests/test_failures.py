@@ -604,6 +604,10 @@ BAD_INPUTS = {
         on_the_run("eval", "--crop-shift", "2"),
         "--crop-shift sets the shifts of the multi-crop test: give --crops N with it",
     ),
+    "unknown-device-eval": (
+        on_the_run("eval", "--device", "tpu"),
+        "--device: 'tpu' is not one of auto, cpu, cuda, mps",
+    ),
     "steps-given-to-fgsm-attack": (
         on_the_run("attack", "-m", "fgsm", "--steps", "5"),
         "--steps sets the steps of BIM; FGSM takes one step of eps: use -m bim with it",
