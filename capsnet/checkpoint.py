@@ -434,15 +434,16 @@ def check_architecture(saved: dict[str, Any], current: dict[str, Any], where: st
         raise CheckpointError(f"the model in {where} does not match the config: " + "; ".join(diffs))
 
 
-#: The settings that decide which training images are held out for validation.
-SPLIT_KEYS = (
-    "data.name",
-    "data.val_split",
-    "train.seed",
-    "data.split",
-    "data.stereo",
-    "data.train_size",
-)
+#: The settings that decide which training images are held out for validation, and the
+#: datasets they matter for (None: every dataset).
+SPLIT_KEYS = {
+    "data.name": None,
+    "data.val_split": None,
+    "train.seed": None,
+    "data.split": ("smallnorb",),
+    "data.stereo": ("smallnorb",),
+    "data.train_size": ("synthetic",),
+}
 
 
 _UNSET = object()
@@ -470,8 +471,11 @@ def check_resume_settings(saved_config: dict[str, Any], current: dict[str, Any],
     split_moved = False
     held_out = [_setting(c, "data.val_split") for c in (saved_config, current)]
     if any(isinstance(v, (int, float)) and v > 0 for v in held_out):
-        for key in SPLIT_KEYS:
+        dataset = _setting(current, "data.name")
+        for key, datasets in SPLIT_KEYS.items():
             saved = _setting(saved_config, key)
+            if datasets is not None and dataset not in datasets:
+                continue
             if saved is not _UNSET and saved != _setting(current, key):
                 problems.append(f"{key}: {saved!r} in the checkpoint, {_setting(current, key)!r} now")
                 split_moved = True

@@ -422,7 +422,7 @@ def open_data_file(path: Path):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
-def read_body(f, path: str | Path, dims: tuple[int, ...], expected: int) -> bytearray:
+def read_body(f, path: str | Path, dims: tuple[int, ...], expected: int) -> bytes | bytearray:
     """The rest of ``f``, which its header says is ``expected`` bytes; DataFormatError where it is not.
 
     A plain file's size is checked before anything is read; a gzip stream is read
@@ -432,6 +432,9 @@ def read_body(f, path: str | Path, dims: tuple[int, ...], expected: int) -> byte
         left = os.fstat(f.fileno()).st_size - f.tell()
         if left != expected:
             _wrong_size(path, dims, expected, left, left)
+        body = f.read(expected)  # the size is known to be right: one read, no copies
+        check_body_size(path, body, dims, expected)
+        return body
     body = bytearray()
     while len(body) <= expected:
         piece = f.read(min(READ_PIECE, expected + 1 - len(body)))
@@ -697,22 +700,28 @@ def _load_torchvision(name: str, root: str | Path, download: bool):
     for folder in dirs:
         if name == "cifar10":
             if (folder / CIFAR10_FOLDER).is_dir():
-                return _read_cifar10(folder / CIFAR10_FOLDER, True), _read_cifar10(
-                    folder / CIFAR10_FOLDER, False
-                )
+                try:
+                    return _read_cifar10(folder / CIFAR10_FOLDER, True), _read_cifar10(
+                        folder / CIFAR10_FOLDER, False
+                    )
+                except DataFormatError:
+                    if not download:
+                        raise
+                    break  # a damaged or incomplete release: downloaded and unpacked again below
             continue
-        try:
-            return _torchvision_split(name, folder, True, False), _torchvision_split(
-                name, folder, False, False
-            )
-        except RuntimeError:  # torchvision's "Dataset not found or corrupted"
-            present = [folder / f for f in SVHN_FILES if (folder / f).is_file()]
-            if present:
-                raise DataFormatError(
-                    f"{', '.join(map(str, present))}: present but failing torchvision's checksum "
-                    f"(corrupt or incomplete); delete and download again (data.download=true)"
-                ) from None
-            continue
+        parts = []
+        for train, file in zip((True, False), SVHN_FILES):
+            try:
+                parts.append(_torchvision_split(name, folder, train, False))
+            except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+                if (folder / file).is_file() and not download:  # with download, torchvision replaces it
+                    raise DataFormatError(
+                        f"{folder / file}: present but failing torchvision's checksum (corrupt or "
+                        "incomplete); delete it, or set data.download=true to download it again"
+                    ) from None
+                break
+        if len(parts) == 2:
+            return parts[0], parts[1]
     reason = "data.download is false"
     archives = [folder / CIFAR10_ARCHIVE for folder in dirs if (folder / CIFAR10_ARCHIVE).is_file()]
     if name == "cifar10" and archives and not download:

@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from capsnet.checkpoint import build_model_from_checkpoint, load_checkpoint, resolve_checkpoint, safe_child
+from capsnet.checkpoint import (
+    _umask,
+    build_model_from_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    safe_child,
+)
 from capsnet.config import config_from_dict
 
 FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
@@ -206,6 +212,8 @@ def export_checkpoint(
     path = (
         Path(out) if out is not None else default_export_path(str(ckpt.get("run") or "run"), fmt, exports_dir)
     )
+    if path.is_dir():
+        raise ExportError(f"--out {path} is a folder: give a file name, such as {path / FORMATS[fmt]}")
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists; --overwrite replaces it, or give another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +229,7 @@ def export_checkpoint(
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(handle)
     partial = Path(name)
+    os.chmod(partial, 0o666 & ~_umask())  # mkstemp makes it private; an export is an ordinary file
     try:
         try:
             runner = export_pt2(module, x, partial) if fmt == "pt2" else export_onnx(module, x, partial)

@@ -612,9 +612,10 @@ def _build_moments(
         v = votes.product(
             start, stop, None if work is None else work.votes
         )  # (I, n*L*P, C*P), ours to change
-        w = _centring_weights(act[start:stop]).view(n * positions, 1, children)
+        w = _centring_weights(act[start:stop]).reshape(n * positions, 1, children)
         per_position = v.view(children, n * positions, p * types * p).transpose(0, 1)  # (n*L, I, P*C*P)
-        mean = torch.bmm(w, per_position).view(1, n * positions * p, types * p)
+        with torch.autocast(v.device.type, enabled=False):  # backward rebuilds this under any autocast
+            mean = torch.bmm(w, per_position).view(1, n * positions * p, types * p)
         v.sub_(mean)  # centred in the product's layout, where it is contiguous
         both = v.new_empty(n * positions * types, children, width) if out is None else out  # (B, I, 2H)
         centred = both[..., :h].view(n, positions, types, children, p, p)
@@ -625,7 +626,8 @@ def _build_moments(
         both = v.new_empty(n * positions * types, children, width) if out is None else out  # (B, I, 2H)
         w = _centring_weights(act[start:stop])  # (n, L, I)
         flat = v.reshape(n, positions, types, children, h)
-        shift = torch.matmul(w[:, :, None, None, :], flat).view(n, positions, types, 1, *v.shape[4:])
+        with torch.autocast(v.device.type, enabled=False):
+            shift = torch.matmul(w[:, :, None, None, :], flat).view(n, positions, types, 1, *v.shape[4:])
         centred = both[..., :h].view(v.shape)
         torch.sub(v, shift, out=centred)
     if not fused:

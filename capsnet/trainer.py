@@ -576,7 +576,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         note = schedule_change(cfg, run.step, ckpt.get("total_steps"), total_steps)
         if note:
             say(note)
-        note = batch_change(ckpt, cfg, run.batches_done, run.epoch)
+        note = batch_change(ckpt, cfg, run.batches_done, run.epoch, dist_info.world_size)
         if note:
             say(note)
         if ("train_model" in ckpt) != (ema is not None) and run.best_acc is not None:
@@ -641,18 +641,23 @@ def _agree_with_best_file(run: Run, dist_info) -> None:
         run.best_acc = run.best_step = None
 
 
-def batch_change(ckpt: dict, cfg: Config, batches_done: int, epoch: int) -> str | None:
-    """A note when a run resumed in the middle of an epoch now groups its images differently, else None."""
+def batch_change(ckpt: dict, cfg: Config, batches_done: int, epoch: int, world_size: int = 1) -> str | None:
+    """A note when a run resumed in the middle of an epoch now groups its images differently, else None.
+
+    Batch sizes are per process; the image counts are over all ``world_size`` processes.
+    """
     saved = ckpt.get("config", {}).get("train", {})
     before = (saved.get("batch_size"), saved.get("accumulate", 1))
     now = (cfg.train.batch_size, cfg.train.accumulate)
     if not batches_done or None in before or before == now:
         return None
+    images_now = batches_done * now[0] * now[1] * world_size
+    images_before = batches_done * before[0] * before[1] * int(ckpt.get("world_size", world_size))
     return (
         f"note: train.batch_size x train.accumulate is {now[0]} x {now[1]} instead of {before[0]} x {before[1]} "
         f"in the middle of epoch {epoch + 1}: its first {batches_done} steps are skipped in steps of the new "
-        f"size ({batches_done * now[0] * now[1]} images instead of the {batches_done * before[0] * before[1]} "
-        "trained on), so until the epoch ends some images are seen twice or not at all"
+        f"size ({images_now} images instead of the {images_before} trained on), so until the epoch ends "
+        "some images are seen twice or not at all"
     )
 
 

@@ -308,3 +308,8 @@ def test_export_replaces_a_file_only_when_asked_and_only_with_an_export_that_pas
     replaced = runner.invoke(app, ["export", "--ckpt", "latest", "--out", str(out), "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # an ordinary file, not a private temporary one
+    folder = runner.invoke(app, ["export", "--ckpt", "latest", "--out", str(out.parent), "--overwrite"])
+    assert folder.exit_code == 2 and f"--out {out.parent} is a folder: give a file name" in folder.stderr

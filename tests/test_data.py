@@ -728,3 +728,27 @@ def test_folder_images_are_turned_upright_by_their_exif_orientation_and_16_bit_g
     assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
     grey = _decode_image(tmp_path / "grey16.png", 8, "L")[:, :, 0]
     assert grey[0, 0] == 255 and grey[0, -1] == 128
+
+
+def test_a_damaged_download_is_downloaded_again_when_downloads_are_on(tmp_path, monkeypatch):
+    calls = []
+
+    def offline(name, folder, train, download):
+        if download:
+            calls.append((name, train))
+            raise OSError("network is unreachable")
+        return real(name, folder, train, download)
+
+    real = data._torchvision_split
+    monkeypatch.setattr(data, "_torchvision_split", offline)
+    folder = write_cifar10(tmp_path)
+    (folder / "data_batch_3").unlink()  # an unpacking that stopped halfway
+    with pytest.raises(DataFormatError, match="data_batch_3: cannot read"):
+        build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=False))
+    with pytest.raises(DatasetNotFoundError, match="download failed: network is unreachable"):
+        build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=True))
+    assert calls == [("cifar10", True)]
+    (tmp_path / "train_32x32.mat").write_bytes(b"not the real file")
+    with pytest.raises(DatasetNotFoundError, match="download failed"):  # torchvision would replace it
+        build_datasets(DataConfig(name="svhn", root=str(tmp_path), download=True))
+    assert calls[-1] == ("svhn", True)

@@ -651,3 +651,37 @@ def test_fast_and_plain_routing_agree_where_every_child_is_inactive(kind):
     assert torch.equal(fast.pose[0], torch.zeros_like(fast.pose[0]))
     torch.testing.assert_close(fast.pose, plain.pose, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.activation, plain.activation, atol=1e-6, rtol=1e-6)
+
+
+def test_fast_routing_takes_child_activations_in_any_layout():
+    g = torch.Generator().manual_seed(8)
+    n, positions, types, children, p = 2, 3, 2, 5, 4
+    poses = torch.randn(children, n * positions * p, p, generator=g)
+    weight = torch.randn(children, p, types * p, generator=g)
+    votes = routing.VoteProduct(poses, weight, (n, positions, types, p))
+    act = torch.rand(n, positions, children, generator=g)
+    strided = act.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, other strides
+    assert not strided.is_contiguous()
+    zeros = torch.zeros(types)
+    got = em_routing(votes, strided, zeros, zeros, RoutingSettings(iterations=2))
+    want = em_routing(votes, act, zeros, zeros, RoutingSettings(iterations=2))
+    torch.testing.assert_close(got.pose, want.pose, rtol=0, atol=0)
+
+
+def test_a_recomputing_backward_under_autocast_rebuilds_the_forwards_moments_exactly():
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(5)
+        layer = randomise(
+            ConvCaps(2, 3, kernel=2, stride=1, settings=RoutingSettings(iterations=2)), 5
+        ).float()
+        layer.recompute_votes = recompute
+        g = torch.Generator().manual_seed(6)
+        pose = torch.randn(2, 3, 3, 2, 16, generator=g).requires_grad_()
+        act = torch.rand(2, 3, 3, 2, generator=g).requires_grad_()
+        out_pose, out_act = layer(pose, act)
+        loss = out_pose.square().sum() + out_act.sum()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # where a caller runs backward
+            results.append(torch.autograd.grad(loss, [pose, act, layer.weight]))
+    for kept, rebuilt in zip(*results):
+        torch.testing.assert_close(rebuilt, kept, rtol=0, atol=0)

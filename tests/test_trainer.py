@@ -579,3 +579,24 @@ def test_resuming_mid_epoch_with_another_batch_size_says_what_it_does_to_the_epo
         echo=said.append,
     )
     assert not [line for line in said if "train.batch_size x" in line]
+
+
+def test_the_batch_change_note_counts_the_images_of_every_process():
+    from capsnet.trainer import batch_change
+
+    cfg = tiny(Path("/nonexistent"), "train.batch_size=8")
+    ckpt = {"config": {"train": {"batch_size": 16, "accumulate": 1}}, "world_size": 2}
+    note = batch_change(ckpt, cfg, 3, 0, world_size=2)
+    assert note is not None and "(48 images instead of the 96 trained on)" in note
+    assert batch_change(ckpt, cfg, 0, 0, world_size=2) is None  # at an epoch boundary nothing is skipped
+
+
+def test_resume_compares_only_the_split_settings_of_the_runs_dataset():
+    from capsnet.checkpoint import CheckpointError, check_resume_settings
+
+    saved = tiny(Path("/nonexistent"), "data.val_split=0.25").to_dict()
+    smallnorb_only = tiny(Path("/nonexistent"), "data.val_split=0.25", "data.stereo=samples").to_dict()
+    check_resume_settings(saved, smallnorb_only, "ckpt")  # synthetic data: the stereo setting draws nothing
+    bigger = tiny(Path("/nonexistent"), "data.val_split=0.25", "data.train_size=128").to_dict()
+    with pytest.raises(CheckpointError, match=r"data.train_size: 96 in the checkpoint, 128 now"):
+        check_resume_settings(saved, bigger, "ckpt")
