@@ -154,10 +154,12 @@ def test_class_activations_measures_each_layers_spread_over_images_by_hand():
 
 FAKE_PYTHON = """#!/bin/bash
 # An interpreter whose venv module works: "-m venv DIR" makes DIR/bin/python, a stand-in
-# that records its arguments and succeeds (so "pip" works without installing anything).
+# that records its arguments and succeeds (so "pip" works without installing anything,
+# and "-c" answers the version question with 3.11).
 if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
     mkdir -p "$3/bin"
-    printf '#!/bin/bash\\necho "$*" >> "$(dirname "$0")/../calls"\\n' > "$3/bin/python"
+    printf '#!/bin/bash\\necho "$*" >> "$(dirname "$0")/../calls"\\n[ "$1" = "-c" ] && echo 3.11\\nexit 0\\n' \\
+        > "$3/bin/python"
     chmod +x "$3/bin/python"
     exit 0
 fi
@@ -213,9 +215,12 @@ def test_setup_env_replaces_a_venv_left_without_pip_and_installs_into_the_new_on
     assert calls[0] == "-m pip install -q --upgrade pip" and "-m pip install -q -e .[dev]" in calls
     assert (root / ".venv" / ".capsnet-installed").is_file()
     again = run_setup(root, env)
-    assert again.returncode == 0 and (root / ".venv" / "calls").read_text().splitlines()[len(calls) :] == [
-        "-m pip --version"
-    ]  # in place: only checked
+    checks = (root / ".venv" / "calls").read_text().splitlines()[len(calls) :]
+    assert again.returncode == 0 and [c.split(";")[0] for c in checks] == [
+        "-m pip --version",
+        "-c import sys",  # the venv's Python version
+        "-c import torch, torchvision, typer, yaml, tqdm, tensorboard, capsnet",  # the install imports
+    ], checks  # in place: only checked
 
 
 def test_setup_env_without_the_venv_module_or_apt_get_says_what_to_install(tmp_path):
