@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from capsnet.loss import class_scores
 from capsnet.tracking import strict_json
 from capsnet.visualize import ExperimentError
 
@@ -57,8 +58,6 @@ def parse_epsilons(text: str) -> list[float]:
 
 def activation_logits(activations: Tensor) -> Tensor:
     """ln a - ln(1 - a) of class activations (N, E), the quantity the attacks' cross-entropy uses."""
-    from capsnet.loss import class_scores
-
     return class_scores(activations.float())
 
 

@@ -118,7 +118,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-mode mask, read without changing it for longer than the call."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -136,7 +137,7 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -394,18 +394,6 @@ IDX_FILES = {
 }
 
 
-def check_body_size(path: str | Path, body: bytes, dims: tuple[int, ...], expected: int) -> None:
-    """Raises DataFormatError unless ``body`` (read as ``expected`` + 1 bytes) holds exactly ``expected``."""
-    if len(body) != expected:
-        found = len(body) if len(body) < expected else f"more than {expected}"
-        _wrong_size(path, dims, expected, len(body), found)
-
-
-def _wrong_size(path, dims, expected: int, length: int, found) -> None:
-    what = "truncated" if length < expected else "longer than its header says"
-    raise DataFormatError(f"{path}: {what}: header says {dims} = {expected} bytes of data, found {found}")
-
-
 #: A compressed body is read in pieces of this size, so that a corrupt header
 #: announcing terabytes costs no more memory than the data that is really there.
 READ_PIECE = 64 << 20
@@ -428,20 +416,20 @@ def read_body(f, path: str | Path, dims: tuple[int, ...], expected: int) -> byte
     A plain file's size is checked before anything is read; a gzip stream is read
     piece by piece up to one byte past ``expected``.
     """
-    if not isinstance(f, gzip.GzipFile):
-        left = os.fstat(f.fileno()).st_size - f.tell()
-        if left != expected:
-            _wrong_size(path, dims, expected, left, left)
-        body = f.read(expected)  # the size is known to be right: one read, no copies
-        check_body_size(path, body, dims, expected)
-        return body
-    body = bytearray()
-    while len(body) <= expected:
-        piece = f.read(min(READ_PIECE, expected + 1 - len(body)))
-        if not piece:
-            break
-        body += piece
-    check_body_size(path, body, dims, expected)
+    if isinstance(f, gzip.GzipFile):
+        body = bytearray()
+        while len(body) <= expected:
+            piece = f.read(min(READ_PIECE, expected + 1 - len(body)))
+            if not piece:
+                break
+            body += piece
+        length, found = len(body), (len(body) if len(body) < expected else f"more than {expected}")
+    else:
+        length = found = os.fstat(f.fileno()).st_size - f.tell()
+        body = f.read(expected) if length == expected else b""  # the size is right: one read
+    if length != expected:
+        what = "truncated" if length < expected else "longer than its header says"
+        raise DataFormatError(f"{path}: {what}: header says {dims} = {expected} bytes of data, found {found}")
     return body
 
 
@@ -626,12 +614,19 @@ class _BatchUnpickler(pickle.Unpickler):
     lets through what rebuilds a NumPy array, so a doctored file cannot run code.
     """
 
-    ALLOWED = {
-        (module, name)
-        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for name in ("_reconstruct", "scalar")
-    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer")}
-    ALLOWED |= {("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}  # bytes under protocol 2
+    ALLOWED = frozenset(
+        {
+            *(
+                (f"numpy.{core}.multiarray", name)
+                for core in ("core", "_core")
+                for name in ("_reconstruct", "scalar")
+            ),
+            *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),  # protocol 5
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # bytes under protocol 2
+        }
+    )
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from capsnet.checkpoint import (
-    _umask,
     build_model_from_checkpoint,
+    current_umask,
     load_checkpoint,
     resolve_checkpoint,
     safe_child,
@@ -229,7 +229,7 @@ def export_checkpoint(
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(handle)
     partial = Path(name)
-    os.chmod(partial, 0o666 & ~_umask())  # mkstemp makes it private; an export is an ordinary file
+    os.chmod(partial, 0o666 & ~current_umask())  # mkstemp makes it private; an export is an ordinary file
     try:
         try:
             runner = export_pt2(module, x, partial) if fmt == "pt2" else export_onnx(module, x, partial)
