@@ -56,6 +56,30 @@ def parse_epsilons(text: str) -> list[float]:
     return sorted(set(values))
 
 
+TB_STEPS_PER_EPS = 1000  # TensorBoard has integer steps: epsilon e is logged at step round(e x 1000)
+
+
+def tensorboard_steps(epsilons: list[float]) -> list[int]:
+    """The TensorBoard step of each epsilon; ExperimentError where two would share one.
+
+    The clean accuracy is logged at step 0 when no epsilon is 0, so a nonzero epsilon
+    that rounds to step 0 would share it too.
+    """
+    steps = [round(eps * TB_STEPS_PER_EPS) for eps in epsilons]
+    taken: dict[int, float] = {} if 0.0 in epsilons else {0: 0.0}
+    for eps, step in zip(epsilons, steps):
+        other = taken.get(step)
+        if other is not None and other != eps:
+            clash = "the clean accuracy (eps 0)" if other == 0.0 else f"eps {other:g}"
+            raise ExperimentError(
+                f"--eps: {eps:g} and {clash} would share TensorBoard step {step} (steps are eps x "
+                f"{TB_STEPS_PER_EPS}): give epsilons at least {1 / TB_STEPS_PER_EPS:g} apart, or pass "
+                "--no-tensorboard (the JSON report keeps every epsilon)"
+            )
+        taken[step] = eps
+    return steps
+
+
 def activation_logits(activations: Tensor) -> Tensor:
     """ln a - ln(1 - a) of class activations (N, E), the quantity the attacks' cross-entropy uses."""
     return class_scores(activations.float())
@@ -180,6 +204,7 @@ class AttackReport:
     clean_acc: float
     points: list[AttackPoint]
     files: dict[str, str] = field(default_factory=dict)
+    replaced: list[str] = field(default_factory=list)  # report files of an earlier attack written over
 
     @property
     def name(self) -> str:
@@ -352,7 +377,8 @@ def attack_checkpoint(
     Writes ``attack-<method>[-targeted].json`` and, when ``plot`` (needs matplotlib),
     a ``.png`` of accuracy against epsilon to ``report_dir`` (default
     ``reports/<run>``), and TensorBoard scalars ``attack/<name>/acc`` (and
-    ``/success``) to ``<tb_dir>/<run>/attack`` with the step = epsilon x 1000.
+    ``/success``) to ``<tb_dir>/<run>/attack`` with the step = epsilon x 1000
+    (see :func:`tensorboard_steps`).
     """
     from capsnet.evaluate import prepare_checkpoint
     from capsnet.visualize import require_matplotlib
@@ -366,6 +392,8 @@ def attack_checkpoint(
     if plot:
         require_matplotlib()
     epsilons = list(epsilons or [0.01, 0.05, 0.1, 0.2])
+    if tensorboard:
+        tensorboard_steps(epsilons)  # a clash is reported before the attack, not after
     prep = prepare_checkpoint(spec, out_dir, split, batch_size, data_root, device, overrides, limit)
     info = prep.loaders.info
     space = InputSpace.from_info(info.mean, info.std, info.channels)
@@ -401,19 +429,20 @@ def attack_checkpoint(
     )
     folder = Path(report_dir) if report_dir is not None else Path("reports") / prep.run
     folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"attack-{report.name}.json"
+    png = folder / f"attack-{report.name}.png"
+    report.replaced = [str(file) for file in (path, png) if file.exists() and (file is path or plot)]
     figure = None
     if plot:
         from capsnet.visualize import plot_attack, save_figure
 
         figure = plot_attack(report, examples, prep.class_names, info.mean, info.std)
-        png = folder / f"attack-{report.name}.png"
         save_figure(figure, png)
         report.files["png"] = str(png)
     if tensorboard:
         log_dir = Path(tb_dir or prep.cfg.logging.tb_dir) / prep.run / "attack"
         _log_tensorboard(report, log_dir, figure)
         report.files["tensorboard"] = str(log_dir)
-    path = folder / f"attack-{report.name}.json"
     report.files["json"] = str(path)
     path.write_text(strict_json(report.to_dict(), indent=2) + "\n")
     return report
@@ -426,8 +455,7 @@ def _log_tensorboard(report: AttackReport, log_dir: Path, figure: Any) -> None:
     try:
         if all(p.eps != 0 for p in report.points):
             writer.scalar(f"attack/{report.name}/acc", report.clean_acc, 0)
-        for p in report.points:
-            step = round(p.eps * 1000)
+        for p, step in zip(report.points, tensorboard_steps([p.eps for p in report.points])):
             writer.scalar(f"attack/{report.name}/acc", p.acc, step)
             if p.success is not None:
                 writer.scalar(f"attack/{report.name}/success", p.success, step)

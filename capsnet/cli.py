@@ -477,7 +477,8 @@ def attack(
     tensorboard: Annotated[
         bool,
         typer.Option(
-            "--tensorboard/--no-tensorboard", help="Write attack/<method>/acc scalars (step = eps x 1000)."
+            "--tensorboard/--no-tensorboard",
+            help="Write attack/<method>/acc scalars (step = eps x 1000, so epsilons must be 0.001 apart).",
         ),
     ] = True,
     tb_dir: Annotated[str | None, typer.Option("--tb-dir", help=TB_DIR_HELP.format("attack"))] = None,
@@ -535,6 +536,7 @@ def attack(
             plot,
         )
     typer.echo(_json(report.to_dict()) if as_json else report.summary())
+    _note_replaced(report.replaced)
 
 
 @app.command()
@@ -620,6 +622,14 @@ def inspect(
             tb_dir,
         )
     typer.echo(result.summary())
+    _note_replaced(result.replaced)
+
+
+def _note_replaced(files: list[str]) -> None:
+    if files:
+        typer.echo(
+            f"note: replaced the earlier {', '.join(files)} (give --out DIR to keep reports apart)", err=True
+        )
 
 
 def main() -> None:

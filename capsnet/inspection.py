@@ -74,6 +74,7 @@ class Inspection:
     perturbation: Tensor | None = None  # (P*P, S, C, H, W)
     deltas: list[float] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    replaced: list[str] = field(default_factory=list)  # figures of an earlier inspection written over
 
     def summary(self) -> str:
         names = self.class_names
@@ -316,7 +317,10 @@ def inspect_checkpoint(
     info = prep.loaders.info
     drawn = figures(ins, info.mean, info.std)
     for stem, figure in drawn.items():
-        ins.files[stem] = str(save_figure(figure, folder / f"{stem}.png"))
+        png = folder / f"{stem}.png"
+        if png.exists():
+            ins.replaced.append(str(png))
+        ins.files[stem] = str(save_figure(figure, png))
     if tensorboard:
         from capsnet.tracking import TensorBoardWriter
 

@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,38 @@ def check(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+@contextmanager
+def launched(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """Starts ``cmd`` in a session of its own and, on the way out, kills whatever of it is left.
+
+    A failed assertion or a timeout would otherwise leave torchrun's workers running
+    after the test, holding the cores and the port.
+    """
+    agent = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield agent
+    finally:
+        try:
+            os.killpg(agent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        agent.communicate()
+
+
+def launch(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    with launched(cmd, cwd) as agent:
+        out, err = agent.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, agent.returncode, out, err)
+
+
 # --------------------------------------------------------------------------- without torchrun
 
 
@@ -107,6 +141,42 @@ def test_accumulating_two_half_batches_equals_one_whole_batch(tmp_path):
     assert max_difference(whole / "last.pt", apart / "last.pt") > 1e-3  # the comparison can fail
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+def test_a_launch_that_fails_leaves_none_of_its_processes_behind(tmp_path):
+    grandchild = None
+    sleeper = [sys.executable, "-c", SPAWNS_A_SLEEPER]
+    with pytest.raises(AssertionError, match="the test failed"), launched(sleeper, tmp_path) as agent:
+        grandchild = int(agent.stdout.readline())
+        os.kill(grandchild, 0)  # it runs
+        raise AssertionError("the test failed")
+    assert agent.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while running(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(grandchild)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a killed one waiting to be reaped is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+SPAWNS_A_SLEEPER = """
+import subprocess, sys, time
+sleeper = subprocess.Popen(
+    [sys.executable, "-c", "import time; time.sleep(120)"],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+)
+print(sleeper.pid, flush=True)
+time.sleep(120)
+"""
+
+
 # --------------------------------------------------------------------------- torchrun
 
 
@@ -114,7 +184,7 @@ def test_accumulating_two_half_batches_equals_one_whole_batch(tmp_path):
 def test_two_processes_with_sync_bn_write_one_run_equal_to_one_process_with_the_global_batch(tmp_path):
     cmd = torchrun("--standalone", "--nproc-per-node", "2")
     cmd += ["--config", str(TINY), "--run-name", "ddp", *cli_overrides(tmp_path, "train.sync_bn=true")]
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = launch(cmd, tmp_path)
     check(result)
     run = tmp_path / "weights" / "ddp"
     # rank 0 alone writes: one line per epoch, one set of checkpoints, one metrics file, one event file
@@ -147,7 +217,7 @@ def test_the_weight_average_of_two_processes_equals_that_of_one(tmp_path):
     ema = ["train.sync_bn=true", "train.ema=0.5", "train.epochs=1"]
     cmd = torchrun("--standalone", "--nproc-per-node", "2")
     cmd += ["--config", str(TINY), "--run-name", "ddp", *cli_overrides(tmp_path, *ema)]
-    check(subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path))
+    check(launch(cmd, tmp_path))
     run = tmp_path / "weights" / "ddp"
     one = single_process(tmp_path, "one", "train.batch_size=32", *ema)
     assert max_difference(run / "last.pt", one / "last.pt") < 1e-4
@@ -168,17 +238,13 @@ def test_a_two_node_launch_with_accumulation_equals_one_process(tmp_path):
     store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     launcher = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "capsnet-test"]
     launcher += ["--rdzv-conf", "is_host=false"]
-    agents = [
-        subprocess.Popen(
-            torchrun("--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", *launcher) + args,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    commands = [
+        torchrun("--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", *launcher) + args
         for node in (0, 1)
     ]
-    outputs = [agent.communicate(timeout=300) for agent in agents]
+    with launched(commands[0], tmp_path) as first, launched(commands[1], tmp_path) as second:
+        agents = [first, second]
+        outputs = [agent.communicate(timeout=300) for agent in agents]
     del store
     for agent, (out, err) in zip(agents, outputs):
         assert agent.returncode == 0, out[-3000:] + err[-3000:]
@@ -209,17 +275,15 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_finishes_from_its_
     cmd += ["--config", str(TINY), "--run-name", "elastic", "--resume", "latest"]
     cmd += cli_overrides(tmp_path, "train.sync_bn=true", f"train.epochs={epochs}")
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see README: restarts need it
-    agent = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
     run = tmp_path / "weights" / "elastic"
-    deadline = time.monotonic() + 240
-    while not step_checkpoints(run):
-        assert agent.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.01)
-    victim = next(pid for pid in children(agent.pid) if environment(pid).get("LOCAL_RANK") == "1")
-    os.kill(victim, signal.SIGKILL)
-    out, err = agent.communicate(timeout=300)
+    with launched(cmd, tmp_path, env) as agent:
+        deadline = time.monotonic() + 240
+        while not step_checkpoints(run):
+            assert agent.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.01)
+        victim = next(pid for pid in children(agent.pid) if environment(pid).get("LOCAL_RANK") == "1")
+        os.kill(victim, signal.SIGKILL)
+        out, err = agent.communicate(timeout=300)
     assert agent.returncode == 0, out[-3000:] + err[-3000:]
     assert "torchrun restarted the workers (1 time(s) so far)" in out
     assert "resumed from" in out

@@ -413,12 +413,44 @@ def test_inspect_draws_a_convolutional_layer_at_a_chosen_position(here):
         (["inspect", "--entries", "3,3"], "two different pose entries"),
         (["attack", "--eps", "0.1,big"], "is not a number"),
         (["attack", "--method", "pgd"], "not one of"),
+        (["attack", "--eps", "0.0101,0.0104"], "0.0104 and eps 0.0101 would share TensorBoard step 10"),
+        (["attack", "--eps", "0.0004,0.1"], "0.0004 and the clean accuracy (eps 0) would share"),
     ],
 )
 def test_bad_experiment_arguments_fail_with_a_message(here, args, message):
     result = invoke(*args[:1], "--ckpt", "fit", *args[1:])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_epsilons_closer_than_a_tensorboard_step_are_refused_only_with_tensorboard(here):
+    from capsnet.attack import tensorboard_steps
+    from capsnet.visualize import ExperimentError
+
+    assert tensorboard_steps([0.0, 0.001, 0.01]) == [0, 1, 10]
+    assert tensorboard_steps([0.0011, 0.002, 0.2]) == [1, 2, 200]
+    with pytest.raises(ExperimentError, match=r"0.0004 and the clean accuracy \(eps 0\) would share"):
+        tensorboard_steps([0.0, 0.0004])
+    args = ["--eps", "0.0101,0.0104", "--no-tensorboard", "--no-plot", "--limit", "4", "--json"]
+    result = invoke("attack", "--ckpt", "fit", *args, "--out", "rep")
+    assert result.exit_code == 0, result.output
+    report = json.loads((here / "rep" / "attack-fgsm.json").read_text())
+    assert [point["eps"] for point in report["results"]] == [0.0101, 0.0104]
+
+
+def test_reports_written_over_are_named(here):
+    args = ["--eps", "0.1", "--no-tensorboard", "--limit", "4", "--out", "again"]
+    first = invoke("attack", "--ckpt", "fit", *args)
+    assert first.exit_code == 0, first.output
+    assert "replaced" not in first.stderr
+    second = invoke("attack", "--ckpt", "fit", *args, "--no-plot")
+    assert second.exit_code == 0, second.output
+    assert f"note: replaced the earlier {Path('again') / 'attack-fgsm.json'} (give --out" in second.stderr
+    assert "attack-fgsm.png" not in second.stderr  # --no-plot leaves the figure as it was
+    figures = ["inspect", "--ckpt", "fit", "--out", "figs"]
+    assert "replaced" not in invoke(*figures).stderr
+    again = invoke(*figures)
+    assert again.exit_code == 0 and again.stderr.count(".png") == 5, again.output
 
 
 def test_missing_matplotlib_is_reported_with_the_install_command(here, monkeypatch):
