@@ -392,8 +392,7 @@ def attack_checkpoint(
     if plot:
         require_matplotlib()
     epsilons = list(epsilons or [0.01, 0.05, 0.1, 0.2])
-    if tensorboard:
-        tensorboard_steps(epsilons)  # a clash is reported before the attack, not after
+    steps_tb = tensorboard_steps(epsilons) if tensorboard else []  # a clash is reported before the attack
     prep = prepare_checkpoint(spec, out_dir, split, batch_size, data_root, device, overrides, limit)
     info = prep.loaders.info
     space = InputSpace.from_info(info.mean, info.std, info.channels)
@@ -431,7 +430,7 @@ def attack_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"attack-{report.name}.json"
     png = folder / f"attack-{report.name}.png"
-    report.replaced = [str(file) for file in (path, png) if file.exists() and (file is path or plot)]
+    report.replaced = [str(file) for file in ([path, png] if plot else [path]) if file.exists()]
     figure = None
     if plot:
         from capsnet.visualize import plot_attack, save_figure
@@ -441,21 +440,22 @@ def attack_checkpoint(
         report.files["png"] = str(png)
     if tensorboard:
         log_dir = Path(tb_dir or prep.cfg.logging.tb_dir) / prep.run / "attack"
-        _log_tensorboard(report, log_dir, figure)
+        _log_tensorboard(report, steps_tb, log_dir, figure)
         report.files["tensorboard"] = str(log_dir)
     report.files["json"] = str(path)
     path.write_text(strict_json(report.to_dict(), indent=2) + "\n")
     return report
 
 
-def _log_tensorboard(report: AttackReport, log_dir: Path, figure: Any) -> None:
+def _log_tensorboard(report: AttackReport, steps: list[int], log_dir: Path, figure: Any) -> None:
+    """``steps``: the TensorBoard step of each of ``report.points`` (:func:`tensorboard_steps`)."""
     from capsnet.tracking import TensorBoardWriter
 
     writer = TensorBoardWriter(log_dir)
     try:
         if all(p.eps != 0 for p in report.points):
             writer.scalar(f"attack/{report.name}/acc", report.clean_acc, 0)
-        for p, step in zip(report.points, tensorboard_steps([p.eps for p in report.points])):
+        for p, step in zip(report.points, steps, strict=True):
             writer.scalar(f"attack/{report.name}/acc", p.acc, step)
             if p.success is not None:
                 writer.scalar(f"attack/{report.name}/success", p.success, step)
