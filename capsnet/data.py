@@ -370,6 +370,17 @@ def _train_or_eval(augment: bool, train: Callable, evaluation: Callable) -> Call
     return train if augment else evaluation
 
 
+#: Datasets whose training augmentation flips images left-right unless data.flip says otherwise.
+FLIPPED_BY_DEFAULT = frozenset({"fashion-mnist", "cifar10"})
+
+
+def trains_with_flips(cfg: DataConfig) -> bool:
+    """Whether training sees random left-right flips (so that ``eval --mirror`` suits the model)."""
+    if not cfg.augment or cfg.name in ("smallnorb", "synthetic"):
+        return False
+    return cfg.flip if cfg.flip is not None else cfg.name in FLIPPED_BY_DEFAULT
+
+
 def _training_transform(
     cfg: DataConfig, mean: list[float], std: list[float], size: int, shift: int, flip: bool
 ) -> PixelTransform:
@@ -574,7 +585,7 @@ def _build_idx(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, 
     evaluation = PixelTransform(meta["mean"], meta["std"])
     # shifts of up to 2 px (at 28 px); horizontal flips for clothes, never for digits
     # data.shift / data.flip override both
-    training = _training_transform(cfg, meta["mean"], meta["std"], size, pad, cfg.name == "fashion-mnist")
+    training = _training_transform(cfg, meta["mean"], meta["std"], size, pad, cfg.name in FLIPPED_BY_DEFAULT)
     info = DataInfo(num_classes, 1, size, list(meta["classes"]), list(meta["mean"]), list(meta["std"]))
     return (
         ImageDataset(train_x, train_y, _train_or_eval(cfg.augment, training, evaluation), evaluation),
@@ -744,7 +755,7 @@ def _build_torchvision(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageD
     train_x, test_x = resize_images(train_x, size), resize_images(test_x, size)
     evaluation = PixelTransform(meta["mean"], meta["std"])
     pad = max(1, round(4 * size / 32))
-    training = _training_transform(cfg, meta["mean"], meta["std"], size, pad, cfg.name == "cifar10")
+    training = _training_transform(cfg, meta["mean"], meta["std"], size, pad, cfg.name in FLIPPED_BY_DEFAULT)
     info = DataInfo(10, 3, size, list(meta["classes"]), list(meta["mean"]), list(meta["std"]))
     return (
         ImageDataset(train_x, train_y.long(), _train_or_eval(cfg.augment, training, evaluation), evaluation),

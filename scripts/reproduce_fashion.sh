@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the README's Fashion-MNIST results from scratch: trains a config for its
 # full schedule, scores best.pt (chosen on the validation split) on the 10,000 test
-# images, and draws the learning curves.
+# images (also with the mirrored test when the run trained with horizontal flips), and
+# draws the learning curves.
 #
 #   bash scripts/reproduce_fashion.sh                              # configs/small.yaml
 #   bash scripts/reproduce_fashion.sh configs/fashion_paper.yaml   # the paper-size model
@@ -23,6 +24,14 @@ bash scripts/fetch_fashion_mnist.sh
 start=$(date +%s)
 .venv/bin/capsnet train --config "$config" --run-name "$name" --resume latest "$@"
 echo "training wall time (this invocation): $(( $(date +%s) - start )) s"
-.venv/bin/capsnet eval --ckpt "weights/em_capsules/$name/best.pt" --split test
+# A run trained with horizontal flips is also scored with the mirrored test (eval --mirror).
+mirror=()
+if .venv/bin/python -c 'import sys
+from capsnet.config import load_config
+from capsnet.data import trains_with_flips
+sys.exit(0 if trains_with_flips(load_config(sys.argv[1]).data) else 1)' "weights/em_capsules/$name/config.yaml"; then
+    mirror=(--mirror)
+fi
+.venv/bin/capsnet eval --ckpt "weights/em_capsules/$name/best.pt" --split test ${mirror[@]+"${mirror[@]}"}
 mkdir -p docs/figures
 .venv/bin/python scripts/plot_curves.py "weights/em_capsules/$name" --out "docs/figures/curves_$name.png"

@@ -208,6 +208,37 @@ def test_data_shift_and_flip_choose_the_training_augmentation(tmp_path):
         _augmented_views(tmp_path, augment=True, shift=28)
 
 
+@pytest.mark.parametrize(
+    "name, augment, flip",
+    [
+        ("fashion-mnist", True, None),
+        ("fashion-mnist", True, False),
+        ("fashion-mnist", False, None),
+        ("mnist", True, None),
+        ("mnist", True, True),
+        ("cifar10", True, None),
+        ("cifar10", True, False),
+    ],
+)
+def test_trains_with_flips_says_what_the_built_training_transform_does(tmp_path, name, augment, flip):
+    if name == "cifar10":
+        write_cifar10(tmp_path / "cifar10")
+    else:
+        write_mnist(tmp_path / name)
+    cfg = DataConfig(name=name, root=str(tmp_path), download=False, augment=augment, flip=flip)
+    train, _, _, _ = build_datasets(cfg)
+    expected = name != "mnist" if flip is None else flip
+    assert data.trains_with_flips(cfg) is (augment and expected)
+    assert getattr(train.transform, "flip", False) is data.trains_with_flips(cfg)
+
+
+def test_trains_with_flips_is_false_for_datasets_with_their_own_augmentation():
+    assert not data.trains_with_flips(DataConfig(name="smallnorb", augment=True))
+    assert not data.trains_with_flips(DataConfig(name="synthetic", augment=True))
+    assert not data.trains_with_flips(DataConfig(name="folder", augment=True))
+    assert data.trains_with_flips(DataConfig(name="folder", augment=True, flip=True))
+
+
 def _blank_border(image: torch.Tensor, blank: torch.Tensor) -> int:
     """The most rows or columns of padding on any side of a (1, H, W) image (random images have none)."""
     empty = image[0] == blank

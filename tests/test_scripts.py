@@ -1,4 +1,5 @@
-"""The helper scripts under scripts/ that are not bash: learning-curve plots, the baseline comparison."""
+"""The helper scripts under scripts/: learning-curve plots, the baseline comparison, class
+activations, the set-up script and reproduce_fashion.sh."""
 
 from __future__ import annotations
 
@@ -229,3 +230,44 @@ def test_setup_env_without_the_venv_module_or_apt_get_says_what_to_install(tmp_p
     assert done.returncode == 1
     assert "install Python's venv module (Debian/Ubuntu: apt-get install python3-venv)" in done.stderr
     assert not (root / ".venv").exists()  # nothing half-made left to be mistaken for a venv
+
+
+CAPSNET_STAND_IN = """#!/bin/bash
+# Records its arguments; `train --config CFG --run-name NAME ...` leaves NAME's config.yaml behind.
+echo "$*" >> calls
+if [ "$1" = train ]; then mkdir -p "weights/em_capsules/$5"; cp "$3" "weights/em_capsules/$5/config.yaml"; fi
+"""
+
+
+@pytest.mark.parametrize("config, mirrored", [("fashion_paper_deep.yaml", True), ("small.yaml", False)])
+def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tmp_path, config, mirrored):
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "reproduce_fashion.sh", tmp_path / "scripts")
+    for stand_in in ("setup_env.sh", "fetch_fashion_mnist.sh"):
+        (tmp_path / "scripts" / stand_in).write_text("exit 0\n")
+    (tmp_path / "scripts" / "plot_curves.py").write_text("open('calls', 'a').write('plot\\n')\n")
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / config, tmp_path / "configs")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(f'#!/bin/bash\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "capsnet").write_text(CAPSNET_STAND_IN)
+    for tool in ("python", "capsnet"):
+        (bin_dir / tool).chmod(0o755)
+    done = subprocess.run(
+        ["bash", "scripts/reproduce_fashion.sh", f"configs/{config}", "-o", "train.seed=1"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "RUN": "r"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == f"train --config configs/{config} --run-name r --resume latest -o train.seed=1"
+    evaluation = "eval --ckpt weights/em_capsules/r/best.pt --split test"
+    assert calls[1:] == [evaluation + (" --mirror" if mirrored else ""), "plot"]
