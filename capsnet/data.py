@@ -382,14 +382,14 @@ def trains_with_flips(cfg: DataConfig) -> bool:
 
 
 def _training_transform(
-    cfg: DataConfig, mean: list[float], std: list[float], size: int, shift: int, flip: bool
+    cfg: DataConfig, mean: list[float], std: list[float], size: int, shift: int
 ) -> PixelTransform:
-    """The augmenting transform: the dataset's ``shift`` and ``flip`` unless data.shift / data.flip say otherwise."""
+    """The augmenting transform: the dataset's ``shift`` unless data.shift says otherwise, flips
+    as :func:`trains_with_flips` says."""
     if cfg.shift is not None and cfg.shift >= size:
         raise ConfigError([f"data.shift: {cfg.shift} pixels is not smaller than the {size}-pixel images"])
     shift = shift if cfg.shift is None else cfg.shift
-    flip = flip if cfg.flip is None else cfg.flip
-    return PixelTransform(mean, std, padding=shift, flip=flip)
+    return PixelTransform(mean, std, padding=shift, flip=trains_with_flips(cfg))
 
 
 # --------------------------------------------------------------------------- IDX (mnist, fashion-mnist)
@@ -585,7 +585,7 @@ def _build_idx(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, 
     evaluation = PixelTransform(meta["mean"], meta["std"])
     # shifts of up to 2 px (at 28 px); horizontal flips for clothes, never for digits
     # data.shift / data.flip override both
-    training = _training_transform(cfg, meta["mean"], meta["std"], size, pad, cfg.name in FLIPPED_BY_DEFAULT)
+    training = _training_transform(cfg, meta["mean"], meta["std"], size, pad)
     info = DataInfo(num_classes, 1, size, list(meta["classes"]), list(meta["mean"]), list(meta["std"]))
     return (
         ImageDataset(train_x, train_y, _train_or_eval(cfg.augment, training, evaluation), evaluation),
@@ -755,7 +755,7 @@ def _build_torchvision(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageD
     train_x, test_x = resize_images(train_x, size), resize_images(test_x, size)
     evaluation = PixelTransform(meta["mean"], meta["std"])
     pad = max(1, round(4 * size / 32))
-    training = _training_transform(cfg, meta["mean"], meta["std"], size, pad, cfg.name in FLIPPED_BY_DEFAULT)
+    training = _training_transform(cfg, meta["mean"], meta["std"], size, pad)
     info = DataInfo(10, 3, size, list(meta["classes"]), list(meta["mean"]), list(meta["std"]))
     return (
         ImageDataset(train_x, train_y.long(), _train_or_eval(cfg.augment, training, evaluation), evaluation),
@@ -931,7 +931,7 @@ def _build_folder(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDatase
 
     mean, std = channel_stats(train_x[fitting_rows(cfg, len(train_x), seed)])
     evaluation = PixelTransform(mean, std)
-    training = _training_transform(cfg, mean, std, size, max(1, size // 8), False)
+    training = _training_transform(cfg, mean, std, size, max(1, size // 8))
     info = DataInfo(len(classes), train_x.shape[1], size, classes, mean, std)
     return (
         ImageDataset(train_x, train_y, _train_or_eval(cfg.augment, training, evaluation), evaluation),
