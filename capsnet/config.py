@@ -121,6 +121,7 @@ class DataConfig:
     augment: bool = True  # training augmentation (random crop etc., per dataset)
     shift: int | None = None  # augment: largest random shift in pixels; null: the dataset's (2 at 28 px)
     flip: bool | None = None  # augment: random horizontal flips; null: the dataset's (clothes, CIFAR-10)
+    erase: float = 0.0  # augment: probability of random erasing (one rectangle of random pixels)
     # smallnorb
     stereo: str = "channels"  # "channels": both views as 2 channels | "samples": each view a sample
     split: str = "standard"  # smallnorb: "standard" | "azimuth" | "elevation"
@@ -377,6 +378,12 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"data.{key}: not used by data.name {cfg.data.name!r} (leave it null)")
         elif not cfg.data.augment:
             problems.append(f"data.{key}: has no effect unless data.augment is true")
+    if not 0.0 <= cfg.data.erase <= 1.0:
+        problems.append(f"data.erase: must be a probability in [0, 1], got {cfg.data.erase!r}")
+    elif cfg.data.erase > 0 and cfg.data.name in ("smallnorb", "synthetic"):
+        problems.append(f"data.erase: not used by data.name {cfg.data.name!r} (leave it 0)")
+    elif cfg.data.erase > 0 and not cfg.data.augment:
+        problems.append("data.erase: has no effect unless data.augment is true")
     if cfg.train.ema is not None and not 0.0 < cfg.train.ema < 1.0:
         problems.append(f"train.ema: must be in (0, 1) (a decay per step, e.g. 0.999), got {cfg.train.ema!r}")
     if not 0.0 <= cfg.routing.lambda_decay < 1.0:

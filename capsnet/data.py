@@ -128,18 +128,22 @@ class PixelTransform:
     """uint8 (C, H, W) -> float32 (C, H, W): ``(x / 255 - mean) / std`` per channel.
 
     Training options: a random crop of the image zero-padded by ``padding`` on
-    every side (a shift of up to ``padding`` pixels, padding with black), and a
-    horizontal flip with probability 1/2 (``flip``). The normalisation is a
-    lookup table, so the whole transform is three numpy operations.
+    every side (a shift of up to ``padding`` pixels, padding with black), a
+    horizontal flip with probability 1/2 (``flip``), and with probability
+    ``erase`` one rectangle of random pixels (:func:`erased`). The normalisation
+    is a lookup table, so the whole transform is a few numpy operations.
     """
 
-    def __init__(self, mean: list[float], std: list[float], padding: int = 0, flip: bool = False):
+    def __init__(
+        self, mean: list[float], std: list[float], padding: int = 0, flip: bool = False, erase: float = 0.0
+    ):
         levels = np.arange(256, dtype=np.float64) / 255.0
         mean_, std_ = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
         self.table = ((levels[None, :] - mean_[:, None]) / std_[:, None]).astype(np.float32)  # (C, 256)
         self.channel = np.arange(len(mean))[:, None, None]  # (C, 1, 1)
         self.padding = padding
         self.flip = flip
+        self.erase = erase
 
     def __call__(self, x: np.ndarray) -> torch.Tensor:
         if self.padding or self.flip:
@@ -152,7 +156,40 @@ class PixelTransform:
                 )
             if self.flip and draw[2] < 0.5:
                 x = x[:, :, ::-1]
+        if self.erase and torch.rand(()).item() < self.erase:
+            x = erased(x)
         return torch.from_numpy(self.table[self.channel, x])
+
+
+#: Random erasing's draws (Zhong et al., "Random Erasing Data Augmentation", AAAI 2020):
+#: the rectangle's share of the image, its height-to-width ratio (drawn uniformly in log
+#: space between the two bounds), and how many draws may miss the image before it is left whole.
+ERASE_AREA = (0.02, 0.4)
+ERASE_ASPECT = (0.3, 1 / 0.3)
+ERASE_TRIES = 10
+
+
+def erased(x: np.ndarray) -> np.ndarray:
+    """A copy of ``x`` (C, H, W) uint8 with one random rectangle replaced by uniform random levels.
+
+    The rectangle covers a share of the image drawn from ``ERASE_AREA`` with an aspect
+    ratio drawn from ``ERASE_ASPECT``; a draw that does not fit is drawn again, up to
+    ``ERASE_TRIES`` times, after which the image is returned unchanged (as a copy).
+    """
+    _, height, width = x.shape
+    out = np.array(x)  # never write into the dataset's own pixels (or a flipped view of them)
+    log_low, log_high = math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])
+    for _ in range(ERASE_TRIES):
+        share, log_aspect, top, left = torch.rand(4).tolist()
+        area = height * width * (ERASE_AREA[0] + share * (ERASE_AREA[1] - ERASE_AREA[0]))
+        aspect = math.exp(log_low + log_aspect * (log_high - log_low))
+        h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < h <= height and 0 < w <= width:
+            top, left = int(top * (height - h + 1)), int(left * (width - w + 1))
+            noise = torch.randint(0, 256, (out.shape[0], h, w), dtype=torch.uint8).numpy()
+            out[:, top : top + h, left : left + w] = noise
+            return out
+    return out
 
 
 def shifted(x: np.ndarray, down: int, right: int) -> np.ndarray:
@@ -385,11 +422,11 @@ def _training_transform(
     cfg: DataConfig, mean: list[float], std: list[float], size: int, shift: int
 ) -> PixelTransform:
     """The augmenting transform: the dataset's ``shift`` unless data.shift says otherwise, flips
-    as :func:`trains_with_flips` says."""
+    as :func:`trains_with_flips` says, random erasing with probability data.erase."""
     if cfg.shift is not None and cfg.shift >= size:
         raise ConfigError([f"data.shift: {cfg.shift} pixels is not smaller than the {size}-pixel images"])
     shift = shift if cfg.shift is None else cfg.shift
-    return PixelTransform(mean, std, padding=shift, flip=trains_with_flips(cfg))
+    return PixelTransform(mean, std, padding=shift, flip=trains_with_flips(cfg), erase=cfg.erase)
 
 
 # --------------------------------------------------------------------------- IDX (mnist, fashion-mnist)

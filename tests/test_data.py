@@ -417,6 +417,59 @@ def test_pixel_transform_normalises_and_shifts_with_black_padding():
     assert len({tuple(out.flatten().tolist()) for out in outputs}) > 3
 
 
+def test_random_erasing_replaces_one_rectangle_of_the_paper_sizes_and_leaves_the_source_alone():
+    torch.manual_seed(0)
+    x = np.zeros((2, 28, 28), dtype=np.uint8)
+    source = x.copy()
+    shapes = []
+    for _ in range(300):
+        out = data.erased(x)
+        assert out.shape == x.shape and out.dtype == np.uint8
+        changed = (out != 0).any(axis=0)
+        rows, cols = np.nonzero(changed.any(axis=1))[0], np.nonzero(changed.any(axis=0))[0]
+        h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        # one rectangle: nothing changed outside its bounding box, and most of it changed
+        # (random levels hit 0, the original value, with probability 1/256 per pixel)
+        assert changed.sum() > 0.9 * h * w and changed.sum() == changed[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].sum()
+        assert (out[0] != out[1]).any()  # every channel draws its own levels
+        shapes.append((h, w))
+    assert np.array_equal(x, source)
+    areas = np.array([h * w for h, w in shapes]) / (28 * 28)
+    aspects = np.array([h / w for h, w in shapes])
+    # the drawn share lies in [0.02, 0.4] and the ratio in [0.3, 3.3]; rounding to whole pixels
+    # moves a side by at most half a pixel
+    assert areas.min() >= 0.01 and areas.max() <= 0.45
+    assert aspects.min() >= 0.25 and aspects.max() <= 4.0
+    assert areas.mean() == pytest.approx(0.21, abs=0.03)
+    assert (aspects > 1).mean() == pytest.approx(0.5, abs=0.1)
+    assert len(set(shapes)) > 30
+
+
+def test_random_erasing_gives_up_on_an_image_too_small_for_any_draw():
+    torch.manual_seed(0)
+    x = np.full((1, 1, 1), 7, dtype=np.uint8)  # 1x1: every draw rounds to 0 rows or columns
+    out = data.erased(x)
+    assert np.array_equal(out, x) and out is not x
+
+
+def test_data_erase_applies_random_erasing_with_its_probability(tmp_path):
+    torch.manual_seed(0)
+    clean, views, _ = _augmented_views(tmp_path, augment=True, shift=0, flip=False, erase=0.5)
+    erased_views = sum(not torch.equal(v, clean) for v in views)
+    assert 5 <= erased_views <= 25  # 30 views, each erased with probability 1/2
+    clean, views, _ = _augmented_views(tmp_path, augment=True, shift=0, flip=False, erase=1.0)
+    assert all(not torch.equal(v, clean) for v in views)
+    for bad, message in [
+        ({"augment": True, "erase": 1.5}, "data.erase: must be a probability in \\[0, 1\\], got 1.5"),
+        ({"augment": True, "erase": -0.1}, "data.erase: must be a probability"),
+        ({"augment": False, "erase": 0.5}, "data.erase: has no effect unless data.augment is true"),
+        ({"name": "smallnorb", "augment": True, "erase": 0.5}, "data.erase: not used by data.name 'smallnorb'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"data": bad})
+    assert config_from_dict({"data": {"augment": True, "erase": 1}}).data.erase == 1
+
+
 # --------------------------------------------------------------------------- smallNORB
 
 
