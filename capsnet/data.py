@@ -166,6 +166,7 @@ class PixelTransform:
 #: space between the two bounds), and how many draws may miss the image before it is left whole.
 ERASE_AREA = (0.02, 0.4)
 ERASE_ASPECT = (0.3, 1 / 0.3)
+_ERASE_LOG_ASPECT = (math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1]))
 ERASE_TRIES = 10
 
 
@@ -178,7 +179,7 @@ def erased(x: np.ndarray) -> np.ndarray:
     """
     _, height, width = x.shape
     out = np.array(x)  # never write into the dataset's own pixels (or a flipped view of them)
-    log_low, log_high = math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])
+    log_low, log_high = _ERASE_LOG_ASPECT
     for _ in range(ERASE_TRIES):
         share, log_aspect, top, left = torch.rand(4).tolist()
         area = height * width * (ERASE_AREA[0] + share * (ERASE_AREA[1] - ERASE_AREA[0]))

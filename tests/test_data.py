@@ -430,7 +430,8 @@ def test_random_erasing_replaces_one_rectangle_of_the_paper_sizes_and_leaves_the
         h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
         # one rectangle: nothing changed outside its bounding box, and most of it changed
         # (random levels hit 0, the original value, with probability 1/256 per pixel)
-        assert changed.sum() > 0.9 * h * w and changed.sum() == changed[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].sum()
+        inside = changed[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].sum()
+        assert changed.sum() > 0.9 * h * w and changed.sum() == inside
         assert (out[0] != out[1]).any()  # every channel draws its own levels
         shapes.append((h, w))
     assert np.array_equal(x, source)
@@ -463,7 +464,10 @@ def test_data_erase_applies_random_erasing_with_its_probability(tmp_path):
         ({"augment": True, "erase": 1.5}, "data.erase: must be a probability in \\[0, 1\\], got 1.5"),
         ({"augment": True, "erase": -0.1}, "data.erase: must be a probability"),
         ({"augment": False, "erase": 0.5}, "data.erase: has no effect unless data.augment is true"),
-        ({"name": "smallnorb", "augment": True, "erase": 0.5}, "data.erase: not used by data.name 'smallnorb'"),
+        (
+            {"name": "smallnorb", "augment": True, "erase": 0.5},
+            "data.erase: not used by data.name 'smallnorb'",
+        ),
     ]:
         with pytest.raises(ConfigError, match=message):
             config_from_dict({"data": bad})
