@@ -232,6 +232,9 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves_and_exits_
 REPEATED_SIGNALS = """
 import os, signal, time
 from capsnet.signals import catch_stop_signals
+# Ctrl-C as in an interactive shell, whatever this process inherited (a job started in the
+# background with `&` inherits SIGINT ignored, and then a second Ctrl-C rightly stays ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with catch_stop_signals() as stop:
     for _ in range(3):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -259,6 +262,28 @@ def test_repeated_sigterms_only_ask_once_and_a_second_ctrl_c_interrupts():
         "after one SIGINT SIGTERM",
         "second SIGINT interrupts",
     ]
+
+
+IGNORED_SIGINT = """
+import os, signal, time
+from capsnet.signals import catch_stop_signals
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a job started in the background with `&`
+with catch_stop_signals() as stop:
+    for _ in range(2):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+    print("after two SIGINTs", stop.name, flush=True)
+print("restored", signal.getsignal(signal.SIGINT) is signal.SIG_IGN, flush=True)
+"""
+
+
+def test_a_second_ctrl_c_is_ignored_where_ctrl_c_was_ignored_before():
+    # the first one still stops and saves; the second does what it did before: nothing
+    done = subprocess.run(
+        [sys.executable, "-c", IGNORED_SIGINT], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.splitlines() == ["after two SIGINTs SIGINT", "restored True"]
 
 
 def test_an_error_with_debug_and_loader_workers_exits_instead_of_waiting_for_them(tmp_path):
