@@ -152,7 +152,8 @@ class TrainConfig:
     )
     # when a C++ compiler works (faster there), off on CUDA (slower there) and MPS (README, Speed)
     max_steps: int | None = None  # stop after this many optimiser steps (quick tries)
-    init_from: str | None = None  # start from this checkpoint's model weights (fresh optimiser, step 0)
+    init_from: str | None = None  # start from this checkpoint's model weights (fresh optimiser, step 0):
+    # a .pt file, a run directory or run name under logging.out_dir, latest or best (as --ckpt)
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     threads: int | None = None  # torch intra-op threads; null: torch's default
     sync_bn: bool = False  # SyncBatchNorm under torchrun

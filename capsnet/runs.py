@@ -171,7 +171,13 @@ def choose_run(
     if run_name is not None:
         name = run_name
     elif ckpt is not None:
-        name = validate_run_name(str(ckpt.get("run") or ckpt_path.parent.name))
+        # A checkpoint inside a run folder of out_dir continues in that folder, whatever the run was
+        # called when it was saved (the folder may have been renamed or copied since); one from
+        # elsewhere starts a run under the name it carries.
+        in_out_dir = ckpt_path.parent.parent.resolve() == out_dir.resolve()
+        name = validate_run_name(
+            ckpt_path.parent.name if in_out_dir else str(ckpt.get("run") or ckpt_path.parent.name)
+        )
     else:
         name = default_run_name(cfg, name_prefix)
         base, k = name, 2

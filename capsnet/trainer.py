@@ -46,6 +46,7 @@ from capsnet.checkpoint import (
     check_resume_settings,
     load_checkpoint,
     load_model_state,
+    resolve_checkpoint,
     safe_child,
 )
 from capsnet.config import Config, ConfigError
@@ -501,11 +502,12 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         # with train.ema, "model" holds the average and "train_model" the weights being trained
         load_model_state(model, ckpt.get("train_model", ckpt["model"]), ckpt_path)
     elif cfg.train.init_from:
-        source = load_checkpoint(cfg.train.init_from)
-        check_architecture(source["arch"], model.hparams, cfg.train.init_from)
-        load_model_state(model, source["model"], cfg.train.init_from)
+        init_path = resolve_checkpoint(cfg.train.init_from, cfg.logging.out_dir)
+        source = load_checkpoint(init_path)
+        check_architecture(source["arch"], model.hparams, init_path)
+        load_model_state(model, source["model"], init_path)
         say(
-            f"model weights from {cfg.train.init_from} (step {source.get('step', '?')}); optimiser and schedules start afresh"
+            f"model weights from {init_path} (step {source.get('step', '?')}); optimiser and schedules start afresh"
         )
     if dist_info.distributed and cfg.train.sync_bn:
         model = convert_sync_batchnorm(model, device)

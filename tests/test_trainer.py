@@ -188,9 +188,16 @@ def test_a_validation_split_chooses_best_by_validation_accuracy(tmp_path):
     assert "val/acc" in logged(result.run_dir)[-1]
 
 
-def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, straight):
+@pytest.mark.parametrize("given_as", ["file", "run directory", "run name", "latest"])
+def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, straight, given_as):
+    import shutil
+
     source = straight.run_dir / "last.pt"
-    cfg = tiny(tmp_path, f"train.init_from={source}", "train.max_steps=1", "optim.lr=1e-12")
+    shutil.copytree(straight.run_dir, tmp_path / "weights" / "src")
+    spec = {"file": source, "run directory": straight.run_dir, "run name": "src", "latest": "latest"}[
+        given_as
+    ]
+    cfg = tiny(tmp_path, f"train.init_from={spec}", "train.max_steps=1", "optim.lr=1e-12")
     result = fit(cfg, run_name="init", echo=quiet)
     assert result.step == 1  # a fresh optimiser and step count, not a resume
     want, got = load_checkpoint(source)["model"], load_checkpoint(result.run_dir / "last.pt")["model"]
@@ -354,6 +361,27 @@ def test_a_stop_on_the_max_steps_step_evaluates_before_it_exits(tmp_path):
         result = fit(tiny(tmp_path, "train.max_steps=4"), run_name="cap", echo=lines.append)
     assert result.stopped == "max_steps" and result.step == 4 and result.last_eval is not None
     assert any(line.startswith("epoch 1/2 (partial: 4/6 steps)  step 4") for line in lines), lines
+
+
+@pytest.mark.parametrize("how", ["renamed", "copied"])
+def test_a_renamed_or_copied_run_folder_resumes_in_itself(tmp_path, straight, how):
+    import shutil
+
+    weights = tmp_path / "weights"
+    shutil.copytree(straight.run_dir, weights / "straight")  # the name its checkpoints carry
+    moved = weights / "straight-b"
+    if how == "renamed":
+        (weights / "straight").rename(moved)
+    else:
+        shutil.copytree(weights / "straight", moved)
+    resumed = fit(tiny(tmp_path, "train.epochs=3", "train.max_steps=14"), resume=str(moved), echo=quiet)
+    assert resumed.run_dir == moved and resumed.run_name == "straight-b" and resumed.step == 14
+    assert load_checkpoint(moved / "last.pt")["step"] == 14
+    assert [e["step"] for e in logged(moved)][-1] == 14
+    if how == "renamed":
+        assert not (weights / "straight").exists()
+    else:  # the original is left as it was
+        assert load_checkpoint(weights / "straight" / "last.pt")["step"] == straight.step
 
 
 def test_resuming_from_an_earlier_step_drops_the_best_pt_of_the_steps_it_replaces(tmp_path, straight):
