@@ -397,6 +397,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
         raise CheckpointError(f"{path} is not a capsnet checkpoint (missing: {', '.join(missing)})")
+    if not isinstance(ckpt["format"], int) or isinstance(ckpt["format"], bool):
+        raise CheckpointError(f"{path} is not a capsnet checkpoint (format {ckpt['format']!r})")
     if ckpt["format"] > CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} was written by a newer capsnet (format {ckpt['format']}); upgrade capsnet to load it"

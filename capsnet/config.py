@@ -342,6 +342,8 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         v = flat.get(key)
         if isinstance(v, list) and any(isinstance(x, int) and x <= 0 for x in v):
             problems.append(f"{key}: every entry must be positive, got {v!r}")
+    if isinstance(flat.get("data.num_classes"), int) and flat["data.num_classes"] == 1:
+        problems.append("data.num_classes: a classifier needs at least 2 classes, got 1")
     m = cfg.model.resolved() if cfg.model.preset in PRESETS else cfg.model
     for key in ("stem_channels", "primary_types", "caps_types"):
         if getattr(m, key) is None:
@@ -450,6 +452,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     if problems:
         raise ConfigError(problems)
     return data
+
+
+def stored_config(data: Any, source: str | Path, overrides: list[str] | None = None) -> Config:
+    """:func:`config_from_dict` for a configuration stored in ``source`` (a checkpoint).
+
+    Problems in the stored configuration itself (one written by another version of
+    capsnet, or a damaged file) name ``source``, so that they are not taken for
+    problems in the command's own overrides.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError([f"the configuration stored in {source} is not a mapping"])
+    try:
+        config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError([f"{p} (in the configuration stored in {source})" for p in e.problems]) from None
+    return config_from_dict(data, overrides)
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:

@@ -184,7 +184,7 @@ def prepare_checkpoint(
     ``limit`` keeps a seeded random subset of that many images of every evaluation split.
     """
     from capsnet.checkpoint import build_model_from_checkpoint, load_checkpoint, resolve_checkpoint
-    from capsnet.config import config_from_dict
+    from capsnet.config import stored_config
     from capsnet.data import DataError, build_loaders, check_channels
 
     dev = resolve_device(device, option="--device")  # named as the command's option, not the config key
@@ -195,7 +195,7 @@ def prepare_checkpoint(
         settings.append(f"train.eval_batch_size={batch_size}")
     if data_root is not None:
         settings.append(f"data.root={data_root}")
-    cfg = config_from_dict(ckpt["config"], [*(overrides or []), *settings])
+    cfg = stored_config(ckpt["config"], path, [*(overrides or []), *settings])
     model = build_model_from_checkpoint(ckpt, path).to(dev).eval()
     loaders = build_loaders(cfg)
     check_channels(loaders.info, model.in_channels)

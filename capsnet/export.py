@@ -32,7 +32,7 @@ from capsnet.checkpoint import (
     resolve_checkpoint,
     safe_child,
 )
-from capsnet.config import config_from_dict
+from capsnet.config import stored_config
 
 FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
 TOLERANCE = 1e-4
@@ -219,7 +219,7 @@ def export_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
 
     overrides = ["train.device=cpu"] + ([f"data.root={data_root}"] if data_root else [])
-    cfg = config_from_dict(ckpt["config"], overrides)
+    cfg = stored_config(ckpt["config"], ckpt_path, overrides)
     arch = ckpt["arch"]
     x, source = sample_batch(cfg, arch["in_channels"], arch["image_size"], max(2, batch_size))
     batches = [x, x[: max(1, len(x) // 2 - 1)]]

@@ -59,6 +59,8 @@ class CapsNet(nn.Module):
             raise ValueError(
                 f"caps_strides {list(caps_strides)} needs one stride per ConvCaps layer {list(caps_types)}"
             )
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
         if layer_cost_scales is not None and len(layer_cost_scales) != len(caps_types) + 1:
             raise ValueError(
                 f"layer_cost_scales {list(layer_cost_scales)} needs one factor per routing layer "

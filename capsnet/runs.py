@@ -46,7 +46,7 @@ from capsnet.checkpoint import (
     validate_run_name,
     write_run_record,
 )
-from capsnet.config import Config, config_from_dict, dump_config
+from capsnet.config import Config, config_from_dict, dump_config, stored_config
 from capsnet.data import Loaders
 from capsnet.distributed import DistInfo, any_rank, broadcast, gather_to_main, rank_seed, sum_over_ranks
 from capsnet.model import CapsNet
@@ -143,7 +143,7 @@ def config_for_resume(resume: str, overrides: list[str] | None = None, run_name:
     if path is None:
         raise CheckpointError(f"run {run_name} has no checkpoint in {out_dir} yet; give --config to start it")
     ckpt = load_checkpoint(path)
-    return config_from_dict(ckpt["config"], overrides)
+    return stored_config(ckpt["config"], path, overrides)
 
 
 @dataclass

@@ -200,6 +200,27 @@ def test_a_checkpoint_from_a_newer_format_is_refused_with_a_clear_error(tmp_path
         load_checkpoint(tmp_path / "new.pt")
 
 
+def test_a_checkpoint_whose_format_is_not_a_number_is_refused_with_a_clear_error(tmp_path):
+    ckpt = fake_checkpoint(3)
+    ckpt["format"] = "2"
+    atomic_save(ckpt, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="not a capsnet checkpoint.*'2'"):
+        load_checkpoint(tmp_path / "odd.pt")
+
+
+def test_a_bad_stored_configuration_names_the_checkpoint_and_bad_overrides_do_not(tmp_path):
+    from capsnet.config import stored_config
+
+    assert stored_config({"train": {"epochs": 3}}, tmp_path / "a.pt").train.epochs == 3
+    with pytest.raises(ConfigError, match=r"train\.newkey.*in the configuration stored in .*a\.pt"):
+        stored_config({"train": {"newkey": 1}}, tmp_path / "a.pt")
+    with pytest.raises(ConfigError, match="not a mapping"):
+        stored_config([1, 2], tmp_path / "a.pt")
+    with pytest.raises(ConfigError) as info:
+        stored_config({"train": {"epochs": 3}}, tmp_path / "a.pt", ["train.newkey=1"])
+    assert "newkey" in str(info.value) and "stored in" not in str(info.value)
+
+
 def test_a_format_1_checkpoint_loads_unless_it_learned_beta_a_in_the_old_logit_units(tmp_path):
     old = fake_checkpoint(3)
     old["format"] = 1

@@ -260,3 +260,15 @@ def test_a_padded_stem_on_28x28_sees_the_grid_and_receptive_centres_of_32x32_wit
     rows32, cols32 = plain._receptive_centres(32, 32, "cpu", torch.float64)
     torch.testing.assert_close((rows28 + 0.5) * 28, (rows32 + 0.5) * 32 - 2)
     torch.testing.assert_close((cols28 + 0.5) * 28, (cols32 + 0.5) * 32 - 2)
+
+
+def test_one_class_is_refused_by_the_model_and_the_config():
+    from helpers import TINY
+
+    from capsnet.config import ConfigError
+
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        CapsNet.from_preset("small", num_classes=1)
+    with pytest.raises(ConfigError, match=r"data\.num_classes: a classifier needs at least 2 classes"):
+        load_config(TINY, ["data.num_classes=1"])
+    assert CapsNet.from_preset("small", num_classes=2).num_classes == 2
