@@ -457,6 +457,25 @@ def _setting(config: dict[str, Any], key: str) -> Any:
     return (config.get(section) or {}).get(name, _UNSET)
 
 
+def moved_split_settings(saved_config: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings drawing the validation split that differ between ``saved_config`` and ``current``.
+
+    Empty where neither holds images out (data.val_split 0 on both sides).
+    """
+    held_out = [_setting(c, "data.val_split") for c in (saved_config, current)]
+    if not any(isinstance(v, (int, float)) and v > 0 for v in held_out):
+        return []
+    moved = []
+    dataset = _setting(current, "data.name")
+    for key, datasets in SPLIT_KEYS.items():
+        saved = _setting(saved_config, key)
+        if datasets is not None and dataset not in datasets:
+            continue
+        if saved is not _UNSET and saved != _setting(current, key):
+            moved.append(f"{key}: {saved!r} in the checkpoint, {_setting(current, key)!r} now")
+    return moved
+
+
 def check_resume_settings(saved_config: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
     """Raises CheckpointError where resuming with ``current`` would not continue the run of ``saved_config``.
 
@@ -471,17 +490,9 @@ def check_resume_settings(saved_config: dict[str, Any], current: dict[str, Any],
         problems.append(
             f"optim.name: {before!r} in the checkpoint, {now!r} now (its optimiser state is {before}'s)"
         )
-    split_moved = False
-    held_out = [_setting(c, "data.val_split") for c in (saved_config, current)]
-    if any(isinstance(v, (int, float)) and v > 0 for v in held_out):
-        dataset = _setting(current, "data.name")
-        for key, datasets in SPLIT_KEYS.items():
-            saved = _setting(saved_config, key)
-            if datasets is not None and dataset not in datasets:
-                continue
-            if saved is not _UNSET and saved != _setting(current, key):
-                problems.append(f"{key}: {saved!r} in the checkpoint, {_setting(current, key)!r} now")
-                split_moved = True
+    moved = moved_split_settings(saved_config, current)
+    split_moved = bool(moved)
+    problems += moved
     if not problems:
         return
     why = (

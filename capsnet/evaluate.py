@@ -183,7 +183,12 @@ def prepare_checkpoint(
     data) and its architecture (for the model); ``overrides`` change the data side.
     ``limit`` keeps a seeded random subset of that many images of every evaluation split.
     """
-    from capsnet.checkpoint import build_model_from_checkpoint, load_checkpoint, resolve_checkpoint
+    from capsnet.checkpoint import (
+        build_model_from_checkpoint,
+        load_checkpoint,
+        moved_split_settings,
+        resolve_checkpoint,
+    )
     from capsnet.config import stored_config
     from capsnet.data import DataError, build_loaders, check_channels
 
@@ -196,6 +201,16 @@ def prepare_checkpoint(
     if data_root is not None:
         settings.append(f"data.root={data_root}")
     cfg = stored_config(ckpt["config"], path, [*(overrides or []), *settings])
+    moved = moved_split_settings(ckpt["config"], cfg.to_dict())
+    if (
+        split == "val"
+        and moved
+        and cfg.data.name == ckpt["config"].get("data", {}).get("name", cfg.data.name)
+    ):
+        raise DataError(
+            f"--split val with other settings would score another held-out set, which may hold images "
+            f"{path} was trained on: {'; '.join(moved)}; drop those overrides, or score --split test"
+        )
     model = build_model_from_checkpoint(ckpt, path).to(dev).eval()
     loaders = build_loaders(cfg)
     check_channels(loaders.info, model.in_channels)

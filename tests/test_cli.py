@@ -114,6 +114,15 @@ def test_eval_of_a_missing_split_is_a_clear_error(in_workdir):
     assert result.exit_code == 2 and "no 'val' split" in result.stderr
 
 
+def test_eval_of_val_under_settings_that_draw_another_split_is_refused(in_workdir):
+    # the run held nothing out; a val split drawn now would hold out images it trained on
+    result = runner.invoke(app, ["eval", "--split", "val", "-o", "data.val_split=0.5"])
+    assert result.exit_code == 2 and "another held-out set" in result.stderr, result.output
+    assert "data.val_split" in result.stderr
+    result = runner.invoke(app, ["eval", "--split", "test", "--json", "-o", "data.val_split=0.5"])
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_export_writes_the_file_and_reports_parity(in_workdir, fmt):
     result = runner.invoke(app, ["export", "--ckpt", "latest", "--format", fmt])
