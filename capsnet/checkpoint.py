@@ -457,22 +457,23 @@ def _setting(config: dict[str, Any], key: str) -> Any:
     return (config.get(section) or {}).get(name, _UNSET)
 
 
-def moved_split_settings(saved_config: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def moved_split_settings(saved_config: dict[str, Any], current: dict[str, Any]) -> dict[str, str]:
     """The settings drawing the validation split that differ between ``saved_config`` and ``current``.
 
-    Empty where neither holds images out (data.val_split 0 on both sides).
+    Maps each such key to a line saying how it moved; empty where neither holds images
+    out (data.val_split 0 on both sides).
     """
     held_out = [_setting(c, "data.val_split") for c in (saved_config, current)]
     if not any(isinstance(v, (int, float)) and v > 0 for v in held_out):
-        return []
-    moved = []
+        return {}
+    moved = {}
     dataset = _setting(current, "data.name")
     for key, datasets in SPLIT_KEYS.items():
         saved = _setting(saved_config, key)
         if datasets is not None and dataset not in datasets:
             continue
         if saved is not _UNSET and saved != _setting(current, key):
-            moved.append(f"{key}: {saved!r} in the checkpoint, {_setting(current, key)!r} now")
+            moved[key] = f"{key}: {saved!r} in the checkpoint, {_setting(current, key)!r} now"
     return moved
 
 
@@ -492,7 +493,7 @@ def check_resume_settings(saved_config: dict[str, Any], current: dict[str, Any],
         )
     moved = moved_split_settings(saved_config, current)
     split_moved = bool(moved)
-    problems += moved
+    problems += moved.values()
     if not problems:
         return
     why = (

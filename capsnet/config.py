@@ -464,10 +464,15 @@ def stored_config(data: Any, source: str | Path, overrides: list[str] | None = N
     if not isinstance(data, dict):
         raise ConfigError([f"the configuration stored in {source} is not a mapping"])
     try:
-        config_from_dict(data)
-    except ConfigError as e:
-        raise ConfigError([f"{p} (in the configuration stored in {source})" for p in e.problems]) from None
-    return config_from_dict(data, overrides)
+        return config_from_dict(data, overrides)
+    except ConfigError as with_overrides:
+        try:  # the stored configuration alone, parsed again only to tell whose fault it is
+            config_from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(
+                [f"{p} (in the configuration stored in {source})" for p in e.problems]
+            ) from None
+        raise with_overrides from None
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:

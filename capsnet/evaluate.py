@@ -202,14 +202,10 @@ def prepare_checkpoint(
         settings.append(f"data.root={data_root}")
     cfg = stored_config(ckpt["config"], path, [*(overrides or []), *settings])
     moved = moved_split_settings(ckpt["config"], cfg.to_dict())
-    if (
-        split == "val"
-        and moved
-        and cfg.data.name == ckpt["config"].get("data", {}).get("name", cfg.data.name)
-    ):
+    if split == "val" and moved and "data.name" not in moved:  # another dataset shares no images
         raise DataError(
             f"--split val with other settings would score another held-out set, which may hold images "
-            f"{path} was trained on: {'; '.join(moved)}; drop those overrides, or score --split test"
+            f"{path} was trained on: {'; '.join(moved.values())}; drop those overrides, or score --split test"
         )
     model = build_model_from_checkpoint(ckpt, path).to(dev).eval()
     loaders = build_loaders(cfg)
