@@ -333,6 +333,14 @@ def export(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=2, help="Images in the parity-check batch.")
     ] = 8,
+    inputs: Annotated[
+        str,
+        typer.Option(
+            "--inputs",
+            help="pixels: the model takes pixels in [0, 1] (uint8 / 255) and normalises them itself, "
+            "as the data pipeline does; normalised: the caller normalises (the file's metadata says how).",
+        ),
+    ] = "pixels",
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -344,12 +352,15 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX or .pt2 and check its outputs against the eager model.
 
-    The file reaches its name only once its outputs match the eager model's, so a failed export leaves what was there.
+    The exported model takes pixels in [0, 1] and applies the dataset's normalisation itself (--inputs normalised leaves that to you); the file's metadata names the input, the preprocessing and the classes.
+    The file reaches its name only once its outputs match the eager model's on test images, so a failed export leaves what was there.
     """  # one line per help paragraph: the help keeps line breaks
     with _errors(debug):
         from capsnet.export import export_checkpoint
 
-        report = export_checkpoint(ckpt, fmt, out, out_dir, data_root, batch_size, overwrite=overwrite)
+        report = export_checkpoint(
+            ckpt, fmt, out, out_dir, data_root, batch_size, overwrite=overwrite, inputs=inputs
+        )
     typer.echo(report.summary())
 
 

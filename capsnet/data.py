@@ -314,6 +314,10 @@ class ImageDataset(Dataset):
         row = self._rows[i] if self._rows is not None else i
         return self.transform(self._pixels[row]), self._labels[row]
 
+    def pixels(self, i: int) -> np.ndarray:
+        """Item ``i``'s stored image, uint8 (C, H, W), before any transform."""
+        return self._pixels[self._rows[i] if self._rows is not None else i]
+
     def rows(self) -> torch.Tensor:
         """The image rows of the items, in item order."""
         return self.indices if self.indices is not None else torch.arange(len(self.images))
@@ -805,6 +809,11 @@ def _build_torchvision(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageD
 # --------------------------------------------------------------------------- smallNORB
 
 
+def smallnorb_source_size(crop: int) -> int:
+    """Side smallNORB's 96x96 views are downsampled to before the ``crop`` x ``crop`` crops (48 for 32)."""
+    return max(crop, round(1.5 * crop))
+
+
 def _build_smallnorb(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
     """smallNORB as in the paper.
 
@@ -828,7 +837,7 @@ def _build_smallnorb(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDat
     from capsnet import smallnorb
 
     crop = cfg.image_size or 32
-    size = max(crop, round(1.5 * crop))
+    size = smallnorb_source_size(crop)
     train_part, test_part = smallnorb.load(cfg.root, cfg.download, size)
     train_rows, test_rows, familiar_rows = smallnorb.select(cfg.split, train_part, test_part)
 

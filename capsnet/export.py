@@ -1,7 +1,12 @@
 """Export a trained model to ONNX or a torch.export ``.pt2`` archive, checked against eager.
 
 The exported graph maps images (N, C, H, W) to class activations (N, E) and
-poses (N, E, 4, 4); the decoder is left out. The batch dimension is dynamic;
+poses (N, E, 4, 4); the decoder is left out. By default its input is pixels
+scaled to [0, 1] (uint8 / 255) and the dataset's normalisation is part of the
+graph (:class:`Preprocess`), so the file needs nothing beside it; with
+``inputs="normalised"`` it takes what the data pipeline feeds the model. Either
+way the file says so: ONNX metadata properties, or ``capsnet.json`` among a
+``.pt2`` archive's extra files (:func:`read_pt2_metadata`). The batch dimension is dynamic;
 the routing loop is unrolled (its iteration count is static), and the routing
 is the fast path's contraction form traced whole-batch. Before an export
 is reported as done, its outputs are compared with the eager model's on a batch
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import os
@@ -21,7 +27,9 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,6 +43,7 @@ from capsnet.checkpoint import (
 from capsnet.config import stored_config
 
 FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
+PT2_METADATA = "capsnet.json"  # the .pt2 archive's extra file holding :func:`metadata`
 TOLERANCE = 1e-4
 
 
@@ -49,7 +58,8 @@ class ExportReport:
     checkpoint: Path
     max_abs_diff: float | None  # None when the check was skipped
     checked_batches: list[int]
-    inputs: str  # where the parity batch came from
+    source: str  # where the parity batch came from
+    inputs: InputSpec | None = None
     note: str = ""
 
     def summary(self) -> str:
@@ -59,19 +69,128 @@ class ExportReport:
             sizes = " and ".join(str(b) for b in self.checked_batches)
             check = (
                 f"parity ok: max |exported - eager| = {self.max_abs_diff:.2e} "
-                f"(tolerance {TOLERANCE:g} x max(1, |eager output|)) on batches of {sizes} {self.inputs}"
+                f"(tolerance {TOLERANCE:g} x max(1, |eager output|)) on batches of {sizes} {self.source}"
             )
-        return f"exported {self.checkpoint} -> {self.path} ({self.format})\n{check}"
+        lines = [f"exported {self.checkpoint} -> {self.path} ({self.format})"]
+        if self.inputs is not None:
+            lines.append(f"input: {self.inputs.describe()}")
+        return "\n".join([*lines, check])
+
+
+INPUTS = ("pixels", "normalised")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What an exported graph takes, and how that becomes what the model saw in training.
+
+    ``mean``/``std`` (per channel, in [0, 1] units) describe datasets normalised as
+    ``(x / 255 - mean) / std``; ``None`` means smallNORB's preprocessing: each channel
+    standardised with the statistics of the whole ``size`` x ``size`` image, then the
+    centre ``model_size`` crop.
+    """
+
+    inputs: str  # "pixels" (the graph normalises) or "normalised" (the caller does)
+    channels: int
+    source_size: int  # side of the images the preprocessing starts from
+    model_size: int  # side the model sees
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    @property
+    def size(self) -> int:
+        """Side of the exported graph's input images."""
+        return self.source_size if self.inputs == "pixels" else self.model_size
+
+    def preprocessing(self) -> str:
+        if self.mean is not None:
+            return (
+                f"(p - mean) / std per channel for pixels p in [0, 1], "
+                f"mean {_floats(self.mean)}, std {_floats(self.std)}"
+            )
+        crop = (
+            ""
+            if self.source_size == self.model_size
+            else f", then the centre {self.model_size}x{self.model_size} crop"
+        )
+        return (
+            f"each channel standardised to zero mean and unit variance over the whole "
+            f"{self.source_size}x{self.source_size} image (std at least 1/{self.source_size} in uint8 levels){crop}"
+        )
+
+    def describe(self) -> str:
+        shape = f"images (N, {self.channels}, {self.size}, {self.size}) float32"
+        if self.inputs == "pixels":
+            return f"{shape}: pixels in [0, 1] (uint8 / 255), normalised inside the graph: {self.preprocessing()}"
+        return f"{shape}, preprocessed by the caller: {self.preprocessing()}"
+
+
+def _floats(values) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
+def input_spec(
+    inputs: str, arch: dict[str, Any], data_info: dict[str, Any] | None, data_name: str
+) -> InputSpec:
+    """The :class:`InputSpec` of a checkpoint's model (``data_info`` as the checkpoint stores it)."""
+    from capsnet.data import smallnorb_source_size
+
+    if inputs not in INPUTS:
+        raise ExportError(f"unknown --inputs {inputs!r}; choose one of: {', '.join(INPUTS)}")
+    channels, size = int(arch["in_channels"]), int(arch["image_size"])
+    mean = std = None
+    if data_info and data_info.get("mean") is not None and data_info.get("std") is not None:
+        mean, std = tuple(map(float, data_info["mean"])), tuple(map(float, data_info["std"]))
+        if len(mean) != channels or len(std) != channels:
+            raise ExportError(
+                f"the checkpoint's normalisation has {len(mean)} channel(s) but the model takes {channels}"
+            )
+    elif data_name != "smallnorb":
+        raise ExportError(
+            "the checkpoint does not record its dataset's normalisation (data_info), so it cannot be part "
+            "of the exported graph; export with --inputs normalised and normalise the images yourself"
+        )
+    source = smallnorb_source_size(size) if mean is None else size
+    return InputSpec(inputs, channels, source, size, mean, std)
+
+
+class Preprocess(nn.Module):
+    """Pixels in [0, 1] (N, C, S, S) -> what the data pipeline feeds the model (N, C, H, W)."""
+
+    def __init__(self, spec: InputSpec):
+        super().__init__()
+        self.source_size, self.model_size = spec.source_size, spec.model_size
+        self.per_image = spec.mean is None
+        if not self.per_image:
+            self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        if not self.per_image:
+            return (images - self.mean) / self.std
+        levels = images * 255.0  # the pipeline's statistics are in uint8 levels (its floor too)
+        mean = levels.mean(dim=(2, 3), keepdim=True)
+        std = (levels - mean).square().mean(dim=(2, 3), keepdim=True).sqrt()
+        std = std.clamp_min(1.0 / self.source_size)  # 1 / sqrt(S * S), as capsnet.data.image_stats
+        top = (self.source_size - self.model_size) // 2
+        crop = levels[:, :, top : top + self.model_size, top : top + self.model_size]
+        return (crop - mean) / std
 
 
 class Classifier(nn.Module):
-    """The exported function: images -> (activations, poses), without the decoder."""
+    """The exported function: images -> (activations, poses), without the decoder.
 
-    def __init__(self, model: nn.Module):
+    With ``preprocess`` the images are pixels in [0, 1] that it normalises first.
+    """
+
+    def __init__(self, model: nn.Module, preprocess: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.preprocess = preprocess
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if self.preprocess is not None:
+            images = self.preprocess(images)
         out = self.model(images)
         return out.activations, out.poses  # (N, E), (N, E, P, P)
 
@@ -81,27 +200,66 @@ def default_export_path(run_name: str, fmt: str, base: str | Path = "exports") -
     return safe_child(base, run_name) / FORMATS[fmt]
 
 
-def sample_batch(cfg, info_channels: int, size: int, batch: int) -> tuple[Tensor, str]:
-    """A batch of test images, or random images when the dataset cannot be loaded."""
+def sample_batch(cfg, spec: InputSpec, batch: int) -> tuple[Tensor, Tensor, str]:
+    """Parity images: (pixels in [0, 1] (N, C, S, S), what the model is fed for them, their source).
+
+    Test images as stored and as the data pipeline's evaluation transform makes them;
+    random pixels, normalised by :class:`Preprocess`, when the dataset cannot be loaded.
+    """
     from capsnet.data import DataError, build_loaders, check_channels
 
     try:
         loaders = build_loaders(cfg)
-        check_channels(loaders.info, info_channels)
-        images = []
-        for x, _ in loaders.test:
-            images.append(x)
-            if sum(len(t) for t in images) >= batch:
-                break
-        if not images:
+        check_channels(loaders.info, spec.channels)
+        dataset = loaders.test.dataset
+        count = min(batch, len(dataset))
+        if count == 0:
             raise DataError("the test split has no images")
-        x = torch.cat(images)[:batch]
-        return x, f"of {cfg.data.name} test images"
+        stored = [dataset.pixels(i) for i in range(count)]
+        if stored[0].shape[-2:] != (spec.source_size, spec.source_size):
+            raise ExportError(
+                f"the test images are {stored[0].shape[-1]}x{stored[0].shape[-2]} but the checkpoint's "
+                f"preprocessing starts from {spec.source_size}x{spec.source_size}; "
+                "check data.image_size (or pass the data the run trained on)"
+            )
+        pixels = torch.stack([torch.from_numpy(np.array(x)) for x in stored]).float() / 255.0
+        fed = torch.stack([dataset.eval_transform(x) for x in stored])
+        return pixels, fed, f"of {cfg.data.name} test images"
     except DataError as e:
         first = str(e).strip().splitlines()[0]
-        return torch.randn(
-            batch, info_channels, size, size
-        ), f"of random images (test data unavailable: {first})"
+        shape = (batch, spec.channels, spec.source_size, spec.source_size)
+        pixels = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0)).float() / 255.0
+        with torch.no_grad():
+            fed = Preprocess(spec)(pixels)
+        return pixels, fed, f"of random images (test data unavailable: {first})"
+
+
+def metadata(spec: InputSpec, ckpt: dict[str, Any], class_names: list[str]) -> dict[str, str]:
+    """What an exported file records about itself (ONNX metadata properties; ``capsnet.json`` in a .pt2)."""
+    from capsnet import __version__
+
+    classes = len(class_names) or "E"
+    pose = (ckpt.get("arch") or {}).get("pose_size", "P")
+    return {
+        "capsnet.inputs": spec.inputs,
+        "capsnet.input": spec.describe(),
+        "capsnet.preprocessing": spec.preprocessing(),
+        "capsnet.outputs": (
+            f"activations (N, {classes}): one per class in (0, 1), the prediction is the largest; "
+            f"poses (N, {classes}, {pose}, {pose})"
+        ),
+        "capsnet.class_names": json.dumps(class_names),
+        "capsnet.run": str(ckpt.get("run") or ""),
+        "capsnet.step": str(ckpt.get("step", "")),
+        "capsnet.version": __version__,
+    }
+
+
+def read_pt2_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata :func:`export_checkpoint` stored in a ``.pt2`` archive."""
+    extra = {PT2_METADATA: ""}
+    torch.export.load(str(path), extra_files=extra)
+    return json.loads(extra[PT2_METADATA]) if extra[PT2_METADATA] else {}
 
 
 def _max_diff(reference: tuple[Tensor, ...], got: tuple) -> tuple[float, float]:
@@ -146,17 +304,23 @@ def _quiet():
                 logger.setLevel(level)
 
 
-def export_pt2(module: nn.Module, example: Tensor, path: Path) -> Callable[[Tensor], tuple]:
+def export_pt2(
+    module: nn.Module, example: Tensor, path: Path, meta: dict[str, str] | None = None
+) -> Callable[[Tensor], tuple]:
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    extra = {PT2_METADATA: json.dumps(meta, indent=1)} if meta else None
     with _quiet():
         program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: batch}})
-        torch.export.save(program, str(path))
+        torch.export.save(program, str(path), extra_files=extra)
     loaded = torch.export.load(str(path)).module()
     return lambda x: tuple(loaded(x))
 
 
-def export_onnx(module: nn.Module, example: Tensor, path: Path) -> Callable[[Tensor], tuple] | None:
-    """Writes ``path``; returns an onnxruntime runner, or None when onnxruntime is missing."""
+def export_onnx(
+    module: nn.Module, example: Tensor, path: Path, meta: dict[str, str] | None = None
+) -> Callable[[Tensor], tuple] | None:
+    """Writes ``path`` (with ``meta`` as metadata properties); returns an onnxruntime runner,
+    or None when onnxruntime is missing."""
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with _quiet():
         torch.onnx.export(
@@ -169,6 +333,14 @@ def export_onnx(module: nn.Module, example: Tensor, path: Path) -> Callable[[Ten
             output_names=["activations", "poses"],
             external_data=False,
         )
+    if meta:
+        import onnx
+
+        proto = onnx.load(str(path))
+        for key, value in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(path))
     try:
         import onnxruntime
     except ImportError:
@@ -186,8 +358,14 @@ def export_checkpoint(
     batch_size: int = 8,
     exports_dir: str | Path = "exports",
     overwrite: bool = False,
+    inputs: str = "pixels",
 ) -> ExportReport:
     """Exports the checkpoint ``spec`` names (latest | best | run dir | file) as ``fmt``.
+
+    ``inputs="pixels"`` puts the dataset's normalisation into the graph (input: pixels
+    in [0, 1]); ``"normalised"`` leaves it to the caller. The parity check feeds the
+    export stored test images and compares it with the eager model on what the data
+    pipeline makes of them, so it checks the normalisation too.
 
     The file is written beside its final name and moved there only once its parity
     check passes, so an export that fails leaves whatever was there before; an
@@ -195,6 +373,8 @@ def export_checkpoint(
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if inputs not in INPUTS:
+        raise ExportError(f"unknown --inputs {inputs!r}; choose one of: {', '.join(INPUTS)}")
     if out is not None:
         named = {Path(name).suffix: other for other, name in FORMATS.items()}.get(Path(out).suffix.lower())
         if named is not None and named != fmt:
@@ -218,27 +398,38 @@ def export_checkpoint(
         raise ExportError(f"{path} already exists; --overwrite replaces it, or give another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    overrides = ["train.device=cpu"] + ([f"data.root={data_root}"] if data_root else [])
+    # the parity check never downloads a dataset: without the data it uses random images
+    overrides = ["train.device=cpu", "data.download=false"] + (
+        [f"data.root={data_root}"] if data_root else []
+    )
     cfg = stored_config(ckpt["config"], ckpt_path, overrides)
-    arch = ckpt["arch"]
-    x, source = sample_batch(cfg, arch["in_channels"], arch["image_size"], max(2, batch_size))
-    batches = [x, x[: max(1, len(x) // 2 - 1)]]
-    module = Classifier(model).eval()
+    data_info = ckpt.get("data_info") if isinstance(ckpt.get("data_info"), dict) else None
+    inputs_spec = input_spec(inputs, ckpt["arch"], data_info, cfg.data.name)
+    pixels, fed, source = sample_batch(cfg, inputs_spec, max(2, batch_size))
+    x = pixels if inputs == "pixels" else fed
+    half = max(1, len(x) // 2 - 1)
+    batches, fed_batches = [x, x[:half]], [fed, fed[:half]]
+    module = Classifier(model, Preprocess(inputs_spec) if inputs == "pixels" else None).eval()
     with torch.no_grad():
-        reference = [module(b) for b in batches]  # eager first: also warms the model's caches
+        reference = [Classifier(model)(b) for b in fed_batches]  # eager first: also warms the model's caches
+    names = [str(n) for n in (data_info or {}).get("class_names") or []]
+    meta = metadata(inputs_spec, ckpt, names)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(handle)
     partial = Path(name)
     os.chmod(partial, 0o666 & ~current_umask())  # mkstemp makes it private; an export is an ordinary file
     try:
         try:
-            runner = export_pt2(module, x, partial) if fmt == "pt2" else export_onnx(module, x, partial)
+            exporter = export_pt2 if fmt == "pt2" else export_onnx
+            runner = exporter(module, x, partial, meta)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ExportError(f"{fmt} export of {ckpt_path} failed: {first[:300]}") from e
         if runner is None:
             os.replace(partial, path)
-            return ExportReport(path, fmt, ckpt_path, None, [], source, "onnxruntime is not installed")
+            return ExportReport(
+                path, fmt, ckpt_path, None, [], source, inputs_spec, "onnxruntime is not installed"
+            )
         with torch.no_grad():
             checks = [_max_diff(ref, runner(b)) for ref, b in zip(reference, batches)]
         diff, ratio = _worst([d for d, _ in checks]), _worst([r for _, r in checks])
@@ -251,4 +442,4 @@ def export_checkpoint(
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    return ExportReport(path, fmt, ckpt_path, diff, [len(b) for b in batches], source)
+    return ExportReport(path, fmt, ckpt_path, diff, [len(b) for b in batches], source, inputs_spec)

@@ -130,6 +130,81 @@ def test_export_writes_the_file_and_reports_parity(in_workdir, fmt):
     path = in_workdir / "exports" / "tiny-e2e" / f"model.{fmt}"
     assert path.is_file() and path.stat().st_size > 0
     assert "parity ok" in result.stdout and "synthetic test images" in result.stdout
+    assert (
+        "input: images (N, 1, 20, 20) float32: pixels in [0, 1] (uint8 / 255), normalised inside"
+        in result.stdout
+    )
+
+
+def exported_metadata(path: Path) -> dict[str, str]:
+    if path.suffix == ".pt2":
+        from capsnet.export import read_pt2_metadata
+
+        return read_pt2_metadata(path)
+    onnx = pytest.importorskip("onnx")
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def exported_runner(path: Path):
+    if path.suffix == ".pt2":
+        module = torch.export.load(str(path)).module()
+        return lambda x: module(x)[0]
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_the_exported_model_takes_stored_pixels_and_says_so_in_its_metadata(in_workdir, fmt):
+    from capsnet.checkpoint import build_model_from_checkpoint, load_checkpoint
+    from capsnet.config import config_from_dict
+    from capsnet.data import build_datasets
+
+    out = in_workdir / "pixels" / f"m.{fmt}"
+    result = runner.invoke(app, ["export", "--ckpt", "latest", "--format", fmt, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    meta = exported_metadata(out)
+    ckpt_path = in_workdir / "weights" / "em_capsules" / "tiny-e2e" / "last.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    assert meta["capsnet.inputs"] == "pixels" and "pixels in [0, 1]" in meta["capsnet.input"]
+    assert json.loads(meta["capsnet.class_names"]) == ["class0", "class1", "class2", "class3"]
+    assert meta["capsnet.run"] == "tiny-e2e" and meta["capsnet.step"] == str(ckpt["step"])
+    assert meta["capsnet.outputs"].endswith("poses (N, 4, 4, 4)")
+    # the file alone gives the eager model's activations on the stored uint8 test images / 255
+    cfg = config_from_dict(ckpt["config"])
+    _, _, test, _ = build_datasets(cfg.data, seed=cfg.train.seed)
+    stored = [test.pixels(i) for i in range(len(test))]
+    pixels = torch.stack([torch.from_numpy(x.copy()) for x in stored]).float() / 255
+    model = build_model_from_checkpoint(ckpt, ckpt_path).eval()
+    with torch.no_grad():
+        want = model(torch.stack([test.eval_transform(x) for x in stored])).activations
+        got = exported_runner(out)(pixels)
+        unnormalised = model(pixels).activations
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(unnormalised, want, atol=1e-3)  # the normalisation matters to this model
+
+    normalised = in_workdir / "normalised" / f"m.{fmt}"
+    args = ["export", "--ckpt", "latest", "--format", fmt, "--out", str(normalised), "--inputs", "normalised"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "preprocessed by the caller: (p - mean) / std per channel for pixels p in [0, 1]" in result.stdout
+    assert exported_metadata(normalised)["capsnet.inputs"] == "normalised"
+    with torch.no_grad():
+        got = exported_runner(normalised)(torch.stack([test.eval_transform(x) for x in stored]))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_parity_check_covers_the_normalisation_in_the_graph(in_workdir, monkeypatch):
+    from dataclasses import replace
+
+    from capsnet import export
+
+    real = export.input_spec
+    monkeypatch.setattr(export, "input_spec", lambda *a: replace(real(*a), mean=(0.0,), std=(1.0,)))
+    out = in_workdir / "wrong-normalisation" / "m.pt2"
+    result = runner.invoke(app, ["export", "--ckpt", "latest", "--format", "pt2", "--out", str(out)])
+    assert result.exit_code == 2 and "differs from the eager model" in result.stderr, result.output
+    assert not out.exists()
 
 
 def test_training_into_an_existing_run_without_resume_or_overwrite_fails(in_workdir):

@@ -239,6 +239,22 @@ def test_viewpoint_splits_select_exactly_the_documented_viewpoints(norb_root, sp
     assert len(seen["novel"]) == per_value * len(novel)
 
 
+def test_a_smallnorb_export_takes_the_whole_view_and_standardises_and_crops_it_itself(
+    norb_root, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    data = ["data.name=smallnorb", f"data.root={norb_root}", "data.download=false"]
+    overrides = [arg for setting in [*data, "train.epochs=1"] for arg in ("-o", setting)]
+    trained = invoke("train", "--config", TINY, "--run-name", "norb", *overrides)
+    assert trained.exit_code == 0, trained.output
+    result = invoke("export", "--ckpt", "norb", "--format", "pt2")
+    assert result.exit_code == 0, result.output
+    # tiny's 20x20 crops come from views downsampled to 30x30, both cameras as channels
+    assert "input: images (N, 2, 30, 30) float32: pixels in [0, 1]" in result.stdout
+    assert "whole 30x30 image" in result.stdout and "centre 20x20 crop" in result.stdout
+    assert "parity ok" in result.stdout and "of smallnorb test images" in result.stdout
+
+
 def test_eval_reports_familiar_and_novel_viewpoint_accuracy(norb_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = ["data.name=smallnorb", f"data.root={norb_root}", "data.download=false", "data.split=azimuth"]

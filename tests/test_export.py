@@ -108,10 +108,65 @@ def test_an_empty_test_split_falls_back_to_random_parity_images(monkeypatch):
     from types import SimpleNamespace
 
     from capsnet import data
-    from capsnet.export import sample_batch
+    from capsnet.export import InputSpec, Preprocess, sample_batch
 
-    empty = SimpleNamespace(test=[], info=SimpleNamespace(channels=1))
+    empty = SimpleNamespace(test=SimpleNamespace(dataset=[]), info=SimpleNamespace(channels=1))
     monkeypatch.setattr(data, "build_loaders", lambda cfg: empty)
-    x, source = sample_batch(SimpleNamespace(data=SimpleNamespace(name="folder")), 1, 20, 4)
-    assert x.shape == (4, 1, 20, 20)
+    spec = InputSpec("pixels", 1, 20, 20, (0.5,), (0.25,))
+    pixels, fed, source = sample_batch(SimpleNamespace(data=SimpleNamespace(name="folder")), spec, 4)
+    assert pixels.shape == (4, 1, 20, 20) and 0 <= pixels.min() and pixels.max() <= 1
+    assert torch.equal(pixels * 255, (pixels * 255).round())  # whole uint8 levels, like stored images
+    torch.testing.assert_close(fed, Preprocess(spec)(pixels))
     assert source == "of random images (test data unavailable: the test split has no images)"
+
+
+def test_the_graphs_normalisation_is_the_data_pipelines():
+    """Preprocess (in the exported graph) against the evaluation transforms of capsnet.data."""
+    import numpy as np
+
+    from capsnet.data import PixelTransform, StandardisedCrop, smallnorb_source_size
+    from capsnet.export import InputSpec, Preprocess
+
+    rng = np.random.default_rng(0)
+    mean, std = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+    images = rng.integers(0, 256, size=(5, 3, 12, 12), dtype=np.uint8)
+    want = torch.stack([PixelTransform(mean, std)(x) for x in images])
+    got = Preprocess(InputSpec("pixels", 3, 12, 12, tuple(mean), tuple(std)))(
+        torch.from_numpy(images).float() / 255
+    )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    # smallNORB: whole-image statistics, then the centre crop; a flat image meets the std floor
+    crop = 32
+    size = smallnorb_source_size(crop)
+    assert size == 48
+    views = rng.integers(0, 256, size=(4, 2, size, size), dtype=np.uint8)
+    views[1, 0] = 77
+    evaluation = StandardisedCrop(crop)
+    want = torch.stack([evaluation(x) for x in views])
+    got = Preprocess(InputSpec("pixels", 2, size, crop, None, None))(torch.from_numpy(views).float() / 255)
+    assert got.shape == (4, 2, crop, crop)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert float(got[1, 0].abs().max()) == 0.0
+
+
+def test_input_spec_reads_the_checkpoints_normalisation_and_refuses_what_it_cannot_describe():
+    from capsnet.export import ExportError, input_spec
+
+    arch = {"in_channels": 1, "image_size": 28}
+    spec = input_spec("pixels", arch, {"mean": [0.286], "std": [0.353]}, "fashion-mnist")
+    assert (spec.size, spec.mean, spec.std) == (28, (0.286,), (0.353,))
+    assert "(p - mean) / std per channel for pixels p in [0, 1], mean [0.286], std [0.353]" in spec.describe()
+    assert spec.describe().startswith("images (N, 1, 28, 28) float32: pixels in [0, 1]")
+    norb = input_spec(
+        "pixels", {"in_channels": 2, "image_size": 32}, {"mean": None, "std": None}, "smallnorb"
+    )
+    assert (norb.size, norb.model_size) == (48, 32) and "centre 32x32 crop" in norb.describe()
+    normalised = input_spec("normalised", {"in_channels": 2, "image_size": 32}, None, "smallnorb")
+    assert normalised.size == 32 and "preprocessed by the caller" in normalised.describe()
+    with pytest.raises(ExportError, match="--inputs normalised"):
+        input_spec("pixels", arch, None, "fashion-mnist")
+    with pytest.raises(ExportError, match="2 channel"):
+        input_spec("pixels", arch, {"mean": [0.1, 0.2], "std": [0.3, 0.3]}, "folder")
+    with pytest.raises(ExportError, match="unknown --inputs 'raw'"):
+        input_spec("raw", arch, None, "folder")
