@@ -41,6 +41,8 @@ import torch
 #: (format 1 divided it by routing.final_lambda, which is not that lambda).
 CHECKPOINT_FORMAT = 2
 RUN_FILE = "run.json"
+#: What a run folder holds from its start, before its first checkpoint.
+START_FILES = frozenset({"config.yaml", RUN_FILE, "metrics.jsonl"})
 LAST = "last.pt"
 BEST = "best.pt"
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
@@ -326,6 +328,22 @@ def run_checkpoint(run_dir: str | Path) -> Path:
         return steps[-1][1]
     if (run_dir / LAST).is_file():
         return run_dir / LAST
+    runs = (
+        sorted(p.name for p in run_dir.iterdir() if p.is_dir() and has_checkpoint(p))
+        if run_dir.is_dir()
+        else []
+    )
+    if runs:
+        shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+        raise CheckpointError(
+            f"{run_dir} is a folder of runs ({shown}), not a run: name one of them "
+            f"({run_dir / runs[0]}), or take the newest with --ckpt latest --out-dir {run_dir}"
+        )
+    if not any((run_dir / name).is_file() for name in START_FILES):
+        raise CheckpointError(
+            f"no checkpoints in {run_dir}, and it is not a run folder (none of {', '.join(sorted(START_FILES))}); "
+            "give a run folder, a checkpoint file, latest or best"
+        )
     raise CheckpointError(
         f"no checkpoints in {run_dir}: the run stopped before its first save; "
         "start it again with the command that started it"

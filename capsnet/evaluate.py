@@ -190,7 +190,7 @@ def prepare_checkpoint(
         resolve_checkpoint,
     )
     from capsnet.config import stored_config
-    from capsnet.data import DataError, build_loaders, check_channels
+    from capsnet.data import DataError, build_loaders, check_channels, split_names
 
     dev = resolve_device(device, option="--device")  # named as the command's option, not the config key
     path = resolve_checkpoint(spec, out_dir)
@@ -201,6 +201,11 @@ def prepare_checkpoint(
     if data_root is not None:
         settings.append(f"data.root={data_root}")
     cfg = stored_config(ckpt["config"], path, [*(overrides or []), *settings])
+    known = ["test"] + [name for name in split_names(cfg.data) if name not in ("train", "test")]
+    if split not in known:  # before the data loads
+        raise DataError(
+            f"this run has no {split!r} split (available: {', '.join(known)}); val needs data.val_split > 0"
+        )
     moved = moved_split_settings(ckpt["config"], cfg.to_dict())
     if split == "val" and moved and "data.name" not in moved:  # another dataset shares no images
         raise DataError(

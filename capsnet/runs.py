@@ -30,6 +30,7 @@ from capsnet import __version__
 from capsnet.averaging import WeightAverage
 from capsnet.checkpoint import (
     CHECKPOINT_FORMAT,
+    START_FILES,
     TEMP_FILE,
     CheckpointError,
     atomic_write_bytes,
@@ -157,6 +158,23 @@ class RunChoice:
     starting_named_run: bool  # --run-name R --resume latest and R has no checkpoint yet: start R
 
 
+#: What resuming needs beyond the weights: the optimiser's state and the data order's random state.
+RESUME_KEYS = ("optimizer", "rng")
+
+
+def check_resumable(ckpt: dict[str, Any], where: Path) -> None:
+    """Raises TrainingError when ``ckpt`` holds the weights but not the state a run continues from."""
+    missing = [
+        key for key in RESUME_KEYS if key not in ckpt and not (key == "rng" and "rng_per_rank" in ckpt)
+    ]
+    if missing:
+        raise TrainingError(
+            f"{where} holds the model's weights but not {' or '.join(missing)} state, so a run cannot "
+            f"continue from it (eval and export can use it); to train on from these weights, start a "
+            f"new run with -o train.init_from={where}"
+        )
+
+
 def choose_run(
     cfg: Config, run_name: str | None, resume: str | None, overwrite: bool, name_prefix: str | None
 ) -> RunChoice:
@@ -168,6 +186,8 @@ def choose_run(
     if resume is not None:
         ckpt_path = resume_checkpoint(resume, run_name, out_dir)
         ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+        if ckpt is not None:
+            check_resumable(ckpt, ckpt_path)
     if run_name is not None:
         name = run_name
     elif ckpt is not None:
@@ -194,9 +214,6 @@ def choose_run(
 
 
 # --------------------------------------------------------------------------- the run directory
-
-
-START_FILES = frozenset({"config.yaml", "run.json", "metrics.jsonl"})
 
 
 def only_start_files(run_dir: Path) -> bool:

@@ -114,6 +114,18 @@ def test_eval_of_a_missing_split_is_a_clear_error(in_workdir):
     assert result.exit_code == 2 and "no 'val' split" in result.stderr
 
 
+def test_eval_of_an_unknown_split_is_refused_before_the_data_loads(in_workdir, monkeypatch):
+    from capsnet import data
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data was loaded")
+
+    monkeypatch.setattr(data, "build_loaders", no_loading)
+    result = runner.invoke(app, ["eval", "--split", "tset"])
+    assert result.exit_code == 2, result.output
+    assert "this run has no 'tset' split (available: test); val needs data.val_split > 0" in result.stderr
+
+
 def test_eval_of_val_under_settings_that_draw_another_split_is_refused(in_workdir):
     # the run held nothing out; a val split drawn now would hold out images it trained on
     result = runner.invoke(app, ["eval", "--split", "val", "-o", "data.val_split=0.5"])

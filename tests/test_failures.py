@@ -689,6 +689,22 @@ BAD_INPUTS = {
         lambda tmp, one: ["train", "--resume", str(start_files_only(tmp / "weights" / "k")), *dirs(tmp)],
         "stopped before its first save",
     ),
+    "resume-from-a-checkpoint-without-optimizer-state": (
+        lambda tmp, one: ["train", "--resume", str(weights_only(one, tmp / "weights-only.pt")), *dirs(tmp)],
+        (
+            "weights-only.pt holds the model's weights but not optimizer state, so a run cannot continue "
+            "from it (eval and export can use it); to train on from these weights, start a new run with "
+            "-o train.init_from="
+        ),
+    ),
+    "eval-of-the-folder-that-holds-the-runs": (
+        lambda tmp, one: ["eval", "--ckpt", str(one / "weights")],
+        "weights is a folder of runs (one), not a run: name one of them",
+    ),
+    "eval-of-a-folder-that-is-not-a-run": (
+        lambda tmp, one: ["eval", "--ckpt", str(folder(tmp / "holiday-photos"))],
+        "holiday-photos, and it is not a run folder (none of config.yaml, metrics.jsonl, run.json)",
+    ),
     "export-to-a-file-named-for-the-other-format": (
         on_the_run("export", "--format", "onnx", "--out", "model.pt2"),
         "--out model.pt2 names a pt2 file but --format is onnx; give --format pt2, or an .onnx name",
@@ -709,6 +725,19 @@ BAD_INPUTS = {
 def written(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+    return path
+
+
+def weights_only(one: Path, path: Path) -> Path:
+    """The run's last checkpoint without its optimizer state, as one kept only for evaluation."""
+    ckpt = torch.load(one / "weights" / "one" / "last.pt", weights_only=False)
+    del ckpt["optimizer"]
+    torch.save(ckpt, path)
+    return path
+
+
+def folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
