@@ -889,7 +889,7 @@ def _decode_image(path: Path, size: int, mode: str) -> np.ndarray | None:
                 wide = np.asarray(image, dtype=np.uint16).astype(np.float32)
                 image = Image.fromarray(np.round(wide / 257.0).astype(np.uint8), mode="L")
             image = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
+            array = np.array(image, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only arrays
     except Exception:  # noqa: BLE001 - PIL reports broken files with many exception types
         return None
     return array.reshape(size, size, -1)

@@ -96,6 +96,7 @@ class InputSpec:
     model_size: int  # side the model sees
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    recorded: bool = True  # False: the checkpoint does not say how its data was normalised
 
     @property
     def size(self) -> int:
@@ -103,6 +104,8 @@ class InputSpec:
         return self.source_size if self.inputs == "pixels" else self.model_size
 
     def preprocessing(self) -> str:
+        if not self.recorded:
+            return "as capsnet's data pipeline normalises this dataset (the checkpoint does not record how)"
         if self.mean is not None:
             return (
                 f"(p - mean) / std per channel for pixels p in [0, 1], "
@@ -145,13 +148,14 @@ def input_spec(
             raise ExportError(
                 f"the checkpoint's normalisation has {len(mean)} channel(s) but the model takes {channels}"
             )
-    elif data_name != "smallnorb":
+    elif data_name != "smallnorb" and inputs == "pixels":
         raise ExportError(
             "the checkpoint does not record its dataset's normalisation (data_info), so it cannot be part "
             "of the exported graph; export with --inputs normalised and normalise the images yourself"
         )
-    source = smallnorb_source_size(size) if mean is None else size
-    return InputSpec(inputs, channels, source, size, mean, std)
+    per_image = mean is None and data_name == "smallnorb"
+    source = smallnorb_source_size(size) if per_image else size
+    return InputSpec(inputs, channels, source, size, mean, std, recorded=mean is not None or per_image)
 
 
 class Preprocess(nn.Module):

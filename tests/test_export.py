@@ -166,6 +166,8 @@ def test_input_spec_reads_the_checkpoints_normalisation_and_refuses_what_it_cann
     assert normalised.size == 32 and "preprocessed by the caller" in normalised.describe()
     with pytest.raises(ExportError, match="--inputs normalised"):
         input_spec("pixels", arch, None, "fashion-mnist")
+    unrecorded = input_spec("normalised", arch, None, "fashion-mnist")  # the caller normalises
+    assert unrecorded.size == 28 and "the checkpoint does not record how" in unrecorded.describe()
     with pytest.raises(ExportError, match="2 channel"):
         input_spec("pixels", arch, {"mean": [0.1, 0.2], "std": [0.3, 0.3]}, "folder")
     with pytest.raises(ExportError, match="unknown --inputs 'raw'"):
