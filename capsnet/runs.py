@@ -44,6 +44,7 @@ from capsnet.checkpoint import (
     run_checkpoint,
     safe_child,
     save_checkpoint,
+    step_checkpoints,
     validate_run_name,
     write_run_record,
 )
@@ -210,6 +211,14 @@ def choose_run(
     resuming_here = ckpt is not None and safe_child(out_dir, name).resolve() == ckpt_path.parent.resolve()
     if resuming_here and overwrite:
         raise TrainingError("--overwrite with --resume into the same run would delete the run being resumed")
+    if resuming_here and resume == "best":
+        later = [path.name for step, path in step_checkpoints(ckpt_path.parent) if step > int(ckpt["step"])]
+        if later:
+            raise TrainingError(
+                f"--resume best would continue {ckpt_path.parent} from best.pt (step {int(ckpt['step'])}) and "
+                f"delete its later checkpoints ({', '.join(later)}) and history; continue it with --resume "
+                f"latest, or start a new run from best.pt's weights with -o train.init_from={ckpt_path}"
+            )
     return RunChoice(name, ckpt, ckpt_path, resuming_here, resume is not None and ckpt is None)
 
 

@@ -697,6 +697,10 @@ BAD_INPUTS = {
             "-o train.init_from="
         ),
     ),
+    "resume-best-when-later-checkpoints-would-be-deleted": (
+        lambda tmp, one: ["train", "--resume", "best", *dirs(tmp), *older_best(one, tmp / "weights")],
+        "--resume best would continue",
+    ),
     "eval-of-the-folder-that-holds-the-runs": (
         lambda tmp, one: ["eval", "--ckpt", str(one / "weights")],
         "weights is a folder of runs (one), not a run: name one of them",
@@ -734,6 +738,19 @@ def weights_only(one: Path, path: Path) -> Path:
     del ckpt["optimizer"]
     torch.save(ckpt, path)
     return path
+
+
+def older_best(one: Path, weights: Path) -> list[str]:
+    """A copy of the run whose best.pt is older than its step checkpoints (as best.pt usually is)."""
+    import shutil
+
+    run = weights / "kept"
+    shutil.copytree(one / "weights" / "one", run)
+    (step, path), *_ = step_checkpoints(run)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["step"] = step - 1
+    torch.save(ckpt, run / "best.pt")
+    return []
 
 
 def folder(path: Path) -> Path:
