@@ -308,10 +308,15 @@ def _run_time(run_dir: Path) -> float:
         return 0.0
 
 
+def runs_in(folder: Path) -> list[Path]:
+    """The run folders directly under ``folder`` that hold a checkpoint."""
+    return [p for p in folder.iterdir() if p.is_dir() and has_checkpoint(p)] if folder.is_dir() else []
+
+
 def latest_run(out_dir: str | Path) -> Path:
     """The run directory under ``out_dir`` that was started or updated most recently."""
     out_dir = Path(out_dir)
-    runs = [p for p in out_dir.iterdir() if p.is_dir() and has_checkpoint(p)] if out_dir.is_dir() else []
+    runs = runs_in(out_dir)
     if not runs:
         raise CheckpointError(
             f"no runs with checkpoints in {out_dir}; train one first (capsnet train --config ...), "
@@ -328,11 +333,7 @@ def run_checkpoint(run_dir: str | Path) -> Path:
         return steps[-1][1]
     if (run_dir / LAST).is_file():
         return run_dir / LAST
-    runs = (
-        sorted(p.name for p in run_dir.iterdir() if p.is_dir() and has_checkpoint(p))
-        if run_dir.is_dir()
-        else []
-    )
+    runs = sorted(p.name for p in runs_in(run_dir))
     if runs:
         shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
         raise CheckpointError(

@@ -96,7 +96,7 @@ class InputSpec:
     model_size: int  # side the model sees
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
-    recorded: bool = True  # False: the checkpoint does not say how its data was normalised
+    per_image: bool = False  # smallNORB's standardisation (mean/std None and per_image False: not recorded)
 
     @property
     def size(self) -> int:
@@ -104,13 +104,13 @@ class InputSpec:
         return self.source_size if self.inputs == "pixels" else self.model_size
 
     def preprocessing(self) -> str:
-        if not self.recorded:
-            return "as capsnet's data pipeline normalises this dataset (the checkpoint does not record how)"
         if self.mean is not None:
             return (
                 f"(p - mean) / std per channel for pixels p in [0, 1], "
                 f"mean {_floats(self.mean)}, std {_floats(self.std)}"
             )
+        if not self.per_image:
+            return "as capsnet's data pipeline normalises this dataset (the checkpoint does not record how)"
         crop = (
             ""
             if self.source_size == self.model_size
@@ -155,7 +155,7 @@ def input_spec(
         )
     per_image = mean is None and data_name == "smallnorb"
     source = smallnorb_source_size(size) if per_image else size
-    return InputSpec(inputs, channels, source, size, mean, std, recorded=mean is not None or per_image)
+    return InputSpec(inputs, channels, source, size, mean, std, per_image)
 
 
 class Preprocess(nn.Module):
@@ -164,7 +164,7 @@ class Preprocess(nn.Module):
     def __init__(self, spec: InputSpec):
         super().__init__()
         self.source_size, self.model_size = spec.source_size, spec.model_size
-        self.per_image = spec.mean is None
+        self.per_image = spec.per_image
         if not self.per_image:
             self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
             self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))

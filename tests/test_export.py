@@ -144,7 +144,9 @@ def test_the_graphs_normalisation_is_the_data_pipelines():
     views[1, 0] = 77
     evaluation = StandardisedCrop(crop)
     want = torch.stack([evaluation(x) for x in views])
-    got = Preprocess(InputSpec("pixels", 2, size, crop, None, None))(torch.from_numpy(views).float() / 255)
+    got = Preprocess(InputSpec("pixels", 2, size, crop, None, None, per_image=True))(
+        torch.from_numpy(views).float() / 255
+    )
     assert got.shape == (4, 2, crop, crop)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert float(got[1, 0].abs().max()) == 0.0
