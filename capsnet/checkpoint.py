@@ -21,6 +21,7 @@ step numbers and never from file times.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
@@ -366,10 +367,19 @@ def resolve_checkpoint(spec: str, out_dir: str | Path) -> Path:
         return path
     if path.is_dir():
         return run_checkpoint(path)
-    if _RUN_NAME.match(spec) and ".." not in spec and (out_dir / spec).is_dir():
-        return run_checkpoint(out_dir / spec)
+    # a run name, or a path inside a run, under out_dir: "small-1", "small-1/", "small-1/best.pt"
+    parts = path.parts
+    if parts and not path.is_absolute() and _RUN_NAME.match(parts[0]) and ".." not in parts:
+        inside = out_dir / path
+        if inside.is_file():
+            return inside
+        if inside.is_dir():
+            return run_checkpoint(inside)
+    runs = sorted(p.name for p in runs_in(out_dir))
+    shown = ", ".join(runs[:8]) + (", ..." if len(runs) > 8 else "")
     raise CheckpointError(
-        f"checkpoint not found: {spec} (expected latest, best, a run directory or a .pt file)"
+        f"checkpoint not found: {spec} (expected latest, best, a run directory, a .pt file, or the name of "
+        f"a run in {out_dir}" + (f": {shown})" if runs else ", which holds no runs)")
     )
 
 
@@ -378,9 +388,26 @@ def resolve_checkpoint(spec: str, out_dir: str | Path) -> Path:
 REQUIRED_KEYS = ("format", "model", "step", "epoch", "config", "arch")
 
 
+#: Suffixes of the files ``capsnet export`` writes, which are models for other runtimes, not checkpoints.
+EXPORT_SUFFIXES = (".onnx", ".pt2")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads a checkpoint onto the CPU with ``weights_only=True``; raises CheckpointError."""
     path = Path(path)
+    try:
+        return _load_checkpoint(path)
+    except CheckpointError:
+        if path.suffix.lower() in EXPORT_SUFFIXES and path.is_file():
+            raise CheckpointError(
+                f"{path} is an exported model, not a checkpoint: commands take a run's .pt checkpoints "
+                f"(a run folder, latest or best); run the export itself with "
+                f"{'onnxruntime' if path.suffix.lower() == '.onnx' else 'torch.export.load'}"
+            ) from None
+        raise
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
@@ -535,12 +562,71 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], where: str |
         raise CheckpointError(f"weights in {where} do not fit the model: {detail}") from None
 
 
-def build_model_from_checkpoint(ckpt: dict[str, Any], where: str | Path = "checkpoint"):
-    """A CapsNet built from the checkpoint's architecture signature, with its weights loaded."""
+def run_name_of(path: str | Path, ckpt: dict[str, Any]) -> str:
+    """The name of the run that the checkpoint at ``path`` belongs to.
+
+    Inside a run folder it is the folder's name, which follows the folder when it is
+    renamed or copied; a loose checkpoint file goes by the name it was saved under.
+    """
+    folder = Path(path).parent
+    if any((folder / name).is_file() for name in START_FILES) and _RUN_NAME.match(folder.name):
+        return folder.name
+    return str(ckpt.get("run") or "") or folder.name
+
+
+#: Architecture settings that a command scoring a trained model may change: no weight depends
+#: on the number of routing iterations, and recomputing the votes only trades memory for time.
+INFERENCE_SETTINGS = ("iterations", "recompute_votes")
+
+
+def architecture_overrides(ckpt: dict[str, Any], cfg: Any, where: str | Path) -> dict[str, Any]:
+    """The changes to the checkpoint's architecture that ``cfg`` (its config with a command's -o) asks for.
+
+    Only :data:`INFERENCE_SETTINGS` may change; any other ``model.`` or ``routing.`` setting
+    that differs from the checkpoint's config is refused with a CheckpointError naming it,
+    since the weights were trained for the architecture they were saved with.
+    """
+    from capsnet.config import stored_config
+
+    saved = stored_config(ckpt["config"], where)
+    changes, fixed = {}, []
+    for section in ("model", "routing"):
+        before, now = getattr(saved, section), getattr(cfg, section)
+        if section == "model":
+            before, now = before.resolved(), now.resolved()
+        for field in dataclasses.fields(now):
+            if field.name == "preset":  # its sizes are compared one by one
+                continue
+            old, new = getattr(before, field.name), getattr(now, field.name)
+            if old == new:
+                continue
+            if field.name in INFERENCE_SETTINGS:
+                changes[field.name] = new
+            else:
+                fixed.append(f"{section}.{field.name} ({old!r} in the checkpoint, {new!r} asked)")
+    if fixed:
+        allowed = ", ".join(f"model.{k}" for k in INFERENCE_SETTINGS)
+        raise CheckpointError(
+            f"the weights of {where} were trained for its own architecture, which -o cannot change: "
+            f"{'; '.join(fixed)}; drop those overrides (only {allowed} may change when scoring a trained model)"
+        )
+    return changes
+
+
+def build_model_from_checkpoint(
+    ckpt: dict[str, Any], where: str | Path = "checkpoint", changes: dict[str, Any] | None = None
+):
+    """A CapsNet built from the checkpoint's architecture signature, with its weights loaded.
+
+    ``changes``: settings of :data:`INFERENCE_SETTINGS` to build with instead of the checkpoint's.
+    """
     from capsnet.model import CapsNet
 
+    unknown = set(changes or {}) - set(INFERENCE_SETTINGS)
+    if unknown:
+        raise ValueError(f"only {', '.join(INFERENCE_SETTINGS)} may change, not {', '.join(sorted(unknown))}")
     try:
-        model = CapsNet(**ckpt["arch"])
+        model = CapsNet(**{**ckpt["arch"], **(changes or {})})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot rebuild the model of {where}: {e}") from None
     load_model_state(model, ckpt["model"], where)

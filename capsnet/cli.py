@@ -43,7 +43,12 @@ RunDataRootOption = Annotated[
 ]
 DataOverrideOption = Annotated[
     list[str] | None,
-    typer.Option("--override", "-o", help="Change a data value of the checkpoint's config (repeatable)."),
+    typer.Option(
+        "--override",
+        "-o",
+        help="Change a data value of the checkpoint's config, or model.iterations (the routing "
+        "iterations) (repeatable; the rest of the architecture comes from the checkpoint).",
+    ),
 ]
 
 
@@ -205,8 +210,9 @@ def eval_(
         typer.Option(
             "--override",
             "-o",
-            help="Change a value of the checkpoint's config for this evaluation, e.g. -o data.root=/data "
-            "(repeatable; the model's architecture always comes from the checkpoint).",
+            help="Change a value of the checkpoint's config for this evaluation, e.g. -o data.root=/data, "
+            "or score the model with another number of routing iterations, -o model.iterations=1 "
+            "(repeatable; the rest of the architecture comes from the checkpoint).",
         ),
     ] = None,
     out_dir: OutDirOption = DEFAULT_OUT_DIR,
@@ -547,7 +553,7 @@ def attack(
             plot,
         )
     typer.echo(_json(report.to_dict()) if as_json else report.summary())
-    _note_replaced(report.replaced)
+    _note_replaced(report.replaced, report_dir)
 
 
 @app.command()
@@ -589,7 +595,7 @@ def inspect(
     perturb: Annotated[
         float,
         typer.Option(
-            "--perturb", min=0.0, help="Figure (e): each pose entry moves from -perturb to +perturb."
+            "--perturb", help="Figure (e): each pose entry moves from -perturb to +perturb (a positive size)."
         ),
     ] = 0.25,
     steps: Annotated[int, typer.Option("--steps", min=2, help="Figure (e): images per pose entry.")] = 11,
@@ -633,14 +639,13 @@ def inspect(
             tb_dir,
         )
     typer.echo(result.summary())
-    _note_replaced(result.replaced)
+    _note_replaced(result.replaced, report_dir)
 
 
-def _note_replaced(files: list[str]) -> None:
+def _note_replaced(files: list[str], out: Path | None) -> None:
     if files:
-        typer.echo(
-            f"note: replaced the earlier {', '.join(files)} (give --out DIR to keep reports apart)", err=True
-        )
+        how = "give another --out" if out is not None else "give --out DIR"
+        typer.echo(f"note: replaced the earlier {', '.join(files)} ({how} to keep reports apart)", err=True)
 
 
 def main() -> None:

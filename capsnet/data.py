@@ -809,6 +809,29 @@ def _build_torchvision(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageD
 # --------------------------------------------------------------------------- smallNORB
 
 
+def stored_resizing(name: str, size: int, channels: int = 1) -> str | None:
+    """How the dataset ``name``'s files become the ``size`` x ``size`` uint8 images that the
+    transforms start from, where that is more than reading them; None when it is not."""
+    native = {**{k: 28 for k in _IDX_META}, **{k: 32 for k in _TV_META}}.get(name)
+    if native is not None and native != size:
+        return (
+            f"the dataset's {native}x{native} images resized to {size}x{size} by bilinear interpolation "
+            f"with antialiasing (torch.nn.functional.interpolate, antialias=True), rounded to uint8"
+        )
+    if name == "smallnorb" and size != 96:
+        return (
+            f"the dataset's 96x96 views downsampled to {size}x{size} by area averaging "
+            f"(torch.nn.functional.interpolate, mode='area'), rounded to uint8"
+        )
+    if name == "folder":
+        mode = "L" if channels == 1 else "RGB"
+        return (
+            f"each image file turned upright by its EXIF orientation, converted to {mode} and resized to "
+            f"{size}x{size} by PIL's bilinear resampling"
+        )
+    return None
+
+
 def smallnorb_source_size(crop: int) -> int:
     """Side smallNORB's 96x96 views are downsampled to before the ``crop`` x ``crop`` crops (48 for 32)."""
     return max(crop, round(1.5 * crop))

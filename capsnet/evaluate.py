@@ -160,7 +160,9 @@ class Prepared:
 
     @property
     def run(self) -> str:
-        return str(self.ckpt.get("run", "")) or self.path.parent.name
+        from capsnet.checkpoint import run_name_of
+
+        return run_name_of(self.path, self.ckpt)
 
     @property
     def class_names(self) -> list[str]:
@@ -180,10 +182,12 @@ def prepare_checkpoint(
     """Loads the checkpoint ``spec`` names (latest | best | run dir | file), its model and its data.
 
     Everything comes from the checkpoint: the config it was trained with (for the
-    data) and its architecture (for the model); ``overrides`` change the data side.
+    data) and its architecture (for the model); ``overrides`` change the data side, and
+    of the model only its number of routing iterations (others are refused).
     ``limit`` keeps a seeded random subset of that many images of every evaluation split.
     """
     from capsnet.checkpoint import (
+        architecture_overrides,
         build_model_from_checkpoint,
         load_checkpoint,
         moved_split_settings,
@@ -204,7 +208,7 @@ def prepare_checkpoint(
     known = ["test"] + [name for name in split_names(cfg.data) if name not in ("train", "test")]
     if split not in known:  # before the data loads
         raise DataError(
-            f"this run has no {split!r} split (available: {', '.join(known)}); val needs data.val_split > 0"
+            f"this run has no {split!r} split (available: {', '.join(known)}){_split_hint(split)}"
         )
     moved = moved_split_settings(ckpt["config"], cfg.to_dict())
     if split == "val" and moved and "data.name" not in moved:  # another dataset shares no images
@@ -212,7 +216,8 @@ def prepare_checkpoint(
             f"--split val with other settings would score another held-out set, which may hold images "
             f"{path} was trained on: {'; '.join(moved.values())}; drop those overrides, or score --split test"
         )
-    model = build_model_from_checkpoint(ckpt, path).to(dev).eval()
+    changes = architecture_overrides(ckpt, cfg, path)  # before the data loads
+    model = build_model_from_checkpoint(ckpt, path, changes).to(dev).eval()
     loaders = build_loaders(cfg)
     check_channels(loaders.info, model.in_channels)
     if loaders.info.num_classes != model.num_classes:
@@ -223,11 +228,19 @@ def prepare_checkpoint(
     loader = {"test": loaders.test, "val": loaders.val, **loaders.extra}.get(split)
     if loader is None:
         known = ", ".join(["test"] + (["val"] if loaders.val is not None else []) + list(loaders.extra))
-        raise DataError(f"this run has no {split!r} split (available: {known}); val needs data.val_split > 0")
+        raise DataError(f"this run has no {split!r} split (available: {known}){_split_hint(split)}")
     if limit is not None:
         loaders.extra = {name: limited(ld, limit, cfg.train.seed) for name, ld in loaders.extra.items()}
         loader = limited(loader, limit, cfg.train.seed)
     return Prepared(Path(path), ckpt, cfg, model, loaders, loader, split, dev)
+
+
+def _split_hint(split: str) -> str:
+    if split == "val":
+        return "; val needs data.val_split > 0"
+    if split == "test_familiar":
+        return "; test_familiar needs a smallNORB viewpoint split (data.split azimuth or elevation)"
+    return ""
 
 
 def check_image_size(model: CapsNet, cfg: Config, size: int) -> None:
@@ -279,6 +292,9 @@ class CheckpointEval:
     #: multi-crop results (``--crops``, ``--mirror``), on ``split`` and, with a viewpoint split, on the familiar rows
     multicrop: Any = None  # capsnet.multicrop.MultiCropResult
     multicrop_familiar: Any = None
+    #: routing iterations the model was scored with, and where -o model.iterations changed it, trained with
+    iterations: int | None = None
+    trained_iterations: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -289,6 +305,10 @@ class CheckpointEval:
             "split": self.split,
             **self.result.to_dict(),
         }
+        if self.iterations is not None:
+            data["iterations"] = self.iterations
+        if self.trained_iterations is not None:
+            data["trained_iterations"] = self.trained_iterations
         if self.familiar is not None:
             data["viewpoints"] = {
                 "split": self.viewpoint_split,
@@ -307,6 +327,11 @@ class CheckpointEval:
             f"checkpoint {self.checkpoint} (run {self.run}, step {self.step}, epoch {self.epoch})",
             f"{self.split}: accuracy {r.acc:.4f} ({r.correct}/{r.n}), loss {r.loss:.4f}",
         ]
+        if self.trained_iterations is not None:
+            lines.insert(
+                1,
+                f"routing iterations: {self.iterations} (the run was trained with {self.trained_iterations})",
+            )
         if self.familiar is not None:
             f = self.familiar
             lines.append(
@@ -352,12 +377,16 @@ def evaluate_checkpoint(
     result = evaluate(model, prep.loader, cfg, dev, class_names=names)
     report = CheckpointEval(
         str(prep.path),
-        str(prep.ckpt.get("run", "")),
+        prep.run,
         int(prep.ckpt["step"]),
         int(prep.ckpt["epoch"]),
         split,
         result,
+        iterations=model.hparams["iterations"],
     )
+    trained = (prep.ckpt.get("arch") or {}).get("iterations")
+    if trained != report.iterations:
+        report.trained_iterations = trained
     familiar = prep.loaders.extra.get("test_familiar") if split == "test" else None
     if familiar is not None:
         report.viewpoint_split = cfg.data.split

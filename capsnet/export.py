@@ -38,6 +38,7 @@ from capsnet.checkpoint import (
     current_umask,
     load_checkpoint,
     resolve_checkpoint,
+    run_name_of,
     safe_child,
 )
 from capsnet.config import stored_config
@@ -97,6 +98,7 @@ class InputSpec:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     per_image: bool = False  # smallNORB's standardisation (mean/std None and per_image False: not recorded)
+    resize: str | None = None  # how the dataset's files became source_size images in training; None: as read
 
     @property
     def size(self) -> int:
@@ -123,9 +125,13 @@ class InputSpec:
 
     def describe(self) -> str:
         shape = f"images (N, {self.channels}, {self.size}, {self.size}) float32"
+        resized = f"; in training the pixels were {self.resize}" if self.resize else ""
         if self.inputs == "pixels":
-            return f"{shape}: pixels in [0, 1] (uint8 / 255), normalised inside the graph: {self.preprocessing()}"
-        return f"{shape}, preprocessed by the caller: {self.preprocessing()}"
+            return (
+                f"{shape}: pixels in [0, 1] (uint8 / 255), normalised inside the graph: "
+                f"{self.preprocessing()}{resized}"
+            )
+        return f"{shape}, preprocessed by the caller: {self.preprocessing()}{resized}"
 
 
 def _floats(values) -> str:
@@ -136,7 +142,7 @@ def input_spec(
     inputs: str, arch: dict[str, Any], data_info: dict[str, Any] | None, data_name: str
 ) -> InputSpec:
     """The :class:`InputSpec` of a checkpoint's model (``data_info`` as the checkpoint stores it)."""
-    from capsnet.data import smallnorb_source_size
+    from capsnet.data import smallnorb_source_size, stored_resizing
 
     if inputs not in INPUTS:
         raise ExportError(f"unknown --inputs {inputs!r}; choose one of: {', '.join(INPUTS)}")
@@ -155,7 +161,9 @@ def input_spec(
         )
     per_image = mean is None and data_name == "smallnorb"
     source = smallnorb_source_size(size) if per_image else size
-    return InputSpec(inputs, channels, source, size, mean, std, per_image)
+    return InputSpec(
+        inputs, channels, source, size, mean, std, per_image, stored_resizing(data_name, source, channels)
+    )
 
 
 class Preprocess(nn.Module):
@@ -238,7 +246,7 @@ def sample_batch(cfg, spec: InputSpec, batch: int) -> tuple[Tensor, Tensor, str]
         return pixels, fed, f"of random images (test data unavailable: {first})"
 
 
-def metadata(spec: InputSpec, ckpt: dict[str, Any], class_names: list[str]) -> dict[str, str]:
+def metadata(spec: InputSpec, ckpt: dict[str, Any], class_names: list[str], run: str) -> dict[str, str]:
     """What an exported file records about itself (ONNX metadata properties; ``capsnet.json`` in a .pt2)."""
     from capsnet import __version__
 
@@ -248,12 +256,13 @@ def metadata(spec: InputSpec, ckpt: dict[str, Any], class_names: list[str]) -> d
         "capsnet.inputs": spec.inputs,
         "capsnet.input": spec.describe(),
         "capsnet.preprocessing": spec.preprocessing(),
+        "capsnet.resize": spec.resize or "none: the images as the dataset stores them",
         "capsnet.outputs": (
             f"activations (N, {classes}): one per class in (0, 1), the prediction is the largest; "
             f"poses (N, {classes}, {pose}, {pose})"
         ),
         "capsnet.class_names": json.dumps(class_names),
-        "capsnet.run": str(ckpt.get("run") or ""),
+        "capsnet.run": run,
         "capsnet.step": str(ckpt.get("step", "")),
         "capsnet.version": __version__,
     }
@@ -394,13 +403,20 @@ def export_checkpoint(
     # ATen and ONNX operators under a symbolic batch size.
     model = build_model_from_checkpoint(ckpt, ckpt_path).eval()
     path = (
-        Path(out) if out is not None else default_export_path(str(ckpt.get("run") or "run"), fmt, exports_dir)
+        Path(out)
+        if out is not None
+        else default_export_path(run_name_of(ckpt_path, ckpt) or "run", fmt, exports_dir)
     )
     if path.is_dir():
         raise ExportError(f"--out {path} is a folder: give a file name, such as {path / FORMATS[fmt]}")
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists; --overwrite replaces it, or give another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(
+            f"cannot write {path}: cannot make its folder {path.parent}: {e.strerror or e}"
+        ) from None
 
     # the parity check never downloads a dataset: without the data it uses random images
     overrides = ["train.device=cpu", "data.download=false"] + (
@@ -417,8 +433,11 @@ def export_checkpoint(
     with torch.no_grad():
         reference = [Classifier(model)(b) for b in fed_batches]  # eager first: also warms the model's caches
     names = [str(n) for n in (data_info or {}).get("class_names") or []]
-    meta = metadata(inputs_spec, ckpt, names)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    meta = metadata(inputs_spec, ckpt, names, run_name_of(ckpt_path, ckpt))
+    try:  # the file is written beside its name, so this is where a folder that takes no files shows
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(handle)
     partial = Path(name)
     os.chmod(partial, 0o666 & ~current_umask())  # mkstemp makes it private; an export is an ordinary file

@@ -157,6 +157,7 @@ class RunChoice:
     checkpoint_path: Path | None
     resuming_here: bool  # continuing in the checkpoint's own run directory
     starting_named_run: bool  # --run-name R --resume latest and R has no checkpoint yet: start R
+    note: str | None = None  # what the user should know about the choice
 
 
 #: What resuming needs beyond the weights: the optimiser's state and the data order's random state.
@@ -181,7 +182,7 @@ def choose_run(
 ) -> RunChoice:
     """Resolves the run name and the checkpoint to resume; rank 0 decides, the other ranks follow."""
     out_dir = Path(cfg.logging.out_dir)
-    ckpt, ckpt_path = None, None
+    ckpt, ckpt_path, note = None, None, None
     if run_name is not None:
         validate_run_name(run_name)
     if resume is not None:
@@ -193,12 +194,18 @@ def choose_run(
         name = run_name
     elif ckpt is not None:
         # A checkpoint inside a run folder of out_dir continues in that folder, whatever the run was
-        # called when it was saved (the folder may have been renamed or copied since); one from
-        # elsewhere starts a run under the name it carries.
-        in_out_dir = ckpt_path.parent.parent.resolve() == out_dir.resolve()
-        name = validate_run_name(
-            ckpt_path.parent.name if in_out_dir else str(ckpt.get("run") or ckpt_path.parent.name)
-        )
+        # called when it was saved (the folder may have been renamed or copied since). One from
+        # elsewhere continues in out_dir: under its folder's name where that folder is a run's,
+        # else under the name it carries.
+        folder = ckpt_path.parent
+        in_out_dir = folder.parent.resolve() == out_dir.resolve()
+        run_folder = in_out_dir or any((folder / f).is_file() for f in START_FILES)
+        name = validate_run_name(folder.name if run_folder else str(ckpt.get("run") or folder.name))
+        if not in_out_dir:
+            note = (
+                f"note: {folder} is not in {out_dir} (logging.out_dir): the run continues in {out_dir / name}, "
+                f"and {folder} is left as it is"
+            )
     else:
         name = default_run_name(cfg, name_prefix)
         base, k = name, 2
@@ -219,7 +226,7 @@ def choose_run(
                 f"delete its later checkpoints ({', '.join(later)}) and history; continue it with --resume "
                 f"latest, or start a new run from best.pt's weights with -o train.init_from={ckpt_path}"
             )
-    return RunChoice(name, ckpt, ckpt_path, resuming_here, resume is not None and ckpt is None)
+    return RunChoice(name, ckpt, ckpt_path, resuming_here, resume is not None and ckpt is None, note)
 
 
 # --------------------------------------------------------------------------- the run directory

@@ -470,12 +470,14 @@ def _choose_routing_kernels(cfg: Config, dist_info, echo: Callable[[str], None])
 def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunResult:
     say = echo if dist_info.is_main else (lambda _msg: None)
     choice = choose_run(cfg, run_name, resume, overwrite, name_prefix)
-    if dist_info.is_main:
-        check_run_dir_free(cfg, choice, overwrite)  # before compiling kernels and loading data
-    _choose_routing_kernels(cfg, dist_info, echo)
     ckpt, ckpt_path, name = choice.checkpoint, choice.checkpoint_path, choice.name
-    if ckpt is not None:
+    if ckpt is not None:  # like the checks below, before compiling kernels and loading data
         check_resume_settings(ckpt.get("config") or {}, cfg.to_dict(), ckpt_path)
+    if dist_info.is_main:
+        check_run_dir_free(cfg, choice, overwrite)
+    if choice.note:
+        say(choice.note)
+    _choose_routing_kernels(cfg, dist_info, echo)
     seed_everything(rank_seed(cfg.train.seed, dist_info.rank))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

@@ -138,6 +138,10 @@ def test_latest_is_the_highest_step_of_the_most_recently_updated_run_not_the_new
     assert resolve_checkpoint("best", out) == out / "new" / "best.pt"
     assert resolve_checkpoint(str(out / "old"), out) == out / "old" / "step-000020.pt"
     assert resolve_checkpoint("old", out) == out / "old" / "step-000020.pt"
+    # a run name with a trailing slash, or a file inside a run, under the folder of runs
+    assert resolve_checkpoint("old/", out) == out / "old" / "step-000020.pt"
+    assert resolve_checkpoint("old/step-000010.pt", out) == out / "old" / "step-000010.pt"
+    assert resolve_checkpoint("new/best.pt", out) == out / "new" / "best.pt"
     # Resuming the old run makes it the latest one.
     write_run_record(out / "old", step=20)
     assert resolve_checkpoint("latest", out) == out / "old" / "step-000020.pt"
@@ -148,8 +152,29 @@ def test_best_without_a_best_file_and_an_unknown_spec_are_clear_errors(tmp_path)
     save_checkpoint(out / "r", fake_checkpoint(1), keep=1)
     with pytest.raises(CheckpointError, match="no best.pt"):
         resolve_checkpoint("best", out)
-    with pytest.raises(CheckpointError, match="checkpoint not found"):
+    with pytest.raises(CheckpointError, match="checkpoint not found") as e:
         resolve_checkpoint("does-not-exist", out)
+    assert str(e.value).endswith(f"or the name of a run in {out}: r)")
+    with pytest.raises(CheckpointError, match=r"which holds no runs\)$"):
+        resolve_checkpoint("r", tmp_path / "empty")
+    for spec in ("../weights/r", "r/../r"):  # never out of the folder of runs by way of ".."
+        with pytest.raises(CheckpointError, match="checkpoint not found"):
+            resolve_checkpoint(spec, out)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_an_exported_model_given_as_a_checkpoint_is_named_as_such(tmp_path, suffix):
+    import zipfile
+
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".pt2":  # an archive, as torch.export writes one
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("model/archive_format", "pt2")
+    else:
+        path.write_bytes(b"\x08\x07\x12\x07pytorch")  # the start of an ONNX protobuf
+    with pytest.raises(CheckpointError, match="is an exported model, not a checkpoint") as e:
+        load_checkpoint(path)
+    assert ("onnxruntime" if suffix == ".onnx" else "torch.export.load") in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["../up", "a/b", "", ".hidden", "x\\y", "a..b"])

@@ -109,6 +109,32 @@ def test_eval_applies_overrides_to_the_checkpoint_config_and_checks_their_keys(i
     assert result.exit_code == 2 and "data.bogus" in result.stderr
 
 
+def test_eval_refuses_overrides_of_the_architecture_the_weights_were_trained_for(in_workdir):
+    for setting, shown in [
+        ("model.caps_types=[8,8]", "model.caps_types ([4, 4] in the checkpoint, [8, 8] asked)"),
+        ("routing.final_lambda=0.5", "routing.final_lambda (0.01 in the checkpoint, 0.5 asked)"),
+        ("model.pose_size=3", "model.pose_size (4 in the checkpoint, 3 asked)"),
+    ]:
+        result = runner.invoke(app, ["eval", "-o", setting])
+        assert result.exit_code == 2, result.output
+        assert shown in result.stderr and "drop those overrides" in result.stderr, result.stderr
+    # the same value as the checkpoint's is no change
+    result = runner.invoke(app, ["eval", "--json", "-o", "model.caps_types=[4,4]"])
+    assert result.exit_code == 0, result.output
+
+
+def test_eval_may_score_the_model_with_another_number_of_routing_iterations(in_workdir):
+    trained = json.loads(runner.invoke(app, ["eval", "--json"]).stdout)
+    assert trained["iterations"] == 2 and "trained_iterations" not in trained
+    result = runner.invoke(app, ["eval", "--json", "-o", "model.iterations=1"])
+    assert result.exit_code == 0, result.output
+    one = json.loads(result.stdout)
+    assert one["iterations"] == 1 and one["trained_iterations"] == 2
+    assert one["loss"] != trained["loss"]  # the model did route once
+    result = runner.invoke(app, ["eval", "-o", "model.iterations=3"])
+    assert "routing iterations: 3 (the run was trained with 2)" in result.stdout
+
+
 def test_eval_of_a_missing_split_is_a_clear_error(in_workdir):
     result = runner.invoke(app, ["eval", "--split", "val"])
     assert result.exit_code == 2 and "no 'val' split" in result.stderr
@@ -123,7 +149,14 @@ def test_eval_of_an_unknown_split_is_refused_before_the_data_loads(in_workdir, m
     monkeypatch.setattr(data, "build_loaders", no_loading)
     result = runner.invoke(app, ["eval", "--split", "tset"])
     assert result.exit_code == 2, result.output
-    assert "this run has no 'tset' split (available: test); val needs data.val_split > 0" in result.stderr
+    assert "this run has no 'tset' split (available: test)\n" in result.stderr
+    result = runner.invoke(app, ["eval", "--split", "test_familiar"])
+    assert result.exit_code == 2, result.output
+    assert (
+        "no 'test_familiar' split (available: test); test_familiar needs a smallNORB viewpoint split"
+        in result.stderr
+    )
+    assert "val needs" in runner.invoke(app, ["eval", "--split", "val"]).stderr
 
 
 def test_eval_of_val_under_settings_that_draw_another_split_is_refused(in_workdir):
@@ -146,6 +179,33 @@ def test_export_writes_the_file_and_reports_parity(in_workdir, fmt):
         "input: images (N, 1, 20, 20) float32: pixels in [0, 1] (uint8 / 255), normalised inside"
         in result.stdout
     )
+
+
+def test_export_of_a_renamed_run_folder_goes_by_the_folder_name(in_workdir, tmp_path):
+    import shutil
+
+    renamed = tmp_path / "tiny-renamed"  # its checkpoints still say run "tiny-e2e"
+    shutil.copytree(in_workdir / "weights" / "em_capsules" / "tiny-e2e", renamed)
+    result = runner.invoke(app, ["export", "--ckpt", str(renamed), "--format", "pt2"])
+    assert result.exit_code == 0, result.output
+    path = in_workdir / "exports" / "tiny-renamed" / "model.pt2"
+    assert path.is_file() and exported_metadata(path)["capsnet.run"] == "tiny-renamed"
+    result = runner.invoke(app, ["eval", "--ckpt", str(renamed), "--json"])
+    assert json.loads(result.stdout)["run"] == "tiny-renamed"
+    # a loose checkpoint file goes by the name it was saved under
+    shutil.copyfile(renamed / "last.pt", tmp_path / "model.pt")
+    result = runner.invoke(app, ["eval", "--ckpt", str(tmp_path / "model.pt"), "--json"])
+    assert json.loads(result.stdout)["run"] == "tiny-e2e"
+
+
+def test_export_to_a_place_that_takes_no_files_names_the_file_asked_for(in_workdir):
+    result = runner.invoke(app, ["export", "--ckpt", "latest", "--out", "/proc/capsnet-model.onnx"])
+    assert result.exit_code == 2, result.output
+    assert "error: cannot write /proc/capsnet-model.onnx: " in result.stderr, result.stderr
+    assert ".capsnet-model.onnx." not in result.stderr  # not the temporary file beside it
+    result = runner.invoke(app, ["export", "--ckpt", "latest", "--out", "/dev/null/sub/model.onnx"])
+    assert result.exit_code == 2, result.output
+    assert "cannot write /dev/null/sub/model.onnx: cannot make its folder /dev/null/sub" in result.stderr
 
 
 def exported_metadata(path: Path) -> dict[str, str]:
@@ -182,6 +242,7 @@ def test_the_exported_model_takes_stored_pixels_and_says_so_in_its_metadata(in_w
     assert json.loads(meta["capsnet.class_names"]) == ["class0", "class1", "class2", "class3"]
     assert meta["capsnet.run"] == "tiny-e2e" and meta["capsnet.step"] == str(ckpt["step"])
     assert meta["capsnet.outputs"].endswith("poses (N, 4, 4, 4)")
+    assert meta["capsnet.resize"] == "none: the images as the dataset stores them"
     # the file alone gives the eager model's activations on the stored uint8 test images / 255
     cfg = config_from_dict(ckpt["config"])
     _, _, test, _ = build_datasets(cfg.data, seed=cfg.train.seed)

@@ -840,3 +840,38 @@ def test_a_damaged_download_is_downloaded_again_when_downloads_are_on(tmp_path, 
     with pytest.raises(DatasetNotFoundError, match="download failed"):  # torchvision would replace it
         build_datasets(DataConfig(name="svhn", root=str(tmp_path), download=True))
     assert calls[-1] == ("svhn", True)
+
+
+def test_the_recorded_resizing_is_what_the_loaders_do(tmp_path):
+    """An export records how the dataset's files became the model's pixels; that account must hold."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from capsnet.data import read_idx, stored_resizing
+
+    write_mnist(tmp_path)
+    cfg = DataConfig(name="fashion-mnist", root=str(tmp_path), download=False, image_size=32)
+    _, _, test, _ = build_datasets(cfg)
+    described = stored_resizing("fashion-mnist", 32)
+    assert "28x28 images resized to 32x32 by bilinear interpolation with antialiasing" in described
+    raw = read_idx(tmp_path / "t10k-images-idx3-ubyte.gz").float().unsqueeze(1)
+    again = F.interpolate(raw, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    want = again.round().clamp(0, 255).to(torch.uint8)
+    assert torch.equal(torch.stack([torch.as_tensor(test.pixels(i)) for i in range(len(test))]), want)
+    assert stored_resizing("fashion-mnist", 28) is None and stored_resizing("synthetic", 20) is None
+    assert "96x96 views downsampled to 48x48 by area averaging" in stored_resizing("smallnorb", 48)
+
+    train_dir, test_dir = tmp_path / "train", tmp_path / "test"
+    for root in (train_dir, test_dir):
+        for label in ("cat", "dog"):
+            (root / label).mkdir(parents=True)
+    _save(train_dir / "cat" / "0.png", "RGB", (20, 20), seed=1)
+    _save(train_dir / "dog" / "0.png", "RGB", (20, 20), seed=2)
+    _save(test_dir / "cat" / "0.png", "RGB", (40, 30), seed=3)
+    cfg = DataConfig(name="folder", train_dir=str(train_dir), test_dir=str(test_dir), image_size=16)
+    _, _, test, info = build_datasets(cfg)
+    described = stored_resizing("folder", 16, info.channels)
+    assert "converted to RGB and resized to 16x16 by PIL's bilinear resampling" in described
+    with Image.open(test_dir / "cat" / "0.png") as image:
+        want = np.array(image.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+    assert np.array_equal(np.asarray(test.pixels(0)), want)

@@ -427,10 +427,13 @@ def test_inspect_draws_a_convolutional_layer_at_a_chosen_position(here):
         (["inspect", "--position", "0,0"], "the class capsules have one position"),
         (["attack", "--target", "least"], "--target applies to targeted attacks"),
         (["inspect", "--entries", "3,3"], "two different pose entries"),
+        (["inspect", "--perturb", "0"], "--perturb must be positive, got 0"),
         (["attack", "--eps", "0.1,big"], "is not a number"),
         (["attack", "--method", "pgd"], "not one of"),
         (["attack", "--eps", "0.0101,0.0104"], "0.0104 and eps 0.0101 would share TensorBoard step 10"),
         (["attack", "--eps", "0.0004,0.1"], "0.0004 and the clean accuracy (eps 0) would share"),
+        (["attack", "-o", "model.caps_types=[2,2]"], "model.caps_types ([4, 4] in the checkpoint"),
+        (["inspect", "-o", "routing.min_var=0.1"], "which -o cannot change: routing.min_var"),
     ],
 )
 def test_bad_experiment_arguments_fail_with_a_message(here, args, message):
@@ -461,12 +464,23 @@ def test_reports_written_over_are_named(here):
     assert "replaced" not in first.stderr
     second = invoke("attack", "--ckpt", "fit", *args, "--no-plot")
     assert second.exit_code == 0, second.output
-    assert f"note: replaced the earlier {Path('again') / 'attack-fgsm.json'} (give --out" in second.stderr
+    assert (
+        f"note: replaced the earlier {Path('again') / 'attack-fgsm.json'} (give another --out"
+        in second.stderr
+    )
     assert "attack-fgsm.png" not in second.stderr  # --no-plot leaves the figure as it was
     figures = ["inspect", "--ckpt", "fit", "--out", "figs"]
     assert "replaced" not in invoke(*figures).stderr
     again = invoke(*figures)
     assert again.exit_code == 0 and again.stderr.count(".png") == 5, again.output
+    assert "(give another --out to keep reports apart)" in again.stderr
+    # without --out, the default folder is named after the checkpoint and image
+    third = invoke("attack", "--ckpt", "fit", "--eps", "0.1", "--no-tensorboard", "--limit", "4", "--no-plot")
+    fourth = invoke(
+        "attack", "--ckpt", "fit", "--eps", "0.1", "--no-tensorboard", "--limit", "4", "--no-plot"
+    )
+    assert third.exit_code == fourth.exit_code == 0, fourth.output
+    assert "(give --out DIR to keep reports apart)" in fourth.stderr
 
 
 def test_missing_matplotlib_is_reported_with_the_install_command(here, monkeypatch):

@@ -164,6 +164,15 @@ def test_input_spec_reads_the_checkpoints_normalisation_and_refuses_what_it_cann
         "pixels", {"in_channels": 2, "image_size": 32}, {"mean": None, "std": None}, "smallnorb"
     )
     assert (norb.size, norb.model_size) == (48, 32) and "centre 32x32 crop" in norb.describe()
+    assert norb.describe().endswith(
+        "in training the pixels were the dataset's 96x96 views downsampled to 48x48 "
+        "by area averaging (torch.nn.functional.interpolate, mode='area'), rounded to uint8"
+    )
+    assert spec.resize is None and "in training" not in spec.describe()  # Fashion-MNIST at its own 28x28
+    larger = input_spec(
+        "pixels", {"in_channels": 1, "image_size": 32}, {"mean": [0.3], "std": [0.4]}, "fashion-mnist"
+    )
+    assert "the pixels were the dataset's 28x28 images resized to 32x32" in larger.describe()
     normalised = input_spec("normalised", {"in_channels": 2, "image_size": 32}, None, "smallnorb")
     assert normalised.size == 32 and "preprocessed by the caller" in normalised.describe()
     with pytest.raises(ExportError, match="--inputs normalised"):

@@ -384,6 +384,31 @@ def test_a_renamed_or_copied_run_folder_resumes_in_itself(tmp_path, straight, ho
         assert load_checkpoint(weights / "straight" / "last.pt")["step"] == straight.step
 
 
+def test_a_run_folder_outside_out_dir_continues_in_out_dir_under_its_folder_name(tmp_path, straight):
+    import shutil
+
+    backup = tmp_path / "backup" / "straight-copy"  # renamed on the way: its checkpoints say "straight"
+    shutil.copytree(straight.run_dir, backup)
+    lines: list[str] = []
+    resumed = fit(
+        tiny(tmp_path, "train.epochs=3", "train.max_steps=14"), resume=str(backup), echo=lines.append
+    )
+    assert resumed.run_dir == tmp_path / "weights" / "straight-copy" and resumed.step == 14
+    assert any(
+        f"note: {backup} is not in {tmp_path / 'weights'}" in line and "is left as it is" in line
+        for line in lines
+    ), lines
+    assert load_checkpoint(backup / "last.pt")["step"] == straight.step  # untouched
+    # a checkpoint file alone, in a folder that is no run, continues under the run name it carries
+    loose = tmp_path / "downloads"
+    loose.mkdir()
+    shutil.copyfile(straight.run_dir / "last.pt", loose / "model.pt")
+    again = fit(
+        tiny(tmp_path, "train.epochs=3", "train.max_steps=14"), resume=str(loose / "model.pt"), echo=quiet
+    )
+    assert again.run_dir == tmp_path / "weights" / "straight" and again.step == 14
+
+
 def test_resuming_from_an_earlier_step_drops_the_best_pt_of_the_steps_it_replaces(tmp_path, straight):
     import shutil
 
