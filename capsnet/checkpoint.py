@@ -548,8 +548,9 @@ def check_resume_settings(saved_config: dict[str, Any], current: dict[str, Any],
         else ""
     )
     raise CheckpointError(
-        f"cannot resume {where} with other settings: {'; '.join(problems)}{why}; resume without those "
-        f"overrides, or start a new run from its weights with -o train.init_from={where}"
+        f"cannot resume {where} with other settings: {'; '.join(problems)}{why}; resume with the "
+        f"checkpoint's values (drop the -o overrides, or the --config, that change them), or start a new "
+        f"run from its weights with -o train.init_from={where}"
     )
 
 

@@ -28,7 +28,7 @@ DEFAULT_OUT_DIR = "weights/em_capsules"
 
 CKPT_HELP = (
     "Checkpoint: 'latest' (newest run, highest step), 'best' (best.pt of the newest run), "
-    "a run directory, a .pt file, or a run name under --out-dir."
+    "a run directory, a .pt file, or a run name under --out-dir (RUN, or a file in it: RUN/best.pt)."
 )
 OUT_DIR_HELP = "Folder that holds the run directories (logging.out_dir of the training config)."
 DEBUG_HELP = "Show the full traceback when something fails."
@@ -130,7 +130,8 @@ def train(
             "--resume",
             help="Continue from 'latest', 'best', a run directory or a checkpoint file. "
             "With --run-name, 'latest' continues that run, or starts it when it has no checkpoint yet "
-            "(for torchrun --max-restarts and requeued jobs).",
+            "(for torchrun --max-restarts and requeued jobs). A run folder outside logging.out_dir "
+            "continues in logging.out_dir under its folder's name and is left as it is.",
         ),
     ] = None,
     run_name: Annotated[

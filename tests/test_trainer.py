@@ -570,6 +570,17 @@ def test_resuming_refuses_settings_that_would_draw_another_validation_split(tmp_
     ]:
         with pytest.raises(CheckpointError, match=message):
             fit(tiny(tmp_path, "train.max_steps=6", change), resume=str(first.run_dir), echo=quiet)
+    # refused before the routing kernels are chosen (and compiled)
+    from capsnet import trainer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            trainer, "_choose_routing_kernels", lambda *a: pytest.fail("kernels chosen before the check")
+        )
+        with pytest.raises(
+            CheckpointError, match=r"drop the -o overrides, or the --config, that change them"
+        ):
+            fit(tiny(tmp_path, "train.max_steps=6", "train.seed=5"), resume=str(first.run_dir), echo=quiet)
     # Without a validation split the seed draws only the data order: the run goes on.
     plain = fit(tiny(tmp_path, "train.max_steps=4"), run_name="test-chosen", echo=quiet)
     again = fit(tiny(tmp_path, "train.max_steps=6", "train.seed=5"), resume=str(plain.run_dir), echo=quiet)
