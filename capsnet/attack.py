@@ -205,6 +205,9 @@ class AttackReport:
     points: list[AttackPoint]
     files: dict[str, str] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)  # report files of an earlier attack written over
+    #: routing iterations the model was attacked with, and where -o model.iterations changed it, trained with
+    iterations: int | None = None
+    trained_iterations: int | None = None
 
     @property
     def name(self) -> str:
@@ -223,6 +226,10 @@ class AttackReport:
             "eps_units": self.eps_units,
             "n": self.n,
             "clean_acc": self.clean_acc,
+            **({"iterations": self.iterations} if self.iterations is not None else {}),
+            **(
+                {"trained_iterations": self.trained_iterations} if self.trained_iterations is not None else {}
+            ),
             "results": [
                 {
                     "eps": p.eps,
@@ -255,6 +262,11 @@ class AttackReport:
             f"{self.method.upper()} {kind}{detail} on {self.n} {self.split} images, eps in {self.eps_units} units",
             self.table(),
         ]
+        if self.trained_iterations is not None:
+            lines.insert(
+                1,
+                f"routing iterations: {self.iterations} (the run was trained with {self.trained_iterations})",
+            )
         for p in self.points:
             if p.eps > 0 and p.unmoved:
                 lines.append(
@@ -425,6 +437,8 @@ def attack_checkpoint(
         n,
         clean_acc,
         points,
+        iterations=prep.iterations,
+        trained_iterations=prep.trained_iterations,
     )
     folder = Path(report_dir) if report_dir is not None else Path("reports") / prep.run
     folder.mkdir(parents=True, exist_ok=True)

@@ -165,6 +165,17 @@ class Prepared:
         return run_name_of(self.path, self.ckpt)
 
     @property
+    def iterations(self) -> int:
+        """The routing iterations the model is scored with."""
+        return int(self.model.hparams["iterations"])
+
+    @property
+    def trained_iterations(self) -> int | None:
+        """The routing iterations the run was trained with, where -o model.iterations changed them; else None."""
+        trained = (self.ckpt.get("arch") or {}).get("iterations")
+        return trained if trained != self.iterations else None
+
+    @property
     def class_names(self) -> list[str]:
         return list(self.loaders.info.class_names)
 
@@ -382,11 +393,9 @@ def evaluate_checkpoint(
         int(prep.ckpt["epoch"]),
         split,
         result,
-        iterations=model.hparams["iterations"],
+        iterations=prep.iterations,
+        trained_iterations=prep.trained_iterations,
     )
-    trained = (prep.ckpt.get("arch") or {}).get("iterations")
-    if trained != report.iterations:
-        report.trained_iterations = trained
     familiar = prep.loaders.extra.get("test_familiar") if split == "test" else None
     if familiar is not None:
         report.viewpoint_split = cfg.data.split

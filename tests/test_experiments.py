@@ -329,6 +329,17 @@ def test_attack_accuracy_does_not_increase_with_epsilon(here, method):
     assert accuracy[-1] < accuracy[0]
 
 
+def test_attack_with_another_number_of_routing_iterations_says_so(here):
+    args = ["--eps", "0.1", "--no-plot", "--no-tensorboard", "--limit", "8", "--out", "iters"]
+    trained = invoke("attack", "--ckpt", "fit", *args, "--json")
+    assert json.loads(trained.stdout)["iterations"] == 2 and "trained_iterations" not in trained.stdout
+    once = invoke("attack", "--ckpt", "fit", *args, "-o", "model.iterations=1")
+    assert once.exit_code == 0, once.output
+    assert "routing iterations: 1 (the run was trained with 2)" in once.stdout
+    report = json.loads((here / "iters" / "attack-fgsm.json").read_text())
+    assert report["iterations"] == 1 and report["trained_iterations"] == 2
+
+
 def test_targeted_attack_reports_its_success_rate(here):
     args = ["--method", "bim", "--targeted", "--target", "next", "--eps", "0.05,0.2", "--steps", "3"]
     result = invoke("attack", "--ckpt", "fit", *args, "--no-plot", "--out", "rep", "--tb-dir", "tb")
