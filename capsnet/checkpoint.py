@@ -569,7 +569,7 @@ def run_name_of(path: str | Path, ckpt: dict[str, Any]) -> str:
     Inside a run folder it is the folder's name, which follows the folder when it is
     renamed or copied; a loose checkpoint file goes by the name it was saved under.
     """
-    folder = Path(path).parent
+    folder = Path(os.path.abspath(path)).parent  # "." names its folder too; links are kept as named
     if any((folder / name).is_file() for name in START_FILES) and _RUN_NAME.match(folder.name):
         return folder.name
     return str(ckpt.get("run") or "") or folder.name

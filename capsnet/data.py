@@ -819,15 +819,16 @@ def stored_resizing(name: str, size: int, channels: int = 1) -> str | None:
             f"with antialiasing (torch.nn.functional.interpolate, antialias=True), rounded to uint8"
         )
     if name == "smallnorb" and size != 96:
+        how = "downsampled" if size < 96 else "enlarged"
         return (
-            f"the dataset's 96x96 views downsampled to {size}x{size} by area averaging "
-            f"(torch.nn.functional.interpolate, mode='area'), rounded to uint8"
+            f"the dataset's 96x96 views {how} to {size}x{size} by area averaging "
+            f"(torch.nn.functional.interpolate, mode='area': adaptive average pooling), rounded to uint8"
         )
     if name == "folder":
         mode = "L" if channels == 1 else "RGB"
         return (
-            f"each image file turned upright by its EXIF orientation, converted to {mode} and resized to "
-            f"{size}x{size} by PIL's bilinear resampling"
+            f"each image file turned upright by its EXIF orientation, converted to {mode} (16-bit grey "
+            f"divided by 257 and rounded first) and resized to {size}x{size} by PIL's bilinear resampling"
         )
     return None
 

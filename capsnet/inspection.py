@@ -75,6 +75,7 @@ class Inspection:
     deltas: list[float] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)  # figures of an earlier inspection written over
+    trained_iterations: int | None = None  # where -o model.iterations changed them, the run's own
 
     def summary(self) -> str:
         names = self.class_names
@@ -90,6 +91,11 @@ class Inspection:
             f"parent activation per iteration "
             + " -> ".join(f"{it.activation:.3f}" for it in pic.iterations),
         ]
+        if self.trained_iterations is not None:
+            lines.insert(
+                1,
+                f"routing iterations: {len(pic.iterations)} (the run was trained with {self.trained_iterations})",
+            )
         lines += [f"wrote {path}" for path in self.files.values()]
         return "\n".join(lines)
 
@@ -309,6 +315,7 @@ def inspect_checkpoint(
         perturb,
         steps,
     )
+    ins.trained_iterations = prep.trained_iterations
     folder = (
         Path(report_dir)
         if report_dir is not None

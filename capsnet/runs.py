@@ -12,6 +12,7 @@ one that never stopped.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -29,6 +30,7 @@ from torch import nn
 from capsnet import __version__
 from capsnet.averaging import WeightAverage
 from capsnet.checkpoint import (
+    BEST,
     CHECKPOINT_FORMAT,
     START_FILES,
     TEMP_FILE,
@@ -42,6 +44,7 @@ from capsnet.checkpoint import (
     resolve_checkpoint,
     restore_rng,
     run_checkpoint,
+    run_name_of,
     safe_child,
     save_checkpoint,
     step_checkpoints,
@@ -197,10 +200,9 @@ def choose_run(
         # called when it was saved (the folder may have been renamed or copied since). One from
         # elsewhere continues in out_dir: under its folder's name where that folder is a run's,
         # else under the name it carries.
-        folder = ckpt_path.parent
+        folder = Path(os.path.abspath(ckpt_path)).parent  # "--resume ." names its folder too
         in_out_dir = folder.parent.resolve() == out_dir.resolve()
-        run_folder = in_out_dir or any((folder / f).is_file() for f in START_FILES)
-        name = validate_run_name(folder.name if run_folder else str(ckpt.get("run") or folder.name))
+        name = validate_run_name(folder.name if in_out_dir else run_name_of(folder / ckpt_path.name, ckpt))
         if not in_out_dir:
             note = (
                 f"note: {folder} is not in {out_dir} (logging.out_dir): the run continues in {out_dir / name}, "
@@ -218,11 +220,11 @@ def choose_run(
     resuming_here = ckpt is not None and safe_child(out_dir, name).resolve() == ckpt_path.parent.resolve()
     if resuming_here and overwrite:
         raise TrainingError("--overwrite with --resume into the same run would delete the run being resumed")
-    if resuming_here and resume == "best":
+    if resuming_here and ckpt_path.name == BEST:  # --resume best, or the file named
         later = [path.name for step, path in step_checkpoints(ckpt_path.parent) if step > int(ckpt["step"])]
         if later:
             raise TrainingError(
-                f"--resume best would continue {ckpt_path.parent} from best.pt (step {int(ckpt['step'])}) and "
+                f"--resume {resume} would continue {ckpt_path.parent} from best.pt (step {int(ckpt['step'])}) and "
                 f"delete its later checkpoints ({', '.join(later)}) and history; continue it with --resume "
                 f"latest, or start a new run from best.pt's weights with -o train.init_from={ckpt_path}"
             )
@@ -250,6 +252,11 @@ def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
     run_dir = safe_child(cfg.logging.out_dir, choice.name)
     if overwrite or choice.resuming_here or choice.starting_named_run or not run_dir.is_dir():
         return
+    if not only_start_files(run_dir) and choice.checkpoint_path is not None:
+        raise TrainingError(
+            f"resuming {choice.checkpoint_path} would continue the run in {run_dir}, which holds another run; "
+            f"give the continued run its own --run-name, or resume {run_dir} itself with --resume {run_dir}"
+        )
     if not only_start_files(run_dir):
         raise TrainingError(
             f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "

@@ -473,10 +473,10 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     ckpt, ckpt_path, name = choice.checkpoint, choice.checkpoint_path, choice.name
     if ckpt is not None:  # like the checks below, before compiling kernels and loading data
         check_resume_settings(ckpt.get("config") or {}, cfg.to_dict(), ckpt_path)
+    if choice.note:  # before the check below, whose refusal it explains
+        say(choice.note)
     if dist_info.is_main:
         check_run_dir_free(cfg, choice, overwrite)
-    if choice.note:
-        say(choice.note)
     _choose_routing_kernels(cfg, dist_info, echo)
     seed_everything(rank_seed(cfg.train.seed, dist_info.rank))
     if cfg.train.threads:

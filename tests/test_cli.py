@@ -192,6 +192,11 @@ def test_export_of_a_renamed_run_folder_goes_by_the_folder_name(in_workdir, tmp_
     assert path.is_file() and exported_metadata(path)["capsnet.run"] == "tiny-renamed"
     result = runner.invoke(app, ["eval", "--ckpt", str(renamed), "--json"])
     assert json.loads(result.stdout)["run"] == "tiny-renamed"
+    with pytest.MonkeyPatch.context() as mp:  # "." from inside the folder names it too
+        mp.chdir(renamed)
+        assert (
+            json.loads(runner.invoke(app, ["eval", "--ckpt", ".", "--json"]).stdout)["run"] == "tiny-renamed"
+        )
     # a loose checkpoint file goes by the name it was saved under
     shutil.copyfile(renamed / "last.pt", tmp_path / "model.pt")
     result = runner.invoke(app, ["eval", "--ckpt", str(tmp_path / "model.pt"), "--json"])

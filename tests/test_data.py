@@ -860,6 +860,8 @@ def test_the_recorded_resizing_is_what_the_loaders_do(tmp_path):
     assert torch.equal(torch.stack([torch.as_tensor(test.pixels(i)) for i in range(len(test))]), want)
     assert stored_resizing("fashion-mnist", 28) is None and stored_resizing("synthetic", 20) is None
     assert "96x96 views downsampled to 48x48 by area averaging" in stored_resizing("smallnorb", 48)
+    assert "96x96 views enlarged to 144x144 by area averaging" in stored_resizing("smallnorb", 144)
+    assert stored_resizing("smallnorb", 96) is None
 
     train_dir, test_dir = tmp_path / "train", tmp_path / "test"
     for root in (train_dir, test_dir):
@@ -871,7 +873,7 @@ def test_the_recorded_resizing_is_what_the_loaders_do(tmp_path):
     cfg = DataConfig(name="folder", train_dir=str(train_dir), test_dir=str(test_dir), image_size=16)
     _, _, test, info = build_datasets(cfg)
     described = stored_resizing("folder", 16, info.channels)
-    assert "converted to RGB and resized to 16x16 by PIL's bilinear resampling" in described
+    assert "and resized to 16x16 by PIL's bilinear resampling" in described and "to RGB" in described
     with Image.open(test_dir / "cat" / "0.png") as image:
         want = np.array(image.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
     assert np.array_equal(np.asarray(test.pixels(0)), want)

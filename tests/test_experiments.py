@@ -338,6 +338,11 @@ def test_attack_with_another_number_of_routing_iterations_says_so(here):
     assert "routing iterations: 1 (the run was trained with 2)" in once.stdout
     report = json.loads((here / "iters" / "attack-fgsm.json").read_text())
     assert report["iterations"] == 1 and report["trained_iterations"] == 2
+    figures = invoke("inspect", "--ckpt", "fit", "--out", "iters-fig", "-o", "model.iterations=3")
+    assert figures.exit_code == 0, figures.output
+    assert "routing iterations: 3 (the run was trained with 2)" in figures.stdout
+    assert figures.stdout.count(" -> ") == 2  # the parent's activation after each of the three
+    assert "routing iterations" not in invoke("inspect", "--ckpt", "fit", "--out", "iters-fig").stdout
 
 
 def test_targeted_attack_reports_its_success_rate(here):

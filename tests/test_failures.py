@@ -701,6 +701,20 @@ BAD_INPUTS = {
         lambda tmp, one: ["train", "--resume", "best", *dirs(tmp), *older_best(one, tmp / "weights")],
         "--resume best would continue",
     ),
+    "resume-a-best-pt-by-its-path-when-later-checkpoints-would-be-deleted": (
+        lambda tmp, one: [
+            "train",
+            "--resume",
+            str(tmp / "weights" / "kept" / "best.pt"),
+            *dirs(tmp),
+            *older_best(one, tmp / "weights"),
+        ],
+        "kept/best.pt would continue",
+    ),
+    "resume-a-folder-outside-out-dir-whose-name-another-run-has": (
+        lambda tmp, one: ["train", "--resume", str(taken_name(one, tmp)), *dirs(tmp)],
+        "would continue the run in",
+    ),
     "eval-of-the-folder-that-holds-the-runs": (
         lambda tmp, one: ["eval", "--ckpt", str(one / "weights")],
         "weights is a folder of runs (one), not a run: name one of them",
@@ -721,7 +735,7 @@ BAD_INPUTS = {
             "--out",
             str(written(tmp / "plain-file", b"x") / "model.onnx"),
         ],
-        "could not use",
+        "cannot write",
     ),
 }
 
@@ -751,6 +765,15 @@ def older_best(one: Path, weights: Path) -> list[str]:
     ckpt["step"] = step - 1
     torch.save(ckpt, run / "best.pt")
     return []
+
+
+def taken_name(one: Path, tmp: Path) -> Path:
+    """A copy of the run outside out_dir, whose folder name a run in out_dir already has."""
+    import shutil
+
+    shutil.copytree(one / "weights" / "one", tmp / "weights" / "one")
+    shutil.copytree(one / "weights" / "one", tmp / "backup" / "one")
+    return tmp / "backup" / "one"
 
 
 def folder(path: Path) -> Path:

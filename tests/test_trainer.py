@@ -384,6 +384,17 @@ def test_a_renamed_or_copied_run_folder_resumes_in_itself(tmp_path, straight, ho
         assert load_checkpoint(weights / "straight" / "last.pt")["step"] == straight.step
 
 
+def test_resume_dot_from_inside_a_run_folder_continues_it_in_place(tmp_path, straight, monkeypatch):
+    import shutil
+
+    run_dir = tmp_path / "weights" / "straight-b"  # renamed: its checkpoints say "straight"
+    shutil.copytree(straight.run_dir, run_dir)
+    monkeypatch.chdir(run_dir)
+    resumed = fit(tiny(tmp_path, "train.epochs=3", "train.max_steps=14"), resume=".", echo=quiet)
+    assert resumed.run_dir == run_dir and resumed.step == 14
+    assert load_checkpoint(run_dir / "last.pt")["run"] == "straight-b"
+
+
 def test_a_run_folder_outside_out_dir_continues_in_out_dir_under_its_folder_name(tmp_path, straight):
     import shutil
 
@@ -399,6 +410,11 @@ def test_a_run_folder_outside_out_dir_continues_in_out_dir_under_its_folder_name
         for line in lines
     ), lines
     assert load_checkpoint(backup / "last.pt")["step"] == straight.step  # untouched
+    # a folder name that is no run name ("x (copy)") gives way to the name the checkpoints carry
+    odd = tmp_path / "backup" / "straight (copy)"
+    shutil.copytree(straight.run_dir, odd)
+    copied = fit(tiny(tmp_path / "b", "train.epochs=3", "train.max_steps=14"), resume=str(odd), echo=quiet)
+    assert copied.run_dir == tmp_path / "b" / "weights" / "straight"
     # a checkpoint file alone, in a folder that is no run, continues under the run name it carries
     loose = tmp_path / "downloads"
     loose.mkdir()
