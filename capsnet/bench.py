@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -32,7 +33,7 @@ class BenchResult:
     infer_img_per_s: float
     train_ms_per_step: float
     infer_ms_per_step: float
-    peak_rss_mib: float  # peak resident memory of the process after the training steps
+    peak_rss_mib: float  # peak resident memory of the process over the training and inference steps
     base_rss_mib: float  # resident memory before the model was built (torch itself)
     parameters: int
     batch_size: int
@@ -70,7 +71,8 @@ class BenchResult:
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def geometry(data: DataConfig) -> tuple[int, int, int]:
@@ -188,13 +190,14 @@ def _run(cfg, batch_size, steps, warmup, image_size, classes, dev, threads, base
     for _ in range(warmup):
         train_step()
     train_s, train_mean = timed(train_step, steps)
-    peak = _rss_mib()
-    peak_gpu = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
     model.eval()
     with torch.no_grad():
         for _ in range(warmup):
             model(x)
         infer_s, infer_mean = timed(lambda: model(x), steps)
+    # the peaks of the whole run, inference included, as the baseline reads its own
+    peak = _rss_mib()
+    peak_gpu = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
     return BenchResult(
         train_img_per_s=batch_size / train_s,
         infer_img_per_s=batch_size / infer_s,

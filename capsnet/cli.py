@@ -378,7 +378,10 @@ def bench(
         list[str] | None,
         typer.Option("--override", "-o", help="Change one config value: -o model.iterations=2 (repeatable)."),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 32,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", min=1, help="Images per step (default: the config's train.batch_size)."),
+    ] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps (the median is reported).")] = 10,
     warmup: Annotated[
         int,
@@ -403,11 +406,20 @@ def bench(
         int | None, typer.Option("--classes", min=2, help="Number of classes (default: the dataset's).")
     ] = None,
     threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="torch intra-op threads (default: torch's).")
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="torch intra-op threads (default: the config's train.threads, else torch's).",
+        ),
     ] = None,
     device: Annotated[
-        str, typer.Option("--device", help="cpu, cuda, cuda:N, mps or auto (CUDA, then MPS, then the CPU).")
-    ] = "cpu",
+        str | None,
+        typer.Option(
+            "--device",
+            help="cpu, cuda, cuda:N, mps or auto (CUDA, then MPS, then the CPU); default: the config's train.device.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -421,14 +433,18 @@ def bench(
         cfg = load_config(config, override)
         result = run_benchmark(
             cfg,
-            batch_size,
+            batch_size or cfg.train.batch_size,
             steps,
             warmup=warmup,
             image_size=image_size,
             classes=classes,
-            device=device,
-            threads=threads,
+            device=device or cfg.train.device,
+            threads=threads or cfg.train.threads,
             tune=allocator == "tuned",
+        )
+    if cfg.train.precision != "fp32":
+        typer.echo(
+            f"warning: bench times fp32 steps; train.precision {cfg.train.precision} is not applied", err=True
         )
     if result.warning is not None:
         typer.echo(f"warning: {result.warning}", err=True)

@@ -10,10 +10,18 @@
 #   OVERRIDES="train.compile_routing=true" bash scripts/ablation_fashion.sh
 #                                               # extra overrides for every variant (space-separated)
 #
-# Runs go to weights/em_capsules/ablation-<variant>/ (replaced when the script reruns).
+# Runs go to <logging.out_dir>/ablation-<variant>/ (weights/em_capsules by default; replaced
+# when the script reruns).
 # On a 2-core CPU each one-epoch variant takes roughly 10-15 minutes.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+here="$(cd "$(dirname "$0")" && pwd)"
+source "$here/lib.sh"
+usage_if_asked "$0" "$@" && exit 0
+if (($#)); then
+    echo "error: ablation_fashion.sh takes no arguments (got: $*); it is set by STEPS, OVERRIDES and OUT" >&2
+    exit 2
+fi
+cd "$here/.."
 bash scripts/setup_env.sh
 bash scripts/fetch_fashion_mnist.sh
 steps="${STEPS:-1688}"
@@ -31,6 +39,10 @@ variants=(
     "per-patch|per-patch normalisation of the assignments|model.normalisation=per_patch"
 )
 
+# the folder of runs, as configs/small.yaml and OVERRIDES set it
+out_dir="$("$python" -c 'import sys
+from capsnet.config import load_config
+print(load_config("configs/small.yaml", sys.argv[1:]).logging.out_dir)' ${extra[@]+"${extra[@]}"})"
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 for entry in "${variants[@]}"; do
@@ -42,7 +54,7 @@ for entry in "${variants[@]}"; do
     start=$(date +%s)
     "$capsnet" train --config configs/small.yaml --run-name "ablation-$name" --overwrite "${args[@]}"
     seconds=$(( $(date +%s) - start ))
-    json="$("$capsnet" eval --ckpt "weights/em_capsules/ablation-$name" --split test --json)"
+    json="$("$capsnet" eval --ckpt "$out_dir/ablation-$name" --split test --json)"
     printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$what" "$change" "$seconds" "$json" >> "$results"
 done
 

@@ -110,6 +110,23 @@ def _read(pattern: re.Pattern, out: str, what: str) -> re.Match:
     return m
 
 
+def _run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+    """Runs ``cmd``; a failure ends the script with one line naming ``what`` and the child's last error line."""
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0:
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else f"no output (exit code {proc.returncode})"
+        raise SystemExit(f"error: {what} failed: {last}")
+    return proc
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def run_capsnet(extra: list[str], args) -> dict:
     cmd = [
         sys.executable,
@@ -140,7 +157,7 @@ def run_capsnet(extra: list[str], args) -> dict:
         *COMMON,
         *extra,
     ]
-    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    proc = _run(cmd, "capsnet bench", cwd=ROOT)
     out = json.loads(proc.stdout)
     # the baseline's statistic: images over the mean time of the timed steps
     out["train_img_per_s"], out["infer_img_per_s"] = out["train_img_per_s_mean"], out["infer_img_per_s_mean"]
@@ -155,7 +172,7 @@ def run_baseline(args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, "-c", BASELINE_WRAPPER, args.device, args.allocator, str(args.baseline)]
     cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    out = _run(cmd, f"the baseline {args.baseline}", env=env).stdout
     m = _read(LINE, out, "output")
     result = {"train_img_per_s": float(m[1]), "infer_img_per_s": float(m[2]), "peak_rss_mib": float(m[3])}
     result["allocator_tuned"] = _read(TUNED_LINE, out, "allocator setting")[1] == "True"
@@ -169,10 +186,10 @@ def run_baseline(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=_positive, default=3)
+    ap.add_argument("--steps", type=_positive, default=5)
+    ap.add_argument("--batch", type=_positive, default=32)
+    ap.add_argument("--threads", type=_positive, default=2)
     ap.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--compiled", action="store_true", help="also time train.compile_routing: true")

@@ -8,12 +8,16 @@
 # LIMIT (default 1000) test images are used; extra arguments for every command can be given
 # in CAPSNET_ARGS (e.g. "--device cpu"). The PNGs are reduced to 128 colours to stay small.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+here="$(cd "$(dirname "$0")" && pwd)"
+source "$here/lib.sh"
+usage_if_asked "$0" "$@" && exit 0
+ckpt="$(absolute_if_path "${1:-latest}")"  # paths relative to the caller's folder
+norb="${2:-}"
+[[ -z "$norb" ]] || norb="$(absolute_if_path "$norb")"
+cd "$here/.."
 bash scripts/setup_env.sh
 PATH="$PWD/.venv/bin:$PATH"  # capsnet and python: the project's own
 
-ckpt="${1:-latest}"
-norb="${2:-}"
 limit="${LIMIT:-1000}"
 figures="docs/figures"
 work="$(mktemp -d)"

@@ -6,7 +6,7 @@ set -euo pipefail
 dir=/usr/share/datasets/fashion-mnist
 if [ -f "$dir/train-images-idx3-ubyte.gz" ]; then exit 0; fi
 if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"  # never waits for a password
     $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
         || echo "could not install dataset-fashion-mnist; capsnet will try to download the data" >&2
 fi

@@ -30,14 +30,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def batch_size(run_dir: Path) -> int:
-    """The global batch of the run, from its resolved config.yaml (32 if there is none)."""
+    """The global batch of the run: its config.yaml's per-process batch (32 if there is none) times
+    train.accumulate and the number of processes its newest checkpoint records (torchrun)."""
+    from capsnet.checkpoint import CheckpointError, load_checkpoint, run_checkpoint
     from capsnet.config import load_config
 
     path = run_dir / "config.yaml"
-    if not path.is_file():
-        return 32
-    train = load_config(path).train
-    return train.batch_size * train.accumulate
+    per_step = 32
+    if path.is_file():
+        train = load_config(path).train
+        per_step = train.batch_size * train.accumulate
+    try:
+        processes = int(load_checkpoint(run_checkpoint(run_dir)).get("world_size", 1))
+    except CheckpointError:  # no checkpoint yet: one process
+        processes = 1
+    return per_step * max(1, processes)
 
 
 def smooth(values: list[float], width: int) -> list[float]:

@@ -15,23 +15,41 @@
 # is derived from the config, or RUN, and training resumes from its latest checkpoint);
 # give a variant with different overrides its own RUN.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-config="${1:-configs/small.yaml}"
+here="$(cd "$(dirname "$0")" && pwd)"
+source "$here/lib.sh"
+usage_if_asked "$0" "$@" && exit 0
+config="$(absolute_if_path "${1:-configs/small.yaml}")"  # a path relative to the caller's folder
 shift || true
+absolute_path_options "$@"
+cd "$here/.."
 name="${RUN:-reproduce-$(basename "$config" .yaml)}"
 bash scripts/setup_env.sh
 bash scripts/fetch_fashion_mnist.sh
 start=$(date +%s)
-.venv/bin/capsnet train --config "$config" --run-name "$name" --resume latest "$@"
+.venv/bin/capsnet train --config "$config" --run-name "$name" --resume latest ${ABS_ARGS[@]+"${ABS_ARGS[@]}"}
 echo "training wall time (this invocation): $(( $(date +%s) - start )) s"
+# the run's folder under logging.out_dir, as the config and its -o overrides set it
+out_dir="$(.venv/bin/python - "$config" ${ABS_ARGS[@]+"${ABS_ARGS[@]}"} <<'PY'
+import sys
+from capsnet.config import load_config
+args, overrides = sys.argv[2:], []
+for i, arg in enumerate(args):
+    if arg in ("-o", "--override") and i + 1 < len(args):
+        overrides.append(args[i + 1])
+    elif arg.startswith("--override="):
+        overrides.append(arg.split("=", 1)[1])
+print(load_config(sys.argv[1], overrides).logging.out_dir)
+PY
+)"
+run_dir="$out_dir/$name"
 # A run trained with horizontal flips is also scored with the mirrored test (eval --mirror).
 mirror=()
 if .venv/bin/python -c 'import sys
 from capsnet.config import load_config
 from capsnet.data import trains_with_flips
-sys.exit(0 if trains_with_flips(load_config(sys.argv[1]).data) else 1)' "weights/em_capsules/$name/config.yaml"; then
+sys.exit(0 if trains_with_flips(load_config(sys.argv[1]).data) else 1)' "$run_dir/config.yaml"; then
     mirror=(--mirror)
 fi
-.venv/bin/capsnet eval --ckpt "weights/em_capsules/$name/best.pt" --split test ${mirror[@]+"${mirror[@]}"}
+.venv/bin/capsnet eval --ckpt "$run_dir/best.pt" --split test ${mirror[@]+"${mirror[@]}"}
 mkdir -p docs/figures
-.venv/bin/python scripts/plot_curves.py "weights/em_capsules/$name" --out "docs/figures/curves_$name.png"
+.venv/bin/python scripts/plot_curves.py "$run_dir" --out "docs/figures/curves_$name.png"

@@ -307,6 +307,24 @@ def test_bench_reports_throughput_as_json(tmp_path, monkeypatch):
     assert report["train_img_per_s"] > 0 and report["batch_size"] == 4 and report["image_size"] == 20
 
 
+def test_bench_takes_batch_threads_device_from_the_config_and_says_what_it_does_not_apply(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--config", TINY, "--steps", "1", "--warmup", "0", "--json"]
+    result = runner.invoke(app, [*args, "-o", "train.batch_size=6", "-o", "train.threads=1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["batch_size"] == 6 and report["threads"] == 1 and report["device"] == "cpu"
+    chosen = runner.invoke(app, [*args, "-o", "train.batch_size=6", "--batch-size", "3", "--threads", "1"])
+    assert json.loads(chosen.stdout)["batch_size"] == 3  # the option wins
+    bf16 = runner.invoke(app, [*args, "-o", "train.batch_size=2", "-o", "train.precision=bf16"])
+    assert bf16.exit_code == 0 and "train.precision bf16 is not applied" in bf16.stderr
+    if not torch.cuda.is_available():
+        cuda = runner.invoke(app, [*args, "-o", "train.device=cuda"])
+        assert cuda.exit_code == 2 and "'cuda' was asked for" in cuda.stderr, cuda.output
+
+
 def test_bench_reports_the_mean_beside_the_median_and_its_warmup_and_rejects_bad_options(
     tmp_path, monkeypatch
 ):

@@ -36,6 +36,13 @@ def test_plot_curves_writes_a_png_of_train_and_eval_accuracy(tmp_path):
     assert plot.main([str(run), "--out", str(out), "--labels", "small"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot.batch_size(run) == 32  # batch 16 x accumulate 2
+    import torch
+
+    from capsnet.checkpoint import CHECKPOINT_FORMAT
+
+    ckpt = {"format": CHECKPOINT_FORMAT, "model": {}, "step": 39, "epoch": 1, "config": {}, "arch": {}}
+    torch.save({**ckpt, "world_size": 2}, run / "step-000039.pt")  # a torchrun run of two processes
+    assert plot.batch_size(run) == 64
     assert plot.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
 
 
@@ -235,7 +242,8 @@ def test_setup_env_without_the_venv_module_or_apt_get_says_what_to_install(tmp_p
 CAPSNET_STAND_IN = """#!/bin/bash
 # Records its arguments; `train --config CFG --run-name NAME ...` leaves NAME's config.yaml behind.
 echo "$*" >> calls
-if [ "$1" = train ]; then mkdir -p "weights/em_capsules/$5"; cp "$3" "weights/em_capsules/$5/config.yaml"; fi
+out="${OUT_DIR:-weights/em_capsules}"  # the test says where the -o it passes puts the runs
+if [ "$1" = train ]; then mkdir -p "$out/$5"; cp "$3" "$out/$5/config.yaml"; fi
 """
 
 
@@ -246,7 +254,8 @@ def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tm
     import sys
 
     (tmp_path / "scripts").mkdir()
-    shutil.copy(REPO / "scripts" / "reproduce_fashion.sh", tmp_path / "scripts")
+    for script in ("reproduce_fashion.sh", "lib.sh"):
+        shutil.copy(REPO / "scripts" / script, tmp_path / "scripts")
     for stand_in in ("setup_env.sh", "fetch_fashion_mnist.sh"):
         (tmp_path / "scripts" / stand_in).write_text("exit 0\n")
     (tmp_path / "scripts" / "plot_curves.py").write_text("open('calls', 'a').write('plot\\n')\n")
@@ -268,6 +277,51 @@ def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tm
     )
     assert done.returncode == 0, done.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls[0] == f"train --config configs/{config} --run-name r --resume latest -o train.seed=1"
+    root = tmp_path.resolve()
+    assert calls[0] == f"train --config {root}/configs/{config} --run-name r --resume latest -o train.seed=1"
     evaluation = "eval --ckpt weights/em_capsules/r/best.pt --split test"
     assert calls[1:] == [evaluation + (" --mirror" if mirrored else ""), "plot"]
+
+    # from another folder, with paths relative to it, and runs kept in another logging.out_dir
+    (tmp_path / "calls").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(REPO / "configs" / config, elsewhere / "mine.yaml")
+    args = ["bash", "../scripts/reproduce_fashion.sh", "mine.yaml", "-o", "logging.out_dir=kept"]
+    done = subprocess.run(
+        args,
+        cwd=elsewhere,
+        env={"PATH": "/usr/bin:/bin", "RUN": "r", "OUT_DIR": "kept"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith(f"train --config {root}/elsewhere/mine.yaml --run-name r")
+    assert calls[1] == "eval --ckpt kept/r/best.pt --split test" + (" --mirror" if mirrored else "")
+
+
+def test_the_long_scripts_print_their_usage_and_the_ablation_takes_no_arguments():
+    import subprocess
+
+    for script in ("reproduce_fashion.sh", "ablation_fashion.sh", "experiment_figures.sh"):
+        done = subprocess.run(
+            ["bash", str(REPO / "scripts" / script), "--help"], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0 and done.stdout.strip(), (script, done.stderr)
+        assert not done.stdout.startswith("#") and "set -euo" not in done.stdout
+    usage = subprocess.run(
+        ["bash", str(REPO / "scripts" / "reproduce_fashion.sh"), "-h"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert usage.stdout.startswith("Reproduces the README's Fashion-MNIST results")
+    refused = subprocess.run(
+        ["bash", str(REPO / "scripts" / "ablation_fashion.sh"), "configs/small.yaml"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode == 2 and "takes no arguments" in refused.stderr
