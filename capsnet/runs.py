@@ -226,7 +226,8 @@ def choose_run(
             raise TrainingError(
                 f"--resume {resume} would continue {ckpt_path.parent} from best.pt (step {int(ckpt['step'])}) and "
                 f"delete its later checkpoints ({', '.join(later)}) and history; continue it with --resume "
-                f"latest, or start a new run from best.pt's weights with -o train.init_from={ckpt_path}"
+                f"{'latest' if resume == 'best' else ckpt_path.parent}, or start a new run from best.pt's "
+                f"weights with -o train.init_from={ckpt_path}"
             )
     return RunChoice(name, ckpt, ckpt_path, resuming_here, resume is not None and ckpt is None, note)
 
@@ -254,8 +255,9 @@ def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
         return
     if not only_start_files(run_dir) and choice.checkpoint_path is not None:
         raise TrainingError(
-            f"resuming {choice.checkpoint_path} would continue the run in {run_dir}, which holds another run; "
-            f"give the continued run its own --run-name, or resume {run_dir} itself with --resume {run_dir}"
+            f"resuming {choice.checkpoint_path} would continue the run in {run_dir}, which already holds files; "
+            f"give the continued run its own --run-name, resume {run_dir} itself with --resume {run_dir}, "
+            "or replace it with --overwrite"
         )
     if not only_start_files(run_dir):
         raise TrainingError(

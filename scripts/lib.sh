@@ -16,9 +16,10 @@ usage_if_asked() {
 }
 
 # An absolute path for a path argument that exists relative to the caller's folder, so that
-# it still names the same file after the script changes to the repository; else the argument.
+# it still names the same file after the script changes to the repository; else the argument
+# (the keywords latest and best stay keywords).
 absolute_if_path() {
-    if [[ "$1" != /* && -e "$1" ]]; then
+    if [[ "$1" != /* && "$1" != latest && "$1" != best && -e "$1" ]]; then
         printf '%s/%s\n' "$(pwd -P)" "$1"
     else
         printf '%s\n' "$1"

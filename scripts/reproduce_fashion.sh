@@ -20,6 +20,13 @@ source "$here/lib.sh"
 usage_if_asked "$0" "$@" && exit 0
 config="$(absolute_if_path "${1:-configs/small.yaml}")"  # a path relative to the caller's folder
 shift || true
+for arg in "$@"; do
+    case "$arg" in
+        --run-name|--run-name=*|--config|--config=*|-c|--resume|--resume=*)
+            echo "error: reproduce_fashion.sh sets $arg itself: give the config as its first argument and the run name as RUN=..." >&2
+            exit 2 ;;
+    esac
+done
 absolute_path_options "$@"
 cd "$here/.."
 name="${RUN:-reproduce-$(basename "$config" .yaml)}"
@@ -38,6 +45,8 @@ for i, arg in enumerate(args):
         overrides.append(args[i + 1])
     elif arg.startswith("--override="):
         overrides.append(arg.split("=", 1)[1])
+    elif arg.startswith("-o") and len(arg) > 2:  # -okey=value
+        overrides.append(arg[2:])
 print(load_config(sys.argv[1], overrides).logging.out_dir)
 PY
 )"

@@ -325,3 +325,34 @@ def test_the_long_scripts_print_their_usage_and_the_ablation_takes_no_arguments(
         check=False,
     )
     assert refused.returncode == 2 and "takes no arguments" in refused.stderr
+    named = subprocess.run(
+        ["bash", str(REPO / "scripts" / "reproduce_fashion.sh"), "configs/small.yaml", "--run-name", "x"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert named.returncode == 2 and "sets --run-name itself" in named.stderr and "RUN=" in named.stderr
+
+
+def test_script_paths_are_made_absolute_but_latest_and_best_stay_keywords(tmp_path):
+    import subprocess
+
+    for name in ("best", "latest", "mine.yaml"):
+        (tmp_path / name).write_text("")
+    snippet = (
+        f'source "{REPO}/scripts/lib.sh"; '
+        'absolute_path_options --resume best --config mine.yaml -o data.root=x --resume=latest "a b"; '
+        'printf "%s\n" "${ABS_ARGS[@]}"'
+    )
+    done = subprocess.run(["bash", "-c", snippet], cwd=tmp_path, capture_output=True, text=True, check=False)
+    root = tmp_path.resolve()
+    assert done.stdout.splitlines() == [
+        "--resume",
+        "best",
+        "--config",
+        f"{root}/mine.yaml",
+        "-o",
+        "data.root=x",
+        "--resume=latest",
+        "a b",
+    ], done.stderr
