@@ -166,7 +166,7 @@ def test_input_spec_reads_the_checkpoints_normalisation_and_refuses_what_it_cann
     assert (norb.size, norb.model_size) == (48, 32) and "centre 32x32 crop" in norb.describe()
     assert norb.describe().endswith(
         "in training the pixels were the dataset's 96x96 views downsampled to 48x48 "
-        "by area averaging (torch.nn.functional.interpolate, mode='area'), rounded to uint8"
+        "by area averaging (torch.nn.functional.interpolate, mode='area': adaptive average pooling), rounded to uint8"
     )
     assert spec.resize is None and "in training" not in spec.describe()  # Fashion-MNIST at its own 28x28
     larger = input_spec(
