@@ -10,12 +10,26 @@ from torch import Tensor, nn
 
 from capsnet.config import PRESETS, ModelConfig, RoutingConfig
 from capsnet.layers import ClassCaps, ConvCaps, Decoder, PrimaryCaps, conv_output_size
-from capsnet.routing import RoutingSettings, inverse_temperatures
+from capsnet.routing import RoutingSettings, _tracing, inverse_temperatures
 
 
 class CapsOutput(NamedTuple):
     activations: Tensor  # (N, E) class capsule activations in (0, 1)
     poses: Tensor  # (N, E, P, P) class capsule poses
+
+
+def _check_sizes(**sizes) -> None:
+    """Raises ValueError naming every size that is not a positive whole number (lists: every entry)."""
+    problems = []
+    for name, value in sizes.items():
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        empty = not values and name == "stem_channels"  # the stem needs a conv; ConvCaps layers may be none
+        if empty or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            kind = "a non-empty list" if name == "stem_channels" else "a list"
+            want = f"{kind} of positive whole numbers" if isinstance(value, (list, tuple)) else "positive"
+            problems.append(f"{name} must be {want}, got {value!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 class CapsNet(nn.Module):
@@ -55,6 +69,25 @@ class CapsNet(nn.Module):
         recompute_votes: bool = True,
     ):
         super().__init__()
+        _check_sizes(
+            stem_channels=stem_channels,
+            stem_kernel=stem_kernel,
+            stem_stride=stem_stride,
+            primary_types=primary_types,
+            caps_types=caps_types,
+            caps_kernel=caps_kernel,
+            caps_strides=caps_strides,
+            pose_size=pose_size,
+        )
+        if stem_padding < 0:
+            raise ValueError(f"stem_padding must not be negative, got {stem_padding}")
+        if coord_add and pose_size < 2:
+            raise ValueError(
+                f"coordinate addition writes into two pose entries, so pose_size must be at least 2 "
+                f"(got {pose_size}; or coord_add=False)"
+            )
+        if layer_cost_scales is not None and any(not x > 0 for x in layer_cost_scales):
+            raise ValueError(f"layer_cost_scales must all be positive, got {list(layer_cost_scales)}")
         if len(caps_strides) != len(caps_types):
             raise ValueError(
                 f"caps_strides {list(caps_strides)} needs one stride per ConvCaps layer {list(caps_types)}"
@@ -224,6 +257,18 @@ class CapsNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"CapsNet expects images of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        if not _tracing() and x.shape[0] == 0:
+            raise ValueError("CapsNet got an empty batch (N = 0)")
+        weight = next(self.stem.parameters())
+        if not x.is_floating_point():
+            raise ValueError(
+                f"CapsNet expects floating-point images (pixels / 255, normalised), got {x.dtype}"
+            )
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"the images are {x.dtype} but the model's weights are {weight.dtype}: convert one to the other "
+                f"(x.to({weight.dtype}) or model.to({x.dtype}))"
             )
         features = self.stem(x)  # (N, A, H1, W1)
         pose, act = self.primary(features)  # (N, H1, W1, B, 16), (N, H1, W1, B)

@@ -80,6 +80,23 @@ class RoutingSettings:
     #: one lambda for all layers its activations hardly depend on the input.
     layer_scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            problems.append(f"iterations must be a whole number of at least 1, got {self.iterations!r}")
+        for name in ("final_lambda", "min_var", "layer_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"{name} must be positive, got {value!r}")
+        if self.cost_norm is not None and not (math.isfinite(self.cost_norm) and self.cost_norm > 0):
+            problems.append(f"cost_norm must be positive or None, got {self.cost_norm!r}")
+        if not 0.0 <= self.lambda_decay < 1.0:
+            problems.append(
+                f"lambda_decay must be in [0, 1) (1 makes every inverse temperature 0), got {self.lambda_decay!r}"
+            )
+        if problems:
+            raise ValueError("RoutingSettings: " + "; ".join(problems))
+
 
 def cost_scale(settings: RoutingSettings, types: int, children: int) -> float:
     """Factor on sum_i R_ij in the activation cost (``layer_scale``, times k C / I with ``cost_norm``)."""
@@ -1096,16 +1113,30 @@ def em_routing(
         if impl == "plain" or trace is not None:
             if isinstance(votes, VoteProduct):
                 votes = votes.compute()
-            _check_shapes(votes, act_in)
+            _check_shapes(votes, act_in, beta_u, beta_a)
             return _em_plain(votes, act_in, beta_u, beta_a, settings, fold, stats, trace)
         if not isinstance(votes, VoteProduct):
-            _check_shapes(votes, act_in)
+            _check_shapes(votes, act_in, beta_u, beta_a)
         return _em_fast(votes, act_in, beta_u, beta_a, settings, fold, stats)
 
 
-def _check_shapes(votes: Tensor, act_in: Tensor) -> None:
+def _check_shapes(votes: Tensor, act_in: Tensor, beta_u: Tensor, beta_a: Tensor) -> None:
     if votes.dim() < 5 or act_in.shape != votes.shape[:2] + votes.shape[3:4]:
         raise ValueError(
             "em_routing: votes must be (N, L, C, I, H) or (N, L, C, I, P, P) and act_in (N, L, I); "
             f"got {tuple(votes.shape)} and {tuple(act_in.shape)}"
         )
+    parents = votes.shape[2]
+    if beta_u.shape != (parents,) or beta_a.shape != (parents,):
+        raise ValueError(
+            f"em_routing: beta_u and beta_a must be ({parents},), one per parent type of the votes; "
+            f"got {tuple(beta_u.shape)} and {tuple(beta_a.shape)}"
+        )
+    if not _tracing() and votes.shape[0] == 0:
+        raise ValueError("em_routing: the batch is empty (N = 0)")
+
+
+def _tracing() -> bool:
+    """Whether torch is compiling or exporting (shapes may be symbolic: no checks that branch on them)."""
+    compiler = torch.compiler
+    return compiler.is_compiling() or bool(getattr(compiler, "is_exporting", lambda: False)())

@@ -290,7 +290,7 @@ def open_run_dir(cfg: Config, choice: RunChoice, overwrite: bool, say: Callable[
         for stale in remove_temp_files(run_dir):
             say(f"note: removed {stale.name}, left by a save that was interrupted")
     truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    write_run_record(run_dir, run=choice.name, started=time.time(), step=start_step)
+    write_run_record(run_dir, run=choice.name, step=start_step)  # "started" is kept from the first start
     return run_dir
 
 

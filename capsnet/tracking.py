@@ -66,10 +66,18 @@ class MetricsFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._step: int | None = None
         self._pending: dict[str, float | str] = {}
+        # The file's last line, which a resumed run may add to (the evaluation that a stop on an
+        # epoch's last step left to it): merged into that line, not written as a second one.
+        self._tail: dict[str, Any] | None = _last_entry(self.path)
+        self._rewrite = False
 
     def add(self, metrics: Mapping[str, float], step: int) -> None:
         if self._step is not None and step != self._step:
             self.flush()
+        if self._step is None and self._tail is not None and self._tail.get("step") == step:
+            self._pending = {k: v for k, v in self._tail.items() if k != "step"}
+            self._rewrite = True
+        self._tail = None
         self._step = step
         self._pending.update({k: _json_value(v) for k, v in metrics.items()})
 
@@ -77,9 +85,26 @@ class MetricsFile:
         if self._step is None or not self._pending:
             return
         line = json.dumps({"step": self._step, **self._pending})
-        with self.path.open("a") as f:
-            f.write(line + "\n")
+        if self._rewrite:  # the merged line replaces the last one, atomically: a kill keeps the old file
+            from capsnet.checkpoint import atomic_write_bytes
+
+            lines = self.path.read_text().splitlines()
+            atomic_write_bytes("".join(f"{kept}\n" for kept in [*lines[:-1], line]).encode(), self.path)
+            self._rewrite = False
+        else:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
         self._step, self._pending = None, {}
+
+
+def _last_entry(path: Path) -> dict[str, Any] | None:
+    """The last line of a metrics file, parsed; None for no file, no lines or a damaged last line."""
+    try:
+        lines = path.read_text().splitlines()
+        entry = json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("step"), int) else None
 
 
 def truncate_metrics(path: str | Path, after_step: int) -> None:
@@ -114,7 +139,7 @@ class NullWriter:
     def image(self, tag: str, image: Tensor, step: int) -> None:
         pass
 
-    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int = 0) -> None:
         pass
 
     def flush(self) -> None:
@@ -168,10 +193,12 @@ class TensorBoardWriter(NullWriter):
             image = torch.nan_to_num(image.detach().float(), nan=0.0, posinf=1.0, neginf=0.0)
             self.tb.add_image(tag, image.clamp(0, 1).cpu(), step)
 
-    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int = 0) -> None:
+        """Written at ``step`` (the run's last), so that a resumed run's purge hides an earlier attempt's."""
         if self.tb is not None:
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            self.tb.add_hparams(clean, {k: float(v) for k, v in metrics.items()}, run_name=".")
+            metric_values = {k: float(v) for k, v in metrics.items()}
+            self.tb.add_hparams(clean, metric_values, run_name=".", global_step=step)
 
     def flush(self) -> None:
         if self.metrics is not None:

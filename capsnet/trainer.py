@@ -739,6 +739,8 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
                 break
             with training_chunks():  # evaluating within the memory of a training step
                 last_eval = end_of_epoch(run, summary)
+            # the next img/s leaves out the evaluation and the save, and the images trained before them
+            run.window_start, run.window_untimed = time.perf_counter(), int(run.window["n"])
             if reason == "max_steps":
                 stopped = reason
                 break
@@ -761,6 +763,7 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
                 "hparam/last_acc": last_eval.acc,
                 "hparam/last_loss": last_eval.loss,
             },
+            step=run.step,
         )
     exit_code = EXIT_CODES.get(stopped, 0)
     if exit_code:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -272,3 +274,46 @@ def test_one_class_is_refused_by_the_model_and_the_config():
     with pytest.raises(ConfigError, match=r"data\.num_classes: a classifier needs at least 2 classes"):
         load_config(TINY, ["data.num_classes=1"])
     assert CapsNet.from_preset("small", num_classes=2).num_classes == 2
+
+
+def test_bad_images_are_refused_with_a_clear_error_before_torch_sees_them():
+    model = CapsNet(in_channels=1, num_classes=5, image_size=32)
+    cases = [
+        (
+            torch.zeros(2, 1, 32, 32, dtype=torch.uint8),
+            "floating-point images (pixels / 255, normalised), got torch.uint8",
+        ),
+        (
+            torch.zeros(2, 1, 32, 32, dtype=torch.float64),
+            "the images are torch.float64 but the model's weights are torch.float32",
+        ),
+        (torch.zeros(0, 1, 32, 32), "empty batch (N = 0)"),
+    ]
+    for images, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            model(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the convs itself
+        assert model(torch.rand(2, 1, 32, 32)).activations.shape == (2, 5)
+    assert model.double()(torch.rand(2, 1, 32, 32, dtype=torch.float64)).activations.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"iterations": 0}, "iterations must be a whole number of at least 1, got 0"),
+        ({"pose_size": 1}, "pose_size must be at least 2"),
+        ({"caps_strides": [0, 1]}, "caps_strides must be a list of positive whole numbers, got [0, 1]"),
+        ({"caps_types": [0, 16]}, "caps_types must be a list of positive whole numbers"),
+        ({"stem_channels": []}, "stem_channels must be a non-empty list of positive whole numbers, got []"),
+        (
+            {"stem_stride": 0, "caps_kernel": 0},
+            "stem_stride must be positive, got 0; caps_kernel must be positive",
+        ),
+        ({"lambda_decay": 1.0}, "lambda_decay must be in [0, 1)"),
+        ({"final_lambda": 0.0}, "final_lambda must be positive, got 0.0"),
+        ({"layer_cost_scales": [1, 1, -1]}, "layer_cost_scales must all be positive"),
+    ],
+)
+def test_sizes_the_config_would_refuse_are_refused_by_the_constructor_too(sizes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CapsNet(in_channels=1, num_classes=5, image_size=32, **sizes)

@@ -685,3 +685,14 @@ def test_a_recomputing_backward_under_autocast_rebuilds_the_forwards_moments_exa
             results.append(torch.autograd.grad(loss, [pose, act, layer.weight]))
     for kept, rebuilt in zip(*results):
         torch.testing.assert_close(rebuilt, kept, rtol=0, atol=0)
+
+
+def test_em_routing_names_betas_of_the_wrong_shape_and_an_empty_batch():
+    votes, act = torch.rand(2, 3, 4, 5, 16), torch.rand(2, 3, 5)
+    for impl in ("fast", "plain"):
+        with pytest.raises(ValueError, match=r"beta_u and beta_a must be \(4,\).*got \(3,\) and \(4,\)"):
+            em_routing(votes, act, torch.zeros(3), torch.zeros(4), RoutingSettings(), impl=impl)
+        with pytest.raises(ValueError, match=r"the batch is empty \(N = 0\)"):
+            em_routing(votes[:0], act[:0], torch.zeros(4), torch.zeros(4), RoutingSettings(), impl=impl)
+    with pytest.raises(ValueError, match="iterations must be a whole number of at least 1"):
+        RoutingSettings(iterations=0)

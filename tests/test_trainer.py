@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -352,6 +353,41 @@ def test_a_stop_on_an_epochs_last_step_leaves_its_evaluation_to_the_resumed_run(
     )
     assert same_weights(straight.run_dir / "last.pt", resumed.run_dir / "last.pt")
     assert merged_metrics(resumed.run_dir) == merged_metrics(straight.run_dir)  # step 6's evaluation included
+    steps = [line["step"] for line in logged(resumed.run_dir)]
+    assert steps == sorted(set(steps)), steps  # one line a step: the evaluation joined step 6's line
+    assert {"train/loss", "test/acc"} <= set(logged(resumed.run_dir)[steps.index(6)])
+
+
+def test_a_resumed_run_keeps_its_start_time_and_logs_its_summary_at_each_attempts_last_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = fit(tiny(tmp_path, "train.max_steps=4"), run_name="again", echo=quiet)
+    started = json.loads((first.run_dir / "run.json").read_text())["started"]
+    resumed = fit(tiny(tmp_path), resume=str(first.run_dir), echo=quiet)
+    record = json.loads((resumed.run_dir / "run.json").read_text())
+    assert record["started"] == started and record["updated"] > started
+    events = EventAccumulator(str(tmp_path / "runs" / "again"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("hparam/best_acc")] == [4, 12]  # not twice at step 0
+
+
+def test_the_throughput_after_an_epoch_leaves_out_its_evaluation(tmp_path, monkeypatch):
+    import time
+
+    real = trainer.end_of_epoch
+
+    def slow_evaluation(*args, **kwargs):
+        time.sleep(1.0)  # an evaluation and save far slower than the steps
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "end_of_epoch", slow_evaluation)
+    result = fit(tiny(tmp_path), run_name="speed", echo=quiet)
+    speeds = {
+        line["step"]: line["perf/img_per_s"] for line in logged(result.run_dir) if "perf/img_per_s" in line
+    }
+    after = speeds[8]  # the first log after epoch 1's evaluation (6 steps an epoch, a log every 2)
+    others = sorted(v for step, v in speeds.items() if step not in (2, 8))
+    assert after > 0.3 * others[len(others) // 2], speeds
 
 
 def test_a_stop_on_the_max_steps_step_evaluates_before_it_exits(tmp_path):
