@@ -48,19 +48,19 @@ class ModelConfig:
     preset: str | None = "small"  # "small" | "paper" | null; explicit sizes below override it
     stem_channels: list[int] | None = None  # "A" (and "AA", ...): ReLU conv layers before PrimaryCaps
     stem_kernel: int = 5  # first stem conv; later ones are 3x3 stride 1
-    stem_stride: int = 2
-    stem_padding: int = 0
+    stem_stride: int = 2  # first stem conv
+    stem_padding: int = 0  # first stem conv (0: the unpadded grid, 28 px -> 12x12 capsules)
     batch_norm: bool = True  # batch norm after each stem conv
     primary_types: int | None = None  # "B": capsule types of PrimaryCaps
     caps_types: list[int] | None = None  # "C", "D": capsule types of each ConvCaps layer
     caps_kernel: int = 3  # "K"
-    caps_strides: list[int] = field(default_factory=lambda: [2, 1])
+    caps_strides: list[int] = field(default_factory=lambda: [2, 1])  # one per ConvCaps layer
     pose_size: int = 4  # "P": poses are P x P matrices (the paper uses 4)
     iterations: int = 3  # EM routing iterations, static so export can unroll them
     normalisation: str = "cross_position"  # "cross_position" (paper) | "per_patch"
     coord_add: bool = True  # coordinate addition in the class capsules
     decoder: bool = True  # reconstruction decoder (used when loss.recon_weight > 0)
-    decoder_hidden: list[int] = field(default_factory=lambda: [512, 1024])
+    decoder_hidden: list[int] = field(default_factory=lambda: [512, 1024])  # decoder hidden layer widths
     recompute_votes: bool = (
         True  # rebuild the vote moments in backward instead of keeping them: ~320 MB less at batch 32
     )
@@ -100,14 +100,14 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     name: str = "adam"  # "adam" | "adamw" | "sgd"
-    lr: float = 3e-3
-    weight_decay: float = 2e-7
+    lr: float = 3e-3  # learning rate at step 0 (after warm-up), then decayed as below
+    weight_decay: float = 2e-7  # L2 (adam, sgd) or decoupled (adamw) weight decay
     decay_scope: str = "all"  # "all" parameters | "matrices": weights of 2+ dimensions only (not
     # biases, batch-norm scales or the routing's beta_u / beta_a)
     decay_rate: float = 0.96  # lr * decay_rate ** (step / decay_steps)
     decay_steps: int | None = 20000  # null: the whole run (the rate reaches lr * decay_rate at the end)
-    staircase: bool = False
-    warmup_steps: int = 0
+    staircase: bool = False  # decay in steps of decay_steps (exponent rounded down)
+    warmup_steps: int = 0  # lr rises linearly over this many first steps; 0: none
     grad_clip: float | None = None  # max global gradient norm; null: no clipping
 
 
@@ -127,24 +127,24 @@ class DataConfig:
     split: str = "standard"  # smallnorb: "standard" | "azimuth" | "elevation"
     # folder
     train_dir: str | None = None  # image-folder tree for training (one sub-folder per class)
-    test_dir: str | None = None
+    test_dir: str | None = None  # its test tree; null: a stratified 20% of train_dir held out
     grayscale: bool = False  # folder: convert images to one channel
     bad_files: str = "skip"  # folder: "skip" (warn and count) | "fail"
     # synthetic
-    num_classes: int = 5
-    channels: int = 1
-    train_size: int = 256
-    test_size: int = 64
+    num_classes: int = 5  # synthetic: classes of learnable random patterns
+    channels: int = 1  # synthetic: image channels
+    train_size: int = 256  # synthetic: training images
+    test_size: int = 64  # synthetic: test images
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 32
+    epochs: int = 10  # passes over the training set
+    batch_size: int = 32  # images per optimiser step, per process
     eval_batch_size: int | None = None  # null: 2 x batch_size
-    seed: int = 0
+    seed: int = 0  # weights, data order and the validation split
     device: str = "auto"  # auto | cpu | cuda | mps
-    num_workers: int = 0
+    num_workers: int = 0  # data-loader worker processes; 0: load in the training process
     precision: str = "fp32"  # fp32 | bf16
     compile: bool = False  # torch.compile the model
     compile_routing: bool | None = (
@@ -169,8 +169,8 @@ class LoggingConfig:
     log_every: int = 50  # steps between scalar logs
     hist_every: int = 500  # steps between routing histograms
     keep: int = 3  # step-numbered checkpoints kept (last and best always)
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = True  # write TensorBoard events (metrics.jsonl is always written)
+    progress: bool = True  # progress bars
 
 
 @dataclass

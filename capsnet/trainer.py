@@ -499,6 +499,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         model = CapsNet.from_config(cfg.model, cfg.routing, info.channels, info.num_classes, info.image_size)
     except ValueError as e:
         raise ConfigError([f"model: {e}"]) from None
+    if not cfg.model.decoder and cfg.loss.recon_weight > 0:
+        say(f"note: loss.recon_weight {cfg.loss.recon_weight:g} is not used: model.decoder is false")
     if ckpt is not None:
         check_architecture(ckpt["arch"], model.hparams, ckpt_path)
         # with train.ema, "model" holds the average and "train_model" the weights being trained

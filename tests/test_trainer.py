@@ -716,3 +716,16 @@ def test_resume_compares_only_the_split_settings_of_the_runs_dataset():
     bigger = tiny(Path("/nonexistent"), "data.val_split=0.25", "data.train_size=128").to_dict()
     with pytest.raises(CheckpointError, match=r"data.train_size: 96 in the checkpoint, 128 now"):
         check_resume_settings(saved, bigger, "ckpt")
+
+
+def test_a_reconstruction_weight_without_a_decoder_is_named_as_unused(tmp_path):
+    lines: list[str] = []
+    fit(tiny(tmp_path, "model.decoder=false", "train.max_steps=1"), run_name="nodec", echo=lines.append)
+    assert "note: loss.recon_weight 0.0005 is not used: model.decoder is false" in lines, lines
+    lines.clear()
+    fit(
+        tiny(tmp_path, "model.decoder=false", "loss.recon_weight=0", "train.max_steps=1"),
+        run_name="n2",
+        echo=lines.append,
+    )
+    assert not any("recon_weight" in line for line in lines), lines
