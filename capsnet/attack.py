@@ -263,10 +263,9 @@ class AttackReport:
             self.table(),
         ]
         if self.trained_iterations is not None:
-            lines.insert(
-                1,
-                f"routing iterations: {self.iterations} (the run was trained with {self.trained_iterations})",
-            )
+            from capsnet.evaluate import iterations_note
+
+            lines.insert(1, iterations_note(self.iterations, self.trained_iterations))
         for p in self.points:
             if p.eps > 0 and p.unmoved:
                 lines.append(

@@ -246,6 +246,11 @@ def prepare_checkpoint(
     return Prepared(Path(path), ckpt, cfg, model, loaders, loader, split, dev)
 
 
+def iterations_note(iterations: int, trained: int) -> str:
+    """The report line for a model scored with another number of routing iterations than it was trained with."""
+    return f"routing iterations: {iterations} (the run was trained with {trained})"
+
+
 def _split_hint(split: str) -> str:
     if split == "val":
         return "; val needs data.val_split > 0"
@@ -339,10 +344,7 @@ class CheckpointEval:
             f"{self.split}: accuracy {r.acc:.4f} ({r.correct}/{r.n}), loss {r.loss:.4f}",
         ]
         if self.trained_iterations is not None:
-            lines.insert(
-                1,
-                f"routing iterations: {self.iterations} (the run was trained with {self.trained_iterations})",
-            )
+            lines.insert(1, iterations_note(self.iterations, self.trained_iterations))
         if self.familiar is not None:
             f = self.familiar
             lines.append(

@@ -402,11 +402,8 @@ def export_checkpoint(
     # writes, no custom autograd function, no cached geometry), which decompose into
     # ATen and ONNX operators under a symbolic batch size.
     model = build_model_from_checkpoint(ckpt, ckpt_path).eval()
-    path = (
-        Path(out)
-        if out is not None
-        else default_export_path(run_name_of(ckpt_path, ckpt) or "run", fmt, exports_dir)
-    )
+    run = run_name_of(ckpt_path, ckpt)
+    path = Path(out) if out is not None else default_export_path(run or "run", fmt, exports_dir)
     if path.is_dir():
         raise ExportError(f"--out {path} is a folder: give a file name, such as {path / FORMATS[fmt]}")
     if path.exists() and not overwrite:
@@ -433,7 +430,7 @@ def export_checkpoint(
     with torch.no_grad():
         reference = [Classifier(model)(b) for b in fed_batches]  # eager first: also warms the model's caches
     names = [str(n) for n in (data_info or {}).get("class_names") or []]
-    meta = metadata(inputs_spec, ckpt, names, run_name_of(ckpt_path, ckpt))
+    meta = metadata(inputs_spec, ckpt, names, run)
     try:  # the file is written beside its name, so this is where a folder that takes no files shows
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     except OSError as e:

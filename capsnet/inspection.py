@@ -92,10 +92,9 @@ class Inspection:
             + " -> ".join(f"{it.activation:.3f}" for it in pic.iterations),
         ]
         if self.trained_iterations is not None:
-            lines.insert(
-                1,
-                f"routing iterations: {len(pic.iterations)} (the run was trained with {self.trained_iterations})",
-            )
+            from capsnet.evaluate import iterations_note
+
+            lines.insert(1, iterations_note(len(pic.iterations), self.trained_iterations))
         lines += [f"wrote {path}" for path in self.files.values()]
         return "\n".join(lines)
 

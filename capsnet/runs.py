@@ -202,7 +202,7 @@ def choose_run(
         # else under the name it carries.
         folder = Path(os.path.abspath(ckpt_path)).parent  # "--resume ." names its folder too
         in_out_dir = folder.parent.resolve() == out_dir.resolve()
-        name = validate_run_name(folder.name if in_out_dir else run_name_of(folder / ckpt_path.name, ckpt))
+        name = validate_run_name(folder.name if in_out_dir else run_name_of(ckpt_path, ckpt))
         if not in_out_dir:
             note = (
                 f"note: {folder} is not in {out_dir} (logging.out_dir): the run continues in {out_dir / name}, "
@@ -251,19 +251,19 @@ def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
     :func:`open_run_dir`, called later, relies on this check having passed.
     """
     run_dir = safe_child(cfg.logging.out_dir, choice.name)
-    if overwrite or choice.resuming_here or choice.starting_named_run or not run_dir.is_dir():
+    free = overwrite or choice.resuming_here or choice.starting_named_run or not run_dir.is_dir()
+    if free or only_start_files(run_dir):
         return
-    if not only_start_files(run_dir) and choice.checkpoint_path is not None:
+    if choice.checkpoint_path is not None:
         raise TrainingError(
             f"resuming {choice.checkpoint_path} would continue the run in {run_dir}, which already holds files; "
             f"give the continued run its own --run-name, resume {run_dir} itself with --resume {run_dir}, "
             "or replace it with --overwrite"
         )
-    if not only_start_files(run_dir):
-        raise TrainingError(
-            f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
-            "replace it with --overwrite, or pick another --run-name"
-        )
+    raise TrainingError(
+        f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
+        "replace it with --overwrite, or pick another --run-name"
+    )
 
 
 def open_run_dir(cfg: Config, choice: RunChoice, overwrite: bool, say: Callable[[str], None]) -> Path:

@@ -39,16 +39,16 @@ variants=(
     "per-patch|per-patch normalisation of the assignments|model.normalisation=per_patch"
 )
 
+overrides=()  # OVERRIDES as capsnet train options, for every variant
+for override in ${extra[@]+"${extra[@]}"}; do overrides+=(-o "$override"); done
 # the folder of runs, as configs/small.yaml and OVERRIDES set it
-out_dir="$("$python" -c 'import sys
-from capsnet.config import load_config
-print(load_config("configs/small.yaml", sys.argv[1:]).logging.out_dir)' ${extra[@]+"${extra[@]}"})"
+out_dir="$(config_out_dir "$python" configs/small.yaml ${overrides[@]+"${overrides[@]}"})"
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 for entry in "${variants[@]}"; do
     IFS='|' read -r name what change <<< "$entry"
     args=(-o "train.max_steps=$steps" -o data.val_split=0.1 -o loss.margin_steps=8440)
-    for override in ${extra[@]+"${extra[@]}"}; do args+=(-o "$override"); done
+    args+=(${overrides[@]+"${overrides[@]}"})
     [[ -n "$change" ]] && args+=(-o "$change")  # last, so the variant's own change wins
     echo "== $name: $what"
     start=$(date +%s)

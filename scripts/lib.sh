@@ -26,6 +26,24 @@ absolute_if_path() {
     fi
 }
 
+# logging.out_dir of the config $2 under the `capsnet train` arguments that follow (-o KEY=VALUE,
+# -oKEY=VALUE, --override KEY=VALUE, --override=KEY=VALUE), read with the python $1.
+config_out_dir() {
+    "$1" - "${@:2}" <<'PY'
+import sys
+from capsnet.config import load_config
+args, overrides = sys.argv[2:], []
+for i, arg in enumerate(args):
+    if arg in ("-o", "--override") and i + 1 < len(args):
+        overrides.append(args[i + 1])
+    elif arg.startswith("--override="):
+        overrides.append(arg.split("=", 1)[1])
+    elif arg.startswith("-o") and len(arg) > 2:  # -oKEY=VALUE
+        overrides.append(arg[2:])
+print(load_config(sys.argv[1], overrides).logging.out_dir)
+PY
+}
+
 # The arguments of `capsnet train` with the paths that follow --config/-c/--resume made
 # absolute; the result is left in the array ABS_ARGS.
 absolute_path_options() {

@@ -36,20 +36,7 @@ start=$(date +%s)
 .venv/bin/capsnet train --config "$config" --run-name "$name" --resume latest ${ABS_ARGS[@]+"${ABS_ARGS[@]}"}
 echo "training wall time (this invocation): $(( $(date +%s) - start )) s"
 # the run's folder under logging.out_dir, as the config and its -o overrides set it
-out_dir="$(.venv/bin/python - "$config" ${ABS_ARGS[@]+"${ABS_ARGS[@]}"} <<'PY'
-import sys
-from capsnet.config import load_config
-args, overrides = sys.argv[2:], []
-for i, arg in enumerate(args):
-    if arg in ("-o", "--override") and i + 1 < len(args):
-        overrides.append(args[i + 1])
-    elif arg.startswith("--override="):
-        overrides.append(arg.split("=", 1)[1])
-    elif arg.startswith("-o") and len(arg) > 2:  # -okey=value
-        overrides.append(arg[2:])
-print(load_config(sys.argv[1], overrides).logging.out_dir)
-PY
-)"
+out_dir="$(config_out_dir .venv/bin/python "$config" ${ABS_ARGS[@]+"${ABS_ARGS[@]}"})"
 run_dir="$out_dir/$name"
 # A run trained with horizontal flips is also scored with the mirrored test (eval --mirror).
 mirror=()
