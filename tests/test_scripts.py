@@ -356,3 +356,20 @@ def test_script_paths_are_made_absolute_but_latest_and_best_stay_keywords(tmp_pa
         "--resume=latest",
         "a b",
     ], done.stderr
+
+
+def test_bench_vs_baseline_refuses_counts_below_one_and_ends_a_failed_side_with_one_line(monkeypatch, capsys):
+    import sys
+
+    bench = load_script("bench_vs_baseline")
+    monkeypatch.setattr(sys, "argv", ["bench_vs_baseline.py", "--rounds", "0"])
+    with pytest.raises(SystemExit) as refused:
+        bench.main()
+    assert refused.value.code == 2 and "--rounds: must be at least 1, got 0" in capsys.readouterr().err
+    failing = [
+        sys.executable,
+        "-c",
+        "import sys; print('detail', file=sys.stderr); sys.exit('torch is missing')",
+    ]
+    with pytest.raises(SystemExit, match=r"^error: the baseline failed: torch is missing$"):
+        bench._run(failing, "the baseline")
