@@ -621,7 +621,10 @@ def inspect(
     ] = None,
     tensorboard: Annotated[
         bool,
-        typer.Option("--tensorboard", help="Also write the figures to TensorBoard (tag inspect/<figure>)."),
+        typer.Option(
+            "--tensorboard",
+            help="Also write the figures to TensorBoard (tags inspect/<figure>, and the report as text under inspect/summary).",
+        ),
     ] = False,
     tb_dir: Annotated[str | None, typer.Option("--tb-dir", help=TB_DIR_HELP.format("inspect"))] = None,
     data_root: RunDataRootOption = None,

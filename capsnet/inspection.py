@@ -77,7 +77,7 @@ class Inspection:
     replaced: list[str] = field(default_factory=list)  # figures of an earlier inspection written over
     trained_iterations: int | None = None  # where -o model.iterations changed them, the run's own
 
-    def summary(self) -> str:
+    def summary(self, with_files: bool = True) -> str:
         names = self.class_names
         acts = ", ".join(
             f"{names[i] if i < len(names) else i} {a:.3f}" for i, a in enumerate(self.activations.tolist())
@@ -95,7 +95,8 @@ class Inspection:
             from capsnet.evaluate import iterations_note
 
             lines.insert(1, iterations_note(len(pic.iterations), self.trained_iterations))
-        lines += [f"wrote {path}" for path in self.files.values()]
+        if with_files:
+            lines += [f"wrote {path}" for path in self.files.values()]
         return "\n".join(lines)
 
 
@@ -335,6 +336,8 @@ def inspect_checkpoint(
         try:
             for stem, figure in drawn.items():
                 writer.image(f"inspect/{stem}", figure_to_tensor(figure), index)
+            # the report's text (prediction, routing iterations, the figure's parent) beside the images
+            writer.text("inspect/summary", ins.summary(with_files=False), index)
         finally:
             writer.close()
         ins.files["tensorboard"] = str(log_dir)

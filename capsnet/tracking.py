@@ -139,6 +139,9 @@ class NullWriter:
     def image(self, tag: str, image: Tensor, step: int) -> None:
         pass
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int = 0) -> None:
         pass
 
@@ -192,6 +195,11 @@ class TensorBoardWriter(NullWriter):
         if self.tb is not None:
             image = torch.nan_to_num(image.detach().float(), nan=0.0, posinf=1.0, neginf=0.0)
             self.tb.add_image(tag, image.clamp(0, 1).cpu(), step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Plain text, shown verbatim (TensorBoard reads markdown: each line is indented as code)."""
+        if self.tb is not None:
+            self.tb.add_text(tag, "\n".join(f"    {line}" for line in text.splitlines()), step)
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int = 0) -> None:
         """Written at ``step`` (the run's last), so that a resumed run's purge hides an earlier attempt's."""

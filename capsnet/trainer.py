@@ -296,6 +296,7 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
         run.loaders.train_sampler.set_epoch(run.epoch)  # the epoch's order: a function of seed and epoch
     if run.batches_done == 0:
         run.epoch_rng = capture_rng(run.loaders.train_generator)
+    skipped, start_step = run.batches_done, run.step  # steps of this epoch trained before a resume
     run.model.train()
     totals = {"loss": 0.0, "correct": 0, "n": 0, "steps": 0, "start": time.perf_counter()}
     batches = _batches(run)
@@ -343,6 +344,8 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
     summary = {"perf/img_per_s": n / max(elapsed, 1e-9), "time": elapsed}
     if n:  # none when a resumed run only had the epoch's evaluation left
         summary.update({"train/loss": loss / max(steps, 1), "train/acc": correct / n})
+        if skipped:
+            summary["steps_since_resume"] = run.step - start_step
     return reason, summary
 
 
@@ -381,6 +384,8 @@ def end_of_epoch(run: Run, summary: dict[str, float]) -> EvalResult:
         if run.batches_done == 0
         else (f"epoch {run.epoch + 1}/{epochs} (partial: {run.batches_done}/{run.steps_per_epoch} steps)")
     )
+    if "steps_since_resume" in summary:  # the steps before the resume were trained by another process
+        line += f" (train/* over the {summary['steps_since_resume']:.0f} steps since the resume)"
     run.echo(
         f"{epoch}  step {run.step}  {line}  {best}  "
         f"{summary['perf/img_per_s']:.0f} img/s  {summary['time']:.1f}s"

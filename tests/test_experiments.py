@@ -69,6 +69,17 @@ def scalar_events(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def text_events(log_dir: Path) -> dict[str, str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    return {
+        tag: "\n".join(b.decode() for e in events.Tensors(tag) for b in e.tensor_proto.string_val)
+        for tag in events.Tags()["tensors"]
+    }
+
+
 # --------------------------------------------------------------------------- multi-crop
 
 
@@ -338,9 +349,22 @@ def test_attack_with_another_number_of_routing_iterations_says_so(here):
     assert "routing iterations: 1 (the run was trained with 2)" in once.stdout
     report = json.loads((here / "iters" / "attack-fgsm.json").read_text())
     assert report["iterations"] == 1 and report["trained_iterations"] == 2
-    figures = invoke("inspect", "--ckpt", "fit", "--out", "iters-fig", "-o", "model.iterations=3")
+    figures = invoke(
+        "inspect",
+        "--ckpt",
+        "fit",
+        "--out",
+        "iters-fig",
+        "-o",
+        "model.iterations=3",
+        "--tensorboard",
+        "--tb-dir",
+        "iters-tb",
+    )
     assert figures.exit_code == 0, figures.output
     assert "routing iterations: 3 (the run was trained with 2)" in figures.stdout
+    text = text_events(here / "iters-tb" / "fit" / "inspect")["inspect/summary/text_summary"]
+    assert "routing iterations: 3 (the run was trained with 2)" in text and "wrote" not in text
     assert figures.stdout.count(" -> ") == 2  # the parent's activation after each of the three
     assert "routing iterations" not in invoke("inspect", "--ckpt", "fit", "--out", "iters-fig").stdout
 

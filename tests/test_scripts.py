@@ -302,6 +302,30 @@ def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tm
     assert calls[1] == "eval --ckpt kept/r/best.pt --split test" + (" --mirror" if mirrored else "")
 
 
+def test_train_sh_help_answers_without_setting_anything_up(tmp_path):
+    import shutil
+    import subprocess
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name in ("train.sh", "lib.sh"):
+        shutil.copy(REPO / "scripts" / name, scripts / name)
+    for name in ("setup_env.sh", "fetch_fashion_mnist.sh"):
+        (scripts / name).write_text(f"touch {tmp_path}/{name}.ran\n")
+    done = subprocess.run(
+        ["bash", str(scripts / "train.sh"), "--help"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Sets up everything and trains the default config")
+    assert "'.venv/bin/capsnet train --help'" in done.stdout  # no .venv beside this copy yet
+    assert not list(tmp_path.glob("*.ran"))
+    # with the set-up done, the options of capsnet train follow the usage
+    listed = subprocess.run(
+        ["bash", str(REPO / "scripts" / "train.sh"), "-h"], capture_output=True, text=True, check=False
+    )
+    assert listed.returncode == 0 and "--run-name" in listed.stdout, listed.stderr
+
+
 def test_the_long_scripts_print_their_usage_and_the_ablation_takes_no_arguments():
     import subprocess
 

@@ -46,6 +46,16 @@ def test_a_resumed_run_is_bit_identical_to_a_straight_run(tmp_path, straight, st
     assert a == b
 
 
+def test_the_epoch_line_after_a_mid_epoch_resume_says_its_training_figures_cover_the_steps_since(tmp_path):
+    fit(tiny(tmp_path, "train.max_steps=4"), run_name="part", echo=quiet)  # 4 of the first epoch's 6 steps
+    lines: list[str] = []
+    fit(tiny(tmp_path), resume="latest", echo=lines.append)
+    first = [line for line in lines if line.startswith("epoch 1/2  step 6")]
+    assert len(first) == 1 and "(train/* over the 2 steps since the resume)" in first[0], lines
+    second = [line for line in lines if line.startswith("epoch 2/2  step 12")]
+    assert len(second) == 1 and "since the resume" not in second[0]  # a whole epoch trained here
+
+
 def test_compiled_routing_trains_like_the_eager_one_and_is_switched_off_after(
     tmp_path, straight, monkeypatch
 ):
