@@ -495,7 +495,14 @@ def attack(
             "--step-size", min=0.0, help="BIM: size of each step, in eps units (default 2.5 * eps / steps)."
         ),
     ] = None,
-    split: Annotated[str, typer.Option("--split", help="Split to attack: test, or val.")] = "test",
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split",
+            help="Split to attack: test, val (needs data.val_split > 0), or test_familiar "
+            "(smallNORB viewpoint splits).",
+        ),
+    ] = "test",
     limit: Annotated[
         int | None,
         typer.Option(
@@ -579,7 +586,14 @@ def inspect(
     index: Annotated[
         int, typer.Option("--index", "-i", min=0, help="Which image of the split (0-based).")
     ] = 0,
-    split: Annotated[str, typer.Option("--split", help="Split the image comes from: test, or val.")] = "test",
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split",
+            help="Split the image comes from: test, val (needs data.val_split > 0), or test_familiar "
+            "(smallNORB viewpoint splits).",
+        ),
+    ] = "test",
     layer: Annotated[
         str,
         typer.Option(
@@ -623,7 +637,8 @@ def inspect(
         bool,
         typer.Option(
             "--tensorboard",
-            help="Also write the figures to TensorBoard (tags inspect/<figure>, and the report as text under inspect/summary).",
+            help="Also write the figures to TensorBoard (tags inspect/<split>/<figure> at step --index, and the "
+            "report as text under inspect/<split>/summary).",
         ),
     ] = False,
     tb_dir: Annotated[str | None, typer.Option("--tb-dir", help=TB_DIR_HELP.format("inspect"))] = None,

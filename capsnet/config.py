@@ -137,6 +137,22 @@ class DataConfig:
     test_size: int = 64  # synthetic: test images
 
 
+#: data keys that only one dataset reads -> that dataset (``data.name``)
+DATASET_KEYS = {
+    "stereo": "smallnorb",
+    "split": "smallnorb",
+    "train_dir": "folder",
+    "test_dir": "folder",
+    "grayscale": "folder",
+    "bad_files": "folder",
+}
+
+
+def _yaml_value(value: Any) -> str:
+    """``value`` as YAML writes a scalar: null, true, 0.5, text."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10  # passes over the training set
@@ -374,6 +390,13 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append("loss.margin_end: must not be below loss.margin_start")
     if cfg.data.name == "folder" and not cfg.data.train_dir:
         problems.append("data.train_dir: required when data.name is 'folder'")
+    for key, owner in DATASET_KEYS.items():  # set for a dataset that never reads them: a mistake
+        value, default = getattr(cfg.data, key), getattr(DataConfig, key)
+        if cfg.data.name != owner and value != default:
+            problems.append(
+                f"data.{key}: only used by data.name {owner!r}, not {cfg.data.name!r} "
+                f"(leave it at {_yaml_value(default)})"
+            )
     for key in ("shift", "flip"):
         if getattr(cfg.data, key) is None:
             continue

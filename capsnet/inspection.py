@@ -335,9 +335,9 @@ def inspect_checkpoint(
         writer = TensorBoardWriter(log_dir)
         try:
             for stem, figure in drawn.items():
-                writer.image(f"inspect/{stem}", figure_to_tensor(figure), index)
+                writer.image(f"inspect/{split}/{stem}", figure_to_tensor(figure), index)
             # the report's text (prediction, routing iterations, the figure's parent) beside the images
-            writer.text("inspect/summary", ins.summary(with_files=False), index)
+            writer.text(f"inspect/{split}/summary", ins.summary(with_files=False), index)
         finally:
             writer.close()
         ins.files["tensorboard"] = str(log_dir)

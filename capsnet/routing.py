@@ -168,10 +168,13 @@ class ChildFold:
         best.scatter_reduce_(1, self._child.expand_as(flat), flat, reduce="amax", include_self=True)
         return best[:, self._child].view(x.shape)
 
+    def slots_per_slot(self) -> Tensor:
+        """(L, I): how many patch slots hold the slot's child (1 / it weighs each slot as one child)."""
+        return self.slot_counts[:, :, None].expand(-1, -1, self.types).reshape(self.positions, -1)
+
     def parents_per_slot(self, parent_types: int) -> Tensor:
         """(L, I): number of parents (all patches x all types) the slot's child feeds."""
-        counts = self.slot_counts[:, :, None].expand(-1, -1, self.types)
-        return counts.reshape(self.positions, -1) * parent_types
+        return self.slots_per_slot() * parent_types
 
 
 @lru_cache(maxsize=64)
@@ -237,21 +240,31 @@ def parent_activation(
 
 
 def routing_stats(r: Tensor, act: Tensor, var: Tensor, fold: ChildFold | None) -> dict[str, Tensor]:
-    """Detached statistics of the final routing state."""
+    """Detached statistics of the final routing state.
+
+    ``entropy`` is the mean over children of the entropy of each child's assignments
+    over every parent it feeds, divided by its maximum, ln(number of those parents):
+    1 for assignments spread evenly, 0 for one parent each. With cross-position
+    normalisation a child's parents are those of all the patches it appears in, so the
+    value is not comparable with per-patch normalisation's, whose parents are the types
+    of one patch.
+    """
     r = r.detach()
     plogp = torch.where(r > 0, r * torch.log(r.clamp_min(1e-30)), torch.zeros_like(r))
     ent = -plogp.sum(2)  # (N, L, I) entropy per slot
     if fold is None:
         parents = torch.full_like(ent, float(r.shape[2]))
+        share = torch.ones_like(ent)  # each slot is a child of its own
     else:
-        ent = fold.sum(ent)
+        ent = fold.sum(ent)  # each child's entropy, at every slot that holds it
         parents = fold.parents_per_slot(r.shape[2]).to(ent.dtype).expand_as(ent)
+        share = 1.0 / fold.slots_per_slot().to(ent.dtype).expand_as(ent)  # a child counts once
     norm = torch.where(parents > 1, ent / torch.log(parents.clamp_min(2.0)), torch.zeros_like(ent))
     act = act.detach()
     return {
         "activation": act,
         "activation_mean": act.mean(),
-        "entropy": norm.mean(),
+        "entropy": (norm * share).sum() / share.sum(),
         "variance": var.detach().mean(),
         "active_fraction": (act > 0.5).float().mean(),
         "finite": torch.isfinite(act).all() & torch.isfinite(var.detach()).all(),

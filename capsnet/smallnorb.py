@@ -152,18 +152,27 @@ def find_files(root: str | Path) -> dict[tuple[str, str], Path] | None:
 
 
 def download(root: str | Path) -> Path:
-    """Downloads the six ``.gz`` files to ``root/smallnorb`` (each written to a temporary name first)."""
+    """Downloads to ``root/smallnorb`` those of the six ``.gz`` files that are not there, plain or gzipped.
+
+    Each is written to a temporary name first and kept only when it has as many
+    bytes as the server announced, so a cut connection leaves nothing to trip on later.
+    """
     dest = Path(root).expanduser() / "smallnorb"
     dest.mkdir(parents=True, exist_ok=True)
     for stem in FILES.values():
         for part in PARTS:
+            if _find_file(dest, f"{stem}-{part}.mat") is not None:
+                continue
             name = f"{stem}-{part}.mat.gz"
             target = dest / name
-            if target.is_file():
-                continue
             partial = target.with_suffix(".gz.part")
             with urllib.request.urlopen(URL + name, timeout=60) as response, open(partial, "wb") as out:
                 shutil.copyfileobj(response, out, length=1 << 20)
+                announced = response.headers.get("Content-Length")
+                got = out.tell()
+            if announced is not None and announced.isdigit() and int(announced) != got:
+                partial.unlink()
+                raise OSError(f"{URL + name}: the connection ended after {got} of {announced} bytes")
             partial.replace(target)
     return dest
 

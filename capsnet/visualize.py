@@ -350,13 +350,24 @@ def plot_eval(report: Any) -> Any:
     figure = new_figure(6.0, 1.0 + 0.22 * len(names) * len(series))
     ax = figure.add_subplot(1, 1, 1)
     height = 0.8 / len(series)
+    empty = False
     for k, (label, correct, total) in enumerate(series):
+        rows = np.arange(len(names)) + (k - (len(series) - 1) / 2) * height
         acc = [c / t if t else 0.0 for c, t in zip(correct, total)]
-        ax.barh(np.arange(len(names)) + (k - (len(series) - 1) / 2) * height, acc, height, label=label)
+        bars = ax.barh(rows, acc, height, label=label)
+        for row, t in zip(rows, total):
+            if not t:  # no images of the class: no bar, a note instead of a 0% one
+                ax.text(
+                    0.01, row, "no images", va="center", fontsize=6, color=bars.patches[0].get_facecolor()
+                )
+                empty = True
+    if empty:
+        ax.set_xlabel("accuracy (classes with no images in the split have no bar)")
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("accuracy")
+    if not empty:
+        ax.set_xlabel("accuracy")
     ax.grid(axis="x", alpha=0.3)
     figure.legend(fontsize=7, loc="outside lower center", ncols=2)
     ax.set_title(f"{report.run or 'checkpoint'} at step {report.step}: per-class accuracy", fontsize=9)

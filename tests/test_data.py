@@ -474,7 +474,67 @@ def test_data_erase_applies_random_erasing_with_its_probability(tmp_path):
     assert config_from_dict({"data": {"augment": True, "erase": 1}}).data.erase == 1
 
 
+def test_keys_of_one_dataset_set_for_another_are_refused_with_the_dataset_they_belong_to():
+    for bad, message in [
+        (
+            {"name": "fashion-mnist", "split": "azimuth"},
+            "data.split: only used by data.name 'smallnorb', not",
+        ),
+        (
+            {"name": "synthetic", "stereo": "samples"},
+            "data.stereo: only used by .* \\(leave it at channels\\)",
+        ),
+        ({"name": "mnist", "train_dir": "imgs"}, "data.train_dir: only used by data.name 'folder'"),
+        ({"name": "cifar10", "grayscale": True}, "data.grayscale: .*'folder'.*leave it at false"),
+        ({"name": "smallnorb", "bad_files": "fail"}, "data.bad_files: only used by data.name 'folder'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"data": bad})
+    norb = config_from_dict({"data": {"name": "smallnorb", "split": "azimuth", "stereo": "samples"}})
+    assert (norb.data.split, norb.data.stereo) == ("azimuth", "samples")
+    folder = config_from_dict({"data": {"name": "folder", "train_dir": "imgs", "grayscale": True}})
+    assert folder.data.grayscale and folder.data.train_dir == "imgs"
+    # their defaults may stay in any config, as every saved config holds them
+    assert (
+        config_from_dict({"data": {"name": "mnist", "split": "standard", "test_dir": None}}).data.name
+        == "mnist"
+    )
+
+
 # --------------------------------------------------------------------------- smallNORB
+
+
+def test_smallnorb_download_fetches_only_the_missing_files_and_keeps_no_cut_one(tmp_path, monkeypatch):
+    import io
+    import urllib.request
+
+    write_smallnorb(tmp_path / "smallnorb")  # training files gzipped, testing files plain
+    missing = tmp_path / "smallnorb" / f"{smallnorb.FILES['test']}-info.mat"
+    body = gzip.compress(missing.read_bytes())
+    missing.unlink()
+    asked: list[str] = []
+    announced = {"size": len(body)}
+
+    class Response(io.BytesIO):
+        @property
+        def headers(self):
+            return {"Content-Length": str(announced["size"])}
+
+    def urlopen(url, timeout):
+        asked.append(url.rsplit("/", 1)[-1])
+        return Response(body)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    files = smallnorb.locate(tmp_path, allow_download=True)
+    assert asked == [f"{smallnorb.FILES['test']}-info.mat.gz"]  # the five on disk are not fetched again
+    assert len(files) == 6 and files["test", "info"].name.endswith("-info.mat.gz")
+    assert np.array_equal(smallnorb.read_norb_matrix(files["test", "info"]), norb_info(NORB_ROWS))
+    # a connection that ends early leaves no file behind, and says so
+    files["test", "info"].unlink()
+    announced["size"] = len(body) + 100
+    with pytest.raises(DatasetNotFoundError, match="the connection ended after"):
+        smallnorb.locate(tmp_path, allow_download=True)
+    assert not list((tmp_path / "smallnorb").glob(f"{smallnorb.FILES['test']}-info.mat*"))
 
 
 def test_smallnorb_reader_reads_gzipped_and_plain_matrix_files(norb_root):

@@ -363,7 +363,7 @@ def test_attack_with_another_number_of_routing_iterations_says_so(here):
     )
     assert figures.exit_code == 0, figures.output
     assert "routing iterations: 3 (the run was trained with 2)" in figures.stdout
-    text = text_events(here / "iters-tb" / "fit" / "inspect")["inspect/summary/text_summary"]
+    text = text_events(here / "iters-tb" / "fit" / "inspect")["inspect/test/summary/text_summary"]
     assert "routing iterations: 3 (the run was trained with 2)" in text and "wrote" not in text
     assert figures.stdout.count(" -> ") == 2  # the parent's activation after each of the three
     assert "routing iterations" not in invoke("inspect", "--ckpt", "fit", "--out", "iters-fig").stdout
@@ -447,7 +447,7 @@ def test_inspect_writes_five_png_figures_and_tensorboard_images(here):
         assert f"fig/{name}.png" in result.stdout
     assert "routing figure: layer class" in result.stdout
     images = scalar_events(here / "tb" / "fit" / "inspect")["_images"]
-    assert sorted(images) == [f"inspect/{name}" for name in names]
+    assert sorted(images) == [f"inspect/test/{name}" for name in names]  # the split's own: indices repeat
 
 
 def test_inspect_draws_a_convolutional_layer_at_a_chosen_position(here):
@@ -564,6 +564,26 @@ def test_eval_plot_names_the_file_it_writes_and_checks_the_name_before_evaluatin
     assert "accuracy" not in bad.stdout  # refused before the evaluation
     folder = invoke("eval", "--ckpt", "fit", "--plot", "plots")
     assert folder.exit_code == 2 and "plots is a folder: give a file name" in folder.stderr
+
+
+def test_the_eval_plot_marks_a_class_without_images_instead_of_drawing_it_at_zero():
+    from types import SimpleNamespace
+
+    from capsnet.visualize import plot_eval
+
+    result = SimpleNamespace(
+        class_names=["a", "b", "c"], per_class_correct=[2, 0, 0], per_class_total=[2, 0, 3], acc=0.4
+    )
+    report = SimpleNamespace(
+        result=result, familiar=None, multicrop=None, multicrop_familiar=None, split="test", run="r", step=1
+    )
+    (ax,) = plot_eval(report).axes
+    notes = [t for t in ax.texts if t.get_text() == "no images"]
+    assert len(notes) == 1 and round(notes[0].get_position()[1]) == 1  # class b's row, not c's 0%
+    assert "no images in the split have no bar" in ax.get_xlabel()
+    result.per_class_total = [2, 1, 3]
+    (ax,) = plot_eval(report).axes
+    assert not ax.texts and ax.get_xlabel() == "accuracy"
 
 
 def test_eval_json_is_standard_json_when_a_class_has_no_images(here):

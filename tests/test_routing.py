@@ -327,6 +327,30 @@ def test_every_childs_assignments_sum_to_one_over_all_parents_it_feeds(iteration
         assert counts.min() < counts.max()
 
 
+def test_the_logged_entropy_counts_each_child_once_over_all_the_parents_it_feeds():
+    g = torch.Generator().manual_seed(5)
+    b_types, c_types = 2, 3
+    fold = ChildFold(5, 5, 3, 1, types=b_types)  # the centre child sits in 9 patches, a corner one in 1
+    votes = torch.randn(1, fold.positions, c_types, 9 * b_types, 16, generator=g, dtype=torch.float64)
+    act = torch.rand(1, fold.positions, 9 * b_types, generator=g, dtype=torch.float64)
+    zeros = torch.zeros(c_types, dtype=torch.float64)
+    out = em_routing(votes, act, zeros, zeros, RoutingSettings(iterations=2), fold, stats=True)
+    r = final_assignments(votes, act, zeros, zeros, fold, RoutingSettings(iterations=2))[0]  # (L, C, I)
+    # each child's assignments, gathered slot by slot with loops
+    shares: dict[tuple[int, int], list[float]] = {}
+    for position in range(fold.positions):
+        for k in range(9):
+            for b in range(b_types):
+                child = (b, int(fold.index[position, k]))
+                shares.setdefault(child, []).extend(r[position, :, k * b_types + b].tolist())
+    assert len(shares) == 25 * b_types
+    expected = []
+    for values in shares.values():
+        p = torch.tensor(values, dtype=torch.float64)
+        expected.append(float(-(p * p.log()).sum() / math.log(len(values))) if len(values) > 1 else 0.0)
+    assert out.stats["entropy"].item() == pytest.approx(sum(expected) / len(expected), rel=1e-9)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_assignment_softmax_matches_float64_for_logits_hundreds_apart(grad):
     """Logits far apart (exponents far below float32's range) still give the exact softmax.
