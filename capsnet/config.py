@@ -185,6 +185,9 @@ class LoggingConfig:
     log_every: int = 50  # steps between scalar logs
     hist_every: int = 500  # steps between routing histograms
     keep: int = 3  # step-numbered checkpoints kept (last and best always)
+    save_every: int | None = (
+        None  # steps between checkpoints within an epoch (as well as at its end); null: none
+    )
     tensorboard: bool = True  # write TensorBoard events (metrics.jsonl is always written)
     progress: bool = True  # progress bars
 
@@ -249,6 +252,7 @@ POSITIVE = {
     "logging.log_every",
     "logging.hist_every",
     "logging.keep",
+    "logging.save_every",
     "optim.grad_clip",
 }
 NON_NEGATIVE = {

@@ -337,6 +337,7 @@ def make_checkpoint(
         "best_step": run.best_step,
         "best_split": run.eval_split,
         "skipped_steps": run.bad_total,
+        "bad_in_row": run.bad_in_row,  # non-finite steps just before this one, towards train.max_bad_steps
         "log_window": dict(zip(WINDOW_KEYS, window)),  # steps since the last log, summed over ranks
         "config": run.cfg.to_dict(),
         "arch": dict(run.model.hparams),
@@ -352,9 +353,11 @@ def save_run(run: Run, mid_epoch: bool, is_best: bool = False) -> Path | None:
     message, the previous checkpoints being intact.
     """
     bad = first_non_finite(run.model)
-    if bad is not None:
+    (any_bad,) = any_rank([bad is not None], run.device)  # every process stops, not only the one that saw it
+    if any_bad:
+        what = bad if bad is not None else "a parameter or buffer of another process's model"
         raise TrainingError(
-            f"stopped at step {run.step}: {bad} became non-finite, so it was not saved; "
+            f"stopped at step {run.step}: {what} became non-finite, so it was not saved; "
             f"the last good checkpoint is {run.last_checkpoint or 'none'}; "
             "try a lower optim.lr or set optim.grad_clip"
         )
@@ -388,6 +391,7 @@ def restore_run(run: Run, ckpt: dict[str, Any], where: Path) -> None:
     run.batches_done = int(ckpt.get("batches_done", 0))
     run.best_acc, run.best_step = ckpt.get("best_metric"), ckpt.get("best_step")
     run.bad_total = int(ckpt.get("skipped_steps", 0))
+    run.bad_in_row = int(ckpt.get("bad_in_row", 0))
     if dist_info.is_main and isinstance(ckpt.get("log_window"), dict):
         run.window.update({k: ckpt["log_window"].get(k, 0) for k in WINDOW_KEYS})
         run.window_untimed = int(run.window["n"])

@@ -199,8 +199,24 @@ def _log_step(run: Run, lr: float, margin: float) -> None:
     run.window_start, run.window_untimed = time.perf_counter(), 0
 
 
-def _train_step(run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest) -> tuple[float, int, int]:
-    """One optimiser step over ``group`` (``train.accumulate`` micro-batches)."""
+def _batch_norm_state(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """Each batch-norm buffer with a copy of its value (a forward pass updates them in place)."""
+    return [
+        (buf, buf.clone())
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for buf in module.buffers()
+    ]
+
+
+def _train_step(
+    run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest
+) -> tuple[float, int, int, bool]:
+    """One optimiser step over ``group`` (``train.accumulate`` micro-batches).
+
+    Returns the loss, correct predictions, images, and whether every process agrees to
+    stop now (a signal reached one of them).
+    """
     cfg, model = run.cfg, run.model
     lr = lr_at(run.step, cfg.optim, run.total_steps)
     margin = margin_at(run.step, run.total_steps, cfg.loss)
@@ -211,7 +227,9 @@ def _train_step(run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest)
     hist_now = next_step % cfg.logging.hist_every == 0
     model.record_stats = log_now or hist_now
     run.optimizer.zero_grad(set_to_none=True)
+    batch_norm = _batch_norm_state(model)  # put back if the step turns out non-finite
     loss_sum, correct, n = torch.zeros((), device=run.device), 0, 0
+    images = sum(len(y) for _, y in group)
     for i, (x, y) in enumerate(group):
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         defer_sync = isinstance(run.step_module, nn.parallel.DistributedDataParallel) and i < len(group) - 1
@@ -219,8 +237,9 @@ def _train_step(run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest)
             with autocast(run.device, cfg.train.precision):
                 out, recon = run.step_module(x, y)
                 loss, _ = compute_loss(out, x, y, model, cfg, run.step, run.total_steps, recon=recon)
-            (loss / len(group)).backward()
-        loss_sum += loss.detach() / len(group)
+            share = len(y) / images  # a short last micro-batch weighs by its images, as in one batch
+            (loss * share).backward()
+        loss_sum += loss.detach() * share
         correct += int((out.activations.detach().argmax(dim=1) == y).sum())
         n += len(y)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
@@ -232,6 +251,8 @@ def _train_step(run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest)
     )
     if bad:
         run.optimizer.zero_grad(set_to_none=True)
+        for buf, before in batch_norm:  # the skipped batch leaves no trace in the running statistics
+            buf.copy_(before)
         run.bad_in_row += 1
         run.bad_total += 1
         if run.bad_in_row >= cfg.train.max_bad_steps:
@@ -259,7 +280,7 @@ def _train_step(run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest)
     if hist_now:
         log_routing_histograms(run.writer, model.routing_stats, run.step)
     model.record_stats = False
-    return loss_value, correct, n
+    return loss_value, correct, n, stopping
 
 
 @torch.no_grad()
@@ -308,7 +329,7 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
     )
     reason = None
     for group in bar:
-        loss, correct, n = _train_step(run, group, stop)
+        loss, correct, n, stopping = _train_step(run, group, stop)
         if math.isfinite(loss):
             totals["loss"] += loss
             totals["steps"] += 1
@@ -317,16 +338,21 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
         elapsed = time.perf_counter() - totals["start"]
         set_postfix(
             bar,
-            loss=totals["loss"] / max(totals["steps"], 1),
-            acc=totals["correct"] / max(totals["n"], 1),
-            img_s=totals["n"] / max(elapsed, 1e-9),
+            **{
+                "train/loss": totals["loss"] / max(totals["steps"], 1),
+                "train/acc": totals["correct"] / max(totals["n"], 1),
+                "perf/img_per_s": totals["n"] / max(elapsed, 1e-9),
+            },
         )
         if run.cfg.train.max_steps is not None and run.step >= run.cfg.train.max_steps:
             reason = "max_steps"  # evaluated before stopping, even when a signal came on this step
             break
-        if stop.received is not None:
+        if stopping:  # agreed by every process: one that stopped alone would leave the others waiting
             reason = stop.name
             break
+        save_every = run.cfg.logging.save_every
+        if save_every and run.step % save_every == 0 and run.batches_done < run.steps_per_epoch:
+            save_run(run, mid_epoch=True)  # a crash loses at most save_every steps
     # A signal on the epoch's last step leaves the epoch open (all its steps done): it is
     # saved as mid-epoch, and the resumed run ends it with its evaluation, as an
     # uninterrupted run would have.
@@ -751,7 +777,9 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
             if reason == "max_steps":
                 stopped = reason
                 break
-            if stop.received is not None:  # a signal during evaluation or saving
+            if any_rank([stop.received is not None], run.device)[0]:  # a signal during evaluation or saving
+                if stop.received is None:
+                    stop.received = signal.SIGTERM  # another rank was signalled
                 stopped = stop.name
                 break
     if last_eval is not None:

@@ -211,6 +211,76 @@ def test_two_processes_with_sync_bn_write_one_run_equal_to_one_process_with_the_
     assert test_acc == logged(one)[-1]["test/acc"]
 
 
+# Runs `capsnet train` with one fault put into one process: a SIGTERM to itself just after the
+# step's stop agreement (inside the step's logging), or a NaN pixel in its batch of one step.
+FAULTY_TRAIN = """
+import os, signal, sys
+import torch
+from capsnet import trainer
+from capsnet.cli import app
+
+rank, step = int(os.environ["FAULT_RANK"]), int(os.environ["FAULT_STEP"])
+log_step, train_step = trainer._log_step, trainer._train_step
+
+def late_signal(run, lr, margin):
+    log_step(run, lr, margin)
+    if os.environ["FAULT"] == "sigterm" and run.dist.rank == rank and run.step == step:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+def nan_batch(run, group, stop):
+    if os.environ["FAULT"] == "nan" and run.dist.rank == rank and run.step + 1 == step:
+        (x, y), *rest = group
+        x = x.clone()
+        x[0, 0, 0, 0] = float("nan")
+        group = [(x, y), *rest]
+    return train_step(run, group, stop)
+
+trainer._log_step, trainer._train_step = late_signal, nan_batch
+sys.argv = ["capsnet", *sys.argv[1:]]
+app()
+"""
+
+
+def faulty_launch(tmp_path: Path, name: str, fault: str, rank: int, step: int) -> subprocess.CompletedProcess:
+    script = tmp_path / "faulty_train.py"
+    script.write_text(FAULTY_TRAIN)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+    ]
+    cmd += ["train", "--config", str(TINY), "--run-name", name, *cli_overrides(tmp_path)]
+    env = {**os.environ, "FAULT": fault, "FAULT_RANK": str(rank), "FAULT_STEP": str(step)}
+    with launched(cmd, tmp_path, env) as agent:
+        out, err = agent.communicate(timeout=240)  # a hang fails here
+    return subprocess.CompletedProcess(cmd, agent.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_a_signal_that_reaches_one_process_after_the_steps_agreement_stops_every_process_together(tmp_path):
+    # tiny.yaml on 2 processes: 3 steps an epoch, a log every 2 steps; rank 0 is signalled at step 4
+    result = faulty_launch(tmp_path, "late", "sigterm", rank=0, step=4)
+    assert "stopped by SIGTERM at step 5" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "weights" / "late" / "last.pt")
+    assert ckpt["step"] == 5 and ckpt["batches_done"] == 2  # the next step, agreed by both, then saved
+
+
+@pytest.mark.slow
+def test_a_non_finite_batch_in_one_process_is_skipped_by_all_and_leaves_batch_norm_finite(tmp_path):
+    result = faulty_launch(tmp_path, "nan", "nan", rank=1, step=3)  # the last step before epoch 1's save
+    check(result)
+    lines = logged(tmp_path / "weights" / "nan")
+    assert [line["train/skipped_steps"] for line in lines if "train/skipped_steps" in line][-1] == 1
+    ckpt = load_checkpoint(tmp_path / "weights" / "nan" / "last.pt")
+    assert ckpt["step"] == 6 and all(
+        torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()
+    )
+
+
 @pytest.mark.slow
 def test_the_weight_average_of_two_processes_equals_that_of_one(tmp_path):
     """Every rank's average starts from rank 0's weights (the ones DDP hands every rank), not its own."""

@@ -148,6 +148,71 @@ def test_a_few_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_a_skipped_batch_with_a_nan_pixel_leaves_the_batch_norm_statistics_as_they_were(
+    tmp_path, monkeypatch
+):
+    real, seen = trainer._train_step, {}
+
+    def nan_in_step_3(run, group, stop):
+        if run.step == 2:  # the step that makes step 3
+            (x, y), *rest = group
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+            group = [(x, y), *rest]
+            seen["before"] = run.model.stem[1].running_mean.clone()
+        result = real(run, group, stop)
+        if run.step == 3:
+            seen["after"] = run.model.stem[1].running_mean.clone()
+        return result
+
+    monkeypatch.setattr(trainer, "_train_step", nan_in_step_3)
+    result = fit(tiny(tmp_path), run_name="nan-pixel", echo=quiet)  # the epoch's save checks the buffers
+    assert result.stopped == "completed" and result.bad_steps == 1
+    assert torch.equal(seen["before"], seen["after"])
+
+
+def test_the_count_of_non_finite_steps_in_a_row_carries_over_a_resume(tmp_path, monkeypatch):
+    real = trainer.compute_loss
+
+    def bad_from_step_2(*args, **kwargs):  # compute_loss(out, x, y, model, cfg, step, total_steps)
+        loss, parts = real(*args, **kwargs)
+        return (loss * float("nan") if args[5] >= 2 else loss), parts
+
+    monkeypatch.setattr(trainer, "compute_loss", bad_from_step_2)
+    with pytest.raises(TrainingError, match="stopped at step 6: 4 non-finite steps in a row"):
+        fit(tiny(tmp_path, "train.max_bad_steps=4"), run_name="straight", echo=quiet)
+    fit(tiny(tmp_path, "train.max_bad_steps=4", "train.max_steps=4"), run_name="split", echo=quiet)
+    with pytest.raises(TrainingError, match="stopped at step 6: 4 non-finite steps in a row"):
+        fit(tiny(tmp_path, "train.max_bad_steps=4"), resume="split", echo=quiet)
+
+
+def test_a_short_last_micro_batch_weighs_by_its_images_as_in_one_whole_batch(tmp_path):
+    # 100 images: one batch of 100 against micro-batches of 16 (six) and 4, accumulated into one step
+    common = [
+        "data.train_size=100",
+        "train.max_steps=1",
+        "optim.name=sgd",
+        "optim.lr=0.5",
+        "model.batch_norm=false",
+    ]
+    whole = fit(tiny(tmp_path, *common, "train.batch_size=100"), run_name="whole", echo=quiet)
+    parts = fit(
+        tiny(tmp_path, *common, "train.batch_size=16", "train.accumulate=7"), run_name="parts", echo=quiet
+    )
+    a, b = (load_checkpoint(r.run_dir / "last.pt")["model"] for r in (whole, parts))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_save_every_writes_checkpoints_within_an_epoch_without_changing_the_run(tmp_path, straight):
+    result = fit(tiny(tmp_path, "logging.save_every=4", "logging.keep=10"), run_name="often", echo=quiet)
+    inside = load_checkpoint(result.run_dir / "step-000004.pt")  # 6 steps an epoch: 4 is within epoch 1
+    assert (inside["epoch"], inside["batches_done"]) == (0, 4)
+    saved = sorted(p.name for p in result.run_dir.glob("step-*.pt"))
+    assert saved == ["step-000004.pt", "step-000006.pt", "step-000008.pt", "step-000012.pt"]
+    assert same_weights(straight.run_dir / "last.pt", result.run_dir / "last.pt")
+
+
 def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path, monkeypatch):
     real, calls, lines = trainer.compute_loss, {"n": 0}, []
 
@@ -721,7 +786,8 @@ def test_resume_compares_only_the_split_settings_of_the_runs_dataset():
     from capsnet.checkpoint import CheckpointError, check_resume_settings
 
     saved = tiny(Path("/nonexistent"), "data.val_split=0.25").to_dict()
-    smallnorb_only = tiny(Path("/nonexistent"), "data.val_split=0.25", "data.stereo=samples").to_dict()
+    smallnorb_only = tiny(Path("/nonexistent"), "data.val_split=0.25").to_dict()
+    smallnorb_only["data"]["stereo"] = "samples"  # as a config saved before such keys were refused holds
     check_resume_settings(saved, smallnorb_only, "ckpt")  # synthetic data: the stereo setting draws nothing
     bigger = tiny(Path("/nonexistent"), "data.val_split=0.25", "data.train_size=128").to_dict()
     with pytest.raises(CheckpointError, match=r"data.train_size: 96 in the checkpoint, 128 now"):
