@@ -408,7 +408,11 @@ def test_a_bad_yaml_file_names_the_unknown_key(tmp_path, monkeypatch):
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["eval", "--ckpt", "latest", "--debug"])
-    assert result.exit_code != 0 and result.exception is not None
+    # the error itself propagates (exit 1 with its traceback), not the one-line exit 2
+    assert result.exit_code == 1 and not isinstance(result.exception, SystemExit), result.exception
+    assert type(result.exception).__name__ == "CheckpointError"
+    plain = runner.invoke(app, ["eval", "--ckpt", "latest"])
+    assert plain.exit_code == 2 and isinstance(plain.exception, SystemExit)
 
 
 def test_every_command_help_explains_its_options():

@@ -35,7 +35,10 @@ def naive_em(children, parents, links, settings, group_of):
     for members in groups.values():
         for idx in members:
             r[idx] = torch.tensor(1.0 / len(members), dtype=torch.float64)
-    lambdas = inverse_temperatures(settings)
+    # the paper's schedule written out here, not taken from the code under test
+    lambdas = [
+        settings.final_lambda * (1 - settings.lambda_decay ** (t + 1)) for t in range(settings.iterations)
+    ]
     out = {}
     for t, lam in enumerate(lambdas):
         out = {}
@@ -322,9 +325,20 @@ def test_every_childs_assignments_sum_to_one_over_all_parents_it_feeds(iteration
     per_child = fold.sum(r.sum(dim=2))  # (N, L, I) total over every parent of the slot's child
     torch.testing.assert_close(per_child, torch.ones_like(per_child), atol=1e-5, rtol=1e-5)
     if iterations == 1:  # initial assignments: 1 / number of parents fed, fewer at the borders
-        counts = fold.parents_per_slot(c_types)
+        # patches of 3x3, stride 2 on the 6x7 grid: 2x3 positions; count each child's patches by hand
+        patches = {}
+        for py, px, ky, kx in itertools.product(range(2), range(3), range(3), range(3)):
+            child = (2 * py + ky, 2 * px + kx)
+            patches[child] = patches.get(child, 0) + 1
+        counts = torch.tensor(
+            [
+                [patches[2 * (position // 3) + k // 3, 2 * (position % 3) + k % 3] * c_types] * b_types
+                for position in range(6)
+                for k in range(9)
+            ]
+        ).reshape(6, 9 * b_types)  # slot k * B + b: kernel offset k (row-major), child type b
         torch.testing.assert_close(r[0, :, 0, :], 1.0 / counts)
-        assert counts.min() < counts.max()
+        assert counts.min() == c_types and counts.max() == 4 * c_types
 
 
 def test_the_logged_entropy_counts_each_child_once_over_all_the_parents_it_feeds():
