@@ -354,7 +354,7 @@ def run_checkpoint(run_dir: str | Path) -> Path:
 
 def resolve_checkpoint(spec: str, out_dir: str | Path) -> Path:
     """``latest`` | ``best`` | a run directory | a checkpoint file | a run name under ``out_dir``."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
     if spec == "latest":
         return run_checkpoint(latest_run(out_dir))
     if spec == "best":
@@ -362,7 +362,7 @@ def resolve_checkpoint(spec: str, out_dir: str | Path) -> Path:
         if not (run / BEST).is_file():
             raise CheckpointError(f"run {run} has no {BEST} yet (it is written after the first evaluation)")
         return run / BEST
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_file():
         return path
     if path.is_dir():

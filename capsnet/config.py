@@ -11,6 +11,7 @@ import collections.abc
 import dataclasses
 import datetime
 import math
+import os
 import re
 import types
 import typing
@@ -266,6 +267,11 @@ NON_NEGATIVE = {
     "train.num_workers",
     "train.seed",
 }
+#: integer settings with a limit of their own (others: 2**31 - 1)
+UPPER_LIMITS = {
+    "train.seed": 2**32 - 1,  # numpy's seeds are 32-bit
+    "model.iterations": 100,  # each iteration is unrolled in the graph; the paper uses 3
+}
 POSITIVE_LISTS = {"model.stem_channels", "model.caps_types", "model.caps_strides", "model.decoder_hidden"}
 
 
@@ -304,14 +310,16 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(f"{key}: expected an integer, got {value!r}")
-        return value
+            return value
+        return int(value)  # a plain int, not the loader's record of its text
     if tp is bool:
         if not isinstance(value, bool):
             problems.append(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is str:
-        if isinstance(value, (datetime.date, int)) and not isinstance(value, bool):
-            return str(value)  # YAML read a name like 2024-05-01 or 2024 as a date or a number
+        if isinstance(value, (datetime.date, int, float)) and not isinstance(value, bool):
+            # YAML read a name like 2024, 0755 or 1_000 as a number: the text as written
+            return getattr(value, "yaml_text", str(value))
         if not isinstance(value, str):
             problems.append(f"{key}: expected a string, got {value!r}")
         return value
@@ -350,10 +358,18 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     for key, v in flat.items():
         if isinstance(v, float) and not math.isfinite(v):
             problems.append(f"{key}: must be a finite number, got {v!r}")
+        elif isinstance(v, list) and any(isinstance(x, float) and not math.isfinite(x) for x in v):
+            problems.append(f"{key}: every entry must be a finite number, got {v!r}")
     for key in POSITIVE:
         v = flat.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
             problems.append(f"{key}: must be positive, got {v!r}")
+    for key, v in flat.items():  # beyond what torch and numpy take (a timestamp as a seed, a typo)
+        limit = UPPER_LIMITS.get(key, 2**31 - 1)
+        for x in v if isinstance(v, list) else [v]:
+            if isinstance(x, int) and not isinstance(x, bool) and x > limit:
+                problems.append(f"{key}: at most {limit:,} (got {x:,})")
+                break
     for key in NON_NEGATIVE:
         v = flat.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
@@ -449,9 +465,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError([f"override {text!r}: empty key"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    text = raw.strip()
+    if isinstance(value, str) and value != text and not (text[:1] in "'\"" and text[:1] == text[-1:]):
+        value = text  # YAML read " #..." as a comment or folded spaces: a command line means the text
     return key.split("."), value
 
 
@@ -509,6 +528,9 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = 
     cfg = _build(Config, data, "", problems)
     if not problems:
         _validate(cfg, problems)
+    if not problems:  # "~/runs" means the home folder, as data.root's does
+        cfg.logging.out_dir = os.path.expanduser(cfg.logging.out_dir)
+        cfg.logging.tb_dir = os.path.expanduser(cfg.logging.tb_dir)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -534,6 +556,33 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             first[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
+
+
+class _YamlInt(int):
+    """An int as YAML read it, with the text it was written as (``yaml_text``)."""
+
+
+class _YamlFloat(float):
+    """A float as YAML read it, with the text it was written as (``yaml_text``)."""
+
+
+def _keeping_text(kind: type, construct):
+    def constructor(loader, node):
+        value = kind(construct(loader, node))
+        value.yaml_text = node.value  # a string key given 0755 or 1_000 keeps what was written
+        return value
+
+    return constructor
+
+
+_UniqueKeyLoader.add_constructor(
+    "tag:yaml.org,2002:int", _keeping_text(_YamlInt, yaml.SafeLoader.construct_yaml_int)
+)
+_UniqueKeyLoader.add_constructor(
+    "tag:yaml.org,2002:float", _keeping_text(_YamlFloat, yaml.SafeLoader.construct_yaml_float)
+)
+# no setting is a date: a name like 2024-05-01 stays the text it is
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

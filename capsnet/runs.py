@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -379,7 +380,7 @@ def save_run(run: Run, mid_epoch: bool, is_best: bool = False) -> Path | None:
         raise CheckpointError(
             f"{error}\ntraining stopped at step {run.step}; the last complete checkpoint is "
             f"{error.written or run.last_checkpoint or 'none'}; free some space and resume with: "
-            f"capsnet train --resume {run.run_dir}"
+            f"capsnet train --resume {shlex.quote(str(run.run_dir))}"
         )
     return run.last_checkpoint
 

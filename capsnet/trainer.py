@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import shlex
 import signal
 import time
 import warnings
@@ -110,7 +111,7 @@ class TrainingInterrupted(Exception):
         self.exit_code = result.exit_code
         super().__init__(
             f"stopped by {result.stopped} at step {result.step}; "
-            f"resume with: capsnet train --resume {result.run_dir}"
+            f"resume with: capsnet train --resume {shlex.quote(str(result.run_dir))}"
         )
 
 
@@ -803,7 +804,7 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
     exit_code = EXIT_CODES.get(stopped, 0)
     if exit_code:
         say(f"stopped by {stopped} at step {run.step}; saved {run.last_checkpoint}")
-        say(f"resume with: capsnet train --resume {run.run_dir}")
+        say(f"resume with: capsnet train --resume {shlex.quote(str(run.run_dir))}")
     else:
         if resumed_from is not None and last_eval is None and stopped == "completed":
             say(
@@ -816,7 +817,7 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
             if run.best_acc is not None
             else ""
         )
-        say(f"{what} at step {run.step}{best}; evaluate with: capsnet eval --ckpt {run.run_dir}")
+        say(f"{what} at step {run.step}{best}; evaluate with: capsnet eval --ckpt {shlex.quote(str(run.run_dir))}")
     if run.bad_total:
         say(f"skipped {run.bad_total} non-finite step(s)")
     result = RunResult(

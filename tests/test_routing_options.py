@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -184,3 +186,41 @@ def test_string_settings_take_names_yaml_would_read_as_a_date_or_a_number():
     assert (cfg.data.root, cfg.logging.tb_dir) == ("2024-05-01", "2024")
     with pytest.raises(ConfigError, match="data.root: expected a string, got True"):
         config_from_dict(base, ["data.root=true"])
+
+
+def test_string_settings_keep_their_text_as_written_on_the_command_line_and_in_a_file(tmp_path):
+    from capsnet.config import load_config
+
+    base = {"data": {"name": "synthetic"}}
+    cfg = config_from_dict(base, ["logging.out_dir=1_000", "logging.tb_dir=0755", "data.root=/d/run #1"])
+    assert (cfg.logging.out_dir, cfg.logging.tb_dir, cfg.data.root) == ("1_000", "0755", "/d/run #1")
+    assert config_from_dict(base, ["data.root='a #b'"]).data.root == "a #b"  # quoted: YAML's reading
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  name: synthetic\n  root: 012\nlogging:\n  tb_dir: 1:30\n  out_dir: 2.50\n")
+    cfg = load_config(path, ["train.epochs=0x10", "optim.lr=1e-3"])
+    assert (cfg.data.root, cfg.logging.tb_dir, cfg.logging.out_dir) == ("012", "1:30", "2.50")
+    # numbers stay plain numbers (a checkpoint's config is read back with weights_only)
+    assert type(cfg.train.epochs) is int and cfg.train.epochs == 16 and type(cfg.optim.lr) is float
+
+
+def test_path_settings_expand_the_home_folder():
+    cfg = config_from_dict({"data": {"name": "synthetic"}}, ["logging.out_dir=~/w", "logging.tb_dir=~/tb"])
+    assert cfg.logging.out_dir == str(Path.home() / "w") and cfg.logging.tb_dir == str(Path.home() / "tb")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.seed=1733400000000", r"train\.seed: at most 4,294,967,295 \(got 1,733,400,000,000\)"),
+        ("train.threads=99999999999", r"train\.threads: at most 2,147,483,647"),
+        ("model.iterations=1000", r"model\.iterations: at most 100 \(got 1,000\)"),
+        ("model.caps_types=[4, 99999999999]", r"model\.caps_types: at most 2,147,483,647"),
+        (
+            "routing.layer_cost_scales=[1, 1, .inf]",
+            r"routing\.layer_cost_scales: every entry must be a finite",
+        ),
+    ],
+)
+def test_integers_beyond_what_torch_takes_and_infinite_list_entries_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"data": {"name": "synthetic"}}, [override])
