@@ -99,12 +99,17 @@ def evaluate(
     total_steps: int | None = None,
     class_names: list[str] | None = None,
     max_batches: int | None = None,
+    progress_bar: bool = False,
+    desc: str = "evaluating",
 ) -> EvalResult:
     """Mean loss and accuracy of ``model`` (a CapsNet) over ``loader``.
 
     The loss uses the spread-loss margin at ``step`` of ``total_steps`` (default:
     the final margin), so training and evaluation losses are comparable.
+    ``progress_bar``: a progress bar on a terminal (rank 0 only under torchrun).
     """
+    from capsnet.tracking import progress
+
     device = torch.device(device)
     num_classes = model.num_classes
     if step is None or total_steps is None:
@@ -114,8 +119,11 @@ def evaluate(
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
     per_correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
     per_count = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    batches = progress(loader, total, progress_bar and main, desc)
     try:
-        for i, (x, y) in enumerate(loader):
+        for i, (x, y) in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -130,6 +138,8 @@ def evaluate(
             per_count.index_add_(0, y, torch.ones_like(hit))
     finally:
         model.train(was_training)
+        if batches is not loader:
+            batches.close()
     packed = _all_reduce(torch.cat([sums, per_correct, per_count]))
     loss_sum, correct, n = packed[:3].tolist()
     per_correct_list = [round(v) for v in packed[3 : 3 + num_classes].tolist()]
@@ -207,6 +217,7 @@ def prepare_checkpoint(
     from capsnet.config import stored_config
     from capsnet.data import DataError, build_loaders, check_channels, split_names
 
+    _check_scoring_overrides(overrides or [], batch_size is not None, data_root is not None)
     dev = resolve_device(device, option="--device")  # named as the command's option, not the config key
     path = resolve_checkpoint(spec, out_dir)
     ckpt = load_checkpoint(path)
@@ -244,6 +255,32 @@ def prepare_checkpoint(
         loaders.extra = {name: limited(ld, limit, cfg.train.seed) for name, ld in loaders.extra.items()}
         loader = limited(loader, limit, cfg.train.seed)
     return Prepared(Path(path), ckpt, cfg, model, loaders, loader, split, dev)
+
+
+#: training-only settings: -o on a command that scores a trained model could not change anything
+TRAINING_ONLY = ("optim.", "logging.") + tuple(
+    f"train.{key}"
+    for key in ("epochs", "max_steps", "max_bad_steps", "init_from", "sync_bn", "accumulate", "ema")
+)
+
+
+def _check_scoring_overrides(overrides: list[str], batch_option: bool, root_option: bool) -> None:
+    """Refuses -o settings that a scoring command ignores or that its own options set."""
+    from capsnet.config import ConfigError
+
+    problems = []
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key.startswith(TRAINING_ONLY) or key in TRAINING_ONLY:
+            problems.append(f"-o {key}: a training setting, which scoring a trained model does not use")
+        elif key == "train.device":
+            problems.append("-o train.device: give the device as --device")
+        elif key == "train.eval_batch_size" and batch_option:
+            problems.append("-o train.eval_batch_size: --batch-size sets it too; give one of them")
+        elif key == "data.root" and root_option:
+            problems.append("-o data.root: --data-root sets it too; give one of them")
+    if problems:
+        raise ConfigError(problems)
 
 
 def iterations_note(iterations: int, trained: int) -> str:
@@ -387,7 +424,7 @@ def evaluate_checkpoint(
     """
     prep = prepare_checkpoint(spec, out_dir, split, batch_size, data_root, device, overrides, limit)
     cfg, model, dev, names = prep.cfg, prep.model, prep.device, prep.class_names
-    result = evaluate(model, prep.loader, cfg, dev, class_names=names)
+    result = evaluate(model, prep.loader, cfg, dev, class_names=names, progress_bar=progress, desc=split)
     report = CheckpointEval(
         str(prep.path),
         prep.run,
@@ -401,7 +438,9 @@ def evaluate_checkpoint(
     familiar = prep.loaders.extra.get("test_familiar") if split == "test" else None
     if familiar is not None:
         report.viewpoint_split = cfg.data.split
-        report.familiar = evaluate(model, familiar, cfg, dev, class_names=names)
+        report.familiar = evaluate(
+            model, familiar, cfg, dev, class_names=names, progress_bar=progress, desc="test_familiar"
+        )
     if mirror and crops is None:
         crops = 1
     if crops is not None:

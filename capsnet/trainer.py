@@ -381,7 +381,15 @@ def end_of_epoch(run: Run, summary: dict[str, float]) -> EvalResult:
     split = run.eval_split
     loader = run.loaders.val if split == "val" else run.loaders.test
     result = evaluate(
-        run.eval_model, loader, run.cfg, run.device, run.step, run.total_steps, run.loaders.info.class_names
+        run.eval_model,
+        loader,
+        run.cfg,
+        run.device,
+        run.step,
+        run.total_steps,
+        run.loaders.info.class_names,
+        progress_bar=run.cfg.logging.progress and run.dist.is_main,
+        desc=f"{split} after epoch {run.epoch if run.batches_done == 0 else run.epoch + 1}",
     )
     run.writer.scalars({f"{split}/loss": result.loss, f"{split}/acc": result.acc}, run.step)
     if uses_reconstruction(run.model, run.cfg):
@@ -817,7 +825,9 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
             if run.best_acc is not None
             else ""
         )
-        say(f"{what} at step {run.step}{best}; evaluate with: capsnet eval --ckpt {shlex.quote(str(run.run_dir))}")
+        say(
+            f"{what} at step {run.step}{best}; evaluate with: capsnet eval --ckpt {shlex.quote(str(run.run_dir))}"
+        )
     if run.bad_total:
         say(f"skipped {run.bad_total} non-finite step(s)")
     result = RunResult(

@@ -109,6 +109,24 @@ def test_eval_applies_overrides_to_the_checkpoint_config_and_checks_their_keys(i
     assert result.exit_code == 2 and "data.bogus" in result.stderr
 
 
+def test_eval_refuses_overrides_it_would_ignore_or_that_its_own_options_set(in_workdir):
+    for args, message in [
+        (["-o", "optim.lr=5"], "-o optim.lr: a training setting, which scoring a trained model does not use"),
+        (["-o", "logging.out_dir=x"], "-o logging.out_dir: a training setting"),
+        (["-o", "train.epochs=3"], "-o train.epochs: a training setting"),
+        (["-o", "train.device=cpu"], "-o train.device: give the device as --device"),
+        (["-o", "data.root=a", "--data-root", "b"], "-o data.root: --data-root sets it too"),
+        (
+            ["-o", "train.eval_batch_size=4", "--batch-size", "8"],
+            "-o train.eval_batch_size: --batch-size sets",
+        ),
+    ]:
+        result = runner.invoke(app, ["eval", "--ckpt", "latest", *args])
+        assert result.exit_code == 2 and message in result.stderr, (args, result.output)
+    kept = runner.invoke(app, ["eval", "--ckpt", "latest", "--json", "-o", "train.eval_batch_size=4"])
+    assert kept.exit_code == 0, kept.output
+
+
 def test_eval_refuses_overrides_of_the_architecture_the_weights_were_trained_for(in_workdir):
     for setting, shown in [
         ("model.caps_types=[8,8]", "model.caps_types ([4, 4] in the checkpoint, [8, 8] asked)"),

@@ -213,6 +213,22 @@ def test_save_every_writes_checkpoints_within_an_epoch_without_changing_the_run(
     assert same_weights(straight.run_dir / "last.pt", result.run_dir / "last.pt")
 
 
+def test_training_and_eval_show_a_progress_bar_over_the_evaluation_on_a_terminal(
+    tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    from capsnet.evaluate import evaluate_checkpoint
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    result = fit(tiny(tmp_path, "train.epochs=1", "logging.progress=true"), run_name="bars", echo=quiet)
+    assert "test after epoch 1" in capsys.readouterr().err  # tiny.yaml has no validation split
+    evaluate_checkpoint(str(result.run_dir), str(tmp_path / "weights"))
+    assert "\rtest:   0%" in capsys.readouterr().err  # the bar of the one test batch
+    evaluate_checkpoint(str(result.run_dir), str(tmp_path / "weights"), progress=False)
+    assert "test:" not in capsys.readouterr().err
+
+
 def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path, monkeypatch):
     real, calls, lines = trainer.compute_loss, {"n": 0}, []
 
