@@ -184,7 +184,13 @@ class ClassCaps(RoutingLayer):
     def forward(
         self, pose: Tensor, act: Tensor, rows: Tensor | None = None, cols: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``rows`` (H,), ``cols`` (W,): scaled receptive-field centres for coordinate addition."""
+        """``rows`` (H,), ``cols`` (W,): scaled receptive-field centres for coordinate addition.
+
+        Without them the centres of the H x W capsule grid's cells are added instead
+        ((k + 0.5) / H - 0.5), which equal the receptive-field centres only where the
+        layers below cover the image evenly; :class:`capsnet.model.CapsNet` always passes
+        the receptive-field centres.
+        """
         n, h, w, types, _ = pose.shape
         if types != self.in_types:
             raise ValueError(f"{self.name}: expected {self.in_types} input capsule types, got {types}")

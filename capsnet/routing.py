@@ -17,7 +17,8 @@ With a :class:`ChildFold` the assignments of a child over *every* parent it
 feeds (all patches x all types) sum to one, as in the paper; without one they
 are normalised over the parent types of each patch separately.
 
-Two implementations compute the same function:
+Two implementations compute the same function (to rounding; see the note on the fast
+path's precision below):
 
 * ``impl="plain"``: the equations written out elementwise; clear, and the
   reference for the fast path.
@@ -32,6 +33,17 @@ Two implementations compute the same function:
   gradients of the poses and transformation matrices. While torch.compile or
   torch.export traces, the same iterations run on the whole batch in plain
   differentiable operations.
+
+Precision of the fast path: it forms each parent's variance as E[(V - s)^2] - mu^2 and
+its E-step as a quadratic form in [V - s, (V - s)^2], with one centre s per position
+(the activation-weighted mean of all its children's votes). Where a parent's children
+sit d away from s with a spread sigma, float32 keeps about 6e-8 * (d / sigma)^2 of
+relative accuracy in that variance: exact for the trained models measured (the
+default small model's class activations on the 10,000 Fashion-MNIST test images
+differ from a float64 plain routing by at most 2.1e-6, as the float32 plain path's do
+by 3.1e-6, and no prediction changes), but tight, well separated clusters far from s
+(d / sigma of 300 or more) lose whole percents of their variance. Route in float64
+(``model.double()``) or with ``impl="plain"`` to rule it out.
 """
 
 from __future__ import annotations
@@ -1110,7 +1122,9 @@ def em_routing(
             the ``mu``, ``var``, ``act`` it produced (detached) and its ``lambda``; forces the
             plain path. For figures only.
 
-    Routing runs in float32 (float64 when the child activations are float64), also under autocast.
+    The forward routes in float32 (float64 when the child activations are float64), also
+    under autocast; a backward run inside autocast computes its products in the autocast
+    dtype, so run it outside, as torch advises (the trainer does).
     """
     if impl not in ("fast", "plain"):
         raise ValueError(f"em_routing: impl must be 'fast' or 'plain', got {impl!r}")
