@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+FLAG = " "  # the metavar of a flag, which takes no value (typer would show <bool>)
+
 app = typer.Typer(
     name="capsnet",
     help="Capsule networks with EM routing (Hinton, Sabour & Frosst, ICLR 2018): train, evaluate, export.",
@@ -34,7 +36,7 @@ OUT_DIR_HELP = "Folder that holds the run directories (logging.out_dir of the tr
 DEBUG_HELP = "Show the full traceback when something fails."
 
 #: Options that several commands take with the same meaning.
-DebugOption = Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)]
+DebugOption = Annotated[bool, typer.Option("--debug", metavar=FLAG, help=DEBUG_HELP)]
 OutDirOption = Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
 RunDataRootOption = Annotated[
@@ -46,6 +48,7 @@ DataOverrideOption = Annotated[
     typer.Option(
         "--override",
         "-o",
+        metavar="KEY=VALUE",
         help="Change a data value of the checkpoint's config, or model.iterations (the routing "
         "iterations) (repeatable; the rest of the architecture comes from the checkpoint).",
     ),
@@ -121,7 +124,8 @@ def train(
         typer.Option(
             "--override",
             "-o",
-            help="Change one config value: -o train.batch_size=64 (repeatable).",
+            metavar="KEY=VALUE",
+            help="Change one config value: -o train.batch_size=64 (repeatable; the value is read as YAML, so -o 'model.caps_types=[16, 16]' gives a list and null means none).",
         ),
     ] = None,
     resume: Annotated[
@@ -145,6 +149,7 @@ def train(
         bool,
         typer.Option(
             "--overwrite",
+            metavar=FLAG,
             help="Replace an existing run directory of that name (and its TensorBoard events).",
         ),
     ] = False,
@@ -204,13 +209,16 @@ def eval_(
             help="Evaluation batch size (default: the run's).",
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar=FLAG, help="Print the result as one JSON object.")
+    ] = False,
     data_root: RunDataRootOption = None,
     override: Annotated[
         list[str] | None,
         typer.Option(
             "--override",
             "-o",
+            metavar="KEY=VALUE",
             help="Change a value of the checkpoint's config for this evaluation, e.g. -o data.root=/data, "
             "or score the model with another number of routing iterations, -o model.iterations=1 "
             "(repeatable; the rest of the architecture comes from the checkpoint).",
@@ -241,6 +249,7 @@ def eval_(
         bool,
         typer.Option(
             "--mirror",
+            metavar=FLAG,
             help="Also average the class activations of each image (or of each crop, with --crops) with "
             "those of its left-right mirror, and report that beside the single-crop accuracy: test-time "
             "flipping, for models trained with horizontal flips (data.flip; not for digits).",
@@ -351,7 +360,9 @@ def export(
     overwrite: Annotated[
         bool,
         typer.Option(
-            "--overwrite", help="Replace an existing file at the output path (once the new export passes)."
+            "--overwrite",
+            metavar=FLAG,
+            help="Replace an existing file at the output path (once the new export passes).",
         ),
     ] = False,
     out_dir: OutDirOption = DEFAULT_OUT_DIR,
@@ -376,7 +387,12 @@ def bench(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML config whose model is timed.")],
     override: Annotated[
         list[str] | None,
-        typer.Option("--override", "-o", help="Change one config value: -o model.iterations=2 (repeatable)."),
+        typer.Option(
+            "--override",
+            "-o",
+            metavar="KEY=VALUE",
+            help="Change one config value: -o model.iterations=2 (repeatable).",
+        ),
     ] = None,
     batch_size: Annotated[
         int | None,
@@ -420,7 +436,9 @@ def bench(
             help="cpu, cuda, cuda:N, mps or auto (CUDA, then MPS, then the CPU); default: the config's train.device.",
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar=FLAG, help="Print the result as one JSON object.")
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Time training and inference steps of a config's model on random data of its geometry."""
@@ -474,6 +492,7 @@ def attack(
         bool,
         typer.Option(
             "--targeted/--untargeted",
+            metavar=FLAG,
             help="Push images towards a target class and report the success rate (default: untargeted, "
             "away from the true class, reporting accuracy).",
         ),
@@ -519,14 +538,20 @@ def attack(
         bool,
         typer.Option(
             "--tensorboard/--no-tensorboard",
+            metavar=FLAG,
             help="Write attack/<method>/acc scalars (step = eps x 1000, so epsilons must be 0.001 apart).",
         ),
     ] = True,
     tb_dir: Annotated[str | None, typer.Option("--tb-dir", help=TB_DIR_HELP.format("attack"))] = None,
     plot: Annotated[
-        bool, typer.Option("--plot/--no-plot", help="Write the PNG plot (needs matplotlib, the viz extra).")
+        bool,
+        typer.Option(
+            "--plot/--no-plot", metavar=FLAG, help="Write the PNG plot (needs matplotlib, the viz extra)."
+        ),
     ] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar=FLAG, help="Print the result as one JSON object.")
+    ] = False,
     data_root: RunDataRootOption = None,
     override: DataOverrideOption = None,
     out_dir: OutDirOption = DEFAULT_OUT_DIR,
@@ -637,6 +662,7 @@ def inspect(
         bool,
         typer.Option(
             "--tensorboard",
+            metavar=FLAG,
             help="Also write the figures to TensorBoard (tags inspect/<split>/<figure> at step --index, and the "
             "report as text under inspect/<split>/summary).",
         ),

@@ -464,8 +464,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError([f"override {text!r}: empty key"])
+    if not raw.strip():
+        raise ConfigError([f"override {text!r}: empty value (give one, or null for none)"])
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader)
     except yaml.YAMLError:
         value = raw
     text = raw.strip()

@@ -452,6 +452,11 @@ def test_every_command_help_explains_its_options():
         assert result.exit_code == 0
         for option in options:
             assert option in result.stdout, (command, option)
+        # flags show no value to give, -o the form of its value
+        shown = [line for line in result.stdout.splitlines() if "<bool>" in line and "--help" not in line]
+        assert not shown, (command, shown)
+        if "--override" in options:
+            assert "KEY=VALUE" in result.stdout, command
 
 
 def test_python_dash_m_capsnet_help_works():

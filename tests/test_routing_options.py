@@ -219,6 +219,7 @@ def test_path_settings_expand_the_home_folder():
             "routing.layer_cost_scales=[1, 1, .inf]",
             r"routing\.layer_cost_scales: every entry must be a finite",
         ),
+        ("train.epochs=", r"override 'train\.epochs=': empty value \(give one, or null for none\)"),
     ],
 )
 def test_integers_beyond_what_torch_takes_and_infinite_list_entries_are_config_errors(override, message):
