@@ -16,6 +16,7 @@ Only rank 0 writes: the trainer builds ``TensorBoardWriter`` there and a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -25,6 +26,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+
+class TrackingError(OSError):
+    """A metrics or TensorBoard file could not be written (disk full, permissions); names the file."""
+
 
 ROUTING_SCALARS = ("entropy", "activation_mean", "variance", "active_fraction")
 
@@ -85,6 +91,13 @@ class MetricsFile:
         if self._step is None or not self._pending:
             return
         line = json.dumps({"step": self._step, **self._pending})
+        try:
+            self._write(line)
+        except OSError as e:
+            raise TrackingError(f"could not write {self.path}: {e.strerror or e}") from e
+        self._step, self._pending = None, {}
+
+    def _write(self, line: str) -> None:
         if self._rewrite:  # the merged line replaces the last one, atomically: a kill keeps the old file
             from capsnet.checkpoint import atomic_write_bytes
 
@@ -94,7 +107,6 @@ class MetricsFile:
         else:
             with self.path.open("a") as f:
                 f.write(line + "\n")
-        self._step, self._pending = None, {}
 
 
 def _last_entry(path: Path) -> dict[str, Any] | None:
@@ -165,12 +177,23 @@ class TensorBoardWriter(NullWriter):
         metrics_path: str | Path | None = None,
         purge_step: int | None = None,
     ):
-        self.tb = None
+        self.tb, self.log_dir = None, log_dir
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         self.metrics = MetricsFile(metrics_path) if metrics_path is not None else None
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as e:
+            if isinstance(e, TrackingError):
+                raise
+            raise TrackingError(
+                f"could not write TensorBoard events to {self.log_dir}: {e.strerror or e}"
+            ) from e
 
     def scalar(self, tag: str, value: float | Tensor, step: int) -> None:
         self.scalars({tag: value}, step)
@@ -178,8 +201,9 @@ class TensorBoardWriter(NullWriter):
     def scalars(self, metrics: Mapping[str, float | Tensor], step: int) -> None:
         values = {tag: _to_float(v) for tag, v in metrics.items()}
         if self.tb is not None:
-            for tag, v in values.items():
-                self.tb.add_scalar(tag, v, step)
+            with self._writing():
+                for tag, v in values.items():
+                    self.tb.add_scalar(tag, v, step)
         if self.metrics is not None:
             self.metrics.add(values, step)
 
@@ -187,37 +211,43 @@ class TensorBoardWriter(NullWriter):
         if self.tb is not None:
             values = values.detach().float().flatten().cpu()
             values = values[torch.isfinite(values)]
-            if values.numel():
-                self.tb.add_histogram(tag, values, step)
+            with self._writing():
+                if values.numel():
+                    self.tb.add_histogram(tag, values, step)
 
     def image(self, tag: str, image: Tensor, step: int) -> None:
         """``image`` is (C, H, W) with values in [0, 1]; a non-finite pixel is drawn black (inf: white)."""
         if self.tb is not None:
             image = torch.nan_to_num(image.detach().float(), nan=0.0, posinf=1.0, neginf=0.0)
-            self.tb.add_image(tag, image.clamp(0, 1).cpu(), step)
+            with self._writing():
+                self.tb.add_image(tag, image.clamp(0, 1).cpu(), step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         """Plain text, shown verbatim (TensorBoard reads markdown: each line is indented as code)."""
         if self.tb is not None:
-            self.tb.add_text(tag, "\n".join(f"    {line}" for line in text.splitlines()), step)
+            with self._writing():
+                self.tb.add_text(tag, "\n".join(f"    {line}" for line in text.splitlines()), step)
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int = 0) -> None:
         """Written at ``step`` (the run's last), so that a resumed run's purge hides an earlier attempt's."""
         if self.tb is not None:
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
             metric_values = {k: float(v) for k, v in metrics.items()}
-            self.tb.add_hparams(clean, metric_values, run_name=".", global_step=step)
+            with self._writing():
+                self.tb.add_hparams(clean, metric_values, run_name=".", global_step=step)
 
     def flush(self) -> None:
         if self.metrics is not None:
             self.metrics.flush()
         if self.tb is not None:
-            self.tb.flush()
+            with self._writing():
+                self.tb.flush()
 
     def close(self) -> None:
         self.flush()
         if self.tb is not None:
-            self.tb.close()
+            with self._writing():
+                self.tb.close()
 
 
 # --------------------------------------------------------------------------- routing statistics and images

@@ -87,6 +87,7 @@ from capsnet.signals import EXIT_CODES, StopRequest, catch_stop_signals
 from capsnet.tracking import (
     NullWriter,
     TensorBoardWriter,
+    TrackingError,
     format_metrics,
     log_routing_histograms,
     progress,
@@ -644,10 +645,27 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
                 f"{run.best_step})"
             )
             run.best_acc = run.best_step = None
+    done = False
     try:
-        return _loop(run, ckpt_path)
+        result = _loop(run, ckpt_path)
+        done = True
+        return result
+    except TrackingError as e:
+        raise _tracking_failed(run, e) from e
     finally:
-        writer.close()
+        try:
+            writer.close()
+        except TrackingError as e:
+            if done:  # else the error already on its way says more
+                raise _tracking_failed(run, e) from e
+
+
+def _tracking_failed(run: Run, error: TrackingError) -> TrainingError:
+    return TrainingError(
+        f"stopped at step {run.step}: {error}; the last complete checkpoint is "
+        f"{run.last_checkpoint or 'none'}; free some space (or fix the folder) and resume with: "
+        f"capsnet train --resume {shlex.quote(str(run.run_dir))}"
+    )
 
 
 def _agree_with_best_file(run: Run, dist_info) -> None:

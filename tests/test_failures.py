@@ -376,6 +376,45 @@ def test_a_batch_norm_statistic_that_became_non_finite_is_never_saved(tmp_path, 
     assert not [p for p in (tmp_path / "bn").iterdir() if p.suffix == ".pt"]
 
 
+@pytest.mark.parametrize("where", ["metrics", "tensorboard"])
+def test_a_full_disk_under_the_logs_stops_training_with_the_file_and_how_to_resume(
+    tmp_path, monkeypatch, where
+):
+    import errno
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from capsnet.tracking import MetricsFile
+
+    def full(*args, **kwargs):
+        if fit_state["step"] >= 7:  # after epoch 1's checkpoint (tiny.yaml: 6 steps an epoch)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    fit_state = {"step": 0}
+    owner, name = (MetricsFile, "_write") if where == "metrics" else (SummaryWriter, "add_scalar")
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, full)
+    from capsnet import trainer
+
+    real_step = trainer._train_step
+
+    def counting(run, group, stop):
+        out = real_step(run, group, stop)
+        fit_state["step"] = run.step
+        return out
+
+    monkeypatch.setattr(trainer, "_train_step", counting)
+    cfg = load_config(TINY, [f"logging.out_dir={tmp_path / 'w'}", f"logging.tb_dir={tmp_path / 'tb'}"])
+    with pytest.raises(TrainingError) as info:
+        fit(cfg, run_name="full", echo=lambda _msg: None)
+    message = str(info.value)
+    named = "metrics.jsonl" if where == "metrics" else f"TensorBoard events to {tmp_path / 'tb' / 'full'}"
+    assert named in message and "No space left on device" in message, message
+    assert "the last complete checkpoint is " in message and "step-000006.pt" in message, message
+    assert f"resume with: capsnet train --resume {tmp_path / 'w' / 'full'}" in message
+
+
 def test_a_failed_rewrite_of_the_metrics_file_leaves_it_whole(tmp_path, monkeypatch):
     from capsnet import checkpoint
     from capsnet.tracking import truncate_metrics
