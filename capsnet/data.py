@@ -1055,6 +1055,16 @@ def _build_synthetic(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDat
 
 # --------------------------------------------------------------------------- entry points
 
+#: the side of the images each dataset gives without data.image_size (smallNORB's crop and
+#: an image folder's size follow from the files, so are known only once they are read)
+NATIVE_SIZES = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "svhn": 32, "synthetic": 32}
+
+
+def expected_image_size(cfg: DataConfig) -> int | None:
+    """The side of the model's input images, where it is known before any file is read."""
+    return cfg.image_size or NATIVE_SIZES.get(cfg.name)
+
+
 _BUILDERS: dict[str, Callable[[DataConfig, int], tuple[ImageDataset, ImageDataset, DataInfo]]] = {
     "mnist": _build_idx,
     "fashion-mnist": _build_idx,

@@ -51,7 +51,7 @@ from capsnet.checkpoint import (
     safe_child,
 )
 from capsnet.config import Config, ConfigError
-from capsnet.data import DataWarning, build_loaders
+from capsnet.data import DataWarning, build_loaders, expected_image_size
 from capsnet.distributed import (
     any_rank,
     broadcast,
@@ -514,6 +514,12 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     ckpt, ckpt_path, name = choice.checkpoint, choice.checkpoint_path, choice.name
     if ckpt is not None:  # like the checks below, before compiling kernels and loading data
         check_resume_settings(ckpt.get("config") or {}, cfg.to_dict(), ckpt_path)
+    size = expected_image_size(cfg.data)
+    if size is not None:  # a model that cannot take the images is refused before they load (or download)
+        try:
+            CapsNet.from_config(cfg.model, cfg.routing, 1, 2, size).capsule_grid(size, size)
+        except ValueError as e:
+            raise ConfigError([f"model: {e} (the data gives {size}x{size} images)"]) from None
     if choice.note:  # before the check below, whose refusal it explains
         say(choice.note)
     if dist_info.is_main:

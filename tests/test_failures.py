@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from capsnet.checkpoint import load_checkpoint, step_checkpoints
 from capsnet.cli import app
-from capsnet.config import load_config
+from capsnet.config import ConfigError, load_config
 from capsnet.trainer import TrainingError, fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -374,6 +374,30 @@ def test_a_batch_norm_statistic_that_became_non_finite_is_never_saved(tmp_path, 
     with pytest.raises(TrainingError, match=r"batch-norm statistic stem\.1\.running_var became non-finite"):
         fit(cfg, run_name="bn", echo=lambda _msg: None)
     assert not [p for p in (tmp_path / "bn").iterdir() if p.suffix == ".pt"]
+
+
+def test_a_model_too_deep_for_the_images_is_refused_before_any_data_is_read_or_downloaded(
+    tmp_path, monkeypatch
+):
+    from capsnet import trainer
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the data was looked for")
+
+    monkeypatch.setattr(trainer, "build_loaders", no_download)
+    root, out = tmp_path / "data", tmp_path / "w"
+    cfg = load_config(
+        TINY.parent / "mnist.yaml",
+        [
+            "data.image_size=8",
+            f"data.root={root}",
+            f"logging.out_dir={out}",
+            f"logging.tb_dir={tmp_path / 'tb'}",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"caps1: input of 2x2 capsules .* \(the data gives 8x8 images\)"):
+        fit(cfg, run_name="deep", echo=lambda _msg: None)
+    assert not root.exists() and not out.exists()
 
 
 @pytest.mark.parametrize("where", ["metrics", "tensorboard"])
