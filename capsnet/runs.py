@@ -283,6 +283,8 @@ def open_run_dir(cfg: Config, choice: RunChoice, overwrite: bool, say: Callable[
     if leftover:
         shutil.rmtree(run_dir)
         shutil.rmtree(tb_dir, ignore_errors=True)
+    if cfg.logging.tensorboard:  # a TensorBoard folder that cannot be made stops the run before it has files
+        tb_dir.mkdir(parents=True, exist_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(dump_config(cfg).encode(), run_dir / "config.yaml")
     if choice.resuming_here:

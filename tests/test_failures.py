@@ -917,6 +917,17 @@ def test_a_run_folder_left_without_a_checkpoint_is_started_afresh_by_the_same_co
     assert (tmp_path / "weights" / "m" / "notes.txt").read_text() == "mine"
 
 
+def test_a_tensorboard_folder_that_cannot_be_made_stops_the_run_before_it_writes_anything(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    blocker = written(tmp_path / "plain-file", b"x")
+    result = runner.invoke(app, [*train_args(tmp_path, "--run-name", "t"), "-o", f"logging.tb_dir={blocker}"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: could not use ") and "plain-file" in result.stderr, result.stderr
+    assert not (tmp_path / "weights" / "t").exists()
+
+
 def test_eval_prints_its_results_before_a_figure_that_cannot_be_written(tmp_path, one_run):
     blocker = written(tmp_path / "plain-file", b"x")
     args = ["eval", "--ckpt", str(one_run / "weights" / "one"), "--plot", str(blocker / "eval.png")]
