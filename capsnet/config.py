@@ -491,11 +491,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if child is None:
                 child = {}
             elif not isinstance(child, dict):
-                problems.append(f"{'.'.join(path)}: {part!r} is not a section")
+                problems.append(
+                    f"{'.'.join(path)}: cannot be set: {part} is {child!r} in the config, not a section of keys"
+                )
                 break
             node[part] = dict(child)
             node = node[part]
         else:
+            old = node.get(path[-1])
+            if isinstance(value, dict) and isinstance(old, dict):  # -o 'data={name: mnist}' sets those keys
+                value = {**old, **value}
             node[path[-1]] = value
     if problems:
         raise ConfigError(problems)

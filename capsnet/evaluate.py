@@ -348,13 +348,16 @@ class CheckpointEval:
     #: routing iterations the model was scored with, and where -o model.iterations changed it, trained with
     iterations: int | None = None
     trained_iterations: int | None = None
+    #: steps of epoch ``epoch + 1`` done when the checkpoint was written (0: it ends epoch ``epoch``)
+    batches_done: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = {
             "checkpoint": self.checkpoint,
             "run": self.run,
             "step": self.step,
-            "epoch": self.epoch,
+            "epoch": self.epoch,  # epochs completed
+            **({"mid_epoch_steps": self.batches_done} if self.batches_done else {}),
             "split": self.split,
             **self.result.to_dict(),
         }
@@ -377,7 +380,12 @@ class CheckpointEval:
     def summary(self) -> str:
         r = self.result
         lines = [
-            f"checkpoint {self.checkpoint} (run {self.run}, step {self.step}, epoch {self.epoch})",
+            f"checkpoint {self.checkpoint} (run {self.run}, step {self.step}, "
+            + (
+                f"{self.batches_done} steps into epoch {self.epoch + 1})"
+                if self.batches_done
+                else f"after epoch {self.epoch})"
+            ),
             f"{self.split}: accuracy {r.acc:.4f} ({r.correct}/{r.n}), loss {r.loss:.4f}",
         ]
         if self.trained_iterations is not None:
@@ -434,6 +442,7 @@ def evaluate_checkpoint(
         result,
         iterations=prep.iterations,
         trained_iterations=prep.trained_iterations,
+        batches_done=int(prep.ckpt.get("batches_done", 0)),
     )
     familiar = prep.loaders.extra.get("test_familiar") if split == "test" else None
     if familiar is not None:

@@ -109,6 +109,24 @@ def test_eval_applies_overrides_to_the_checkpoint_config_and_checks_their_keys(i
     assert result.exit_code == 2 and "data.bogus" in result.stderr
 
 
+def test_eval_says_how_far_into_an_epoch_a_mid_epoch_checkpoint_is(tmp_path):
+    out = tmp_path / "w"
+    args = [
+        "train",
+        "--config",
+        str(TINY),
+        "-o",
+        f"logging.out_dir={out}",
+        "-o",
+        f"logging.tb_dir={tmp_path / 'tb'}",
+    ]
+    assert runner.invoke(app, [*args, "--run-name", "mid", "-o", "train.max_steps=4"]).exit_code == 0
+    result = runner.invoke(app, ["eval", "--ckpt", str(out / "mid"), "--out-dir", str(out)])
+    assert "step 4, 4 steps into epoch 1)" in result.stdout, result.output
+    data = json.loads(runner.invoke(app, ["eval", "--ckpt", str(out / "mid"), "--json"]).stdout)
+    assert (data["epoch"], data["mid_epoch_steps"]) == (0, 4)
+
+
 def test_eval_refuses_overrides_it_would_ignore_or_that_its_own_options_set(in_workdir):
     for args, message in [
         (["-o", "optim.lr=5"], "-o optim.lr: a training setting, which scoring a trained model does not use"),

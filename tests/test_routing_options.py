@@ -225,3 +225,13 @@ def test_path_settings_expand_the_home_folder():
 def test_integers_beyond_what_torch_takes_and_infinite_list_entries_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"data": {"name": "synthetic"}}, [override])
+
+
+def test_a_mapping_given_for_a_section_sets_its_keys_and_a_scalar_section_is_named_as_the_configs():
+    base = {"data": {"name": "synthetic", "num_classes": 3}, "train": 5}
+    with pytest.raises(
+        ConfigError, match="train.max_steps: cannot be set: train is 5 in the config, not a section"
+    ):
+        config_from_dict(base, ["train.max_steps=2"])
+    cfg = config_from_dict({"data": {"name": "synthetic", "num_classes": 3}}, ["data={channels: 2}"])
+    assert (cfg.data.name, cfg.data.num_classes, cfg.data.channels) == ("synthetic", 3, 2)
