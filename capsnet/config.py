@@ -430,6 +430,12 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append(f"data.erase: not used by data.name {cfg.data.name!r} (leave it 0)")
     elif cfg.data.erase > 0 and not cfg.data.augment:
         problems.append("data.erase: has no effect unless data.augment is true")
+    if cfg.train.compile and cfg.model.decoder and cfg.loss.recon_weight > 0:
+        problems.append(
+            "train.compile: torch.compile of the whole model fails in its backward pass (a TypeError in "
+            "inductor's code, torch 2.14) when the reconstruction decoder trains; set model.decoder: false "
+            "with it, or leave it off (train.compile_routing compiles the routing's kernels alone)"
+        )
     if cfg.train.ema is not None and not 0.0 < cfg.train.ema < 1.0:
         problems.append(f"train.ema: must be in (0, 1) (a decay per step, e.g. 0.999), got {cfg.train.ema!r}")
     if not 0.0 <= cfg.routing.lambda_decay < 1.0:

@@ -235,3 +235,13 @@ def test_a_mapping_given_for_a_section_sets_its_keys_and_a_scalar_section_is_nam
         config_from_dict(base, ["train.max_steps=2"])
     cfg = config_from_dict({"data": {"name": "synthetic", "num_classes": 3}}, ["data={channels: 2}"])
     assert (cfg.data.name, cfg.data.num_classes, cfg.data.channels) == ("synthetic", 3, 2)
+
+
+def test_compiling_the_whole_model_is_refused_with_the_reconstruction_decoder():
+    base = {"data": {"name": "synthetic"}}
+    with pytest.raises(
+        ConfigError, match="train.compile: torch.compile of the whole model fails in its backward"
+    ):
+        config_from_dict(base, ["train.compile=true"])
+    assert config_from_dict(base, ["train.compile=true", "model.decoder=false"]).train.compile
+    assert config_from_dict(base, ["train.compile=true", "loss.recon_weight=0"]).train.compile
