@@ -73,7 +73,7 @@ def validate_run_name(name: str) -> str:
     if not isinstance(name, str) or not _RUN_NAME.match(name) or ".." in name or len(name) > 200:
         raise CheckpointError(
             f"invalid run name {name!r}: use letters, digits and . _ - + = @ "
-            "(no path separators, no '..', not starting with a dot)"
+            "(no path separators, no '..', starting with a letter or digit)"
         )
     return name
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import shlex
 import signal
@@ -102,6 +103,10 @@ __all__ = ["RunResult", "TrainingError", "TrainingInterrupted", "config_for_resu
 _LOST_PEER = re.compile(
     r"Connection (reset|closed|refused)|Broken pipe|NCCL communicator was aborted", re.IGNORECASE
 )
+
+
+#: below this many validation images the choice of best.pt is noted as coarse
+MIN_VAL_IMAGES = 200
 
 
 class TrainingInterrupted(Exception):
@@ -764,6 +769,18 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
     )
     if run.loaders.val is None:
         say("no validation split (data.val_split is 0): best.pt is chosen by test accuracy")
+    elif len(run.loaders.val.dataset) < MIN_VAL_IMAGES:
+        say(
+            f"note: the validation split holds {len(run.loaders.val.dataset)} images, which choose best.pt; "
+            f"its accuracy moves in steps of {1 / len(run.loaders.val.dataset):.2g} (a larger data.val_split "
+            "gives a steadier choice)"
+        )
+    cpus = os.cpu_count() or 1
+    if cfg.train.num_workers > cpus:
+        say(
+            f"note: train.num_workers={cfg.train.num_workers} starts more loader processes than the {cpus} "
+            f"CPUs (each holds a copy of the process's memory); {min(cpus, 4)} or fewer is usually enough"
+        )
     say(run.model.summary())
     if run.ema is not None:
         say(

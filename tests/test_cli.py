@@ -332,6 +332,8 @@ def test_a_run_name_that_leaves_the_weights_folder_is_rejected_and_nothing_is_wr
     result = runner.invoke(app, ["train", "--config", TINY, "--run-name", "../../x"])
     assert result.exit_code == 2 and "invalid run name" in result.stderr
     assert list(tmp_path.iterdir()) == []
+    dashed = runner.invoke(app, ["train", "--config", TINY, "--run-name", "-x"])
+    assert dashed.exit_code == 2 and "starting with a letter or digit" in dashed.stderr, dashed.output
 
 
 def test_bench_reports_throughput_as_json(tmp_path, monkeypatch):
@@ -392,6 +394,8 @@ def test_bench_picks_its_device_as_training_does_and_rejects_one_it_cannot_use(t
     if not torch.cuda.is_available():
         missing = runner.invoke(app, [*args, "--device", "cuda"])
         assert missing.exit_code == 2 and "--device: 'cuda' was asked for" in missing.stderr
+        second = runner.invoke(app, [*args, "--device", "cuda:1"])
+        assert second.exit_code == 2 and "--device: 'cuda:1' was asked for" in second.stderr, second.output
 
 
 def test_bench_auto_prefers_cuda_then_mps_then_the_cpu(monkeypatch):

@@ -229,6 +229,20 @@ def test_training_and_eval_show_a_progress_bar_over_the_evaluation_on_a_terminal
     assert "test:" not in capsys.readouterr().err
 
 
+def test_a_small_validation_split_and_more_loader_processes_than_cpus_are_noted(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer.os, "cpu_count", lambda: 1)
+    lines: list[str] = []
+    cfg = tiny(tmp_path, "data.val_split=0.25", "train.num_workers=2", "train.max_steps=1")
+    fit(cfg, run_name="notes", echo=lines.append)
+    assert any(
+        "the validation split holds 24 images" in line and "steps of 0.042" in line for line in lines
+    ), lines
+    assert any("train.num_workers=2 starts more loader processes than the 1 CPUs" in line for line in lines)
+    lines.clear()
+    fit(tiny(tmp_path, "train.max_steps=1"), run_name="quiet", echo=lines.append)
+    assert not any("validation split holds" in line or "num_workers" in line for line in lines), lines
+
+
 def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path, monkeypatch):
     real, calls, lines = trainer.compute_loss, {"n": 0}, []
 
