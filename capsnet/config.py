@@ -267,7 +267,17 @@ NON_NEGATIVE = {
     "train.num_workers",
     "train.seed",
 }
-#: integer settings with a limit of their own (others: 2**31 - 1)
+#: settings that torch takes as C integers: at most 2**31 - 1
+SIZED_BY_TORCH = (
+    "model.",
+    "data.",
+    "train.batch_size",
+    "train.eval_batch_size",
+    "train.threads",
+    "train.num_workers",
+    "train.accumulate",
+)
+#: integer settings with a limit of their own
 UPPER_LIMITS = {
     "train.seed": 2**32 - 1,  # numpy's seeds are 32-bit
     "model.iterations": 100,  # each iteration is unrolled in the graph; the paper uses 3
@@ -349,7 +359,13 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: Config, problems: list[str]) -> None:
+def _validate(cfg: Config, problems: list[str], stored: bool = False) -> None:
+    """Every problem of ``cfg`` into ``problems``.
+
+    ``stored``: a configuration saved with a run, which may hold combinations that earlier
+    versions accepted and that change nothing in scoring it (a key of another dataset, a
+    counter beyond 2**31); only what would make the run unusable is checked then.
+    """
     flat = _flatten(cfg.to_dict())
     for key, allowed in CHOICES.items():
         if flat.get(key) not in allowed:
@@ -365,7 +381,12 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
             problems.append(f"{key}: must be positive, got {v!r}")
     for key, v in flat.items():  # beyond what torch and numpy take (a timestamp as a seed, a typo)
-        limit = UPPER_LIMITS.get(key, 2**31 - 1)
+        if key in UPPER_LIMITS:
+            limit = UPPER_LIMITS[key]
+        elif key.startswith(SIZED_BY_TORCH) and not stored:  # sizes and counts torch takes as C ints
+            limit = 2**31 - 1
+        else:
+            continue
         for x in v if isinstance(v, list) else [v]:
             if isinstance(x, int) and not isinstance(x, bool) and x > limit:
                 problems.append(f"{key}: at most {limit:,} (got {x:,})")
@@ -410,7 +431,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append("loss.margin_end: must not be below loss.margin_start")
     if cfg.data.name == "folder" and not cfg.data.train_dir:
         problems.append("data.train_dir: required when data.name is 'folder'")
-    for key, owner in DATASET_KEYS.items():  # set for a dataset that never reads them: a mistake
+    for key, owner in {} if stored else DATASET_KEYS.items():  # set for a dataset that never reads them
         value, default = getattr(cfg.data, key), getattr(DataConfig, key)
         if cfg.data.name != owner and value != default:
             problems.append(
@@ -430,7 +451,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append(f"data.erase: not used by data.name {cfg.data.name!r} (leave it 0)")
     elif cfg.data.erase > 0 and not cfg.data.augment:
         problems.append("data.erase: has no effect unless data.augment is true")
-    if cfg.train.compile and cfg.model.decoder and cfg.loss.recon_weight > 0:
+    if cfg.train.compile and cfg.model.decoder and cfg.loss.recon_weight > 0 and not stored:
         problems.append(
             "train.compile: torch.compile of the whole model fails in its backward pass (a TypeError in "
             "inductor's code, torch 2.14) when the reconstruction decoder trains; set model.decoder: false "
@@ -477,7 +498,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = raw
     text = raw.strip()
-    if isinstance(value, str) and value != text and not (text[:1] in "'\"" and text[:1] == text[-1:]):
+    quoted = text[:1] in "'\"" and text[:1] == text[-1:]
+    if isinstance(value, str) and value != text and not quoted and not text.startswith("!"):  # "!": a tag
         value = text  # YAML read " #..." as a comment or folded spaces: a command line means the text
     return key.split("."), value
 
@@ -523,10 +545,10 @@ def stored_config(data: Any, source: str | Path, overrides: list[str] | None = N
     if not isinstance(data, dict):
         raise ConfigError([f"the configuration stored in {source} is not a mapping"])
     try:
-        return config_from_dict(data, overrides)
+        return config_from_dict(data, overrides, stored=True)
     except ConfigError as with_overrides:
         try:  # the stored configuration alone, parsed again only to tell whose fault it is
-            config_from_dict(data)
+            config_from_dict(data, stored=True)
         except ConfigError as e:
             raise ConfigError(
                 [f"{p} (in the configuration stored in {source})" for p in e.problems]
@@ -534,13 +556,18 @@ def stored_config(data: Any, source: str | Path, overrides: list[str] | None = N
         raise with_overrides from None
 
 
-def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
-    """Builds and validates a Config; raises ConfigError naming every bad key."""
+def config_from_dict(
+    data: dict[str, Any] | None, overrides: list[str] | None = None, stored: bool = False
+) -> Config:
+    """Builds and validates a Config; raises ConfigError naming every bad key.
+
+    ``stored``: ``data`` is a run's saved configuration (see :func:`_validate`).
+    """
     data = apply_overrides(data or {}, overrides or [])
     problems: list[str] = []
     cfg = _build(Config, data, "", problems)
     if not problems:
-        _validate(cfg, problems)
+        _validate(cfg, problems, stored)
     if not problems:  # "~/runs" means the home folder, as data.root's does
         cfg.logging.out_dir = os.path.expanduser(cfg.logging.out_dir)
         cfg.logging.tb_dir = os.path.expanduser(cfg.logging.tb_dir)

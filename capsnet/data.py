@@ -1055,9 +1055,17 @@ def _build_synthetic(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDat
 
 # --------------------------------------------------------------------------- entry points
 
-#: the side of the images each dataset gives without data.image_size (smallNORB's crop and
-#: an image folder's size follow from the files, so are known only once they are read)
-NATIVE_SIZES = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "svhn": 32, "synthetic": 32}
+#: the side of the images each dataset gives without data.image_size (smallNORB: its crops;
+#: an image folder: what its images are resized to)
+NATIVE_SIZES = {
+    "mnist": 28,
+    "fashion-mnist": 28,
+    "cifar10": 32,
+    "svhn": 32,
+    "synthetic": 32,
+    "smallnorb": 32,
+    "folder": 32,
+}
 
 
 def expected_image_size(cfg: DataConfig) -> int | None:

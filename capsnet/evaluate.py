@@ -266,11 +266,17 @@ TRAINING_ONLY = ("optim.", "logging.") + tuple(
 
 def _check_scoring_overrides(overrides: list[str], batch_option: bool, root_option: bool) -> None:
     """Refuses -o settings that a scoring command ignores or that its own options set."""
-    from capsnet.config import ConfigError
+    from capsnet.config import ConfigError, parse_override
 
-    problems = []
+    problems, keys = [], []
     for text in overrides:
-        key = text.split("=", 1)[0].strip()
+        path, value = parse_override(text)
+        key = ".".join(path)
+        # a mapping for a section (-o 'optim={lr: 5}') sets each of its keys
+        keys += [f"{key}.{sub}" for sub in value] if isinstance(value, dict) else [key]
+    for key in keys:
+        if key == "logging.tb_dir":  # where attack and inspect write TensorBoard events without --tb-dir
+            continue
         if key.startswith(TRAINING_ONLY) or key in TRAINING_ONLY:
             problems.append(f"-o {key}: a training setting, which scoring a trained model does not use")
         elif key == "train.device":

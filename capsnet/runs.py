@@ -49,6 +49,7 @@ from capsnet.checkpoint import (
     safe_child,
     save_checkpoint,
     step_checkpoints,
+    step_file,
     validate_run_name,
     write_run_record,
 )
@@ -56,7 +57,7 @@ from capsnet.config import Config, config_from_dict, dump_config, stored_config
 from capsnet.data import Loaders
 from capsnet.distributed import DistInfo, any_rank, broadcast, gather_to_main, rank_seed, sum_over_ranks
 from capsnet.model import CapsNet
-from capsnet.tracking import NullWriter, truncate_metrics
+from capsnet.tracking import NullWriter, TrackingError, truncate_metrics
 
 
 class TrainingError(Exception):
@@ -92,6 +93,9 @@ class Run:
     window_start: float = field(default_factory=time.perf_counter)
     window_untimed: int = 0  # images of the window counted before a resume: not in its img/s
     last_checkpoint: Path | None = None
+    #: the newest checkpoint written within an epoch (logging.save_every, or the one resumed from),
+    #: kept outside logging.keep's count and removed once a later checkpoint is written
+    interim: Path | None = None
     ema: WeightAverage | None = None  # the moving average of the weights (train.ema)
 
     @property
@@ -348,7 +352,7 @@ def make_checkpoint(
     }
 
 
-def save_run(run: Run, mid_epoch: bool, is_best: bool = False) -> Path | None:
+def save_run(run: Run, mid_epoch: bool, is_best: bool = False, interim: bool = False) -> Path | None:
     """Writes a checkpoint on rank 0; every rank calls it and learns whether it worked.
 
     A model with a non-finite parameter is never saved (the run stops); a
@@ -369,12 +373,19 @@ def save_run(run: Run, mid_epoch: bool, is_best: bool = False) -> Path | None:
     window = sum_over_ranks([float(run.window[k]) for k in WINDOW_KEYS], run.device)
     error: CheckpointError | None = None
     if run.dist.is_main:
-        run.writer.flush()
         try:
+            run.writer.flush()
             ckpt = make_checkpoint(run, mid_epoch, rng_per_rank, window)
-            run.last_checkpoint = save_checkpoint(run.run_dir, ckpt, run.cfg.logging.keep, is_best)
+            # an interim checkpoint (``interim``: logging.save_every) pushes no epoch's out of logging.keep
+            extra = int(interim) + int(run.interim is not None and run.interim.exists())
+            run.last_checkpoint = save_checkpoint(run.run_dir, ckpt, run.cfg.logging.keep + extra, is_best)
+            if run.interim is not None and run.interim != run.last_checkpoint:
+                run.interim.unlink(missing_ok=True)  # the checkpoint just written supersedes it
+            run.interim = run.last_checkpoint if interim else None
         except CheckpointError as e:
             error = e
+        except TrackingError as e:  # the metrics written before the checkpoint
+            error = CheckpointError(str(e))
     (failed,) = any_rank([error is not None], run.device)  # also the barrier after rank 0's save
     if failed:
         if error is None:
@@ -395,6 +406,9 @@ def restore_run(run: Run, ckpt: dict[str, Any], where: Path) -> None:
     run.best_acc, run.best_step = ckpt.get("best_metric"), ckpt.get("best_step")
     run.bad_total = int(ckpt.get("skipped_steps", 0))
     run.bad_in_row = int(ckpt.get("bad_in_row", 0))
+    resumed_file = run.run_dir / step_file(run.step)
+    if run.batches_done and resumed_file.is_file():  # written within an epoch: the next save supersedes it
+        run.interim = resumed_file
     if dist_info.is_main and isinstance(ckpt.get("log_window"), dict):
         run.window.update({k: ckpt["log_window"].get(k, 0) for k in WINDOW_KEYS})
         run.window_untimed = int(run.window["n"])

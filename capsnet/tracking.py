@@ -244,10 +244,12 @@ class TensorBoardWriter(NullWriter):
                 self.tb.flush()
 
     def close(self) -> None:
-        self.flush()
-        if self.tb is not None:
-            with self._writing():
-                self.tb.close()
+        try:
+            self.flush()
+        finally:  # the event file is closed (its thread stopped) even when a write failed
+            if self.tb is not None:
+                with self._writing():
+                    self.tb.close()
 
 
 # --------------------------------------------------------------------------- routing statistics and images

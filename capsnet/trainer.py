@@ -359,7 +359,7 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
             break
         save_every = run.cfg.logging.save_every
         if save_every and run.step % save_every == 0 and run.batches_done < run.steps_per_epoch:
-            save_run(run, mid_epoch=True)  # a crash loses at most save_every steps
+            save_run(run, mid_epoch=True, interim=True)  # a crash loses at most save_every steps
     # A signal on the epoch's last step leaves the epoch open (all its steps done): it is
     # saved as mid-epoch, and the resumed run ends it with its evaluation, as an
     # uninterrupted run would have.

@@ -138,11 +138,14 @@ def test_eval_refuses_overrides_it_would_ignore_or_that_its_own_options_set(in_w
             ["-o", "train.eval_batch_size=4", "--batch-size", "8"],
             "-o train.eval_batch_size: --batch-size sets",
         ),
+        (["-o", "optim={lr: 5}"], "-o optim.lr: a training setting"),
     ]:
         result = runner.invoke(app, ["eval", "--ckpt", "latest", *args])
         assert result.exit_code == 2 and message in result.stderr, (args, result.output)
     kept = runner.invoke(app, ["eval", "--ckpt", "latest", "--json", "-o", "train.eval_batch_size=4"])
     assert kept.exit_code == 0, kept.output
+    tb = runner.invoke(app, ["eval", "--ckpt", "latest", "--json", "-o", "logging.tb_dir=elsewhere"])
+    assert tb.exit_code == 0, tb.output  # attack and inspect write there without --tb-dir
 
 
 def test_eval_refuses_overrides_of_the_architecture_the_weights_were_trained_for(in_workdir):

@@ -195,6 +195,7 @@ def test_string_settings_keep_their_text_as_written_on_the_command_line_and_in_a
     cfg = config_from_dict(base, ["logging.out_dir=1_000", "logging.tb_dir=0755", "data.root=/d/run #1"])
     assert (cfg.logging.out_dir, cfg.logging.tb_dir, cfg.data.root) == ("1_000", "0755", "/d/run #1")
     assert config_from_dict(base, ["data.root='a #b'"]).data.root == "a #b"  # quoted: YAML's reading
+    assert config_from_dict(base, ["data.root=!!str 5"]).data.root == "5"  # a tag: YAML's reading
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  name: synthetic\n  root: 012\nlogging:\n  tb_dir: 1:30\n  out_dir: 2.50\n")
     cfg = load_config(path, ["train.epochs=0x10", "optim.lr=1e-3"])
@@ -245,3 +246,19 @@ def test_compiling_the_whole_model_is_refused_with_the_reconstruction_decoder():
         config_from_dict(base, ["train.compile=true"])
     assert config_from_dict(base, ["train.compile=true", "model.decoder=false"]).train.compile
     assert config_from_dict(base, ["train.compile=true", "loss.recon_weight=0"]).train.compile
+
+
+def test_a_runs_stored_configuration_keeps_working_where_newer_checks_would_refuse_it():
+    from capsnet.config import stored_config
+
+    saved = config_from_dict({"data": {"name": "synthetic"}}).to_dict()
+    saved["data"]["grayscale"] = True  # earlier versions accepted a folder key for other datasets
+    saved["model"]["decoder"], saved["train"]["compile"] = True, True
+    saved["model"]["caps_types"] = [4, 2**31]  # a size torch would refuse, accepted then
+    with pytest.raises(ConfigError) as fresh:
+        config_from_dict(saved)
+    assert len(fresh.value.problems) == 3, fresh.value.problems
+    cfg = stored_config(saved, "old.pt", ["data.root=elsewhere"])
+    assert cfg.data.grayscale and cfg.data.root == "elsewhere"
+    # counters that torch never sees have no limit, fresh or stored
+    assert config_from_dict({}, ["logging.hist_every=10000000000"]).logging.hist_every == 10**10

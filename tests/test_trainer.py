@@ -205,12 +205,33 @@ def test_a_short_last_micro_batch_weighs_by_its_images_as_in_one_whole_batch(tmp
 
 
 def test_save_every_writes_checkpoints_within_an_epoch_without_changing_the_run(tmp_path, straight):
-    result = fit(tiny(tmp_path, "logging.save_every=4", "logging.keep=10"), run_name="often", echo=quiet)
-    inside = load_checkpoint(result.run_dir / "step-000004.pt")  # 6 steps an epoch: 4 is within epoch 1
-    assert (inside["epoch"], inside["batches_done"]) == (0, 4)
-    saved = sorted(p.name for p in result.run_dir.glob("step-*.pt"))
-    assert saved == ["step-000004.pt", "step-000006.pt", "step-000008.pt", "step-000012.pt"]
+    seen: list[tuple[int, int, list[str]]] = []
+    real = trainer.save_run
+
+    def watch(run, mid_epoch, is_best=False, interim=False):
+        path = real(run, mid_epoch, is_best, interim)
+        seen.append((run.step, run.batches_done, sorted(p.name for p in run.run_dir.glob("step-*.pt"))))
+        return path
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "save_run", watch)
+        result = fit(tiny(tmp_path, "logging.save_every=4", "logging.keep=10"), run_name="often", echo=quiet)
+    # 6 steps an epoch: step 4 is saved within epoch 1, and replaced by the epoch's own checkpoint
+    assert seen[0] == (4, 4, ["step-000004.pt"])
+    assert seen[1] == (6, 0, ["step-000006.pt"])
+    assert seen[2] == (8, 2, ["step-000006.pt", "step-000008.pt"])  # every 4 steps of the run
+    assert sorted(p.name for p in result.run_dir.glob("step-*.pt")) == ["step-000006.pt", "step-000012.pt"]
     assert same_weights(straight.run_dir / "last.pt", result.run_dir / "last.pt")
+
+
+def test_checkpoints_within_epochs_push_no_epochs_checkpoint_out_of_keep(tmp_path):
+    cfg = tiny(tmp_path, "logging.save_every=2", "logging.keep=2", "train.epochs=3")
+    result = fit(cfg, run_name="kept", echo=quiet)
+    assert sorted(p.name for p in result.run_dir.glob("step-*.pt")) == ["step-000012.pt", "step-000018.pt"]
+    # a run resumed from a checkpoint within an epoch replaces it at its next save
+    fit(tiny(tmp_path, "train.max_steps=4"), run_name="part", echo=quiet)
+    resumed = fit(tiny(tmp_path, "logging.keep=1"), resume="part", echo=quiet)
+    assert sorted(p.name for p in resumed.run_dir.glob("step-*.pt")) == ["step-000012.pt"]
 
 
 def test_training_and_eval_show_a_progress_bar_over_the_evaluation_on_a_terminal(
