@@ -827,7 +827,8 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
             if reason == "max_steps":
                 stopped = reason
                 break
-            if any_rank([stop.received is not None], run.device)[0]:  # a signal during evaluation or saving
+            signalled = any_rank([stop.received is not None], run.device)[0]  # during evaluation or saving
+            if signalled and run.epoch < cfg.train.epochs:  # after the last epoch's save the run is complete
                 if stop.received is None:
                     stop.received = signal.SIGTERM  # another rank was signalled
                 stopped = stop.name

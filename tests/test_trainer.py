@@ -264,6 +264,25 @@ def test_a_small_validation_split_and_more_loader_processes_than_cpus_are_noted(
     assert not any("validation split holds" in line or "num_workers" in line for line in lines), lines
 
 
+def test_a_signal_during_an_evaluation_stops_after_its_save_unless_the_run_is_complete(tmp_path, monkeypatch):
+    real, calls = trainer.evaluate, {"n": 0, "at": 0}
+
+    def evaluate_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["at"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate_then_signal)
+    calls["at"] = 1  # epoch 1 of 2: the run stops after its checkpoint
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(tiny(tmp_path), run_name="mid", echo=quiet)
+    assert info.value.result.step == 6 and info.value.exit_code == 143
+    calls["n"], calls["at"] = 0, 2  # the last epoch: nothing is left to resume
+    done = fit(tiny(tmp_path), run_name="end", echo=quiet)
+    assert done.stopped == "completed" and done.step == 12
+
+
 def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path, monkeypatch):
     real, calls, lines = trainer.compute_loss, {"n": 0}, []
 
