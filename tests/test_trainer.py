@@ -283,6 +283,18 @@ def test_a_signal_during_an_evaluation_stops_after_its_save_unless_the_run_is_co
     assert done.stopped == "completed" and done.step == 12
 
 
+def test_a_compiled_model_trains_like_the_eager_one(tmp_path):
+    settings = ["train.compile=true", "model.decoder=false", "loss.recon_weight=0", "train.max_steps=3"]
+    eager = fit(tiny(tmp_path, *settings[1:]), run_name="eager", echo=quiet)
+    compiled = fit(tiny(tmp_path, *settings), run_name="compiled", echo=quiet)
+    a = {line["step"]: line.get("train/loss") for line in logged(eager.run_dir)}
+    b = {line["step"]: line.get("train/loss") for line in logged(compiled.run_dir)}
+    assert a.keys() == b.keys() and any(v is not None for v in a.values())
+    for step, loss in a.items():
+        if loss is not None:
+            assert b[step] == pytest.approx(loss, rel=1e-4), step
+
+
 def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path, monkeypatch):
     real, calls, lines = trainer.compute_loss, {"n": 0}, []
 
