@@ -65,7 +65,10 @@ import sys
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
 steps = int(sys.argv[3])
 common = " ".join(f"-o {a}" for a in sys.argv[4].split())
+BEGIN = "<!-- from here to the end marker, written by scripts/ablation_fashion.sh -->"
+END = "<!-- end of the part written by scripts/ablation_fashion.sh -->"
 lines = [
+    BEGIN,
     f"# Routing ablation on Fashion-MNIST ({steps} steps of batch 32 each)",
     "",
     "Every row is `configs/small.yaml` with one change (`-o train.max_steps="
@@ -80,6 +83,17 @@ for name, what, change, seconds, payload in rows:
     result = json.loads(payload)
     acc = result.get("acc", result.get("accuracy"))
     lines.append(f"| {what} | `{change or '-'}` | {acc:.4f} | {seconds} |")
-open(sys.argv[2], "w").write("\n".join(lines) + "\n")
-print("\n".join(lines))
+lines.append(END)
+block = "\n".join(lines)
+try:  # the text around the written part (notes on the runs) is kept
+    before = open(sys.argv[2]).read()
+except FileNotFoundError:
+    before = ""
+if BEGIN in before and END in before:
+    head, rest = before.split(BEGIN, 1)
+    text = head + block + rest.split(END, 1)[1]
+else:
+    text = block + "\n"
+open(sys.argv[2], "w").write(text)
+print(block)
 PY

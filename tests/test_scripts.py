@@ -302,6 +302,58 @@ def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tm
     assert calls[1] == "eval --ckpt kept/r/best.pt --split test" + (" --mirror" if mirrored else "")
 
 
+def test_the_ablation_rewrites_only_its_own_part_of_the_results_file(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "scripts").mkdir()
+    for script in ("ablation_fashion.sh", "lib.sh"):
+        shutil.copy(REPO / "scripts" / script, tmp_path / "scripts")
+    for stand_in in ("setup_env.sh", "fetch_fashion_mnist.sh"):
+        (tmp_path / "scripts" / stand_in).write_text("exit 0\n")
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "small.yaml", tmp_path / "configs")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(f'#!/bin/bash\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "capsnet").write_text('#!/bin/bash\nif [ "$1" = eval ]; then echo \'{"acc": 0.5}\'; fi\n')
+    for tool in ("python", "capsnet"):
+        (bin_dir / tool).chmod(0o755)
+    results = tmp_path / "ablation.md"
+    shutil.copy(REPO / "docs" / "ablation_fashion.md", results)  # the table between notes on it
+    notes = results.read_text().split("<!-- end of the part written by scripts/ablation_fashion.sh -->")[1]
+    done = subprocess.run(
+        ["bash", "scripts/ablation_fashion.sh"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "OUT": str(results), "STEPS": "7"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    text = results.read_text()
+    assert text.startswith("<!-- from here to the end marker") and "(7 steps of batch 32 each)" in text
+    assert text.count("| 0.5000 |") == 6 and "| 0.8161 |" not in text  # the old table is gone
+    assert text.endswith(notes) and "The previous table (beta_a in the paper's units" in notes
+    results.unlink()  # no file yet: the written part alone
+    assert (
+        subprocess.run(
+            ["bash", "scripts/ablation_fashion.sh"],
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "OUT": str(results), "STEPS": "7"},
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
+    assert (
+        results.read_text()
+        .rstrip()
+        .endswith("<!-- end of the part written by scripts/ablation_fashion.sh -->")
+    )
+
+
 def test_train_sh_help_answers_without_setting_anything_up(tmp_path):
     import shutil
     import subprocess
