@@ -96,10 +96,17 @@ def test_fast_equals_plain_with_both_options_in_outputs_and_gradients(cross_posi
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_the_model_passes_the_options_from_its_config_to_every_routing_layer():
-    model = CapsNet.from_preset("small", num_classes=10, image_size=28, cost_norm=100.0, beta_a_logit=True)
+def test_the_model_passes_the_routing_options_of_its_config_to_every_routing_layer():
+    cfg = config_from_dict(
+        {"data": {"name": "synthetic"}}, ["routing.cost_norm=100", "routing.beta_a_logit=true"]
+    )
+    model = CapsNet.from_config(cfg.model, cfg.routing, in_channels=1, num_classes=10, image_size=28)
     layers = [*model.convcaps, model.classcaps]
     assert all(layer.settings.cost_norm == 100.0 and layer.settings.beta_a_logit for layer in layers)
+    keyword = CapsNet.from_preset("small", num_classes=10, image_size=28, cost_norm=100.0, beta_a_logit=True)
+    assert [layer.settings for layer in [*keyword.convcaps, keyword.classcaps]] == [
+        l.settings for l in layers
+    ]
     out = model(torch.rand(2, 1, 28, 28))
     assert torch.isfinite(out.activations).all() and torch.isfinite(out.poses).all()
 
