@@ -793,7 +793,7 @@ def _load_torchvision(name: str, root: str | Path, download: bool):
 def _build_torchvision(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
     meta = _TV_META[cfg.name]
     (train_x, train_y), (test_x, test_y) = _load_torchvision(cfg.name, cfg.root, cfg.download)
-    size = cfg.image_size or 32
+    size = expected_image_size(cfg)
     train_x, test_x = resize_images(train_x, size), resize_images(test_x, size)
     evaluation = PixelTransform(meta["mean"], meta["std"])
     pad = max(1, round(4 * size / 32))
@@ -860,7 +860,7 @@ def _build_smallnorb(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDat
     """
     from capsnet import smallnorb
 
-    crop = cfg.image_size or 32
+    crop = expected_image_size(cfg)
     size = smallnorb_source_size(crop)
     train_part, test_part = smallnorb.load(cfg.root, cfg.download, size)
     train_rows, test_rows, familiar_rows = smallnorb.select(cfg.split, train_part, test_part)
@@ -965,7 +965,7 @@ def _build_folder(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDatase
         )
     classes = list(train_files)
     index = {name: i for i, name in enumerate(classes)}
-    size = cfg.image_size or 32
+    size = expected_image_size(cfg)
     mode = "L" if cfg.grayscale else "RGB"
 
     if cfg.test_dir:
@@ -1038,7 +1038,7 @@ def _build_synthetic(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDat
     """One fixed random blob pattern per class; items are the pattern shifted by up to size/16
     pixels, scaled in brightness (x0.8..1.2) and with Gaussian noise (std 0.1). Everything
     follows from ``seed``; no extra augmentation."""
-    size = cfg.image_size or 32
+    size = expected_image_size(cfg)
     coarse = max(2, size // 6)
     generator = torch.Generator().manual_seed(seed)
     low = torch.rand((cfg.num_classes, cfg.channels, coarse, coarse), generator=generator)
@@ -1056,7 +1056,8 @@ def _build_synthetic(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDat
 # --------------------------------------------------------------------------- entry points
 
 #: the side of the images each dataset gives without data.image_size (smallNORB: its crops;
-#: an image folder: what its images are resized to)
+#: an image folder: what its images are resized to); the builders and the trainer's early
+#: check read it here (MNIST and Fashion-MNIST: 28, the side of their files)
 NATIVE_SIZES = {
     "mnist": 28,
     "fashion-mnist": 28,

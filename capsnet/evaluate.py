@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from capsnet.config import Config
+from capsnet.distributed import active
 from capsnet.loss import compute_loss, uses_reconstruction
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def evaluate(
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
     per_correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
     per_count = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    main = not active() or dist.get_rank() == 0
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     batches = progress(loader, total, progress_bar and main, desc)
     try:
@@ -277,7 +278,7 @@ def _check_scoring_overrides(overrides: list[str], batch_option: bool, root_opti
     for key in keys:
         if key == "logging.tb_dir":  # where attack and inspect write TensorBoard events without --tb-dir
             continue
-        if key.startswith(TRAINING_ONLY) or key in TRAINING_ONLY:
+        if key.startswith(TRAINING_ONLY):
             problems.append(f"-o {key}: a training setting, which scoring a trained model does not use")
         elif key == "train.device":
             problems.append("-o train.device: give the device as --device")

@@ -189,8 +189,6 @@ class TensorBoardWriter(NullWriter):
         try:
             yield
         except OSError as e:
-            if isinstance(e, TrackingError):
-                raise
             raise TrackingError(
                 f"could not write TensorBoard events to {self.log_dir}: {e.strerror or e}"
             ) from e

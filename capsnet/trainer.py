@@ -394,7 +394,7 @@ def end_of_epoch(run: Run, summary: dict[str, float]) -> EvalResult:
         run.step,
         run.total_steps,
         run.loaders.info.class_names,
-        progress_bar=run.cfg.logging.progress and run.dist.is_main,
+        progress_bar=run.cfg.logging.progress,  # evaluate shows it on rank 0 alone
         desc=f"{split} after epoch {run.epoch if run.batches_done == 0 else run.epoch + 1}",
     )
     run.writer.scalars({f"{split}/loss": result.loss, f"{split}/acc": result.acc}, run.step)
