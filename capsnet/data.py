@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from capsnet.config import Config, ConfigError, DataConfig
+from capsnet.distributed import rank_seed
 
 # --------------------------------------------------------------------------- public types
 
@@ -603,7 +604,7 @@ def _read_idx_split(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     images = read_idx(images_path, IDX_IMAGES_MAGIC)
     labels = read_idx(labels_path, IDX_LABELS_MAGIC)
-    if images.ndim != 3:
+    if images.ndim != 3 or 0 in images.shape[1:]:
         raise DataFormatError(f"{images_path}: expected (N, H, W) images, header says {tuple(images.shape)}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataFormatError(
@@ -620,6 +621,11 @@ def _build_idx(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, 
     num_classes = len(meta["classes"])
     train_x, train_y = _read_idx_split(files["train_images"], files["train_labels"], num_classes)
     test_x, test_y = _read_idx_split(files["test_images"], files["test_labels"], num_classes)
+    if test_x.shape[-2:] != train_x.shape[-2:]:  # files of two datasets: resizing would hide it
+        raise DataFormatError(
+            f"{files['test_images']}: {tuple(test_x.shape[-2:])} images, but those of "
+            f"{files['train_images']} are {tuple(train_x.shape[-2:])}; both must come from one dataset"
+        )
     native = train_x.shape[-1]
     size = cfg.image_size or native
     train_x, test_x = resize_images(train_x, size), resize_images(test_x, size)
@@ -963,6 +969,12 @@ def _build_folder(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDatase
         raise DataFormatError(
             f"{train_dir}: no class sub-folders; put each class's images in its own sub-folder"
         )
+    empty = [name for name, paths in train_files.items() if not paths]
+    if empty:  # a class with no training images: nothing to learn it from (and nothing to hold out)
+        raise DataFormatError(
+            f"{train_dir}: class sub-folder(s) {', '.join(empty)} hold no files; "
+            "put that class's images in them or remove them"
+        )
     classes = list(train_files)
     index = {name: i for i, name in enumerate(classes)}
     size = expected_image_size(cfg)
@@ -1142,7 +1154,9 @@ def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:
     together hold exactly the k-th batch of a single process whose batch size
     is ``world_size`` times larger. Random augmentation draws from torch's
     global generator in the main process, and from per-worker seeds derived
-    from ``train_generator`` when ``train.num_workers`` > 0.
+    from ``train_generator`` when ``train.num_workers`` > 0; that generator is
+    seeded per rank (:func:`capsnet.distributed.rank_seed`), so no two ranks
+    draw the same augmentation.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
@@ -1156,7 +1170,9 @@ def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:
         "pin_memory": cfg.train.device in ("auto", "cuda") and torch.cuda.is_available(),
         "persistent_workers": workers > 0,
     }
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    # the seed of the loader workers' augmentation draws: rank_seed, like each rank's own generators,
+    # so the ranks' workers never share a stream (rank 0, and so a single process, keeps train.seed)
+    generator = torch.Generator().manual_seed(rank_seed(cfg.train.seed, rank))
     sampler = DistributedSampler(
         train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=False
     )

@@ -424,6 +424,7 @@ def restore_run(run: Run, ckpt: dict[str, Any], where: Path) -> None:
         f"{dist_info.world_size}: it continues, but not bit for bit as the first run would have"
     )
     restore_rng(ckpt["rng"], generator)
-    if dist_info.rank > 0:
+    if dist_info.rank > 0:  # its own streams, the loader workers' seeds included
         seed_everything(rank_seed(run.cfg.train.seed + run.step, dist_info.rank))
+        generator.manual_seed(rank_seed(run.cfg.train.seed + run.step, dist_info.rank))
     run.epoch_rng = capture_rng(generator)

@@ -45,6 +45,8 @@ FILES = {
     "test": "smallnorb-5x01235x9x18x6x2x96x96-testing",
 }
 PARTS = ("dat", "cat", "info")
+#: Side of every camera view in the files (what data.stored_resizing and exports describe).
+VIEW_SIZE = 96
 
 MAGIC_DTYPES = {
     0x1E3D4C51: np.dtype("<f4"),
@@ -220,8 +222,10 @@ def downsample(images: np.ndarray, size: int, chunk: int = 2048) -> torch.Tensor
 def load_part(files: dict[str, Path], size: int) -> NorbPart:
     """Reads and validates one dat/cat/info triple; images are downsampled to ``size``."""
     dat = read_norb_matrix(files["dat"], EXPECTED_MAGIC["dat"])
-    if dat.ndim != 4 or dat.shape[1] != 2:
-        raise DataFormatError(f"{files['dat']}: expected (N, 2, H, W) stereo images, header says {dat.shape}")
+    if dat.ndim != 4 or dat.shape[1:] != (2, VIEW_SIZE, VIEW_SIZE):
+        raise DataFormatError(
+            f"{files['dat']}: expected (N, 2, {VIEW_SIZE}, {VIEW_SIZE}) stereo images, header says {dat.shape}"
+        )
     images = downsample(dat, size)
     del dat
     cat = read_norb_matrix(files["cat"], EXPECTED_MAGIC["cat"])

@@ -269,3 +269,38 @@ def test_a_yaml_key_given_twice_is_an_error_but_a_merge_key_may_be_overridden(tm
     merged = tmp_path / "merged.yaml"  # "<<" copies the anchor's keys; a key after it replaces one
     merged.write_text("a: &x {epochs: 1, batch_size: 8}\nb:\n  <<: *x\n  epochs: 3\n")
     assert read_yaml(merged)["b"] == {"epochs": 3, "batch_size": 8}
+
+
+def test_a_resume_with_more_processes_gives_each_rank_its_own_loader_stream(tmp_path):
+    """A checkpoint of one process resumed by two: rank 0 continues the saved loader stream,
+    rank 1 gets a stream of its own, so their loader workers do not repeat each other's draws."""
+    from types import SimpleNamespace
+
+    from capsnet.checkpoint import capture_rng
+    from capsnet.distributed import DistInfo
+    from capsnet.runs import restore_run
+
+    saved = capture_rng(torch.Generator().manual_seed(3))
+    ckpt = {"step": 10, "epoch": 1, "rng": saved, "rng_per_rank": [saved], "world_size": 1}
+
+    def resumed(rank: int) -> torch.Tensor:
+        generator = torch.Generator()
+        run = SimpleNamespace(
+            dist=DistInfo(rank=rank, world_size=2),
+            run_dir=tmp_path,
+            window={},
+            loaders=SimpleNamespace(train_generator=generator),
+            cfg=SimpleNamespace(train=SimpleNamespace(seed=5)),
+            echo=lambda message: None,
+            interim=None,
+        )
+        with torch.random.fork_rng():
+            state = (random.getstate(), np.random.get_state())
+            restore_run(run, ckpt, tmp_path / "step-000010.pt")
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+        assert torch.equal(run.epoch_rng["loader"], generator.get_state())
+        return generator.get_state()
+
+    assert torch.equal(resumed(0), torch.Generator().manual_seed(3).get_state())
+    assert not torch.equal(resumed(1), resumed(0))

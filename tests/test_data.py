@@ -279,6 +279,18 @@ def test_mismatched_idx_label_count_is_a_format_error(tmp_path):
         build_datasets(DataConfig(name="mnist", root=str(tmp_path), download=False))
 
 
+def test_idx_images_of_another_size_or_of_no_pixels_are_a_format_error(tmp_path):
+    write_mnist(tmp_path)
+    cfg = DataConfig(name="mnist", root=str(tmp_path), download=False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((12, 20, 20), dtype=np.uint8))
+    with pytest.raises(DataFormatError, match=r"t10k-images.*\(20, 20\) images, but those of .*\(28, 28\)"):
+        build_datasets(cfg)
+    write_mnist(tmp_path)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((30, 0, 0), dtype=np.uint8))
+    with pytest.raises(DataFormatError, match=r"train-images.*expected \(N, H, W\) images"):
+        build_datasets(cfg)
+
+
 def test_missing_dataset_error_lists_every_folder_searched(tmp_path):
     cfg = DataConfig(name="mnist", root=str(tmp_path / "empty"), download=False)
     with pytest.raises(DatasetNotFoundError) as info:
@@ -643,6 +655,14 @@ def test_smallnorb_reader_rejects_wrong_magic_and_truncated_files(tmp_path, suff
         smallnorb.read_norb_matrix(garbage)
 
 
+@pytest.mark.parametrize("shape", [(NORB_ROWS, 2, 96, 80), (NORB_ROWS, 2, 0, 0), (NORB_ROWS, 2, 48, 48)])
+def test_smallnorb_views_that_are_not_96_pixels_square_are_a_format_error(tmp_path, shape):
+    folder = write_smallnorb(tmp_path / "smallnorb")
+    write_norb(folder / f"{smallnorb.FILES['test']}-dat.mat", np.zeros(shape, dtype=np.uint8))
+    with pytest.raises(DataFormatError, match=r"testing-dat.mat: expected \(N, 2, 96, 96\) stereo images"):
+        build_datasets(norb_cfg(tmp_path))
+
+
 def test_corrupt_smallnorb_file_fails_the_build_naming_the_file(tmp_path):
     folder = write_smallnorb(tmp_path / "smallnorb")
     bad = folder / f"{smallnorb.FILES['test']}-cat.mat"
@@ -707,6 +727,17 @@ def test_image_folder_grayscale_and_separate_test_dir(image_tree, tmp_path):
         train, _, test, info = build_datasets(cfg)
     assert info.channels == 1 and info.image_size == 32 and len(train) == 10
     assert len(test) == 1 and test[0][0].shape == (1, 32, 32) and test[0][1] == 1
+
+
+@pytest.mark.parametrize("with_test_dir", [False, True])
+def test_an_empty_class_folder_is_a_format_error_naming_it(image_tree, tmp_path, with_test_dir):
+    (image_tree / "emu").mkdir()
+    (image_tree / "emu" / ".DS_Store").write_bytes(b"hidden files do not count")
+    cfg = DataConfig(
+        name="folder", train_dir=str(image_tree), test_dir=str(image_tree) if with_test_dir else None
+    )
+    with pytest.raises(DataFormatError, match=r"class sub-folder\(s\) emu hold no files"):
+        build_datasets(cfg)
 
 
 def test_image_folder_test_carve_is_deterministic_and_disjoint(image_tree):
@@ -833,6 +864,29 @@ def test_the_training_order_depends_on_the_epoch_not_on_the_number_of_processes(
         two = [order(loaders, epoch) for loaders in ranks]
         assert [sorted(batch) for batch in one] == [sorted(a + b) for a, b in zip(*two)]
     assert order(single, 0) != order(single, 1)
+
+
+def test_loader_workers_of_different_ranks_draw_different_augmentations(tmp_path):
+    """Every training image is the same, so a batch shows only the augmentation draws: with
+    loader workers, rank 1's must not repeat rank 0's (each rank's workers are seeded apart)."""
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    for stem, n in (("train", 16), ("t10k", 4)):
+        write_idx(folder / f"{stem}-images-idx3-ubyte", np.repeat(image[None], n, axis=0))
+        write_idx(folder / f"{stem}-labels-idx1-ubyte", np.zeros(n, dtype=np.uint8))
+    cfg = config_from_dict(
+        {
+            "data": {"name": "fashion-mnist", "root": str(tmp_path), "download": False},
+            "train": {"batch_size": 8, "seed": 5, "num_workers": 1},
+        }
+    )
+    first = [next(iter(build_loaders(cfg, rank=r, world_size=2).train))[0] for r in range(2)]
+    assert first[0].shape == (8, 1, 28, 28)
+    assert not torch.equal(first[0], first[1])
+    # rank 0 (and so a single process) keeps the generator seeded with train.seed
+    single = build_loaders(cfg).train_generator
+    assert torch.equal(single.get_state(), torch.Generator().manual_seed(5).get_state())
 
 
 def test_check_channels_explains_a_mismatch():
