@@ -407,6 +407,11 @@ def attack_checkpoint(
     prep = prepare_checkpoint(spec, out_dir, split, batch_size, data_root, device, overrides, limit)
     info = prep.loaders.info
     space = InputSpace.from_info(info.mean, info.std, info.channels)
+    folder = Path(report_dir) if report_dir is not None else Path("reports") / prep.run
+    log_dir = Path(tb_dir or prep.cfg.logging.tb_dir) / prep.run / "attack"
+    # the attack may take hours: a place its results cannot be written to is an error before it, not after
+    for place in [folder, *([log_dir] if tensorboard else [])]:
+        _check_writable(place)
     for param in prep.model.parameters():
         param.requires_grad_(False)
     clean_acc, points, n, examples = run_attack(
@@ -439,8 +444,6 @@ def attack_checkpoint(
         iterations=prep.iterations,
         trained_iterations=prep.trained_iterations,
     )
-    folder = Path(report_dir) if report_dir is not None else Path("reports") / prep.run
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"attack-{report.name}.json"
     png = folder / f"attack-{report.name}.png"
     report.replaced = [str(file) for file in ([path, png] if plot else [path]) if file.exists()]
@@ -452,12 +455,23 @@ def attack_checkpoint(
         save_figure(figure, png)
         report.files["png"] = str(png)
     if tensorboard:
-        log_dir = Path(tb_dir or prep.cfg.logging.tb_dir) / prep.run / "attack"
         _log_tensorboard(report, steps_tb, log_dir, figure)
         report.files["tensorboard"] = str(log_dir)
     report.files["json"] = str(path)
     path.write_text(strict_json(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def _check_writable(folder: Path) -> None:
+    """Makes ``folder`` and checks that a file can be written in it; ExperimentError naming it if not."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ExperimentError(f"could not use {folder}: {e.strerror or e}") from None
 
 
 def _log_tensorboard(report: AttackReport, steps: list[int], log_dir: Path, figure: Any) -> None:

@@ -390,6 +390,9 @@ REQUIRED_KEYS = ("format", "model", "step", "epoch", "config", "arch")
 
 #: Suffixes of the files ``capsnet export`` writes, which are models for other runtimes, not checkpoints.
 EXPORT_SUFFIXES = (".onnx", ".pt2")
+#: Suffixes of the text files beside a run's checkpoints (config.yaml, metrics.jsonl, run.json) and
+#: of the configs that ``capsnet train --config`` takes: never checkpoints, so not "corrupt".
+TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -404,6 +407,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"(a run folder, latest or best); run the export itself with "
                 f"{'onnxruntime' if path.suffix.lower() == '.onnx' else 'torch.export.load'}"
             ) from None
+        if path.suffix.lower() in TEXT_SUFFIXES and path.is_file():
+            folder = path.parent
+            if path.name in START_FILES:  # config.yaml, run.json or metrics.jsonl of a run folder
+                where = f"give the run folder itself ({folder}) or one of its .pt files"
+            else:
+                where = "give a trained run (a run folder, a .pt checkpoint, latest or best)"
+                if path.suffix.lower() in (".yaml", ".yml"):
+                    where += f"; to train one from this config: capsnet train --config {path}"
+            raise CheckpointError(f"{path} is a text file, not a checkpoint: {where}") from None
         raise
 
 

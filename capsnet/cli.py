@@ -310,8 +310,8 @@ def eval_(
             from capsnet.visualize import plot_eval, save_figure
 
             written = save_figure(plot_eval(report), plot)
-        if not as_json:
-            typer.echo(f"wrote {written}")
+        # on stderr with --json, which keeps stdout one JSON object: the name may have gained .png
+        typer.echo(f"wrote {written}", err=as_json)
 
 
 def _json(value) -> str:
@@ -511,7 +511,10 @@ def attack(
     step_size: Annotated[
         float | None,
         typer.Option(
-            "--step-size", min=0.0, help="BIM: size of each step, in eps units (default 2.5 * eps / steps)."
+            "--step-size",
+            min=0.0,
+            help="BIM: size of each step, in the units of --eps (not a multiple of eps: with --eps 0.1, "
+            "--step-size 0.01 is a tenth of it; default 2.5 * eps / steps).",
         ),
     ] = None,
     split: Annotated[

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import datetime
+import difflib
 import math
 import os
 import re
@@ -346,7 +347,9 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     known = {f.name for f in fields(cls)}
     for key in data:
         if key not in known:
-            problems.append(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            guess = f"; did you mean {prefix}{close[0]}?" if close else ""
+            problems.append(f"{prefix}{key}: unknown key{guess} (known: {', '.join(sorted(known))})")
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:

@@ -241,8 +241,13 @@ def sample_batch(cfg, spec: InputSpec, batch: int) -> tuple[Tensor, Tensor, str]
         first = str(e).strip().splitlines()[0]
         shape = (batch, spec.channels, spec.source_size, spec.source_size)
         pixels = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0)).float() / 255.0
-        with torch.no_grad():
-            fed = Preprocess(spec)(pixels)
+        if spec.mean is None and not spec.per_image:
+            # the checkpoint does not record its normalisation (only with inputs "normalised", whose
+            # graph is the model alone): inputs of about the normalised scale check it as well
+            fed = (pixels - 0.5) / 0.25
+        else:
+            with torch.no_grad():
+                fed = Preprocess(spec)(pixels)
         return pixels, fed, f"of random images (test data unavailable: {first})"
 
 
@@ -346,10 +351,13 @@ def export_onnx(
             output_names=["activations", "poses"],
             external_data=False,
         )
-    if meta:
-        import onnx
+    import onnx
 
-        proto = onnx.load(str(path))
+    proto = onnx.load(str(path))
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    if not batch_dim.dim_param:  # the exporter fixed it (as it does for an example batch of one)
+        raise ExportError(f"the ONNX graph's batch size is fixed at {batch_dim.dim_value}, not dynamic")
+    if meta:
         for key, value in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
@@ -423,6 +431,8 @@ def export_checkpoint(
     data_info = ckpt.get("data_info") if isinstance(ckpt.get("data_info"), dict) else None
     inputs_spec = input_spec(inputs, ckpt["arch"], data_info, cfg.data.name)
     pixels, fed, source = sample_batch(cfg, inputs_spec, max(2, batch_size))
+    if len(pixels) < 2:  # a test split of one image: traced alone, the batch size would be fixed at 1
+        pixels, fed = pixels.repeat(2, 1, 1, 1), fed.repeat(2, 1, 1, 1)
     x = pixels if inputs == "pixels" else fed
     half = max(1, len(x) // 2 - 1)
     batches, fed_batches = [x, x[:half]], [fed, fed[:half]]

@@ -91,6 +91,11 @@ class Inspection:
             f"parent activation per iteration "
             + " -> ".join(f"{it.activation:.3f}" for it in pic.iterations),
         ]
+        if self.reconstruction is None:  # the figures that need a decoder say why they are missing
+            lines.append(
+                "no decoder in this model (model.decoder: false): figure (a) shows the input alone, "
+                "and figure (e), the pose perturbations (--perturb, --steps), is not drawn"
+            )
         if self.trained_iterations is not None:
             from capsnet.evaluate import iterations_note
 

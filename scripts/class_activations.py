@@ -88,11 +88,18 @@ def layer_activations(model: torch.nn.Module, loader) -> tuple[dict[str, torch.T
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("ckpt", help="checkpoint file, run directory, latest or best")
     parser.add_argument("--split", default="test", help="test (default) or val")
     parser.add_argument("--limit", type=int, default=None, help="a seeded random subset of this many images")
-    parser.add_argument("--out-dir", default="weights/em_capsules")
+    parser.add_argument(
+        "--out-dir",
+        default="weights/em_capsules",
+        help="folder that holds the run directories, for latest, best or a run name "
+        "(default: weights/em_capsules)",
+    )
     args = parser.parse_args(argv)
 
     from capsnet.checkpoint import CheckpointError

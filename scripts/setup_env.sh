@@ -5,7 +5,11 @@
 # Where Python's venv module is missing (Debian and Ubuntu ship it as python3-venv),
 # it is installed with apt-get when this runs as root or with sudo; so are a C++
 # compiler and Python's headers, which compiled routing (torch.compile on a CPU) needs.
+#   bash scripts/setup_env.sh                      python3's venv
+#   PYTHON=python3.11 bash scripts/setup_env.sh    another interpreter
 set -euo pipefail
+source "$(cd "$(dirname "$0")" && pwd)/lib.sh"
+usage_if_asked "$0" "$@" && exit 0
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 

@@ -304,3 +304,22 @@ def test_a_resume_with_more_processes_gives_each_rank_its_own_loader_stream(tmp_
 
     assert torch.equal(resumed(0), torch.Generator().manual_seed(3).get_state())
     assert not torch.equal(resumed(1), resumed(0))
+
+
+def test_a_config_or_a_run_s_text_file_given_as_a_checkpoint_is_named_as_such(tmp_path):
+    """``--ckpt configs/small.yaml`` (or a run's config.yaml) is a common slip: not "corrupt"."""
+    config = tmp_path / "small.yaml"
+    config.write_text("train:\n  epochs: 1\n")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(config)
+    message = str(info.value)
+    assert "corrupt" not in message and "not a checkpoint" in message
+    assert f"capsnet train --config {config}" in message
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "run.json"):
+        (run / name).write_text("{}\n")
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(run / name)
+        message = str(info.value)
+        assert "corrupt" not in message and f"give the run folder itself ({run})" in message, name

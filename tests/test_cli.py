@@ -324,6 +324,25 @@ def test_the_parity_check_covers_the_normalisation_in_the_graph(in_workdir, monk
     assert not out.exists()
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_an_export_from_a_test_split_of_one_image_keeps_the_batch_size_dynamic(in_workdir, monkeypatch, fmt):
+    from capsnet import export
+
+    real = export.sample_batch
+
+    def one_image(*args):
+        pixels, fed, source = real(*args)
+        return pixels[:1], fed[:1], source
+
+    monkeypatch.setattr(export, "sample_batch", one_image)
+    out = in_workdir / "one-image" / f"m.{fmt}"
+    result = runner.invoke(app, ["export", "--ckpt", "latest", "--format", fmt, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "on batches of 2 and 1 of synthetic test images" in result.stdout
+    for n in (1, 5):
+        assert exported_runner(out)(torch.rand(n, 1, 20, 20)).shape == (n, 4)
+
+
 def test_training_into_an_existing_run_without_resume_or_overwrite_fails(in_workdir):
     result = runner.invoke(app, ["train", "--config", TINY, "--run-name", "tiny-e2e"])
     assert result.exit_code == 2
@@ -439,6 +458,25 @@ def test_a_bad_config_exits_with_code_2_names_the_key_and_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_misspelt_key_is_answered_with_the_key_it_resembles(tmp_path, monkeypatch):
+    from capsnet.config import ConfigError, load_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.epoch=1", "trian.epochs=1", "model.zzz=1"])
+    problems = "\n".join(info.value.problems)
+    assert "train.epoch: unknown key; did you mean train.epochs?" in problems
+    assert "trian: unknown key; did you mean train?" in problems
+    assert "model.zzz: unknown key (known:" in problems  # nothing close: no guess
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  batchsize: 8\n")
+    result = runner.invoke(app, ["train", "--config", str(typo)])
+    assert (
+        result.exit_code == 2
+        and "train.batchsize: unknown key; did you mean train.batch_size?" in result.stderr
+    )
+
+
 def test_a_bad_yaml_file_names_the_unknown_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.yaml"
@@ -545,3 +583,13 @@ def test_export_replaces_a_file_only_when_asked_and_only_with_an_export_that_pas
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # an ordinary file, not a private temporary one
     folder = runner.invoke(app, ["export", "--ckpt", "latest", "--out", str(out.parent), "--overwrite"])
     assert folder.exit_code == 2 and f"--out {out.parent} is a folder: give a file name" in folder.stderr
+
+
+def test_attack_step_size_help_says_it_is_in_the_units_of_eps_not_a_multiple_of_it():
+    """BIM's --step-size is used as given (pixel units, or standard deviations on smallNORB)."""
+    import re
+
+    result = runner.invoke(app, ["attack", "--help"], env={"COLUMNS": "200"})
+    text = re.sub(r"[\s│]+", " ", result.stdout)
+    assert "in the units of --eps (not a multiple of eps" in text
+    assert "in eps units" not in text

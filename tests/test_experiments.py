@@ -327,6 +327,20 @@ def test_attack_writes_a_table_json_png_and_tensorboard_scalars(here):
     assert "attack/fgsm/plot" in scalars["_images"]
 
 
+@pytest.mark.parametrize("where", ["--out", "--tb-dir"])
+def test_an_attack_whose_results_cannot_be_written_stops_before_it_attacks(here, monkeypatch, where):
+    from capsnet import attack
+
+    attacked = []
+    monkeypatch.setattr(attack, "run_attack", lambda *a, **k: attacked.append(1) or pytest.fail("attacked"))
+    (here / "a-file").write_text("in the way")
+    args = ["--out", "rep"] if where == "--tb-dir" else []
+    result = invoke("attack", "--ckpt", "fit", "--eps", "0.1", where, "a-file/sub", *args)
+    assert result.exit_code == 2, result.output
+    assert "error: could not use a-file/sub" in result.stderr, result.stderr
+    assert attacked == []  # refused before hours of attacking, not after
+
+
 @pytest.mark.parametrize("method", ["fgsm", "bim"])
 def test_attack_accuracy_does_not_increase_with_epsilon(here, method):
     args = ["--eps", "0,0.02,0.05,0.1,0.2", *(["--steps", "4"] if method == "bim" else []), "--no-plot"]
@@ -450,6 +464,24 @@ def test_inspect_writes_five_png_figures_and_tensorboard_images(here):
     assert sorted(images) == [f"inspect/test/{name}" for name in names]  # the split's own: indices repeat
 
 
+def test_inspect_of_a_model_without_decoder_says_which_figures_it_leaves_out(here):
+    trained = invoke(
+        "train", "--config", TINY, "--run-name", "nodec", "-o", "model.decoder=false", "-o", "train.epochs=1"
+    )
+    assert trained.exit_code == 0, trained.output
+    result = invoke("inspect", "--ckpt", "nodec", "--out", "nodec-fig")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (here / "nodec-fig").iterdir()) == [
+        "a_reconstruction.png",
+        "b_class_activations.png",
+        "c_routing.png",
+        "d_activation_maps.png",
+    ]
+    assert "no decoder in this model (model.decoder: false)" in result.stdout
+    assert "figure (e)" in result.stdout and "not drawn" in result.stdout
+    assert "no decoder" not in invoke("inspect", "--ckpt", "fit", "--out", "with-decoder").stdout
+
+
 def test_inspect_draws_a_convolutional_layer_at_a_chosen_position(here):
     args = ["--layer", "caps1", "--parent", "2", "--position", "1,2", "--entries", "0,5", "--out", "conv"]
     result = invoke("inspect", "--ckpt", "fit", *args)
@@ -564,6 +596,10 @@ def test_eval_plot_names_the_file_it_writes_and_checks_the_name_before_evaluatin
     assert "accuracy" not in bad.stdout  # refused before the evaluation
     folder = invoke("eval", "--ckpt", "fit", "--plot", "plots")
     assert folder.exit_code == 2 and "plots is a folder: give a file name" in folder.stderr
+    as_json = invoke("eval", "--ckpt", "fit", "--json", "--plot", "plots/json-acc")
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout)["acc"] >= 0  # stdout stays one JSON object
+    assert "wrote plots/json-acc.png" in as_json.stderr and is_png(here / "plots" / "json-acc.png")
 
 
 def test_the_eval_plot_marks_a_class_without_images_instead_of_drawing_it_at_zero():

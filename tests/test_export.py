@@ -59,6 +59,14 @@ def test_onnx_export_of_the_fast_path_matches_eager_on_other_batch_sizes(tmp_pat
     assert_matches(runner, module, [torch.randn(2, 1, 20, 20), torch.randn(5, 1, 20, 20)])
 
 
+def test_an_onnx_graph_whose_batch_size_the_exporter_fixed_is_refused(tmp_path):
+    pytest.importorskip("onnxscript")
+    from capsnet.export import ExportError
+
+    with pytest.raises(ExportError, match="batch size is fixed at 1"):
+        export_onnx(small_model(), torch.randn(1, 1, 20, 20), tmp_path / "model.onnx")
+
+
 def test_onnx_export_of_a_deeper_stem_matches_eager(tmp_path):
     """configs/small_deep.yaml's kind of stem: extra 3x3 convs with batch norm after the first."""
     pytest.importorskip("onnxscript")
@@ -118,6 +126,23 @@ def test_an_empty_test_split_falls_back_to_random_parity_images(monkeypatch):
     assert torch.equal(pixels * 255, (pixels * 255).round())  # whole uint8 levels, like stored images
     torch.testing.assert_close(fed, Preprocess(spec)(pixels))
     assert source == "of random images (test data unavailable: the test split has no images)"
+
+
+def test_without_the_data_or_a_recorded_normalisation_the_parity_check_still_has_inputs(monkeypatch):
+    """An older checkpoint without data_info, exported --inputs normalised where its data is gone."""
+    from types import SimpleNamespace
+
+    from capsnet import data
+    from capsnet.export import InputSpec, sample_batch
+
+    def missing(cfg):
+        raise data.DatasetNotFoundError("fashion-mnist not found")
+
+    monkeypatch.setattr(data, "build_loaders", missing)
+    spec = InputSpec("normalised", 1, 20, 20, None, None)
+    pixels, fed, source = sample_batch(SimpleNamespace(data=SimpleNamespace(name="fashion-mnist")), spec, 4)
+    assert pixels.shape == fed.shape == (4, 1, 20, 20) and bool(fed.isfinite().all())
+    assert source == "of random images (test data unavailable: fashion-mnist not found)"
 
 
 def test_the_graphs_normalisation_is_the_data_pipelines():

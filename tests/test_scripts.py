@@ -197,7 +197,8 @@ def setup_copy(tmp_path: Path, python: str) -> tuple[Path, dict]:
     import shutil
 
     (tmp_path / "scripts").mkdir()
-    shutil.copy(REPO / "scripts" / "setup_env.sh", tmp_path / "scripts")
+    for name in ("setup_env.sh", "lib.sh"):
+        shutil.copy(REPO / "scripts" / name, tmp_path / "scripts")
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
     fake = tmp_path / "fake-python"
     fake.write_text(python)
@@ -378,6 +379,52 @@ def test_train_sh_help_answers_without_setting_anything_up(tmp_path):
     assert listed.returncode == 0 and "--run-name" in listed.stdout, listed.stderr
 
 
+def test_test_sh_and_the_dataset_script_print_their_usage_without_setting_anything_up(tmp_path):
+    """--help of the set-up scripts answers at once: no venv, no apt-get, no pytest."""
+    import shutil
+    import subprocess
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name in ("test.sh", "fetch_fashion_mnist.sh", "lib.sh"):
+        shutil.copy(REPO / "scripts" / name, scripts / name)
+    (scripts / "setup_env.sh").write_text(f"touch {tmp_path}/setup_env.sh.ran\n")
+    bin_dir = tmp_path / "bin"  # an apt-get that leaves a mark instead of installing
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(f"#!/bin/sh\ntouch {tmp_path}/apt-get.ran\n")
+    (bin_dir / "apt-get").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    for script, first in (
+        ("test.sh", "Sets up everything (venv, packages, dataset) and runs the test suite."),
+        ("fetch_fashion_mnist.sh", "Puts the Fashion-MNIST IDX files where capsnet looks for them"),
+    ):
+        for flag in ("--help", "-h"):
+            done = subprocess.run(
+                ["bash", str(scripts / script), flag], capture_output=True, text=True, check=False, env=env
+            )
+            assert done.returncode == 0, (script, done.stderr)
+            assert done.stdout.startswith(first), (script, done.stdout)
+            assert "set -euo" not in done.stdout
+    assert (
+        "pytest"
+        in subprocess.run(
+            ["bash", str(scripts / "test.sh"), "--help"], capture_output=True, text=True, check=False, env=env
+        ).stdout
+    )
+    assert not list(tmp_path.glob("*.ran"))
+    assert not (tmp_path / ".venv").exists()
+    real = tmp_path / "checkout" / "scripts"  # setup_env.sh itself: its usage, and no venv made
+    real.mkdir(parents=True)
+    for name in ("setup_env.sh", "lib.sh"):
+        shutil.copy(REPO / "scripts" / name, real / name)
+    done = subprocess.run(
+        ["bash", str(real / "setup_env.sh"), "--help"], capture_output=True, text=True, check=False, env=env
+    )
+    assert done.returncode == 0 and done.stdout.startswith("Creates .venv"), done.stderr
+    assert "PYTHON=python3.11" in done.stdout and "set -euo" not in done.stdout
+    assert not (tmp_path / "checkout" / ".venv").exists() and not list(tmp_path.glob("*.ran"))
+
+
 def test_the_long_scripts_print_their_usage_and_the_ablation_takes_no_arguments():
     import subprocess
 
@@ -449,3 +496,13 @@ def test_bench_vs_baseline_refuses_counts_below_one_and_ends_a_failed_side_with_
     ]
     with pytest.raises(SystemExit, match=r"^error: the baseline failed: torch is missing$"):
         bench._run(failing, "the baseline")
+
+
+def test_class_activations_help_explains_the_script_in_full(capsys):
+    """Its description was the docstring's first line, cut off mid-sentence ("... reach, and")."""
+    script = load_script("class_activations")
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    text = capsys.readouterr().out
+    assert "how much each capsule layer's activations depend on the input" in text
+    assert "folder that holds the run directories" in text
