@@ -529,7 +529,6 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         say(choice.note)
     if dist_info.is_main:
         check_run_dir_free(cfg, choice, overwrite)
-    _choose_routing_kernels(cfg, dist_info, echo)
     seed_everything(rank_seed(cfg.train.seed, dist_info.rank))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -546,6 +545,9 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
             say(f"warning: {w.message}")
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    # after the data, so a missing or broken dataset is said before the seconds of compiling
+    # (the kernel check draws no random numbers, so the run's streams are as they were)
+    _choose_routing_kernels(cfg, dist_info, echo)
     info = loaders.info
     try:
         model = CapsNet.from_config(cfg.model, cfg.routing, info.channels, info.num_classes, info.image_size)

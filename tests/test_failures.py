@@ -950,3 +950,23 @@ def test_scientific_notation_without_a_dot_is_read_as_a_number(tmp_path):
     path.write_text("routing:\n  min_var: 1e-8\n")
     assert load_config(path, ["optim.lr=2E-3"]).routing.min_var == 1e-8
     assert load_config(path, ["optim.lr=2E-3"]).optim.lr == 2e-3
+
+
+def test_a_missing_dataset_is_said_before_the_routing_kernels_are_compiled(tmp_path, monkeypatch):
+    import capsnet.routing
+
+    monkeypatch.chdir(tmp_path)
+    checked = []
+    monkeypatch.setattr(capsnet.routing, "_check_kernels", lambda device_type: checked.append(device_type))
+    args = train_args(tmp_path, "-o", "train.compile_routing=null", "-o", "train.device=cpu")
+    missing = args + [
+        "-o",
+        "data.name=mnist",
+        "-o",
+        f"data.root={tmp_path / 'nowhere'}",
+        "-o",
+        "data.download=false",
+    ]
+    result = runner.invoke(app, missing)
+    assert result.exit_code == 2 and "mnist not found" in result.stderr, result.output
+    assert checked == [] and "compiling" not in result.output
