@@ -3,7 +3,7 @@
 One metric vocabulary everywhere (TensorBoard tags, ``metrics.jsonl`` keys, the
 progress bar and the epoch summary)::
 
-    train/loss  train/acc  val/loss  val/acc  test/loss  test/acc
+    train/loss  train/acc  train/skipped_steps  val/loss  val/acc  test/loss  test/acc
     sched/lr  sched/margin  sched/lambda  perf/img_per_s
     routing/<layer>/entropy  routing/<layer>/activation_mean
     routing/<layer>/variance  routing/<layer>/active_fraction
@@ -99,10 +99,13 @@ class MetricsFile:
 
     def _write(self, line: str) -> None:
         if self._rewrite:  # the merged line replaces the last one, atomically: a kill keeps the old file
-            from capsnet.checkpoint import atomic_write_bytes
+            from capsnet.checkpoint import CheckpointError, atomic_write_bytes
 
             lines = self.path.read_text().splitlines()
-            atomic_write_bytes("".join(f"{kept}\n" for kept in [*lines[:-1], line]).encode(), self.path)
+            try:
+                atomic_write_bytes("".join(f"{kept}\n" for kept in [*lines[:-1], line]).encode(), self.path)
+            except CheckpointError as e:  # "could not write <file>: <why>", as a TrackingError
+                raise TrackingError(str(e)) from e
             self._rewrite = False
         else:
             with self.path.open("a") as f:

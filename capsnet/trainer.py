@@ -192,7 +192,8 @@ def _log_step(run: Run, lr: float, margin: float) -> None:
     )
     elapsed = max(time.perf_counter() - run.window_start, 1e-9)
     metrics = {
-        "train/loss": loss / max(steps, 1),
+        # NaN, not 0, for a window whose every step was skipped as non-finite: it has no loss to report
+        "train/loss": loss / steps if steps else math.nan,
         "train/acc": correct / max(n, 1),
         "sched/lr": lr,
         "sched/margin": margin,
@@ -376,7 +377,7 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
     )
     summary = {"perf/img_per_s": n / max(elapsed, 1e-9), "time": elapsed}
     if n:  # none when a resumed run only had the epoch's evaluation left
-        summary.update({"train/loss": loss / max(steps, 1), "train/acc": correct / n})
+        summary.update({"train/loss": loss / steps if steps else math.nan, "train/acc": correct / n})
         if skipped:
             summary["steps_since_resume"] = run.step - start_step
     return reason, summary

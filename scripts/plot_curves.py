@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -48,12 +49,12 @@ def batch_size(run_dir: Path) -> int:
 
 
 def smooth(values: list[float], width: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= width:
-            total -= values[i - width]
-        out.append(total / min(i + 1, width))
+    """Moving average over the last ``width`` values, leaving out non-finite ones (a window of
+    skipped steps logs train/loss NaN): NaN, a gap in the curve, where a window holds none."""
+    out = []
+    for i in range(len(values)):
+        finite = [v for v in values[max(0, i - width + 1) : i + 1] if math.isfinite(v)]
+        out.append(sum(finite) / len(finite) if finite else math.nan)
     return out
 
 
@@ -82,15 +83,21 @@ def main(argv: list[str] | None = None) -> int:
         rows = read_metrics(run)
         per_step = batch_size(run)
         train = [r for r in rows if "train/acc" in r and "step" in r]
-        evals = [(r["step"], r[k], k.split("/")[0]) for r in rows for k in ("val/acc", "test/acc") if k in r]
+        # float(): metrics.jsonl holds NaN and infinities as the strings "nan" and "inf"
+        evals = [
+            (r["step"], float(r[k]), k.split("/")[0]) for r in rows for k in ("val/acc", "test/acc") if k in r
+        ]
         if train:
             seen = [r["step"] * per_step / 1000 for r in train]
             (line,) = ax_acc.plot(
-                seen, smooth([r["train/acc"] for r in train], args.smooth), alpha=0.6, label=f"{label} train"
+                seen,
+                smooth([float(r["train/acc"]) for r in train], args.smooth),
+                alpha=0.6,
+                label=f"{label} train",
             )
             ax_loss.plot(
                 seen,
-                smooth([r["train/loss"] for r in train], args.smooth),
+                smooth([float(r.get("train/loss", math.nan)) for r in train], args.smooth),
                 color=line.get_color(),
                 label=label,
             )

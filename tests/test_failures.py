@@ -970,3 +970,24 @@ def test_a_missing_dataset_is_said_before_the_routing_kernels_are_compiled(tmp_p
     result = runner.invoke(app, missing)
     assert result.exit_code == 2 and "mnist not found" in result.stderr, result.output
     assert checked == [] and "compiling" not in result.output
+
+
+def test_a_failed_merge_into_the_metrics_file_s_last_line_is_a_tracking_error(tmp_path, monkeypatch):
+    """A resumed run merges its first metrics into the file's last line with an atomic rewrite;
+    a full disk there is the same TrackingError as one under an append, naming the file."""
+    import errno
+
+    from capsnet.tracking import MetricsFile, TrackingError
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 4, "train/loss": 1.0}\n')
+    metrics = MetricsFile(path)
+    metrics.add({"val/acc": 0.5}, step=4)  # the same step as the last line: a rewrite
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(TrackingError, match=r"could not write .*metrics.jsonl: no space left on device"):
+        metrics.flush()
+    assert path.read_text() == '{"step": 4, "train/loss": 1.0}\n'

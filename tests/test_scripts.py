@@ -46,6 +46,20 @@ def test_plot_curves_writes_a_png_of_train_and_eval_accuracy(tmp_path):
     assert plot.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
 
 
+def test_plot_curves_draws_a_window_of_skipped_steps_as_a_gap(tmp_path):
+    import math
+
+    plot = load_script("plot_curves")
+    rows = [{"step": s, "train/loss": 1.0, "train/acc": 0.5} for s in range(1, 6)]
+    rows[2]["train/loss"] = "nan"  # a window whose steps were all skipped (metrics.jsonl writes NaN so)
+    rows[4]["test/acc"] = 0.5
+    run = fake_run(tmp_path / "run-nan", 16, rows)
+    out = tmp_path / "curves.png"
+    assert plot.main([str(run), "--out", str(out), "--smooth", "2"]) == 0
+    assert plot.smooth([1.0, math.nan, 3.0, 5.0], 2) == [1.0, 1.0, 3.0, 4.0]
+    assert math.isnan(plot.smooth([math.nan], 3)[0])
+
+
 def test_plot_curves_names_a_folder_that_is_not_a_run(tmp_path):
     plot = load_script("plot_curves")
     with pytest.raises(SystemExit, match="metrics.jsonl does not exist"):

@@ -148,6 +148,25 @@ def test_a_few_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_a_logging_window_of_only_skipped_steps_logs_no_loss_of_zero(tmp_path, monkeypatch):
+    import math
+
+    real, calls = trainer.compute_loss, {"n": 0}
+
+    def steps_3_and_4(*args, **kwargs):  # configs/tiny.yaml logs every 2 steps: the window of step 4
+        loss, parts = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("inf") if calls["n"] in (3, 4) else loss), parts
+
+    monkeypatch.setattr(trainer, "compute_loss", steps_3_and_4)
+    lines: list[str] = []
+    result = fit(tiny(tmp_path, "train.epochs=1"), run_name="all-bad", echo=lines.append)
+    assert result.bad_steps == 2
+    losses = {line["step"]: line["train/loss"] for line in logged(result.run_dir) if "train/loss" in line}
+    assert losses[4] == "nan"  # not 0.0: the window has no finite loss (JSON writes NaN as "nan")
+    assert all(math.isfinite(losses[s]) and losses[s] > 0 for s in (2, 6))
+
+
 def test_a_skipped_batch_with_a_nan_pixel_leaves_the_batch_norm_statistics_as_they_were(
     tmp_path, monkeypatch
 ):
