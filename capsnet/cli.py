@@ -464,6 +464,12 @@ def bench(
         typer.echo(
             f"warning: bench times fp32 steps; train.precision {cfg.train.precision} is not applied", err=True
         )
+    if cfg.train.compile:
+        typer.echo(
+            "warning: bench does not torch.compile the whole model; train.compile is not applied "
+            "(train.compile_routing is)",
+            err=True,
+        )
     if result.warning is not None:
         typer.echo(f"warning: {result.warning}", err=True)
     typer.echo(_json(result.to_dict()) if as_json else result.summary())

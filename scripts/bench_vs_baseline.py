@@ -5,13 +5,17 @@ Runs `capsnet bench` and the baseline script alternately, several rounds, each i
 a fresh process, and prints the median of each figure and the median ratios.
 Both run the paper's small model on 1x32x32 inputs, 5 classes, 3 routing
 iterations, batch 32, an Adam step per batch, with the same thread count.
+Both processes get --threads as torch.set_num_threads and as OMP_NUM_THREADS and
+MKL_NUM_THREADS (torch prefers an inherited MKL_NUM_THREADS to OMP_NUM_THREADS); a
+side that reports another thread count ends the comparison.
 
     python scripts/bench_vs_baseline.py [--rounds 3] [--steps 5] [--baseline PATH] [--device cuda] [--compiled] [--json]
 
 The baseline pads its first convolution (32x32 -> 16x16 -> 7x7 -> 5x5 capsule
 grids); the paper and capsnet do not (14x14 -> 6x6 -> 4x4). capsnet is measured
 both ways: `paper geometry` is what `configs/small.yaml` trains, `baseline
-geometry` (-o model.stem_padding=2) does exactly the baseline's work. With
+geometry` (-o model.stem_padding=2) routes the baseline's grids (normalising the
+assignments across positions, as the paper does, where the baseline does so per patch). With
 --compiled, both are also measured with `train.compile_routing: true` (the
 routing's per-chunk contractions compiled by torch.compile; the compiling, in the
 warm-up steps, is not timed).
@@ -70,8 +74,10 @@ COMMON = ["-o", "model.iterations=3", "-o", "model.recompute_votes=true"]
 #: the work itself; the peak of CUDA memory allocated is printed at the end.
 BASELINE_WRAPPER = """
 import resource, runpy, sys, time, torch
-print(f"torch alone {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-device, allocator, path = sys.argv[1], sys.argv[2], sys.argv[3]
+_unit = 2**20 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+print(f"torch alone {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / _unit:.0f} MiB")
+device, allocator, threads, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(threads)  # as capsnet bench --threads does, whatever MKL_NUM_THREADS says
 if allocator == "tuned":
     from capsnet.runtime import tune_allocator
     print(f"allocator tuned {tune_allocator()}")
@@ -84,7 +90,7 @@ if device == "cuda":
         torch.cuda.synchronize()
         return _clock()
     time.perf_counter = _synced_clock
-sys.argv = sys.argv[3:]
+sys.argv = sys.argv[4:]
 runpy.run_path(path, run_name="__main__")
 if device == "cuda":
     print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
@@ -93,7 +99,8 @@ if device == "cuda":
 #: baseline's wrapper does (on stderr: stdout is the benchmark's JSON).
 CAPSNET_WRAPPER = """
 import resource, sys, torch
-print(f"torch alone {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", file=sys.stderr)
+_unit = 2**20 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+print(f"torch alone {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / _unit:.0f} MiB", file=sys.stderr)
 from capsnet.cli import main
 sys.argv = ["capsnet", *sys.argv[1:]]
 main()
@@ -101,6 +108,18 @@ main()
 GPU_LINE = re.compile(r"peak GPU memory (\d+) MiB")
 BASE_LINE = re.compile(r"torch alone (\d+) MiB")
 TUNED_LINE = re.compile(r"allocator tuned (True|False)")
+THREADS_LINE = re.compile(r"threads (\d+)\)")
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    """Both children's environment: torch takes its thread count from MKL_NUM_THREADS before
+    OMP_NUM_THREADS, so an inherited MKL_NUM_THREADS=1 would otherwise run one side on one thread."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+
+def _check_threads(side: str, ran: int, args) -> None:
+    if ran != args.threads:
+        raise SystemExit(f"error: {side} ran with {ran} threads, not the {args.threads} asked for")
 
 
 def _read(pattern: re.Pattern, out: str, what: str) -> re.Match:
@@ -157,8 +176,9 @@ def run_capsnet(extra: list[str], args) -> dict:
         *COMMON,
         *extra,
     ]
-    proc = _run(cmd, "capsnet bench", cwd=ROOT)
+    proc = _run(cmd, "capsnet bench", cwd=ROOT, env=_thread_env(args.threads))
     out = json.loads(proc.stdout)
+    _check_threads("capsnet bench", out["threads"], args)
     # the baseline's statistic: images over the mean time of the timed steps
     out["train_img_per_s"], out["infer_img_per_s"] = out["train_img_per_s_mean"], out["infer_img_per_s_mean"]
     out["memory_mib"] = out["peak_gpu_mib"] if args.device == "cuda" else out["peak_rss_mib"]
@@ -169,12 +189,16 @@ def run_capsnet(extra: list[str], args) -> dict:
 
 
 def run_baseline(args) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    cmd = [sys.executable, "-c", BASELINE_WRAPPER, args.device, args.allocator, str(args.baseline)]
-    cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
-    out = _run(cmd, f"the baseline {args.baseline}", env=env).stdout
+    cmd = [sys.executable, "-c", BASELINE_WRAPPER, args.device, args.allocator, str(args.threads)]
+    cmd += [str(args.baseline), "--batch", str(args.batch), "--steps", str(args.steps)]
+    out = _run(cmd, f"the baseline {args.baseline}", env=_thread_env(args.threads)).stdout
     m = _read(LINE, out, "output")
-    result = {"train_img_per_s": float(m[1]), "infer_img_per_s": float(m[2]), "peak_rss_mib": float(m[3])}
+    threads = THREADS_LINE.search(out[m.end() :].splitlines()[0] if out[m.end() :] else "")
+    if threads:  # the baseline names its thread count at the end of its line
+        _check_threads("the baseline", int(threads[1]), args)
+    # the baseline divides ru_maxrss by 1024 whatever the platform: on macOS that is bytes
+    rss = float(m[3]) / (1024 if sys.platform == "darwin" else 1)
+    result = {"train_img_per_s": float(m[1]), "infer_img_per_s": float(m[2]), "peak_rss_mib": rss}
     result["allocator_tuned"] = _read(TUNED_LINE, out, "allocator setting")[1] == "True"
     cuda = args.device == "cuda"
     result["memory_mib"] = float(_read(GPU_LINE, out, "GPU memory")[1]) if cuda else result["peak_rss_mib"]
@@ -251,11 +275,21 @@ def main() -> None:
             f"{m['above_torch_mib']:20.0f}"
         )
     for name, r in report["ratio"].items():
-        print(
-            f"{name}: train x{r['train_speedup']:.1f}, inference x{r['inference_speedup']:.1f}, "
-            f"memory {r['memory_fraction']:.2f} of the baseline's "
-            f"({r['above_torch_fraction']:.2f} above the resident memory of importing torch)"
+        print(ratio_line(name, r, args.device))
+
+
+def ratio_line(name: str, r: dict, device: str) -> str:
+    """One variant's ratios; on CUDA the memory is the GPU's and the resident memory is the host's."""
+    head = f"{name}: train x{r['train_speedup']:.1f}, inference x{r['inference_speedup']:.1f}, "
+    if device == "cuda":
+        return (
+            head + f"peak GPU memory {r['memory_fraction']:.2f} of the baseline's "
+            f"(host resident memory above the import of torch {r['above_torch_fraction']:.2f} of the baseline's)"
         )
+    return (
+        head + f"memory {r['memory_fraction']:.2f} of the baseline's "
+        f"({r['above_torch_fraction']:.2f} above the resident memory of importing torch)"
+    )
 
 
 if __name__ == "__main__":

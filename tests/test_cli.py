@@ -385,6 +385,17 @@ def test_bench_takes_batch_threads_device_from_the_config_and_says_what_it_does_
         assert cuda.exit_code == 2 and "'cuda' was asked for" in cuda.stderr, cuda.output
 
 
+def test_bench_says_that_it_does_not_compile_the_whole_model(tmp_path, monkeypatch):
+    """train.compile: true was ignored without a word: the figures were the eager model's."""
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--config", TINY, "--batch-size", "2", "--steps", "1", "--warmup", "0", "--json"]
+    result = runner.invoke(app, [*args, "-o", "train.compile=true", "-o", "model.decoder=false"])
+    assert result.exit_code == 0, result.output
+    assert "train.compile is not applied" in result.stderr
+    plain = runner.invoke(app, [*args, "-o", "model.decoder=false"])
+    assert plain.exit_code == 0 and "train.compile" not in plain.stderr
+
+
 def test_bench_reports_the_mean_beside_the_median_and_its_warmup_and_rejects_bad_options(
     tmp_path, monkeypatch
 ):

@@ -124,6 +124,80 @@ def test_bench_vs_baseline_with_the_default_allocator_tunes_neither_side(tmp_pat
     assert ratio == pytest.approx(report["median"]["paper geometry"]["train_img_per_s"] / 3.0)
 
 
+THREADS_BASELINE = """
+import argparse
+import torch
+ap = argparse.ArgumentParser()
+ap.add_argument("--batch", type=int)
+ap.add_argument("--steps", type=int)
+a = ap.parse_args()
+n = torch.get_num_threads()  # shows the thread count the script gave this process
+print(f"baseline: train {n:.2f} img/s, inference 4.00 img/s, peak RSS 5000 MiB (batch {a.batch}, 32x32, iters 3)")
+"""
+
+
+def test_bench_vs_baseline_runs_the_baseline_with_the_threads_capsnet_gets(tmp_path):
+    """With MKL_NUM_THREADS=1 inherited, torch ran the baseline on one thread and capsnet on --threads."""
+    import os
+    import subprocess
+    import sys
+
+    baseline = tmp_path / "baseline_em.py"
+    baseline.write_text(THREADS_BASELINE)
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_vs_baseline.py"), "--rounds", "1", "--steps", "1"]
+    cmd += ["--batch", "2", "--threads", "2", "--baseline", str(baseline), "--json"]
+    env = dict(os.environ, MKL_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+    assert report["median"]["baseline"]["train_img_per_s"] == 2.0
+
+
+def test_bench_vs_baseline_refuses_a_baseline_that_ran_with_other_threads(monkeypatch):
+    import subprocess
+    import sys
+
+    bench = load_script("bench_vs_baseline")
+    out = (
+        "torch alone 500 MiB\nallocator tuned True\n"
+        "baseline: train 2.00 img/s, inference 4.00 img/s, peak RSS 5000 MiB "
+        "(batch 4, 32x32, iters 3, threads 1)\n"
+    )
+    monkeypatch.setattr(bench, "_run", lambda cmd, what, **kw: subprocess.CompletedProcess(cmd, 0, out, ""))
+    args = type("Args", (), {"threads": 2, "batch": 4, "steps": 1, "device": "cpu", "allocator": "tuned"})()
+    args.baseline = "b.py"
+    with pytest.raises(SystemExit, match="the baseline ran with 1 threads, not the 2 asked for"):
+        bench.run_baseline(args)
+    args.threads = 1
+    assert bench.run_baseline(args)["peak_rss_mib"] == 5000.0
+    monkeypatch.setattr(sys, "platform", "darwin")  # the baseline divides bytes by 1024 there
+    assert bench.run_baseline(args)["peak_rss_mib"] == pytest.approx(5000.0 / 1024)
+
+
+def test_bench_vs_baseline_output_in_the_readme_is_what_the_script_prints():
+    """The README's CUDA block showed ratio lines the script cannot print (no host-memory part)."""
+    import re
+
+    bench = load_script("bench_vs_baseline")
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"(?<=\n    )(median of \d+ rounds on (cpu|cuda).*?)(?=\n\n)", readme, re.DOTALL)
+    assert len(blocks) >= 4
+    ratio = re.compile(r"^(.+): train x([\d.]+), inference x([\d.]+), .*$")
+    for block, device in blocks:
+        for line in block.splitlines():
+            m = ratio.match(line.strip())
+            if not m or "of the baseline's" not in line:
+                continue
+            mem = re.search(r"memory ([\d.]+) of the baseline's", line)[1]
+            above = re.search(r"(?:torch |\()([\d.]+)(?: above| of the baseline's\))", line)
+            assert above, line
+            r = {
+                "train_speedup": float(m[2]),
+                "inference_speedup": float(m[3]),
+                "memory_fraction": float(mem),
+                "above_torch_fraction": float(above[1]),
+            }
+            assert bench.ratio_line(m[1], r, device) == line.strip()
+
+
 def test_class_activations_measures_target_other_and_margin_by_hand():
     import torch
 
