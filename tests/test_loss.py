@@ -155,3 +155,31 @@ def test_the_attacks_use_the_same_class_scores_as_the_loss():
     torch.testing.assert_close(
         class_scores(a), torch.tensor([[-40.0, -5.0, 0.0, 3.0, 9.0]]), rtol=1e-3, atol=1e-3
     )
+
+
+def test_the_reconstruction_loss_decodes_the_target_class_not_the_predicted_one(tiny_config_path):
+    from capsnet.model import CapsNet
+
+    cfg = load_config(tiny_config_path, ["loss.recon_weight=0.5"])
+    torch.manual_seed(0)
+    model = CapsNet.from_config(cfg.model, cfg.routing, in_channels=1, num_classes=4, image_size=20)
+    x = torch.randn(3, 1, 20, 20)
+    out = model(x)
+    y = out.activations.argmin(dim=1)  # never the predicted class
+    assert (y != out.activations.argmax(dim=1)).all()
+    _, parts = compute_loss(out, x, y, model, cfg, step=0, total_steps=10)
+    want = reconstruction_loss(model.reconstruct(out.poses, y), x)
+    assert parts["recon"].item() == pytest.approx(want.item(), rel=1e-6)
+    predicted = reconstruction_loss(model.reconstruct(out.poses, out.activations.argmax(dim=1)), x)
+    assert parts["recon"].item() != pytest.approx(predicted.item(), rel=1e-6)
+
+
+def test_the_default_loss_and_routing_settings_are_the_papers():
+    from capsnet.config import RoutingConfig
+
+    loss = LossConfig()
+    assert loss.kind == "spread"
+    assert (loss.margin_start, loss.margin_end) == (0.2, 0.9)
+    assert loss.recon_weight == 0.0005
+    routing = RoutingConfig()
+    assert (routing.final_lambda, routing.lambda_decay, routing.min_var) == (0.01, 0.95, 0.0005)

@@ -317,3 +317,97 @@ def test_bad_images_are_refused_with_a_clear_error_before_torch_sees_them():
 def test_sizes_the_config_would_refuse_are_refused_by_the_constructor_too(sizes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         CapsNet(in_channels=1, num_classes=5, image_size=32, **sizes)
+
+
+def _receptive_centres_by_span(model: CapsNet, grid: int, size: int) -> torch.Tensor:
+    """Scaled centre of each last-grid capsule's receptive field along one axis, by walking its span down.
+
+    A capsule covering cells lo..hi of a layer's output covers lo * s - pad .. hi * s - pad + k - 1
+    of that layer's input; the field of input pixels lo..hi is [lo, hi + 1] in pixel-edge
+    coordinates, so its centre is (lo + hi + 1) / 2, scaled to [-0.5, 0.5] by the image size.
+    """
+    layers = [(k, s, pad) for k, s, pad in model._stem_geometry]
+    layers += [(layer.kernel, layer.stride, 0) for layer in model.convcaps]
+    centres = []
+    for index in range(grid):
+        lo = hi = index
+        for k, s, pad in reversed(layers):
+            lo, hi = lo * s - pad, hi * s - pad + k - 1
+        centres.append((lo + hi + 1) / 2 / size - 0.5)
+    return torch.tensor(centres, dtype=torch.float64)
+
+
+def test_receptive_field_centres_for_coordinate_addition_match_a_hand_computation():
+    # small preset on 32x32: conv 5x5 s2 (14x14), caps 3x3 s2 (6x6), caps 3x3 s1 (4x4); the first
+    # class-layer capsule sees pixels 0..16, so its centre is at 8.5 pixels, and they are 4 apart.
+    model = CapsNet.from_preset("small", num_classes=5, image_size=32, decoder=False)
+    rows, cols = model._receptive_centres(32, 32, "cpu", torch.float64)
+    by_hand = torch.tensor([8.5, 12.5, 16.5, 20.5], dtype=torch.float64) / 32 - 0.5
+    torch.testing.assert_close(rows, by_hand)
+    torch.testing.assert_close(cols, by_hand)
+    torch.testing.assert_close(rows, _receptive_centres_by_span(model, 4, 32))
+    # Other geometries: a deeper stem, a padded stem, three capsule layers, another kernel.
+    for kwargs, size in [
+        ({"stem_channels": [16, 16]}, 28),
+        ({"stem_padding": 2}, 28),
+        ({"caps_types": [4, 4, 4], "caps_strides": [1, 2, 1]}, 32),
+        ({"caps_kernel": 2, "caps_strides": [2, 2]}, 32),
+    ]:
+        model = CapsNet.from_preset("small", num_classes=5, image_size=size, decoder=False, **kwargs)
+        grid = model.capsule_grid(size, size)[-1][1]
+        rows, _ = model._receptive_centres(size, size, "cpu", torch.float64)
+        torch.testing.assert_close(rows, _receptive_centres_by_span(model, grid, size), msg=str(kwargs))
+
+
+def test_a_non_square_image_gives_the_class_capsules_row_centres_from_its_height_and_column_centres_from_its_width(
+    monkeypatch,
+):
+    model = CapsNet.from_preset("small", num_classes=5, image_size=32, decoder=False).eval()
+    seen = []
+    real = model.classcaps.forward
+
+    def spy(pose, act, rows=None, cols=None):
+        seen.append((pose.shape[1:3], rows, cols))
+        return real(pose, act, rows, cols)
+
+    monkeypatch.setattr(model.classcaps, "forward", spy)
+    out = model(torch.randn(2, 1, 32, 40))  # 4 x 6 capsules before the class layer
+    assert out.activations.shape == (2, 5) and torch.isfinite(out.activations).all()
+    (grid, rows, cols) = seen[0]
+    assert tuple(grid) == (4, 6)
+    torch.testing.assert_close(rows.double(), _receptive_centres_by_span(model, 4, 32))
+    torch.testing.assert_close(cols.double(), _receptive_centres_by_span(model, 6, 40))
+
+
+def test_class_capsules_called_without_centres_add_the_centres_of_the_grid_cells():
+    from capsnet.layers import ClassCaps
+
+    torch.manual_seed(3)
+    layer = ClassCaps(2, 3, coord_add=True).double()
+    pose = torch.randn(1, 2, 3, 2, 16, dtype=torch.float64)
+    act = torch.rand(1, 2, 3, 2, dtype=torch.float64)
+    rows = torch.tensor([0.25, 0.75], dtype=torch.float64) - 0.5  # cell centres of 2 rows
+    cols = torch.tensor([1 / 6, 0.5, 5 / 6], dtype=torch.float64) - 0.5  # ... and of 3 columns
+    with torch.no_grad():
+        default = layer(pose, act)
+        explicit = layer(pose, act, rows, cols)
+    torch.testing.assert_close(default[0], explicit[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(default[1], explicit[1], rtol=0, atol=1e-12)
+
+
+def test_the_decoder_reads_exactly_the_target_class_pose():
+    torch.manual_seed(0)
+    model = CapsNet.from_preset("small", num_classes=5, image_size=28).eval()
+    poses = torch.randn(3, 5, 4, 4)
+    labels = torch.tensor([1, 4, 0])
+    # The decoder's input, built by hand: the target class's 16 pose entries in its slot, zeros elsewhere.
+    masked = torch.zeros(3, 5 * 16)
+    for n, label in enumerate(labels.tolist()):
+        masked[n, label * 16 : (label + 1) * 16] = poses[n, label].reshape(-1)
+    with torch.no_grad():
+        want = model.decoder.net(masked).view(3, 1, 28, 28)
+        got = model.reconstruct(poses, labels)
+        torch.testing.assert_close(got, want)
+        moved = poses.clone()
+        moved[0, 1] += 1.0  # the target of sample 0
+        assert not torch.allclose(model.reconstruct(moved, labels)[0], got[0])

@@ -914,3 +914,17 @@ def test_a_reconstruction_weight_without_a_decoder_is_named_as_unused(tmp_path):
         echo=lines.append,
     )
     assert not any("recon_weight" in line for line in lines), lines
+
+
+def test_the_training_step_reconstructs_from_the_target_class_not_the_predicted_one():
+    from capsnet.model import CapsNet
+
+    torch.manual_seed(0)
+    model = CapsNet.from_preset("small", num_classes=5, image_size=28, decoder_hidden=[16, 16]).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        out = model(x)
+        y = out.activations.argmin(dim=1)  # never the predicted class
+        _, recon = trainer.TrainStep(model, None, reconstruct=True)(x, y)
+        torch.testing.assert_close(recon, model.reconstruct(out.poses, y))
+        assert not torch.allclose(recon, model.reconstruct(out.poses, out.activations.argmax(dim=1)))
