@@ -127,3 +127,27 @@ def test_switching_ema_on_when_resuming_chooses_best_afresh(tmp_path):
     resumed = fit(tiny(tmp_path, "train.ema=0.8"), resume=str(first.run_dir), echo=said.append)
     assert any("train.ema was switched on" in line and "chosen afresh" in line for line in said)
     assert resumed.best_step == 12 and "train_model" in load_checkpoint(resumed.run_dir / "best.pt")
+
+
+def test_a_skipped_non_finite_step_leaves_the_average_where_it_was(tmp_path, monkeypatch):
+    from capsnet import trainer
+
+    real, calls = trainer.compute_loss, {"n": 0}
+
+    def steps_2_and_3(*args, **kwargs):  # the losses of steps 2 and 3 overflow: both are skipped
+        loss, parts = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("inf") if calls["n"] in (2, 3) else loss), parts
+
+    counts: list[int] = []
+    original = WeightAverage.update
+
+    def counted(self, updates):
+        counts.append(updates)
+        return original(self, updates)
+
+    monkeypatch.setattr(trainer, "compute_loss", steps_2_and_3)
+    monkeypatch.setattr(WeightAverage, "update", counted)
+    result = fit(tiny(tmp_path, "train.ema=0.8", "train.epochs=1"), run_name="skips", echo=quiet)
+    assert result.bad_steps == 2
+    assert counts == [0, 3, 4, 5]  # updated after the optimiser steps alone, numbered by the global step

@@ -183,3 +183,14 @@ def test_the_default_loss_and_routing_settings_are_the_papers():
     assert loss.recon_weight == 0.0005
     routing = RoutingConfig()
     assert (routing.final_lambda, routing.lambda_decay, routing.min_var) == (0.01, 0.95, 0.0005)
+
+
+def test_warmup_scales_the_decayed_rate_not_the_base_rate():
+    # During the warm-up the rate is the decayed schedule times (step + 1) / warmup_steps.
+    cfg = OptimConfig(lr=0.01, decay_rate=0.5, decay_steps=10, warmup_steps=10)
+    for step in (0, 4, 9):
+        scheduled = 0.01 * 0.5 ** (step / 10)
+        assert lr_at(step, cfg) == pytest.approx(scheduled * (step + 1) / 10, rel=1e-12)
+    assert lr_at(15, cfg) == pytest.approx(0.01 * 0.5**1.5, rel=1e-12)  # after it: the schedule alone
+    stairs = OptimConfig(lr=0.01, decay_rate=0.5, decay_steps=4, staircase=True, warmup_steps=10)
+    assert lr_at(5, stairs) == pytest.approx(0.01 * 0.5 * 6 / 10, rel=1e-12)  # floor(5 / 4) = 1

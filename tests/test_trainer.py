@@ -928,3 +928,160 @@ def test_the_training_step_reconstructs_from_the_target_class_not_the_predicted_
         _, recon = trainer.TrainStep(model, None, reconstruct=True)(x, y)
         torch.testing.assert_close(recon, model.reconstruct(out.poses, y))
         assert not torch.allclose(recon, model.reconstruct(out.poses, out.activations.argmax(dim=1)))
+
+
+def test_grad_clip_scales_every_gradient_by_one_factor_from_their_global_l2_norm(tmp_path, monkeypatch):
+    # One SGD step (momentum's first step is lr * gradient; no weight decay) without clipping gives
+    # the gradients; with optim.grad_clip=c the step must be those gradients times c / ||g||_2,
+    # the norm taken over all parameters together.
+    common = ["train.max_steps=1", "optim.name=sgd", "optim.lr=0.5", "optim.weight_decay=0"]
+    starts: list[dict[str, Tensor]] = []
+    real = trainer.build_optimizer
+
+    def remember_start(model, cfg):
+        starts.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return real(model, cfg)
+
+    monkeypatch.setattr(trainer, "build_optimizer", remember_start)
+
+    def step(name: str, *extra: str) -> dict[str, Tensor]:
+        result = fit(tiny(tmp_path, *common, *extra), run_name=name, echo=quiet)
+        start, end = starts[-1], load_checkpoint(result.run_dir / "last.pt")["model"]
+        return {n: (end[n] - start[n]).double() for n in start}
+
+    free = step("free")
+    grads = {n: -d / 0.5 for n, d in free.items()}
+    norm = float(torch.sqrt(sum((g**2).sum() for g in grads.values())))
+    assert norm > 0.01
+    clip = norm / 4
+    clipped = step("clipped", f"optim.grad_clip={clip}")
+    assert starts[0].keys() == starts[1].keys() and all(
+        torch.equal(starts[0][n], starts[1][n]) for n in starts[0]
+    )
+    for n, d in clipped.items():
+        torch.testing.assert_close(d, free[n] * (clip / norm), atol=1e-7, rtol=1e-4, msg=n)
+    loose = step("loose", f"optim.grad_clip={norm * 4}")  # above the norm: the step is unchanged
+    for n, d in loose.items():
+        torch.testing.assert_close(d, free[n], atol=1e-7, rtol=1e-4, msg=n)
+
+
+def test_a_run_accumulating_micro_batches_resumes_mid_epoch_bit_identically(tmp_path):
+    # 96 images in micro-batches of 8, two to a step: 6 steps an epoch; stopped after 4 of them,
+    # the resumed run must skip 8 micro-batches (not 4) to go on where the first one stopped.
+    accumulate = ["train.batch_size=8", "train.accumulate=2"]
+    whole = fit(tiny(tmp_path, *accumulate), run_name="whole", echo=quiet)
+    first = fit(tiny(tmp_path, *accumulate, "train.max_steps=4"), run_name="split", echo=quiet)
+    assert first.step == 4 and load_checkpoint(first.run_dir / "last.pt")["batches_done"] == 4
+    resumed = fit(tiny(tmp_path, *accumulate), resume=str(first.run_dir), echo=quiet)
+    assert resumed.step == whole.step == 12
+    assert same_weights(whole.run_dir / "last.pt", resumed.run_dir / "last.pt")
+    a = {line["step"]: line.get("train/loss") for line in logged(whole.run_dir)}
+    b = {line["step"]: line.get("train/loss") for line in logged(resumed.run_dir)}
+    assert a == b
+
+
+def _write_image_classes(root: Path, per_class: int = 15) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), mode="L").save(
+                root / label / f"{i}.png"
+            )
+    return root
+
+
+def test_a_run_with_random_augmentation_resumes_mid_epoch_bit_identically(tmp_path):
+    # An image folder trains with random shifts drawn from torch's generator (train.num_workers
+    # 0: in the training process), so the resumed run trains on the same shifted images only
+    # when it restores the random state of the epoch's start and replays the loader to the
+    # step it stopped at.
+    images = _write_image_classes(tmp_path / "images")  # 24 training images: 3 steps of 8 an epoch
+    data = [
+        "data.name=folder",
+        f"data.train_dir={images}",
+        "data.image_size=20",
+        "data.grayscale=true",
+        "data.augment=true",
+        "data.shift=3",
+        "train.batch_size=8",
+        "train.epochs=3",
+    ]
+    whole = fit(tiny(tmp_path, *data), run_name="whole", echo=quiet)
+    assert whole.step == 9
+    first = fit(
+        tiny(tmp_path, *data, "train.max_steps=5"), run_name="split", echo=quiet
+    )  # epoch 2, step 2 of 3
+    assert load_checkpoint(first.run_dir / "last.pt")["batches_done"] == 2
+    resumed = fit(tiny(tmp_path, *data), resume=str(first.run_dir), echo=quiet)
+    assert resumed.step == 9
+    assert same_weights(whole.run_dir / "last.pt", resumed.run_dir / "last.pt")
+    # the augmentation does draw: without it the same run ends elsewhere
+    unaugmented = [o for o in data if not o.startswith(("data.augment", "data.shift"))] + [
+        "data.augment=false"
+    ]
+    plain = fit(tiny(tmp_path, *unaugmented), run_name="plain", echo=quiet)
+    assert not same_weights(whole.run_dir / "last.pt", plain.run_dir / "last.pt")
+
+
+def test_a_run_stopped_inside_a_logging_window_logs_the_whole_window_after_resuming(tmp_path, straight):
+    # configs/tiny.yaml logs every 2 steps: stopped at step 7, the window logged at step 8 holds
+    # step 7 (trained before the stop) and step 8 (after it), as in the run that never stopped.
+    first = fit(tiny(tmp_path, "train.max_steps=7"), run_name="odd", echo=quiet)
+    assert load_checkpoint(first.run_dir / "last.pt")["log_window"]["steps"] == 1
+    resumed = fit(tiny(tmp_path), resume=str(first.run_dir), echo=quiet)
+    assert same_weights(straight.run_dir / "last.pt", resumed.run_dir / "last.pt")
+    keys = ("train/loss", "train/acc")
+    a = {line["step"]: [line[k] for k in keys] for line in logged(straight.run_dir) if "train/loss" in line}
+    b = {line["step"]: [line[k] for k in keys] for line in logged(resumed.run_dir) if "train/loss" in line}
+    assert a == b and 8 in b
+
+
+def test_an_equal_accuracy_later_keeps_the_earlier_best(tmp_path):
+    # A rate of 1e-12 leaves the weights (no batch norm: no running statistics) where they were:
+    # both epochs score the same, and best.pt stays the first epoch's (only a higher accuracy moves it).
+    cfg = tiny(tmp_path, "optim.lr=1e-12", "model.batch_norm=false")
+    result = fit(cfg, run_name="ties", echo=quiet)
+    accs = [line["test/acc"] for line in logged(result.run_dir) if "test/acc" in line]
+    assert len(accs) == 2 and accs[0] == accs[1]
+    best = load_checkpoint(result.run_dir / "best.pt")
+    assert (result.best_step, best["step"], best["best_step"]) == (6, 6, 6)
+
+
+def test_best_pt_is_chosen_on_the_validation_split_it_logs(tmp_path):
+    from capsnet.evaluate import evaluate, prepare_checkpoint
+
+    result = fit(tiny(tmp_path, "data.val_split=0.25"), run_name="val", echo=quiet)
+    lines = [line for line in logged(result.run_dir) if "val/acc" in line]
+    assert len(lines) == 2 and not any("test/acc" in line for line in lines)
+    accs = [line["val/acc"] for line in lines]
+    first_best = lines[accs.index(max(accs))]  # the first step of the highest accuracy
+    assert result.best_step == first_best["step"] and result.best_acc == first_best["val/acc"]
+    # scored afresh on the held-out images (not the test split), best.pt gives what was logged
+    prep = prepare_checkpoint(str(result.run_dir / "best.pt"), split="val")
+    assert len(prep.loader.dataset) == 24  # a quarter of the 96 training images
+    step = load_checkpoint(result.run_dir / "best.pt")["step"]
+    scored = evaluate(prep.model, prep.loader, prep.cfg, prep.device, step, step)
+    assert scored.acc == pytest.approx(result.best_acc)
+    assert scored.loss == pytest.approx(first_best["val/loss"], rel=1e-5)
+
+
+def test_the_logged_training_loss_is_the_mean_of_the_windows_step_losses(tmp_path, monkeypatch):
+    real, losses = trainer.compute_loss, {}
+
+    def record(*args, **kwargs):  # compute_loss(out, x, y, model, cfg, step, total_steps)
+        loss, parts = real(*args, **kwargs)
+        losses[args[5] + 1] = float(loss.detach())  # one micro-batch a step: the loss of the step it makes
+        return loss, parts
+
+    monkeypatch.setattr(trainer, "compute_loss", record)
+    result = fit(tiny(tmp_path, "train.epochs=1"), run_name="mean", echo=quiet)
+    logged_losses = {
+        line["step"]: line["train/loss"] for line in logged(result.run_dir) if "train/loss" in line
+    }
+    assert sorted(logged_losses) == [2, 4, 6]  # logging.log_every: 2
+    for step, value in logged_losses.items():
+        assert value == pytest.approx((losses[step - 1] + losses[step]) / 2, rel=1e-6), step
