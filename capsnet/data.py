@@ -1154,9 +1154,10 @@ def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:
     together hold exactly the k-th batch of a single process whose batch size
     is ``world_size`` times larger. Random augmentation draws from torch's
     global generator in the main process, and from per-worker seeds derived
-    from ``train_generator`` when ``train.num_workers`` > 0; that generator is
-    seeded per rank (:func:`capsnet.distributed.rank_seed`), so no two ranks
-    draw the same augmentation.
+    from ``train_generator`` when ``train.num_workers`` > 0 (workers are started
+    for each epoch, so a resumed run restores their seeds with that generator's
+    state); that generator is seeded per rank (:func:`capsnet.distributed.rank_seed`),
+    so no two ranks draw the same augmentation.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
@@ -1168,7 +1169,10 @@ def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:
         "num_workers": workers,
         "worker_init_fn": leave_stop_signals_to_the_main_process if workers else None,
         "pin_memory": cfg.train.device in ("auto", "cuda") and torch.cuda.is_available(),
-        "persistent_workers": workers > 0,
+        # workers start afresh each epoch, seeded from ``generator`` then: its state, saved in every
+        # checkpoint, gives a resumed run the same draws (kept workers would carry their streams on
+        # from epoch to epoch, where a resumed run's new ones cannot); a start costs about 0.1 s
+        "persistent_workers": False,
     }
     # the seed of the loader workers' augmentation draws: rank_seed, like each rank's own generators,
     # so the ranks' workers never share a stream (rank 0, and so a single process, keeps train.seed)

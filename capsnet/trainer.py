@@ -10,15 +10,14 @@ so the step <-> epoch mapping never drifts); schedules are pure functions of it.
 
 Resuming restores the model, optimiser, step, epoch, best metric, the steps
 not yet logged and every rank's RNG states (see :mod:`capsnet.runs`); the
-data order is a function of the seed and the epoch. So on a CPU with
-``train.num_workers: 0`` a run resumed from a checkpoint gives bit-identical
-weights and metrics to one that never stopped (loader workers keep their random
-streams from epoch to epoch, which a resumed run's fresh workers cannot continue,
-so with them augmented runs resume close to, not exactly on, the same draws). Checkpoints written at the end of an epoch hold the RNG state at that
+data order is a function of the seed and the epoch, and loader workers
+(``train.num_workers``) are started each epoch with seeds drawn from the loader's
+generator, whose state the checkpoint holds. So on a CPU a run resumed from a
+checkpoint gives bit-identical weights and metrics to one that never stopped. Checkpoints written at the end of an epoch hold the RNG state at that
 point. Checkpoints written mid-epoch (``train.max_steps``, SIGINT/SIGTERM) hold
 the RNG state at the start of that epoch and the number of batches consumed; a
 resumed run replays the loader to that point, skipping those batches, and goes
-on from there (exact with ``train.num_workers: 0``).
+on from there.
 """
 
 from __future__ import annotations

@@ -994,11 +994,12 @@ def _write_image_classes(root: Path, per_class: int = 15) -> Path:
     return root
 
 
-def test_a_run_with_random_augmentation_resumes_mid_epoch_bit_identically(tmp_path):
-    # An image folder trains with random shifts drawn from torch's generator (train.num_workers
-    # 0: in the training process), so the resumed run trains on the same shifted images only
-    # when it restores the random state of the epoch's start and replays the loader to the
-    # step it stopped at.
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_run_with_random_augmentation_resumes_mid_epoch_bit_identically(tmp_path, workers):
+    # An image folder trains with random shifts drawn from torch's generator (in the training
+    # process, or in a loader worker seeded from the loader's generator), so the resumed run
+    # trains on the same shifted images only when it restores the random state of the epoch's
+    # start and replays the loader to the step it stopped at.
     images = _write_image_classes(tmp_path / "images")  # 24 training images: 3 steps of 8 an epoch
     data = [
         "data.name=folder",
@@ -1009,6 +1010,7 @@ def test_a_run_with_random_augmentation_resumes_mid_epoch_bit_identically(tmp_pa
         "data.shift=3",
         "train.batch_size=8",
         "train.epochs=3",
+        f"train.num_workers={workers}",
     ]
     whole = fit(tiny(tmp_path, *data), run_name="whole", echo=quiet)
     assert whole.step == 9
