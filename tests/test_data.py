@@ -991,3 +991,112 @@ def test_the_recorded_resizing_is_what_the_loaders_do(tmp_path):
     with Image.open(test_dir / "cat" / "0.png") as image:
         want = np.array(image.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
     assert np.array_equal(np.asarray(test.pixels(0)), want)
+
+
+# --------------------------------------------------------------------------- checks against hand computations
+
+
+def test_training_shifts_reach_every_offset_up_to_the_padding_in_both_axes_independently():
+    torch.manual_seed(0)
+    # distinct, non-black levels: every shift gives another image
+    x = np.arange(1, 65, dtype=np.uint8).reshape(1, 8, 8)
+    augment = PixelTransform([0.0], [1.0], padding=2)  # no normalisation: outputs are levels / 255
+
+    def moved(down: int, right: int) -> torch.Tensor:  # black border of 2, then the window the shift shows
+        padded = np.pad(x, ((0, 0), (2, 2), (2, 2)))
+        window = padded[:, 2 - down : 10 - down, 2 - right : 10 - right]
+        return torch.from_numpy(window.astype(np.float32) / 255)
+
+    expected = {(dy, dx): moved(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    seen = []
+    for _ in range(400):
+        out = augment(x)
+        matches = [offset for offset, image in expected.items() if torch.allclose(out, image, atol=1e-6)]
+        assert len(matches) == 1, "every output is the image shifted by up to 2 px, black filling the gap"
+        seen.append(matches[0])
+    assert set(seen) == set(expected)  # all 25 (down, right) pairs: both signs, both extremes, mixed
+    counts = np.array([seen.count(offset) for offset in expected])
+    assert counts.min() >= 4 and counts.max() <= 32  # about 16 each: drawn uniformly
+
+
+def test_normalisation_statistics_are_per_channel_over_every_pixel_of_every_image():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 3, 5, 6), dtype=np.uint8)
+    images[:, 1] //= 4  # channels with different statistics
+    mean, std = data.channel_stats(torch.from_numpy(images), chunk=3)  # three chunks summed
+    pixels = images.transpose(1, 0, 2, 3).reshape(3, -1) / 255.0
+    assert mean == pytest.approx(pixels.mean(axis=1).tolist(), rel=1e-9)
+    assert std == pytest.approx(pixels.std(axis=1).tolist(), rel=1e-9)
+
+
+def test_an_idx_label_outside_the_classes_is_a_format_error(tmp_path):
+    write_mnist(tmp_path)
+    labels = (np.arange(30) % 10).astype(np.uint8)
+    labels[7] = 10  # one past the last of MNIST's ten classes
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(DataFormatError, match="train-labels.*label 10 is not below 10"):
+        build_datasets(DataConfig(name="mnist", root=str(tmp_path), download=False))
+
+
+def test_downsizing_averages_every_pixel_rather_than_sampling_some():
+    # one lit pixel in the corner of every 4 x 4 block: a 28 -> 7 resize that keeps the whole image
+    # (antialiasing) spreads it over its block; plain bilinear sampling reads between pixels 1 and 2
+    # of each block and sees only black
+    images = np.zeros((2, 1, 28, 28), dtype=np.uint8)
+    images[..., ::4, ::4] = 255
+    small = data.resize_images(torch.from_numpy(images), 7)
+    assert small.shape == (2, 1, 7, 7) and small.dtype == torch.uint8
+    assert float(small.float().mean()) == pytest.approx(255 / 16, rel=0.15)
+
+
+def test_smallnorb_channels_are_the_left_then_the_right_camera_each_averaged_over_2x2_blocks(tmp_path):
+    folder = write_smallnorb(tmp_path / "smallnorb")
+    rng = np.random.default_rng(5)
+    views = rng.integers(0, 256, (NORB_ROWS, 2, 96, 96), dtype=np.uint8)
+    views[:, 1] //= 2  # the right camera darker: a swap is not hidden by the two having one distribution
+    write_norb(folder / f"{smallnorb.FILES['train']}-dat.mat.gz", views)
+    # the 2x2 means, rounded half to even (means of four integers end in .0, .25, .5 or .75)
+    expected = np.round(views.reshape(NORB_ROWS, 2, 48, 2, 48, 2).astype(np.float64).mean(axis=(3, 5)))
+    train, _, _, _ = build_datasets(norb_cfg(tmp_path))
+    assert np.array_equal(train.images.numpy(), expected.astype(np.uint8))
+    samples, _, _, _ = build_datasets(norb_cfg(tmp_path, stereo="samples"))
+    assert np.array_equal(samples.pixels(6)[0], expected[3, 0])  # row 3: items 6 (left) and 7 (right)
+    assert np.array_equal(samples.pixels(7)[0], expected[3, 1])
+
+
+def _standard_windows(image: np.ndarray, size: int) -> dict[tuple[int, int], np.ndarray]:
+    """Every size x size window of the image standardised per channel with the whole image's statistics."""
+    pixels = image.astype(np.float64)
+    standard = (pixels - pixels.mean(axis=(1, 2), keepdims=True)) / pixels.std(axis=(1, 2), keepdims=True)
+    room = image.shape[1] - size
+    return {(t, l): standard[:, t : t + size, l : l + size] for t in range(room + 1) for l in range(room + 1)}
+
+
+def test_smallnorb_training_jitter_scales_about_the_standardised_mean_and_offsets_within_its_range():
+    rng = np.random.default_rng(4)
+    image = rng.integers(100, 256, (2, 48, 48), dtype=np.uint8)  # a mean far from black
+    windows = _standard_windows(image, 32)
+    torch.manual_seed(0)
+    contrast = data.StandardisedCrop(32, train=True, brightness=0.0, contrast=0.25)
+    factors, places = [], set()
+    for _ in range(25):
+        item = contrast(image).double().numpy()
+        # the window the item came from: the one it is a multiple of (both channels by one factor)
+        fits = []
+        for place, window in windows.items():
+            factor = float((item * window).sum() / (window * window).sum())
+            if np.abs(item - factor * window).max() < 1e-4:
+                fits.append((place, factor))
+        assert len(fits) == 1, "a training item is a whole-image-standardised window times one factor"
+        places.add(fits[0][0])
+        factors.append(fits[0][1])
+    assert 0.75 <= min(factors) and max(factors) <= 1.25 and max(factors) - min(factors) > 0.2
+    assert len(places) > 10  # windows drawn all over the 16 px of room
+    brightness = data.StandardisedCrop(32, train=True, brightness=0.25, contrast=0.0)
+    offsets = []
+    for _ in range(25):
+        item = brightness(image).double().numpy()
+        fits = [float((item - w).mean()) for w in windows.values() if np.ptp(item - w) < 1e-4]
+        assert len(fits) == 1, "a training item is a standardised window plus one offset"
+        offsets.append(fits[0])
+    assert -0.25 <= min(offsets) and max(offsets) <= 0.25 and max(offsets) - min(offsets) > 0.2

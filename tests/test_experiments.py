@@ -296,6 +296,11 @@ def test_eval_reports_familiar_and_novel_viewpoint_accuracy(norb_root, tmp_path,
     assert pairs == [(True, True), (True, True)]  # the novel and the familiar viewpoints
     text = invoke("eval", "--ckpt", "norb").stdout
     assert "novel accuracy" in text and "familiar accuracy" in text
+    # the familiar viewpoints scored on their own are one split, not a novel/familiar comparison
+    alone = invoke("eval", "--ckpt", "norb", "--json", "--split", "test_familiar")
+    assert alone.exit_code == 0, alone.output
+    report = json.loads(alone.stdout)
+    assert (report["split"], report["n"]) == ("test_familiar", 6 * ELEVATIONS) and "viewpoints" not in report
 
 
 # --------------------------------------------------------------------------- attacks
@@ -643,3 +648,187 @@ def test_multi_crop_shifts_that_move_half_of_the_image_out_of_view_are_refused(h
 
     image = np.ones((1, 4, 4), dtype=np.uint8)
     assert not shifted(image, 4, 0).any() and not shifted(image, -1, -9).any()
+
+
+# --------------------------------------------------------------------------- checks against hand computations
+
+
+class LinearScore(torch.nn.Module):
+    """Two classes with scores s and -s, s = w . x (or, with ``centre``, s = 1e-3 |x - centre|^2):
+    activations sigmoid(+-s), so the attacks' logits are +-s and the gradient's sign is known by hand."""
+
+    def __init__(self, w: torch.Tensor, centre: torch.Tensor | None = None):
+        super().__init__()
+        self.w = torch.nn.Parameter(w)
+        self.centre = centre
+
+    def forward(self, x):
+        from capsnet.model import CapsOutput
+
+        if self.centre is None:
+            s = torch.einsum("nchw,chw->n", x, self.w)
+        else:
+            s = 1e-3 * (x - self.centre).square().flatten(1).sum(1)
+        z = torch.stack([s, -s], 1)
+        return CapsOutput(torch.sigmoid(z), torch.zeros(len(x), 2, 4, 4))
+
+
+MEAN, STD = [0.5, 0.2], [0.25, 0.1]
+
+
+def _normalised(pixels: torch.Tensor) -> torch.Tensor:
+    return (pixels - torch.tensor(MEAN).view(1, -1, 1, 1)) / torch.tensor(STD).view(1, -1, 1, 1)
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.tensor(STD).view(1, -1, 1, 1) + torch.tensor(MEAN).view(1, -1, 1, 1)
+
+
+def test_fgsm_and_bim_step_against_the_true_class_or_towards_the_target_in_pixel_units_and_clip():
+    torch.manual_seed(3)
+    pixels = torch.rand(4, 2, 5, 5, dtype=torch.float64)
+    pixels[:, :, 0] = 0.0  # black and white rows: the clipping to valid pixels matters
+    pixels[:, :, 1] = 1.0
+    pixels[:, :, 2] = 0.04
+    w = torch.randn(2, 5, 5)
+    model = LinearScore(w * 1e-3)  # small scores: no saturation
+    x = _normalised(pixels).float()
+    space = InputSpace.from_info(MEAN, STD, 2)
+    eps = 0.1
+
+    # in pixel units: eps along direction * sign(w), kept in [0, 1]
+    def expected(direction: int) -> torch.Tensor:
+        return (pixels + direction * eps * w.sign().double()).clamp(0, 1)
+
+    zeros, ones = torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
+    # class 0's score rises with w . x: untargeted against class 0 (or targeted at class 1) goes along -sign(w)
+    cases = [(zeros, False, -1), (ones, False, +1), (ones, True, -1), (zeros, True, +1)]
+    for labels, targeted, direction in cases:
+        for attack in (fgsm, bim):
+            x_adv = attack(model, x, labels, eps, space, targeted)
+            assert torch.allclose(_pixels(x_adv.double()), expected(direction), atol=1e-5), (attack, targeted)
+
+
+def test_bim_follows_the_gradient_at_each_step_with_steps_of_2_5_eps_over_steps_and_stays_in_the_box():
+    torch.manual_seed(4)
+    start = 0.2 + 0.6 * torch.rand(2, 2, 4, 4, dtype=torch.float64)  # away from 0 and 1: no pixel clipping
+    # the minimum of class 0's score, away from each pixel by one of these (pixel units): with eps 0.1 and
+    # 5 steps of 0.05 the pixels close in, overshoot and swing back, or stop at the edge of the box
+    gaps = torch.tensor([-0.17, -0.12, -0.07, -0.02, 0.02, 0.07, 0.12, 0.17], dtype=torch.float64)
+    gap = gaps[torch.randint(0, len(gaps), start.shape)]
+    model = LinearScore(torch.zeros(1), centre=_normalised(start + gap).float())
+    space = InputSpace.from_info(MEAN, STD, 2)
+    eps, steps = 0.1, 5
+    # untargeted against class 0: down its score, towards the centre
+    labels = torch.zeros(2, dtype=torch.long)
+    x_adv = bim(model, _normalised(start).float(), labels, eps, space, steps=steps)
+    # by hand, pixel by pixel: a step of 2.5 eps / steps towards the centre, then back into the eps box
+    p = start.clone()
+    for _ in range(steps):
+        p = p - 2.5 * eps / steps * torch.sign(p - (start + gap))
+        p = torch.minimum(torch.maximum(p, start - eps), start + eps)
+    assert torch.allclose(_pixels(x_adv.double()), p, atol=1e-5)
+
+
+def test_targets_are_other_classes_next_random_or_least_active():
+    from capsnet.attack import choose_targets
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 4
+    activations = torch.rand(400, 4, generator=generator)
+    activations[::3, 0] = 0.0  # the true class is often the least active one
+    assert torch.equal(choose_targets(labels, activations, "next", generator), (labels + 1) % 4)
+    chosen = choose_targets(labels, activations, "random", generator)
+    pairs = set(zip(labels.tolist(), chosen.tolist()))
+    assert pairs == {(a, b) for a in range(4) for b in range(4) if a != b}  # never the true class
+    least = choose_targets(labels, activations, "least", generator).tolist()
+    by_hand = [
+        min((k for k in range(4) if k != label), key=lambda k: float(activations[i, k]))
+        for i, label in enumerate(labels.tolist())
+    ]
+    assert least == by_hand
+
+
+class ChannelVote(torch.nn.Module):
+    """Predicts the channel with the brightest mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        from capsnet.model import CapsOutput
+
+        return CapsOutput(torch.sigmoid(x.mean((2, 3))), torch.zeros(len(x), x.shape[1], 4, 4))
+
+
+def test_a_targeted_attack_counts_as_hits_only_the_images_classified_as_their_target():
+    from capsnet.attack import run_attack
+
+    predicted = torch.tensor([0, 1, 2, 0, 1, 2])
+    labels = torch.tensor([0, 0, 0, 2, 2, 2])  # targets ("next"): 1 1 1 0 0 0
+    x = torch.full((6, 3, 2, 2), -1.0)
+    x[torch.arange(6), predicted] = 1.0
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=4)
+    space = InputSpace.from_info([0.5] * 3, [0.25] * 3, 3)
+    clean, points, n, _ = run_attack(ChannelVote(), loader, [0.0], space, targeted=True, progress=False)
+    # right: images 0 and 5; on target: images 1 (1 = 0 + 1) and 3 (0 = 2 + 1 mod 3); neither: 2 and 4
+    assert (clean, n, points[0].correct, points[0].hits) == (2 / 6, 6, 2, 2)
+    assert points[0].success == pytest.approx(2 / 6)
+
+
+def test_evaluation_sums_over_batches_of_any_size_and_counts_each_class_by_its_true_label():
+    from capsnet.config import config_from_dict
+    from capsnet.evaluate import evaluate
+    from capsnet.loss import compute_loss
+
+    torch.manual_seed(2)
+    model = CapsNet.from_preset(
+        "small", in_channels=1, num_classes=4, image_size=20, caps_types=[4, 4]
+    ).eval()
+    images = torch.randint(0, 256, (10, 1, 20, 20), dtype=torch.uint8)
+    transform = PixelTransform([0.5], [0.25])
+    x = torch.stack([transform(img.numpy()) for img in images])
+    with torch.no_grad():
+        predicted = model(x).activations.argmax(1)
+    labels = torch.where(torch.arange(10) < 6, predicted, (predicted + 1) % 4)  # six right, four wrong
+    cfg = config_from_dict({})
+    loader = torch.utils.data.DataLoader(ImageDataset(images, labels, transform), batch_size=4)  # 4, 4, 2
+    names = ["a", "b", "c", "d"]
+    result = evaluate(model, loader, cfg, "cpu", class_names=names)
+    total = [int((labels == k).sum()) for k in range(4)]
+    right = [sum(1 for i in range(6) if int(labels[i]) == k) for k in range(4)]
+    assert (result.n, result.correct, result.acc) == (10, 6, 0.6)
+    assert result.per_class_total == total and result.per_class_correct == right
+    accuracy = [c / t if t else float("nan") for c, t in zip(right, total)]
+    assert result.per_class_acc == pytest.approx(accuracy, nan_ok=True)
+    big = 1 << 62  # evaluation's margin: the final one
+    with torch.no_grad():
+        each = [
+            float(compute_loss(model(x[i : i + 1]), x[i : i + 1], labels[i : i + 1], model, cfg, big, big)[0])
+            for i in range(10)
+        ]
+    assert result.loss == pytest.approx(sum(each) / 10, rel=1e-4)  # the mean over images, not over batches
+    rows = [line.split() for line in result.table().splitlines()[1:]]
+    assert rows == [[n, f"{a:.4f}", str(c), str(t)] for n, a, c, t in zip(names, accuracy, right, total)]
+    # multi-crop testing counts the same way, with shifts of up to 20 / 14 = 1 px by default
+    crops = evaluate_crops(
+        model, ImageDataset(images, labels, transform), 5, "cpu", batch_size=10, progress=False
+    )
+    assert crops.offsets == [(0, 0), (-1, -1), (-1, 1), (1, -1), (1, 1)]
+    assert crops.n == 10 and crops.per_class_total == total
+
+
+def test_limit_scores_a_seeded_random_subset_of_the_images_in_order():
+    from capsnet.evaluate import limited
+
+    levels = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 1, 2, 2).contiguous()
+    dataset = ImageDataset(levels, torch.zeros(100, dtype=torch.long), PixelTransform([0.0], [1.0]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=7)
+    assert limited(loader, 100) is loader
+    first, again, other = limited(loader, 10, 0), limited(loader, 10, 0), limited(loader, 10, 1)
+    rows = first.dataset.rows().tolist()
+    assert len(rows) == 10 and rows == sorted(set(rows)) and first.batch_size == 7
+    assert rows == again.dataset.rows().tolist() and rows != other.dataset.rows().tolist()
+    assert rows != list(range(10)) and max(rows) >= 50  # drawn from all the images, not the first ten
+    assert [round(float(x[0, 0, 0]) * 255) for x, _ in first.dataset] == rows  # those rows' images
