@@ -425,6 +425,7 @@ def restore_run(run: Run, ckpt: dict[str, Any], where: Path) -> None:
     )
     restore_rng(ckpt["rng"], generator)
     if dist_info.rank > 0:  # its own streams, the loader workers' seeds included
-        seed_everything(rank_seed(run.cfg.train.seed + run.step, dist_info.rank))
-        generator.manual_seed(rank_seed(run.cfg.train.seed + run.step, dist_info.rank))
+        seed = rank_seed(run.cfg.train.seed + run.step, dist_info.rank)
+        seed_everything(seed)
+        generator.manual_seed(seed)
     run.epoch_rng = capture_rng(generator)

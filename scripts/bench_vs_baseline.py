@@ -193,7 +193,7 @@ def run_baseline(args) -> dict:
     cmd += [str(args.baseline), "--batch", str(args.batch), "--steps", str(args.steps)]
     out = _run(cmd, f"the baseline {args.baseline}", env=_thread_env(args.threads)).stdout
     m = _read(LINE, out, "output")
-    threads = THREADS_LINE.search(out[m.end() :].splitlines()[0] if out[m.end() :] else "")
+    threads = THREADS_LINE.search(out[m.end() :].partition("\n")[0])
     if threads:  # the baseline names its thread count at the end of its line
         _check_threads("the baseline", int(threads[1]), args)
     # the baseline divides ru_maxrss by 1024 whatever the platform: on macOS that is bytes

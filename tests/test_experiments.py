@@ -156,14 +156,19 @@ def test_mirrored_views_are_the_crops_flipped_left_to_right():
     assert torch.allclose(stereo[1], centre(swapped), atol=1e-5)
 
 
-def test_mirrored_evaluation_predicts_the_class_of_the_mean_over_image_and_mirror():
-    torch.manual_seed(1)
+def _four_class_model_and_images(seed: int, n: int):
+    """A small 4-class model on 20x20 images, n random images, their transform and the batch it gives."""
+    torch.manual_seed(seed)
     model = CapsNet.from_preset(
         "small", in_channels=1, num_classes=4, image_size=20, caps_types=[4, 4]
     ).eval()
-    images = torch.randint(0, 256, (12, 1, 20, 20), dtype=torch.uint8)
+    images = torch.randint(0, 256, (n, 1, 20, 20), dtype=torch.uint8)
     transform = PixelTransform([0.5], [0.25])
-    x = torch.stack([transform(img.numpy()) for img in images])  # (12, 1, 20, 20)
+    return model, images, transform, torch.stack([transform(img.numpy()) for img in images])
+
+
+def test_mirrored_evaluation_predicts_the_class_of_the_mean_over_image_and_mirror():
+    model, images, transform, x = _four_class_model_and_images(seed=1, n=12)  # x: (12, 1, 20, 20)
     with torch.no_grad():
         plain = model(x).activations  # (12, 4)
         mean = (plain + model(x.flip(-1)).activations) / 2  # (12, 4)
@@ -782,13 +787,7 @@ def test_evaluation_sums_over_batches_of_any_size_and_counts_each_class_by_its_t
     from capsnet.evaluate import evaluate
     from capsnet.loss import compute_loss
 
-    torch.manual_seed(2)
-    model = CapsNet.from_preset(
-        "small", in_channels=1, num_classes=4, image_size=20, caps_types=[4, 4]
-    ).eval()
-    images = torch.randint(0, 256, (10, 1, 20, 20), dtype=torch.uint8)
-    transform = PixelTransform([0.5], [0.25])
-    x = torch.stack([transform(img.numpy()) for img in images])
+    model, images, transform, x = _four_class_model_and_images(seed=2, n=10)
     with torch.no_grad():
         predicted = model(x).activations.argmax(1)
     labels = torch.where(torch.arange(10) < 6, predicted, (predicted + 1) % 4)  # six right, four wrong
