@@ -97,6 +97,11 @@ class LossConfig:
     margin_schedule: str = "linear"  # "linear" | "sigmoid"
     margin_steps: int | None = None  # steps to reach margin_end; null: the whole run
     recon_weight: float = 0.0005  # weight of the sum-squared reconstruction error; 0 disables
+    teacher: str | None = None  # knowledge distillation: a trained run whose class scores the model
+    # also learns to match (a .pt file, a run directory or run name under logging.out_dir, latest or
+    # best, as --ckpt); null: none
+    teacher_weight: float = 1.0  # weight of the distillation term (with loss.teacher)
+    teacher_temperature: float = 4.0  # softmax temperature of both models' class scores in that term
 
 
 @dataclass
@@ -239,6 +244,7 @@ POSITIVE = {
     "optim.decay_rate",
     "optim.decay_steps",
     "loss.margin_steps",
+    "loss.teacher_temperature",
     "data.num_classes",
     "data.channels",
     "data.train_size",
@@ -261,6 +267,7 @@ NON_NEGATIVE = {
     "model.stem_padding",
     "data.shift",
     "loss.recon_weight",
+    "loss.teacher_weight",
     "loss.margin_start",
     "loss.margin_end",
     "optim.weight_decay",

@@ -259,7 +259,7 @@ def prepare_checkpoint(
 
 
 #: training-only settings: -o on a command that scores a trained model could not change anything
-TRAINING_ONLY = ("optim.", "logging.") + tuple(
+TRAINING_ONLY = ("optim.", "logging.", "loss.teacher") + tuple(
     f"train.{key}"
     for key in ("epochs", "max_steps", "max_bad_steps", "init_from", "sync_bn", "accumulate", "ema")
 )

@@ -68,6 +68,20 @@ def cross_entropy(activations: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(class_scores(activations), target)
 
 
+def distillation_loss(activations: Tensor, teacher_activations: Tensor, temperature: float) -> Tensor:
+    """Knowledge distillation (Hinton, Vinyals & Dean, 2015) on class activations, averaged over the batch.
+
+    The Kullback-Leibler divergence from the teacher's softened class distribution,
+    softmax(s_t / T), to the model's, softmax(s / T), with the :func:`class_scores` s of
+    each model's activations as logits, times T^2 so that its gradients keep their scale
+    as T changes. The teacher's side passes no gradient.
+    """
+    t = temperature
+    log_p = F.log_softmax(class_scores(activations) / t, dim=1)  # (N, E)
+    log_q = F.log_softmax(class_scores(teacher_activations.detach()) / t, dim=1)  # (N, E)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * (t * t)
+
+
 def reconstruction_loss(recon: Tensor, x: Tensor) -> Tensor:
     """Sum of squared pixel errors per sample, averaged over the batch."""
     return (recon - x).square().flatten(1).sum(dim=1).mean()
@@ -145,13 +159,16 @@ def compute_loss(
     step: int,
     total_steps: int,
     recon: Tensor | None = None,
+    teacher_activations: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor | float]]:
-    """Classification loss plus the weighted reconstruction loss.
+    """Classification loss plus the weighted reconstruction loss (and distillation term).
 
     ``recon`` is the decoder's image when the caller already computed it (the
     trainer does, inside the module that DDP wraps); otherwise it is computed here
-    from the target class's pose. Returns the loss and its detached parts:
-    ``class``, ``recon`` (when used) and ``margin``.
+    from the target class's pose. ``teacher_activations``: the class activations of
+    ``loss.teacher`` on the same images, which add ``loss.teacher_weight`` times
+    :func:`distillation_loss`. Returns the loss and its detached parts: ``class``,
+    ``recon`` and ``distill`` (when used) and ``margin``.
     """
     margin = margin_at(step, total_steps, cfg.loss)
     activations = out.activations.float()  # (N, E); losses in fp32 under autocast
@@ -163,4 +180,8 @@ def compute_loss(
         rec = reconstruction_loss(recon.float(), x.float())
         parts["recon"] = rec.detach()
         loss = loss + cfg.loss.recon_weight * rec
+    if teacher_activations is not None:
+        kd = distillation_loss(activations, teacher_activations.float(), cfg.loss.teacher_temperature)
+        parts["distill"] = kd.detach()
+        loss = loss + cfg.loss.teacher_weight * kd
     return loss, parts

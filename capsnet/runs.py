@@ -97,6 +97,8 @@ class Run:
     #: kept outside logging.keep's count and removed once a later checkpoint is written
     interim: Path | None = None
     ema: WeightAverage | None = None  # the moving average of the weights (train.ema)
+    teacher: nn.Module | None = None  # loss.teacher's model, frozen, in eval mode
+    teacher_table: Any = None  # capsnet.trainer.TeacherTable: its outputs on the training items, if fixed
 
     @property
     def eval_model(self) -> CapsNet:

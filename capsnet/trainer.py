@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from capsnet.averaging import WeightAverage
 from capsnet.checkpoint import (
@@ -219,9 +220,12 @@ def _batch_norm_state(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
 
 
 def _train_step(
-    run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest
+    run: Run, group: list[tuple[Tensor, Tensor]], stop: StopRequest, taught: list[Tensor] | None = None
 ) -> tuple[float, int, int, bool]:
     """One optimiser step over ``group`` (``train.accumulate`` micro-batches).
+
+    ``taught``: the teacher's class activations of each micro-batch, where they were
+    computed ahead (:class:`TeacherTable`); else the teacher, if any, runs on the batch here.
 
     Returns the loss, correct predictions, images, and whether every process agrees to
     stop now (a signal reached one of them).
@@ -244,8 +248,24 @@ def _train_step(
         defer_sync = isinstance(run.step_module, nn.parallel.DistributedDataParallel) and i < len(group) - 1
         with run.step_module.no_sync() if defer_sync else contextlib.nullcontext():
             with autocast(run.device, cfg.train.precision):
+                teacher_acts = None
+                if taught is not None:
+                    teacher_acts = taught[i].to(run.device, non_blocking=True)  # (N, E)
+                elif run.teacher is not None:
+                    with torch.no_grad():
+                        teacher_acts = run.teacher(x).activations  # (N, E)
                 out, recon = run.step_module(x, y)
-                loss, _ = compute_loss(out, x, y, model, cfg, run.step, run.total_steps, recon=recon)
+                loss, _ = compute_loss(
+                    out,
+                    x,
+                    y,
+                    model,
+                    cfg,
+                    run.step,
+                    run.total_steps,
+                    recon=recon,
+                    teacher_activations=teacher_acts,
+                )
             share = len(y) / images  # a short last micro-batch weighs by its images, as in one batch
             (loss * share).backward()
         loss_sum += loss.detach() * share
@@ -292,6 +312,80 @@ def _train_step(
     return loss_value, correct, n, stopping
 
 
+def load_teacher(cfg: Config, info, device: torch.device, path: Path, ckpt: dict[str, Any]) -> CapsNet:
+    """The model of ``loss.teacher`` (loaded from ``path``) in eval mode on ``device``, frozen.
+
+    Refuses, with a ConfigError naming the setting, a teacher that would see other inputs
+    than the ones it was trained on: another dataset, class count, channel count, image
+    size or input normalisation.
+    """
+    from capsnet.checkpoint import build_model_from_checkpoint
+    from capsnet.config import stored_config
+
+    where = f"loss.teacher: {path}"
+    saved = stored_config(ckpt["config"], path)
+    taught = ckpt.get("data_info") or {}
+    problems = []
+    if saved.data.name != cfg.data.name:
+        problems.append(f"was trained on data.name {saved.data.name!r}, this run trains on {cfg.data.name!r}")
+    for key, now in (
+        ("num_classes", info.num_classes),
+        ("channels", info.channels),
+        ("image_size", info.image_size),
+    ):
+        if key in taught and taught[key] != now:
+            problems.append(f"was trained with {key} {taught[key]}, this run's data has {now}")
+    for key in ("mean", "std"):
+        then, now = taught.get(key), getattr(info, key)
+        if key not in taught or (then is None and now is None):
+            continue
+        if then is None or now is None:
+            how = ["per-image standardisation" if v is None else f"{key} {v}" for v in (then, now)]
+            problems.append(f"normalised its inputs by {how[0]}, this run by {how[1]}")
+        elif not torch.allclose(torch.tensor(then).double(), torch.tensor(now).double(), atol=1e-2):
+            problems.append(f"normalised its inputs with {key} {then}, this run with {now}")
+    if problems:
+        raise ConfigError([f"{where} {p}; a teacher must see the inputs it was trained on" for p in problems])
+    model = build_model_from_checkpoint(ckpt, path)
+    if model.in_channels != info.channels or model.num_classes != info.num_classes:  # no data_info saved
+        takes = f"takes {model.in_channels}-channel images into {model.num_classes} classes"
+        raise ConfigError(
+            [f"{where} {takes}, this run's data has {info.channels} channels and {info.num_classes} classes"]
+        )
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+@dataclass
+class TeacherTable:
+    """The teacher's class activations of every training item, in item order, with the items' labels."""
+
+    activations: Tensor  # (N, E) float32, on the CPU
+    labels: Tensor  # (N,) int64
+
+
+@torch.no_grad()
+def teacher_table(
+    run_cfg: Config, teacher: nn.Module, dataset, device: torch.device, show: bool
+) -> TeacherTable:
+    """Runs the teacher once over the training items, in order, in batches of the evaluation size.
+
+    Only for a training set whose items are the same every epoch (no augmentation): then the
+    table stands in for the teacher's forward pass on every batch of every epoch. It is
+    computed afresh by every run that starts or resumes, the same way each time, so a
+    resumed run trains on exactly the values a run that never stopped did.
+    """
+    size = run_cfg.train.eval_batch_size or 2 * run_cfg.train.batch_size
+    # a generator of its own: starting the loader draws a seed, which must not come from the global stream
+    loader = DataLoader(dataset, batch_size=size, shuffle=False, generator=torch.Generator())
+    activations, labels = [], []
+    for x, y in progress(loader, total=len(loader), enabled=show, desc="teacher"):
+        with autocast(device, run_cfg.train.precision):
+            activations.append(teacher(x.to(device)).activations.float().cpu())
+        labels.append(y)
+    return TeacherTable(torch.cat(activations), torch.cat(labels))
+
+
 @torch.no_grad()
 def _diagnose(run: Run, x: Tensor) -> str:
     """Names the first routing layer whose statistics are non-finite on ``x`` (the failing batch)."""
@@ -311,13 +405,30 @@ def _diagnose(run: Run, x: Tensor) -> str:
     return f"routing statistics are finite, so the loss or its gradients overflowed ({where})"
 
 
-def _batches(run: Run) -> Iterator[list[tuple[Tensor, Tensor]]]:
-    """The epoch's batches in groups of ``train.accumulate``, skipping the groups already done."""
-    acc = run.cfg.train.accumulate
+def _batches(run: Run) -> Iterator[tuple[list[tuple[Tensor, Tensor]], list[Tensor] | None]]:
+    """The epoch's batches in groups of ``train.accumulate``, skipping the groups already done.
+
+    Each group comes with the teacher's class activations of its batches where
+    ``run.teacher_table`` holds them (else None): batch k of the epoch holds the items
+    at positions k*B ... k*B+B-1 of the sampler's order, B being the batch size.
+    """
+    acc, size = run.cfg.train.accumulate, run.cfg.train.batch_size
+    table = run.teacher_table
+    order = torch.tensor(list(run.loaders.train_sampler)) if table is not None else None  # the epoch's items
     it = iter(run.loaders.train)
     deque(islice(it, run.batches_done * acc), maxlen=0)  # replays the loader (and its RNG draws)
+    k = run.batches_done * acc  # the next batch's number in the epoch
     while group := list(islice(it, acc)):
-        yield group
+        taught = None
+        if table is not None and order is not None:
+            taught = []
+            for _, y in group:
+                items = order[k * size : k * size + len(y)]
+                k += 1
+                if not torch.equal(table.labels[items], y):
+                    raise RuntimeError("the teacher's table is out of step with the training batches")
+                taught.append(table.activations[items])
+        yield group, taught
 
 
 def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, float]]:
@@ -337,8 +448,8 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
         desc=f"epoch {run.epoch + 1}",
     )
     reason = None
-    for group in bar:
-        loss, correct, n, stopping = _train_step(run, group, stop)
+    for group, taught in bar:
+        loss, correct, n, stopping = _train_step(run, group, stop, taught)
         if math.isfinite(loss):
             totals["loss"] += loss
             totals["steps"] += 1
@@ -522,6 +633,10 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     if ckpt is not None:  # like the checks below, before compiling kernels and loading data
         check_resume_settings(ckpt.get("config") or {}, cfg.to_dict(), ckpt_path)
     size = expected_image_size(cfg.data)
+    teacher_path = teacher_ckpt = None
+    if cfg.loss.teacher:  # a missing or broken teacher is said before the data loads
+        teacher_path = resolve_checkpoint(cfg.loss.teacher, cfg.logging.out_dir)
+        teacher_ckpt = load_checkpoint(teacher_path)
     if size is not None:  # a model that cannot take the images is refused before they load (or download)
         try:
             CapsNet.from_config(cfg.model, cfg.routing, 1, 2, size).capsule_grid(size, size)
@@ -557,6 +672,24 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         raise ConfigError([f"model: {e}"]) from None
     if not cfg.model.decoder and cfg.loss.recon_weight > 0:
         say(f"note: loss.recon_weight {cfg.loss.recon_weight:g} is not used: model.decoder is false")
+    teacher = table = None
+    if teacher_ckpt is not None:
+        teacher = load_teacher(cfg, info, device, teacher_path, teacher_ckpt)
+        best = teacher_ckpt.get("best_metric")
+        scored = f", best {teacher_ckpt.get('best_split', 'val')}/acc {best:.4f}" if best is not None else ""
+        say(
+            f"distilling from {teacher_path} (step {teacher_ckpt.get('step', '?')}{scored}): "
+            f"weight {cfg.loss.teacher_weight:g}, temperature {cfg.loss.teacher_temperature:g}"
+        )
+        del teacher_ckpt
+        train_set = loaders.train.dataset
+        if getattr(train_set, "transform", None) is getattr(train_set, "eval_transform", False):
+            start = time.perf_counter()
+            table = teacher_table(cfg, teacher, train_set, device, cfg.logging.progress and dist_info.is_main)
+            say(
+                f"teacher's class activations of the {len(train_set):,} training images computed ahead "
+                f"(no augmentation, so they hold for every epoch) in {time.perf_counter() - start:.1f}s"
+            )
     if ckpt is not None:
         check_architecture(ckpt["arch"], model.hparams, ckpt_path)
         # with train.ema, "model" holds the average and "train_model" the weights being trained
@@ -632,6 +765,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         total_steps,
         say,
         ema=ema,
+        teacher=teacher,
+        teacher_table=table,
     )
     if ckpt is not None:
         restore_run(run, ckpt, ckpt_path)

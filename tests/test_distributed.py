@@ -211,6 +211,24 @@ def test_two_processes_with_sync_bn_write_one_run_equal_to_one_process_with_the_
     assert test_acc == logged(one)[-1]["test/acc"]
 
 
+@pytest.mark.slow
+def test_two_processes_distilling_from_a_teacher_equal_one_process_with_the_global_batch(tmp_path):
+    teacher = single_process(tmp_path, "teacher", "train.epochs=1") / "best.pt"
+    taught = ("train.sync_bn=true", f"loss.teacher={teacher}", "loss.teacher_weight=20")
+    cmd = torchrun("--standalone", "--nproc-per-node", "2")
+    cmd += ["--config", str(TINY), "--run-name", "ddp", *cli_overrides(tmp_path, *taught)]
+    result = launch(cmd, tmp_path)
+    check(result)
+    assert "teacher's class activations of the 96 training images computed ahead" in result.stdout
+    one = single_process(tmp_path, "one", "train.batch_size=32", *taught[1:])
+    plain = single_process(tmp_path, "plain", "train.batch_size=32")
+    run = tmp_path / "weights" / "ddp"
+    apart = max_difference(run / "last.pt", one / "last.pt")
+    assert apart < 1e-4, apart
+    taught_apart = max_difference(one / "last.pt", plain / "last.pt")  # what the teacher changed
+    assert taught_apart > 100 * apart
+
+
 # Runs `capsnet train` with one fault put into one process: a SIGTERM to itself just after the
 # step's stop agreement (inside the step's logging), or a NaN pixel in its batch of one step.
 FAULTY_TRAIN = """
@@ -227,13 +245,13 @@ def late_signal(run, lr, margin):
     if os.environ["FAULT"] == "sigterm" and run.dist.rank == rank and run.step == step:
         os.kill(os.getpid(), signal.SIGTERM)
 
-def nan_batch(run, group, stop):
+def nan_batch(run, group, stop, *taught):
     if os.environ["FAULT"] == "nan" and run.dist.rank == rank and run.step + 1 == step:
         (x, y), *rest = group
         x = x.clone()
         x[0, 0, 0, 0] = float("nan")
         group = [(x, y), *rest]
-    return train_step(run, group, stop)
+    return train_step(run, group, stop, *taught)
 
 trainer._log_step, trainer._train_step = late_signal, nan_batch
 sys.argv = ["capsnet", *sys.argv[1:]]

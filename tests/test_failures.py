@@ -423,8 +423,8 @@ def test_a_full_disk_under_the_logs_stops_training_with_the_file_and_how_to_resu
 
     real_step = trainer._train_step
 
-    def counting(run, group, stop):
-        out = real_step(run, group, stop)
+    def counting(run, group, stop, *rest):
+        out = real_step(run, group, stop, *rest)
         fit_state["step"] = run.step
         return out
 

@@ -172,14 +172,14 @@ def test_a_skipped_batch_with_a_nan_pixel_leaves_the_batch_norm_statistics_as_th
 ):
     real, seen = trainer._train_step, {}
 
-    def nan_in_step_3(run, group, stop):
+    def nan_in_step_3(run, group, stop, *rest_args):
         if run.step == 2:  # the step that makes step 3
             (x, y), *rest = group
             x = x.clone()
             x[0, 0, 0, 0] = float("nan")
             group = [(x, y), *rest]
             seen["before"] = run.model.stem[1].running_mean.clone()
-        result = real(run, group, stop)
+        result = real(run, group, stop, *rest_args)
         if run.step == 3:
             seen["after"] = run.model.stem[1].running_mean.clone()
         return result
