@@ -63,7 +63,7 @@ class BenchResult:
             f"peak RSS {self.peak_rss_mib:.0f} MiB (torch alone {self.base_rss_mib:.0f} MiB); "
             f"{self.parameters:,} parameters, batch {self.batch_size}, "
             f"{self.channels}x{self.image_size}x{self.image_size}, {self.classes} classes, "
-            f"{self.iterations} iterations, {self.threads} threads, {self.device}, "
+            f"{self.iterations} iterations, {self.threads} thread{'' if self.threads == 1 else 's'}, {self.device}, "
             + ("compiled" if self.compiled_routing else "eager")
             + " routing"
             + (f"; peak GPU memory {self.peak_gpu_mib:.0f} MiB" if self.peak_gpu_mib is not None else "")

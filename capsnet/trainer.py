@@ -926,8 +926,9 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
             f"moving average of the weights (train.ema={cfg.train.ema}): it is what is evaluated, "
             "saved as best.pt and exported"
         )
+    threads = torch.get_num_threads()
     say(
-        f"device {run.device}, {torch.get_num_threads()} threads, {cfg.train.precision}, "
+        f"device {run.device}, {threads} thread{'' if threads == 1 else 's'}, {cfg.train.precision}, "
         f"{run.dist.world_size} process(es), {'compiled' if compiled_kernels_enabled() else 'eager'} routing; "
         f"{cfg.train.epochs} epochs x {run.steps_per_epoch} steps"
         + (f", stopping at step {cfg.train.max_steps}" if cfg.train.max_steps else "")

@@ -119,7 +119,8 @@ def _thread_env(threads: int) -> dict[str, str]:
 
 def _check_threads(side: str, ran: int, args) -> None:
     if ran != args.threads:
-        raise SystemExit(f"error: {side} ran with {ran} threads, not the {args.threads} asked for")
+        ran_threads = f"{ran} thread{'' if ran == 1 else 's'}"
+        raise SystemExit(f"error: {side} ran with {ran_threads}, not the {args.threads} asked for")
 
 
 def _read(pattern: re.Pattern, out: str, what: str) -> re.Match:

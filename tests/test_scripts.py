@@ -164,7 +164,7 @@ def test_bench_vs_baseline_refuses_a_baseline_that_ran_with_other_threads(monkey
     monkeypatch.setattr(bench, "_run", lambda cmd, what, **kw: subprocess.CompletedProcess(cmd, 0, out, ""))
     args = type("Args", (), {"threads": 2, "batch": 4, "steps": 1, "device": "cpu", "allocator": "tuned"})()
     args.baseline = "b.py"
-    with pytest.raises(SystemExit, match="the baseline ran with 1 threads, not the 2 asked for"):
+    with pytest.raises(SystemExit, match="the baseline ran with 1 thread, not the 2 asked for"):
         bench.run_baseline(args)
     args.threads = 1
     assert bench.run_baseline(args)["peak_rss_mib"] == 5000.0
