@@ -312,14 +312,36 @@ def _train_step(
     return loss_value, correct, n, stopping
 
 
+def _find_teacher(cfg: Config, run_name: str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint file that ``loss.teacher`` names, and its contents (the same on every rank).
+
+    ``cfg.loss.teacher`` is set to that file, so that the config this run saves (and a
+    resumed run reads) names it: ``latest``, ``best`` or a run's newest checkpoint may be
+    another file by the time the run resumes, the run's own checkpoints among them.
+    """
+    spec = cfg.loss.teacher
+    try:
+        path = resolve_checkpoint(spec, cfg.logging.out_dir)
+        chosen = Path(broadcast(str(path)))
+        ckpt = load_checkpoint(chosen)
+    except CheckpointError as e:
+        raise CheckpointError(f"loss.teacher: {e}") from None
+    if chosen.resolve().parent == safe_child(cfg.logging.out_dir, run_name).resolve():
+        itself = f"loss.teacher: {spec} is {chosen}, a checkpoint of this run itself"
+        raise ConfigError([f"{itself}; name the teacher's checkpoint file (or its run) instead"])
+    cfg.loss.teacher = str(chosen)
+    return chosen, ckpt
+
+
 def load_teacher(cfg: Config, info, device: torch.device, path: Path, ckpt: dict[str, Any]) -> CapsNet:
     """The model of ``loss.teacher`` (loaded from ``path``) in eval mode on ``device``, frozen.
 
     Refuses, with a ConfigError naming the setting, a teacher that would see other inputs
-    than the ones it was trained on: another dataset, class count, channel count, image
-    size or input normalisation.
+    than the ones it was trained on: another dataset, class count or class names, channel
+    count, image size or input normalisation; and, where this run holds out a validation
+    split, a teacher whose training drew another one (it may have trained on those images).
     """
-    from capsnet.checkpoint import build_model_from_checkpoint
+    from capsnet.checkpoint import build_model_from_checkpoint, moved_split_settings
     from capsnet.config import stored_config
 
     where = f"loss.teacher: {path}"
@@ -335,6 +357,9 @@ def load_teacher(cfg: Config, info, device: torch.device, path: Path, ckpt: dict
     ):
         if key in taught and taught[key] != now:
             problems.append(f"was trained with {key} {taught[key]}, this run's data has {now}")
+    names = taught.get("class_names")
+    if names is not None and len(names) == info.num_classes and list(names) != list(info.class_names):
+        problems.append(f"was trained with the classes {names}, this run's data has {info.class_names}")
     for key in ("mean", "std"):
         then, now = taught.get(key), getattr(info, key)
         if key not in taught or (then is None and now is None):
@@ -342,11 +367,22 @@ def load_teacher(cfg: Config, info, device: torch.device, path: Path, ckpt: dict
         if then is None or now is None:
             how = ["per-image standardisation" if v is None else f"{key} {v}" for v in (then, now)]
             problems.append(f"normalised its inputs by {how[0]}, this run by {how[1]}")
-        elif not torch.allclose(torch.tensor(then).double(), torch.tensor(now).double(), atol=1e-2):
+        elif len(then) != len(now) or not torch.allclose(
+            torch.tensor(then).double(), torch.tensor(now).double(), atol=1e-2
+        ):
             problems.append(f"normalised its inputs with {key} {then}, this run with {now}")
     if problems:
         raise ConfigError([f"{where} {p}; a teacher must see the inputs it was trained on" for p in problems])
-    model = build_model_from_checkpoint(ckpt, path)
+    moved = moved_split_settings(ckpt["config"], cfg.to_dict()) if cfg.data.val_split > 0 else {}
+    if moved:
+        drawn = f"drew its validation split with other settings ({'; '.join(moved.values())})"
+        why = "so it may have trained on images this run holds out to choose its best model"
+        raise ConfigError(
+            [f"{where} {drawn}, {why}; use a teacher trained with the same ones, or data.val_split=0"]
+        )
+    # building the model draws its initial weights, which must not come from the run's random stream
+    with torch.random.fork_rng(devices=[]):
+        model = build_model_from_checkpoint(ckpt, path)
     if model.in_channels != info.channels or model.num_classes != info.num_classes:  # no data_info saved
         takes = f"takes {model.in_channels}-channel images into {model.num_classes} classes"
         raise ConfigError(
@@ -635,8 +671,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     size = expected_image_size(cfg.data)
     teacher_path = teacher_ckpt = None
     if cfg.loss.teacher:  # a missing or broken teacher is said before the data loads
-        teacher_path = resolve_checkpoint(cfg.loss.teacher, cfg.logging.out_dir)
-        teacher_ckpt = load_checkpoint(teacher_path)
+        teacher_path, teacher_ckpt = _find_teacher(cfg, name)
     if size is not None:  # a model that cannot take the images is refused before they load (or download)
         try:
             CapsNet.from_config(cfg.model, cfg.routing, 1, 2, size).capsule_grid(size, size)

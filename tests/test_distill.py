@@ -13,8 +13,10 @@ from helpers import tiny
 from capsnet import trainer
 from capsnet.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from capsnet.config import ConfigError, load_config
+from capsnet.data import PixelTransform
 from capsnet.loss import class_scores, compute_loss, distillation_loss
 from capsnet.model import CapsOutput
+from capsnet.runs import config_for_resume
 from capsnet.trainer import fit
 
 
@@ -102,6 +104,26 @@ def test_a_teacher_of_weight_zero_changes_nothing_and_a_weighted_one_changes_the
     assert any(line.startswith(f"distilling from {teacher}") and "temperature 4" in line for line in lines)
     after = weights(teacher)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the teacher's file is untouched
+
+
+def test_a_teacher_of_weight_zero_leaves_randomly_augmented_training_as_it_was(
+    tmp_path, teacher_run, monkeypatch
+):
+    real = trainer.build_loaders
+
+    def shifting(*args, **kwargs):  # random shifts and flips, drawn from the run's random stream
+        loaders = real(*args, **kwargs)
+        info = loaders.info
+        loaders.train.dataset.transform = PixelTransform(info.mean, info.std, padding=2, flip=True)
+        return loaders
+
+    monkeypatch.setattr(trainer, "build_loaders", shifting)
+    common = ("train.max_steps=3",)
+    plain = fit(tiny(tmp_path, *common), run_name="plain", echo=quiet)
+    teacher = f"loss.teacher={teacher_run.run_dir / 'best.pt'}"
+    zero = fit(tiny(tmp_path, *common, teacher, "loss.teacher_weight=0"), run_name="zero", echo=quiet)
+    a, b = weights(plain.run_dir / "last.pt"), weights(zero.run_dir / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # neither loading the teacher nor its forward draws
 
 
 @pytest.fixture(params=["ahead", "per batch"])
@@ -192,6 +214,27 @@ def test_a_resumed_distilled_run_is_bit_identical_to_a_straight_one(tmp_path, te
     assert resumed.step == 8 and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_taught_by_latest_resumes_with_the_same_teacher_not_its_own_checkpoint(tmp_path, teacher_run):
+    shutil.copytree(teacher_run.run_dir, tmp_path / "weights" / "mentor")
+    lines: list[str] = []
+    fit(tiny(tmp_path, "loss.teacher=latest", "train.max_steps=5"), run_name="split", echo=lines.append)
+    pinned = load_checkpoint(tmp_path / "weights" / "split" / "last.pt")["config"]["loss"]["teacher"]
+    assert pinned.startswith(str(tmp_path / "weights" / "mentor" / "step-"))  # the file "latest" was
+    straight = fit(
+        tiny(tmp_path, f"loss.teacher={pinned}", "train.max_steps=8"), run_name="straight", echo=quiet
+    )
+    out_dir = f"logging.out_dir={tmp_path / 'weights'}"
+    cfg = config_for_resume("latest", [out_dir, "train.max_steps=8"], run_name="split")
+    lines.clear()
+    resumed = fit(cfg, run_name="split", resume="latest", echo=lines.append)
+    assert any(line.startswith(f"distilling from {pinned}") for line in lines), lines
+    a, b = weights(straight.run_dir / "last.pt"), weights(resumed.run_dir / "last.pt")
+    assert resumed.step == 8 and all(torch.equal(a[k], b[k]) for k in a)
+    # "latest" named again on resuming would be the run itself: refused, not distilled from
+    with pytest.raises(ConfigError, match="a checkpoint of this run itself"):
+        fit(tiny(tmp_path, "loss.teacher=latest", "train.max_steps=10"), run_name="split", resume="latest")
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -235,6 +278,34 @@ def test_a_teacher_of_another_dataset_or_normalisation_is_refused(tmp_path, teac
         ConfigError, match="normalised its inputs by per-image standardisation, this run by mean"
     ):
         fit(tiny(tmp_path, f"loss.teacher={tmp_path / 'per_image.pt'}"), run_name="z", echo=quiet)
+
+
+def test_a_teacher_of_other_class_names_or_channel_statistics_is_refused_without_a_traceback(
+    tmp_path, teacher_run
+):
+    source = load_checkpoint(teacher_run.run_dir / "best.pt")
+    names = dict(source, data_info={**source["data_info"], "class_names": ["d", "c", "b", "a"]})
+    torch.save(names, tmp_path / "names.pt")
+    with pytest.raises(
+        ConfigError, match=r"trained with the classes \['d', 'c', 'b', 'a'\], this run's data"
+    ):
+        fit(tiny(tmp_path, f"loss.teacher={tmp_path / 'names.pt'}"), run_name="x", echo=quiet)
+    two = dict(source, data_info={**source["data_info"], "mean": [0.5, 0.5], "std": [0.25, 0.25]})
+    torch.save(two, tmp_path / "two.pt")
+    with pytest.raises(
+        ConfigError, match=r"normalised its inputs with mean \[0.5, 0.5\], this run with \[0.3"
+    ):
+        fit(tiny(tmp_path, f"loss.teacher={tmp_path / 'two.pt'}"), run_name="y", echo=quiet)
+
+
+def test_a_teacher_that_may_have_trained_on_this_runs_validation_images_is_refused(tmp_path, teacher_run):
+    held = ("data.val_split=0.25", "train.max_steps=1")
+    with pytest.raises(ConfigError, match=r"data.val_split: 0.0 in the checkpoint, 0.25 now"):
+        fit(
+            tiny(tmp_path, *held, f"loss.teacher={teacher_run.run_dir / 'best.pt'}"), run_name="x", echo=quiet
+        )
+    same = fit(tiny(tmp_path, *held), run_name="same-split", echo=quiet)
+    fit(tiny(tmp_path, *held, f"loss.teacher={same.run_dir / 'last.pt'}"), run_name="y", echo=quiet)
 
 
 def test_a_teacher_saved_without_its_data_description_is_still_checked_against_the_data(
