@@ -725,6 +725,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
                 f"teacher's class activations of the {len(train_set):,} training images computed ahead "
                 f"(no augmentation, so they hold for every epoch) in {time.perf_counter() - start:.1f}s"
             )
+            teacher = None  # the table stands in for it: its memory is freed
     if ckpt is not None:
         check_architecture(ckpt["arch"], model.hparams, ckpt_path)
         # with train.ema, "model" holds the average and "train_model" the weights being trained
