@@ -373,6 +373,20 @@ def load_teacher(cfg: Config, info, device: torch.device, path: Path, ckpt: dict
             problems.append(f"normalised its inputs with {key} {then}, this run with {now}")
     if problems:
         raise ConfigError([f"{where} {p}; a teacher must see the inputs it was trained on" for p in problems])
+    # which images are for training and which for testing: a teacher trained on other ones may
+    # have trained on this run's test images (smallNORB's novel viewpoints, another folder tree)
+    tests = []
+    if cfg.data.name == "smallnorb" and saved.data.split != cfg.data.split:
+        tests.append(f"data.split {saved.data.split!r}, this run {cfg.data.split!r}")
+    if cfg.data.name == "folder":
+        for key in ("train_dir", "test_dir"):
+            then, now = getattr(saved.data, key), getattr(cfg.data, key)
+            if (then and Path(then).resolve()) != (now and Path(now).resolve()):
+                tests.append(f"data.{key} {then!r}, this run {now!r}")
+    if tests:
+        raise ConfigError(
+            [f"{where} was trained with {t}; it may have trained on this run's test images" for t in tests]
+        )
     moved = moved_split_settings(ckpt["config"], cfg.to_dict()) if cfg.data.val_split > 0 else {}
     if moved:
         drawn = f"drew its validation split with other settings ({'; '.join(moved.values())})"

@@ -344,3 +344,32 @@ def test_scoring_a_trained_model_refuses_teacher_settings(tmp_path, teacher_run)
 
 def test_the_shipped_configs_train_without_a_teacher_by_default():
     assert load_config(None).loss.teacher is None
+
+
+@pytest.mark.parametrize(
+    ("data", "teacher_data", "said"),
+    [
+        (
+            {"name": "smallnorb", "split": "azimuth"},
+            {"split": "standard"},
+            "data.split 'standard', this run 'azimuth'",
+        ),
+        (
+            {"name": "folder", "train_dir": "a", "test_dir": "b"},
+            {"test_dir": None},
+            "data.test_dir None, this run 'b'",
+        ),
+    ],
+)
+def test_a_teacher_trained_on_other_training_images_than_this_runs_is_refused(
+    tmp_path, teacher_run, data, teacher_data, said
+):
+    source = load_checkpoint(teacher_run.run_dir / "best.pt")
+    student = tiny(tmp_path, *(f"data.{k}={v}" for k, v in data.items()), "data.val_split=0")
+    saved = {**source["config"], "data": {**student.to_dict()["data"], **teacher_data}}
+    info = SimpleNamespace(**source["data_info"])
+    with pytest.raises(ConfigError, match="it may have trained on this run's test images") as e:
+        trainer.load_teacher(
+            student, info, torch.device("cpu"), tmp_path / "t.pt", dict(source, config=saved)
+        )
+    assert said in str(e.value)
