@@ -315,6 +315,11 @@ class ImageDataset(Dataset):
         row = self._rows[i] if self._rows is not None else i
         return self.transform(self._pixels[row]), self._labels[row]
 
+    @property
+    def fixed_items(self) -> bool:
+        """Whether item i is the same every time it is read (no random augmentation)."""
+        return self.transform is self.eval_transform
+
     def pixels(self, i: int) -> np.ndarray:
         """Item ``i``'s stored image, uint8 (C, H, W), before any transform."""
         return self._pixels[self._rows[i] if self._rows is not None else i]

@@ -464,13 +464,13 @@ def _batches(run: Run) -> Iterator[tuple[list[tuple[Tensor, Tensor]], list[Tenso
     """
     acc, size = run.cfg.train.accumulate, run.cfg.train.batch_size
     table = run.teacher_table
-    order = torch.tensor(list(run.loaders.train_sampler)) if table is not None else None  # the epoch's items
+    order = None if table is None else torch.tensor(list(run.loaders.train_sampler))  # the epoch's items
     it = iter(run.loaders.train)
     deque(islice(it, run.batches_done * acc), maxlen=0)  # replays the loader (and its RNG draws)
     k = run.batches_done * acc  # the next batch's number in the epoch
     while group := list(islice(it, acc)):
         taught = None
-        if table is not None and order is not None:
+        if order is not None:
             taught = []
             for _, y in group:
                 items = order[k * size : k * size + len(y)]
@@ -732,7 +732,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         )
         del teacher_ckpt
         train_set = loaders.train.dataset
-        if getattr(train_set, "transform", None) is getattr(train_set, "eval_transform", False):
+        if train_set.fixed_items:
             start = time.perf_counter()
             table = teacher_table(cfg, teacher, train_set, device, cfg.logging.progress and dist_info.is_main)
             say(

@@ -13,6 +13,7 @@ from helpers import tiny
 from capsnet import trainer
 from capsnet.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from capsnet.config import ConfigError, load_config
+from capsnet.data import ImageDataset
 from capsnet.data import PixelTransform
 from capsnet.loss import class_scores, compute_loss, distillation_loss
 from capsnet.model import CapsOutput
@@ -126,20 +127,25 @@ def test_a_teacher_of_weight_zero_leaves_randomly_augmented_training_as_it_was(
     assert all(torch.equal(a[k], b[k]) for k in a)  # neither loading the teacher nor its forward draws
 
 
+def teacher_per_batch(monkeypatch) -> None:
+    """Makes training's items look augmented, so that the teacher runs on every batch."""
+    real = trainer.build_loaders
+
+    def augmenting(*args, **kwargs):
+        loaders = real(*args, **kwargs)
+        train = loaders.train.dataset
+        train.eval_transform = copy.copy(train.transform)  # the same pixels, but not known to be
+        return loaders
+
+    monkeypatch.setattr(trainer, "build_loaders", augmenting)
+
+
 @pytest.fixture(params=["ahead", "per batch"])
 def teacher_pass(request, monkeypatch):
     """How the teacher's activations are had: "ahead", in a table (the training items never change
     here), or "per batch", the teacher run on every batch, as for augmented training data."""
     if request.param == "per batch":
-        real = trainer.build_loaders
-
-        def augmenting(*args, **kwargs):
-            loaders = real(*args, **kwargs)
-            train = loaders.train.dataset
-            train.eval_transform = copy.copy(train.transform)  # the same pixels, but not known to be
-            return loaders
-
-        monkeypatch.setattr(trainer, "build_loaders", augmenting)
+        teacher_per_batch(monkeypatch)
     return request.param
 
 
@@ -158,14 +164,7 @@ def test_the_teachers_activations_are_computed_ahead_only_for_training_items_tha
 def test_both_ways_of_having_the_teachers_activations_train_alike(tmp_path, teacher_run, monkeypatch):
     teacher = f"loss.teacher={teacher_run.run_dir / 'best.pt'}"
     ahead = fit(tiny(tmp_path, "train.max_steps=8", teacher), run_name="ahead", echo=quiet)
-    real = trainer.build_loaders
-
-    def augmenting(*args, **kwargs):
-        loaders = real(*args, **kwargs)
-        loaders.train.dataset.eval_transform = copy.copy(loaders.train.dataset.transform)
-        return loaders
-
-    monkeypatch.setattr(trainer, "build_loaders", augmenting)
+    teacher_per_batch(monkeypatch)
     per_batch = fit(tiny(tmp_path, "train.max_steps=8", teacher), run_name="per-batch", echo=quiet)
     a, b = weights(ahead.run_dir / "last.pt"), weights(per_batch.run_dir / "last.pt")
     for k in a:
@@ -373,3 +372,13 @@ def test_a_teacher_trained_on_other_training_images_than_this_runs_is_refused(
             student, info, torch.device("cpu"), tmp_path / "t.pt", dict(source, config=saved)
         )
     assert said in str(e.value)
+
+
+def test_only_a_training_set_without_augmentation_has_fixed_items(tmp_path):
+    from capsnet.data import build_datasets
+
+    plain = build_datasets(tiny(tmp_path).data)[0]
+    assert plain.fixed_items and plain.subset(torch.arange(4)).fixed_items
+    augmented = ImageDataset(plain.images, plain.labels, lambda x: torch.zeros(1), plain.eval_transform)
+    assert not augmented.fixed_items and not augmented.subset(torch.arange(4)).fixed_items
+    assert augmented.subset(torch.arange(4), evaluation=True).fixed_items
