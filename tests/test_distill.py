@@ -13,8 +13,7 @@ from helpers import tiny
 from capsnet import trainer
 from capsnet.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from capsnet.config import ConfigError, load_config
-from capsnet.data import ImageDataset
-from capsnet.data import PixelTransform
+from capsnet.data import ImageDataset, PixelTransform
 from capsnet.loss import class_scores, compute_loss, distillation_loss
 from capsnet.model import CapsOutput
 from capsnet.runs import config_for_resume
