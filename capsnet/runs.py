@@ -64,6 +64,16 @@ class TrainingError(Exception):
     """Training cannot go on (run directory clash, non-finite steps, ...); the message says why."""
 
 
+#: what Run.window sums between two logged steps: the loss and its parts (LOSS_PARTS) over the
+#: steps that were not skipped, and the predictions and images of all of them
+LOSS_PARTS = ("class", "recon", "distill")  # capsnet.loss.compute_loss's parts that add up to the loss
+WINDOW_KEYS = ("loss", "correct", "n", "steps", *LOSS_PARTS)
+
+
+def empty_window() -> dict[str, float]:
+    return dict.fromkeys(WINDOW_KEYS, 0)
+
+
 @dataclass
 class Run:
     """Everything the loop reads and updates."""
@@ -89,7 +99,7 @@ class Run:
     best_step: int | None = None
     bad_in_row: int = 0
     bad_total: int = 0
-    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "n": 0, "steps": 0})
+    window: dict[str, float] = field(default_factory=empty_window)
     window_start: float = field(default_factory=time.perf_counter)
     window_untimed: int = 0  # images of the window counted before a resume: not in its img/s
     last_checkpoint: Path | None = None
@@ -108,9 +118,6 @@ class Run:
     @property
     def eval_split(self) -> str:
         return "val" if self.loaders.val is not None else "test"
-
-
-WINDOW_KEYS = ("loss", "correct", "n", "steps")  # what Run.window sums between two logged steps
 
 
 # --------------------------------------------------------------------------- seeds and names

@@ -31,7 +31,7 @@ import signal
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -75,11 +75,13 @@ from capsnet.routing import (
     use_compiled_kernels,
 )
 from capsnet.runs import (
+    LOSS_PARTS,
     Run,
     TrainingError,
     check_run_dir_free,
     choose_run,
     config_for_resume,
+    empty_window,
     first_non_finite,
     open_run_dir,
     restore_run,
@@ -187,15 +189,27 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 # --------------------------------------------------------------------------- the run
 
 
-def _log_step(run: Run, lr: float, margin: float) -> None:
-    loss, steps, correct, n, untimed = sum_over_ranks(
-        [run.window["loss"], run.window["steps"], run.window["correct"], run.window["n"], run.window_untimed],
+def _log_step(run: Run, lr: float, margin: float, parts: Iterable[str] = ()) -> None:
+    """Logs the window of steps since the last log; ``parts``: the loss's parts this run has
+    (LOSS_PARTS), each logged as ``train/loss_<part>``."""
+    parts = [p for p in LOSS_PARTS if p in parts]
+    loss, steps, correct, n, untimed, *part_sums = sum_over_ranks(
+        [
+            run.window["loss"],
+            run.window["steps"],
+            run.window["correct"],
+            run.window["n"],
+            run.window_untimed,
+            *(run.window[p] for p in parts),
+        ],
         run.device,
     )
     elapsed = max(time.perf_counter() - run.window_start, 1e-9)
+    # NaN, not 0, for a window whose every step was skipped as non-finite: it has no loss to report
+    mean = (lambda total: total / steps) if steps else (lambda total: math.nan)
     metrics = {
-        # NaN, not 0, for a window whose every step was skipped as non-finite: it has no loss to report
-        "train/loss": loss / steps if steps else math.nan,
+        "train/loss": mean(loss),
+        **{f"train/loss_{p}": mean(total) for p, total in zip(parts, part_sums)},
         "train/acc": correct / max(n, 1),
         "sched/lr": lr,
         "sched/margin": margin,
@@ -205,7 +219,7 @@ def _log_step(run: Run, lr: float, margin: float) -> None:
         **routing_scalars(run.model.routing_stats),
     }
     run.writer.scalars(metrics, run.step)
-    run.window = {"loss": 0.0, "correct": 0, "n": 0, "steps": 0}
+    run.window = empty_window()
     run.window_start, run.window_untimed = time.perf_counter(), 0
 
 
@@ -241,7 +255,9 @@ def _train_step(
     model.record_stats = log_now or hist_now
     run.optimizer.zero_grad(set_to_none=True)
     batch_norm = _batch_norm_state(model)  # put back if the step turns out non-finite
-    loss_sum, correct, n = torch.zeros((), device=run.device), 0, 0
+    # the loss and its parts (LOSS_PARTS), each summed over the micro-batches by their share
+    sums, correct, n = torch.zeros(1 + len(LOSS_PARTS), device=run.device), 0, 0
+    parts_used: set[str] = set()
     images = sum(len(y) for _, y in group)
     for i, (x, y) in enumerate(group):
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
@@ -255,7 +271,7 @@ def _train_step(
                     with torch.no_grad():
                         teacher_acts = run.teacher(x).activations  # (N, E)
                 out, recon = run.step_module(x, y)
-                loss, _ = compute_loss(
+                loss, parts = compute_loss(
                     out,
                     x,
                     y,
@@ -268,12 +284,15 @@ def _train_step(
                 )
             share = len(y) / images  # a short last micro-batch weighs by its images, as in one batch
             (loss * share).backward()
-        loss_sum += loss.detach() * share
+        parts_used.update(p for p in LOSS_PARTS if p in parts)
+        zero = torch.zeros((), device=run.device)
+        terms = [loss.detach(), *(parts.get(p, zero) for p in LOSS_PARTS)]  # a part the run lacks counts 0
+        sums += torch.stack([t.float() for t in terms]) * share
         correct += int((out.activations.detach().argmax(dim=1) == y).sum())
         n += len(y)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    loss_value = float(loss_sum)
+    loss_value, *part_values = sums.tolist()
     bad, stopping = any_rank(
         [not (math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))), stop.received is not None],
         run.device,
@@ -302,10 +321,12 @@ def _train_step(
     if not bad:
         run.window["loss"] += loss_value
         run.window["steps"] += 1
+        for p, value in zip(LOSS_PARTS, part_values):
+            run.window[p] += value
     run.window["correct"] += correct
     run.window["n"] += n
     if log_now:
-        _log_step(run, lr, margin)
+        _log_step(run, lr, margin, parts_used)
     if hist_now:
         log_routing_histograms(run.writer, model.routing_stats, run.step)
     model.record_stats = False

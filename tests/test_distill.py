@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny
+from helpers import logged, tiny
 
 from capsnet import trainer
 from capsnet.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
@@ -194,6 +194,28 @@ def test_the_loss_sees_the_teachers_activations_on_the_very_batch_the_model_trai
             want = teacher(x).activations
         torch.testing.assert_close(taught, want)
         assert not torch.allclose(taught, torch.full_like(taught, taught.mean()))  # not a constant
+
+
+def test_the_logged_training_loss_is_the_weighted_sum_of_its_logged_parts(
+    tmp_path, teacher_run, teacher_pass
+):
+    teacher = f"loss.teacher={teacher_run.run_dir / 'best.pt'}"
+    weighted = ("loss.teacher_weight=0.5", "loss.recon_weight=0.01", "train.max_steps=6")
+    taught = fit(tiny(tmp_path, teacher, *weighted), run_name="taught", echo=quiet)
+    rows = [r for r in logged(taught.run_dir) if "train/loss" in r]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for r in rows:
+        assert r["train/loss_recon"] > 0 and r["train/loss_distill"] > 0
+        parts = r["train/loss_class"] + 0.01 * r["train/loss_recon"] + 0.5 * r["train/loss_distill"]
+        assert r["train/loss"] == pytest.approx(parts, rel=1e-5)
+    # two micro-batches a step, each weighed by its images; no teacher, no reconstruction: no such parts
+    plain = ("loss.recon_weight=0", "train.batch_size=10", "train.accumulate=2", "train.max_steps=6")
+    alone = fit(tiny(tmp_path, *plain), run_name="alone", echo=quiet)
+    rows = [r for r in logged(alone.run_dir) if "train/loss" in r]
+    assert len(rows) == 3
+    for r in rows:
+        assert "train/loss_recon" not in r and "train/loss_distill" not in r
+        assert r["train/loss_class"] == pytest.approx(r["train/loss"], rel=1e-6)
 
 
 def test_a_teacher_can_be_named_as_a_run_under_the_output_folder(tmp_path, teacher_run):

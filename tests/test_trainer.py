@@ -1036,7 +1036,7 @@ def test_a_run_stopped_inside_a_logging_window_logs_the_whole_window_after_resum
     assert load_checkpoint(first.run_dir / "last.pt")["log_window"]["steps"] == 1
     resumed = fit(tiny(tmp_path), resume=str(first.run_dir), echo=quiet)
     assert same_weights(straight.run_dir / "last.pt", resumed.run_dir / "last.pt")
-    keys = ("train/loss", "train/acc")
+    keys = ("train/loss", "train/loss_class", "train/loss_recon", "train/acc")
     a = {line["step"]: [line[k] for k in keys] for line in logged(straight.run_dir) if "train/loss" in line}
     b = {line["step"]: [line[k] for k in keys] for line in logged(resumed.run_dir) if "train/loss" in line}
     assert a == b and 8 in b
