@@ -11,6 +11,8 @@ visible weight differences, while SGD keeps them at rounding level.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 import signal
 import socket
@@ -25,6 +27,7 @@ import pytest
 import torch
 from helpers import logged
 
+from capsnet import trainer
 from capsnet.checkpoint import load_checkpoint, step_checkpoints
 from capsnet.config import load_config
 from capsnet.distributed import GlobalBatchNorm2d, rank_seed
@@ -47,9 +50,11 @@ def torchrun(*launcher: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "capsnet", "train"]
 
 
-def single_process(tmp_path: Path, name: str, *extra: str) -> Path:
+def single_process(tmp_path: Path, name: str, *extra: str, said: list[str] | None = None) -> Path:
+    """Trains ``name`` in this process; what the run says is added to ``said``, where given."""
     cfg = load_config(TINY, overrides(tmp_path, *extra))
-    return fit(cfg, run_name=name, echo=lambda _msg: None).run_dir
+    echo = said.append if said is not None else lambda _msg: None
+    return fit(cfg, run_name=name, echo=echo).run_dir
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -227,6 +232,67 @@ def test_two_processes_distilling_from_a_teacher_equal_one_process_with_the_glob
     assert apart < 1e-4, apart
     taught_apart = max_difference(one / "last.pt", plain / "last.pt")  # what the teacher changed
     assert taught_apart > 100 * apart
+
+
+def looking_augmented(build_loaders):
+    """``build_loaders`` whose training items look augmented: an evaluation transform of their own,
+    equal to the training one. The teacher then runs on every batch instead of once ahead."""
+
+    def augmenting(*args, **kwargs):
+        loaders = build_loaders(*args, **kwargs)
+        train = loaders.train.dataset
+        train.eval_transform = copy.copy(train.transform)  # the same pixels, but not known to be
+        return loaders
+
+    return augmenting
+
+
+# Runs `capsnet train` with looking_augmented (its very source) in place of the trainer's build_loaders.
+PER_BATCH_TRAIN = f"""
+import copy, sys
+from capsnet import trainer
+from capsnet.cli import app
+
+{inspect.getsource(looking_augmented)}
+trainer.build_loaders = looking_augmented(trainer.build_loaders)
+sys.argv = ["capsnet", *sys.argv[1:]]
+app()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_running_the_teacher_on_every_batch_equal_one_process_with_the_global_batch(
+    tmp_path, monkeypatch
+):
+    """The teacher's forward pass inside every process's step, as for augmented training data.
+
+    Random augmentation itself cannot be compared: each rank draws from a stream of its own
+    (capsnet.distributed.rank_seed), so two processes shift other images than one does. The
+    items here are the synthetic set's fixed ones, only not known to be fixed: both runs
+    train on the same pixels, and both run the teacher on every batch.
+    """
+    teacher = single_process(tmp_path, "teacher", "train.epochs=1") / "best.pt"
+    taught = ("train.sync_bn=true", f"loss.teacher={teacher}", "loss.teacher_weight=20")
+    script = tmp_path / "per_batch_train.py"
+    script.write_text(PER_BATCH_TRAIN)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = [*launcher, str(script), "train", "--config", str(TINY), "--run-name", "ddp"]
+    cmd += cli_overrides(tmp_path, *taught)
+    result = launch(cmd, tmp_path)
+    check(result)
+    assert f"distilling from {teacher}" in result.stdout
+    assert "computed ahead" not in result.stdout
+    plain = single_process(tmp_path, "plain", "train.batch_size=32")
+    monkeypatch.setattr(trainer, "build_loaders", looking_augmented(trainer.build_loaders))
+    said: list[str] = []
+    one = single_process(tmp_path, "one", "train.batch_size=32", *taught[1:], said=said)
+    assert any(line.startswith(f"distilling from {teacher}") for line in said)
+    assert not any("computed ahead" in line for line in said), said
+    run = tmp_path / "weights" / "ddp"
+    apart = max_difference(run / "last.pt", one / "last.pt")
+    assert apart < 1e-4, apart
+    taught_apart = max_difference(one / "last.pt", plain / "last.pt")  # what the teacher changed
+    assert taught_apart > 100 * apart, (taught_apart, apart)
 
 
 # Runs `capsnet train` with one fault put into one process: a SIGTERM to itself just after the
