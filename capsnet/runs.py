@@ -5,9 +5,9 @@ The training loop (:mod:`capsnet.trainer`) updates a :class:`Run`; this module
 decides which run a command means (``--run-name``, ``--resume``), prepares its
 directory, writes its checkpoints (rank 0, atomically, never a non-finite
 model) and restores everything from one: model and optimiser (done by the
-trainer), step, epoch, batches consumed, best metric, every rank's RNG states
-and the steps not yet logged, so that a resumed run logs and trains exactly as
-one that never stopped.
+trainer), step, epoch, batches consumed, training images seen, best metric,
+every rank's RNG states and the steps not yet logged, so that a resumed run
+logs and trains exactly as one that never stopped.
 """
 
 from __future__ import annotations
@@ -102,6 +102,9 @@ class Run:
     window: dict[str, float] = field(default_factory=empty_window)
     window_start: float = field(default_factory=time.perf_counter)
     window_untimed: int = 0  # images of the window counted before a resume: not in its img/s
+    #: training images this process drew (rank 0: plus the whole run's before the resume); summed over
+    #: ranks, the run's images seen, which a step count cannot give once a resume changed the batch size
+    images_seen: int = 0
     last_checkpoint: Path | None = None
     #: the newest checkpoint written within an epoch (logging.save_every, or the one resumed from),
     #: kept outside logging.keep's count and removed once a later checkpoint is written
@@ -332,7 +335,7 @@ def first_non_finite(model: nn.Module) -> str | None:
 
 
 def make_checkpoint(
-    run: Run, mid_epoch: bool, rng_per_rank: list[dict[str, Any]], window: list[float]
+    run: Run, mid_epoch: bool, rng_per_rank: list[dict[str, Any]], window: list[float], images_seen: int
 ) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
@@ -355,6 +358,7 @@ def make_checkpoint(
         "skipped_steps": run.bad_total,
         "bad_in_row": run.bad_in_row,  # non-finite steps just before this one, towards train.max_bad_steps
         "log_window": dict(zip(WINDOW_KEYS, window)),  # steps since the last log, summed over ranks
+        "images_seen": images_seen,  # training images drawn up to this step, summed over ranks
         "config": run.cfg.to_dict(),
         "arch": dict(run.model.hparams),
         "data_info": asdict(run.loaders.info),
@@ -379,12 +383,14 @@ def save_run(run: Run, mid_epoch: bool, is_best: bool = False, interim: bool = F
         )
     rng = run.epoch_rng if mid_epoch else capture_rng(run.loaders.train_generator)
     rng_per_rank = gather_to_main(rng)
-    window = sum_over_ranks([float(run.window[k]) for k in WINDOW_KEYS], run.device)
+    *window, images_seen = sum_over_ranks(
+        [*(float(run.window[k]) for k in WINDOW_KEYS), float(run.images_seen)], run.device
+    )
     error: CheckpointError | None = None
     if run.dist.is_main:
         try:
             run.writer.flush()
-            ckpt = make_checkpoint(run, mid_epoch, rng_per_rank, window)
+            ckpt = make_checkpoint(run, mid_epoch, rng_per_rank, window, int(images_seen))
             # an interim checkpoint (``interim``: logging.save_every) pushes no epoch's out of logging.keep
             extra = int(interim) + int(run.interim is not None and run.interim.exists())
             run.last_checkpoint = save_checkpoint(run.run_dir, ckpt, run.cfg.logging.keep + extra, is_best)
@@ -407,6 +413,20 @@ def save_run(run: Run, mid_epoch: bool, is_best: bool = False, interim: bool = F
     return run.last_checkpoint
 
 
+def saved_images_seen(ckpt: dict[str, Any]) -> int:
+    """The training images the run of ``ckpt`` had seen at its step, over all its processes.
+
+    A checkpoint written before the count was kept gives the step times the global batch
+    of its own config: exact unless the batch changed earlier in the run, or a short last
+    batch of an epoch made a step hold fewer images.
+    """
+    if "images_seen" in ckpt:
+        return int(ckpt["images_seen"])
+    train = ckpt.get("config", {}).get("train", {})
+    per_step = int(train.get("batch_size", 32)) * int(train.get("accumulate", 1))
+    return int(ckpt["step"]) * per_step * max(1, int(ckpt.get("world_size", 1)))
+
+
 def restore_run(run: Run, ckpt: dict[str, Any], where: Path) -> None:
     """Puts the loop's state of ``ckpt`` into ``run`` (the model and optimiser are loaded already)."""
     dist_info = run.dist
@@ -421,6 +441,8 @@ def restore_run(run: Run, ckpt: dict[str, Any], where: Path) -> None:
     if dist_info.is_main and isinstance(ckpt.get("log_window"), dict):
         run.window.update({k: ckpt["log_window"].get(k, 0) for k in WINDOW_KEYS})
         run.window_untimed = int(run.window["n"])
+    if dist_info.is_main:  # the other ranks count only their own images from here
+        run.images_seen = saved_images_seen(ckpt)
     generator = run.loaders.train_generator
     per_rank = ckpt.get("rng_per_rank")
     if isinstance(per_rank, list) and len(per_rank) == dist_info.world_size:

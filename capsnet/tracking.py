@@ -3,7 +3,8 @@
 One metric vocabulary everywhere (TensorBoard tags, ``metrics.jsonl`` keys, the
 progress bar and the epoch summary)::
 
-    train/loss  train/acc  train/skipped_steps  val/loss  val/acc  test/loss  test/acc
+    train/loss  train/acc  train/skipped_steps  train/images_seen
+    val/loss  val/acc  test/loss  test/acc
     train/loss_class  train/loss_recon  train/loss_distill   (the parts of train/loss a run has)
     sched/lr  sched/margin  sched/lambda  perf/img_per_s
     routing/<layer>/entropy  routing/<layer>/activation_mean

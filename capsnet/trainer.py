@@ -9,12 +9,13 @@ The global step counts optimiser steps (a skipped non-finite step counts too,
 so the step <-> epoch mapping never drifts); schedules are pure functions of it.
 
 Resuming restores the model, optimiser, step, epoch, best metric, the steps
-not yet logged and every rank's RNG states (see :mod:`capsnet.runs`); the
-data order is a function of the seed and the epoch, and loader workers
-(``train.num_workers``) are started each epoch with seeds drawn from the loader's
-generator, whose state the checkpoint holds. So on a CPU a run resumed from a
-checkpoint gives bit-identical weights and metrics to one that never stopped. Checkpoints written at the end of an epoch hold the RNG state at that
-point. Checkpoints written mid-epoch (``train.max_steps``, SIGINT/SIGTERM) hold
+not yet logged, the count of training images seen and every rank's RNG states
+(see :mod:`capsnet.runs`); the data order is a function of the seed and the
+epoch, and loader workers (``train.num_workers``) are started each epoch with
+seeds drawn from the loader's generator, whose state the checkpoint holds. So on
+a CPU a run resumed from a checkpoint gives bit-identical weights and metrics to
+one that never stopped. Checkpoints written at the end of an epoch hold the RNG
+state at that point. Checkpoints written mid-epoch (``train.max_steps``, SIGINT/SIGTERM) hold
 the RNG state at the start of that epoch and the number of batches consumed; a
 resumed run replays the loader to that point, skipping those batches, and goes
 on from there.
@@ -193,13 +194,14 @@ def _log_step(run: Run, lr: float, margin: float, parts: Iterable[str] = ()) -> 
     """Logs the window of steps since the last log; ``parts``: the loss's parts this run has
     (LOSS_PARTS), each logged as ``train/loss_<part>``."""
     parts = [p for p in LOSS_PARTS if p in parts]
-    loss, steps, correct, n, untimed, *part_sums = sum_over_ranks(
+    loss, steps, correct, n, untimed, seen, *part_sums = sum_over_ranks(
         [
             run.window["loss"],
             run.window["steps"],
             run.window["correct"],
             run.window["n"],
             run.window_untimed,
+            run.images_seen,
             *(run.window[p] for p in parts),
         ],
         run.device,
@@ -216,6 +218,7 @@ def _log_step(run: Run, lr: float, margin: float, parts: Iterable[str] = ()) -> 
         "sched/lambda": run.model.lambdas()[-1],
         "perf/img_per_s": (n - untimed) / elapsed,
         "train/skipped_steps": run.bad_total,
+        "train/images_seen": int(seen),
         **routing_scalars(run.model.routing_stats),
     }
     run.writer.scalars(metrics, run.step)
@@ -325,6 +328,7 @@ def _train_step(
             run.window[p] += value
     run.window["correct"] += correct
     run.window["n"] += n
+    run.images_seen += n  # a skipped step's images too, as its step is counted
     if log_now:
         _log_step(run, lr, margin, parts_used)
     if hist_now:
@@ -581,7 +585,11 @@ def end_of_epoch(run: Run, summary: dict[str, float]) -> EvalResult:
         progress_bar=run.cfg.logging.progress,  # evaluate shows it on rank 0 alone
         desc=f"{split} after epoch {run.epoch if run.batches_done == 0 else run.epoch + 1}",
     )
-    run.writer.scalars({f"{split}/loss": result.loss, f"{split}/acc": result.acc}, run.step)
+    (seen,) = sum_over_ranks([run.images_seen], run.device)
+    # with the images seen: an evaluation may fall on a step that logs no training window
+    run.writer.scalars(
+        {f"{split}/loss": result.loss, f"{split}/acc": result.acc, "train/images_seen": int(seen)}, run.step
+    )
     if uses_reconstruction(run.model, run.cfg):
         _log_reconstructions(run, loader)
     improved = (

@@ -6,6 +6,13 @@ Each RUN_DIR is a directory that ``capsnet train`` wrote (weights/em_capsules/<r
 The left panel shows training accuracy (a moving average of the logged windows) and
 the accuracy of every end-of-epoch evaluation against images seen; the right one the
 training loss. Needs matplotlib (``pip install -e '.[dev]'``).
+
+Images seen are the count that capsnet train logs with each row (train/images_seen),
+which stays right when a run was resumed with another batch size, train.accumulate or
+number of processes. A metrics.jsonl written before that count was logged places its
+rows at step x the run's global batch (its config.yaml's, as the run ended): right
+unless the batch changed during the run. Rows before the first one with a count (a run
+resumed from such an older checkpoint) go at the rate of images per step up to that row.
 """
 
 from __future__ import annotations
@@ -48,6 +55,30 @@ def batch_size(run_dir: Path) -> int:
     return per_step * max(1, processes)
 
 
+def images_seen(run_dir: Path, rows: list[dict]) -> list[float]:
+    """The training images seen at each of ``rows`` of ``run_dir``'s metrics (NaN for a row without a step).
+
+    A row's own train/images_seen where it has one; the others at their step times a
+    number of images per step: that of the first counted row where there is one (the
+    rows before it come from before a resume, which carried the count over), else the
+    run's global batch (:func:`batch_size`).
+    """
+    per_step = None
+    seen = []
+    for row in rows:
+        if "train/images_seen" in row:
+            seen.append(float(row["train/images_seen"]))
+            continue
+        if "step" not in row:
+            seen.append(math.nan)
+            continue
+        if per_step is None:
+            first = next((r for r in rows if "train/images_seen" in r and r.get("step")), None)
+            per_step = float(first["train/images_seen"]) / first["step"] if first else batch_size(run_dir)
+        seen.append(row["step"] * per_step)
+    return seen
+
+
 def smooth(values: list[float], width: int) -> list[float]:
     """Moving average over the last ``width`` values, leaving out non-finite ones (a window of
     skipped steps logs train/loss NaN): NaN, a gap in the curve, where a window holds none."""
@@ -81,23 +112,26 @@ def main(argv: list[str] | None = None) -> int:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for run, label in zip(args.runs, labels):
         rows = read_metrics(run)
-        per_step = batch_size(run)
-        train = [r for r in rows if "train/acc" in r and "step" in r]
+        at = images_seen(run, rows)
+        train = [(x, r) for x, r in zip(at, rows) if "train/acc" in r and "step" in r]
         # float(): metrics.jsonl holds NaN and infinities as the strings "nan" and "inf"
         evals = [
-            (r["step"], float(r[k]), k.split("/")[0]) for r in rows for k in ("val/acc", "test/acc") if k in r
+            (x, float(r[k]), k.split("/")[0])
+            for x, r in zip(at, rows)
+            for k in ("val/acc", "test/acc")
+            if k in r and "step" in r
         ]
         if train:
-            seen = [r["step"] * per_step / 1000 for r in train]
+            seen = [x / 1000 for x, _ in train]
             (line,) = ax_acc.plot(
                 seen,
-                smooth([float(r["train/acc"]) for r in train], args.smooth),
+                smooth([float(r["train/acc"]) for _, r in train], args.smooth),
                 alpha=0.6,
                 label=f"{label} train",
             )
             ax_loss.plot(
                 seen,
-                smooth([float(r.get("train/loss", math.nan)) for r in train], args.smooth),
+                smooth([float(r.get("train/loss", math.nan)) for _, r in train], args.smooth),
                 color=line.get_color(),
                 label=label,
             )
@@ -107,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if evals:
             split = evals[0][2]
             ax_acc.plot(
-                [s * per_step / 1000 for s, _, _ in evals],
+                [x / 1000 for x, _, _ in evals],
                 [a for _, a, _ in evals],
                 "o-",
                 color=color,

@@ -210,7 +210,10 @@ def test_two_processes_with_sync_bn_write_one_run_equal_to_one_process_with_the_
     assert [p.name for p in (tmp_path / "weights").iterdir()] == ["ddp"]
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng_per_rank"]) == 2
+    assert ckpt["images_seen"] == 192  # two epochs of 96 images, both processes' together
     one = single_process(tmp_path, "one", "train.batch_size=32")
+    seen = [(line["step"], line["train/images_seen"]) for line in logged(run)]
+    assert seen == [(line["step"], line["train/images_seen"]) for line in logged(one)]
     assert max_difference(run / "last.pt", one / "last.pt") < 1e-4
     test_acc = logged(run)[-1]["test/acc"]
     assert test_acc == logged(one)[-1]["test/acc"]

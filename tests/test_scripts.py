@@ -60,6 +60,39 @@ def test_plot_curves_draws_a_window_of_skipped_steps_as_a_gap(tmp_path):
     assert math.isnan(plot.smooth([math.nan], 3)[0])
 
 
+def test_plot_curves_places_a_run_resumed_with_a_larger_batch_by_the_images_it_saw(tmp_path):
+    from helpers import tiny
+
+    from capsnet.trainer import fit
+
+    plot = load_script("plot_curves")
+    fit(tiny(tmp_path, "train.batch_size=4", "train.max_steps=4"), run_name="grown", echo=lambda _msg: None)
+    result = fit(
+        tiny(tmp_path, "train.batch_size=8", "train.max_steps=8"), resume="grown", echo=lambda _msg: None
+    )
+    rows = plot.read_metrics(result.run_dir)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]  # logged every 2 steps, evaluated at 4 and 8
+    # steps 1-4 of 4 images, then of 8: not step x 8, the batch of the config the run ended with
+    assert plot.images_seen(result.run_dir, rows) == [8.0, 16.0, 32.0, 48.0]
+    out = tmp_path / "curves.png"
+    assert plot.main([str(result.run_dir), "--out", str(out)]) == 0
+
+
+def test_plot_curves_places_the_rows_of_an_older_metrics_file_at_step_times_the_global_batch(tmp_path):
+    import math
+
+    plot = load_script("plot_curves")
+    rows = [{"step": s, "train/acc": 0.5} for s in (2, 4)] + [{"step": 5, "test/acc": 0.5}]
+    older = fake_run(tmp_path / "older", 16, rows)  # no train/images_seen: batch 16 x accumulate 2
+    assert plot.images_seen(older, rows) == [64.0, 128.0, 160.0]
+    # rows before a resume from a checkpoint without the count go at the images per step up to
+    # the first counted row: here 10 a step, the batch the run started with
+    rows += [{"step": 6, "train/acc": 0.5, "train/images_seen": 60}, {"step": 8, "train/images_seen": 100}]
+    resumed = fake_run(tmp_path / "resumed", 20, rows)
+    assert plot.images_seen(resumed, rows) == [20.0, 40.0, 50.0, 60.0, 100.0]
+    assert math.isnan(plot.images_seen(resumed, [{"test/acc": 0.5}])[0])  # a row without a step
+
+
 def test_plot_curves_names_a_folder_that_is_not_a_run(tmp_path):
     plot = load_script("plot_curves")
     with pytest.raises(SystemExit, match="metrics.jsonl does not exist"):

@@ -699,11 +699,13 @@ def test_the_first_img_per_s_after_a_resume_counts_only_the_images_it_timed():
         device=torch.device("cpu"),
         model=SimpleNamespace(lambdas=lambda: [0.01], routing_stats={}),
         bad_total=0,
+        images_seen=64,
         step=4,
         writer=SimpleNamespace(scalars=lambda metrics, step: written.update(metrics)),
     )
     trainer._log_step(run, 0.01, 0.2)
     assert 7.0 < written["perf/img_per_s"] <= 8.0  # 16 images in about 2 s, not 32
+    assert written["train/images_seen"] == 64  # the whole run's, the images before the stop included
     assert written["train/acc"] == 10 / 32  # the accuracy still covers the whole window
     assert run.window_untimed == 0 and run.window["n"] == 0
 
@@ -1040,6 +1042,39 @@ def test_a_run_stopped_inside_a_logging_window_logs_the_whole_window_after_resum
     a = {line["step"]: [line[k] for k in keys] for line in logged(straight.run_dir) if "train/loss" in line}
     b = {line["step"]: [line[k] for k in keys] for line in logged(resumed.run_dir) if "train/loss" in line}
     assert a == b and 8 in b
+
+
+def images_logged(run_dir: Path) -> dict[int, float]:
+    """train/images_seen of each step of a run's metrics.jsonl."""
+    return {
+        line["step"]: line["train/images_seen"] for line in logged(run_dir) if "train/images_seen" in line
+    }
+
+
+def test_the_images_seen_are_counted_over_a_resume_with_another_batch_size(tmp_path):
+    first = fit(tiny(tmp_path, "train.batch_size=4", "train.max_steps=4"), run_name="grown", echo=quiet)
+    assert load_checkpoint(first.run_dir / "last.pt")["images_seen"] == 16  # 4 steps of 4 images
+    resumed = fit(tiny(tmp_path, "train.batch_size=8", "train.max_steps=8"), resume="grown", echo=quiet)
+    assert images_logged(resumed.run_dir) == {2: 8, 4: 16, 6: 32, 8: 48}  # then steps of 8 images
+    assert all("train/images_seen" in line for line in logged(resumed.run_dir))  # evaluations too
+    assert load_checkpoint(resumed.run_dir / "last.pt")["images_seen"] == 48
+
+
+def test_the_images_seen_count_an_epochs_short_last_batch_as_what_it_holds(tmp_path):
+    # 96 images in batches of 20: four of 20, then one of 16 (an evaluation on a step that logs no window)
+    result = fit(tiny(tmp_path, "train.batch_size=20", "train.epochs=1"), run_name="short", echo=quiet)
+    assert images_logged(result.run_dir) == {2: 40, 4: 80, 5: 96}
+    assert "test/acc" in logged(result.run_dir)[-1] and "train/loss" not in logged(result.run_dir)[-1]
+
+
+def test_a_checkpoint_without_the_count_of_images_resumes_at_its_step_times_its_global_batch(tmp_path):
+    first = fit(tiny(tmp_path, "train.batch_size=4", "train.max_steps=4"), run_name="older", echo=quiet)
+    for path in first.run_dir.glob("*.pt"):  # as written before the count was kept
+        ckpt = load_checkpoint(path)
+        del ckpt["images_seen"]
+        torch.save(ckpt, path)
+    resumed = fit(tiny(tmp_path, "train.batch_size=8", "train.max_steps=6"), resume="older", echo=quiet)
+    assert images_logged(resumed.run_dir)[6] == 4 * 4 + 2 * 8
 
 
 def test_an_equal_accuracy_later_keeps_the_earlier_best(tmp_path):
