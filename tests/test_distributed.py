@@ -309,8 +309,8 @@ from capsnet.cli import app
 rank, step = int(os.environ["FAULT_RANK"]), int(os.environ["FAULT_STEP"])
 log_step, train_step = trainer._log_step, trainer._train_step
 
-def late_signal(run, lr, margin):
-    log_step(run, lr, margin)
+def late_signal(run, *logged):
+    log_step(run, *logged)
     if os.environ["FAULT"] == "sigterm" and run.dist.rank == rank and run.step == step:
         os.kill(os.getpid(), signal.SIGTERM)
 
