@@ -103,15 +103,7 @@ def _bench_device(name: str) -> torch.device:
 
     An unknown or unavailable device is a ConfigError.
     """
-    kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda", "mps", "auto") or (index and (kind != "cuda" or not index.isdigit())):
-        raise ConfigError([f"--device: {name!r} is not one of cpu, cuda, cuda:N, mps, auto"])
-    if index and not torch.cuda.is_available():
-        raise ConfigError([f"--device: {name!r} was asked for but no CUDA device is available"])
-    device = resolve_device(kind, int(index or 0), option="--device")
-    if index and int(index) >= torch.cuda.device_count():
-        raise ConfigError([f"--device: {name!r}: there are {torch.cuda.device_count()} CUDA devices"])
-    return device
+    return resolve_device(name, option="--device")
 
 
 def run_benchmark(

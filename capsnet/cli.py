@@ -38,7 +38,7 @@ DEBUG_HELP = "Show the full traceback when something fails."
 #: Options that several commands take with the same meaning.
 DebugOption = Annotated[bool, typer.Option("--debug", metavar=FLAG, help=DEBUG_HELP)]
 OutDirOption = Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N (GPU N) or mps.")]
 RunDataRootOption = Annotated[
     str | None,
     typer.Option("--data-root", help="Look for the dataset here instead of the run's data.root."),

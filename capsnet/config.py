@@ -166,7 +166,7 @@ class TrainConfig:
     batch_size: int = 32  # images per optimiser step, per process
     eval_batch_size: int | None = None  # null: 2 x batch_size
     seed: int = 0  # weights, data order and the validation split
-    device: str = "auto"  # auto | cpu | cuda | mps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (GPU N; one process) | mps
     num_workers: int = 0  # data-loader worker processes; 0: load in the training process
     precision: str = "fp32"  # fp32 | bf16
     compile: bool = False  # torch.compile the model
@@ -226,9 +226,22 @@ CHOICES: dict[str, tuple[str | None, ...]] = {
     "data.stereo": ("channels", "samples"),
     "data.split": ("standard", "azimuth", "elevation"),
     "data.bad_files": ("skip", "fail"),
-    "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.precision": ("fp32", "bf16"),
 }
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"  # train.device and the commands' --device
+
+
+def device_problem(name: object) -> str | None:
+    """Why ``name`` is not a device :data:`DEVICES` allows (``cuda:N``: GPU N), or None."""
+    if isinstance(name, str):
+        kind, colon, index = name.partition(":")
+        if (not colon and kind in ("auto", "cpu", "cuda", "mps")) or (
+            kind == "cuda" and index.isascii() and index.isdigit()
+        ):
+            return None
+    return f"{name!r} is not one of {DEVICES}"
+
 
 POSITIVE = {
     "model.stem_kernel",
@@ -381,6 +394,8 @@ def _validate(cfg: Config, problems: list[str], stored: bool = False) -> None:
         if flat.get(key) not in allowed:
             shown = ", ".join("null" if a is None else a for a in allowed)
             problems.append(f"{key}: {flat.get(key)!r} is not one of: {shown}")
+    if (problem := device_problem(flat.get("train.device"))) is not None:
+        problems.append(f"train.device: {problem}")
     for key, v in flat.items():
         if isinstance(v, float) and not math.isfinite(v):
             problems.append(f"{key}: must be a finite number, got {v!r}")

@@ -1173,7 +1173,7 @@ def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:
     common: dict[str, Any] = {
         "num_workers": workers,
         "worker_init_fn": leave_stop_signals_to_the_main_process if workers else None,
-        "pin_memory": cfg.train.device in ("auto", "cuda") and torch.cuda.is_available(),
+        "pin_memory": cfg.train.device.partition(":")[0] in ("auto", "cuda") and torch.cuda.is_available(),
         # workers start afresh each epoch, seeded from ``generator`` then: its state, saved in every
         # checkpoint, gives a resumed run the same draws (kept workers would carry their streams on
         # from epoch to epoch, where a resumed run's new ones cannot); a start costs about 0.1 s

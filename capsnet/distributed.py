@@ -39,7 +39,7 @@ class DistInfo:
 
 def backend_for(device: str) -> str:
     """``nccl`` when ``device`` (``train.device``) means CUDA and a GPU is present, else ``gloo``."""
-    return "nccl" if device in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
+    return "nccl" if device.partition(":")[0] in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
 
 
 def launched_world_size() -> int:

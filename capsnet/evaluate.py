@@ -25,19 +25,34 @@ if TYPE_CHECKING:
     from capsnet.model import CapsNet
 
 
-def resolve_device(name: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then the CPU; an unavailable explicit choice is a ConfigError naming ``option``."""
-    from capsnet.config import ConfigError
+def resolve_device(
+    name: str, local_rank: int = 0, option: str = "train.device", processes: int = 1
+) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then the CPU; ``cuda`` is the process's GPU (its local
+    rank's under torchrun), ``cuda:N`` GPU N of a single process. An unknown or unavailable
+    choice is a ConfigError naming ``option``."""
+    from capsnet.config import ConfigError, device_problem
 
-    if name not in ("auto", "cpu", "cuda", "mps"):
-        raise ConfigError([f"{option}: {name!r} is not one of auto, cpu, cuda, mps"])
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError([f"{option}: 'cuda' was asked for but no CUDA device is available"])
-    if name == "mps" and not torch.backends.mps.is_available():
+    if (problem := device_problem(name)) is not None:
+        raise ConfigError([f"{option}: {problem}"])
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError([f"{option}: {name!r} was asked for but no CUDA device is available"])
+    if kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError([f"{option}: 'mps' was asked for but MPS is not available"])
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+    if index:
+        if processes > 1:
+            raise ConfigError(
+                [
+                    f"{option}: {name!r} names one GPU for {processes} processes; give cuda (each takes its own)"
+                ]
+            )
+        if int(index) >= torch.cuda.device_count():
+            raise ConfigError([f"{option}: {name!r}: there are {torch.cuda.device_count()} CUDA devices"])
+        return torch.device("cuda", int(index))
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
-    if name == "mps" or (name == "auto" and torch.backends.mps.is_available()):
+    if kind == "mps" or (kind == "auto" and torch.backends.mps.is_available()):
         return torch.device("mps")
     return torch.device("cpu")
 

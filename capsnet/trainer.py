@@ -696,7 +696,7 @@ def fit(
 
 def _choose_routing_kernels(cfg: Config, dist_info, echo: Callable[[str], None]) -> None:
     """Compiled or eager routing kernels for this run (``train.compile_routing``), said on rank 0."""
-    device_type = resolve_device(cfg.train.device, dist_info.local_rank).type
+    device_type = resolve_device(cfg.train.device, dist_info.local_rank, processes=dist_info.world_size).type
     if cfg.train.compile_routing is None and device_type == "cpu" and dist_info.is_main:
         echo("routing: compiling its kernels for the CPU (train.compile_routing: null; false skips this)")
     compiled, warning = choose_compiled_kernels(cfg.train.compile_routing, device_type)
@@ -727,7 +727,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     seed_everything(rank_seed(cfg.train.seed, dist_info.rank))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device, dist_info.local_rank)
+    device = resolve_device(cfg.train.device, dist_info.local_rank, processes=dist_info.world_size)
     if device.type == "cpu":
         from capsnet.runtime import tune_allocator
 

@@ -441,6 +441,34 @@ def test_bench_auto_prefers_cuda_then_mps_then_the_cpu(monkeypatch):
     assert _bench_device("cpu").type == "cpu"
 
 
+def test_cuda_n_picks_one_gpu_for_one_process_and_is_refused_where_it_cannot_be_used(monkeypatch):
+    from capsnet.config import ConfigError, load_config
+    from capsnet.evaluate import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=1, processes=2) == torch.device("cuda", 1)
+    for name, said in [
+        ("cuda:2", "'cuda:2': there are 2 CUDA devices"),
+        ("cuda:-1", "'cuda:-1' is not one of auto, cpu, cuda, cuda:N or mps"),
+        ("cuda:", "'cuda:' is not one of"),
+        ("cpu:0", "'cpu:0' is not one of"),
+    ]:
+        with pytest.raises(ConfigError, match=said):
+            resolve_device(name, option="--device")
+    with pytest.raises(ConfigError, match="names one GPU for 2 processes; give cuda"):
+        resolve_device("cuda:0", processes=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="'cuda:0' was asked for but no CUDA device is available"):
+        resolve_device("cuda:0")
+    # the config takes the same names as the commands' --device
+    assert load_config(TINY, ["train.device=cuda:1"]).train.device == "cuda:1"
+    for bad in ("gpu", "cuda:one", "cuda:1:2"):
+        with pytest.raises(ConfigError, match=f"train.device: '{bad}' is not one of"):
+            load_config(TINY, [f"train.device={bad}"])
+
+
 def test_a_missing_checkpoint_is_exit_code_2_with_a_one_line_message(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["eval", "--ckpt", "latest"])

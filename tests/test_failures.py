@@ -694,7 +694,7 @@ BAD_INPUTS = {
     ),
     "unknown-device-eval": (
         on_the_run("eval", "--device", "tpu"),
-        "--device: 'tpu' is not one of auto, cpu, cuda, mps",
+        "--device: 'tpu' is not one of auto, cpu, cuda, cuda:N or mps",
     ),
     "steps-given-to-fgsm-attack": (
         on_the_run("attack", "-m", "fgsm", "--steps", "5"),
