@@ -587,6 +587,18 @@ def run_name_of(path: str | Path, ckpt: dict[str, Any]) -> str:
     return str(ckpt.get("run") or "") or folder.name
 
 
+def trained_normalisation(ckpt: dict[str, Any]) -> tuple[list[float], list[float]] | None:
+    """The per-channel (mean, std) the checkpoint's model was trained with, as its ``data_info``
+    records it; None where it records none (older checkpoints; per-image standardisation)."""
+    info = ckpt.get("data_info")
+    if not isinstance(info, dict):
+        return None
+    mean, std = info.get("mean"), info.get("std")
+    if not isinstance(mean, list | tuple) or not isinstance(std, list | tuple) or len(mean) != len(std):
+        return None
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
 #: Architecture settings that a command scoring a trained model may change: no weight depends
 #: on the number of routing iterations, and recomputing the votes only trades memory for time.
 INFERENCE_SETTINGS = ("iterations", "recompute_votes")

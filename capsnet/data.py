@@ -25,11 +25,13 @@ there ``image_size`` is the crop size (see :func:`_build_smallnorb`).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
 import pickle
 import struct
+import sys
 import warnings
 import zlib
 from collections.abc import Callable
@@ -66,7 +68,32 @@ class DataFormatError(DataError):
 
 
 class DataWarning(UserWarning):
-    """Data was usable but not all of it (skipped files); training shows it as a ``warning:`` line."""
+    """Data was usable but not all of it (skipped files); commands show it as a ``warning:`` line
+    (:func:`reported_data_warnings`)."""
+
+
+@contextlib.contextmanager
+def reported_data_warnings(say: Callable[[str], None] | None = None):
+    """Shows each DataWarning raised inside as one ``warning: ...`` line through ``say`` (default:
+    on stderr, which keeps a command's stdout for its results) instead of as a Python warning with
+    its source file and line; other warnings go on as they came. The lines are shown even when the
+    block fails, so a data error follows the files that were skipped on the way to it."""
+    if say is None:
+
+        def say(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataWarning)
+            yield
+    finally:
+        for w in caught:
+            if issubclass(w.category, DataWarning):
+                say(f"warning: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 @dataclass
@@ -77,6 +104,11 @@ class DataInfo:
     class_names: list[str]
     mean: list[float] | None = None  # per-channel normalisation; None: per-image standardisation
     std: list[float] | None = None
+
+
+#: A per-channel input normalisation, ``(mean, std)`` in [0, 1] units: what a trained model's
+#: checkpoint records (``data_info``) and :func:`build_datasets` can take instead of computing it.
+Normalisation = tuple[list[float], list[float]]
 
 
 @dataclass
@@ -620,7 +652,9 @@ def _read_idx_split(
     return images.unsqueeze(1), labels.long()  # (N, 1, H, W)
 
 
-def _build_idx(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
+def _build_idx(
+    cfg: DataConfig, seed: int, stats: Normalisation | None = None
+) -> tuple[ImageDataset, ImageDataset, DataInfo]:
     meta = _IDX_META[cfg.name]
     files = locate_idx(cfg.name, cfg.root, cfg.download)
     num_classes = len(meta["classes"])
@@ -635,11 +669,12 @@ def _build_idx(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, 
     size = cfg.image_size or native
     train_x, test_x = resize_images(train_x, size), resize_images(test_x, size)
     pad = max(1, round(2 * size / 28))
-    evaluation = PixelTransform(meta["mean"], meta["std"])
+    mean, std = stats or (list(meta["mean"]), list(meta["std"]))
+    evaluation = PixelTransform(mean, std)
     # shifts of up to 2 px (at 28 px); horizontal flips for clothes, never for digits
     # data.shift / data.flip override both
-    training = _training_transform(cfg, meta["mean"], meta["std"], size, pad)
-    info = DataInfo(num_classes, 1, size, list(meta["classes"]), list(meta["mean"]), list(meta["std"]))
+    training = _training_transform(cfg, mean, std, size, pad)
+    info = DataInfo(num_classes, 1, size, list(meta["classes"]), mean, std)
     return (
         ImageDataset(train_x, train_y, _train_or_eval(cfg.augment, training, evaluation), evaluation),
         ImageDataset(test_x, test_y, evaluation),
@@ -801,15 +836,18 @@ def _load_torchvision(name: str, root: str | Path, download: bool):
     )
 
 
-def _build_torchvision(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
+def _build_torchvision(
+    cfg: DataConfig, seed: int, stats: Normalisation | None = None
+) -> tuple[ImageDataset, ImageDataset, DataInfo]:
     meta = _TV_META[cfg.name]
     (train_x, train_y), (test_x, test_y) = _load_torchvision(cfg.name, cfg.root, cfg.download)
     size = expected_image_size(cfg)
     train_x, test_x = resize_images(train_x, size), resize_images(test_x, size)
-    evaluation = PixelTransform(meta["mean"], meta["std"])
+    mean, std = stats or (list(meta["mean"]), list(meta["std"]))
+    evaluation = PixelTransform(mean, std)
     pad = max(1, round(4 * size / 32))
-    training = _training_transform(cfg, meta["mean"], meta["std"], size, pad)
-    info = DataInfo(10, 3, size, list(meta["classes"]), list(meta["mean"]), list(meta["std"]))
+    training = _training_transform(cfg, mean, std, size, pad)
+    info = DataInfo(10, 3, size, list(meta["classes"]), mean, std)
     return (
         ImageDataset(train_x, train_y.long(), _train_or_eval(cfg.augment, training, evaluation), evaluation),
         ImageDataset(test_x, test_y.long(), evaluation),
@@ -849,7 +887,9 @@ def smallnorb_source_size(crop: int) -> int:
     return max(crop, round(1.5 * crop))
 
 
-def _build_smallnorb(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
+def _build_smallnorb(
+    cfg: DataConfig, seed: int, stats: Normalisation | None = None
+) -> tuple[ImageDataset, ImageDataset, DataInfo]:
     """smallNORB as in the paper.
 
     Images are downsampled from 96 to 48 pixels by area averaging (to
@@ -857,6 +897,7 @@ def _build_smallnorb(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDat
     image is standardised per view to zero mean and unit variance. Training
     items are random ``image_size`` crops (default 32) with random brightness
     (+-0.25) and contrast (x0.75..1.25) jitter; test items are the centre crop.
+    Standardising each image needs no dataset statistics, so ``stats`` is not used.
 
     ``data.stereo``: "channels" gives 2-channel images (left, right view);
     "samples" makes each view its own 1-channel item (items 2k, 2k+1 are the
@@ -955,7 +996,9 @@ def _folder_tree(path_text: str, what: str) -> Path:
     return path
 
 
-def _build_folder(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
+def _build_folder(
+    cfg: DataConfig, seed: int, stats: Normalisation | None = None
+) -> tuple[ImageDataset, ImageDataset, DataInfo]:
     """The user's images, one sub-folder per class (sorted names are the classes).
 
     Every file is decoded at build time (PIL verify, then a full decode), resized
@@ -964,7 +1007,8 @@ def _build_folder(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDatase
     Files that fail are skipped with one warning (``data.bad_files: skip``) or
     raise DataFormatError (``fail``). Without ``data.test_dir`` a fixed 20% of
     each class (chosen with seed 0, whatever the training seed) is the test set.
-    Normalisation uses the per-channel mean and std of the training images;
+    Normalisation uses the per-channel mean and std of the training images (``stats``
+    where given: those a trained model's inputs were normalised with);
     training augmentation is a random crop with zero padding of size/8 (``data.shift``,
     and no flips unless ``data.flip``).
     """
@@ -1017,7 +1061,7 @@ def _build_folder(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDatase
     if len(test_x) == 0:
         raise DataFormatError(f"no readable test images ({cfg.test_dir or train_dir})")
 
-    mean, std = channel_stats(train_x[fitting_rows(cfg, len(train_x), seed)])
+    mean, std = stats or channel_stats(train_x[fitting_rows(cfg, len(train_x), seed)])
     evaluation = PixelTransform(mean, std)
     training = _training_transform(cfg, mean, std, size, max(1, size // 8))
     info = DataInfo(len(classes), train_x.shape[1], size, classes, mean, std)
@@ -1051,10 +1095,12 @@ def _synthetic_split(
     return images, labels
 
 
-def _build_synthetic(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
+def _build_synthetic(
+    cfg: DataConfig, seed: int, stats: Normalisation | None = None
+) -> tuple[ImageDataset, ImageDataset, DataInfo]:
     """One fixed random blob pattern per class; items are the pattern shifted by up to size/16
     pixels, scaled in brightness (x0.8..1.2) and with Gaussian noise (std 0.1). Everything
-    follows from ``seed``; no extra augmentation."""
+    follows from ``seed``; no extra augmentation. Normalised as :func:`_build_folder` is."""
     size = expected_image_size(cfg)
     coarse = max(2, size // 6)
     generator = torch.Generator().manual_seed(seed)
@@ -1063,7 +1109,7 @@ def _build_synthetic(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDat
     templates = torch.sigmoid((smooth - 0.5) * 12)  # (K, C, S, S) near-binary blobs
     train_x, train_y = _synthetic_split(templates, cfg.train_size, torch.Generator().manual_seed(seed + 1))
     test_x, test_y = _synthetic_split(templates, cfg.test_size, torch.Generator().manual_seed(seed + 2))
-    mean, std = channel_stats(train_x[fitting_rows(cfg, len(train_x), seed)])
+    mean, std = stats or channel_stats(train_x[fitting_rows(cfg, len(train_x), seed)])
     transform = PixelTransform(mean, std)
     names = [f"class{i}" for i in range(cfg.num_classes)]
     info = DataInfo(cfg.num_classes, cfg.channels, size, names, mean, std)
@@ -1091,7 +1137,9 @@ def expected_image_size(cfg: DataConfig) -> int | None:
     return cfg.image_size or NATIVE_SIZES.get(cfg.name)
 
 
-_BUILDERS: dict[str, Callable[[DataConfig, int], tuple[ImageDataset, ImageDataset, DataInfo]]] = {
+_BUILDERS: dict[
+    str, Callable[[DataConfig, int, Normalisation | None], tuple[ImageDataset, ImageDataset, DataInfo]]
+] = {
     "mnist": _build_idx,
     "fashion-mnist": _build_idx,
     "cifar10": _build_torchvision,
@@ -1103,17 +1151,21 @@ _BUILDERS: dict[str, Callable[[DataConfig, int], tuple[ImageDataset, ImageDatase
 
 
 def build_datasets(
-    cfg: DataConfig, seed: int = 0
+    cfg: DataConfig, seed: int = 0, stats: Normalisation | None = None
 ) -> tuple[ImageDataset, ImageDataset | None, ImageDataset, DataInfo]:
     """(train, val or None, test, info) for ``cfg``.
 
     With ``data.val_split`` > 0 a seeded random share of the training data
     (never the test set) becomes the validation set, with test-time transforms.
     Extra evaluation sets (smallNORB "test_familiar") are in ``test.extra_splits``.
+    ``stats``: the per-channel normalisation to use instead of the dataset's own (computed
+    from the training images, or fixed); a trained model is scored with the one it was
+    trained with, whatever the training images are now. Datasets that standardise each
+    image on its own (smallNORB) ignore it.
     """
     if cfg.name not in _BUILDERS:
         raise DataError(f"data.name: unknown dataset {cfg.name!r} (known: {', '.join(DATASETS)})")
-    train, test, info = _BUILDERS[cfg.name](cfg, seed)
+    train, test, info = _BUILDERS[cfg.name](cfg, seed, stats)
     val = None
     if cfg.val_split > 0:
         kept, held = split_indices(len(train), cfg.val_split, seed, group=train.group)
@@ -1149,7 +1201,9 @@ def leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
     os.setpgid(0, 0)
 
 
-def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:
+def build_loaders(
+    cfg: Config, rank: int = 0, world_size: int = 1, stats: Normalisation | None = None
+) -> Loaders:
     """Loaders for training (shuffled, seeded) and evaluation (in order, sharded across ranks).
 
     The training order of an epoch is one permutation drawn from ``train.seed``
@@ -1162,11 +1216,11 @@ def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> Loaders:
     from ``train_generator`` when ``train.num_workers`` > 0 (workers are started
     for each epoch, so a resumed run restores their seeds with that generator's
     state); that generator is seeded per rank (:func:`capsnet.distributed.rank_seed`),
-    so no two ranks draw the same augmentation.
+    so no two ranks draw the same augmentation. ``stats``: as :func:`build_datasets` takes it.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    train, val, test, info = build_datasets(cfg.data, seed=cfg.train.seed)
+    train, val, test, info = build_datasets(cfg.data, seed=cfg.train.seed, stats=stats)
     batch_size = cfg.train.batch_size
     eval_batch_size = cfg.train.eval_batch_size or 2 * batch_size
     workers = cfg.train.num_workers

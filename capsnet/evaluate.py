@@ -219,8 +219,11 @@ def prepare_checkpoint(
     """Loads the checkpoint ``spec`` names (latest | best | run dir | file), its model and its data.
 
     Everything comes from the checkpoint: the config it was trained with (for the
-    data) and its architecture (for the model); ``overrides`` change the data side, and
-    of the model only its number of routing iterations (others are refused).
+    data), the input normalisation it was trained with (where it records it: not
+    recomputed from the training images, which may have changed since) and its
+    architecture (for the model); ``overrides`` change the data side, and of the model
+    only its number of routing iterations (others are refused). Data whose classes are
+    not the ones the model was trained with, by name and in order, is refused.
     ``limit`` keeps a seeded random subset of that many images of every evaluation split.
     """
     from capsnet.checkpoint import (
@@ -229,9 +232,10 @@ def prepare_checkpoint(
         load_checkpoint,
         moved_split_settings,
         resolve_checkpoint,
+        trained_normalisation,
     )
     from capsnet.config import stored_config
-    from capsnet.data import DataError, build_loaders, check_channels, split_names
+    from capsnet.data import DataError, build_loaders, check_channels, reported_data_warnings, split_names
 
     _check_scoring_overrides(overrides or [], batch_size is not None, data_root is not None)
     dev = resolve_device(device, option="--device")  # named as the command's option, not the config key
@@ -256,12 +260,14 @@ def prepare_checkpoint(
         )
     changes = architecture_overrides(ckpt, cfg, path)  # before the data loads
     model = build_model_from_checkpoint(ckpt, path, changes).to(dev).eval()
-    loaders = build_loaders(cfg)
+    with reported_data_warnings():
+        loaders = build_loaders(cfg, stats=trained_normalisation(ckpt))
     check_channels(loaders.info, model.in_channels)
     if loaders.info.num_classes != model.num_classes:
         raise DataError(
             f"the checkpoint's model has {model.num_classes} classes but the data has {loaders.info.num_classes}"
         )
+    check_class_names(ckpt, loaders.info.class_names, path)
     check_image_size(model, cfg, loaders.info.image_size)
     loader = {"test": loaders.test, "val": loaders.val, **loaders.extra}.get(split)
     if loader is None:
@@ -271,6 +277,23 @@ def prepare_checkpoint(
         loaders.extra = {name: limited(ld, limit, cfg.train.seed) for name, ld in loaders.extra.items()}
         loader = limited(loader, limit, cfg.train.seed)
     return Prepared(Path(path), ckpt, cfg, model, loaders, loader, split, dev)
+
+
+def check_class_names(ckpt: dict[str, Any], names: list[str], path: str | Path) -> None:
+    """Raises DataError when the data's classes are not the ones, in the order, the checkpoint's
+    model was trained with: its outputs are the classes by position, so another name or order
+    would score its predictions against other labels. Checkpoints that record no names pass."""
+    from capsnet.data import DataError
+
+    info = ckpt.get("data_info")
+    trained = info.get("class_names") if isinstance(info, dict) else None
+    if trained is None or [str(n) for n in trained] == [str(n) for n in names]:
+        return
+    raise DataError(
+        f"{path} was trained with the classes {list(trained)}, this data has {list(names)}: its outputs "
+        "would be scored against other labels; use data whose class names (folder names) and order "
+        "are the ones it was trained with"
+    )
 
 
 #: training-only settings: -o on a command that scores a trained model could not change anything

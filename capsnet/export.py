@@ -40,6 +40,7 @@ from capsnet.checkpoint import (
     resolve_checkpoint,
     run_name_of,
     safe_child,
+    trained_normalisation,
 )
 from capsnet.config import stored_config
 
@@ -212,16 +213,21 @@ def default_export_path(run_name: str, fmt: str, base: str | Path = "exports") -
     return safe_child(base, run_name) / FORMATS[fmt]
 
 
-def sample_batch(cfg, spec: InputSpec, batch: int) -> tuple[Tensor, Tensor, str]:
+def sample_batch(
+    cfg, spec: InputSpec, batch: int, stats: tuple[list[float], list[float]] | None = None
+) -> tuple[Tensor, Tensor, str]:
     """Parity images: (pixels in [0, 1] (N, C, S, S), what the model is fed for them, their source).
 
-    Test images as stored and as the data pipeline's evaluation transform makes them;
-    random pixels, normalised by :class:`Preprocess`, when the dataset cannot be loaded.
+    Test images as stored and as the data pipeline's evaluation transform makes them with
+    ``stats``, the normalisation the checkpoint records (where it does: not one recomputed
+    from the training images as they are now); random pixels, normalised by
+    :class:`Preprocess`, when the dataset cannot be loaded.
     """
-    from capsnet.data import DataError, build_loaders, check_channels
+    from capsnet.data import DataError, build_loaders, check_channels, reported_data_warnings
 
     try:
-        loaders = build_loaders(cfg)
+        with reported_data_warnings():
+            loaders = build_loaders(cfg, stats=stats)
         check_channels(loaders.info, spec.channels)
         dataset = loaders.test.dataset
         count = min(batch, len(dataset))
@@ -430,7 +436,9 @@ def export_checkpoint(
     cfg = stored_config(ckpt["config"], ckpt_path, overrides)
     data_info = ckpt.get("data_info") if isinstance(ckpt.get("data_info"), dict) else None
     inputs_spec = input_spec(inputs, ckpt["arch"], data_info, cfg.data.name)
-    pixels, fed, source = sample_batch(cfg, inputs_spec, max(2, batch_size))
+    # the pipeline's side of the parity check takes the checkpoint's normalisation as the data module
+    # reads it, not as input_spec does, so the graph's own copy of it is checked too
+    pixels, fed, source = sample_batch(cfg, inputs_spec, max(2, batch_size), trained_normalisation(ckpt))
     if len(pixels) < 2:  # a test split of one image: traced alone, the batch size would be fixed at 1
         pixels, fed = pixels.repeat(2, 1, 1, 1), fed.repeat(2, 1, 1, 1)
     x = pixels if inputs == "pixels" else fed

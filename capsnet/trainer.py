@@ -30,7 +30,6 @@ import re
 import shlex
 import signal
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from capsnet.checkpoint import (
     safe_child,
 )
 from capsnet.config import Config, ConfigError
-from capsnet.data import DataWarning, build_loaders, expected_image_size
+from capsnet.data import build_loaders, expected_image_size, reported_data_warnings
 from capsnet.distributed import (
     any_rank,
     broadcast,
@@ -732,14 +731,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         from capsnet.runtime import tune_allocator
 
         tune_allocator()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DataWarning)
+    with reported_data_warnings(say):
         loaders = build_loaders(cfg, dist_info.rank, dist_info.world_size)
-    for w in caught:
-        if issubclass(w.category, DataWarning):
-            say(f"warning: {w.message}")
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     # after the data, so a missing or broken dataset is said before the seconds of compiling
     # (the kernel check draws no random numbers, so the run's streams are as they were)
     _choose_routing_kernels(cfg, dist_info, echo)

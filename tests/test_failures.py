@@ -991,3 +991,141 @@ def test_a_failed_merge_into_the_metrics_file_s_last_line_is_a_tracking_error(tm
     with pytest.raises(TrackingError, match=r"could not write .*metrics.jsonl: no space left on device"):
         metrics.flush()
     assert path.read_text() == '{"step": 4, "train/loss": 1.0}\n'
+
+
+ANIMALS = ("cat", "dog", "bird")  # sorted, the run's classes are bird, cat, dog
+
+
+def animal_images(root: Path, count: int, seed: int) -> None:
+    """``count`` noisy 24x24 RGB images per class under ``root/<class>/``, each class its own colour."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(ANIMALS):
+        (root / name).mkdir(parents=True)
+        colour = np.full(3, 60.0)
+        colour[k] = 200.0
+        for i in range(count):
+            pixels = np.clip(colour + rng.normal(0, 40, (24, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def white_images(folder: Path, count: int) -> None:
+    from PIL import Image
+
+    for i in range(count):
+        Image.fromarray(np.full((24, 24, 3), 255, np.uint8)).save(folder / f"white-{i}.png")
+
+
+@pytest.fixture(scope="module")
+def animal_run(tmp_path_factory) -> Path:
+    """A folder holding imgs/train and imgs/test (classes cat, dog, bird) and weights/animals/: a
+    two-step run trained on them, whose config names the image folders relative to the folder."""
+    tmp = tmp_path_factory.mktemp("animals")
+    animal_images(tmp / "imgs" / "train", 8, 0)
+    animal_images(tmp / "imgs" / "test", 3, 1)
+    cfg = load_config(
+        TINY,
+        [
+            f"logging.out_dir={tmp / 'weights'}",
+            f"logging.tb_dir={tmp / 'runs'}",
+            "train.max_steps=2",
+            "data.name=folder",
+            "data.train_dir=imgs/train",
+            "data.test_dir=imgs/test",
+        ],
+    )
+    old = os.getcwd()
+    os.chdir(tmp)
+    try:
+        fit(cfg, run_name="animals", echo=lambda _msg: None)
+    finally:
+        os.chdir(old)
+    return tmp
+
+
+@pytest.fixture
+def animals(animal_run, tmp_path, monkeypatch) -> Path:
+    """A copy of ``animal_run`` that a test may change, as the working directory."""
+    import shutil
+
+    shutil.copytree(animal_run / "imgs", tmp_path / "imgs")
+    shutil.copytree(animal_run / "weights", tmp_path / "weights")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def eval_json(ckpt: Path | str, *extra: str) -> dict:
+    result = runner.invoke(app, ["eval", "--ckpt", str(ckpt), "--json", "--device", "cpu", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_scoring_normalises_with_the_checkpoint_s_statistics_not_the_training_images_of_now(animals):
+    from capsnet.evaluate import prepare_checkpoint
+
+    run = animals / "weights" / "animals"
+    before = eval_json(run)
+    white_images(animals / "imgs" / "train" / "cat", 30)  # would move the training images' mean and std
+    after = eval_json(run)
+    assert (after["loss"], after["per_class"]) == (before["loss"], before["per_class"])
+    stored = load_checkpoint(run / "last.pt")["data_info"]
+    info = prepare_checkpoint(str(run), device="cpu").loaders.info  # what attack and inspect score with
+    assert (info.mean, info.std) == (stored["mean"], stored["std"])
+    # the export's parity check feeds the eager model through the data pipeline: the same statistics
+    out = animals / "model.pt2"
+    result = runner.invoke(app, ["export", "--ckpt", str(run), "--format", "pt2", "--out", str(out)])
+    assert result.exit_code == 0 and "parity ok" in result.stdout, result.output
+
+
+def test_a_checkpoint_that_records_no_statistics_or_classes_is_scored_as_before(animals):
+    """Older checkpoints keep the statistics of the training images and go unchecked by class name."""
+    run = animals / "weights" / "animals"
+    ckpt = load_checkpoint(run / "last.pt")
+    old = animals / "old.pt"
+    torch.save({key: value for key, value in ckpt.items() if key != "data_info"}, old)
+    before = eval_json(old)
+    white_images(animals / "imgs" / "train" / "cat", 30)
+    assert eval_json(old)["loss"] != before["loss"]
+    for split in ("train", "test"):
+        (animals / "imgs" / split / "bird").rename(animals / "imgs" / split / "zebra")
+    assert eval_json(old)["class_names"] == ["cat", "dog", "zebra"]
+
+
+@pytest.mark.parametrize(
+    "command", [["eval"], ["attack", "--no-plot", "--no-tensorboard"]], ids=lambda c: c[0]
+)
+def test_scoring_refuses_data_whose_classes_are_not_the_checkpoint_s_by_name_and_order(animals, command):
+    for split in ("train", "test"):  # sorted, zebra comes after cat and dog where bird came before them
+        (animals / "imgs" / split / "bird").rename(animals / "imgs" / split / "zebra")
+    args = [command[0], "--ckpt", str(animals / "weights" / "animals"), "--device", "cpu", *command[1:]]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "was trained with the classes ['bird', 'cat', 'dog'], this data has ['cat', 'dog', 'zebra']" in (
+        result.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "--json"],
+        ["attack", "--no-plot", "--no-tensorboard", "--limit", "2", "--out", "attack"],
+        ["inspect", "--out", "figures"],
+        ["export", "--format", "pt2", "--out", "model.pt2"],
+    ],
+    ids=lambda command: command[0],
+)
+def test_scoring_and_export_show_skipped_files_as_one_warning_line(animals, command):
+    (animals / "imgs" / "test" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(30))
+    args = [command[0], "--ckpt", str(animals / "weights" / "animals"), *command[1:]]
+    result = runner.invoke(app, [*args, *(["--device", "cpu"] if command[0] != "export" else [])])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if "skipped" in line] == [
+        "warning: skipped 1 unreadable or non-image files (data.bad_files: skip): imgs/test/dog/broken.png"
+    ], result.stderr
+    assert "DataWarning" not in result.stderr
+    if command[0] == "eval":
+        assert json.loads(result.stdout)["n"] == 9  # stdout holds the results alone
