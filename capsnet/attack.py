@@ -378,7 +378,7 @@ def attack_checkpoint(
     device: str = "auto",
     overrides: list[str] | None = None,
     report_dir: str | Path | None = None,
-    tensorboard: bool = True,
+    tensorboard: bool | None = None,
     tb_dir: str | None = None,
     plot: bool = True,
     progress: bool = True,
@@ -389,7 +389,8 @@ def attack_checkpoint(
     a ``.png`` of accuracy against epsilon to ``report_dir`` (default
     ``reports/<run>``), and TensorBoard scalars ``attack/<name>/acc`` (and
     ``/success``) to ``<tb_dir>/<run>/attack`` with the step = epsilon x 1000
-    (see :func:`tensorboard_steps`).
+    (see :func:`tensorboard_steps`) when ``tensorboard``; None: when the run wrote TensorBoard
+    events as it trained (its ``logging.tensorboard``).
     """
     from capsnet.evaluate import prepare_checkpoint
     from capsnet.visualize import require_matplotlib
@@ -403,8 +404,10 @@ def attack_checkpoint(
     if plot:
         require_matplotlib()
     epsilons = list(epsilons or [0.01, 0.05, 0.1, 0.2])
-    steps_tb = tensorboard_steps(epsilons) if tensorboard else []  # a clash is reported before the attack
     prep = prepare_checkpoint(spec, out_dir, split, batch_size, data_root, device, overrides, limit)
+    if tensorboard is None:  # a run kept out of TensorBoard as it trained is kept out of it here too
+        tensorboard = prep.cfg.logging.tensorboard
+    steps_tb = tensorboard_steps(epsilons) if tensorboard else []  # a clash is reported before the attack
     info = prep.loaders.info
     space = InputSpace.from_info(info.mean, info.std, info.channels)
     folder = Path(report_dir) if report_dir is not None else Path("reports") / prep.run

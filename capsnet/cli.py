@@ -132,7 +132,8 @@ def train(
         str | None,
         typer.Option(
             "--resume",
-            help="Continue from 'latest', 'best', a run directory or a checkpoint file. "
+            help="Continue from 'latest', 'best', a run directory, a .pt file, or a run name under "
+            "logging.out_dir (RUN, or a file in it: RUN/step-000006.pt). "
             "With --run-name, 'latest' continues that run, or starts it when it has no checkpoint yet "
             "(for torchrun --max-restarts and requeued jobs). A run folder outside logging.out_dir "
             "continues in logging.out_dir under its folder's name and is left as it is.",
@@ -544,13 +545,15 @@ def attack(
         Path | None, typer.Option("--out", help=REPORT_DIR_HELP.format("attack-<method>.json/.png"))
     ] = None,
     tensorboard: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--tensorboard/--no-tensorboard",
             metavar=FLAG,
-            help="Write attack/<method>/acc scalars (step = eps x 1000, so epsilons must be 0.001 apart).",
+            help="Write attack/<method>/acc scalars (step = eps x 1000, so epsilons must be 0.001 apart); "
+            "default: if the run wrote TensorBoard events as it trained (its logging.tensorboard).",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
     tb_dir: Annotated[str | None, typer.Option("--tb-dir", help=TB_DIR_HELP.format("attack"))] = None,
     plot: Annotated[
         bool,

@@ -176,7 +176,8 @@ class TrainConfig:
     # when a C++ compiler works (faster there), off on CUDA (slower there) and MPS (README, Speed)
     max_steps: int | None = None  # stop after this many optimiser steps (quick tries)
     init_from: str | None = None  # start from this checkpoint's model weights (fresh optimiser, step 0):
-    # a .pt file, a run directory or run name under logging.out_dir, latest or best (as --ckpt)
+    # a .pt file, a run directory or run name under logging.out_dir, latest or best (as --ckpt); the
+    # run's saved config holds the file it named at the start
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     threads: int | None = None  # torch intra-op threads; null: torch's default
     sync_bn: bool = False  # SyncBatchNorm under torchrun
@@ -427,9 +428,11 @@ def _validate(cfg: Config, problems: list[str], stored: bool = False) -> None:
     if isinstance(flat.get("data.num_classes"), int) and flat["data.num_classes"] == 1:
         problems.append("data.num_classes: a classifier needs at least 2 classes, got 1")
     m = cfg.model.resolved() if cfg.model.preset in PRESETS else cfg.model
-    for key in ("stem_channels", "primary_types", "caps_types"):
-        if getattr(m, key) is None:
-            problems.append(f"model.{key}: must be given when model.preset is null")
+    # only a null preset leaves sizes to give: a mistyped one is reported above on its own
+    if cfg.model.preset is None:
+        for key in ("stem_channels", "primary_types", "caps_types"):
+            if getattr(m, key) is None:
+                problems.append(f"model.{key}: must be given when model.preset is null")
     if isinstance(m.stem_channels, list) and not m.stem_channels:
         problems.append("model.stem_channels: needs at least one conv layer")
     if (

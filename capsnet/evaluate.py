@@ -95,7 +95,8 @@ class EvalResult:
         for name, acc, correct, count in zip(
             names, self.per_class_acc, self.per_class_correct, self.per_class_total
         ):
-            lines.append(f"{name:<{width}}  {acc:8.4f}  {correct:7d}  {count:5d}")
+            shown = f"{acc:8.4f}" if count else f"{'-':>8}"  # no images of the class: no accuracy
+            lines.append(f"{name:<{width}}  {shown}  {correct:7d}  {count:5d}")
         return "\n".join(lines)
 
 

@@ -336,24 +336,28 @@ def _train_step(
     return loss_value, correct, n, stopping
 
 
-def _find_teacher(cfg: Config, run_name: str) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint file that ``loss.teacher`` names, and its contents (the same on every rank).
+def _find_checkpoint_setting(cfg: Config, key: str, whose: str, run_name: str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint file that the setting ``key`` (``loss.teacher``, ``train.init_from``) names,
+    and its contents (the same on every rank).
 
-    ``cfg.loss.teacher`` is set to that file, so that the config this run saves (and a
-    resumed run reads) names it: ``latest``, ``best`` or a run's newest checkpoint may be
-    another file by the time the run resumes, the run's own checkpoints among them.
+    The setting is set to that file, so that the config this run saves (and a resumed run
+    reads) names it: ``latest``, ``best`` or a run's newest checkpoint may be another file by
+    the time the run resumes or its config is run again, the run's own checkpoints among them.
+    Those are refused: the run cannot learn from, or start from, itself. ``whose`` names the
+    checkpoint wanted, for the refusal ("the teacher's").
     """
-    spec = cfg.loss.teacher
+    section, field = key.split(".")
+    spec = getattr(getattr(cfg, section), field)
     try:
         path = resolve_checkpoint(spec, cfg.logging.out_dir)
-        chosen = Path(broadcast(str(path)))
+        chosen = Path(broadcast(str(path)))  # rank 0's choice: "latest" may change while ranks look
         ckpt = load_checkpoint(chosen)
     except CheckpointError as e:
-        raise CheckpointError(f"loss.teacher: {e}") from None
+        raise CheckpointError(f"{key}: {e}") from None
     if chosen.resolve().parent == safe_child(cfg.logging.out_dir, run_name).resolve():
-        itself = f"loss.teacher: {spec} is {chosen}, a checkpoint of this run itself"
-        raise ConfigError([f"{itself}; name the teacher's checkpoint file (or its run) instead"])
-    cfg.loss.teacher = str(chosen)
+        itself = f"{key}: {spec} is {chosen}, a checkpoint of this run itself"
+        raise ConfigError([f"{itself}; name {whose} checkpoint file (or its run) instead"])
+    setattr(getattr(cfg, section), field, str(chosen))
     return chosen, ckpt
 
 
@@ -713,7 +717,14 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     size = expected_image_size(cfg.data)
     teacher_path = teacher_ckpt = None
     if cfg.loss.teacher:  # a missing or broken teacher is said before the data loads
-        teacher_path, teacher_ckpt = _find_teacher(cfg, name)
+        teacher_path, teacher_ckpt = _find_checkpoint_setting(cfg, "loss.teacher", "the teacher's", name)
+    init_path = init_ckpt = None
+    if ckpt is not None:
+        # a resumed run goes on from its own checkpoint, not from train.init_from: the config it
+        # saves keeps the file the run first started from, not what the setting names now
+        cfg.train.init_from = (ckpt.get("config") or {}).get("train", {}).get("init_from")
+    elif cfg.train.init_from:  # like the teacher: a missing or broken checkpoint is said before the data
+        init_path, init_ckpt = _find_checkpoint_setting(cfg, "train.init_from", "another run's", name)
     if size is not None:  # a model that cannot take the images is refused before they load (or download)
         try:
             CapsNet.from_config(cfg.model, cfg.routing, 1, 2, size).capsule_grid(size, size)
@@ -766,14 +777,14 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         check_architecture(ckpt["arch"], model.hparams, ckpt_path)
         # with train.ema, "model" holds the average and "train_model" the weights being trained
         load_model_state(model, ckpt.get("train_model", ckpt["model"]), ckpt_path)
-    elif cfg.train.init_from:
-        init_path = resolve_checkpoint(cfg.train.init_from, cfg.logging.out_dir)
-        source = load_checkpoint(init_path)
-        check_architecture(source["arch"], model.hparams, init_path)
-        load_model_state(model, source["model"], init_path)
+    elif init_ckpt is not None:
+        check_architecture(init_ckpt["arch"], model.hparams, init_path)
+        load_model_state(model, init_ckpt["model"], init_path)
         say(
-            f"model weights from {init_path} (step {source.get('step', '?')}); optimiser and schedules start afresh"
+            f"model weights from {init_path} (step {init_ckpt.get('step', '?')}); "
+            "optimiser and schedules start afresh"
         )
+        del init_ckpt
     if dist_info.distributed and cfg.train.sync_bn:
         model = convert_sync_batchnorm(model, device)
     model.to(device)

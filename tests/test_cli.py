@@ -93,6 +93,14 @@ def test_eval_latest_prints_accuracy_loss_and_a_per_class_table(in_workdir):
     assert all(f"class{i}" in result.stdout for i in range(4))
 
 
+def test_the_per_class_table_shows_a_dash_for_a_class_without_images():
+    from capsnet.evaluate import EvalResult
+
+    result = EvalResult(0.5, 0.5, 2, 1, [1, 0, 0], [1, 1, 0], ["a", "b", "Ankle boot"])
+    rows = [line.split() for line in result.table().splitlines()[1:]]
+    assert rows == [["a", "1.0000", "1", "1"], ["b", "0.0000", "0", "1"], ["Ankle", "boot", "-", "0", "0"]]
+
+
 def test_eval_json_parses_and_counts_every_test_image(in_workdir):
     result = runner.invoke(app, ["eval", "--ckpt", "best", "--json", "--batch-size", "5"])
     assert result.exit_code == 0, result.output
@@ -516,6 +524,24 @@ def test_a_misspelt_key_is_answered_with_the_key_it_resembles(tmp_path, monkeypa
     )
 
 
+def test_a_mistyped_preset_is_the_only_problem_said_about_the_model(tmp_path, monkeypatch):
+    """The sizes a null preset needs are not asked for when the preset is not null but mistyped."""
+    monkeypatch.chdir(tmp_path)
+    big = tmp_path / "big.yaml"
+    big.write_text("model: {preset: big}\n")
+    result = runner.invoke(app, ["train", "--config", str(big)])
+    assert result.exit_code == 2 and "model.preset: 'big' is not one of: null, paper, small" in result.stderr
+    assert [line for line in result.stderr.splitlines() if "model." in line] == [
+        "  model.preset: 'big' is not one of: null, paper, small"
+    ]
+    result = runner.invoke(
+        app, ["train", "--config", TINY, "-o", "model.preset=null", "-o", "model.caps_types=null"]
+    )
+    assert (
+        result.exit_code == 2 and "model.caps_types: must be given when model.preset is null" in result.stderr
+    )
+
+
 def test_a_bad_yaml_file_names_the_unknown_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.yaml"
@@ -559,6 +585,18 @@ def test_every_command_help_explains_its_options():
         assert not shown, (command, shown)
         if "--override" in options:
             assert "KEY=VALUE" in result.stdout, command
+
+
+def test_train_resume_help_names_every_form_of_checkpoint_that_eval_ckpt_names():
+    """--resume takes what --ckpt takes (a run name too), resolved under logging.out_dir."""
+    import re
+
+    for command, option in [("train", "--resume"), ("eval", "--ckpt")]:
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        text = re.sub(r"[\s│]+", " ", result.stdout)
+        shown = text[text.index(f" {option} ") :]
+        for form in ("'latest'", "'best'", "a run directory", "a .pt file", "a run name under"):
+            assert form in shown[:400], (command, form)
 
 
 def test_python_dash_m_capsnet_help_works():

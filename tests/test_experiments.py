@@ -539,6 +539,30 @@ def test_epsilons_closer_than_a_tensorboard_step_are_refused_only_with_tensorboa
     assert [point["eps"] for point in report["results"]] == [0.0101, 0.0104]
 
 
+def test_attack_writes_tensorboard_events_as_the_run_did_unless_told(here):
+    """A run trained with logging.tensorboard false gets no events from attack unless --tensorboard."""
+    untracked = ["-o", "logging.tensorboard=false", "-o", "train.max_steps=1"]
+    trained = invoke("train", "--config", TINY, "--run-name", "untracked", *untracked)
+    assert trained.exit_code == 0, trained.output
+    args = ["--ckpt", "untracked", "--no-plot", "--limit", "4", "--tb-dir", "untracked-tb", "--out", "rep-u"]
+    # epsilons closer than a TensorBoard step are no clash where no events are written
+    result = invoke("attack", *args, "--eps", "0.0101,0.0104", "--json")
+    assert result.exit_code == 0, result.output
+    assert "tensorboard" not in json.loads(result.stdout)["files"] and not (here / "untracked-tb").exists()
+    forced = invoke("attack", *args, "--eps", "0.1", "--tensorboard", "--json")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout)["files"]["tensorboard"] == str(
+        Path("untracked-tb", "untracked", "attack")
+    )
+    assert (here / "untracked-tb" / "untracked" / "attack").is_dir()
+    # a run that wrote events as it trained gets them by default
+    tracked = invoke(
+        "attack", "--ckpt", "fit", "--eps", "0.1", "--no-plot", "--limit", "4", "--tb-dir", "fit-tb"
+    )
+    assert tracked.exit_code == 0, tracked.output
+    assert (here / "fit-tb" / "fit" / "attack").is_dir()
+
+
 def test_reports_written_over_are_named(here):
     args = ["--eps", "0.1", "--no-tensorboard", "--limit", "4", "--out", "again"]
     first = invoke("attack", "--ckpt", "fit", *args)

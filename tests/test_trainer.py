@@ -384,6 +384,41 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, straight
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
 
 
+def test_init_from_is_recorded_as_the_file_it_named_and_a_resume_keeps_that_file(tmp_path, straight):
+    """``latest`` is another run by the time this one resumes (this one): the saved configs name the file."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(straight.run_dir, tmp_path / "weights" / "src")
+    lines: list[str] = []
+    fit(tiny(tmp_path, "train.init_from=latest", "train.max_steps=2"), run_name="init", echo=lines.append)
+    said = [line for line in lines if line.startswith("model weights from ")]
+    assert len(said) == 1, lines
+    named = said[0].removeprefix("model weights from ").split(" (step")[0]
+    assert Path(named).parent == tmp_path / "weights" / "src" and Path(named).is_file()
+    run_dir = tmp_path / "weights" / "init"
+
+    def recorded() -> tuple[str, str]:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["init_from"]
+        return saved, load_checkpoint(run_dir / "last.pt")["config"]["train"]["init_from"]
+
+    assert recorded() == (named, named)
+    # resumed with the config that says "latest" (now this run itself), or with the run's own config
+    fit(tiny(tmp_path, "train.init_from=latest", "train.max_steps=3"), run_name="init", resume="latest")
+    assert recorded() == (named, named)
+    out_dir = f"logging.out_dir={tmp_path / 'weights'}"
+    fit(
+        trainer.config_for_resume("latest", [out_dir, "train.max_steps=4"], "init"),
+        resume="latest",
+        echo=quiet,
+    )
+    assert recorded() == (named, named)
+    # a new run cannot start from its own checkpoints (--overwrite would delete them first)
+    with pytest.raises(ConfigError, match="train.init_from: init is .*a checkpoint of this run itself"):
+        fit(tiny(tmp_path, "train.init_from=init"), run_name="init", overwrite=True, echo=quiet)
+
+
 def test_init_from_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, straight):
     from capsnet.checkpoint import CheckpointError
 
