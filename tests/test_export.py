@@ -119,7 +119,7 @@ def test_an_empty_test_split_falls_back_to_random_parity_images(monkeypatch):
     from capsnet.export import InputSpec, Preprocess, sample_batch
 
     empty = SimpleNamespace(test=SimpleNamespace(dataset=[]), info=SimpleNamespace(channels=1))
-    monkeypatch.setattr(data, "build_loaders", lambda cfg: empty)
+    monkeypatch.setattr(data, "build_loaders", lambda cfg, **_: empty)
     spec = InputSpec("pixels", 1, 20, 20, (0.5,), (0.25,))
     pixels, fed, source = sample_batch(SimpleNamespace(data=SimpleNamespace(name="folder")), spec, 4)
     assert pixels.shape == (4, 1, 20, 20) and 0 <= pixels.min() and pixels.max() <= 1
@@ -135,7 +135,7 @@ def test_without_the_data_or_a_recorded_normalisation_the_parity_check_still_has
     from capsnet import data
     from capsnet.export import InputSpec, sample_batch
 
-    def missing(cfg):
+    def missing(cfg, **_):
         raise data.DatasetNotFoundError("fashion-mnist not found")
 
     monkeypatch.setattr(data, "build_loaders", missing)
