@@ -15,6 +15,7 @@ from capsnet.evaluate import resolve_device
 from capsnet.model import CapsNet
 from capsnet.routing import choose_compiled_kernels, compiled_kernels_enabled, use_compiled_kernels
 from capsnet.runtime import allocator_is_tuned, tune_allocator
+from capsnet.tracking import counted
 
 #: (channels, classes, image size) of each dataset, so a benchmark needs no data on disk.
 DATASET_GEOMETRY = {
@@ -63,7 +64,7 @@ class BenchResult:
             f"peak RSS {self.peak_rss_mib:.0f} MiB (torch alone {self.base_rss_mib:.0f} MiB); "
             f"{self.parameters:,} parameters, batch {self.batch_size}, "
             f"{self.channels}x{self.image_size}x{self.image_size}, {self.classes} classes, "
-            f"{self.iterations} iterations, {self.threads} thread{'' if self.threads == 1 else 's'}, {self.device}, "
+            f"{self.iterations} iterations, {counted(self.threads, 'thread')}, {self.device}, "
             + ("compiled" if self.compiled_routing else "eager")
             + " routing"
             + (f"; peak GPU memory {self.peak_gpu_mib:.0f} MiB" if self.peak_gpu_mib is not None else "")

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from capsnet.config import Config
 from capsnet.distributed import active
 from capsnet.loss import compute_loss, uses_reconstruction
+from capsnet.tracking import counted
 
 if TYPE_CHECKING:
     from capsnet.model import CapsNet
@@ -428,7 +429,7 @@ class CheckpointEval:
         lines = [
             f"checkpoint {self.checkpoint} (run {self.run}, step {self.step}, "
             + (
-                f"{self.batches_done} steps into epoch {self.epoch + 1})"
+                f"{counted(self.batches_done, 'step')} into epoch {self.epoch + 1})"
                 if self.batches_done
                 else f"after epoch {self.epoch})"
             ),

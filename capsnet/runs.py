@@ -57,7 +57,7 @@ from capsnet.config import Config, config_from_dict, dump_config, stored_config
 from capsnet.data import Loaders
 from capsnet.distributed import DistInfo, any_rank, broadcast, gather_to_main, rank_seed, sum_over_ranks
 from capsnet.model import CapsNet
-from capsnet.tracking import NullWriter, TrackingError, truncate_metrics
+from capsnet.tracking import NullWriter, TrackingError, counted, truncate_metrics
 
 
 class TrainingError(Exception):
@@ -451,7 +451,7 @@ def restore_run(run: Run, ckpt: dict[str, Any], where: Path) -> None:
         return
     # another number of processes than the saved run: rank 0's state, fresh streams elsewhere
     run.echo(
-        f"note: {where} was written by {ckpt.get('world_size', 1)} process(es), this run has "
+        f"note: {where} was written by {counted(ckpt.get('world_size', 1), 'process', 'processes')}, this run has "
         f"{dist_info.world_size}: it continues, but not bit for bit as the first run would have"
     )
     restore_rng(ckpt["rng"], generator)

@@ -304,6 +304,11 @@ def set_postfix(bar: Any, **values: float) -> None:
         bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``"1 step"``, ``"2 steps"``: ``n`` and the noun in its number (``plural``: when not noun + "s")."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def format_metrics(metrics: Mapping[str, float], keys: Iterable[str]) -> str:
     """``"train/loss 0.512  val/acc 0.7031"`` for the keys present."""
     parts = []

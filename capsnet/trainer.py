@@ -93,6 +93,7 @@ from capsnet.tracking import (
     NullWriter,
     TensorBoardWriter,
     TrackingError,
+    counted,
     format_metrics,
     log_routing_histograms,
     progress,
@@ -1011,18 +1012,18 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
         )
     threads = torch.get_num_threads()
     say(
-        f"device {run.device}, {threads} thread{'' if threads == 1 else 's'}, {cfg.train.precision}, "
-        f"{run.dist.world_size} process(es), {'compiled' if compiled_kernels_enabled() else 'eager'} routing; "
+        f"device {run.device}, {counted(threads, 'thread')}, {cfg.train.precision}, "
+        f"{counted(run.dist.world_size, 'process', 'processes')}, {'compiled' if compiled_kernels_enabled() else 'eager'} routing; "
         f"{cfg.train.epochs} epochs x {run.steps_per_epoch} steps"
         + (f", stopping at step {cfg.train.max_steps}" if cfg.train.max_steps else "")
     )
     if restart_count():
-        say(f"torchrun restarted the workers ({restart_count()} time(s) so far)")
+        say(f"torchrun restarted the workers ({counted(restart_count(), 'time')} so far)")
     if resumed_from is not None:
         if run.batches_done >= run.steps_per_epoch:
             where = f"after the last step of epoch {run.epoch + 1}, before its evaluation"
         elif run.batches_done:
-            where = f"{run.batches_done} of {run.steps_per_epoch} steps into epoch {run.epoch + 1}"
+            where = f"{run.batches_done} of {counted(run.steps_per_epoch, 'step')} into epoch {run.epoch + 1}"
         else:
             where = f"after epoch {run.epoch}"
         say(f"resumed from {resumed_from} at step {run.step} ({where})")

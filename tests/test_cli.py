@@ -449,6 +449,16 @@ def test_bench_auto_prefers_cuda_then_mps_then_the_cpu(monkeypatch):
     assert _bench_device("cpu").type == "cpu"
 
 
+def test_counts_in_messages_take_the_nouns_number():
+    from capsnet.tracking import counted
+
+    assert [counted(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
+    assert (
+        counted(1, "process", "processes") == "1 process"
+        and counted(4, "process", "processes") == "4 processes"
+    )
+
+
 def test_cuda_n_picks_one_gpu_for_one_process_and_is_refused_where_it_cannot_be_used(monkeypatch):
     from capsnet.config import ConfigError, load_config
     from capsnet.evaluate import resolve_device

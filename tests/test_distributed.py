@@ -442,7 +442,7 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_finishes_from_its_
         os.kill(victim, signal.SIGKILL)
         out, err = agent.communicate(timeout=300)
     assert agent.returncode == 0, out[-3000:] + err[-3000:]
-    assert "torchrun restarted the workers (1 time(s) so far)" in out
+    assert "torchrun restarted the workers (1 time so far)" in out
     assert "resumed from" in out
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["step"] == 3 * epochs and ckpt["epoch"] == epochs
