@@ -104,6 +104,9 @@ class DataInfo:
     class_names: list[str]
     mean: list[float] | None = None  # per-channel normalisation; None: per-image standardisation
     std: list[float] | None = None
+    #: the folder the image files were read from, where one folder holds them all (the IDX datasets,
+    #: which may be found outside data.root: SYSTEM_DATA_DIRS); None otherwise
+    source: str | None = None
 
 
 #: A per-channel input normalisation, ``(mean, std)`` in [0, 1] units: what a trained model's
@@ -674,7 +677,7 @@ def _build_idx(
     # shifts of up to 2 px (at 28 px); horizontal flips for clothes, never for digits
     # data.shift / data.flip override both
     training = _training_transform(cfg, mean, std, size, pad)
-    info = DataInfo(num_classes, 1, size, list(meta["classes"]), mean, std)
+    info = DataInfo(num_classes, 1, size, list(meta["classes"]), mean, std, str(files["train_images"].parent))
     return (
         ImageDataset(train_x, train_y, _train_or_eval(cfg.augment, training, evaluation), evaluation),
         ImageDataset(test_x, test_y, evaluation),

@@ -397,6 +397,8 @@ class CheckpointEval:
     trained_iterations: int | None = None
     #: steps of epoch ``epoch + 1`` done when the checkpoint was written (0: it ends epoch ``epoch``)
     batches_done: int = 0
+    #: the folder the images were read from, where the dataset has one (capsnet.data.DataInfo.source)
+    data_source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -406,6 +408,7 @@ class CheckpointEval:
             "epoch": self.epoch,  # epochs completed
             **({"mid_epoch_steps": self.batches_done} if self.batches_done else {}),
             "split": self.split,
+            **({"data_source": self.data_source} if self.data_source else {}),
             **self.result.to_dict(),
         }
         if self.iterations is not None:
@@ -433,7 +436,8 @@ class CheckpointEval:
                 if self.batches_done
                 else f"after epoch {self.epoch})"
             ),
-            f"{self.split}: accuracy {r.acc:.4f} ({r.correct}/{r.n}), loss {r.loss:.4f}",
+            f"{self.split}: accuracy {r.acc:.4f} ({r.correct}/{r.n}), loss {r.loss:.4f}"
+            + (f", images from {self.data_source}" if self.data_source else ""),
         ]
         if self.trained_iterations is not None:
             lines.insert(1, iterations_note(self.iterations, self.trained_iterations))
@@ -490,6 +494,7 @@ def evaluate_checkpoint(
         iterations=prep.iterations,
         trained_iterations=prep.trained_iterations,
         batches_done=int(prep.ckpt.get("batches_done", 0)),
+        data_source=prep.loaders.info.source,
     )
     familiar = prep.loaders.extra.get("test_familiar") if split == "test" else None
     if familiar is not None:

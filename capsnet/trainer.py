@@ -989,6 +989,7 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
         + (f"{len(run.loaders.val.dataset)} val, " if run.loaders.val is not None else "")
         + f"{len(run.loaders.test.dataset)} test images of {run.loaders.info.channels}x"
         f"{run.loaders.info.image_size}x{run.loaders.info.image_size}, {run.loaders.info.num_classes} classes"
+        + (f", from {run.loaders.info.source}" if run.loaders.info.source else "")
     )
     if run.loaders.val is None:
         say("no validation split (data.val_split is 0): best.pt is chosen by test accuracy")

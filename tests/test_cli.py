@@ -101,6 +101,17 @@ def test_the_per_class_table_shows_a_dash_for_a_class_without_images():
     assert rows == [["a", "1.0000", "1", "1"], ["b", "0.0000", "0", "1"], ["Ankle", "boot", "-", "0", "0"]]
 
 
+def test_an_evaluation_names_the_folder_its_images_came_from_where_there_is_one():
+    from capsnet.evaluate import CheckpointEval, EvalResult
+
+    result = EvalResult(0.5, 0.5, 2, 1, [1, 0], [1, 1], ["a", "b"])
+    read = CheckpointEval("c.pt", "r", 4, 1, "test", result, data_source="/data/fashion-mnist")
+    assert "test: accuracy 0.5000 (1/2), loss 0.5000, images from /data/fashion-mnist" in read.summary()
+    assert read.to_dict()["data_source"] == "/data/fashion-mnist"
+    made = CheckpointEval("c.pt", "r", 4, 1, "test", result)
+    assert "images from" not in made.summary() and "data_source" not in made.to_dict()
+
+
 def test_eval_json_parses_and_counts_every_test_image(in_workdir):
     result = runner.invoke(app, ["eval", "--ckpt", "best", "--json", "--batch-size", "5"])
     assert result.exit_code == 0, result.output

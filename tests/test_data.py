@@ -172,7 +172,8 @@ def test_mnist_is_read_from_idx_files_under_the_root(tmp_path):
     write_mnist(tmp_path / "mnist" / "raw", gz=False)
     train, val, test, info = build_datasets(DataConfig(name="mnist", root=str(tmp_path), download=False))
     assert val is None and len(train) == 30 and len(test) == 12
-    assert info == DataInfo(10, 1, 28, [str(i) for i in range(10)], [0.1307], [0.3081])
+    source = str(tmp_path / "mnist" / "raw")
+    assert info == DataInfo(10, 1, 28, [str(i) for i in range(10)], [0.1307], [0.3081], source)
     image, label = test[3]
     assert image.dtype == torch.float32 and image.shape == (1, 28, 28) and label == 3
     assert isinstance(label, int)
@@ -308,6 +309,18 @@ def test_missing_fashion_mnist_suggests_the_debian_package(tmp_path, monkeypatch
     with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist") as info:
         build_datasets(DataConfig(name="fashion-mnist", root=str(tmp_path / "root"), download=False))
     assert str(tmp_path / "system") in str(info.value)
+
+
+def test_the_data_says_which_folder_it_was_read_from_when_found_outside_data_root(tmp_path, monkeypatch):
+    """Where data.root lacks the files, the system folder that has them is what the run says it used."""
+    write_mnist(tmp_path / "system")
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion-mnist", [tmp_path / "system"])
+    cfg = DataConfig(name="fashion-mnist", root=str(tmp_path / "nowhere"), download=False)
+    assert build_datasets(cfg)[3].source == str(tmp_path / "system")
+    write_mnist(tmp_path / "nowhere")  # the root is searched first
+    assert build_datasets(cfg)[3].source == str(tmp_path / "nowhere")
+    synthetic = DataConfig(name="synthetic", image_size=20, num_classes=4, train_size=8, test_size=4)
+    assert build_datasets(synthetic)[3].source is None  # made, not read
 
 
 def write_cifar10(root: Path, per_batch: int = 3, seed: int = 0) -> Path:
