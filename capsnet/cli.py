@@ -16,7 +16,27 @@ import typer
 
 FLAG = " "  # the metavar of a flag, which takes no value (typer would show <bool>)
 
+
+class _FlagHelp:
+    """``-h/--help`` shown without a value type, as the other flags (typer would show <bool>)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = FLAG
+        return option
+
+
+class _Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     name="capsnet",
     help="Capsule networks with EM routing (Hinton, Sabour & Frosst, ICLR 2018): train, evaluate, export.",
     no_args_is_help=True,
@@ -109,7 +129,7 @@ def _main(debug: DebugOption = False) -> None:
     _state["debug"] = debug
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     config: Annotated[
         Path | None,
@@ -191,7 +211,7 @@ def train(
             os._exit(0)
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_(
     ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",
     split: Annotated[
@@ -322,7 +342,7 @@ def _json(value) -> str:
     return strict_json(value)
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",
     fmt: Annotated[
@@ -383,7 +403,7 @@ def export(
     typer.echo(report.summary())
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML config whose model is timed.")],
     override: Annotated[
@@ -480,7 +500,7 @@ REPORT_DIR_HELP = "Folder for the files written (default: reports/<run>/{})."
 TB_DIR_HELP = "TensorBoard folder; events go to <it>/<run>/{} (default: the run's logging.tb_dir)."
 
 
-@app.command()
+@app.command(cls=_Command)
 def attack(
     ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",
     method: Annotated[
@@ -617,7 +637,7 @@ def attack(
     _note_replaced(report.replaced, report_dir)
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",
     index: Annotated[

@@ -460,6 +460,11 @@ def test_bench_auto_prefers_cuda_then_mps_then_the_cpu(monkeypatch):
     assert _bench_device("cpu").type == "cpu"
 
 
+def test_the_top_level_help_shows_no_value_type_for_help_either():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "--help" in result.stdout and "<bool>" not in result.stdout
+
+
 def test_counts_in_messages_take_the_nouns_number():
     from capsnet.tracking import counted
 
@@ -602,7 +607,7 @@ def test_every_command_help_explains_its_options():
         for option in options:
             assert option in result.stdout, (command, option)
         # flags show no value to give, -o the form of its value
-        shown = [line for line in result.stdout.splitlines() if "<bool>" in line and "--help" not in line]
+        shown = [line for line in result.stdout.splitlines() if "<bool>" in line]
         assert not shown, (command, shown)
         if "--override" in options:
             assert "KEY=VALUE" in result.stdout, command
