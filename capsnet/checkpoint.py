@@ -599,6 +599,43 @@ def trained_normalisation(ckpt: dict[str, Any]) -> tuple[list[float], list[float
     return [float(v) for v in mean], [float(v) for v in std]
 
 
+#: The data settings that name files, which a run's config may give relative to the folder it trained in
+DATA_PATHS = ("root", "train_dir", "test_dir")
+
+
+def training_folder(ckpt: dict[str, Any], path: str | Path) -> Path | None:
+    """The folder the run of ``ckpt`` (read from ``path``) was trained from, where the file's place
+    tells: a relative ``logging.out_dir`` in its config, and ``path`` in ``<folder>/<out_dir>/<run>/``."""
+    out_dir = ((ckpt.get("config") or {}).get("logging") or {}).get("out_dir")
+    if not isinstance(out_dir, str) or not out_dir:
+        return None
+    parts = Path(out_dir).parts
+    if Path(out_dir).is_absolute() or any(p in (".", "..") for p in parts):
+        return None
+    runs = Path(path).resolve().parent.parent  # <folder>/<out_dir>
+    if runs.parts[len(runs.parts) - len(parts) :] != parts:
+        return None
+    return runs.parents[len(parts) - 1]
+
+
+def rebase_data_paths(cfg: Any, ckpt: dict[str, Any], path: str | Path, given: set[str]) -> list[str]:
+    """Points the relative data paths of ``cfg`` (the run's stored config) that are missing from
+    here at the folder the run trained from (:func:`training_folder`), where they are found there,
+    so that a run can be scored from any folder. Keys in ``given`` (set by the caller) are left
+    alone. Returns ``"data.<key>: <path>"`` for each path changed."""
+    base = training_folder(ckpt, path)
+    changed = []
+    for key in DATA_PATHS:
+        value = getattr(cfg.data, key, None)
+        if base is None or f"data.{key}" in given or not value or Path(value).expanduser().is_absolute():
+            continue
+        there = base / value
+        if not Path(value).exists() and there.exists():
+            setattr(cfg.data, key, str(there))
+            changed.append(f"data.{key}: {there}")
+    return changed
+
+
 #: Architecture settings that a command scoring a trained model may change: no weight depends
 #: on the number of routing iterations, and recomputing the votes only trades memory for time.
 INFERENCE_SETTINGS = ("iterations", "recompute_votes")

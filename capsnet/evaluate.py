@@ -233,6 +233,7 @@ def prepare_checkpoint(
         build_model_from_checkpoint,
         load_checkpoint,
         moved_split_settings,
+        rebase_data_paths,
         resolve_checkpoint,
         trained_normalisation,
     )
@@ -249,6 +250,8 @@ def prepare_checkpoint(
     if data_root is not None:
         settings.append(f"data.root={data_root}")
     cfg = stored_config(ckpt["config"], path, [*(overrides or []), *settings])
+    given = {o.split("=", 1)[0].strip() for o in [*(overrides or []), *settings]}
+    rebase_data_paths(cfg, ckpt, path, given)  # relative to the folder it trained in, if not to this one
     known = ["test"] + [name for name in split_names(cfg.data) if name not in ("train", "test")]
     if split not in known:  # before the data loads
         raise DataError(

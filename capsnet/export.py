@@ -37,6 +37,7 @@ from capsnet.checkpoint import (
     build_model_from_checkpoint,
     current_umask,
     load_checkpoint,
+    rebase_data_paths,
     resolve_checkpoint,
     run_name_of,
     safe_child,
@@ -434,6 +435,7 @@ def export_checkpoint(
         [f"data.root={data_root}"] if data_root else []
     )
     cfg = stored_config(ckpt["config"], ckpt_path, overrides)
+    rebase_data_paths(cfg, ckpt, ckpt_path, {"data.root"} if data_root else set())
     data_info = ckpt.get("data_info") if isinstance(ckpt.get("data_info"), dict) else None
     inputs_spec = input_spec(inputs, ckpt["arch"], data_info, cfg.data.name)
     # the pipeline's side of the parity check takes the checkpoint's normalisation as the data module

@@ -1055,6 +1055,38 @@ def animals(animal_run, tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+def test_a_run_whose_config_names_its_data_relative_to_where_it_trained_is_scored_from_anywhere(
+    tmp_path, monkeypatch
+):
+    from capsnet.checkpoint import training_folder
+
+    trained_in = tmp_path / "project"
+    animal_images(trained_in / "imgs" / "train", 4, 0)
+    animal_images(trained_in / "imgs" / "test", 2, 1)
+    monkeypatch.chdir(trained_in)
+    relative = ["logging.out_dir=weights/em", "logging.tb_dir=runs", "train.max_steps=1", "data.name=folder"]
+    cfg = load_config(TINY, [*relative, "data.train_dir=imgs/train", "data.test_dir=imgs/test"])
+    fit(cfg, run_name="pets", echo=lambda _msg: None)
+    ckpt_path = trained_in / "weights" / "em" / "pets" / "last.pt"
+    assert training_folder(load_checkpoint(ckpt_path), ckpt_path) == trained_in
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert eval_json(ckpt_path)["n"] == 6
+    out = elsewhere / "pets.pt2"
+    result = runner.invoke(app, ["export", "--ckpt", str(ckpt_path), "--format", "pt2", "--out", str(out)])
+    assert result.exit_code == 0 and "of folder test images" in result.stdout, result.output
+    # a path given now is taken as given: relative to this folder, where it is missing
+    moved = runner.invoke(app, ["eval", "--ckpt", str(ckpt_path), "-o", "data.test_dir=imgs/test"])
+    assert moved.exit_code == 2 and "imgs/test" in moved.stderr, moved.output
+    # a checkpoint away from <folder>/<out_dir>/<run>/ tells no folder: the paths stay as stored
+    loose = elsewhere / "loose.pt"
+    loose.write_bytes(ckpt_path.read_bytes())
+    assert training_folder(load_checkpoint(loose), loose) is None
+    unfound = runner.invoke(app, ["eval", "--ckpt", str(loose)])
+    assert unfound.exit_code == 2 and "data.train_dir imgs/train is not a folder" in unfound.stderr
+
+
 def eval_json(ckpt: Path | str, *extra: str) -> dict:
     result = runner.invoke(app, ["eval", "--ckpt", str(ckpt), "--json", "--device", "cpu", *extra])
     assert result.exit_code == 0, result.output
