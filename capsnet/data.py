@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from capsnet.config import Config, ConfigError, DataConfig
 from capsnet.distributed import rank_seed
+from capsnet.tracking import counted
 
 # --------------------------------------------------------------------------- public types
 
@@ -1055,7 +1056,7 @@ def _build_folder(
     if bad:
         shown = ", ".join(str(p) for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
         warnings.warn(
-            f"skipped {len(bad)} unreadable or non-image files (data.bad_files: skip): {shown}",
+            f"skipped {counted(len(bad), 'unreadable or non-image file')} (data.bad_files: skip): {shown}",
             DataWarning,
             stacklevel=3,
         )

@@ -49,7 +49,10 @@ def resolve_device(
                 ]
             )
         if int(index) >= torch.cuda.device_count():
-            raise ConfigError([f"{option}: {name!r}: there are {torch.cuda.device_count()} CUDA devices"])
+            there = counted(torch.cuda.device_count(), "CUDA device")
+            raise ConfigError([f"{option}: {name!r}: this machine has {there}"])
+        # the current device too: what CUDA calls without a device (pinned memory among them) use
+        torch.cuda.set_device(int(index))
         return torch.device("cuda", int(index))
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)

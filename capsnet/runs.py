@@ -12,6 +12,7 @@ logs and trains exactly as one that never stopped.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -438,9 +439,13 @@ def restore_run(run: Run, ckpt: dict[str, Any], where: Path) -> None:
     resumed_file = run.run_dir / step_file(run.step)
     if run.batches_done and resumed_file.is_file():  # written within an epoch: the next save supersedes it
         run.interim = resumed_file
-    if dist_info.is_main and isinstance(ckpt.get("log_window"), dict):
-        run.window.update({k: ckpt["log_window"].get(k, 0) for k in WINDOW_KEYS})
+    saved = ckpt.get("log_window")
+    if dist_info.is_main and isinstance(saved, dict):
+        run.window.update({k: saved.get(k, 0) for k in WINDOW_KEYS})
         run.window_untimed = int(run.window["n"])
+        for part in LOSS_PARTS:  # a checkpoint from before the parts were kept: this window's are unknown
+            if part not in saved and saved.get("steps"):
+                run.window[part] = math.nan
     if dist_info.is_main:  # the other ranks count only their own images from here
         run.images_seen = saved_images_seen(ckpt)
     generator = run.loaders.train_generator

@@ -52,6 +52,8 @@ from capsnet.checkpoint import (
     load_model_state,
     resolve_checkpoint,
     safe_child,
+    step_file,
+    trained_normalisation,
 )
 from capsnet.config import Config, ConfigError
 from capsnet.data import build_loaders, expected_image_size, reported_data_warnings
@@ -341,7 +343,7 @@ def _find_checkpoint_setting(cfg: Config, key: str, whose: str, run_name: str) -
     """The checkpoint file that the setting ``key`` (``loss.teacher``, ``train.init_from``) names,
     and its contents (the same on every rank).
 
-    The setting is set to that file, so that the config this run saves (and a resumed run
+    The setting is set to that file (for a ``best.pt``, the file its step wrote beside it), so that the config this run saves (and a resumed run
     reads) names it: ``latest``, ``best`` or a run's newest checkpoint may be another file by
     the time the run resumes or its config is run again, the run's own checkpoints among them.
     Those are refused: the run cannot learn from, or start from, itself. ``whose`` names the
@@ -358,6 +360,11 @@ def _find_checkpoint_setting(cfg: Config, key: str, whose: str, run_name: str) -
     if chosen.resolve().parent == safe_child(cfg.logging.out_dir, run_name).resolve():
         itself = f"{key}: {spec} is {chosen}, a checkpoint of this run itself"
         raise ConfigError([f"{itself}; name {whose} checkpoint file (or its run) instead"])
+    own = chosen.with_name(step_file(int(ckpt.get("step", -1))))
+    if (
+        chosen.name == BEST and own.is_file()
+    ):  # best.pt is rewritten at that run's next best, its step's file is not
+        chosen = own
     setattr(getattr(cfg, section), field, str(chosen))
     return chosen, ckpt
 
@@ -622,7 +629,7 @@ def end_of_epoch(run: Run, summary: dict[str, float]) -> EvalResult:
         else (f"epoch {run.epoch + 1}/{epochs} (partial: {run.batches_done}/{run.steps_per_epoch} steps)")
     )
     if "steps_since_resume" in summary:  # the steps before the resume were trained by another process
-        line += f" (train/* over the {summary['steps_since_resume']:.0f} steps since the resume)"
+        line += f" (train/* over the {counted(int(summary['steps_since_resume']), 'step')} since the resume)"
     run.echo(
         f"{epoch}  step {run.step}  {line}  {best}  "
         f"{summary['perf/img_per_s']:.0f} img/s  {summary['time']:.1f}s"
@@ -743,8 +750,11 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         from capsnet.runtime import tune_allocator
 
         tune_allocator()
+    # a resumed run goes on with the normalisation it started with, whatever images were added or
+    # removed since (an image folder's statistics are computed from its training images)
+    stats = trained_normalisation(ckpt) if ckpt is not None else None
     with reported_data_warnings(say):
-        loaders = build_loaders(cfg, dist_info.rank, dist_info.world_size)
+        loaders = build_loaders(cfg, dist_info.rank, dist_info.world_size, stats=stats)
     # after the data, so a missing or broken dataset is said before the seconds of compiling
     # (the kernel check draws no random numbers, so the run's streams are as they were)
     _choose_routing_kernels(cfg, dist_info, echo)
@@ -1096,7 +1106,7 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
             f"{what} at step {run.step}{best}; evaluate with: capsnet eval --ckpt {shlex.quote(str(run.run_dir))}"
         )
     if run.bad_total:
-        say(f"skipped {run.bad_total} non-finite step(s)")
+        say(f"skipped {counted(run.bad_total, 'non-finite step')}")
     result = RunResult(
         run_name=run.run_name,
         run_dir=run.run_dir,

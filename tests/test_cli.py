@@ -481,10 +481,13 @@ def test_cuda_n_picks_one_gpu_for_one_process_and_is_refused_where_it_cannot_be_
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    current: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert current == [1]  # the current device too, which pinned memory and other calls use
     assert resolve_device("cuda", local_rank=1, processes=2) == torch.device("cuda", 1)
     for name, said in [
-        ("cuda:2", "'cuda:2': there are 2 CUDA devices"),
+        ("cuda:2", "'cuda:2': this machine has 2 CUDA devices"),
         ("cuda:-1", "'cuda:-1' is not one of auto, cpu, cuda, cuda:N or mps"),
         ("cuda:", "'cuda:' is not one of"),
         ("cpu:0", "'cpu:0' is not one of"),

@@ -1156,7 +1156,7 @@ def test_scoring_and_export_show_skipped_files_as_one_warning_line(animals, comm
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
     assert [line for line in lines if "skipped" in line] == [
-        "warning: skipped 1 unreadable or non-image files (data.bad_files: skip): imgs/test/dog/broken.png"
+        "warning: skipped 1 unreadable or non-image file (data.bad_files: skip): imgs/test/dog/broken.png"
     ], result.stderr
     assert "DataWarning" not in result.stderr
     if command[0] == "eval":

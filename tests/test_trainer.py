@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -417,6 +418,17 @@ def test_init_from_is_recorded_as_the_file_it_named_and_a_resume_keeps_that_file
     # a new run cannot start from its own checkpoints (--overwrite would delete them first)
     with pytest.raises(ConfigError, match="train.init_from: init is .*a checkpoint of this run itself"):
         fit(tiny(tmp_path, "train.init_from=init"), run_name="init", overwrite=True, echo=quiet)
+
+
+def test_a_best_checkpoint_is_recorded_as_the_step_file_it_was_written_with(tmp_path, straight):
+    """best.pt is rewritten at its run's next best: the config names the file of its step instead."""
+    import yaml
+
+    best = load_checkpoint(straight.run_dir / "best.pt")
+    fit(tiny(tmp_path, f"train.init_from={straight.run_dir}/best.pt", "train.max_steps=1"), run_name="b")
+    saved = yaml.safe_load((tmp_path / "weights" / "b" / "config.yaml").read_text())["train"]["init_from"]
+    assert saved == str(straight.run_dir / f"step-{best['step']:06d}.pt")
+    assert load_checkpoint(saved)["step"] == best["step"]
 
 
 def test_init_from_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, straight):
@@ -1110,6 +1122,22 @@ def test_a_checkpoint_without_the_count_of_images_resumes_at_its_step_times_its_
         torch.save(ckpt, path)
     resumed = fit(tiny(tmp_path, "train.batch_size=8", "train.max_steps=6"), resume="older", echo=quiet)
     assert images_logged(resumed.run_dir)[6] == 4 * 4 + 2 * 8
+
+
+def test_a_checkpoint_without_the_loss_parts_logs_them_as_unknown_for_the_window_it_ends(tmp_path):
+    # configs/tiny.yaml logs every 2 steps: stopped at step 3, the window logged at step 4 holds a
+    # step whose parts the older checkpoint did not keep; its loss is known, its parts are not
+    first = fit(tiny(tmp_path, "train.max_steps=3"), run_name="older", echo=quiet)
+    for path in first.run_dir.glob("*.pt"):
+        ckpt = load_checkpoint(path)
+        ckpt["log_window"] = {k: v for k, v in ckpt["log_window"].items() if k not in ("class", "recon")}
+        torch.save(ckpt, path)
+    resumed = fit(tiny(tmp_path, "train.max_steps=6"), resume="older", echo=quiet)
+    rows = {r["step"]: r for r in logged(resumed.run_dir) if "train/loss" in r}
+    assert math.isfinite(float(rows[4]["train/loss"]))
+    assert rows[4]["train/loss_class"] == "nan" and rows[4]["train/loss_recon"] == "nan"
+    parts = rows[6]["train/loss_class"] + 0.0005 * rows[6]["train/loss_recon"]  # the recon weight
+    assert rows[6]["train/loss"] == pytest.approx(parts, rel=1e-5)
 
 
 def test_an_equal_accuracy_later_keeps_the_earlier_best(tmp_path):
