@@ -390,7 +390,7 @@ def attack_checkpoint(
     ``reports/<run>``), and TensorBoard scalars ``attack/<name>/acc`` (and
     ``/success``) to ``<tb_dir>/<run>/attack`` with the step = epsilon x 1000
     (see :func:`tensorboard_steps`) when ``tensorboard``; None: when the run wrote TensorBoard
-    events as it trained (its ``logging.tensorboard``).
+    events as it trained (its ``logging.tensorboard``), or when ``tb_dir`` is given.
     """
     from capsnet.evaluate import prepare_checkpoint
     from capsnet.visualize import require_matplotlib
@@ -404,6 +404,10 @@ def attack_checkpoint(
     if plot:
         require_matplotlib()
     epsilons = list(epsilons or [0.01, 0.05, 0.1, 0.2])
+    if tb_dir is not None and tensorboard is None:  # a folder for the events asks for them
+        tensorboard = True
+    if tensorboard:  # a clash is reported before the checkpoint and its data load
+        tensorboard_steps(epsilons)
     prep = prepare_checkpoint(spec, out_dir, split, batch_size, data_root, device, overrides, limit)
     if tensorboard is None:  # a run kept out of TensorBoard as it trained is kept out of it here too
         tensorboard = prep.cfg.logging.tensorboard

@@ -544,14 +544,24 @@ def test_attack_writes_tensorboard_events_as_the_run_did_unless_told(here):
     untracked = ["-o", "logging.tensorboard=false", "-o", "train.max_steps=1"]
     trained = invoke("train", "--config", TINY, "--run-name", "untracked", *untracked)
     assert trained.exit_code == 0, trained.output
-    args = ["--ckpt", "untracked", "--no-plot", "--limit", "4", "--tb-dir", "untracked-tb", "--out", "rep-u"]
+    args = ["--ckpt", "untracked", "--no-plot", "--limit", "4", "--out", "rep-u"]
     # epsilons closer than a TensorBoard step are no clash where no events are written
     result = invoke("attack", *args, "--eps", "0.0101,0.0104", "--json")
     assert result.exit_code == 0, result.output
-    assert "tensorboard" not in json.loads(result.stdout)["files"] and not (here / "untracked-tb").exists()
+    assert "tensorboard" not in json.loads(result.stdout)["files"]
+    assert not (here / "runs" / "untracked").exists()
+    # where they are asked for, the clash is said before the checkpoint is looked for
+    clash = invoke("attack", "--ckpt", "no-such-run", "--eps", "0.0101,0.0104", "--tensorboard")
+    assert clash.exit_code == 2 and "0.0101" in clash.stderr and "no-such-run" not in clash.stderr, (
+        clash.output
+    )
     forced = invoke("attack", *args, "--eps", "0.1", "--tensorboard", "--json")
     assert forced.exit_code == 0, forced.output
-    assert json.loads(forced.stdout)["files"]["tensorboard"] == str(
+    assert json.loads(forced.stdout)["files"]["tensorboard"] == str(Path("runs", "untracked", "attack"))
+    # a folder given for the events asks for them
+    placed = invoke("attack", *args, "--eps", "0.1", "--tb-dir", "untracked-tb", "--json")
+    assert placed.exit_code == 0, placed.output
+    assert json.loads(placed.stdout)["files"]["tensorboard"] == str(
         Path("untracked-tb", "untracked", "attack")
     )
     assert (here / "untracked-tb" / "untracked" / "attack").is_dir()
