@@ -406,12 +406,12 @@ def attack_checkpoint(
     epsilons = list(epsilons or [0.01, 0.05, 0.1, 0.2])
     if tb_dir is not None and tensorboard is None:  # a folder for the events asks for them
         tensorboard = True
-    if tensorboard:  # a clash is reported before the checkpoint and its data load
-        tensorboard_steps(epsilons)
+    # a clash is reported before the checkpoint and its data load where events are asked for
+    steps_tb = tensorboard_steps(epsilons) if tensorboard else []
     prep = prepare_checkpoint(spec, out_dir, split, batch_size, data_root, device, overrides, limit)
     if tensorboard is None:  # a run kept out of TensorBoard as it trained is kept out of it here too
         tensorboard = prep.cfg.logging.tensorboard
-    steps_tb = tensorboard_steps(epsilons) if tensorboard else []  # a clash is reported before the attack
+        steps_tb = tensorboard_steps(epsilons) if tensorboard else []  # still before the attack
     info = prep.loaders.info
     space = InputSpace.from_info(info.mean, info.std, info.channels)
     folder = Path(report_dir) if report_dir is not None else Path("reports") / prep.run

@@ -618,22 +618,20 @@ def training_folder(ckpt: dict[str, Any], path: str | Path) -> Path | None:
     return runs.parents[len(parts) - 1]
 
 
-def rebase_data_paths(cfg: Any, ckpt: dict[str, Any], path: str | Path, given: set[str]) -> list[str]:
+def rebase_data_paths(cfg: Any, ckpt: dict[str, Any], path: str | Path, given: set[str]) -> None:
     """Points the relative data paths of ``cfg`` (the run's stored config) that are missing from
     here at the folder the run trained from (:func:`training_folder`), where they are found there,
     so that a run can be scored from any folder. Keys in ``given`` (set by the caller) are left
-    alone. Returns ``"data.<key>: <path>"`` for each path changed."""
+    alone."""
     base = training_folder(ckpt, path)
-    changed = []
+    if base is None:
+        return
     for key in DATA_PATHS:
         value = getattr(cfg.data, key, None)
-        if base is None or f"data.{key}" in given or not value or Path(value).expanduser().is_absolute():
+        if f"data.{key}" in given or not value or Path(value).expanduser().is_absolute():
             continue
-        there = base / value
-        if not Path(value).exists() and there.exists():
-            setattr(cfg.data, key, str(there))
-            changed.append(f"data.{key}: {there}")
-    return changed
+        if not Path(value).exists() and (base / value).exists():
+            setattr(cfg.data, key, str(base / value))
 
 
 #: Architecture settings that a command scoring a trained model may change: no weight depends

@@ -456,8 +456,8 @@ def restore_run(run: Run, ckpt: dict[str, Any], where: Path) -> None:
         return
     # another number of processes than the saved run: rank 0's state, fresh streams elsewhere
     run.echo(
-        f"note: {where} was written by {counted(ckpt.get('world_size', 1), 'process', 'processes')}, this run has "
-        f"{dist_info.world_size}: it continues, but not bit for bit as the first run would have"
+        f"note: {where} was written by {counted(ckpt.get('world_size', 1), 'process', 'processes')}, "
+        f"this run has {dist_info.world_size}: it continues, but not bit for bit as the first run would have"
     )
     restore_rng(ckpt["rng"], generator)
     if dist_info.rank > 0:  # its own streams, the loader workers' seeds included

@@ -263,6 +263,7 @@ def _train_step(
     # the loss and its parts (LOSS_PARTS), each summed over the micro-batches by their share
     sums, correct, n = torch.zeros(1 + len(LOSS_PARTS), device=run.device), 0, 0
     parts_used: set[str] = set()
+    zero = torch.zeros((), device=run.device)  # a part the run lacks
     images = sum(len(y) for _, y in group)
     for i, (x, y) in enumerate(group):
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
@@ -290,8 +291,7 @@ def _train_step(
             share = len(y) / images  # a short last micro-batch weighs by its images, as in one batch
             (loss * share).backward()
         parts_used.update(p for p in LOSS_PARTS if p in parts)
-        zero = torch.zeros((), device=run.device)
-        terms = [loss.detach(), *(parts.get(p, zero) for p in LOSS_PARTS)]  # a part the run lacks counts 0
+        terms = [loss.detach(), *(parts.get(p, zero) for p in LOSS_PARTS)]
         sums += torch.stack([t.float() for t in terms]) * share
         correct += int((out.activations.detach().argmax(dim=1) == y).sum())
         n += len(y)
@@ -343,8 +343,8 @@ def _find_checkpoint_setting(cfg: Config, key: str, whose: str, run_name: str) -
     """The checkpoint file that the setting ``key`` (``loss.teacher``, ``train.init_from``) names,
     and its contents (the same on every rank).
 
-    The setting is set to that file (for a ``best.pt``, the file its step wrote beside it), so that the config this run saves (and a resumed run
-    reads) names it: ``latest``, ``best`` or a run's newest checkpoint may be another file by
+    The setting is set to that file (for a ``best.pt``, the file its step wrote beside it), so
+    that the config this run saves (and a resumed run reads) names it: ``latest``, ``best`` or a run's newest checkpoint may be another file by
     the time the run resumes or its config is run again, the run's own checkpoints among them.
     Those are refused: the run cannot learn from, or start from, itself. ``whose`` names the
     checkpoint wanted, for the refusal ("the teacher's").
@@ -360,11 +360,11 @@ def _find_checkpoint_setting(cfg: Config, key: str, whose: str, run_name: str) -
     if chosen.resolve().parent == safe_child(cfg.logging.out_dir, run_name).resolve():
         itself = f"{key}: {spec} is {chosen}, a checkpoint of this run itself"
         raise ConfigError([f"{itself}; name {whose} checkpoint file (or its run) instead"])
-    own = chosen.with_name(step_file(int(ckpt.get("step", -1))))
-    if (
-        chosen.name == BEST and own.is_file()
-    ):  # best.pt is rewritten at that run's next best, its step's file is not
-        chosen = own
+    if chosen.name == BEST and "step" in ckpt:
+        # best.pt is rewritten at that run's next best; the file its step wrote beside it is not
+        own = chosen.with_name(step_file(int(ckpt["step"])))
+        if own.is_file():
+            chosen = own
     setattr(getattr(cfg, section), field, str(chosen))
     return chosen, ckpt
 
@@ -1024,7 +1024,8 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
     threads = torch.get_num_threads()
     say(
         f"device {run.device}, {counted(threads, 'thread')}, {cfg.train.precision}, "
-        f"{counted(run.dist.world_size, 'process', 'processes')}, {'compiled' if compiled_kernels_enabled() else 'eager'} routing; "
+        f"{counted(run.dist.world_size, 'process', 'processes')}, "
+        f"{'compiled' if compiled_kernels_enabled() else 'eager'} routing; "
         f"{cfg.train.epochs} epochs x {run.steps_per_epoch} steps"
         + (f", stopping at step {cfg.train.max_steps}" if cfg.train.max_steps else "")
     )
