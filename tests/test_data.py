@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny
 from torch.utils.data import DistributedSampler
 
 from capsnet import data, smallnorb
@@ -27,6 +28,7 @@ from capsnet.data import (
     shifted,
     split_names,
 )
+from capsnet.trainer import fit
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -321,6 +323,12 @@ def test_the_data_says_which_folder_it_was_read_from_when_found_outside_data_roo
     assert build_datasets(cfg)[3].source == str(tmp_path / "nowhere")
     synthetic = DataConfig(name="synthetic", image_size=20, num_classes=4, train_size=8, test_size=4)
     assert build_datasets(synthetic)[3].source is None  # made, not read
+    # training says it on its data line
+    lines: list[str] = []
+    cfg = tiny(tmp_path, "data.name=fashion-mnist", f"data.root={tmp_path / 'nowhere'}", "train.max_steps=1")
+    fit(cfg, run_name="said", echo=lines.append)
+    said = [line for line in lines if line.startswith("data fashion-mnist:")]
+    assert len(said) == 1 and said[0].endswith(f", from {tmp_path / 'nowhere'}"), lines
 
 
 def write_cifar10(root: Path, per_batch: int = 3, seed: int = 0) -> Path:

@@ -1087,6 +1087,34 @@ def test_a_run_whose_config_names_its_data_relative_to_where_it_trained_is_score
     assert unfound.exit_code == 2 and "data.train_dir imgs/train is not a folder" in unfound.stderr
 
 
+def test_a_resumed_run_keeps_the_normalisation_it_started_with(tmp_path):
+    animal_images(tmp_path / "imgs" / "train", 4, 0)
+    animal_images(tmp_path / "imgs" / "test", 2, 1)
+    where = [
+        f"logging.out_dir={tmp_path / 'weights'}",
+        f"logging.tb_dir={tmp_path / 'runs'}",
+        "data.name=folder",
+    ]
+    folders = [f"data.train_dir={tmp_path / 'imgs' / 'train'}", f"data.test_dir={tmp_path / 'imgs' / 'test'}"]
+    first = fit(
+        load_config(TINY, [*where, *folders, "train.max_steps=1"]), run_name="kept", echo=lambda _m: None
+    )
+    started = load_checkpoint(first.run_dir / "last.pt")["data_info"]
+    white_images(tmp_path / "imgs" / "train" / "cat", 30)  # moves the training images' mean and std
+    lines: list[str] = []
+    fit(load_config(TINY, [*where, *folders]), resume="kept", echo=lines.append)
+    resumed = load_checkpoint(first.run_dir / "last.pt")
+    assert resumed["step"] > 1 and (resumed["data_info"]["mean"], resumed["data_info"]["std"]) == (
+        started["mean"],
+        started["std"],
+    )
+    # a new run on the same folders computes them afresh: they did move
+    fresh = fit(
+        load_config(TINY, [*where, *folders, "train.max_steps=1"]), run_name="new", echo=lambda _m: None
+    )
+    assert load_checkpoint(fresh.run_dir / "last.pt")["data_info"]["mean"] != started["mean"]
+
+
 def eval_json(ckpt: Path | str, *extra: str) -> dict:
     result = runner.invoke(app, ["eval", "--ckpt", str(ckpt), "--json", "--device", "cpu", *extra])
     assert result.exit_code == 0, result.output
