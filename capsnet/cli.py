@@ -343,6 +343,92 @@ def _json(value) -> str:
 
 
 @app.command(cls=_Command)
+def predict(
+    images: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="PATH",
+            help="Image files, or folders of them (searched recursively for the formats PIL reads).",
+            show_default=False,
+        ),
+    ] = None,
+    ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",
+    top: Annotated[
+        int,
+        typer.Option("--top", "-k", min=1, help="Classes shown per image, most active first."),
+    ] = 3,
+    invert: Annotated[
+        bool,
+        typer.Option(
+            "--invert",
+            metavar=FLAG,
+            help="Turn each pixel p into 255 - p first: for dark objects on a light ground given to a "
+            "model of MNIST or Fashion-MNIST, whose images are light on black.",
+        ),
+    ] = False,
+    mirror: Annotated[
+        bool,
+        typer.Option(
+            "--mirror",
+            metavar=FLAG,
+            help="Average each image's class activations with its left-right mirror's (for models "
+            "trained with horizontal flips, data.flip).",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar=FLAG, help="Print the result as one JSON object.")
+    ] = False,
+    csv_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--csv",
+            help="Also write one row per image to this CSV file: path, class, activation, then every "
+            "class's activation.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Images decoded and classified at a time.")
+    ] = 64,
+    out_dir: OutDirOption = DEFAULT_OUT_DIR,
+    device: DeviceOption = "auto",
+    debug: DebugOption = False,
+) -> None:
+    """Classify image files with a trained checkpoint: the most active classes of each.
+
+    Each file is prepared as the model's training images were, from the checkpoint alone: converted to grey or RGB as the model takes, resized to its input size (the aspect ratio is not kept), and normalised with the statistics the run recorded. Files that are not readable images are skipped with a warning.
+    """  # one line per help paragraph: the help keeps line breaks
+    with _errors(debug):
+        from capsnet.checkpoint import atomic_write_bytes
+        from capsnet.data import reported_data_warnings
+        from capsnet.predict import predict_files
+
+        if csv_path is not None and csv_path.is_dir():
+            from capsnet.data import DataError
+
+            raise DataError(
+                f"--csv {csv_path} is a folder: give a file name, such as {csv_path / 'predictions.csv'}"
+            )
+        with reported_data_warnings():
+            report = predict_files(
+                ckpt,
+                images or [],
+                out_dir,
+                device,
+                batch_size=batch_size,
+                top=top,
+                invert=invert,
+                mirror=mirror,
+                show_progress=True,
+            )
+        if csv_path is not None:
+            csv_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(report.csv_text().encode(), csv_path)
+    typer.echo(_json(report.to_dict()) if as_json else report.summary())
+    if csv_path is not None:
+        typer.echo(f"wrote {csv_path}", err=as_json)
+
+
+@app.command(cls=_Command)
 def export(
     ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",
     fmt: Annotated[

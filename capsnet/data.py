@@ -956,7 +956,7 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
     }
 
 
-def _decode_image(path: Path, size: int, mode: str) -> np.ndarray | None:
+def decode_image(path: Path, size: int, mode: str) -> np.ndarray | None:
     """(size, size, C) uint8, or None when the file is not a readable image."""
     from PIL import Image, ImageOps
 
@@ -980,7 +980,7 @@ def _load_folder(
 ) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
     channels = 1 if mode == "L" else 3
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoded = list(pool.map(lambda item: _decode_image(item[0], size, mode), files))
+        decoded = list(pool.map(lambda item: decode_image(item[0], size, mode), files))
     good = [(array, label) for array, (_, label) in zip(decoded, files) if array is not None]
     bad = [path for array, (path, _) in zip(decoded, files) if array is None]
     images = torch.empty((len(good), channels, size, size), dtype=torch.uint8)

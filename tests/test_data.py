@@ -932,7 +932,7 @@ def test_normalisation_is_computed_on_the_training_rows_only_never_the_validatio
 def test_folder_images_are_turned_upright_by_their_exif_orientation_and_16_bit_grey_is_scaled(tmp_path):
     from PIL import Image
 
-    from capsnet.data import _decode_image
+    from capsnet.data import decode_image
 
     left_white = np.zeros((8, 8), dtype=np.uint8)
     left_white[:, :4] = 255
@@ -940,16 +940,16 @@ def test_folder_images_are_turned_upright_by_their_exif_orientation_and_16_bit_g
     exif = plain.getexif()
     exif[0x0112] = 6  # Orientation: shown turned 90 degrees clockwise
     plain.save(tmp_path / "sideways.png", exif=exif.tobytes())
-    upright = _decode_image(tmp_path / "sideways.png", 8, "L")[:, :, 0]
+    upright = decode_image(tmp_path / "sideways.png", 8, "L")[:, :, 0]
     assert upright[0].min() == 255 and upright[-1].max() == 0  # the white half is now on top
     plain.save(tmp_path / "as-stored.png")
-    assert np.array_equal(_decode_image(tmp_path / "as-stored.png", 8, "L")[:, :, 0], left_white)
+    assert np.array_equal(decode_image(tmp_path / "as-stored.png", 8, "L")[:, :, 0], left_white)
 
     wide = np.full((8, 8), 32896, dtype=np.uint16)  # 128 x 257: mid grey in 16 bits
     wide[:, :4] = 65535
     Image.fromarray(wide).save(tmp_path / "grey16.png")
     assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
-    grey = _decode_image(tmp_path / "grey16.png", 8, "L")[:, :, 0]
+    grey = decode_image(tmp_path / "grey16.png", 8, "L")[:, :, 0]
     assert grey[0, 0] == 255 and grey[0, -1] == 128
 
 
