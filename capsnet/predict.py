@@ -101,6 +101,18 @@ def input_pipeline(ckpt: dict[str, Any]) -> InputPipeline:
 DARK_GROUND = ("mnist", "fashion-mnist")
 
 
+def light_ground(pixels: np.ndarray) -> bool:
+    """Whether an image's outer ring (2 px at 28 px) is light on average: a dark-on-light picture.
+
+    Of the 10,000 Fashion-MNIST test images, 2 have a ring that light, where 548 are light on
+    average over the whole image (a pullover that fills the frame)."""
+    side = pixels.shape[-1]
+    ring = max(1, round(side / 14))
+    inner = pixels[..., ring:-ring, ring:-ring].astype(np.float64)
+    total = pixels.astype(np.float64).sum() - inner.sum()
+    return total / (pixels.size - inner.size) > 127.5
+
+
 def image_suffixes() -> set[str]:
     """The file name endings PIL can open (".png", ".jpg", ...), lower case."""
     from PIL import Image
@@ -305,7 +317,7 @@ def predict_files(
         mirrored=mirror,
         inverted=invert,
     )
-    light = 0  # images mostly light where the model knows light objects on black
+    light = 0  # images on a light ground where the model knows light objects on black
     starts = range(0, len(files), batch_size)
     for start in progress(starts, total=len(starts), enabled=show_progress, desc="predict"):
         chunk = files[start : start + batch_size]
@@ -313,7 +325,7 @@ def predict_files(
         report.skipped += [str(p) for p, a in zip(chunk, decoded) if a is None]
         kept = [(p, a) for p, a in zip(chunk, decoded) if a is not None]
         if pipe.dark_ground and not invert:
-            light += sum(float(a.mean()) > 127.5 for _, a in kept)
+            light += sum(light_ground(a) for _, a in kept)
         if not kept:
             continue
         x = torch.stack([pipe.transform(a) for _, a in kept]).to(dev)  # (N, C, H, W)
@@ -332,8 +344,8 @@ def predict_files(
         )
     if light:
         warnings.warn(
-            f"{light} of the {counted(len(report.files), 'image')} {'is' if light == 1 else 'are'} mostly "
-            f"light, but {pipe.dark_ground} "
+            f"{light} of the {counted(len(report.files), 'image')} {'is' if light == 1 else 'are'} on a "
+            f"light ground, but {pipe.dark_ground} "
             "images are light objects on black: --invert turns dark-on-light pictures into those",
             DataWarning,
             stacklevel=2,

@@ -306,13 +306,37 @@ def test_light_pictures_given_to_a_model_of_light_objects_on_black_are_pointed_a
     fit(cfg, run_name="digits", echo=lambda _msg: None)
     dark = save_png(np.zeros((1, 28, 28), dtype=np.uint8), tmp_path / "dark.png")
     light = save_png(np.full((1, 28, 28), 230, dtype=np.uint8), tmp_path / "light.png")
-    args = ["predict", str(dark), str(light), "--out-dir", str(tmp_path / "weights"), "--device", "cpu"]
+    filled = np.zeros((1, 28, 28), dtype=np.uint8)
+    filled[:, 2:-2, 2:-2] = 255  # light in the middle, as a pullover filling the frame: no note
+    full = save_png(filled, tmp_path / "pullover.png")
+    args = [
+        "predict",
+        str(dark),
+        str(light),
+        str(full),
+        "--out-dir",
+        str(tmp_path / "weights"),
+        "--device",
+        "cpu",
+    ]
     plain = runner.invoke(app, args)
     assert plain.exit_code == 0, plain.output
     assert (
-        "warning: 1 of the 2 images is mostly light, but mnist images are light objects on black"
+        "warning: 1 of the 3 images is on a light ground, but mnist images are light objects on black"
         in plain.stderr
     )
     inverted = runner.invoke(app, [*args, "--invert"])
-    assert inverted.exit_code == 0 and "mostly light" not in inverted.stderr
+    assert inverted.exit_code == 0 and "light ground" not in inverted.stderr
     assert "input: grey, resized to 20x20" in inverted.stdout and "; inverted" in inverted.stdout
+
+
+def test_the_light_ground_is_read_from_the_outer_ring():
+    from capsnet.predict import light_ground
+
+    image = np.zeros((1, 28, 28), dtype=np.uint8)
+    image[:, 2:-2, 2:-2] = 255
+    assert not light_ground(image)
+    assert light_ground(255 - image)
+    big = np.full((3, 70, 70), 200, dtype=np.uint8)  # a ring of 5 px at 70 px
+    big[:, 5:-5, 5:-5] = 0
+    assert light_ground(big) and not light_ground(255 - big)
