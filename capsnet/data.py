@@ -1001,7 +1001,7 @@ def _folder_tree(path_text: str, what: str) -> Path:
 
 
 def _build_folder(
-    cfg: DataConfig, seed: int, stats: Normalisation | None = None
+    cfg: DataConfig, seed: int, stats: Normalisation | None = None, trained_classes: list[str] | None = None
 ) -> tuple[ImageDataset, ImageDataset, DataInfo]:
     """The user's images, one sub-folder per class (sorted names are the classes).
 
@@ -1015,20 +1015,30 @@ def _build_folder(
     where given: those a trained model's inputs were normalised with);
     training augmentation is a random crop with zero padding of size/8 (``data.shift``,
     and no flips unless ``data.flip``).
+
+    ``trained_classes`` with ``stats``: a trained model's classes, in order, scored on the test
+    split alone. No training image is decoded then (the training set is empty), and with
+    ``data.test_dir`` the training folder is not read at all: the test folder's classes are
+    matched to the model's by name.
     """
-    train_dir = _folder_tree(cfg.train_dir or "", "data.train_dir")
-    train_files = _class_files(train_dir)
-    if not train_files:
-        raise DataFormatError(
-            f"{train_dir}: no class sub-folders; put each class's images in its own sub-folder"
-        )
-    empty = [name for name, paths in train_files.items() if not paths]
-    if empty:  # a class with no training images: nothing to learn it from (and nothing to hold out)
-        raise DataFormatError(
-            f"{train_dir}: class sub-folder(s) {', '.join(empty)} hold no files; "
-            "put that class's images in them or remove them"
-        )
-    classes = list(train_files)
+    test_only = trained_classes is not None and stats is not None
+    train_dir = train_files = None
+    if test_only and cfg.test_dir:
+        classes = [str(name) for name in trained_classes]
+    else:
+        train_dir = _folder_tree(cfg.train_dir or "", "data.train_dir")
+        train_files = _class_files(train_dir)
+        if not train_files:
+            raise DataFormatError(
+                f"{train_dir}: no class sub-folders; put each class's images in its own sub-folder"
+            )
+        empty = [name for name, paths in train_files.items() if not paths]
+        if empty:  # a class with no training images: nothing to learn it from (and nothing to hold out)
+            raise DataFormatError(
+                f"{train_dir}: class sub-folder(s) {', '.join(empty)} hold no files; "
+                "put that class's images in them or remove them"
+            )
+        classes = list(train_files)
     index = {name: i for i, name in enumerate(classes)}
     size = expected_image_size(cfg)
     mode = "L" if cfg.grayscale else "RGB"
@@ -1037,9 +1047,14 @@ def _build_folder(
         test_dir = _folder_tree(cfg.test_dir, "data.test_dir")
         test_classes = _class_files(test_dir)
         unknown = sorted(set(test_classes) - set(index))
+        if unknown and train_files is None:
+            raise DataFormatError(
+                f"{test_dir}: the model was trained with the classes {classes}, this folder also has "
+                f"{unknown}; name its class sub-folders as the model's classes"
+            )
         if unknown:
             raise DataFormatError(f"{test_dir}: classes {unknown} are not in data.train_dir {train_dir}")
-        train_list = [(p, index[c]) for c, paths in train_files.items() for p in paths]
+        train_list = [(p, index[c]) for c, paths in (train_files or {}).items() for p in paths]
         test_list = [(p, index[c]) for c, paths in test_classes.items() for p in paths]
     else:
         train_list, test_list = [], []
@@ -1048,7 +1063,7 @@ def _build_folder(
             train_list += [(paths[int(i)], index[c]) for i in kept]
             test_list += [(paths[int(i)], index[c]) for i in held]
 
-    train_x, train_y, bad = _load_folder(train_list, size, mode)
+    train_x, train_y, bad = _load_folder([] if test_only else train_list, size, mode)
     test_x, test_y, bad_test = _load_folder(test_list, size, mode)
     bad += bad_test
     if bad and cfg.bad_files == "fail":
@@ -1060,7 +1075,7 @@ def _build_folder(
             DataWarning,
             stacklevel=3,
         )
-    if len(train_x) == 0:
+    if len(train_x) == 0 and not test_only:
         raise DataFormatError(f"{train_dir}: no readable training images")
     if len(test_x) == 0:
         raise DataFormatError(f"no readable test images ({cfg.test_dir or train_dir})")
@@ -1155,7 +1170,10 @@ _BUILDERS: dict[
 
 
 def build_datasets(
-    cfg: DataConfig, seed: int = 0, stats: Normalisation | None = None
+    cfg: DataConfig,
+    seed: int = 0,
+    stats: Normalisation | None = None,
+    trained_classes: list[str] | None = None,
 ) -> tuple[ImageDataset, ImageDataset | None, ImageDataset, DataInfo]:
     """(train, val or None, test, info) for ``cfg``.
 
@@ -1165,11 +1183,16 @@ def build_datasets(
     ``stats``: the per-channel normalisation to use instead of the dataset's own (computed
     from the training images, or fixed); a trained model is scored with the one it was
     trained with, whatever the training images are now. Datasets that standardise each
-    image on its own (smallNORB) ignore it.
+    image on its own (smallNORB) ignore it. ``trained_classes``: the class names of a trained
+    model that scores the test split alone (with ``stats``): an image folder then decodes only
+    its test images, and the training set and the validation set are empty.
     """
     if cfg.name not in _BUILDERS:
         raise DataError(f"data.name: unknown dataset {cfg.name!r} (known: {', '.join(DATASETS)})")
-    train, test, info = _BUILDERS[cfg.name](cfg, seed, stats)
+    if cfg.name == "folder":
+        train, test, info = _build_folder(cfg, seed, stats, trained_classes)
+    else:
+        train, test, info = _BUILDERS[cfg.name](cfg, seed, stats)
     val = None
     if cfg.val_split > 0:
         kept, held = split_indices(len(train), cfg.val_split, seed, group=train.group)
@@ -1206,7 +1229,11 @@ def leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
 
 
 def build_loaders(
-    cfg: Config, rank: int = 0, world_size: int = 1, stats: Normalisation | None = None
+    cfg: Config,
+    rank: int = 0,
+    world_size: int = 1,
+    stats: Normalisation | None = None,
+    trained_classes: list[str] | None = None,
 ) -> Loaders:
     """Loaders for training (shuffled, seeded) and evaluation (in order, sharded across ranks).
 
@@ -1220,11 +1247,12 @@ def build_loaders(
     from ``train_generator`` when ``train.num_workers`` > 0 (workers are started
     for each epoch, so a resumed run restores their seeds with that generator's
     state); that generator is seeded per rank (:func:`capsnet.distributed.rank_seed`),
-    so no two ranks draw the same augmentation. ``stats``: as :func:`build_datasets` takes it.
+    so no two ranks draw the same augmentation. ``stats``, ``trained_classes``: as
+    :func:`build_datasets` takes them.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    train, val, test, info = build_datasets(cfg.data, seed=cfg.train.seed, stats=stats)
+    train, val, test, info = build_datasets(cfg.data, cfg.train.seed, stats, trained_classes)
     batch_size = cfg.train.batch_size
     eval_batch_size = cfg.train.eval_batch_size or 2 * batch_size
     workers = cfg.train.num_workers

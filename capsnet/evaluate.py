@@ -268,8 +268,11 @@ def prepare_checkpoint(
         )
     changes = architecture_overrides(ckpt, cfg, path)  # before the data loads
     model = build_model_from_checkpoint(ckpt, path, changes).to(dev).eval()
+    info = ckpt.get("data_info") if isinstance(ckpt.get("data_info"), dict) else {}
+    # scoring the test split needs no training image: an image folder decodes its test images alone
+    trained_classes = info.get("class_names") if split != "val" else None
     with reported_data_warnings():
-        loaders = build_loaders(cfg, stats=trained_normalisation(ckpt))
+        loaders = build_loaders(cfg, stats=trained_normalisation(ckpt), trained_classes=trained_classes)
     check_channels(loaders.info, model.in_channels)
     if loaders.info.num_classes != model.num_classes:
         raise DataError(

@@ -215,7 +215,11 @@ def default_export_path(run_name: str, fmt: str, base: str | Path = "exports") -
 
 
 def sample_batch(
-    cfg, spec: InputSpec, batch: int, stats: tuple[list[float], list[float]] | None = None
+    cfg,
+    spec: InputSpec,
+    batch: int,
+    stats: tuple[list[float], list[float]] | None = None,
+    trained_classes: list[str] | None = None,
 ) -> tuple[Tensor, Tensor, str]:
     """Parity images: (pixels in [0, 1] (N, C, S, S), what the model is fed for them, their source).
 
@@ -228,7 +232,7 @@ def sample_batch(
 
     try:
         with reported_data_warnings():
-            loaders = build_loaders(cfg, stats=stats)
+            loaders = build_loaders(cfg, stats=stats, trained_classes=trained_classes)
         check_channels(loaders.info, spec.channels)
         dataset = loaders.test.dataset
         count = min(batch, len(dataset))
@@ -440,7 +444,10 @@ def export_checkpoint(
     inputs_spec = input_spec(inputs, ckpt["arch"], data_info, cfg.data.name)
     # the pipeline's side of the parity check takes the checkpoint's normalisation as the data module
     # reads it, not as input_spec does, so the graph's own copy of it is checked too
-    pixels, fed, source = sample_batch(cfg, inputs_spec, max(2, batch_size), trained_normalisation(ckpt))
+    names = [str(n) for n in (data_info or {}).get("class_names") or []]
+    pixels, fed, source = sample_batch(
+        cfg, inputs_spec, max(2, batch_size), trained_normalisation(ckpt), names or None
+    )
     if len(pixels) < 2:  # a test split of one image: traced alone, the batch size would be fixed at 1
         pixels, fed = pixels.repeat(2, 1, 1, 1), fed.repeat(2, 1, 1, 1)
     x = pixels if inputs == "pixels" else fed
@@ -449,7 +456,6 @@ def export_checkpoint(
     module = Classifier(model, Preprocess(inputs_spec) if inputs == "pixels" else None).eval()
     with torch.no_grad():
         reference = [Classifier(model)(b) for b in fed_batches]  # eager first: also warms the model's caches
-    names = [str(n) for n in (data_info or {}).get("class_names") or []]
     meta = metadata(inputs_spec, ckpt, names, run)
     try:  # the file is written beside its name, so this is where a folder that takes no files shows
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)

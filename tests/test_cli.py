@@ -700,3 +700,32 @@ def test_attack_step_size_help_says_it_is_in_the_units_of_eps_not_a_multiple_of_
     text = re.sub(r"[\s│]+", " ", result.stdout)
     assert "in the units of --eps (not a multiple of eps" in text
     assert "in eps units" not in text
+
+
+def test_a_run_on_a_separate_test_folder_is_scored_without_its_training_folder(tmp_path, monkeypatch):
+    """The checkpoint's classes and normalisation stand in for the training images: eval and
+    export of the test split work where the training folder is gone, with the same scores."""
+    import shutil
+
+    from test_predict import folder_settings
+
+    monkeypatch.chdir(tmp_path)
+    overrides = [*folder_settings(tmp_path, "RGB"), "train.max_steps=2", "data.val_split=0"]
+    trained = runner.invoke(
+        app, ["train", "--config", TINY, "--run-name", "pets", *[a for o in overrides for a in ("-o", o)]]
+    )
+    assert trained.exit_code == 0, trained.output
+    before = runner.invoke(app, ["eval", "--ckpt", "pets", "--json"])
+    assert before.exit_code == 0, before.output
+    shutil.rmtree(tmp_path / "train")
+    after = runner.invoke(app, ["eval", "--ckpt", "pets", "--json"])
+    assert after.exit_code == 0, after.output
+    scored, scored_before = json.loads(after.stdout), json.loads(before.stdout)
+    assert (
+        scored["n"] == 6 and scored["acc"] == scored_before["acc"] and scored["loss"] == scored_before["loss"]
+    )
+    exported = runner.invoke(app, ["export", "--ckpt", "pets", "--format", "pt2"])
+    assert exported.exit_code == 0 and "of folder test images" in exported.stdout, exported.output
+    # the validation split is carved from the training images, which it still needs
+    val = runner.invoke(app, ["eval", "--ckpt", "pets", "--split", "val"])
+    assert val.exit_code == 2

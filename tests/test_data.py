@@ -1121,3 +1121,48 @@ def test_smallnorb_training_jitter_scales_about_the_standardised_mean_and_offset
         assert len(fits) == 1, "a training item is a standardised window plus one offset"
         offsets.append(fits[0])
     assert -0.25 <= min(offsets) and max(offsets) <= 0.25 and max(offsets) - min(offsets) > 0.2
+
+
+def test_scoring_the_test_split_of_an_image_folder_decodes_only_its_test_images(image_tree, monkeypatch):
+    """A trained model's classes and normalisation stand in for the training images, so scoring
+    decodes the held-out fifth alone and gets the same test set, labels and pixels."""
+    cfg = DataConfig(name="folder", train_dir=str(image_tree), image_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, _, whole, info = build_datasets(cfg)
+    decoded = []
+    real = data.decode_image
+    monkeypatch.setattr(data, "decode_image", lambda path, *a: decoded.append(path) or real(path, *a))
+    stats = (info.mean, info.std)
+    train, val, test, alone = build_datasets(cfg, stats=stats, trained_classes=info.class_names)
+    assert len(train) == 0 and val is None and alone.class_names == info.class_names
+    assert torch.equal(test.images, whole.images) and torch.equal(test.labels, whole.labels)
+    assert len(decoded) == len(test) == 2  # one of each class's five, and no training image
+    assert torch.equal(test[1][0], whole[1][0])
+    # without the normalisation the training images are needed after all (to compute it)
+    decoded.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_datasets(cfg, trained_classes=info.class_names)
+    assert len(decoded) > len(test)
+
+
+def test_scoring_a_separate_test_folder_reads_no_training_folder(image_tree, tmp_path):
+    test_dir = tmp_path / "test"
+    for name in ("dog", "cat"):
+        (test_dir / name).mkdir(parents=True)
+        _save(test_dir / name / "x.png", "RGB", (12, 12), seed=3)
+    gone = tmp_path / "no-training-folder"
+    cfg = DataConfig(name="folder", train_dir=str(gone), test_dir=str(test_dir), image_size=8)
+    stats = ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    _, _, test, info = build_datasets(cfg, stats=stats, trained_classes=["cat", "dog", "emu"])
+    assert info.class_names == ["cat", "dog", "emu"] and info.num_classes == 3
+    assert sorted(test.labels.tolist()) == [0, 1]  # by name: cat 0, dog 1
+    (test_dir / "yak").mkdir()
+    _save(test_dir / "yak" / "y.png", "RGB", (12, 12), seed=4)
+    with pytest.raises(
+        DataFormatError, match=r"classes \['cat', 'dog', 'emu'\], this folder also has \['yak'\]"
+    ):
+        build_datasets(cfg, stats=stats, trained_classes=["cat", "dog", "emu"])
+    with pytest.raises(data.DataError, match="data.train_dir .* is not a folder"):  # training needs it
+        build_datasets(cfg)
