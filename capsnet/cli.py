@@ -350,6 +350,7 @@ def predict(
             metavar="PATH",
             help="Image files, or folders of them (searched recursively for the formats PIL reads).",
             show_default=False,
+            readable=False,  # a file that cannot be read is skipped with the others, not a usage error
         ),
     ] = None,
     ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",
@@ -395,7 +396,7 @@ def predict(
 ) -> None:
     """Classify image files with a trained checkpoint: the most active classes of each.
 
-    Each file is prepared as the model's training images were, from the checkpoint alone: converted to grey or RGB as the model takes, resized to its input size (the aspect ratio is not kept), and normalised with the statistics the run recorded. Files that are not readable images are skipped with a warning.
+    Each file is prepared as the model's training images were, from the checkpoint alone: converted to grey or RGB as the model takes, resized to its input size as the run's dataset resized its images (the aspect ratio is not kept), and normalised with the statistics the run recorded (smallNORB models: resized to 1.5 times their input size, standardised per image, then centre-cropped). Files that are not readable images are skipped with a warning.
     """  # one line per help paragraph: the help keeps line breaks
     with _errors(debug):
         from capsnet.checkpoint import atomic_write_bytes
@@ -422,7 +423,8 @@ def predict(
             )
         if csv_path is not None:
             csv_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(report.csv_text().encode(), csv_path)
+            # a file name that is not UTF-8 is written as its bytes, as the file system holds it
+            atomic_write_bytes(report.csv_text().encode(errors="surrogateescape"), csv_path)
     typer.echo(_json(report.to_dict()) if as_json else report.summary())
     if csv_path is not None:
         typer.echo(f"wrote {csv_path}", err=as_json)

@@ -956,8 +956,9 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
     }
 
 
-def decode_image(path: Path, size: int, mode: str) -> np.ndarray | None:
-    """(size, size, C) uint8, or None when the file is not a readable image."""
+def decode_image(path: Path, size: int | None, mode: str) -> np.ndarray | None:
+    """(size, size, C) uint8 (``size`` None: the image's own height and width), or None when the
+    file is not a readable image."""
     from PIL import Image, ImageOps
 
     try:
@@ -968,11 +969,13 @@ def decode_image(path: Path, size: int, mode: str) -> np.ndarray | None:
             if image.mode.startswith("I;16"):  # 16-bit grey: scaled to 8 bits (convert() would clip at 255)
                 wide = np.asarray(image, dtype=np.uint16).astype(np.float32)
                 image = Image.fromarray(np.round(wide / 257.0).astype(np.uint8), mode="L")
-            image = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            image = image.convert(mode)
+            if size is not None:
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
             array = np.array(image, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only arrays
     except Exception:  # noqa: BLE001 - PIL reports broken files with many exception types
         return None
-    return array.reshape(size, size, -1)
+    return array.reshape(*array.shape[:2], -1)
 
 
 def _load_folder(

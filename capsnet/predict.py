@@ -1,10 +1,12 @@
 """Classifying image files with a trained checkpoint (``capsnet predict``).
 
 Each file is decoded as the image-folder data pipeline decodes its files (turned
-upright by its EXIF orientation, converted to grey or RGB as the model takes,
-resized to the side the model's preprocessing starts from by PIL's bilinear
-resampling, without keeping the aspect ratio), then given the evaluation
-transform the model was scored with: the per-channel normalisation its
+upright by its EXIF orientation, converted to grey or RGB as the model takes),
+resized to the side the model's preprocessing starts from as the run's dataset
+resized its images (without keeping the aspect ratio: PIL's bilinear resampling
+for image folders, bilinear interpolation with antialiasing for MNIST,
+Fashion-MNIST, CIFAR-10 and SVHN, area averaging for smallNORB), then given the
+evaluation transform the model was scored with: the per-channel normalisation its
 checkpoint records, or smallNORB's per-image standardisation and centre crop.
 Nothing of the training data is read. Files are decoded and classified a batch at
 a time, so a folder of any size fits in memory.
@@ -40,6 +42,9 @@ class InputPipeline:
     transform: Callable[[np.ndarray], torch.Tensor]  # uint8 (C, S, S) -> float32 (C, H, W)
     description: str
     dark_ground: str | None = None  # the dataset's name where its images are light objects on black
+    #: uint8 (C, H, W) of any size -> (C, S, S), as the run's dataset resized its images; None: PIL's
+    #: bilinear resampling as the file is decoded (image folders)
+    resize: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def channels(self) -> int:
@@ -66,6 +71,7 @@ def input_pipeline(ckpt: dict[str, Any]) -> InputPipeline:
         )
     mode = "L" if channels == 1 else "RGB"
     kind = "grey" if channels == 1 else "RGB"
+    resize = dataset_resize(data_name, smallnorb_source_size(size) if data_name == "smallnorb" else size)
     stats = trained_normalisation(ckpt)
     if stats is not None:
         mean, std = stats
@@ -80,6 +86,7 @@ def input_pipeline(ckpt: dict[str, Any]) -> InputPipeline:
             PixelTransform(mean, std),
             f"{kind}, resized to {size}x{size}, normalised with the mean and std of the run's training images",
             data_name if data_name in DARK_GROUND else None,
+            resize,
         )
     if data_name == "smallnorb":
         source = smallnorb_source_size(size)
@@ -90,6 +97,7 @@ def input_pipeline(ckpt: dict[str, Any]) -> InputPipeline:
             size,
             StandardisedCrop(size),
             f"{kind}, resized to {source}x{source}, standardised per image{crop}",
+            resize=resize,
         )
     raise DataError(
         "the checkpoint does not record the normalisation its model was trained with (it was written "
@@ -99,6 +107,22 @@ def input_pipeline(ckpt: dict[str, Any]) -> InputPipeline:
 
 #: Datasets whose images are light objects on a black ground (dark-on-light pictures need --invert)
 DARK_GROUND = ("mnist", "fashion-mnist")
+#: Datasets whose images are resized by bilinear interpolation with antialiasing (capsnet.data.resize_images)
+INTERPOLATED = ("mnist", "fashion-mnist", "cifar10", "svhn")
+
+
+def dataset_resize(data_name: str, size: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """uint8 (C, H, W) -> (C, size, size) as the dataset ``data_name`` resizes its images to ``size``;
+    None where that is PIL's bilinear resampling of the decoded file (image folders, and the
+    synthetic images, which are made at their size)."""
+    from capsnet.data import resize_images
+    from capsnet.smallnorb import downsample
+
+    if data_name in INTERPOLATED:
+        return lambda x: resize_images(torch.from_numpy(x)[None], size)[0].numpy()
+    if data_name == "smallnorb":
+        return lambda x: downsample(x[None], size)[0].numpy()
+    return None
 
 
 def light_ground(pixels: np.ndarray) -> bool:
@@ -124,7 +148,8 @@ def list_images(paths: list[str | Path]) -> list[Path]:
     """The image files that ``paths`` name: files as given (whatever their name), and the files
     under folders (recursively, sorted, hidden ones left out) whose names end as an image format
     PIL reads. Each file once, in the order given. Raises DataError for a path that does not
-    exist, a folder with no image files, or no paths at all."""
+    exist, a folder with no image files, or no paths at all, and OSError for a folder that
+    cannot be read."""
     if not paths:
         raise DataError("no images given: name image files or folders of them")
     suffixes = image_suffixes()
@@ -133,6 +158,8 @@ def list_images(paths: list[str | Path]) -> list[Path]:
     for given in paths:
         path = Path(given).expanduser()
         if path.is_dir():
+            with os.scandir(path):  # a folder that cannot be read is said, not searched as an empty one
+                pass
             inside = sorted(
                 p
                 for p in path.rglob("*")
@@ -156,6 +183,11 @@ def list_images(paths: list[str | Path]) -> list[Path]:
                 seen.add(key)
                 found.append(p)
     return found
+
+
+def printable(path: str) -> str:
+    """``path`` as text any terminal takes: the bytes of a file name that are not UTF-8 as \\xNN."""
+    return path.encode(errors="surrogateescape").decode(errors="backslashreplace")
 
 
 @dataclass
@@ -222,11 +254,12 @@ class PredictionReport:
             f"{counted(self.iterations, 'routing iteration')}): {counted(len(self.files), 'image')}"
         )
         lines = [head, f"input: {self.input}{''.join('; ' + e for e in extras)}"]
-        width = min(60, max([5, *(len(p) for p in self.files)]))  # longer paths are shown whole
+        shown = [printable(p) for p in self.files]
+        width = min(60, max([5, *(len(p) for p in shown)]))  # longer paths are shown whole
         name_width = max([5, *(len(n) for n in self.class_names)])
         columns = f"{'image':<{width}}  {'class':<{name_width}}  activation"
         lines.append(columns + ("  next" if self.top > 1 else ""))
-        for i, path in enumerate(self.files):
+        for i, path in enumerate(shown):
             ranked = self.ranked(i)
             row = f"{path:<{width}}  {ranked[0][0]:<{name_width}}  {ranked[0][1]:10.4f}"
             if len(ranked) > 1:
@@ -250,14 +283,20 @@ def _decode_batch(files: list[Path], pipe: InputPipeline, invert: bool) -> list[
     from capsnet.data import decode_image
 
     def one(path: Path) -> np.ndarray | None:
-        array = decode_image(path, pipe.source_size, pipe.mode)  # (S, S, C)
+        array = decode_image(path, pipe.source_size if pipe.resize is None else None, pipe.mode)  # (H, W, C)
         if array is None:
             return None
         array = np.ascontiguousarray(array.transpose(2, 0, 1))
+        if pipe.resize is not None:
+            array = pipe.resize(array)  # (C, S, S)
         return 255 - array if invert else array
 
-    with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1) or 1) as pool:
-        return list(pool.map(one, files))
+    with warnings.catch_warnings():
+        # PIL's notes on how a file is stored (a palette with transparency, more pixels than its
+        # decompression-bomb limit) would show as Python warnings with PIL's source lines
+        warnings.filterwarnings("ignore", module="PIL")
+        with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1) or 1) as pool:
+            return list(pool.map(one, files))
 
 
 def predict_files(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import csv
+import errno
 import io
 import json
+import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +112,40 @@ def test_files_are_classified_as_the_evaluation_pipeline_scores_the_same_images(
     big.save(tmp_path / "big.png")
     again = predict_files(kind, [tmp_path / "big.png"], weights, device="cpu")
     assert len(again.activations) == 1 and len(again.activations[0]) == len(prep.class_names)
+
+
+def dataset_files(kind: str, tmp: Path, dataset, count: int) -> list[np.ndarray]:
+    """The first ``count`` test images of a run as its dataset's files hold them, before any resizing:
+    uint8 (H, W) or (H, W, 3), in the order of the evaluation set's items."""
+    from capsnet import smallnorb
+    from capsnet.data import read_idx
+
+    if kind.startswith("folder"):  # the test tree's files: classes in order, files sorted within each
+        return [np.array(Image.open(f)) for f in sorted((tmp / "test").rglob("*.png"))[:count]]
+    if kind == "mnist":  # 28x28, which the run resized to 20x20
+        return list(read_idx(tmp / "mnist" / "t10k-images-idx3-ubyte").numpy()[:count])
+    # smallNORB's 96x96 views, which the run downsampled to 30x30 before its 20x20 crops; item
+    # 2k + v is view v of the test file's row k (data.stereo: samples)
+    views = smallnorb.read_norb_matrix(tmp / "norb" / "smallnorb" / f"{smallnorb.FILES['test']}-dat.mat")
+    return [views[r // 2, r % 2] for r in dataset.rows()[:count].tolist()]
+
+
+def test_the_dataset_s_own_files_are_resized_as_the_run_resized_them(trained, tmp_path):
+    """A run's test images, given as the files its dataset holds (MNIST's 28x28 images for a 20x20
+    model, smallNORB's 96x96 views), are classified as eval scores them."""
+    kind, tmp = trained
+    weights = tmp / "weights"
+    prep = prepare_checkpoint(kind, str(weights), device="cpu")
+    dataset = prep.loader.dataset
+    count = min(4, len(dataset))
+    files = []
+    for i, array in enumerate(dataset_files(kind, tmp, dataset, count)):
+        Image.fromarray(array).save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    with torch.no_grad():
+        want = prep.model(torch.stack([dataset[i][0] for i in range(count)])).activations
+    report = predict_files(kind, files, weights, device="cpu")
+    torch.testing.assert_close(torch.tensor(report.activations), want, atol=1e-6, rtol=1e-5)
 
 
 def test_the_model_is_fed_the_normalisation_its_checkpoint_records(trained):
@@ -257,6 +295,76 @@ def test_what_cannot_be_classified_is_a_one_line_error(folder_run, tmp_path):
     assert folder.exit_code == 2 and "is a folder: give a file name" in folder.stderr
 
 
+def deny(monkeypatch, path: Path) -> None:
+    """Makes ``path`` unreadable to this process, as a file or folder of another user's is."""
+    real_access, real_open, real_scandir = os.access, builtins.open, os.scandir
+
+    def refused(given) -> bool:
+        return isinstance(given, str | os.PathLike) and Path(given) == path
+
+    def access(given, mode, *args, **kwargs):
+        return False if refused(given) and mode & os.R_OK else real_access(given, mode, *args, **kwargs)
+
+    def opened(given, *args, **kwargs):
+        if refused(given):
+            raise PermissionError(errno.EACCES, "Permission denied", str(given))
+        return real_open(given, *args, **kwargs)
+
+    def scandir(given=".", *args, **kwargs):
+        if refused(given):
+            raise PermissionError(errno.EACCES, "Permission denied", str(given))
+        return real_scandir(given, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(builtins, "open", opened)
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_a_file_that_cannot_be_read_is_skipped_as_the_others_and_a_folder_is_said(
+    folder_run, tmp_path, monkeypatch
+):
+    good = next((folder_run / "test" / "cat").glob("*.png"))
+    locked = shutil.copy(good, tmp_path / "locked.png")
+    (tmp_path / "private").mkdir()
+    shutil.copy(good, tmp_path / "private" / "in.png")
+    deny(monkeypatch, Path(locked))
+    deny(monkeypatch, tmp_path / "private")
+    result = predict(folder_run, str(good), str(locked))
+    assert result.exit_code == 0, result.output
+    assert f"warning: skipped 1 unreadable or non-image file: {locked}" in result.stderr
+    assert [row.split()[0] for row in result.stdout.splitlines()[3:]] == [str(good)]
+    folder = predict(folder_run, str(tmp_path / "private"))
+    assert folder.exit_code == 2
+    assert folder.stderr.strip() == f"error: could not use {tmp_path / 'private'}: Permission denied"
+
+
+def test_what_pil_notes_about_how_a_file_is_stored_is_not_shown_as_a_python_warning(
+    folder_run, tmp_path, monkeypatch
+):
+    pixels = np.random.default_rng(2).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    palette = tmp_path / "palette.png"  # transparency given per palette entry, as web images often are
+    Image.fromarray(pixels).convert("P").save(palette, transparency=bytes([0] * 8 + [255] * 248))
+    large = save_png(pixels.transpose(2, 0, 1), tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 400 pixels: over PIL's limit, not twice over
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        report = predict_files("pets", [palette, large], folder_run / "weights", device="cpu")
+    assert report.files == [str(palette), str(large)]
+    assert [str(w.message) for w in seen] == []
+
+
+def test_a_file_name_that_is_not_utf_8_is_shown_escaped_and_written_to_the_csv_as_it_is(folder_run, tmp_path):
+    odd = tmp_path / os.fsdecode(b"\xff.png")
+    try:
+        shutil.copy(next((folder_run / "test" / "dog").glob("*.png")), odd)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    result = predict(folder_run, str(odd), "--csv", str(tmp_path / "p.csv"))
+    assert result.exit_code == 0, result.output  # the table is printed to a strict UTF-8 stream
+    assert result.stdout.splitlines()[3].startswith(str(tmp_path / "\\xff.png") + " ")
+    assert (tmp_path / "p.csv").read_bytes().splitlines()[1].startswith(os.fsencode(odd) + b",")
+
+
 def test_checkpoints_whose_inputs_no_image_file_can_give_are_refused(folder_run, tmp_path):
     ckpt = load_checkpoint(folder_run / "weights" / "pets" / "last.pt")
     stereo = {**ckpt, "arch": {**ckpt["arch"], "in_channels": 2}}
@@ -290,7 +398,9 @@ def test_a_stereo_smallnorb_run_is_refused_with_the_setting_that_makes_one_view_
 def test_predict_help_says_how_files_are_prepared():
     result = runner.invoke(app, ["predict", "--help"])
     assert result.exit_code == 0
-    assert "prepared as the model's training images were" in " ".join(result.stdout.split())
+    text = " ".join(result.stdout.split())
+    assert "prepared as the model's training images were" in text
+    assert "smallNORB models: resized to 1.5 times their input size, standardised per image" in text
 
 
 def test_csv_text_quotes_paths_with_commas():
