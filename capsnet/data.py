@@ -978,11 +978,21 @@ def decode_image(path: Path, size: int | None, mode: str) -> np.ndarray | None:
     return array.reshape(*array.shape[:2], -1)
 
 
+@contextlib.contextmanager
+def quiet_pil():
+    """Leaves out PIL's notes on how a file is stored (a palette with transparency, more pixels
+    than its decompression-bomb limit), which would show as Python warnings with PIL's source
+    lines. Enter it in the main thread, around the threads that decode."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="PIL")
+        yield
+
+
 def _load_folder(
     files: list[tuple[Path, int]], size: int, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
     channels = 1 if mode == "L" else 3
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with quiet_pil(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         decoded = list(pool.map(lambda item: decode_image(item[0], size, mode), files))
     good = [(array, label) for array, (_, label) in zip(decoded, files) if array is not None]
     bad = [path for array, (path, _) in zip(decoded, files) if array is None]

@@ -138,10 +138,12 @@ def light_ground(pixels: np.ndarray) -> bool:
 
 
 def image_suffixes() -> set[str]:
-    """The file name endings PIL can open (".png", ".jpg", ...), lower case."""
+    """The file name endings of the formats PIL reads (".png", ".jpg", ...), lower case; not those
+    it only writes (".pdf", ".palm"). MPO files are read by its JPEG reader."""
     from PIL import Image
 
-    return {suffix.lower() for suffix in Image.registered_extensions()}
+    formats = Image.registered_extensions()  # initialises the plugins, and so Image.OPEN
+    return {suffix.lower() for suffix, fmt in formats.items() if fmt in Image.OPEN or fmt == "MPO"}
 
 
 def list_images(paths: list[str | Path]) -> list[Path]:
@@ -280,7 +282,7 @@ class PredictionReport:
 
 def _decode_batch(files: list[Path], pipe: InputPipeline, invert: bool) -> list[np.ndarray | None]:
     """uint8 (C, S, S) per file (None where the file is not a readable image), decoded in parallel."""
-    from capsnet.data import decode_image
+    from capsnet.data import decode_image, quiet_pil
 
     def one(path: Path) -> np.ndarray | None:
         array = decode_image(path, pipe.source_size if pipe.resize is None else None, pipe.mode)  # (H, W, C)
@@ -291,12 +293,8 @@ def _decode_batch(files: list[Path], pipe: InputPipeline, invert: bool) -> list[
             array = pipe.resize(array)  # (C, S, S)
         return 255 - array if invert else array
 
-    with warnings.catch_warnings():
-        # PIL's notes on how a file is stored (a palette with transparency, more pixels than its
-        # decompression-bomb limit) would show as Python warnings with PIL's source lines
-        warnings.filterwarnings("ignore", module="PIL")
-        with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1) or 1) as pool:
-            return list(pool.map(one, files))
+    with quiet_pil(), ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1) or 1) as pool:
+        return list(pool.map(one, files))
 
 
 def predict_files(

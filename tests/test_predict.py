@@ -450,3 +450,32 @@ def test_the_light_ground_is_read_from_the_outer_ring():
     big = np.full((3, 70, 70), 200, dtype=np.uint8)  # a ring of 5 px at 70 px
     big[:, 5:-5, 5:-5] = 0
     assert light_ground(big) and not light_ground(255 - big)
+
+
+def test_an_image_folder_dataset_keeps_pil_s_storage_notes_quiet_too(tmp_path):
+    from capsnet.config import DataConfig
+    from capsnet.data import build_datasets
+
+    rng = np.random.default_rng(3)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).convert("P").save(
+                tmp_path / name / f"{i}.png", transparency=bytes([0] * 8 + [255] * 248)
+            )
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train, _, _, _ = build_datasets(DataConfig(name="folder", train_dir=str(tmp_path), image_size=8))
+    assert len(train) == 4 and [str(w.message) for w in seen] == []
+
+
+def test_folders_are_searched_for_the_formats_pil_reads_not_those_it_only_writes(tmp_path):
+    from capsnet.predict import image_suffixes
+
+    suffixes = image_suffixes()
+    assert {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".webp", ".mpo"} <= suffixes
+    assert not suffixes & {".pdf", ".palm"}
+    for name in ("a.pdf", "b.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert list_images([tmp_path]) == [tmp_path / "b.png"]
