@@ -211,6 +211,42 @@ def train(
             os._exit(0)
 
 
+@app.command("config", cls=_Command)
+def config_(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config to show (default: the built-in defaults)."),
+    ] = None,
+    override: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--override",
+            "-o",
+            metavar="KEY=VALUE",
+            help="Change one config value, as train's -o does (repeatable).",
+        ),
+    ] = None,
+    changed: Annotated[
+        bool,
+        typer.Option("--changed", metavar=FLAG, help="Show only the keys whose value is not the default."),
+    ] = False,
+    plain: Annotated[
+        bool, typer.Option("--plain", metavar=FLAG, help="Leave out the comment that explains each key.")
+    ] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Show a config as training would use it: every key with its value and what it does.
+
+    The config is checked as train checks it, so a bad key or value is an error here too. The output is YAML that --config reads back: capsnet config -c configs/small.yaml -o train.epochs=2 > mine.yaml.
+    """  # one line per help paragraph: the help keeps line breaks
+    with _errors(debug):
+        from capsnet.config import documented_yaml, load_config
+
+        cfg = load_config(config, override)
+        text = documented_yaml(cfg, only_changed=changed, comments=not plain)
+    typer.echo(text, nl=False)
+
+
 @app.command("eval", cls=_Command)
 def eval_(
     ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",

@@ -686,3 +686,80 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- documented YAML
+
+#: The comment lines above the data keys that name the dataset of the keys below them
+_SECTION_MARKERS = re.compile(r"^[a-z-]+$")
+
+
+def field_docs() -> dict[str, str]:
+    """``{"section.key": its comment in this module}`` for every key of every section.
+
+    A key's comment is the one at the end of its line (or inside its parenthesised default),
+    the comment lines below it that carry on that sentence (they start in lower case), and
+    the comment lines above it that begin a sentence of their own; a lone lower-case word
+    above a group of keys (``# smallnorb``) names the dataset they belong to and is left out.
+    """
+    import ast
+    import inspect
+    import io
+    import sys
+    import tokenize
+
+    source = inspect.getsource(sys.modules[__name__])
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, whether it ends a line of code)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            code = tok.line[: tok.start[1]].strip()
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), bool(code))
+    sections = {f.type if isinstance(f.type, str) else f.type.__name__: f.name for f in fields(Config)}
+    docs: dict[str, str] = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef) or node.name not in sections:
+            continue
+        keys = [n for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+        pending: list[str] = []
+        for i, key in enumerate(keys):
+            own = [
+                text for line, (text, _) in sorted(comments.items()) if key.lineno <= line <= key.end_lineno
+            ]
+            if i + 1 < len(keys):
+                stop = keys[i + 1].lineno
+            else:  # the comment lines right below the last key
+                stop = key.end_lineno + 1
+                while stop in comments and not comments[stop][1]:
+                    stop += 1
+            below = [comments[line] for line in range(key.end_lineno + 1, stop) if line in comments]
+            carried, ahead = [], []
+            for text, trailing in below:
+                if trailing or _SECTION_MARKERS.match(text):
+                    continue
+                if own and not ahead and not text[:1].isupper():
+                    carried.append(text)
+                else:
+                    ahead.append(text)
+            docs[f"{sections[node.name]}.{key.target.id}"] = " ".join([*pending, *own, *carried])
+            pending = ahead
+    return docs
+
+
+def documented_yaml(cfg: Config, only_changed: bool = False, comments: bool = True) -> str:
+    """``cfg`` as YAML that :func:`load_config` reads back to it, every key followed by its comment
+    (:func:`field_docs`); ``only_changed``: only the keys whose value is not the default."""
+    docs = field_docs() if comments else {}
+    defaults = Config().to_dict()
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        rows = [
+            (f"  {key}: {_yaml_value(value)}", docs.get(f"{section}.{key}", ""))
+            for key, value in values.items()
+            if not only_changed or value != defaults[section][key]
+        ]
+        if not rows:
+            continue
+        width = min(44, max(len(text) for text, _ in rows))
+        lines.append(f"{section}:")
+        lines += [f"{text:<{width}}  # {doc}" if doc else text for text, doc in rows]
+    return "\n".join(lines) + "\n" if lines else "{}\n"

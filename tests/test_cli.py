@@ -595,6 +595,7 @@ def test_every_command_help_explains_its_options():
         "train": ["--config", "--override", "--resume", "--run-name", "--overwrite", "--debug"],
         "eval": ["--ckpt", "--split", "--batch-size", "--json", "--data-root"],
         "export": ["--ckpt", "--format", "--out"],
+        "config": ["--config", "--override", "--changed", "--plain"],
         "predict": ["--ckpt", "--top", "--invert", "--mirror", "--json", "--csv", "--batch-size", "--device"],
         "bench": [
             "--config",
