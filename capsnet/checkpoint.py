@@ -691,3 +691,87 @@ def build_model_from_checkpoint(
         raise CheckpointError(f"cannot rebuild the model of {where}: {e}") from None
     load_model_state(model, ckpt["model"], where)
     return model
+
+
+# --------------------------------------------------------------------------- listing runs
+
+
+def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
+    """One summary per run folder under ``out_dir`` that holds a checkpoint, the newest first:
+    its name and folder, when it was last saved, its dataset, model and parameter count, how far
+    it got (steps of its planned total, epochs) and its best score. A run whose newest
+    checkpoint cannot be read is listed with ``error`` saying why."""
+    rows = []
+    for run_dir in sorted(runs_in(Path(out_dir).expanduser()), key=lambda p: (-_run_time(p), p.name)):
+        row: dict[str, Any] = {
+            "run": run_dir.name,
+            "path": str(run_dir),
+            "updated": _run_time(run_dir) or None,
+        }
+        try:
+            path = run_checkpoint(run_dir)
+            ckpt = load_checkpoint(path)
+            model = build_model_from_checkpoint(ckpt, path)
+        except CheckpointError as e:
+            rows.append({**row, "error": str(e).splitlines()[0]})
+            continue
+        config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        sections = {name: config.get(name) if isinstance(config.get(name), dict) else {} for name in config}
+        total = ckpt.get("total_steps")
+        row.update(
+            checkpoint=str(path),
+            data=(sections.get("data") or {}).get("name"),
+            preset=_preset_of(ckpt["arch"], (sections.get("model") or {}).get("preset")),
+            parameters=model.num_parameters(),
+            iterations=int(model.hparams["iterations"]),
+            step=int(ckpt["step"]),
+            total_steps=int(total) if isinstance(total, int) else None,
+            epoch=int(ckpt["epoch"]),
+            epochs=(sections.get("train") or {}).get("epochs"),
+            best=ckpt.get("best_metric"),
+            best_step=ckpt.get("best_step"),
+            best_split=ckpt.get("best_split"),
+        )
+        row["finished"] = row["total_steps"] is not None and row["step"] >= row["total_steps"]
+        rows.append(row)
+    return rows
+
+
+def _preset_of(arch: dict[str, Any], preset: Any) -> str | None:
+    """``preset`` where the model has the preset's sizes; None where the config changed them."""
+    from capsnet.config import PRESETS
+
+    sizes = PRESETS.get(preset) if isinstance(preset, str) else None
+    if sizes is None:
+        return None
+    same = all(
+        (list(arch.get(key) or []) == list(value)) if isinstance(value, list) else arch.get(key) == value
+        for key, value in sizes.items()
+    )
+    return preset if same else None
+
+
+def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
+    """:func:`run_summaries` as a table for the terminal."""
+    import datetime
+
+    def when(stamp: float | None) -> str:
+        return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M") if stamp else "-"
+
+    table = [("run", "saved", "data", "model", "steps", "best")]
+    for row in rows:
+        if "error" in row:
+            table.append((row["run"], when(row["updated"]), "-", "-", "-", f"unreadable: {row['error']}"))
+            continue
+        model = f"{row['preset'] or 'custom'}, {row['parameters']:,} parameters"
+        steps = f"{row['step']:,}" + (f"/{row['total_steps']:,}" if row["total_steps"] is not None else "")
+        steps += " done" if row["finished"] else ""
+        best = "-"
+        if isinstance(row["best"], (int, float)):
+            best = f"{row['best_split'] or 'val'}/acc {row['best']:.4f}"
+            best += f" (step {row['best_step']:,})" if isinstance(row["best_step"], int) else ""
+        table.append((row["run"], when(row["updated"]), str(row["data"]), model, steps, best))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+    lines = [f"{len(rows)} run{'s' if len(rows) != 1 else ''} in {out_dir}, the newest first:"]
+    lines += ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in table]
+    return "\n".join(lines)

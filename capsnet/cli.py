@@ -247,6 +247,30 @@ def config_(
     typer.echo(text, nl=False)
 
 
+@app.command(cls=_Command)
+def runs(
+    out_dir: OutDirOption = DEFAULT_OUT_DIR,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar=FLAG, help="Print the runs as one JSON list.")
+    ] = False,
+    debug: DebugOption = False,
+) -> None:
+    """List the runs in --out-dir, the newest first: when each was saved, its data and model, how far it got and its best score.
+
+    Each run is named as --ckpt and --resume take it (capsnet eval --ckpt RUN).
+    """  # one line per help paragraph: the help keeps line breaks
+    with _errors(debug):
+        from capsnet.checkpoint import CheckpointError, run_summaries, runs_table
+
+        rows = run_summaries(out_dir)
+        if not rows and not as_json:
+            raise CheckpointError(
+                f"no runs with checkpoints in {out_dir}; train one (capsnet train --config ...), "
+                "or name the folder that holds them (--out-dir)"
+            )
+    typer.echo(_json(rows) if as_json else runs_table(rows, out_dir))
+
+
 @app.command("eval", cls=_Command)
 def eval_(
     ckpt: Annotated[str, typer.Option("--ckpt", help=CKPT_HELP)] = "latest",

@@ -596,6 +596,7 @@ def test_every_command_help_explains_its_options():
         "eval": ["--ckpt", "--split", "--batch-size", "--json", "--data-root"],
         "export": ["--ckpt", "--format", "--out"],
         "config": ["--config", "--override", "--changed", "--plain"],
+        "runs": ["--out-dir", "--json"],
         "predict": ["--ckpt", "--top", "--invert", "--mirror", "--json", "--csv", "--batch-size", "--device"],
         "bench": [
             "--config",

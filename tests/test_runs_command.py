@@ -1,0 +1,88 @@
+"""capsnet runs: the runs of a weights folder, the newest first, with how far each got."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from helpers import tiny
+from typer.testing import CliRunner
+
+from capsnet.checkpoint import _preset_of, load_checkpoint, read_run_record, run_summaries, write_run_record
+from capsnet.cli import app
+from capsnet.model import CapsNet
+from capsnet.trainer import fit
+
+runner = CliRunner()
+
+
+def stamp(run_dir: Path, when: float) -> None:
+    write_run_record(run_dir)
+    record = read_run_record(run_dir)
+    record["updated"] = when
+    (run_dir / "run.json").write_text(json.dumps(record))
+
+
+def test_runs_are_listed_newest_first_with_how_far_they_got(tmp_path):
+    fit(tiny(tmp_path, "train.max_steps=3"), run_name="short", echo=lambda _msg: None)
+    fit(tiny(tmp_path, "train.epochs=1", "model.caps_types=[4, 6]"), run_name="whole", echo=lambda _msg: None)
+    weights = tmp_path / "weights"
+    broken = weights / "broken"
+    broken.mkdir()
+    (broken / "last.pt").write_bytes(b"not a checkpoint")
+    (weights / "notes").mkdir()  # no checkpoint: not a run
+    stamp(weights / "short", 3_000.0)
+    stamp(weights / "whole", 2_000.0)
+    stamp(broken, 1_000.0)
+
+    rows = run_summaries(weights)
+    assert [row["run"] for row in rows] == ["short", "whole", "broken"]
+    short, whole, bad = rows
+    assert (short["step"], short["total_steps"], short["finished"]) == (3, 3, True)
+    assert (whole["step"], whole["total_steps"], whole["epoch"], whole["epochs"]) == (6, 6, 1, 1)
+    ckpt = load_checkpoint(weights / "whole" / "last.pt")
+    assert whole["parameters"] == CapsNet(**ckpt["arch"]).num_parameters() != short["parameters"]
+    assert whole["best"] == ckpt["best_metric"] and whole["best_split"] == "test"  # tiny holds out no val
+    assert whole["data"] == "synthetic" and whole["preset"] is None and whole["iterations"] == 2
+    assert "error" in bad and "not a readable checkpoint" in bad["error"]
+
+    table = runner.invoke(app, ["runs", "--out-dir", str(weights)])
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0] == f"3 runs in {weights}, the newest first:"
+    assert lines[1].split() == ["run", "saved", "data", "model", "steps", "best"]
+    assert lines[2].startswith("short ") and " 3/3 done " in lines[2]
+    assert f"custom, {whole['parameters']:,} parameters" in lines[3]
+    assert f"test/acc {whole['best']:.4f} (step {whole['best_step']})" in lines[3]
+    assert lines[4].startswith("broken ") and "unreadable: " in lines[4]
+    listed = runner.invoke(app, ["runs", "--out-dir", str(weights), "--json"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == json.loads(json.dumps(rows))
+
+
+def test_a_stopped_run_shows_its_steps_of_the_planned_total(tmp_path):
+    fit(tiny(tmp_path, "train.epochs=3"), run_name="planned", echo=lambda _msg: None)
+    run = tmp_path / "weights" / "planned"
+    for step_file in sorted(run.glob("step-*.pt"))[1:]:  # as if it stopped after its first save
+        step_file.unlink()
+    first = min(run.glob("step-*.pt"))
+    (run / "last.pt").write_bytes(first.read_bytes())
+    [row] = run_summaries(tmp_path / "weights")
+    assert row["step"] < row["total_steps"] == 18 and not row["finished"]
+    table = runner.invoke(app, ["runs", "--out-dir", str(tmp_path / "weights")])
+    assert f" {row['step']}/18 " in table.stdout and "done" not in table.stdout
+
+
+def test_the_preset_is_named_only_where_the_model_has_its_sizes():
+    small = {"stem_channels": [64], "primary_types": 8, "caps_types": [16, 16]}
+    assert _preset_of(small, "small") == "small"
+    assert _preset_of({**small, "stem_channels": (64, 64, 64)}, "small") is None  # a deeper stem
+    assert _preset_of(small, None) is None and _preset_of(small, "paper") is None
+
+
+def test_an_empty_folder_is_a_one_line_error_and_an_empty_json_list(tmp_path):
+    result = runner.invoke(app, ["runs", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.startswith(
+        f"error: no runs with checkpoints in {tmp_path}"
+    )
+    listed = runner.invoke(app, ["runs", "--out-dir", str(tmp_path / "missing"), "--json"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == []
