@@ -49,6 +49,7 @@ by 3.1e-6, and no prediction changes), but tight, well separated clusters far fr
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -410,10 +411,26 @@ def _vote_gradient_kernel(left: Tensor, right: Tensor, d: Tensor) -> Tensor:
 KERNEL_RECOMPILE_LIMIT = 64
 
 
+class _NoCudaRuntimeNote(logging.Filter):
+    """Leaves out torch's note "No CUDA runtime is found, using CUDA_HOME=..." that building
+    the kernels for a CPU prints where a CUDA toolkit is installed without a GPU: it is about
+    CUDA extensions, which the routing does not build."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def _quiet_cuda_runtime_note() -> None:
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNote) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNote())
+
+
 @cache
 def _kernel(fn):
     import torch._dynamo
 
+    _quiet_cuda_runtime_note()  # before torch.compile first imports torch.utils.cpp_extension
     config = torch._dynamo.config
     # recompile_limit since torch 2.7; cache_size_limit before (an alias of it after)
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"

@@ -81,3 +81,21 @@ def test_bench_reports_which_kernels_it_timed(no_compiler):
     assert fallback.exit_code == 0, fallback.output
     assert "warning: the routing's compiled kernels cannot be built" in fallback.output
     assert json.loads(fallback.stdout.strip().splitlines()[-1])["compiled_routing"] is False
+
+
+def test_torch_s_note_on_a_missing_cuda_runtime_is_left_out_once_kernels_are_built(monkeypatch):
+    """Where a CUDA toolkit is installed without a GPU, building the kernels for the CPU made torch
+    log "No CUDA runtime is found, using CUDA_HOME=..." in the middle of training's output."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    monkeypatch.setattr(logger, "filters", [])
+    routing._kernel.__wrapped__(routing._moments_kernel)  # the uncached function: torch.compile is lazy
+    routing._kernel.__wrapped__(routing._quadratic_kernel)
+    assert len(logger.filters) == 1  # once, however many kernels
+
+    def record(msg: str, *args) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, args, None)
+
+    assert not logger.filter(record("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local"))
+    assert logger.filter(record("some other note about %s", "extensions"))
