@@ -424,6 +424,68 @@ def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tm
     assert calls[1] == "eval --ckpt kept/r/best.pt --split test" + (" --mirror" if mirrored else "")
 
 
+def test_distill_fashion_trains_and_scores_the_teacher_then_the_student_taught_by_its_best_pt(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "scripts").mkdir()
+    for script in ("distill_fashion.sh", "reproduce_fashion.sh", "lib.sh"):
+        shutil.copy(REPO / "scripts" / script, tmp_path / "scripts")
+    for stand_in in ("setup_env.sh", "fetch_fashion_mnist.sh"):
+        (tmp_path / "scripts" / stand_in).write_text("exit 0\n")
+    (tmp_path / "scripts" / "plot_curves.py").write_text("open('calls', 'a').write('plot\\n')\n")
+    (tmp_path / "configs").mkdir()
+    for config in ("small_deep.yaml", "small_taught.yaml"):
+        shutil.copy(REPO / "configs" / config, tmp_path / "configs")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(f'#!/bin/bash\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "capsnet").write_text(CAPSNET_STAND_IN)
+    for tool in ("python", "capsnet"):
+        (bin_dir / tool).chmod(0o755)
+    done = subprocess.run(
+        ["bash", "scripts/distill_fashion.sh", "-o", "loss.teacher_temperature=2"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "TEACHER": "t"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    root = tmp_path.resolve()
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"train --config {root}/configs/small_deep.yaml --run-name t --resume latest",
+        "eval --ckpt weights/em_capsules/t/best.pt --split test",
+        "plot",
+        (
+            f"train --config {root}/configs/small_taught.yaml --run-name small-taught --resume latest "
+            "-o loss.teacher=t/best.pt -o loss.teacher_temperature=2"
+        ),
+        "eval --ckpt weights/em_capsules/small-taught/best.pt --split test",
+        "plot",
+    ]
+
+
+def test_the_taught_config_is_the_paper_s_small_model_with_the_teacher_s_split():
+    from capsnet.config import load_config
+
+    student, teacher = (load_config(REPO / "configs" / f"{n}.yaml") for n in ("small_taught", "small_deep"))
+    assert student.loss.teacher == "small-deep-teacher/best.pt"
+    assert (student.model.stem_channels, student.model.batch_norm, student.model.stem_padding) == (
+        None,
+        False,
+        0,
+    )
+    assert student.model.resolved().stem_channels == [64]  # the paper's single conv
+    assert (student.data.val_split, student.train.seed) == (teacher.data.val_split, teacher.train.seed)
+    assert (
+        student.optim == teacher.optim
+        and student.train == teacher.train
+        and student.routing == teacher.routing
+    )
+
+
 def test_the_ablation_rewrites_only_its_own_part_of_the_results_file(tmp_path):
     import shutil
     import subprocess
@@ -549,7 +611,12 @@ def test_test_sh_and_the_dataset_script_print_their_usage_without_setting_anythi
 def test_the_long_scripts_print_their_usage_and_the_ablation_takes_no_arguments():
     import subprocess
 
-    for script in ("reproduce_fashion.sh", "ablation_fashion.sh", "experiment_figures.sh"):
+    for script in (
+        "reproduce_fashion.sh",
+        "ablation_fashion.sh",
+        "experiment_figures.sh",
+        "distill_fashion.sh",
+    ):
         done = subprocess.run(
             ["bash", str(REPO / "scripts" / script), "--help"], capture_output=True, text=True, check=False
         )
