@@ -25,6 +25,7 @@ import dataclasses
 import errno
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -299,14 +300,23 @@ def has_checkpoint(run_dir: Path) -> bool:
     return bool(step_checkpoints(run_dir)) or (run_dir / LAST).is_file()
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None where it is no such number (text, NaN, missing)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def _run_time(run_dir: Path) -> float:
     record = read_run_record(run_dir)
-    if record and isinstance(record.get("updated"), (int, float)):
-        return float(record["updated"])
+    updated = _finite(record.get("updated")) if record else None
+    if updated is not None:
+        return updated
     try:  # no run.json: the wall time recorded inside last.pt
-        return float(load_checkpoint(run_dir / LAST).get("time", 0.0))
+        saved = _finite(load_checkpoint(run_dir / LAST).get("time"))
     except CheckpointError:
         return 0.0
+    return saved if saved is not None else 0.0
 
 
 def runs_in(folder: Path) -> list[Path]:
@@ -567,6 +577,8 @@ def check_resume_settings(saved_config: dict[str, Any], current: dict[str, Any],
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any], where: str | Path) -> None:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where} is not a capsnet checkpoint (its weights are not a mapping)")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -701,36 +713,43 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
     its name and folder, when it was last saved, its dataset, model and parameter count, how far
     it got (steps of its planned total, epochs) and its best score. A run whose newest
     checkpoint cannot be read is listed with ``error`` saying why."""
+
+    def counter(value: Any) -> int | None:
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def text(value: Any) -> str | None:
+        return value if isinstance(value, str) else None
+
     rows = []
-    for run_dir in sorted(runs_in(Path(out_dir).expanduser()), key=lambda p: (-_run_time(p), p.name)):
-        row: dict[str, Any] = {
-            "run": run_dir.name,
-            "path": str(run_dir),
-            "updated": _run_time(run_dir) or None,
-        }
+    times = {run_dir: _run_time(run_dir) for run_dir in runs_in(Path(out_dir).expanduser())}
+    # the order of latest_run: the first is the run that --ckpt latest takes
+    for run_dir in sorted(times, key=lambda p: (times[p], p.name), reverse=True):
+        row: dict[str, Any] = {"run": run_dir.name, "path": str(run_dir), "updated": times[run_dir] or None}
         try:
             path = run_checkpoint(run_dir)
             ckpt = load_checkpoint(path)
+            for key in ("step", "epoch"):
+                if counter(ckpt[key]) is None:
+                    raise CheckpointError(f"{path} is not a capsnet checkpoint ({key} {ckpt[key]!r})")
             model = build_model_from_checkpoint(ckpt, path)
         except CheckpointError as e:
             rows.append({**row, "error": str(e).splitlines()[0]})
             continue
         config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         sections = {name: config.get(name) if isinstance(config.get(name), dict) else {} for name in config}
-        total = ckpt.get("total_steps")
         row.update(
             checkpoint=str(path),
-            data=(sections.get("data") or {}).get("name"),
+            data=text((sections.get("data") or {}).get("name")),
             preset=_preset_of(ckpt["arch"], (sections.get("model") or {}).get("preset")),
             parameters=model.num_parameters(),
             iterations=int(model.hparams["iterations"]),
-            step=int(ckpt["step"]),
-            total_steps=int(total) if isinstance(total, int) else None,
-            epoch=int(ckpt["epoch"]),
-            epochs=(sections.get("train") or {}).get("epochs"),
-            best=ckpt.get("best_metric"),
-            best_step=ckpt.get("best_step"),
-            best_split=ckpt.get("best_split"),
+            step=ckpt["step"],
+            total_steps=counter(ckpt.get("total_steps")),
+            epoch=ckpt["epoch"],
+            epochs=counter((sections.get("train") or {}).get("epochs")),
+            best=_finite(ckpt.get("best_metric")),
+            best_step=counter(ckpt.get("best_step")),
+            best_split=text(ckpt.get("best_split")),
         )
         row["finished"] = row["total_steps"] is not None and row["step"] >= row["total_steps"]
         rows.append(row)
@@ -756,7 +775,10 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
     import datetime
 
     def when(stamp: float | None) -> str:
-        return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M") if stamp else "-"
+        try:
+            return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M") if stamp else "-"
+        except (ValueError, OverflowError, OSError):  # a time no calendar date has (run.json edited)
+            return "-"
 
     table = [("run", "saved", "data", "model", "steps", "best")]
     for row in rows:
@@ -770,7 +792,7 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
         if isinstance(row["best"], (int, float)):
             best = f"{row['best_split'] or 'val'}/acc {row['best']:.4f}"
             best += f" (step {row['best_step']:,})" if isinstance(row["best_step"], int) else ""
-        table.append((row["run"], when(row["updated"]), str(row["data"]), model, steps, best))
+        table.append((row["run"], when(row["updated"]), row["data"] or "-", model, steps, best))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     lines = [f"{len(rows)} run{'s' if len(rows) != 1 else ''} in {out_dir}, the newest first:"]
     lines += ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in table]

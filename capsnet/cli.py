@@ -268,7 +268,8 @@ def runs(
                 f"no runs with checkpoints in {out_dir}; train one (capsnet train --config ...), "
                 "or name the folder that holds them (--out-dir)"
             )
-    typer.echo(_json(rows) if as_json else runs_table(rows, out_dir))
+        text = _json(rows) if as_json else runs_table(rows, out_dir)
+    typer.echo(text)
 
 
 @app.command("eval", cls=_Command)

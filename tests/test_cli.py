@@ -717,15 +717,21 @@ def test_a_run_on_a_separate_test_folder_is_scored_without_its_training_folder(t
         app, ["train", "--config", TINY, "--run-name", "pets", *[a for o in overrides for a in ("-o", o)]]
     )
     assert trained.exit_code == 0, trained.output
-    before = runner.invoke(app, ["eval", "--ckpt", "pets", "--json"])
+    # scored as before: a checkpoint that records no class names takes them from the training folder
+    ckpt = torch.load(tmp_path / "weights" / "em_capsules" / "pets" / "last.pt", weights_only=True)
+    del ckpt["data_info"]["class_names"]
+    torch.save(ckpt, tmp_path / "nameless.pt")
+    before = runner.invoke(app, ["eval", "--ckpt", str(tmp_path / "nameless.pt"), "--json"])
     assert before.exit_code == 0, before.output
     shutil.rmtree(tmp_path / "train")
     after = runner.invoke(app, ["eval", "--ckpt", "pets", "--json"])
     assert after.exit_code == 0, after.output
     scored, scored_before = json.loads(after.stdout), json.loads(before.stdout)
-    assert (
-        scored["n"] == 6 and scored["acc"] == scored_before["acc"] and scored["loss"] == scored_before["loss"]
-    )
+    for key in ("loss", "acc", "n", "per_class_correct", "per_class_total", "class_names"):
+        assert scored[key] == scored_before[key], key
+    assert scored["n"] == 6
+    nameless = runner.invoke(app, ["eval", "--ckpt", str(tmp_path / "nameless.pt")])
+    assert nameless.exit_code == 2 and "data.train_dir" in nameless.stderr  # its classes were there
     exported = runner.invoke(app, ["export", "--ckpt", "pets", "--format", "pt2"])
     assert exported.exit_code == 0 and "of folder test images" in exported.stdout, exported.output
     # the validation split is carved from the training images, which it still needs

@@ -79,3 +79,16 @@ def test_the_command_shows_checks_and_explains():
     assert bad.exit_code == 2 and "train.epoch: unknown key; did you mean train.epochs?" in bad.stderr
     missing = runner.invoke(app, ["config", "-c", "nowhere.yaml"])
     assert missing.exit_code == 2 and missing.stderr.startswith("error: ")
+
+
+def test_long_values_stay_on_the_line_of_their_key(tmp_path):
+    """A path with spaces or a list longer than a line reads back as it was, not folded over lines."""
+    folder = "/data/" + "my photos of the garden/" * 5
+    cfg = load_config(
+        None, ["data.name=folder", f"data.train_dir={folder}", f"model.decoder_hidden={list(range(1, 41))}"]
+    )
+    for only_changed in (False, True):
+        shown = tmp_path / "shown.yaml"
+        shown.write_text(documented_yaml(cfg, only_changed))
+        assert load_config(shown) == cfg
+        assert f"  train_dir: {folder}" in shown.read_text()

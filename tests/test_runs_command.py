@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import torch
 from helpers import tiny
 from typer.testing import CliRunner
 
-from capsnet.checkpoint import _preset_of, load_checkpoint, read_run_record, run_summaries, write_run_record
+from capsnet.checkpoint import (
+    _preset_of,
+    latest_run,
+    load_checkpoint,
+    read_run_record,
+    run_summaries,
+    write_run_record,
+)
 from capsnet.cli import app
 from capsnet.model import CapsNet
 from capsnet.trainer import fit
@@ -86,3 +95,49 @@ def test_an_empty_folder_is_a_one_line_error_and_an_empty_json_list(tmp_path):
     )
     listed = runner.invoke(app, ["runs", "--out-dir", str(tmp_path / "missing"), "--json"])
     assert listed.exit_code == 0 and json.loads(listed.stdout) == []
+
+
+def test_odd_run_folders_are_rows_of_the_table_not_a_traceback(tmp_path):
+    """Times that are no date (NaN, beyond any calendar, text in last.pt), a step that is no number
+    and weights that are no mapping: the others are listed as usual, the damaged ones as unreadable."""
+    fit(tiny(tmp_path, "train.max_steps=1"), run_name="good", echo=lambda _msg: None)
+    weights = tmp_path / "weights"
+
+    def copy(name: str, change=None) -> Path:
+        run = weights / name
+        shutil.copytree(weights / "good", run)
+        for path in run.glob("*.pt") if change else []:
+            ckpt = torch.load(path, weights_only=True)
+            change(ckpt)
+            torch.save(ckpt, path)
+        return run
+
+    (copy("nan") / "run.json").write_text('{"updated": NaN}')
+    (copy("far") / "run.json").write_text('{"updated": 1e300}')
+    (copy("textual", lambda c: c.update(time="yesterday")) / "run.json").unlink()
+    copy("stepless", lambda c: c.update(step="abc"))
+    copy("weightless", lambda c: c.update(model="weights"))
+
+    table = runner.invoke(app, ["runs", "--out-dir", str(weights)])
+    assert table.exit_code == 0, table.output
+    rows = {line.split()[0]: line for line in table.stdout.splitlines()[2:]}
+    assert sorted(rows) == ["far", "good", "nan", "stepless", "textual", "weightless"]
+    for name in ("nan", "far", "textual"):
+        assert " 1/1 done " in rows[name], rows[name]
+    assert rows["far"].split()[1] == "-" and rows["textual"].split()[1] == "-"
+    assert "unreadable: " in rows["stepless"] and "(step 'abc')" in rows["stepless"]
+    assert "unreadable: " in rows["weightless"] and "weights are not a mapping" in rows["weightless"]
+    listed = runner.invoke(app, ["runs", "--out-dir", str(weights), "--json"])
+    assert listed.exit_code == 0 and len(json.loads(listed.stdout)) == 6
+    # the run --ckpt latest takes is found among them too
+    assert latest_run(weights).name == "far"
+    weightless = runner.invoke(app, ["eval", "--ckpt", str(weights / "weightless")])
+    assert weightless.exit_code == 2 and weightless.stderr.startswith("error: "), weightless.output
+
+
+def test_the_first_run_listed_is_the_one_latest_takes_when_two_were_saved_at_once(tmp_path):
+    fit(tiny(tmp_path, "train.max_steps=1"), run_name="a", echo=lambda _msg: None)
+    weights = tmp_path / "weights"
+    shutil.copytree(weights / "a", weights / "b")  # a copied run keeps its run.json's time
+    rows = run_summaries(weights)
+    assert [row["run"] for row in rows] == [latest_run(weights).name, "a"] == ["b", "a"]
