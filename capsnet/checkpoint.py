@@ -780,7 +780,7 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
         except (ValueError, OverflowError, OSError):  # a time no calendar date has (run.json edited)
             return "-"
 
-    table = [("run", "saved", "data", "model", "steps", "best")]
+    table = [("run", "updated", "data", "model", "steps", "best")]
     for row in rows:
         if "error" in row:
             table.append((row["run"], when(row["updated"]), "-", "-", "-", f"unreadable: {row['error']}"))

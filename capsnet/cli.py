@@ -255,7 +255,7 @@ def runs(
     ] = False,
     debug: DebugOption = False,
 ) -> None:
-    """List the runs in --out-dir, the newest first: when each was saved, its data and model, how far it got and its best score.
+    """List the runs in --out-dir, the newest first: when each was last started or saved, its data and model, how far it got and its best score.
 
     Each run is named as --ckpt and --resume take it (capsnet eval --ckpt RUN).
     """  # one line per help paragraph: the help keeps line breaks

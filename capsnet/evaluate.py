@@ -270,7 +270,8 @@ def prepare_checkpoint(
     model = build_model_from_checkpoint(ckpt, path, changes).to(dev).eval()
     info = ckpt.get("data_info") if isinstance(ckpt.get("data_info"), dict) else {}
     # scoring the test split needs no training image: an image folder decodes its test images alone
-    trained_classes = info.get("class_names") if split != "val" else None
+    names = info.get("class_names")
+    trained_classes = [str(n) for n in names] if split != "val" and isinstance(names, list | tuple) else None
     with reported_data_warnings():
         loaders = build_loaders(cfg, stats=trained_normalisation(ckpt), trained_classes=trained_classes)
     check_channels(loaders.info, model.in_channels)
@@ -298,7 +299,9 @@ def check_class_names(ckpt: dict[str, Any], names: list[str], path: str | Path) 
 
     info = ckpt.get("data_info")
     trained = info.get("class_names") if isinstance(info, dict) else None
-    if trained is None or [str(n) for n in trained] == [str(n) for n in names]:
+    if not isinstance(trained, list | tuple):  # none recorded (or not as a list): nothing to check
+        return
+    if [str(n) for n in trained] == [str(n) for n in names]:
         return
     raise DataError(
         f"{path} was trained with the classes {list(trained)}, this data has {list(names)}: its outputs "

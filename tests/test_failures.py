@@ -1191,3 +1191,12 @@ def test_scoring_and_export_show_skipped_files_as_one_warning_line(animals, comm
     assert "DataWarning" not in result.stderr
     if command[0] == "eval":
         assert json.loads(result.stdout)["n"] == 9  # stdout holds the results alone
+
+
+def test_a_checkpoint_whose_class_names_are_not_a_list_is_scored_as_one_that_records_none(animals):
+    run = animals / "weights" / "animals"
+    ckpt = load_checkpoint(run / "last.pt")
+    ckpt["data_info"]["class_names"] = 3
+    odd = animals / "odd.pt"
+    torch.save(ckpt, odd)
+    assert eval_json(odd)["class_names"] == ["bird", "cat", "dog"]  # from the folders, unchecked

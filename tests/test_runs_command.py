@@ -59,7 +59,7 @@ def test_runs_are_listed_newest_first_with_how_far_they_got(tmp_path):
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()
     assert lines[0] == f"3 runs in {weights}, the newest first:"
-    assert lines[1].split() == ["run", "saved", "data", "model", "steps", "best"]
+    assert lines[1].split() == ["run", "updated", "data", "model", "steps", "best"]
     assert lines[2].startswith("short ") and " 3/3 done " in lines[2]
     assert f"custom, {whole['parameters']:,} parameters" in lines[3]
     assert f"test/acc {whole['best']:.4f} (step {whole['best_step']})" in lines[3]
