@@ -158,7 +158,11 @@ DATASET_KEYS = {
 def _yaml_value(value: Any) -> str:
     """``value`` as YAML writes a scalar: null, true, 0.5, text; on one line, however long (a long
     text or list folded over lines would not read back as the value of its key)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("\n...\n").strip()
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=math.inf, allow_unicode=True)
+        .removesuffix("\n...\n")
+        .strip()
+    )
 
 
 @dataclass

@@ -92,3 +92,11 @@ def test_long_values_stay_on_the_line_of_their_key(tmp_path):
         shown.write_text(documented_yaml(cfg, only_changed))
         assert load_config(shown) == cfg
         assert f"  train_dir: {folder}" in shown.read_text()
+
+
+def test_text_beyond_ascii_is_shown_as_written_and_reads_back(tmp_path):
+    cfg = load_config(None, ["data.name=folder", "data.train_dir=café/Bilder/猫"])
+    shown = documented_yaml(cfg, only_changed=True)
+    assert "  train_dir: café/Bilder/猫  # " in shown
+    (tmp_path / "shown.yaml").write_text(shown, encoding="utf-8")
+    assert load_config(tmp_path / "shown.yaml") == cfg
