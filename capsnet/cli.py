@@ -457,7 +457,7 @@ def predict(
 ) -> None:
     """Classify image files with a trained checkpoint: the most active classes of each.
 
-    Each file is prepared as the model's training images were, from the checkpoint alone: converted to grey or RGB as the model takes, resized to its input size as the run's dataset resized its images (the aspect ratio is not kept), and normalised with the statistics the run recorded (smallNORB models: resized to 1.5 times their input size, standardised per image, then centre-cropped). Files that are not readable images are skipped with a warning.
+    Each file is prepared as the run's test images were scored (no augmentation), from the checkpoint alone: converted to grey or RGB as the model takes, resized to its input size as the run's dataset resized its images (the aspect ratio is not kept), and normalised with the statistics the run recorded (smallNORB models: resized to 1.5 times their input size, standardised per image, then centre-cropped). Files that are not readable images are skipped with a warning.
     """  # one line per help paragraph: the help keeps line breaks
     with _errors(debug):
         from capsnet.checkpoint import atomic_write_bytes

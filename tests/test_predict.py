@@ -399,7 +399,7 @@ def test_predict_help_says_how_files_are_prepared():
     result = runner.invoke(app, ["predict", "--help"])
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
-    assert "prepared as the model's training images were" in text
+    assert "prepared as the run's test images were scored (no augmentation)" in text
     assert "smallNORB models: resized to 1.5 times their input size, standardised per image" in text
 
 
