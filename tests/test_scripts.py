@@ -369,26 +369,35 @@ if [ "$1" = train ]; then mkdir -p "$out/$5"; cp "$3" "$out/$5/config.yaml"; fi
 """
 
 
-@pytest.mark.parametrize("config, mirrored", [("fashion_paper_deep.yaml", True), ("small.yaml", False)])
-def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tmp_path, config, mirrored):
+def stand_in_checkout(root: Path, scripts: list[str], configs: list[str]) -> None:
+    """A checkout in ``root`` with ``scripts`` and ``configs`` copied, no-op set-up scripts, and a
+    .venv whose capsnet records its calls (CAPSNET_STAND_IN) and whose curve plot writes `plot`."""
     import shutil
-    import subprocess
     import sys
 
-    (tmp_path / "scripts").mkdir()
-    for script in ("reproduce_fashion.sh", "lib.sh"):
-        shutil.copy(REPO / "scripts" / script, tmp_path / "scripts")
+    (root / "scripts").mkdir()
+    for script in [*scripts, "lib.sh"]:
+        shutil.copy(REPO / "scripts" / script, root / "scripts")
     for stand_in in ("setup_env.sh", "fetch_fashion_mnist.sh"):
-        (tmp_path / "scripts" / stand_in).write_text("exit 0\n")
-    (tmp_path / "scripts" / "plot_curves.py").write_text("open('calls', 'a').write('plot\\n')\n")
-    (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / config, tmp_path / "configs")
-    bin_dir = tmp_path / ".venv" / "bin"
+        (root / "scripts" / stand_in).write_text("exit 0\n")
+    (root / "scripts" / "plot_curves.py").write_text("open('calls', 'a').write('plot\\n')\n")
+    (root / "configs").mkdir()
+    for config in configs:
+        shutil.copy(REPO / "configs" / config, root / "configs")
+    bin_dir = root / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     (bin_dir / "python").write_text(f'#!/bin/bash\nexec "{sys.executable}" "$@"\n')
     (bin_dir / "capsnet").write_text(CAPSNET_STAND_IN)
     for tool in ("python", "capsnet"):
         (bin_dir / tool).chmod(0o755)
+
+
+@pytest.mark.parametrize("config, mirrored", [("fashion_paper_deep.yaml", True), ("small.yaml", False)])
+def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tmp_path, config, mirrored):
+    import shutil
+    import subprocess
+
+    stand_in_checkout(tmp_path, ["reproduce_fashion.sh"], [config])
     done = subprocess.run(
         ["bash", "scripts/reproduce_fashion.sh", f"configs/{config}", "-o", "train.seed=1"],
         cwd=tmp_path,
@@ -425,25 +434,11 @@ def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tm
 
 
 def test_distill_fashion_trains_and_scores_the_teacher_then_the_student_taught_by_its_best_pt(tmp_path):
-    import shutil
     import subprocess
-    import sys
 
-    (tmp_path / "scripts").mkdir()
-    for script in ("distill_fashion.sh", "reproduce_fashion.sh", "lib.sh"):
-        shutil.copy(REPO / "scripts" / script, tmp_path / "scripts")
-    for stand_in in ("setup_env.sh", "fetch_fashion_mnist.sh"):
-        (tmp_path / "scripts" / stand_in).write_text("exit 0\n")
-    (tmp_path / "scripts" / "plot_curves.py").write_text("open('calls', 'a').write('plot\\n')\n")
-    (tmp_path / "configs").mkdir()
-    for config in ("small_deep.yaml", "small_taught.yaml"):
-        shutil.copy(REPO / "configs" / config, tmp_path / "configs")
-    bin_dir = tmp_path / ".venv" / "bin"
-    bin_dir.mkdir(parents=True)
-    (bin_dir / "python").write_text(f'#!/bin/bash\nexec "{sys.executable}" "$@"\n')
-    (bin_dir / "capsnet").write_text(CAPSNET_STAND_IN)
-    for tool in ("python", "capsnet"):
-        (bin_dir / tool).chmod(0o755)
+    stand_in_checkout(
+        tmp_path, ["distill_fashion.sh", "reproduce_fashion.sh"], ["small_deep.yaml", "small_taught.yaml"]
+    )
     done = subprocess.run(
         ["bash", "scripts/distill_fashion.sh", "-o", "loss.teacher_temperature=2"],
         cwd=tmp_path,
