@@ -11,8 +11,9 @@ Where the data comes from (``data.name``):
   ``root/<MNIST|FashionMNIST>/raw``, then the system folders of
   :data:`SYSTEM_DATA_DIRS` (Debian's ``dataset-fashion-mnist`` package), then
   downloaded by torchvision when ``data.download`` is true.
-* ``cifar10``, ``svhn``: torchvision's readers, on ``root`` or ``root/<name>``
-  first, downloading to ``root`` only when allowed.
+* ``cifar10``: the python release's pickled batches (:func:`read_cifar_batch`);
+  ``svhn``: torchvision's reader; on ``root`` or ``root/<name>`` first,
+  downloaded by torchvision to ``root`` only when allowed.
 * ``smallnorb``: the official binary-matrix files (:mod:`capsnet.smallnorb`).
 * ``folder``: the user's own images, one sub-folder per class.
 * ``synthetic``: learnable random patterns generated from the seed.
@@ -528,6 +529,19 @@ def read_body(f, path: str | Path, dims: tuple[int, ...], expected: int) -> byte
     return body
 
 
+def shaped_body(
+    body: bytes | bytearray, dtype: np.dtype, dims: tuple[int, ...], path: str | Path
+) -> np.ndarray:
+    """``body`` (of the length :func:`read_body` checked) as an array ``dims``; DataFormatError where the
+    header's dimensions describe no array NumPy can hold (one of them 0, others in the billions)."""
+    try:
+        return np.frombuffer(body, dtype=dtype).reshape(dims)
+    except ValueError:
+        raise DataFormatError(
+            f"{path}: corrupt header: dimensions {dims} describe no array; the file is damaged: fetch it again"
+        ) from None
+
+
 def read_idx(path: str | Path, expected_magic: int | None = None) -> torch.Tensor:
     """Reads an IDX file (plain or ``.gz``) into a tensor of its element type.
 
@@ -558,7 +572,7 @@ def read_idx(path: str | Path, expected_magic: int | None = None) -> torch.Tenso
             body = read_body(f, path, dims, expected)
     except (OSError, EOFError, zlib.error) as e:
         raise DataFormatError(f"{path}: cannot read ({e})") from None
-    array = np.frombuffer(body, dtype=dtype).reshape(dims)
+    array = shaped_body(body, dtype, dims, path)
     return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
 
 
@@ -754,18 +768,23 @@ def read_cifar_batch(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise DataFormatError(f"{path}: not a CIFAR-10 batch file ({one_line(e)})") from None
     if not isinstance(batch, dict):
         raise DataFormatError(f"{path}: not a CIFAR-10 batch file (holds {type(batch).__name__}, not a dict)")
-    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    batch = {k.decode(errors="replace") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     images, labels = batch.get("data"), batch.get("labels")
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2:
         raise DataFormatError(f"{path}: not a CIFAR-10 batch file (no (N, 3072) uint8 'data' array)")
     if images.shape[1] != 3 * 32 * 32:
         raise DataFormatError(f"{path}: rows of {images.shape[1]} bytes, not 3 x 32 x 32 = 3072")
     try:
-        labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        labels = np.asarray(labels)  # not converted yet: 2.7 or True would pass as a class number
     except (TypeError, ValueError):
         labels = None
-    if labels is None or labels.shape != (images.shape[0],):
+    if (
+        labels is None
+        or labels.shape != (images.shape[0],)
+        or (labels.size and labels.dtype.kind not in "iu")
+    ):
         raise DataFormatError(f"{path}: its 'labels' are not one class number per image ({images.shape[0]})")
+    labels = torch.from_numpy(labels.astype(np.int64))
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 9):
         raise DataFormatError(f"{path}: class numbers outside 0-9 ({int(labels.min())}..{int(labels.max())})")
     return torch.from_numpy(images.reshape(-1, 3, 32, 32).copy()), labels

@@ -36,7 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capsnet.data import DataFormatError, DatasetNotFoundError, one_line, open_data_file, read_body
+from capsnet.data import (
+    DataFormatError,
+    DatasetNotFoundError,
+    one_line,
+    open_data_file,
+    read_body,
+    shaped_body,
+)
 
 CLASS_NAMES = ["animal", "human", "airplane", "truck", "car"]
 URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
@@ -56,6 +63,14 @@ MAGIC_DTYPES = {
     0x1E3D4C56: np.dtype("<i2"),
 }
 EXPECTED_MAGIC = {"dat": 0x1E3D4C55, "cat": 0x1E3D4C54, "info": 0x1E3D4C54}
+
+#: What each column of an ``-info`` file may hold (the format's description), and how a message says it.
+INFO_FIELDS = (
+    ("instance", tuple(range(10)), "0..9"),
+    ("elevation", tuple(range(9)), "0..8"),
+    ("azimuth", tuple(range(0, 35, 2)), "0, 2, .., 34"),
+    ("lighting", tuple(range(6)), "0..5"),
+)
 
 #: Azimuths (degrees) of the training viewpoints in the paper's azimuth experiment.
 FAMILIAR_AZIMUTHS = (300, 320, 340, 0, 20, 40)
@@ -119,7 +134,7 @@ def read_norb_matrix(path: str | Path, expected_magic: int | None = None) -> np.
             body = read_body(f, path, dims, expected)
     except (OSError, EOFError, zlib.error) as e:
         raise DataFormatError(f"{path}: cannot read ({e})") from None
-    return np.frombuffer(body, dtype=dtype).reshape(dims)
+    return shaped_body(body, dtype, dims, path)
 
 
 # --------------------------------------------------------------------------- files
@@ -239,6 +254,14 @@ def load_part(files: dict[str, Path], size: int) -> NorbPart:
         raise DataFormatError(f"{files['info']}: expected ({n}, 4) info rows, got shape {info.shape}")
     if n and (cat.min() < 0 or cat.max() >= len(CLASS_NAMES)):
         raise DataFormatError(f"{files['cat']}: labels must be 0..4, found {cat.min()}..{cat.max()}")
+    for column, (field, allowed, text) in enumerate(INFO_FIELDS):
+        wrong = ~np.isin(info[:, column], allowed)
+        if wrong.any():  # a viewpoint split would put such a row on the wrong side without a word
+            row = int(wrong.argmax())
+            raise DataFormatError(
+                f"{files['info']}: {field} (column {column + 1}) must be {text}, found {info[row, column]} "
+                f"in row {row}; the file is damaged: fetch it again"
+            )
     return NorbPart(
         images=images,
         labels=torch.from_numpy(cat.astype(np.int64)),

@@ -389,6 +389,31 @@ def test_a_corrupt_or_doctored_cifar10_batch_is_a_format_error_naming_it(tmp_pat
         build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=False))
 
 
+@pytest.mark.parametrize(
+    "labels", [[0.5, 1.7], [2**70, 1], [float("inf"), 1.0], [True, False], ["1", "2"]], ids=repr
+)
+def test_cifar10_labels_that_are_not_whole_class_numbers_are_a_format_error(tmp_path, labels):
+    """Fractions were cut to a class number; numbers past 64 bits and infinities were tracebacks."""
+    import pickle
+
+    folder = write_cifar10(tmp_path)
+    batch = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": labels}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DataFormatError, match=r"test_batch: its 'labels' are not one class number per image"):
+        build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=False))
+
+
+def test_a_cifar10_batch_with_a_key_that_is_not_utf8_is_still_read(tmp_path):
+    import pickle
+
+    folder = write_cifar10(tmp_path)
+    batch = pickle.loads((folder / "test_batch").read_bytes(), encoding="bytes")
+    batch[b"\xff\xfe"] = 1  # a key the release does not have, in no text encoding
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    _, _, test, _ = build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=False))
+    assert test.labels.tolist() == batch[b"labels"]
+
+
 def test_a_cifar10_archive_left_packed_is_named_when_the_data_is_not_found(tmp_path):
     (tmp_path / data.CIFAR10_ARCHIVE).write_bytes(b"archive")
     with pytest.raises(DatasetNotFoundError, match=r"cifar-10-python.tar.gz is there but not unpacked"):
@@ -690,6 +715,79 @@ def test_corrupt_smallnorb_file_fails_the_build_naming_the_file(tmp_path):
     bad.write_bytes(bad.read_bytes()[:-4])
     with pytest.raises(DataFormatError, match="testing-cat.mat"):
         build_datasets(norb_cfg(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        (0, 10, "instance \\(column 1\\) must be 0..9, found 10"),
+        (1, 9, "elevation \\(column 2\\) must be 0..8, found 9"),
+        (2, 35, "azimuth \\(column 3\\) must be 0, 2, .., 34, found 35"),
+        (2, 36, "azimuth \\(column 3\\) must be 0, 2, .., 34, found 36"),
+        (3, -1, "lighting \\(column 4\\) must be 0..5, found -1"),
+    ],
+)
+def test_a_smallnorb_viewpoint_outside_the_format_is_a_format_error_naming_the_file(
+    tmp_path, column, value, message
+):
+    """An azimuth field of 35 or 36 (350 or 360 degrees) went to the novel side of the azimuth split."""
+    folder = write_smallnorb(tmp_path / "smallnorb")
+    info = norb_info(NORB_ROWS)
+    info[3, column] = value
+    write_norb(folder / f"{smallnorb.FILES['test']}-info.mat", info)
+    with pytest.raises(DataFormatError, match=f"testing-info.mat: {message} in row 3; the file is damaged"):
+        build_datasets(norb_cfg(tmp_path, split="azimuth"))
+
+
+def test_each_smallnorb_split_takes_images_labels_and_viewpoints_from_its_own_file(tmp_path):
+    """The two files differ in every field here, so no split can come from the other file unnoticed."""
+    folder = tmp_path / "smallnorb"
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    files = {}
+    for split, instances, shift in (("train", [4, 6, 7, 8, 9], 0), ("test", [0, 1, 2, 3, 5], 1)):
+        i = np.arange(NORB_ROWS)
+        info = np.stack(
+            [np.take(instances, i % 5), (i + shift) % 9, (2 * (i + 5 * shift)) % 36, (i + shift) % 6], axis=1
+        ).astype(np.int32)
+        views = rng.integers(0, 256, (NORB_ROWS, 2, 96, 96), dtype=np.uint8)
+        cat = ((i + 2 * shift) % 5).astype(np.int32)
+        stem = smallnorb.FILES[split]
+        write_norb(folder / f"{stem}-dat.mat", views)
+        write_norb(folder / f"{stem}-cat.mat", cat)
+        write_norb(folder / f"{stem}-info.mat", info)
+        files[split] = (smallnorb.downsample(views, 48), cat, info)
+    train, _, test, _ = build_datasets(norb_cfg(tmp_path, split="azimuth"))
+    familiar = test.extra_splits["test_familiar"]
+    for dataset, split in ((train, "train"), (test, "test"), (familiar, "test")):
+        images, cat, info = files[split]
+        rows = dataset.rows()
+        assert torch.equal(
+            torch.stack([torch.as_tensor(dataset.pixels(k)) for k in range(len(dataset))]), images[rows]
+        )
+        assert [label for _, label in dataset] == cat[rows.numpy()].tolist()
+        meta = dataset.selected_meta()
+        for column, name in enumerate(("instance", "elevation", "azimuth", "lighting")):
+            scale = 10 if name == "azimuth" else 1
+            assert meta[name].tolist() == (info[rows.numpy(), column] * scale).tolist(), name
+    assert set(train.selected_meta()["instance"].tolist()) == {4, 6, 7, 8, 9}
+    assert set(test.selected_meta()["instance"].tolist()) <= {0, 1, 2, 3, 5}
+    assert len(test) and len(familiar) and len(test) + len(familiar) == NORB_ROWS
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_a_header_whose_dimensions_describe_no_array_is_a_format_error(tmp_path, suffix):
+    """No data and dimensions in the billions: the body's length matches (0 bytes), the shape cannot be."""
+    idx = tmp_path / f"images{suffix}"
+    with _opener(idx)(idx, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">3I", 0, 2**32 - 1, 2**32 - 1))
+    with pytest.raises(DataFormatError, match=r"images(\.gz)?: corrupt header: dimensions \(0, 4294967295"):
+        read_idx(idx)
+    norb = tmp_path / f"dat.mat{suffix}"
+    with _opener(norb)(norb, "wb") as f:
+        f.write(struct.pack("<ii4i", 0x1E3D4C55, 4, 0, *[2**31 - 1] * 3))
+    with pytest.raises(DataFormatError, match=r"dat.mat(\.gz)?: corrupt header: dimensions \(0, 2147483647"):
+        smallnorb.read_norb_matrix(norb)
 
 
 # --------------------------------------------------------------------------- image folder
