@@ -1274,7 +1274,9 @@ def build_loaders(
     the number of processes: rank ``r`` of ``world_size`` takes every
     ``world_size``-th index from position ``r``, so the ranks' k-th batches
     together hold exactly the k-th batch of a single process whose batch size
-    is ``world_size`` times larger. Random augmentation draws from torch's
+    is ``world_size`` times larger (but for the last batch of an epoch where the training
+    set does not divide among the ranks: the sampler repeats up to ``world_size - 1``
+    images so that every rank has as many). Random augmentation draws from torch's
     global generator in the main process, and from per-worker seeds derived
     from ``train_generator`` when ``train.num_workers`` > 0 (workers are started
     for each epoch, so a resumed run restores their seeds with that generator's
