@@ -807,7 +807,9 @@ def _torchvision_split(
     try:
         ds = tvd.SVHN(str(folder), split="train" if train else "test", download=download)
     except ImportError:
-        raise DataError("svhn needs scipy to read its .mat files: pip install scipy (the svhn extra)") from None
+        raise DataError(
+            "svhn needs scipy to read its .mat files: pip install scipy (the svhn extra)"
+        ) from None
     return torch.from_numpy(np.ascontiguousarray(ds.data)), torch.from_numpy(ds.labels.astype(np.int64))
 
 

@@ -162,13 +162,26 @@ def list_images(paths: list[str | Path]) -> list[Path]:
         if path.is_dir():
             with os.scandir(path):  # a folder that cannot be read is said, not searched as an empty one
                 pass
-            inside = sorted(
-                p
-                for p in path.rglob("*")
-                if p.suffix.lower() in suffixes
-                and p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+            unreadable: list[str] = []
+            inside = []
+            said = unreadable.append
+            for folder, subfolders, names in os.walk(path, onerror=lambda e, said=said: said(e.filename)):
+                subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # hidden ones left out
+                inside += [
+                    Path(folder, name)
+                    for name in names
+                    if not name.startswith(".")
+                    and Path(name).suffix.lower() in suffixes
+                    and Path(folder, name).is_file()
+                ]
+            inside.sort()
+            if unreadable:  # below the folder given: its other images are still classified
+                shown = ", ".join(map(str, unreadable[:3])) + (", ..." if len(unreadable) > 3 else "")
+                warnings.warn(
+                    f"skipped {counted(len(unreadable), 'folder')} that could not be read: {shown}",
+                    DataWarning,
+                    stacklevel=2,
+                )
             if not inside:
                 raise DatasetNotFoundError(
                     f"{path} holds no image files (looked for {', '.join(sorted(suffixes)[:6])}, ... "

@@ -479,3 +479,24 @@ def test_folders_are_searched_for_the_formats_pil_reads_not_those_it_only_writes
     for name in ("a.pdf", "b.png"):
         (tmp_path / name).write_bytes(b"")
     assert list_images([tmp_path]) == [tmp_path / "b.png"]
+
+
+def test_a_sub_folder_that_cannot_be_read_is_said_and_the_rest_is_classified(tmp_path, monkeypatch):
+    for name in ("open", "closed"):
+        (tmp_path / name).mkdir()
+        save_png(np.zeros((3, 8, 8), dtype=np.uint8), tmp_path / name / "x.png")
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "closed":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        found = list_images([tmp_path])
+    assert found == [tmp_path / "open" / "x.png"]
+    assert [str(w.message) for w in seen] == [
+        f"skipped 1 folder that could not be read: {tmp_path / 'closed'}"
+    ]
