@@ -1,7 +1,7 @@
 """Export a trained model to ONNX or a torch.export ``.pt2`` archive, checked against eager.
 
 The exported graph maps images (N, C, H, W) to class activations (N, E) and
-poses (N, E, 4, 4); the decoder is left out. By default its input is pixels
+poses (N, E, P, P); the decoder is left out. By default its input is pixels
 scaled to [0, 1] (uint8 / 255) and the dataset's normalisation is part of the
 graph (:class:`Preprocess`), so the file needs nothing beside it; with
 ``inputs="normalised"`` it takes what the data pipeline feeds the model. Either

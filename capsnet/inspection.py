@@ -13,6 +13,7 @@ The routing layer under study runs the plain EM path with a trace
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,12 @@ def inspect_image(
     device = next(model.parameters()).device
     model.eval()
     target = _trace_layer(model, layer)
+    if model.classcaps.pose_size < 2:
+        p = model.classcaps.pose_size
+        raise ExperimentError(
+            f"figure (c) plots the votes on two pose entries, but this model's poses are {p}x{p} "
+            f"(model.pose_size {p}: one entry); inspect needs a model with model.pose_size 2 or more"
+        )
     maps: dict[str, Tensor] = {}
 
     def keep(name: str):
@@ -297,6 +304,8 @@ def inspect_checkpoint(
     require_matplotlib()
     if steps < 2:
         raise ExperimentError(f"--steps must be at least 2, got {steps}")
+    if not math.isfinite(perturb):
+        raise ExperimentError(f"--perturb must be a finite number, got {perturb}")
     if perturb <= 0:
         raise ExperimentError(f"--perturb must be positive, got {perturb}")
     prep = prepare_checkpoint(spec, out_dir, split, 1, data_root, device, overrides)

@@ -500,6 +500,27 @@ def test_inspect_draws_a_convolutional_layer_at_a_chosen_position(here):
     assert is_png(here / "conv" / "c_routing.png")
 
 
+def test_inspect_of_a_model_with_one_entry_poses_says_why_it_cannot_draw_the_routing():
+    from capsnet.inspection import inspect_image
+    from capsnet.visualize import ExperimentError
+
+    torch.manual_seed(0)
+    model = CapsNet(
+        num_classes=3,
+        image_size=20,
+        stem_channels=[4],
+        primary_types=2,
+        caps_types=[2],
+        caps_strides=[2],
+        pose_size=1,
+        coord_add=False,
+        decoder=False,
+    )
+    for layer in ("class", "caps1"):
+        with pytest.raises(ExperimentError, match=r"poses are 1x1 \(model.pose_size 1: one entry\)"):
+            inspect_image(model, torch.randn(1, 20, 20), 0, ["a", "b", "c"], layer=layer)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -510,6 +531,8 @@ def test_inspect_draws_a_convolutional_layer_at_a_chosen_position(here):
         (["attack", "--target", "least"], "--target applies to targeted attacks"),
         (["inspect", "--entries", "3,3"], "two different pose entries"),
         (["inspect", "--perturb", "0"], "--perturb must be positive, got 0"),
+        (["inspect", "--perturb", "nan"], "--perturb must be a finite number, got nan"),
+        (["inspect", "--perturb", "inf"], "--perturb must be a finite number, got inf"),
         (["attack", "--eps", "0.1,big"], "is not a number"),
         (["attack", "--method", "pgd"], "not one of"),
         (["attack", "--eps", "0.0101,0.0104"], "0.0104 and eps 0.0101 would share TensorBoard step 10"),
