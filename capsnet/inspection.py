@@ -77,6 +77,7 @@ class Inspection:
     files: dict[str, str] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)  # figures of an earlier inspection written over
     trained_iterations: int | None = None  # where -o model.iterations changed them, the run's own
+    untrained_decoder: bool = False  # the run's loss.recon_weight was 0: its decoder never learned
 
     def summary(self, with_files: bool = True) -> str:
         names = self.class_names
@@ -96,6 +97,11 @@ class Inspection:
             lines.append(
                 "no decoder in this model (model.decoder: false): figure (a) shows the input alone, "
                 "and figure (e), the pose perturbations (--perturb, --steps), is not drawn"
+            )
+        elif self.untrained_decoder:
+            lines.append(
+                "the decoder was not trained (the run's loss.recon_weight is 0): figures (a) and (e) "
+                "show what its initial weights make of the poses, not reconstructions"
             )
         if self.trained_iterations is not None:
             from capsnet.evaluate import iterations_note
@@ -330,6 +336,8 @@ def inspect_checkpoint(
         steps,
     )
     ins.trained_iterations = prep.trained_iterations
+    trained_loss = (prep.ckpt.get("config") or {}).get("loss") or {}
+    ins.untrained_decoder = trained_loss.get("recon_weight", 1) == 0
     folder = (
         Path(report_dir)
         if report_dir is not None

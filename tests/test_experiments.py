@@ -492,6 +492,26 @@ def test_inspect_of_a_model_without_decoder_says_which_figures_it_leaves_out(her
     assert "no decoder" not in invoke("inspect", "--ckpt", "fit", "--out", "with-decoder").stdout
 
 
+def test_inspect_says_when_the_decoder_it_draws_was_never_trained(here):
+    trained = invoke(
+        "train",
+        "--config",
+        TINY,
+        "--run-name",
+        "norecon",
+        "-o",
+        "loss.recon_weight=0",
+        "-o",
+        "train.max_steps=1",
+    )
+    assert trained.exit_code == 0, trained.output
+    result = invoke("inspect", "--ckpt", "norecon", "--out", "norecon-fig")
+    assert result.exit_code == 0, result.output
+    assert "the decoder was not trained (the run's loss.recon_weight is 0)" in result.stdout
+    assert is_png(here / "norecon-fig" / "e_pose_perturbation.png")
+    assert "was not trained" not in invoke("inspect", "--ckpt", "fit", "--out", "trained-decoder").stdout
+
+
 def test_inspect_draws_a_convolutional_layer_at_a_chosen_position(here):
     args = ["--layer", "caps1", "--parent", "2", "--position", "1,2", "--entries", "0,5", "--out", "conv"]
     result = invoke("inspect", "--ckpt", "fit", *args)
