@@ -513,7 +513,8 @@ def export(
         str | None,
         typer.Option(
             "--data-root",
-            help="Dataset folder for the parity check's test batch (default: the run's data.root).",
+            help="Dataset folder for the parity check's test batch (default: the run's data.root; an "
+            "image-folder run reads its data.test_dir or data.train_dir, wherever this points).",
         ),
     ] = None,
     batch_size: Annotated[
