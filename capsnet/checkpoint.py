@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from capsnet.tracking import listed
+
 #: 2: routing.beta_a_logit divides beta_a by the last routing iteration's lambda
 #: (format 1 divided it by routing.final_lambda, which is not that lambda).
 CHECKPOINT_FORMAT = 2
@@ -386,7 +388,7 @@ def resolve_checkpoint(spec: str, out_dir: str | Path) -> Path:
         if inside.is_dir():
             return run_checkpoint(inside)
     runs = sorted(p.name for p in runs_in(out_dir))
-    shown = ", ".join(runs[:8]) + (", ..." if len(runs) > 8 else "")
+    shown = listed(runs, 8)
     raise CheckpointError(
         f"checkpoint not found: {spec} (expected latest, best, a run directory, a .pt file, or the name of "
         f"a run in {out_dir}" + (f": {shown})" if runs else ", which holds no runs)")
@@ -609,6 +611,14 @@ def trained_normalisation(ckpt: dict[str, Any]) -> tuple[list[float], list[float
     if not isinstance(mean, list | tuple) or not isinstance(std, list | tuple) or len(mean) != len(std):
         return None
     return [float(v) for v in mean], [float(v) for v in std]
+
+
+def trained_class_names(ckpt: dict[str, Any]) -> list[str] | None:
+    """The class names, in order, the checkpoint's model was trained with, as its ``data_info``
+    records them; None where it records none (older checkpoints) or not as a list."""
+    info = ckpt.get("data_info")
+    names = info.get("class_names") if isinstance(info, dict) else None
+    return [str(n) for n in names] if isinstance(names, list | tuple) else None
 
 
 #: The data settings that name files, which a run's config may give relative to the folder it trained in

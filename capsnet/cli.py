@@ -58,6 +58,9 @@ DEBUG_HELP = "Show the full traceback when something fails."
 #: Options that several commands take with the same meaning.
 DebugOption = Annotated[bool, typer.Option("--debug", metavar=FLAG, help=DEBUG_HELP)]
 OutDirOption = Annotated[str, typer.Option("--out-dir", help=OUT_DIR_HELP)]
+JsonOption = Annotated[
+    bool, typer.Option("--json", metavar=FLAG, help="Print the result as one JSON object.")
+]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N (GPU N) or mps.")]
 RunDataRootOption = Annotated[
     str | None,
@@ -291,9 +294,7 @@ def eval_(
             help="Evaluation batch size (default: the run's).",
         ),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", metavar=FLAG, help="Print the result as one JSON object.")
-    ] = False,
+    as_json: JsonOption = False,
     data_root: RunDataRootOption = None,
     override: Annotated[
         list[str] | None,
@@ -437,9 +438,7 @@ def predict(
             "trained with horizontal flips, data.flip).",
         ),
     ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", metavar=FLAG, help="Print the result as one JSON object.")
-    ] = False,
+    as_json: JsonOption = False,
     csv_path: Annotated[
         Path | None,
         typer.Option(
@@ -607,9 +606,7 @@ def bench(
             help="cpu, cuda, cuda:N, mps or auto (CUDA, then MPS, then the CPU); default: the config's train.device.",
         ),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", metavar=FLAG, help="Print the result as one JSON object.")
-    ] = False,
+    as_json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Time training and inference steps of a config's model on random data of its geometry."""
@@ -731,9 +728,7 @@ def attack(
             "--plot/--no-plot", metavar=FLAG, help="Write the PNG plot (needs matplotlib, the viz extra)."
         ),
     ] = True,
-    as_json: Annotated[
-        bool, typer.Option("--json", metavar=FLAG, help="Print the result as one JSON object.")
-    ] = False,
+    as_json: JsonOption = False,
     data_root: RunDataRootOption = None,
     override: DataOverrideOption = None,
     out_dir: OutDirOption = DEFAULT_OUT_DIR,

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from capsnet.config import Config, ConfigError, DataConfig
 from capsnet.distributed import rank_seed
-from capsnet.tracking import counted
+from capsnet.tracking import counted, listed
 
 # --------------------------------------------------------------------------- public types
 
@@ -1103,9 +1103,8 @@ def _build_folder(
     if bad and cfg.bad_files == "fail":
         raise DataFormatError(f"{bad[0]}: not a readable image (data.bad_files is 'fail'; 'skip' ignores it)")
     if bad:
-        shown = ", ".join(str(p) for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
         warnings.warn(
-            f"skipped {counted(len(bad), 'unreadable or non-image file')} (data.bad_files: skip): {shown}",
+            f"skipped {counted(len(bad), 'unreadable or non-image file')} (data.bad_files: skip): {listed(bad)}",
             DataWarning,
             stacklevel=3,
         )

@@ -238,6 +238,7 @@ def prepare_checkpoint(
         moved_split_settings,
         rebase_data_paths,
         resolve_checkpoint,
+        trained_class_names,
         trained_normalisation,
     )
     from capsnet.config import stored_config
@@ -268,10 +269,8 @@ def prepare_checkpoint(
         )
     changes = architecture_overrides(ckpt, cfg, path)  # before the data loads
     model = build_model_from_checkpoint(ckpt, path, changes).to(dev).eval()
-    info = ckpt.get("data_info") if isinstance(ckpt.get("data_info"), dict) else {}
     # scoring the test split needs no training image: an image folder decodes its test images alone
-    names = info.get("class_names")
-    trained_classes = [str(n) for n in names] if split != "val" and isinstance(names, list | tuple) else None
+    trained_classes = trained_class_names(ckpt) if split != "val" else None
     with reported_data_warnings():
         loaders = build_loaders(cfg, stats=trained_normalisation(ckpt), trained_classes=trained_classes)
     check_channels(loaders.info, model.in_channels)
@@ -295,16 +294,14 @@ def check_class_names(ckpt: dict[str, Any], names: list[str], path: str | Path) 
     """Raises DataError when the data's classes are not the ones, in the order, the checkpoint's
     model was trained with: its outputs are the classes by position, so another name or order
     would score its predictions against other labels. Checkpoints that record no names pass."""
+    from capsnet.checkpoint import trained_class_names
     from capsnet.data import DataError
 
-    info = ckpt.get("data_info")
-    trained = info.get("class_names") if isinstance(info, dict) else None
-    if not isinstance(trained, list | tuple):  # none recorded (or not as a list): nothing to check
-        return
-    if [str(n) for n in trained] == [str(n) for n in names]:
+    trained = trained_class_names(ckpt)
+    if trained is None or trained == [str(n) for n in names]:
         return
     raise DataError(
-        f"{path} was trained with the classes {list(trained)}, this data has {list(names)}: its outputs "
+        f"{path} was trained with the classes {trained}, this data has {list(names)}: its outputs "
         "would be scored against other labels; use data whose class names (folder names) and order "
         "are the ones it was trained with"
     )

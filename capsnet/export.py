@@ -41,6 +41,7 @@ from capsnet.checkpoint import (
     resolve_checkpoint,
     run_name_of,
     safe_child,
+    trained_class_names,
     trained_normalisation,
 )
 from capsnet.config import stored_config
@@ -444,9 +445,9 @@ def export_checkpoint(
     inputs_spec = input_spec(inputs, ckpt["arch"], data_info, cfg.data.name)
     # the pipeline's side of the parity check takes the checkpoint's normalisation as the data module
     # reads it, not as input_spec does, so the graph's own copy of it is checked too
-    names = [str(n) for n in (data_info or {}).get("class_names") or []]
+    names = trained_class_names(ckpt)
     pixels, fed, source = sample_batch(
-        cfg, inputs_spec, max(2, batch_size), trained_normalisation(ckpt), names or None
+        cfg, inputs_spec, max(2, batch_size), trained_normalisation(ckpt), names
     )
     if len(pixels) < 2:  # a test split of one image: traced alone, the batch size would be fixed at 1
         pixels, fed = pixels.repeat(2, 1, 1, 1), fed.repeat(2, 1, 1, 1)
@@ -456,7 +457,7 @@ def export_checkpoint(
     module = Classifier(model, Preprocess(inputs_spec) if inputs == "pixels" else None).eval()
     with torch.no_grad():
         reference = [Classifier(model)(b) for b in fed_batches]  # eager first: also warms the model's caches
-    meta = metadata(inputs_spec, ckpt, names, run)
+    meta = metadata(inputs_spec, ckpt, names or [], run)
     try:  # the file is written beside its name, so this is where a folder that takes no files shows
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     except OSError as e:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from capsnet.data import DataError, DataFormatError, DatasetNotFoundError, DataWarning
-from capsnet.tracking import counted
+from capsnet.tracking import counted, listed
 
 
 @dataclass(frozen=True)
@@ -176,9 +176,8 @@ def list_images(paths: list[str | Path]) -> list[Path]:
                 ]
             inside.sort()
             if unreadable:  # below the folder given: its other images are still classified
-                shown = ", ".join(map(str, unreadable[:3])) + (", ..." if len(unreadable) > 3 else "")
                 warnings.warn(
-                    f"skipped {counted(len(unreadable), 'folder')} that could not be read: {shown}",
+                    f"skipped {counted(len(unreadable), 'folder')} that could not be read: {listed(unreadable)}",
                     DataWarning,
                     stacklevel=2,
                 )
@@ -336,6 +335,7 @@ def predict_files(
         load_checkpoint,
         resolve_checkpoint,
         run_name_of,
+        trained_class_names,
     )
     from capsnet.evaluate import autocast, resolve_device
     from capsnet.tracking import progress
@@ -350,8 +350,7 @@ def predict_files(
     ckpt = load_checkpoint(path)
     pipe = input_pipeline(ckpt)
     model = build_model_from_checkpoint(ckpt, path).to(dev).eval()
-    info = ckpt.get("data_info") if isinstance(ckpt.get("data_info"), dict) else {}
-    names = [str(n) for n in info.get("class_names") or []]
+    names = trained_class_names(ckpt) or []
     if len(names) != model.num_classes:
         names = [str(k) for k in range(model.num_classes)]
     precision = str(((ckpt.get("config") or {}).get("train") or {}).get("precision", "fp32"))
@@ -386,9 +385,8 @@ def predict_files(
         report.files += [str(p) for p, _ in kept]
         report.activations += acts.cpu().tolist()
     if report.skipped:
-        shown = ", ".join(report.skipped[:3]) + (", ..." if len(report.skipped) > 3 else "")
         warnings.warn(
-            f"skipped {counted(len(report.skipped), 'unreadable or non-image file')}: {shown}",
+            f"skipped {counted(len(report.skipped), 'unreadable or non-image file')}: {listed(report.skipped)}",
             DataWarning,
             stacklevel=2,
         )

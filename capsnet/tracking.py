@@ -309,6 +309,12 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def listed(items, most: int = 3) -> str:
+    """``"a, b, c, ..."``: the first ``most`` items, then ``...`` where there are more."""
+    items = [str(item) for item in items]
+    return ", ".join(items[:most]) + (", ..." if len(items) > most else "")
+
+
 def format_metrics(metrics: Mapping[str, float], keys: Iterable[str]) -> str:
     """``"train/loss 0.512  val/acc 0.7031"`` for the keys present."""
     parts = []
