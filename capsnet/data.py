@@ -661,6 +661,11 @@ def _read_idx_split(
     labels = read_idx(labels_path, IDX_LABELS_MAGIC)
     if images.ndim != 3 or 0 in images.shape[1:]:
         raise DataFormatError(f"{images_path}: expected (N, H, W) images, header says {tuple(images.shape)}")
+    if images.shape[1] != images.shape[2]:  # resizing to the model's square would stretch them
+        raise DataFormatError(
+            f"{images_path}: images of {images.shape[1]}x{images.shape[2]} pixels (height x width); "
+            "MNIST and Fashion-MNIST images are square, and so must these be"
+        )
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataFormatError(
             f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}"

@@ -292,6 +292,10 @@ def test_idx_images_of_another_size_or_of_no_pixels_are_a_format_error(tmp_path)
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((30, 0, 0), dtype=np.uint8))
     with pytest.raises(DataFormatError, match=r"train-images.*expected \(N, H, W\) images"):
         build_datasets(cfg)
+    write_mnist(tmp_path)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((30, 28, 32), dtype=np.uint8))
+    with pytest.raises(DataFormatError, match=r"train-images.*images of 28x32 pixels .*must these be"):
+        build_datasets(cfg)
 
 
 def test_missing_dataset_error_lists_every_folder_searched(tmp_path):
