@@ -56,7 +56,17 @@ def parse_epsilons(text: str) -> list[float]:
     return sorted(set(values))
 
 
-TB_STEPS_PER_EPS = 1000  # TensorBoard has integer steps: epsilon e is logged at step round(e x 1000)
+TB_STEPS_PER_EPS = 1000  # TensorBoard has integer steps: epsilon e is logged at step e x 1000, rounded
+
+
+def tensorboard_step(eps: float) -> int:
+    """eps x 1000 rounded half up, so that epsilons 0.001 apart never share a step.
+
+    Python's round() sends halves to the even neighbour (0.0015 and 0.0025 would both be
+    step 2); the product is first rounded to 6 decimals so that float error in eps x 1000
+    (500.49999999999994 for 0.5005) does not move a half down.
+    """
+    return math.floor(round(eps * TB_STEPS_PER_EPS, 6) + 0.5)
 
 
 def tensorboard_steps(epsilons: list[float]) -> list[int]:
@@ -65,7 +75,7 @@ def tensorboard_steps(epsilons: list[float]) -> list[int]:
     The clean accuracy is logged at step 0 when no epsilon is 0, so a nonzero epsilon
     that rounds to step 0 would share it too.
     """
-    steps = [round(eps * TB_STEPS_PER_EPS) for eps in epsilons]
+    steps = [tensorboard_step(eps) for eps in epsilons]
     taken: dict[int, float] = {} if 0.0 in epsilons else {0: 0.0}
     for eps, step in zip(epsilons, steps):
         other = taken.get(step)
@@ -302,7 +312,12 @@ def run_attack(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[float, list[AttackPoint], int, Examples | None]:
-    """(clean accuracy, one AttackPoint per epsilon, images attacked, examples of the first image)."""
+    """(clean accuracy, one AttackPoint per epsilon, images attacked, examples of the first image).
+
+    Images are classified in ``precision`` (bf16 autocast or fp32), as ``capsnet eval`` scores
+    them and as the gradients are taken, so the clean accuracy is the evaluation's.
+    """
+    from capsnet.evaluate import autocast
     from capsnet.tracking import progress as progress_bar
 
     if method not in METHODS:
@@ -318,7 +333,7 @@ def run_attack(
     examples = None
     for x, y in progress_bar(loader, len(loader), progress, desc=f"attack {method}"):
         x, y = x.to(device), y.to(device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, precision):
             clean = model(x).activations.float()  # (N, E)
         clean_correct += int((clean.argmax(1) == y).sum())
         total += len(y)
@@ -330,8 +345,8 @@ def run_attack(
                 x_adv = fgsm(model, x, goal, eps, space, targeted, precision=precision)
             else:
                 x_adv = bim(model, x, goal, eps, space, targeted, steps, step_size, precision=precision)
-            with torch.no_grad():
-                pred = model(x_adv).activations.argmax(1)
+            with torch.no_grad(), autocast(device, precision):
+                pred = model(x_adv).activations.float().argmax(1)  # (N,)
             correct[k] += int((pred == y).sum())
             hits[k] += int((pred == goal).sum())
             if eps > 0:

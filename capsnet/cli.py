@@ -7,6 +7,7 @@ short message on stderr and exit with code 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -754,6 +755,8 @@ def attack(
                 f"{given} sets the steps of BIM; FGSM takes one step of eps: use -m bim with it"
             )
         steps = 10 if steps is None else steps
+        if step_size is not None and not math.isfinite(step_size):  # inf x a zero gradient entry is NaN
+            raise ExperimentError(f"--step-size: must be a finite number, got {step_size:g}")
         if step_size is not None and not step_size > 0:
             raise ExperimentError(
                 f"--step-size: must be above 0 (0 leaves every image as it is), got {step_size:g}"

@@ -555,6 +555,7 @@ def test_inspect_of_a_model_with_one_entry_poses_says_why_it_cannot_draw_the_rou
         (["inspect", "--perturb", "inf"], "--perturb must be a finite number, got inf"),
         (["attack", "--eps", "0.1,big"], "is not a number"),
         (["attack", "--method", "pgd"], "not one of"),
+        (["attack", "-m", "bim", "--step-size", "inf"], "--step-size: must be a finite number, got inf"),
         (["attack", "--eps", "0.0101,0.0104"], "0.0104 and eps 0.0101 would share TensorBoard step 10"),
         (["attack", "--eps", "0.0004,0.1"], "0.0004 and the clean accuracy (eps 0) would share"),
         (["attack", "-o", "model.caps_types=[2,2]"], "model.caps_types ([4, 4] in the checkpoint"),
@@ -580,6 +581,21 @@ def test_epsilons_closer_than_a_tensorboard_step_are_refused_only_with_tensorboa
     assert result.exit_code == 0, result.output
     report = json.loads((here / "rep" / "attack-fgsm.json").read_text())
     assert [point["eps"] for point in report["results"]] == [0.0101, 0.0104]
+
+
+def test_epsilons_a_thousandth_apart_or_more_never_share_a_tensorboard_step():
+    from capsnet.attack import tensorboard_steps
+
+    # every half-thousandth from 0.0005 to 1, and each with its neighbour 0.001 above
+    grid = [round(k * 0.0005, 4) for k in range(1, 2001)]
+    for eps in grid:
+        pair = [eps, round(eps + 0.001, 4)]
+        low, high = tensorboard_steps(pair)
+        assert high == low + 1, pair
+        assert abs(low - eps * 1000) <= 0.5 + 1e-9, eps  # still eps x 1000, rounded
+    for spaced in (grid[::2], grid[1::2]):  # 0.001 apart: every one has a step of its own
+        steps = tensorboard_steps(spaced)
+        assert steps == sorted(set(steps)) and len(steps) == len(spaced)
 
 
 def test_attack_writes_tensorboard_events_as_the_run_did_unless_told(here):
@@ -857,6 +873,40 @@ def test_a_targeted_attack_counts_as_hits_only_the_images_classified_as_their_ta
     # right: images 0 and 5; on target: images 1 (1 = 0 + 1) and 3 (0 = 2 + 1 mod 3); neither: 2 and 4
     assert (clean, n, points[0].correct, points[0].hits) == (2 / 6, 6, 2, 2)
     assert points[0].success == pytest.approx(2 / 6)
+
+
+class RoundedAway(torch.nn.Module):
+    """Two classes on two pixels (p, q): class 1 when p - q > 0.0005. Images at p = 1.001, q = 1 are
+    class 1 in float32, but class 0 under bf16 autocast, which rounds p to 1 before the product."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([[1.0, -1.0]]))
+
+    def forward(self, x):
+        from capsnet.model import CapsOutput
+
+        s = torch.nn.functional.linear(x.flatten(1), self.w).float()  # (N, 1): p - q
+        z = torch.cat([torch.full_like(s, 0.0005), s], 1)  # (N, 2)
+        return CapsOutput(torch.sigmoid(z), torch.zeros(len(x), 2, 4, 4))
+
+
+def test_an_attack_classifies_images_in_the_run_s_precision_as_evaluation_does():
+    from capsnet.attack import run_attack
+    from capsnet.evaluate import autocast
+
+    model = RoundedAway()
+    x = torch.tensor([1.001, 1.0]).view(1, 1, 1, 2).repeat(3, 1, 1, 1)  # (3, 1, 1, 2)
+    labels = torch.zeros(3, dtype=torch.long)
+    with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
+        scored = float((model(x).activations.float().argmax(1) == labels).float().mean())
+    with torch.no_grad():
+        in_float32 = float((model(x).activations.argmax(1) == labels).float().mean())
+    assert scored != in_float32, "bf16 must change the predictions for this test to tell them apart"
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=2)
+    space = InputSpace.from_info(None, None, 1)
+    clean, points, n, _ = run_attack(model, loader, [0.0], space, precision="bf16", progress=False)
+    assert n == 3 and clean == points[0].acc == scored
 
 
 def test_evaluation_sums_over_batches_of_any_size_and_counts_each_class_by_its_true_label():
