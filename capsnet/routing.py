@@ -60,8 +60,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-#: Lower bound of sum_i R_ij in the M-step divisions; only a parent that no
-#: child feeds at all comes near it. Below it the two paths' poses part: the
+#: Lower bound of sum_i R_ij in the M-step divisions. A parent that no child feeds
+#: comes near it, and so can one that every child has all but rejected (many
+#: iterations, a high final lambda, small patches; a trained Fashion-MNIST model's
+#: smallest sum with 3 iterations was 4e-7). Below it the two paths' poses part: the
 #: plain path's sum_i R_ij V_ij / RSUM_FLOOR shrinks towards 0 (and its gradient
 #: with respect to the activations grows as 1 / RSUM_FLOOR), the fast path's stays
 #: near the children's activation-weighted mean vote, its centre. Where every child
