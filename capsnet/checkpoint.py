@@ -326,15 +326,34 @@ def runs_in(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_dir() and has_checkpoint(p)] if folder.is_dir() else []
 
 
+def no_runs(out_dir: str | Path, listing: bool = False) -> CheckpointError:
+    """The error for a folder of runs (``--out-dir``, ``logging.out_dir``) that holds none; ``listing``:
+    for ``capsnet runs``, which takes no checkpoint. A run folder given in its place, and a folder
+    that does not exist, are said as such."""
+    out_dir = Path(out_dir)
+    above = out_dir.parent
+    if out_dir.is_dir() and has_checkpoint(out_dir):
+        instead = (
+            f"list the runs of the folder above it with --out-dir {above}"
+            if listing
+            else f"name the run itself (--ckpt {out_dir}, or train --resume {out_dir}), or give the folder "
+            f"above it (--out-dir {above}; for train --resume, -o logging.out_dir={above})"
+        )
+        return CheckpointError(f"{out_dir} is a run folder, not the folder that holds the runs: {instead}")
+    missing = "" if out_dir.is_dir() else f" ({'not a folder' if out_dir.exists() else 'no such folder'})"
+    where = "--out-dir" if listing else "--out-dir; for train --resume, -o logging.out_dir=..."
+    return CheckpointError(
+        f"no runs with checkpoints in {out_dir}{missing}; train one first (capsnet train --config ...), "
+        f"or name the folder that holds them ({where})"
+    )
+
+
 def latest_run(out_dir: str | Path) -> Path:
     """The run directory under ``out_dir`` that was started or updated most recently."""
     out_dir = Path(out_dir)
     runs = runs_in(out_dir)
     if not runs:
-        raise CheckpointError(
-            f"no runs with checkpoints in {out_dir}; train one first (capsnet train --config ...), "
-            "or name the folder that holds them (--out-dir; for train --resume, -o logging.out_dir=...)"
-        )
+        raise no_runs(out_dir)
     return max(runs, key=lambda p: (_run_time(p), p.name))
 
 
@@ -461,6 +480,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         zipfile.BadZipFile,
     ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first.split(". ")[0].rstrip(".")  # the reason, without the advice torch appends to it
         raise CheckpointError(
             f"{path} is not a readable checkpoint (corrupt or truncated): {first}"
         ) from None

@@ -133,6 +133,32 @@ def _main(debug: DebugOption = False) -> None:
     _state["debug"] = debug
 
 
+def _console_echo():
+    """``typer.echo`` onto stdout until stdout is a pipe whose reader is gone, then onto stderr.
+
+    ``capsnet train ... | tee log`` stopped with Ctrl-C loses its ``tee`` at once, while training
+    finishes its step and saves; a run piped into ``head`` loses its reader after a few lines. Either
+    way the run goes on (or stops as it was asked to) and its remaining lines reach the terminal.
+    """
+    closed = False
+
+    def echo(message: str) -> None:
+        nonlocal closed
+        if not closed:
+            try:
+                typer.echo(message)
+                return
+            except BrokenPipeError:
+                closed = True
+                # what is still buffered, and the interpreter's last flush, go nowhere instead of failing
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+        typer.echo(message, err=True)
+
+    return echo
+
+
 @app.command(cls=_Command)
 def train(
     config: Annotated[
@@ -200,7 +226,7 @@ def train(
                 run_name=run_name,
                 resume=resume,
                 overwrite=overwrite,
-                echo=typer.echo,
+                echo=_console_echo(),
                 name_prefix=prefix,
             )
         except TrainingInterrupted as stopped:  # the checkpoint is saved and the resume command printed
@@ -264,14 +290,11 @@ def runs(
     Each run is named as --ckpt and --resume take it (capsnet eval --ckpt RUN).
     """  # one line per help paragraph: the help keeps line breaks
     with _errors(debug):
-        from capsnet.checkpoint import CheckpointError, run_summaries, runs_table
+        from capsnet.checkpoint import no_runs, run_summaries, runs_table
 
         rows = run_summaries(out_dir)
         if not rows and not as_json:
-            raise CheckpointError(
-                f"no runs with checkpoints in {out_dir}; train one (capsnet train --config ...), "
-                "or name the folder that holds them (--out-dir)"
-            )
+            raise no_runs(out_dir, listing=True)
         text = _json(rows) if as_json else runs_table(rows, out_dir)
     typer.echo(text)
 
@@ -460,7 +483,6 @@ def predict(
     Each file is prepared as the run's test images were scored (no augmentation), from the checkpoint alone: converted to grey or RGB as the model takes, resized to its input size as the run's dataset resized its images (the aspect ratio is not kept), and normalised with the statistics the run recorded (smallNORB models: resized to 1.5 times their input size, standardised per image, then centre-cropped). Files that are not readable images are skipped with a warning.
     """  # one line per help paragraph: the help keeps line breaks
     with _errors(debug):
-        from capsnet.checkpoint import atomic_write_bytes
         from capsnet.data import reported_data_warnings
         from capsnet.predict import predict_files
 
@@ -482,12 +504,15 @@ def predict(
                 mirror=mirror,
                 show_progress=True,
             )
-        if csv_path is not None:
+    # the results first, so that a CSV file that cannot be written does not lose them
+    typer.echo(_json(report.to_dict()) if as_json else report.summary())
+    if csv_path is not None:
+        with _errors(debug):
+            from capsnet.checkpoint import atomic_write_bytes
+
             csv_path.parent.mkdir(parents=True, exist_ok=True)
             # a file name that is not UTF-8 is written as its bytes, as the file system holds it
             atomic_write_bytes(report.csv_text().encode(errors="surrogateescape"), csv_path)
-    typer.echo(_json(report.to_dict()) if as_json else report.summary())
-    if csv_path is not None:
         typer.echo(f"wrote {csv_path}", err=as_json)
 
 
@@ -644,7 +669,7 @@ def bench(
     typer.echo(_json(result.to_dict()) if as_json else result.summary())
 
 
-REPORT_DIR_HELP = "Folder for the files written (default: reports/<run>/{})."
+REPORT_DIR_HELP = "Folder for the files written (default: {} in reports/<run>/)."
 TB_DIR_HELP = "TensorBoard folder; events go to <it>/<run>/{} (default: the run's logging.tb_dir)."
 
 

@@ -661,6 +661,12 @@ _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Reads a YAML mapping with the safe loader (no Python object tags)."""
     path = Path(path)
+    if path.suffix.lower() in (".pt", ".pth") and path.is_file():  # a run's checkpoint, not its config
+        problem = (
+            f"{path} is a checkpoint, not a YAML config: continue its run with capsnet train --resume "
+            f"{path}, or start a new run from its weights with -o train.init_from={path}"
+        )
+        raise ConfigError([problem])
     try:
         text = path.read_text()
     except FileNotFoundError:

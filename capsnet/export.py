@@ -411,9 +411,14 @@ def export_checkpoint(
     if out is not None:
         named = {Path(name).suffix: other for other, name in FORMATS.items()}.get(Path(out).suffix.lower())
         if named is not None and named != fmt:
+            suffix = Path(FORMATS[fmt]).suffix
+
+            def article(word: str) -> str:  # "an onnx", "a pt2", "an .onnx", "a .pt2"
+                return "an" if word.lstrip(".")[:1] in "aeio" else "a"
+
             raise ExportError(
-                f"--out {out} names a {named} file but --format is {fmt}; "
-                f"give --format {named}, or an {Path(FORMATS[fmt]).suffix} name"
+                f"--out {out} names {article(named)} {named} file but --format is {fmt}; "
+                f"give --format {named}, or {article(suffix)} {suffix} name"
             )
     ckpt_path = resolve_checkpoint(spec, out_dir)
     ckpt = load_checkpoint(ckpt_path)

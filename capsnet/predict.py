@@ -146,12 +146,18 @@ def image_suffixes() -> set[str]:
     return {suffix.lower() for suffix, fmt in formats.items() if fmt in Image.OPEN or fmt == "MPO"}
 
 
+#: Endings of the files that hold a model's weights (capsnet's checkpoints are .pt), never images
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+
+
 def list_images(paths: list[str | Path]) -> list[Path]:
     """The image files that ``paths`` name: files as given (whatever their name), and the files
     under folders (recursively, sorted, hidden ones left out) whose names end as an image format
     PIL reads. Each file once, in the order given. Raises DataError for a path that does not
-    exist, a folder with no image files, or no paths at all, and OSError for a folder that
-    cannot be read."""
+    exist, a folder with no image files, a checkpoint or run folder (which belongs to --ckpt),
+    or no paths at all, and OSError for a folder that cannot be read."""
+    from capsnet.checkpoint import has_checkpoint
+
     if not paths:
         raise DataError("no images given: name image files or folders of them")
     suffixes = image_suffixes()
@@ -159,6 +165,11 @@ def list_images(paths: list[str | Path]) -> list[Path]:
     seen: set[Path] = set()
     for given in paths:
         path = Path(given).expanduser()
+        # a checkpoint put where the images go would be skipped, and the images classified by another model
+        if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            raise DataError(f"{path} is a checkpoint, not an image: give it as --ckpt {path}")
+        if path.is_dir() and has_checkpoint(path):
+            raise DataError(f"{path} is a run folder, not a folder of images: give it as --ckpt {path}")
         if path.is_dir():
             with os.scandir(path):  # a folder that cannot be read is said, not searched as an empty one
                 pass

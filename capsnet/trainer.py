@@ -1026,7 +1026,7 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
         f"device {run.device}, {counted(threads, 'thread')}, {cfg.train.precision}, "
         f"{counted(run.dist.world_size, 'process', 'processes')}, "
         f"{'compiled' if compiled_kernels_enabled() else 'eager'} routing; "
-        f"{cfg.train.epochs} epochs x {run.steps_per_epoch} steps"
+        f"{counted(cfg.train.epochs, 'epoch')} x {counted(run.steps_per_epoch, 'step')}"
         + (f", stopping at step {cfg.train.max_steps}" if cfg.train.max_steps else "")
     )
     if restart_count():

@@ -101,6 +101,8 @@ def test_a_truncated_file_gives_a_short_clear_error(tmp_path, keep):
         load_checkpoint(path)
     message = str(info.value)
     assert str(path) in message and "corrupt or truncated" in message and len(message.splitlines()) <= 2
+    # the reason torch gives, not the paragraph of advice it adds, which the message already says
+    assert len(message) < len(str(path)) + 160, message
 
 
 def test_a_missing_file_and_a_file_that_is_no_checkpoint_are_clear_errors(tmp_path):

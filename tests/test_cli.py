@@ -619,6 +619,16 @@ def test_every_command_help_explains_its_options():
             assert "KEY=VALUE" in result.stdout, command
 
 
+@pytest.mark.parametrize(
+    "command", ["train", "config", "runs", "eval", "predict", "export", "bench", "inspect"]
+)
+def test_help_in_an_80_column_terminal_cuts_no_word_short(command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    cut = [line for line in result.stdout.splitlines() if "…" in line]
+    assert not cut, cut
+
+
 def test_train_resume_help_names_every_form_of_checkpoint_that_eval_ckpt_names():
     """--resume takes what --ckpt takes (a run name too), resolved under logging.out_dir."""
     import re

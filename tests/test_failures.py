@@ -211,6 +211,31 @@ def test_sigterm_and_ctrl_c_save_say_how_to_resume_and_exit_143_or_130(tmp_path,
         resume_and_finish(tmp_path, straight, "stopped")
 
 
+def test_ctrl_c_of_a_run_piped_into_tee_still_saves_says_how_to_resume_and_exits_130(tmp_path):
+    # Ctrl-C stops `capsnet train ... | tee log` and its tee together: the run's stdout reader is gone
+    run_dir = tmp_path / "weights" / "teed"
+    proc = start(train_args(tmp_path, "--run-name", "teed"), tmp_path)
+    proc.stdout.close()
+    wait_until(proc, lambda: logged_step(run_dir) >= 8)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = load_checkpoint(run_dir / "last.pt")["step"]
+    assert f"stopped by SIGINT at step {step}" in err
+    assert f"resume with: capsnet train --resume {run_dir}" in err
+    assert "unexpected" not in err and "Traceback" not in err
+
+
+def test_a_run_whose_output_pipe_closes_trains_to_the_end(tmp_path):
+    # `capsnet train ... | head`: the reader leaves after a few lines, the run does not
+    proc = start(["train", "--config", str(TINY), *dirs(tmp_path), "--run-name", "headed"], tmp_path)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert load_checkpoint(tmp_path / "weights" / "headed" / "last.pt")["step"] == 12
+    assert "done at step 12" in err and "unexpected" not in err
+
+
 def test_sigterm_to_the_process_group_with_loader_workers_still_saves_and_exits_143(tmp_path):
     # timeout(1), kill -- -PGID and schedulers signal the workers as well as the main process
     run_dir = tmp_path / "weights" / "group"
@@ -631,6 +656,14 @@ BAD_INPUTS = {
         "no runs with checkpoints",
     ),
     "eval-latest-with-no-runs": (lambda tmp, one: ["eval", "--ckpt", "latest"], "no runs with checkpoints"),
+    "eval-latest-with-a-run-folder-as-the-folder-of-runs": (
+        lambda tmp, one: ["eval", "--ckpt", "latest", "--out-dir", str(one / "weights" / "one")],
+        f"one is a run folder, not the folder that holds the runs: name the run itself (--ckpt {os.sep}",
+    ),
+    "eval-latest-with-a-mistyped-folder-of-runs": (
+        lambda tmp, one: ["eval", "--ckpt", "latest", "--out-dir", str(tmp / "wieghts")],
+        "wieghts (no such folder); train one first",
+    ),
     "missing-dataset": (
         lambda tmp, one: [
             *train_args(tmp),
@@ -740,6 +773,10 @@ BAD_INPUTS = {
         lambda tmp, one: ["train", "--config", str(written(tmp / "bin.yaml", b"\xff\xfetrain: 1\n"))],
         "bin.yaml: not a UTF-8 text file (byte 0 cannot be decoded)",
     ),
+    "checkpoint-given-as-the-config": (
+        lambda tmp, one: ["train", "--config", str(one / "weights" / "one" / "last.pt"), *dirs(tmp)],
+        "last.pt is a checkpoint, not a YAML config: continue its run with capsnet train --resume ",
+    ),
     "empty-config-file": (
         lambda tmp, one: ["train", "--config", str(written(tmp / "empty.yaml", b""))],
         "empty.yaml is empty",
@@ -789,6 +826,10 @@ BAD_INPUTS = {
     "export-to-a-file-named-for-the-other-format": (
         on_the_run("export", "--format", "onnx", "--out", "model.pt2"),
         "--out model.pt2 names a pt2 file but --format is onnx; give --format pt2, or an .onnx name",
+    ),
+    "export-to-an-onnx-name-as-pt2": (
+        on_the_run("export", "--format", "pt2", "--out", "model.onnx"),
+        "--out model.onnx names an onnx file but --format is pt2; give --format onnx, or a .pt2 name",
     ),
     "export-into-a-folder-that-is-a-file": (
         lambda tmp, one: [

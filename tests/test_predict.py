@@ -295,6 +295,27 @@ def test_what_cannot_be_classified_is_a_one_line_error(folder_run, tmp_path):
     assert folder.exit_code == 2 and "is a folder: give a file name" in folder.stderr
 
 
+def test_a_checkpoint_or_run_folder_given_as_an_image_points_to_ckpt_instead_of_using_another_model(
+    folder_run, tmp_path
+):
+    run = folder_run / "weights" / "pets"
+    image = save_png(np.full((3, 20, 20), 90, dtype=np.uint8), tmp_path / "one.png")
+    for given in (run / "last.pt", run):
+        result = predict(folder_run, str(given), str(image))
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().endswith(f"give it as --ckpt {given}"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_a_csv_file_that_cannot_be_written_keeps_the_printed_predictions(folder_run, tmp_path):
+    image = save_png(np.full((3, 20, 20), 90, dtype=np.uint8), tmp_path / "one.png")
+    (tmp_path / "plain-file").write_text("a file where the CSV's folder should be")
+    result = predict(folder_run, str(image), "--csv", str(tmp_path / "plain-file" / "p.csv"))
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: could not use {tmp_path / 'plain-file'}"), result.stderr
+    assert str(image) in result.stdout and "(run pets, step 1, 3 classes" in result.stdout
+
+
 def deny(monkeypatch, path: Path) -> None:
     """Makes ``path`` unreadable to this process, as a file or folder of another user's is."""
     real_access, real_open, real_scandir = os.access, builtins.open, os.scandir

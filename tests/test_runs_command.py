@@ -97,6 +97,13 @@ def test_an_empty_folder_is_a_one_line_error_and_an_empty_json_list(tmp_path):
     assert listed.exit_code == 0 and json.loads(listed.stdout) == []
 
 
+def test_a_run_folder_given_as_the_folder_of_runs_points_to_the_folder_above_it(tmp_path):
+    fit(tiny(tmp_path, "train.max_steps=1"), run_name="one", echo=lambda _msg: None)
+    result = runner.invoke(app, ["runs", "--out-dir", str(tmp_path / "weights" / "one")])
+    assert result.exit_code == 2 and result.stderr.strip().endswith(f"--out-dir {tmp_path / 'weights'}")
+    assert "is a run folder" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_odd_run_folders_are_rows_of_the_table_not_a_traceback(tmp_path):
     """Times that are no date (NaN, beyond any calendar, text in last.pt), a step that is no number
     and weights that are no mapping: the others are listed as usual, the damaged ones as unreadable."""

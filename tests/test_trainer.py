@@ -57,6 +57,13 @@ def test_the_epoch_line_after_a_mid_epoch_resume_says_its_training_figures_cover
     assert len(second) == 1 and "since the resume" not in second[0]  # a whole epoch trained here
 
 
+def test_the_plan_line_puts_one_epoch_and_one_step_in_the_singular(tmp_path):
+    lines: list[str] = []
+    fit(tiny(tmp_path, "train.epochs=1", "train.batch_size=96"), run_name="one", echo=lines.append)
+    plan = [line for line in lines if line.startswith("device ")]
+    assert len(plan) == 1 and plan[0].endswith("routing; 1 epoch x 1 step"), lines
+
+
 def test_compiled_routing_trains_like_the_eager_one_and_is_switched_off_after(
     tmp_path, straight, monkeypatch
 ):
