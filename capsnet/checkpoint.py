@@ -450,6 +450,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise
 
 
+def _neither_zip_nor_pickle(path: Path) -> bool:
+    """Whether the first bytes of ``path`` (not empty) rule out both forms torch saves in: a zip
+    archive (``PK``) and, from before that, a pickle (``0x80``, the protocol byte)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return bool(head) and not (head.startswith(b"PK") or head[0] == 0x80)
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -479,8 +490,15 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         AttributeError,
         zipfile.BadZipFile,
     ) as e:
+        if _neither_zip_nor_pickle(path):  # torch's own words about such a file say nothing useful
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint: it is neither a zip archive nor a pickle, the two "
+                "forms torch saves in (a file of another kind, or a corrupt one)"
+            ) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = first.split(". ")[0].rstrip(".")  # the reason, without the advice torch appends to it
+        if path.stat().st_size == 0:
+            first = "the file is empty"
         raise CheckpointError(
             f"{path} is not a readable checkpoint (corrupt or truncated): {first}"
         ) from None

@@ -573,7 +573,15 @@ def export(
         from capsnet.export import export_checkpoint
 
         report = export_checkpoint(
-            ckpt, fmt, out, out_dir, data_root, batch_size, overwrite=overwrite, inputs=inputs
+            ckpt,
+            fmt,
+            out,
+            out_dir,
+            data_root,
+            batch_size,
+            overwrite=overwrite,
+            inputs=inputs,
+            say=lambda line: typer.echo(line, err=True),
         )
     typer.echo(report.summary())
 

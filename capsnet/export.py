@@ -392,8 +392,12 @@ def export_checkpoint(
     exports_dir: str | Path = "exports",
     overwrite: bool = False,
     inputs: str = "pixels",
+    say: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Exports the checkpoint ``spec`` names (latest | best | run dir | file) as ``fmt``.
+
+    ``say``, if given, hears one line as the export starts (tracing and checking take
+    seconds to a minute, with nothing else to show).
 
     ``inputs="pixels"`` puts the dataset's normalisation into the graph (input: pixels
     in [0, 1]); ``"normalised"`` leaves it to the caller. The parity check feeds the
@@ -470,6 +474,8 @@ def export_checkpoint(
     os.close(handle)
     partial = Path(name)
     os.chmod(partial, 0o666 & ~current_umask())  # mkstemp makes it private; an export is an ordinary file
+    if say is not None:
+        say(f"exporting {ckpt_path} to {fmt}, then checking it against the eager model on {source} ...")
     try:
         try:
             exporter = export_pt2 if fmt == "pt2" else export_onnx

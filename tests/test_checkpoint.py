@@ -103,11 +103,16 @@ def test_a_truncated_file_gives_a_short_clear_error(tmp_path, keep):
     assert str(path) in message and "corrupt or truncated" in message and len(message.splitlines()) <= 2
     # the reason torch gives, not the paragraph of advice it adds, which the message already says
     assert len(message) < len(str(path)) + 160, message
+    if keep == 0.0:
+        assert message.endswith("the file is empty"), message
 
 
 def test_a_missing_file_and_a_file_that_is_no_checkpoint_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "text.pt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(CheckpointError, match=r"text\.pt is not a readable checkpoint: it is neither a zip"):
+        load_checkpoint(tmp_path / "text.pt")
     torch.save({"hello": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a capsnet checkpoint"):
         load_checkpoint(tmp_path / "other.pt")

@@ -233,6 +233,8 @@ def test_export_writes_the_file_and_reports_parity(in_workdir, fmt):
     path = in_workdir / "exports" / "tiny-e2e" / f"model.{fmt}"
     assert path.is_file() and path.stat().st_size > 0
     assert "parity ok" in result.stdout and "synthetic test images" in result.stdout
+    # the export says what it is doing before the seconds of tracing, on stderr
+    assert f"to {fmt}, then checking it against the eager model on" in result.stderr
     assert (
         "input: images (N, 1, 20, 20) float32: pixels in [0, 1] (uint8 / 255), normalised inside"
         in result.stdout

@@ -783,7 +783,7 @@ BAD_INPUTS = {
     ),
     "random-bytes-as-a-checkpoint-eval": (
         lambda tmp, one: ["eval", "--ckpt", str(written(tmp / "rand.pt", bytes(range(256)) * 4))],
-        "rand.pt is not a readable checkpoint (corrupt or truncated)",
+        "rand.pt is not a readable checkpoint: it is neither a zip archive nor a pickle",
     ),
     "resume-a-run-that-stopped-before-its-first-save": (
         lambda tmp, one: ["train", "--resume", str(start_files_only(tmp / "weights" / "k")), *dirs(tmp)],
