@@ -466,6 +466,11 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; give a checkpoint file or use latest/best")
+    if _neither_zip_nor_pickle(path):  # torch's own words about such a file say nothing useful
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint: it is neither a zip archive nor a pickle, the two "
+            "forms torch saves in (a file of another kind, or a corrupt one)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -490,11 +495,6 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         AttributeError,
         zipfile.BadZipFile,
     ) as e:
-        if _neither_zip_nor_pickle(path):  # torch's own words about such a file say nothing useful
-            raise CheckpointError(
-                f"{path} is not a readable checkpoint: it is neither a zip archive nor a pickle, the two "
-                "forms torch saves in (a file of another kind, or a corrupt one)"
-            ) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = first.split(". ")[0].rstrip(".")  # the reason, without the advice torch appends to it
         if path.stat().st_size == 0:
