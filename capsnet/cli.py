@@ -714,13 +714,13 @@ def attack(
         ),
     ] = None,
     steps: Annotated[
-        int | None, typer.Option("--steps", min=1, help="BIM: number of steps (default 10).")
+        int | None, typer.Option("--steps", min=1, metavar="<int>", help="BIM: number of steps (default 10).")
     ] = None,
     step_size: Annotated[
         float | None,
         typer.Option(
             "--step-size",
-            min=0.0,
+            metavar="<float>",
             help="BIM: size of each step, in the units of --eps (not a multiple of eps: with --eps 0.1, "
             "--step-size 0.01 is a tenth of it; default 2.5 * eps / steps).",
         ),
@@ -736,14 +736,18 @@ def attack(
     limit: Annotated[
         int | None,
         typer.Option(
-            "--limit", min=1, help="Attack a seeded random subset of this many images (default: all)."
+            "--limit",
+            min=1,
+            metavar="<int>",
+            help="Attack a seeded random subset of this many images (default: all).",
         ),
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", min=1, help="Images per batch (default: the run's).")
+        int | None,
+        typer.Option("--batch-size", min=1, metavar="<int>", help="Images per batch (default: the run's)."),
     ] = None,
     report_dir: Annotated[
-        Path | None, typer.Option("--out", help=REPORT_DIR_HELP.format("attack-<method>.json/.png"))
+        Path | None, typer.Option("--out", help=REPORT_DIR_HELP.format("attack-<method>.json and .png"))
     ] = None,
     tensorboard: Annotated[
         bool | None,

@@ -622,7 +622,7 @@ def test_every_command_help_explains_its_options():
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "config", "runs", "eval", "predict", "export", "bench", "inspect"]
+    "command", ["train", "config", "runs", "eval", "predict", "export", "bench", "attack", "inspect"]
 )
 def test_help_in_an_80_column_terminal_cuts_no_word_short(command):
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"})

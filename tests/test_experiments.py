@@ -556,6 +556,7 @@ def test_inspect_of_a_model_with_one_entry_poses_says_why_it_cannot_draw_the_rou
         (["attack", "--eps", "0.1,big"], "is not a number"),
         (["attack", "--method", "pgd"], "not one of"),
         (["attack", "-m", "bim", "--step-size", "inf"], "--step-size: must be a finite number, got inf"),
+        (["attack", "-m", "bim", "--step-size", "-0.5"], "--step-size: must be above 0"),
         (["attack", "--eps", "0.0101,0.0104"], "0.0104 and eps 0.0101 would share TensorBoard step 10"),
         (["attack", "--eps", "0.0004,0.1"], "0.0004 and the clean accuracy (eps 0) would share"),
         (["attack", "-o", "model.caps_types=[2,2]"], "model.caps_types ([4, 4] in the checkpoint"),
