@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from capsnet.tracking import listed
+from capsnet.tracking import last_metrics_entry, listed
 
 #: 2: routing.beta_a_logit divides beta_a by the last routing iteration's lambda
 #: (format 1 divided it by routing.final_lambda, which is not that lambda).
@@ -326,6 +326,14 @@ def runs_in(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_dir() and has_checkpoint(p)] if folder.is_dir() else []
 
 
+def started_runs(folder: Path) -> list[Path]:
+    """The run folders directly under ``folder`` that training has opened (they hold run.json) but
+    that hold no checkpoint yet: a run in its first epoch, or one stopped before its first save."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.is_dir() and (p / RUN_FILE).is_file() and not has_checkpoint(p)]
+
+
 def no_runs(out_dir: str | Path, listing: bool = False) -> CheckpointError:
     """The error for a folder of runs (``--out-dir``, ``logging.out_dir``) that holds none; ``listing``:
     for ``capsnet runs``, which takes no checkpoint. A run folder given in its place, and a folder
@@ -342,6 +350,13 @@ def no_runs(out_dir: str | Path, listing: bool = False) -> CheckpointError:
         return CheckpointError(f"{out_dir} is a run folder, not the folder that holds the runs: {instead}")
     missing = "" if out_dir.is_dir() else f" ({'not a folder' if out_dir.exists() else 'no such folder'})"
     where = "--out-dir" if listing else "--out-dir; for train --resume, -o logging.out_dir=..."
+    started = sorted(p.name for p in started_runs(out_dir))
+    if started:  # a run in its first epoch: its first checkpoint is still to come
+        waiting = f"{listed(started)} {'has' if len(started) == 1 else 'have'} started but saved none yet"
+        return CheckpointError(
+            f"no runs with checkpoints in {out_dir}: {waiting} (the first save comes at the end of the "
+            "first epoch, or after logging.save_every steps)"
+        )
     return CheckpointError(
         f"no runs with checkpoints in {out_dir}{missing}; train one first (capsnet train --config ...), "
         f"or name the folder that holds them ({where})"
@@ -801,7 +816,55 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
         )
         row["finished"] = row["total_steps"] is not None and row["step"] >= row["total_steps"]
         rows.append(row)
-    return rows
+    # after them (so that the first row stays the run --ckpt latest takes), the runs with no
+    # checkpoint yet, the most recently active first
+    waiting = [_started_summary(run_dir) for run_dir in started_runs(Path(out_dir).expanduser())]
+    return rows + sorted(waiting, key=lambda row: (row["updated"] or 0.0, row["run"]), reverse=True)
+
+
+def _started_summary(run_dir: Path) -> dict[str, Any]:
+    """The row of a run that has saved no checkpoint: what its config.yaml, run.json and the last
+    line of its metrics.jsonl say (``checkpoint`` None, ``step`` the last logged step, 0 if none)."""
+    import yaml
+
+    def counter(value: Any) -> int | None:
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+    record = read_run_record(run_dir) or {}
+    metrics = run_dir / "metrics.jsonl"
+    entry = last_metrics_entry(metrics)
+    times = [_finite(record.get("updated"))]
+    try:
+        times.append(metrics.stat().st_mtime if entry is not None else None)
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError, ValueError):
+        config = None
+    sections = config if isinstance(config, dict) else {}
+
+    def setting(section: str, key: str) -> Any:
+        values = sections.get(section)
+        return values.get(key) if isinstance(values, dict) else None
+
+    known = [t for t in times if t is not None]
+    data, preset = setting("data", "name"), setting("model", "preset")
+    return {
+        "run": run_dir.name,
+        "path": str(run_dir),
+        "updated": max(known) if known else None,
+        "checkpoint": None,
+        "data": data if isinstance(data, str) else None,
+        "preset": preset if isinstance(preset, str) else None,
+        "parameters": None,
+        "iterations": counter(setting("model", "iterations")),
+        "step": entry["step"] if entry is not None else 0,
+        "total_steps": counter(record.get("total_steps")),
+        "epoch": None,
+        "epochs": counter(setting("train", "epochs")),
+        "best": None,
+        "best_step": None,
+        "best_split": None,
+        "finished": False,
+    }
 
 
 def _preset_of(arch: dict[str, Any], preset: Any) -> str | None:
@@ -828,8 +891,10 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
         except (ValueError, OverflowError, OSError):  # a time no calendar date has (run.json edited)
             return "-"
 
+    saved = [row for row in rows if "error" in row or row.get("checkpoint") is not None]
+    waiting = [row for row in rows if row not in saved]
     table = [("run", "updated", "data", "model", "steps", "best")]
-    for row in rows:
+    for row in saved:
         if "error" in row:
             table.append((row["run"], when(row["updated"]), "-", "-", "-", f"unreadable: {row['error']}"))
             continue
@@ -842,6 +907,20 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
             best += f" (step {row['best_step']:,})" if isinstance(row["best_step"], int) else ""
         table.append((row["run"], when(row["updated"]), row["data"] or "-", model, steps, best))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
-    lines = [f"{len(rows)} run{'s' if len(rows) != 1 else ''} in {out_dir}, the newest first:"]
-    lines += ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in table]
+    lines = []
+    if saved:
+        lines.append(f"{len(saved)} run{'s' if len(saved) != 1 else ''} in {out_dir}, the newest first:")
+        lines += ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in table]
+    if waiting:
+        lines.append(
+            f"{'S' if not saved else 'Also s'}tarted in {out_dir}, with no checkpoint yet (the first save "
+            "comes at the end of the first epoch, or after logging.save_every steps):"
+        )
+        for row in waiting:
+            planned = f"/{row['total_steps']:,}" if row["total_steps"] is not None else ""
+            what = ", ".join(filter(None, [row["data"], row["preset"]]))
+            lines.append(
+                f"  {row['run']}  last active {when(row['updated'])}  step {row['step']:,}{planned} logged"
+                + (f"  ({what})" if what else "")
+            )
     return "\n".join(lines)

@@ -287,7 +287,7 @@ def runs(
 ) -> None:
     """List the runs in --out-dir, the newest first: when each was last started or saved, its data and model, how far it got and its best score.
 
-    Each run is named as --ckpt and --resume take it (capsnet eval --ckpt RUN).
+    Each run is named as --ckpt and --resume take it (capsnet eval --ckpt RUN). Runs started with no checkpoint yet (in their first epoch) follow, with their last logged step.
     """  # one line per help paragraph: the help keeps line breaks
     with _errors(debug):
         from capsnet.checkpoint import no_runs, run_summaries, runs_table

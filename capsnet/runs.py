@@ -284,9 +284,12 @@ def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
     )
 
 
-def open_run_dir(cfg: Config, choice: RunChoice, overwrite: bool, say: Callable[[str], None]) -> Path:
+def open_run_dir(
+    cfg: Config, choice: RunChoice, overwrite: bool, say: Callable[[str], None], total_steps: int
+) -> Path:
     """Rank 0, after :func:`check_run_dir_free`: creates the run directory (emptied unless resuming
-    into it) and writes config.yaml and run.json."""
+    into it) and writes config.yaml and run.json (with the run's planned ``total_steps``, which
+    ``capsnet runs`` shows for a run that has saved no checkpoint yet)."""
     run_dir = safe_child(cfg.logging.out_dir, choice.name)
     tb_dir = safe_child(cfg.logging.tb_dir, choice.name)
     start_step = int(choice.checkpoint["step"]) if choice.checkpoint is not None else 0
@@ -310,7 +313,8 @@ def open_run_dir(cfg: Config, choice: RunChoice, overwrite: bool, say: Callable[
         for stale in remove_temp_files(run_dir):
             say(f"note: removed {stale.name}, left by a save that was interrupted")
     truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    write_run_record(run_dir, run=choice.name, step=start_step)  # "started" is kept from the first start
+    # "started" is kept from the first start
+    write_run_record(run_dir, run=choice.name, step=start_step, total_steps=total_steps)
     return run_dir
 
 

@@ -76,7 +76,7 @@ class MetricsFile:
         self._pending: dict[str, float | str] = {}
         # The file's last line, which a resumed run may add to (the evaluation that a stop on an
         # epoch's last step left to it): merged into that line, not written as a second one.
-        self._tail: dict[str, Any] | None = _last_entry(self.path)
+        self._tail: dict[str, Any] | None = last_metrics_entry(self.path)
         self._rewrite = False
 
     def add(self, metrics: Mapping[str, float], step: int) -> None:
@@ -114,7 +114,7 @@ class MetricsFile:
                 f.write(line + "\n")
 
 
-def _last_entry(path: Path) -> dict[str, Any] | None:
+def last_metrics_entry(path: Path) -> dict[str, Any] | None:
     """The last line of a metrics file, parsed; None for no file, no lines or a damaged last line."""
     try:
         lines = path.read_text().splitlines()

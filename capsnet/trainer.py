@@ -836,7 +836,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     writer: NullWriter = NullWriter()
     run_dir = safe_child(cfg.logging.out_dir, name)
     if dist_info.is_main:
-        run_dir = open_run_dir(cfg, choice, overwrite, say)
+        run_dir = open_run_dir(cfg, choice, overwrite, say, total_steps)
         writer = TensorBoardWriter(
             tb_dir if cfg.logging.tensorboard else None,
             run_dir / "metrics.jsonl",

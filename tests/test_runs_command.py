@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from helpers import tiny
+from helpers import logged, tiny
 from typer.testing import CliRunner
 
 from capsnet.checkpoint import (
@@ -148,3 +148,45 @@ def test_the_first_run_listed_is_the_one_latest_takes_when_two_were_saved_at_onc
     shutil.copytree(weights / "a", weights / "b")  # a copied run keeps its run.json's time
     rows = run_summaries(weights)
     assert [row["run"] for row in rows] == [latest_run(weights).name, "a"] == ["b", "a"]
+
+
+def test_a_run_with_no_checkpoint_yet_is_listed_after_the_saved_ones(tmp_path):
+    """A run in its first epoch has run.json, config.yaml and logged steps but no checkpoint: it is
+    shown below the table (which stays the runs --ckpt latest can take), with its logged step."""
+    fit(tiny(tmp_path, "train.max_steps=1"), run_name="saved", echo=lambda _msg: None)
+    fit(tiny(tmp_path, "train.epochs=2", "logging.log_every=2"), run_name="young", echo=lambda _msg: None)
+    weights = tmp_path / "weights"
+    for path in (weights / "young").glob("*.pt"):  # as it was before its first save
+        path.unlink()
+    stamp(weights / "saved", 1_000.0)  # the older of the two: the waiting run is still listed last
+    (weights / "opened").mkdir()
+    write_run_record(weights / "opened", run="opened", step=0)  # stopped before it logged a step
+    (weights / "notes").mkdir()  # neither a checkpoint nor run.json: not a run
+
+    rows = run_summaries(weights)
+    assert rows[0]["run"] == "saved" == latest_run(weights).name
+    waiting = {row["run"]: row for row in rows[1:]}
+    assert sorted(waiting) == ["opened", "young"]
+    young = waiting["young"]
+    assert young["checkpoint"] is None and not young["finished"] and young["parameters"] is None
+    assert young["step"] == logged(weights / "young")[-1]["step"] == 12 == young["total_steps"]
+    assert (young["data"], young["epochs"], young["iterations"]) == ("synthetic", 2, 2)
+    opened = waiting["opened"]
+    assert (opened["step"], opened["total_steps"], opened["data"]) == (0, None, None)
+
+    table = runner.invoke(app, ["runs", "--out-dir", str(weights)])
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0] == f"1 run in {weights}, the newest first:" and lines[2].startswith("saved ")
+    assert lines[3].startswith(f"Also started in {weights}, with no checkpoint yet")
+    assert sorted(line.split()[0] for line in lines[4:]) == ["opened", "young"]
+    assert any(" step 12/12 logged  (synthetic)" in line for line in lines[4:])
+    listed = runner.invoke(app, ["runs", "--out-dir", str(weights), "--json"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == json.loads(json.dumps(rows))
+
+    # with no saved run at all, the listing still shows them, and --ckpt latest says why it finds none
+    shutil.rmtree(weights / "saved")
+    only = runner.invoke(app, ["runs", "--out-dir", str(weights)])
+    assert only.exit_code == 0 and only.stdout.startswith(f"Started in {weights}, with no checkpoint yet")
+    latest = runner.invoke(app, ["eval", "--ckpt", "latest", "--out-dir", str(weights)])
+    assert latest.exit_code == 2 and "opened, young have started but saved none yet" in latest.stderr
