@@ -891,8 +891,8 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
         except (ValueError, OverflowError, OSError):  # a time no calendar date has (run.json edited)
             return "-"
 
+    waiting = [row for row in rows if "error" not in row and row.get("checkpoint") is None]
     saved = [row for row in rows if "error" in row or row.get("checkpoint") is not None]
-    waiting = [row for row in rows if row not in saved]
     table = [("run", "updated", "data", "model", "steps", "best")]
     for row in saved:
         if "error" in row:
