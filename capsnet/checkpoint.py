@@ -326,6 +326,15 @@ def runs_in(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_dir() and has_checkpoint(p)] if folder.is_dir() else []
 
 
+#: when a run's first checkpoint is written, for the messages about runs that have none yet
+FIRST_SAVE = "the first save comes at the end of the first epoch, or after logging.save_every steps"
+
+
+def _counter(value: Any) -> int | None:
+    """``value`` where it is an int (not a bool), else None."""
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def started_runs(folder: Path) -> list[Path]:
     """The run folders directly under ``folder`` that training has opened (they hold run.json) but
     that hold no checkpoint yet: a run in its first epoch, or one stopped before its first save."""
@@ -353,10 +362,7 @@ def no_runs(out_dir: str | Path, listing: bool = False) -> CheckpointError:
     started = sorted(p.name for p in started_runs(out_dir))
     if started:  # a run in its first epoch: its first checkpoint is still to come
         waiting = f"{listed(started)} {'has' if len(started) == 1 else 'have'} started but saved none yet"
-        return CheckpointError(
-            f"no runs with checkpoints in {out_dir}: {waiting} (the first save comes at the end of the "
-            "first epoch, or after logging.save_every steps)"
-        )
+        return CheckpointError(f"no runs with checkpoints in {out_dir}: {waiting} ({FIRST_SAVE})")
     return CheckpointError(
         f"no runs with checkpoints in {out_dir}{missing}; train one first (capsnet train --config ...), "
         f"or name the folder that holds them ({where})"
@@ -777,9 +783,6 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
     it got (steps of its planned total, epochs) and its best score. A run whose newest
     checkpoint cannot be read is listed with ``error`` saying why."""
 
-    def counter(value: Any) -> int | None:
-        return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
-
     def text(value: Any) -> str | None:
         return value if isinstance(value, str) else None
 
@@ -792,7 +795,7 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
             path = run_checkpoint(run_dir)
             ckpt = load_checkpoint(path)
             for key in ("step", "epoch"):
-                if counter(ckpt[key]) is None:
+                if _counter(ckpt[key]) is None:
                     raise CheckpointError(f"{path} is not a capsnet checkpoint ({key} {ckpt[key]!r})")
             model = build_model_from_checkpoint(ckpt, path)
         except CheckpointError as e:
@@ -807,11 +810,11 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
             parameters=model.num_parameters(),
             iterations=int(model.hparams["iterations"]),
             step=ckpt["step"],
-            total_steps=counter(ckpt.get("total_steps")),
+            total_steps=_counter(ckpt.get("total_steps")),
             epoch=ckpt["epoch"],
-            epochs=counter((sections.get("train") or {}).get("epochs")),
+            epochs=_counter((sections.get("train") or {}).get("epochs")),
             best=_finite(ckpt.get("best_metric")),
-            best_step=counter(ckpt.get("best_step")),
+            best_step=_counter(ckpt.get("best_step")),
             best_split=text(ckpt.get("best_split")),
         )
         row["finished"] = row["total_steps"] is not None and row["step"] >= row["total_steps"]
@@ -826,9 +829,6 @@ def _started_summary(run_dir: Path) -> dict[str, Any]:
     """The row of a run that has saved no checkpoint: what its config.yaml, run.json and the last
     line of its metrics.jsonl say (``checkpoint`` None, ``step`` the last logged step, 0 if none)."""
     import yaml
-
-    def counter(value: Any) -> int | None:
-        return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
     record = read_run_record(run_dir) or {}
     metrics = run_dir / "metrics.jsonl"
@@ -855,11 +855,11 @@ def _started_summary(run_dir: Path) -> dict[str, Any]:
         "data": data if isinstance(data, str) else None,
         "preset": preset if isinstance(preset, str) else None,
         "parameters": None,
-        "iterations": counter(setting("model", "iterations")),
+        "iterations": _counter(setting("model", "iterations")),
         "step": entry["step"] if entry is not None else 0,
-        "total_steps": counter(record.get("total_steps")),
+        "total_steps": _counter(record.get("total_steps")),
         "epoch": None,
-        "epochs": counter(setting("train", "epochs")),
+        "epochs": _counter(setting("train", "epochs")),
         "best": None,
         "best_step": None,
         "best_split": None,
@@ -913,8 +913,7 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
         lines += ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in table]
     if waiting:
         lines.append(
-            f"{'S' if not saved else 'Also s'}tarted in {out_dir}, with no checkpoint yet (the first save "
-            "comes at the end of the first epoch, or after logging.save_every steps):"
+            f"{'S' if not saved else 'Also s'}tarted in {out_dir}, with no checkpoint yet ({FIRST_SAVE}):"
         )
         for row in waiting:
             planned = f"/{row['total_steps']:,}" if row["total_steps"] is not None else ""
