@@ -323,11 +323,37 @@ def _run_time(run_dir: Path) -> float:
 
 def runs_in(folder: Path) -> list[Path]:
     """The run folders directly under ``folder`` that hold a checkpoint."""
-    return [p for p in folder.iterdir() if p.is_dir() and has_checkpoint(p)] if folder.is_dir() else []
+    return _run_folders(folder)[0]
+
+
+def _run_folders(folder: Path) -> tuple[list[Path], list[Path]]:
+    """One look at each folder directly under ``folder``: the run folders that hold a checkpoint,
+    then those that training has opened (they hold run.json) with no checkpoint yet. A folder that
+    cannot be read (no permission, removed while looked at) is neither."""
+    saved: list[Path] = []
+    started: list[Path] = []
+    if not folder.is_dir():
+        return saved, started
+    for path in folder.iterdir():
+        try:
+            if not path.is_dir():
+                continue
+            if has_checkpoint(path):
+                saved.append(path)
+            elif (path / RUN_FILE).is_file():
+                started.append(path)
+        except OSError:
+            continue
+    return saved, started
 
 
 #: when a run's first checkpoint is written, for the messages about runs that have none yet
 FIRST_SAVE = "the first save comes at the end of the first epoch, or after logging.save_every steps"
+#: what a run folder with no checkpoint may be: told so, a live run is left alone, a dead one restarted
+NOT_SAVED_YET = (
+    f"still in its first epoch ({FIRST_SAVE}), or stopped before its first save "
+    "(then the command that started it starts it again)"
+)
 
 
 def _counter(value: Any) -> int | None:
@@ -338,9 +364,7 @@ def _counter(value: Any) -> int | None:
 def started_runs(folder: Path) -> list[Path]:
     """The run folders directly under ``folder`` that training has opened (they hold run.json) but
     that hold no checkpoint yet: a run in its first epoch, or one stopped before its first save."""
-    if not folder.is_dir():
-        return []
-    return [p for p in folder.iterdir() if p.is_dir() and (p / RUN_FILE).is_file() and not has_checkpoint(p)]
+    return _run_folders(folder)[1]
 
 
 def no_runs(out_dir: str | Path, listing: bool = False) -> CheckpointError:
@@ -349,7 +373,7 @@ def no_runs(out_dir: str | Path, listing: bool = False) -> CheckpointError:
     that does not exist, are said as such."""
     out_dir = Path(out_dir)
     above = out_dir.parent
-    if out_dir.is_dir() and has_checkpoint(out_dir):
+    if out_dir.is_dir() and (has_checkpoint(out_dir) or (out_dir / RUN_FILE).is_file()):
         instead = (
             f"list the runs of the folder above it with --out-dir {above}"
             if listing
@@ -360,9 +384,12 @@ def no_runs(out_dir: str | Path, listing: bool = False) -> CheckpointError:
     missing = "" if out_dir.is_dir() else f" ({'not a folder' if out_dir.exists() else 'no such folder'})"
     where = "--out-dir" if listing else "--out-dir; for train --resume, -o logging.out_dir=..."
     started = sorted(p.name for p in started_runs(out_dir))
-    if started:  # a run in its first epoch: its first checkpoint is still to come
-        waiting = f"{listed(started)} {'has' if len(started) == 1 else 'have'} started but saved none yet"
-        return CheckpointError(f"no runs with checkpoints in {out_dir}: {waiting} ({FIRST_SAVE})")
+    if started:  # a run in its first epoch, or one that stopped before its first save
+        one = len(started) == 1
+        waiting = f"{listed(started)} {'has' if one else 'have'} started but saved none yet"
+        return CheckpointError(
+            f"no runs with checkpoints in {out_dir}: {waiting}; {'each' if not one else 'it'} is {NOT_SAVED_YET}"
+        )
     return CheckpointError(
         f"no runs with checkpoints in {out_dir}{missing}; train one first (capsnet train --config ...), "
         f"or name the folder that holds them ({where})"
@@ -398,10 +425,7 @@ def run_checkpoint(run_dir: str | Path) -> Path:
             f"no checkpoints in {run_dir}, and it is not a run folder (none of {', '.join(sorted(START_FILES))}); "
             "give a run folder, a checkpoint file, latest or best"
         )
-    raise CheckpointError(
-        f"no checkpoints in {run_dir}: the run stopped before its first save; "
-        "start it again with the command that started it"
-    )
+    raise CheckpointError(f"no checkpoints in {run_dir} yet: the run is {NOT_SAVED_YET}")
 
 
 def resolve_checkpoint(spec: str, out_dir: str | Path) -> Path:
@@ -787,7 +811,9 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
         return value if isinstance(value, str) else None
 
     rows = []
-    times = {run_dir: _run_time(run_dir) for run_dir in runs_in(Path(out_dir).expanduser())}
+    # one look at the folder, so that a run saving its first checkpoint meanwhile is listed once
+    saved, started = _run_folders(Path(out_dir).expanduser())
+    times = {run_dir: _run_time(run_dir) for run_dir in saved}
     # the order of latest_run: the first is the run that --ckpt latest takes
     for run_dir in sorted(times, key=lambda p: (times[p], p.name), reverse=True):
         row: dict[str, Any] = {"run": run_dir.name, "path": str(run_dir), "updated": times[run_dir] or None}
@@ -821,7 +847,7 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
         rows.append(row)
     # after them (so that the first row stays the run --ckpt latest takes), the runs with no
     # checkpoint yet, the most recently active first
-    waiting = [_started_summary(run_dir) for run_dir in started_runs(Path(out_dir).expanduser())]
+    waiting = [_started_summary(run_dir) for run_dir in started]
     return rows + sorted(waiting, key=lambda row: (row["updated"] or 0.0, row["run"]), reverse=True)
 
 
@@ -836,6 +862,9 @@ def _started_summary(run_dir: Path) -> dict[str, Any]:
     times = [_finite(record.get("updated"))]
     try:
         times.append(metrics.stat().st_mtime if entry is not None else None)
+    except OSError:  # removed since it was read
+        pass
+    try:
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError, ValueError):
         config = None

@@ -18,6 +18,7 @@ import random
 import re
 import shlex
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ from capsnet.checkpoint import (
     discard_after,
     has_checkpoint,
     load_checkpoint,
+    read_run_record,
     remove_temp_files,
     resolve_checkpoint,
     restore_rng,
@@ -263,12 +265,40 @@ def only_start_files(run_dir: Path) -> bool:
     return all(p.is_file() and (p.name in START_FILES or TEMP_FILE.match(p.name)) for p in run_dir.iterdir())
 
 
+def running_process(run_dir: Path) -> int | None:
+    """The process id of the training process that opened ``run_dir``, where that process still runs
+    on this machine (run.json records its id and host), else None."""
+    record = read_run_record(run_dir) or {}
+    pid, host = record.get("pid"), record.get("host")
+    if os.name != "posix" or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    if host != socket.gethostname() or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # it exists, as another user's process
+        return pid
+    except OSError:
+        return None
+    return pid
+
+
 def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
     """Rank 0, before any slow set-up: refuses a run directory that may not be replaced.
 
     :func:`open_run_dir`, called later, relies on this check having passed.
     """
     run_dir = safe_child(cfg.logging.out_dir, choice.name)
+    if run_dir.is_dir() and not (overwrite or choice.resuming_here) and only_start_files(run_dir):
+        pid = running_process(run_dir)  # a run in its first epoch: its folder is not a dead start's
+        if pid is not None:
+            raise TrainingError(
+                f"{run_dir} belongs to a run that is still in its first epoch (process {pid}); wait for its "
+                f"first save and resume it from there, stop it first, pick another --run-name, or replace "
+                "it with --overwrite"
+            )
     free = overwrite or choice.resuming_here or choice.starting_named_run or not run_dir.is_dir()
     if free or only_start_files(run_dir):
         return
@@ -314,7 +344,14 @@ def open_run_dir(
             say(f"note: removed {stale.name}, left by a save that was interrupted")
     truncate_metrics(run_dir / "metrics.jsonl", start_step)
     # "started" is kept from the first start
-    write_run_record(run_dir, run=choice.name, step=start_step, total_steps=total_steps)
+    write_run_record(
+        run_dir,
+        run=choice.name,
+        step=start_step,
+        total_steps=total_steps,
+        pid=os.getpid(),
+        host=socket.gethostname(),
+    )
     return run_dir
 
 

@@ -379,7 +379,10 @@ def test_a_model_that_became_non_finite_is_never_saved(tmp_path, monkeypatch):
         return real(model, cfg)
 
     monkeypatch.setattr(trainer, "build_optimizer", poison)
-    cfg = load_config(TINY, [f"logging.out_dir={tmp_path}", "train.max_bad_steps=100"])
+    cfg = load_config(
+        TINY,
+        [f"logging.out_dir={tmp_path}", f"logging.tb_dir={tmp_path / 'runs'}", "train.max_bad_steps=100"],
+    )
     with pytest.raises(TrainingError, match=r"classcaps\.weight became non-finite, so it was not saved"):
         fit(cfg, run_name="inf", echo=lambda _msg: None)
     assert sorted(p.name for p in (tmp_path / "inf").iterdir() if p.suffix == ".pt") == []
@@ -956,6 +959,40 @@ def test_a_run_folder_left_without_a_checkpoint_is_started_afresh_by_the_same_co
     kept = runner.invoke(app, train_args(tmp_path, "--run-name", "m"))
     assert kept.exit_code == 2 and "already exists" in kept.stderr
     assert (tmp_path / "weights" / "m" / "notes.txt").read_text() == "mine"
+
+
+def test_the_folder_of_a_run_still_in_its_first_epoch_is_not_taken_for_a_dead_start(tmp_path, monkeypatch):
+    """run.json names the process that opened the folder: while it runs, the same command is refused
+    instead of emptying the folder under it; once it has stopped, the folder is started afresh."""
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = start_files_only(tmp_path / "weights" / "k")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        record = {"run": "k", "step": 0, "pid": alive.pid, "host": socket.gethostname()}
+        (run_dir / "run.json").write_text(json.dumps(record))
+        refused = runner.invoke(app, [*train_args(tmp_path, "--run-name", "k"), "-o", "train.max_steps=1"])
+        assert refused.exit_code == 2, refused.output
+        assert f"still in its first epoch (process {alive.pid})" in refused.stderr
+        assert json.loads((run_dir / "run.json").read_text()) == record  # the folder left as it was
+        elsewhere = {**record, "host": socket.gethostname() + "-other"}  # the same id on another machine
+        (run_dir / "run.json").write_text(json.dumps(elsewhere))
+        assert (
+            runner.invoke(
+                app, [*train_args(tmp_path, "--run-name", "k"), "-o", "train.max_steps=1"]
+            ).exit_code
+            == 0
+        )
+        start_files_only(tmp_path / "weights" / "j")
+        (tmp_path / "weights" / "j" / "run.json").write_text(json.dumps({**record, "run": "j"}))
+    finally:
+        alive.kill()
+        alive.wait()
+    started = runner.invoke(app, [*train_args(tmp_path, "--run-name", "j"), "-o", "train.max_steps=1"])
+    assert started.exit_code == 0 and "starting it afresh" in started.output, started.output
+    assert [step for step, _ in step_checkpoints(tmp_path / "weights" / "j")] == [1]
+    assert json.loads((tmp_path / "weights" / "j" / "run.json").read_text())["pid"] == os.getpid()
 
 
 def test_a_tensorboard_folder_that_cannot_be_made_stops_the_run_before_it_writes_anything(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def test_a_stopped_run_shows_its_steps_of_the_planned_total(tmp_path):
     [row] = run_summaries(tmp_path / "weights")
     assert row["step"] < row["total_steps"] == 18 and not row["finished"]
     table = runner.invoke(app, ["runs", "--out-dir", str(tmp_path / "weights")])
-    assert f" {row['step']}/18 " in table.stdout and "done" not in table.stdout
+    [line] = [line for line in table.stdout.splitlines() if line.startswith("planned ")]
+    assert f" {row['step']}/18 " in line and "done" not in line
 
 
 def test_the_preset_is_named_only_where_the_model_has_its_sizes():
@@ -158,18 +160,25 @@ def test_a_run_with_no_checkpoint_yet_is_listed_after_the_saved_ones(tmp_path):
     weights = tmp_path / "weights"
     for path in (weights / "young").glob("*.pt"):  # as it was before its first save
         path.unlink()
+    metrics = weights / "young" / "metrics.jsonl"  # ... after step 6 of its 12, before run.json says more
+    metrics.write_text("".join(f"{json.dumps(e)}\n" for e in logged(weights / "young") if e["step"] <= 6))
+    write_run_record(weights / "young", step=0)
     stamp(weights / "saved", 1_000.0)  # the older of the two: the waiting run is still listed last
     (weights / "opened").mkdir()
     write_run_record(weights / "opened", run="opened", step=0)  # stopped before it logged a step
+    stamp(weights / "opened", 2_000.0)
+    os.utime(metrics, (3_000.0, 3_000.0))  # young's last activity: its last logged step
+    stamp(weights / "young", 500.0)
     (weights / "notes").mkdir()  # neither a checkpoint nor run.json: not a run
 
     rows = run_summaries(weights)
     assert rows[0]["run"] == "saved" == latest_run(weights).name
+    assert [row["run"] for row in rows[1:]] == ["young", "opened"]  # the most recently active first
     waiting = {row["run"]: row for row in rows[1:]}
-    assert sorted(waiting) == ["opened", "young"]
     young = waiting["young"]
     assert young["checkpoint"] is None and not young["finished"] and young["parameters"] is None
-    assert young["step"] == logged(weights / "young")[-1]["step"] == 12 == young["total_steps"]
+    assert young["step"] == logged(weights / "young")[-1]["step"] == 6 and young["total_steps"] == 12
+    assert young["updated"] == 3_000.0
     assert (young["data"], young["epochs"], young["iterations"]) == ("synthetic", 2, 2)
     opened = waiting["opened"]
     assert (opened["step"], opened["total_steps"], opened["data"]) == (0, None, None)
@@ -179,8 +188,8 @@ def test_a_run_with_no_checkpoint_yet_is_listed_after_the_saved_ones(tmp_path):
     lines = table.stdout.splitlines()
     assert lines[0] == f"1 run in {weights}, the newest first:" and lines[2].startswith("saved ")
     assert lines[3].startswith(f"Also started in {weights}, with no checkpoint yet")
-    assert sorted(line.split()[0] for line in lines[4:]) == ["opened", "young"]
-    assert any(" step 12/12 logged  (synthetic)" in line for line in lines[4:])
+    assert [line.split()[0] for line in lines[4:]] == ["young", "opened"]
+    assert " step 6/12 logged  (synthetic)" in lines[4]
     listed = runner.invoke(app, ["runs", "--out-dir", str(weights), "--json"])
     assert listed.exit_code == 0 and json.loads(listed.stdout) == json.loads(json.dumps(rows))
 
@@ -190,3 +199,48 @@ def test_a_run_with_no_checkpoint_yet_is_listed_after_the_saved_ones(tmp_path):
     assert only.exit_code == 0 and only.stdout.startswith(f"Started in {weights}, with no checkpoint yet")
     latest = runner.invoke(app, ["eval", "--ckpt", "latest", "--out-dir", str(weights)])
     assert latest.exit_code == 2 and "opened, young have started but saved none yet" in latest.stderr
+    assert "still in its first epoch" in latest.stderr and "stopped before its first save" in latest.stderr
+    named = runner.invoke(app, ["eval", "--ckpt", "young", "--out-dir", str(weights)])
+    assert named.exit_code == 2 and "still in its first epoch" in named.stderr  # not only "it stopped"
+    # given as the folder of runs, a run folder with no checkpoint yet is still said to be a run folder
+    inside = runner.invoke(app, ["runs", "--out-dir", str(weights / "young")])
+    assert inside.exit_code == 2 and "is a run folder" in inside.stderr
+
+
+def test_a_run_saving_its_first_checkpoint_during_the_listing_is_listed_once(tmp_path, monkeypatch):
+    from capsnet import checkpoint
+
+    fit(tiny(tmp_path, "train.max_steps=1"), run_name="old", echo=lambda _msg: None)
+    fit(tiny(tmp_path, "train.max_steps=1"), run_name="young", echo=lambda _msg: None)
+    weights = tmp_path / "weights"
+    saved = (weights / "young" / "last.pt").read_bytes()
+    for path in (weights / "young").glob("*.pt"):
+        path.unlink()
+    real = checkpoint.load_checkpoint
+
+    def load_while_young_saves(path, *args, **kwargs):
+        (weights / "young" / "last.pt").write_bytes(saved)  # its first save, while "old" is read
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", load_while_young_saves)
+    assert sorted(row["run"] for row in run_summaries(weights)) == ["old", "young"]
+
+
+def test_a_folder_that_cannot_be_read_is_left_out_of_the_listing(tmp_path, monkeypatch):
+    """As lost+found on a disk of its own: listing it fails (no permission), the runs beside it are listed."""
+    from capsnet import checkpoint
+
+    fit(tiny(tmp_path, "train.max_steps=1"), run_name="good", echo=lambda _msg: None)
+    weights = tmp_path / "weights"
+    (weights / "lost+found").mkdir()
+    real = checkpoint.step_checkpoints
+
+    def no_permission(run_dir):
+        if Path(run_dir).name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(run_dir))
+        return real(run_dir)
+
+    monkeypatch.setattr(checkpoint, "step_checkpoints", no_permission)
+    assert [row["run"] for row in run_summaries(weights)] == ["good"] == [latest_run(weights).name]
+    table = runner.invoke(app, ["runs", "--out-dir", str(weights)])
+    assert table.exit_code == 0 and table.stdout.splitlines()[2].startswith("good ")
