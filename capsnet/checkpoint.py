@@ -30,6 +30,7 @@ import os
 import pickle
 import random
 import re
+import socket
 import tempfile
 import time
 import zipfile
@@ -300,6 +301,30 @@ def discard_after(run_dir: str | Path, step: int) -> list[Path]:
 
 def has_checkpoint(run_dir: Path) -> bool:
     return bool(step_checkpoints(run_dir)) or (run_dir / LAST).is_file()
+
+
+def run_process(run_dir: Path) -> tuple[int | None, bool | None]:
+    """The id of the training process that last opened ``run_dir`` (run.json records it with its
+    host) and whether it still runs: None where that cannot be told (no id recorded, a run of
+    another machine, a system without POSIX signals). This process itself counts as not running
+    it: it is the one asking."""
+    record = read_run_record(run_dir) or {}
+    pid, host = record.get("pid"), record.get("host")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None, None
+    if os.name != "posix" or host != socket.gethostname():
+        return pid, None
+    if pid == os.getpid():
+        return pid, False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return pid, False
+    except PermissionError:  # it exists, as another user's process
+        return pid, True
+    except OSError:
+        return pid, None
+    return pid, True
 
 
 def _finite(value: Any) -> float | None:
@@ -817,6 +842,7 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
     # the order of latest_run: the first is the run that --ckpt latest takes
     for run_dir in sorted(times, key=lambda p: (times[p], p.name), reverse=True):
         row: dict[str, Any] = {"run": run_dir.name, "path": str(run_dir), "updated": times[run_dir] or None}
+        row.update(_process_fields(run_dir))
         try:
             path = run_checkpoint(run_dir)
             ckpt = load_checkpoint(path)
@@ -849,6 +875,13 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
     # checkpoint yet, the most recently active first
     waiting = [_started_summary(run_dir) for run_dir in started]
     return rows + sorted(waiting, key=lambda row: (row["updated"] or 0.0, row["run"]), reverse=True)
+
+
+def _process_fields(run_dir: Path) -> dict[str, Any]:
+    """``running``: whether the process that last trained the run still runs (None: not known, as
+    for a run of another machine); ``process``: its id while it runs."""
+    pid, running = run_process(run_dir)
+    return {"running": running, "process": pid if running else None}
 
 
 def _started_summary(run_dir: Path) -> dict[str, Any]:
@@ -893,6 +926,7 @@ def _started_summary(run_dir: Path) -> dict[str, Any]:
         "best_step": None,
         "best_split": None,
         "finished": False,
+        **_process_fields(run_dir),
     }
 
 
@@ -929,7 +963,7 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
             continue
         model = f"{row['preset'] or 'custom'}, {row['parameters']:,} parameters"
         steps = f"{row['step']:,}" + (f"/{row['total_steps']:,}" if row["total_steps"] is not None else "")
-        steps += " done" if row["finished"] else ""
+        steps += " done" if row["finished"] else " running" if row["running"] else ""
         best = "-"
         if isinstance(row["best"], (int, float)):
             best = f"{row['best_split'] or 'val'}/acc {row['best']:.4f}"
@@ -947,8 +981,10 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
         for row in waiting:
             planned = f"/{row['total_steps']:,}" if row["total_steps"] is not None else ""
             what = ", ".join(filter(None, [row["data"], row["preset"]]))
+            state = {True: f"  running (process {row['process']})", False: "  not running", None: ""}
             lines.append(
                 f"  {row['run']}  last active {when(row['updated'])}  step {row['step']:,}{planned} logged"
                 + (f"  ({what})" if what else "")
+                + state[row["running"]]
             )
     return "\n".join(lines)

@@ -43,12 +43,12 @@ from capsnet.checkpoint import (
     discard_after,
     has_checkpoint,
     load_checkpoint,
-    read_run_record,
     remove_temp_files,
     resolve_checkpoint,
     restore_rng,
     run_checkpoint,
     run_name_of,
+    run_process,
     safe_child,
     save_checkpoint,
     step_checkpoints,
@@ -265,26 +265,6 @@ def only_start_files(run_dir: Path) -> bool:
     return all(p.is_file() and (p.name in START_FILES or TEMP_FILE.match(p.name)) for p in run_dir.iterdir())
 
 
-def running_process(run_dir: Path) -> int | None:
-    """The process id of the training process that opened ``run_dir``, where that process still runs
-    on this machine (run.json records its id and host), else None."""
-    record = read_run_record(run_dir) or {}
-    pid, host = record.get("pid"), record.get("host")
-    if os.name != "posix" or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return None
-    if host != socket.gethostname() or pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # it exists, as another user's process
-        return pid
-    except OSError:
-        return None
-    return pid
-
-
 def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
     """Rank 0, before any slow set-up: refuses a run directory that may not be replaced.
 
@@ -292,8 +272,8 @@ def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
     """
     run_dir = safe_child(cfg.logging.out_dir, choice.name)
     if run_dir.is_dir() and not (overwrite or choice.resuming_here) and only_start_files(run_dir):
-        pid = running_process(run_dir)  # a run in its first epoch: its folder is not a dead start's
-        if pid is not None:
+        pid, running = run_process(run_dir)  # a run in its first epoch: its folder is not a dead start's
+        if running:
             raise TrainingError(
                 f"{run_dir} belongs to a run that is still in its first epoch (process {pid}); wait for its "
                 f"first save and resume it from there, stop it first, pick another --run-name, or replace "

@@ -244,3 +244,43 @@ def test_a_folder_that_cannot_be_read_is_left_out_of_the_listing(tmp_path, monke
     assert [row["run"] for row in run_summaries(weights)] == ["good"] == [latest_run(weights).name]
     table = runner.invoke(app, ["runs", "--out-dir", str(weights)])
     assert table.exit_code == 0 and table.stdout.splitlines()[2].startswith("good ")
+
+
+def test_the_listing_says_which_runs_are_still_being_trained_on_this_machine(tmp_path):
+    """run.json names the training process and its host: while that process runs, the table says so
+    (a saved run that is not done, a run with no checkpoint yet with its process id)."""
+    import socket
+    import subprocess
+    import sys
+
+    fit(tiny(tmp_path, "train.epochs=2"), run_name="saved", echo=lambda _msg: None)
+    fit(tiny(tmp_path, "train.epochs=2"), run_name="young", echo=lambda _msg: None)
+    weights = tmp_path / "weights"
+    for path in (weights / "young").glob("*.pt"):
+        path.unlink()
+    for path in (weights / "saved").glob("*.pt"):  # the first epoch's save only: 6 of 12 steps
+        if path.name != "step-000006.pt":
+            path.unlink()
+    here = socket.gethostname()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for name in ("saved", "young"):
+            write_run_record(weights / name, pid=alive.pid, host=here)
+        rows = {row["run"]: row for row in run_summaries(weights)}
+        assert (rows["saved"]["running"], rows["young"]["running"]) == (True, True)
+        assert rows["young"]["process"] == alive.pid
+        lines = runner.invoke(app, ["runs", "--out-dir", str(weights)]).stdout.splitlines()
+        [saved] = [line for line in lines if line.startswith("saved ")]
+        [young] = [line for line in lines if line.startswith("  young ")]
+        assert " 6/12 running " in saved and young.endswith(f"  running (process {alive.pid})")
+    finally:
+        alive.kill()
+        alive.wait()
+    rows = {row["run"]: row for row in run_summaries(weights)}
+    assert (rows["saved"]["running"], rows["young"]["process"]) == (False, None)
+    lines = runner.invoke(app, ["runs", "--out-dir", str(weights)]).stdout.splitlines()
+    assert any(line.startswith("  young ") and line.endswith("  not running") for line in lines)
+    assert not any("running" in line for line in lines if line.startswith("saved "))
+    # on another machine, or with no process recorded, nothing is said
+    write_run_record(weights / "young", host=here + "-other")
+    assert run_summaries(weights)[1]["running"] is None
