@@ -305,7 +305,7 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 def run_process(run_dir: Path) -> tuple[int | None, bool | None]:
     """The id of the training process that last opened ``run_dir`` (run.json records it with its
-    host) and whether it still runs: None where that cannot be told (no id recorded, a run of
+    start time and host) and whether it still runs: None where that cannot be told (no id recorded, a run of
     another machine, a system without POSIX signals). This process itself counts as not running
     it: it is the one asking."""
     record = read_run_record(run_dir) or {}
@@ -321,10 +321,22 @@ def run_process(run_dir: Path) -> tuple[int | None, bool | None]:
     except ProcessLookupError:
         return pid, False
     except PermissionError:  # it exists, as another user's process
-        return pid, True
+        pass
     except OSError:
         return pid, None
-    return pid, True
+    # a process of that id that started at another time took the id over (a restarted container)
+    started, now = record.get("pid_start"), process_start(pid)
+    return pid, not (isinstance(started, int) and now is not None and now != started)
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux's /proc), or None where that
+    cannot be read: with the id it tells one process from a later one given the same id."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22; fields from the 3rd follow ")"
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _finite(value: Any) -> float | None:

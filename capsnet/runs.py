@@ -43,6 +43,7 @@ from capsnet.checkpoint import (
     discard_after,
     has_checkpoint,
     load_checkpoint,
+    process_start,
     remove_temp_files,
     resolve_checkpoint,
     restore_rng,
@@ -271,14 +272,18 @@ def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
     :func:`open_run_dir`, called later, relies on this check having passed.
     """
     run_dir = safe_child(cfg.logging.out_dir, choice.name)
-    if run_dir.is_dir() and not (overwrite or choice.resuming_here) and only_start_files(run_dir):
-        pid, running = run_process(run_dir)  # a run in its first epoch: its folder is not a dead start's
-        if running:
-            raise TrainingError(
-                f"{run_dir} belongs to a run that is still in its first epoch (process {pid}); wait for its "
-                f"first save and resume it from there, stop it first, pick another --run-name, or replace "
-                "it with --overwrite"
-            )
+    pid, running = run_process(run_dir) if run_dir.is_dir() and not overwrite else (None, None)
+    if running and choice.resuming_here:
+        raise TrainingError(
+            f"{run_dir} is still being trained (process {pid}): stop it before resuming it, or two processes "
+            "would write the same checkpoints"
+        )
+    if running and only_start_files(run_dir):  # a run in its first epoch: its folder is not a dead start's
+        raise TrainingError(
+            f"{run_dir} belongs to a run that is still in its first epoch (process {pid}): let it run, "
+            "stop it first (then this command starts it afresh), pick another --run-name, or replace it "
+            "with --overwrite"
+        )
     free = overwrite or choice.resuming_here or choice.starting_named_run or not run_dir.is_dir()
     if free or only_start_files(run_dir):
         return
@@ -330,6 +335,7 @@ def open_run_dir(
         step=start_step,
         total_steps=total_steps,
         pid=os.getpid(),
+        pid_start=process_start(os.getpid()),
         host=socket.gethostname(),
     )
     return run_dir

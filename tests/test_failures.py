@@ -23,7 +23,7 @@ import torch
 from helpers import logged as metric_lines
 from typer.testing import CliRunner
 
-from capsnet.checkpoint import load_checkpoint, step_checkpoints
+from capsnet.checkpoint import load_checkpoint, process_start, step_checkpoints
 from capsnet.cli import app
 from capsnet.config import ConfigError, load_config
 from capsnet.trainer import TrainingError, fit
@@ -993,6 +993,40 @@ def test_the_folder_of_a_run_still_in_its_first_epoch_is_not_taken_for_a_dead_st
     assert started.exit_code == 0 and "starting it afresh" in started.output, started.output
     assert [step for step, _ in step_checkpoints(tmp_path / "weights" / "j")] == [1]
     assert json.loads((tmp_path / "weights" / "j" / "run.json").read_text())["pid"] == os.getpid()
+
+
+def test_a_run_whose_process_still_runs_is_not_resumed_by_a_second_one(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    assert (
+        runner.invoke(app, [*train_args(tmp_path, "--run-name", "r"), "-o", "train.max_steps=2"]).exit_code
+        == 0
+    )
+    run_dir = tmp_path / "weights" / "r"
+    record = json.loads((run_dir / "run.json").read_text())
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (run_dir / "run.json").write_text(
+            json.dumps(
+                {
+                    **record,
+                    "pid": alive.pid,
+                    "pid_start": process_start(alive.pid),
+                    "host": socket.gethostname(),
+                }
+            )
+        )
+        again = ["train", "--resume", str(run_dir), "-o", "train.max_steps=4"]
+        refused = runner.invoke(app, again)
+        assert refused.exit_code == 2 and f"is still being trained (process {alive.pid})" in refused.stderr
+        assert [step for step, _ in step_checkpoints(run_dir)] == [2]
+    finally:
+        alive.kill()
+        alive.wait()
+    resumed = runner.invoke(app, again)  # once it has stopped
+    assert resumed.exit_code == 0, resumed.output
+    assert [step for step, _ in step_checkpoints(run_dir)][-1] == 4
 
 
 def test_a_tensorboard_folder_that_cannot_be_made_stops_the_run_before_it_writes_anything(

@@ -15,6 +15,7 @@ from capsnet.checkpoint import (
     _preset_of,
     latest_run,
     load_checkpoint,
+    process_start,
     read_run_record,
     run_summaries,
     write_run_record,
@@ -262,10 +263,12 @@ def test_the_listing_says_which_runs_are_still_being_trained_on_this_machine(tmp
         if path.name != "step-000006.pt":
             path.unlink()
     here = socket.gethostname()
+    if sys.platform.startswith("linux"):  # training records when its process started, from /proc
+        assert read_run_record(weights / "saved")["pid_start"] == process_start(os.getpid()) is not None
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         for name in ("saved", "young"):
-            write_run_record(weights / name, pid=alive.pid, host=here)
+            write_run_record(weights / name, pid=alive.pid, pid_start=process_start(alive.pid), host=here)
         rows = {row["run"]: row for row in run_summaries(weights)}
         assert (rows["saved"]["running"], rows["young"]["running"]) == (True, True)
         assert rows["young"]["process"] == alive.pid
@@ -273,6 +276,10 @@ def test_the_listing_says_which_runs_are_still_being_trained_on_this_machine(tmp
         [saved] = [line for line in lines if line.startswith("saved ")]
         [young] = [line for line in lines if line.startswith("  young ")]
         assert " 6/12 running " in saved and young.endswith(f"  running (process {alive.pid})")
+        if sys.platform.startswith("linux"):  # where /proc tells when a process started
+            # the same id, started at another time: another process that took the id over
+            write_run_record(weights / "young", pid_start=process_start(alive.pid) + 1)
+            assert run_summaries(weights)[1]["running"] is False
     finally:
         alive.kill()
         alive.wait()
