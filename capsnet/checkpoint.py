@@ -226,12 +226,14 @@ def restore_rng(state: dict[str, Any], loader_generator: torch.Generator | None 
 # --------------------------------------------------------------------------- saving
 
 
-def write_run_record(run_dir: str | Path, **fields: Any) -> None:
-    """Updates ``run.json`` (start time, last update time, last step) atomically."""
+def write_run_record(run_dir: str | Path, touch: bool = True, **fields: Any) -> None:
+    """Updates ``run.json`` (start time, last update time, last step) atomically; ``touch`` False
+    keeps the last update time (the time of the last start or save, by which runs are ordered)."""
     path = Path(run_dir) / RUN_FILE
     record = read_run_record(run_dir) or {}
     record.update(fields)
-    record["updated"] = time.time()
+    if touch or "updated" not in record:
+        record["updated"] = time.time()
     record.setdefault("started", record["updated"])
     atomic_write_bytes((json.dumps(record, indent=1) + "\n").encode(), path)
 
@@ -304,38 +306,52 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def run_process(run_dir: Path) -> tuple[int | None, bool | None]:
-    """The id of the training process that last opened ``run_dir`` (run.json records it with its
-    start time and host) and whether it still runs: None where that cannot be told (no id recorded, a run of
-    another machine, a system without POSIX signals). This process itself counts as not running
-    it: it is the one asking."""
+    """The id of the training process that last opened ``run_dir`` and whether it still trains it:
+    run.json records the id with the process's start time, PID namespace and host, and when its
+    training ended. None where that cannot be told: no id recorded, a run of another machine or
+    container, a system without Linux's /proc. This process itself counts as not training it:
+    it is the one asking."""
     record = read_run_record(run_dir) or {}
-    pid, host = record.get("pid"), record.get("host")
+    pid = record.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return None, None
-    if os.name != "posix" or host != socket.gethostname():
+    if record.get("ended") is not None:  # it returned or failed; its process may live on (a notebook)
+        return pid, False
+    if record.get("host") != socket.gethostname() or record.get("pid_ns") != pid_namespace():
         return pid, None
     if pid == os.getpid():
         return pid, False
+    found = _proc_stat(pid)
+    if found is None:
+        return pid, (False if _proc_stat(os.getpid()) is not None else None)  # gone, or no /proc
+    state, started = found
+    # a zombie has ended; a process of that id that started at another time took the id over
+    return pid, state not in ("Z", "X") and started == record.get("pid_start")
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """The state and start time (clock ticks since boot) of process ``pid`` from Linux's /proc,
+    or None where there is no such process or no /proc."""
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return pid, False
-    except PermissionError:  # it exists, as another user's process
-        pass
-    except OSError:
-        return pid, None
-    # a process of that id that started at another time took the id over (a restarted container)
-    started, now = record.get("pid_start"), process_start(pid)
-    return pid, not (isinstance(started, int) and now is not None and now != started)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # the name, in parentheses, may hold anything
+        return fields[0], int(fields[19])  # fields 3 and 22
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def process_start(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (Linux's /proc), or None where that
-    cannot be read: with the id it tells one process from a later one given the same id."""
+    """When process ``pid`` started (clock ticks since boot), or None where that cannot be read:
+    with the id it tells one process from a later one given the same id."""
+    found = _proc_stat(pid)
+    return found[1] if found is not None else None
+
+
+def pid_namespace() -> int | None:
+    """The PID namespace of this process (Linux), so that ids are compared only within one."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22; fields from the 3rd follow ")"
-    except (OSError, ValueError, IndexError):
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
         return None
 
 

@@ -43,6 +43,7 @@ from capsnet.checkpoint import (
     discard_after,
     has_checkpoint,
     load_checkpoint,
+    pid_namespace,
     process_start,
     remove_temp_files,
     resolve_checkpoint,
@@ -266,24 +267,37 @@ def only_start_files(run_dir: Path) -> bool:
     return all(p.is_file() and (p.name in START_FILES or TEMP_FILE.match(p.name)) for p in run_dir.iterdir())
 
 
+def refuse_a_live_run(run_dir: Path, resuming: bool) -> None:
+    """Refuses to train into ``run_dir`` while the process that trains it still runs on this machine:
+    two processes would write the same checkpoints, or a restart would empty the folder under it."""
+    pid, running = run_process(run_dir)
+    if not running:
+        return
+    stop = f"stop it first (Ctrl-C, or kill {pid}: it saves a checkpoint), then continue it with --resume {run_dir}"
+    if resuming:
+        raise TrainingError(f"{run_dir} is still being trained (process {pid}): {stop}")
+    raise TrainingError(
+        f"{run_dir} belongs to a run that is still being trained (process {pid}): let it run, {stop}, "
+        "or pick another --run-name"
+    )
+
+
+def mark_run_ended(run_dir: Path) -> None:
+    """Records in run.json that this process trains the run no more (it may live on, as a notebook's)."""
+    try:
+        write_run_record(run_dir, touch=False, ended=time.time())
+    except (OSError, CheckpointError):  # a folder gone or unwritable: any error on its way says more
+        pass
+
+
 def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
     """Rank 0, before any slow set-up: refuses a run directory that may not be replaced.
 
     :func:`open_run_dir`, called later, relies on this check having passed.
     """
     run_dir = safe_child(cfg.logging.out_dir, choice.name)
-    pid, running = run_process(run_dir) if run_dir.is_dir() and not overwrite else (None, None)
-    if running and choice.resuming_here:
-        raise TrainingError(
-            f"{run_dir} is still being trained (process {pid}): stop it before resuming it, or two processes "
-            "would write the same checkpoints"
-        )
-    if running and only_start_files(run_dir):  # a run in its first epoch: its folder is not a dead start's
-        raise TrainingError(
-            f"{run_dir} belongs to a run that is still in its first epoch (process {pid}): let it run, "
-            "stop it first (then this command starts it afresh), pick another --run-name, or replace it "
-            "with --overwrite"
-        )
+    if run_dir.is_dir():
+        refuse_a_live_run(run_dir, choice.resuming_here)
     free = overwrite or choice.resuming_here or choice.starting_named_run or not run_dir.is_dir()
     if free or only_start_files(run_dir):
         return
@@ -308,6 +322,8 @@ def open_run_dir(
     run_dir = safe_child(cfg.logging.out_dir, choice.name)
     tb_dir = safe_child(cfg.logging.tb_dir, choice.name)
     start_step = int(choice.checkpoint["step"]) if choice.checkpoint is not None else 0
+    if run_dir.is_dir():  # again: another start may have opened it during this one's set-up
+        refuse_a_live_run(run_dir, choice.resuming_here)
     leftover = run_dir.is_dir() and any(run_dir.iterdir()) and not choice.resuming_here
     if choice.starting_named_run and run_dir.exists():
         say(f"no checkpoint in {run_dir} yet: starting the run from step 0")
@@ -336,7 +352,9 @@ def open_run_dir(
         total_steps=total_steps,
         pid=os.getpid(),
         pid_start=process_start(os.getpid()),
+        pid_ns=pid_namespace(),
         host=socket.gethostname(),
+        ended=None,
     )
     return run_dir
 

@@ -85,6 +85,7 @@ from capsnet.runs import (
     config_for_resume,
     empty_window,
     first_non_finite,
+    mark_run_ended,
     open_run_dir,
     restore_run,
     save_run,
@@ -844,51 +845,56 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
             # fresh one all events of a run of that name whose folder was deleted by hand
             purge_step=int(ckpt["step"]) + 1 if ckpt is not None else 0,
         )
-    run = Run(
-        cfg,
-        dist_info,
-        device,
-        loaders,
-        model,
-        step_module,
-        optimizer,
-        writer,
-        name,
-        run_dir,
-        steps_per_epoch,
-        total_steps,
-        say,
-        ema=ema,
-        teacher=teacher,
-        teacher_table=table,
-    )
-    if ckpt is not None:
-        restore_run(run, ckpt, ckpt_path)
-        note = schedule_change(cfg, run.step, ckpt.get("total_steps"), total_steps)
-        if note:
-            say(note)
-        note = batch_change(ckpt, cfg, run.batches_done, run.epoch, dist_info.world_size)
-        if note:
-            say(note)
-        if ("train_model" in ckpt) != (ema is not None) and run.best_acc is not None:
-            say(
-                f"note: train.ema was switched {'on' if ema is not None else 'off'} for this run: "
-                f"its best {run.eval_split}/acc so far ({run.best_acc:.4f}) was of the other weights, "
-                "so best.pt is chosen afresh from here"
-            )
-            run.best_acc = run.best_step = None
-        # No best.pt beside the resumed checkpoint (one from steps past it was just removed,
-        # or the run continues in a new folder): the recorded best has no file to stand for it.
-        missing = broadcast(dist_info.is_main and not (run_dir / BEST).is_file())
-        if not missing and run.best_acc is not None:
-            _agree_with_best_file(run, dist_info)
-        if missing and run.best_acc is not None:
-            say(
-                f"note: {run_dir} holds no best.pt of the steps up to {run.step}, so best.pt is chosen "
-                f"afresh from here (the best {run.eval_split}/acc so far was {run.best_acc:.4f} at step "
-                f"{run.best_step})"
-            )
-            run.best_acc = run.best_step = None
+    try:  # a run that fails here is marked as ended, as one that fails in the loop
+        run = Run(
+            cfg,
+            dist_info,
+            device,
+            loaders,
+            model,
+            step_module,
+            optimizer,
+            writer,
+            name,
+            run_dir,
+            steps_per_epoch,
+            total_steps,
+            say,
+            ema=ema,
+            teacher=teacher,
+            teacher_table=table,
+        )
+        if ckpt is not None:
+            restore_run(run, ckpt, ckpt_path)
+            note = schedule_change(cfg, run.step, ckpt.get("total_steps"), total_steps)
+            if note:
+                say(note)
+            note = batch_change(ckpt, cfg, run.batches_done, run.epoch, dist_info.world_size)
+            if note:
+                say(note)
+            if ("train_model" in ckpt) != (ema is not None) and run.best_acc is not None:
+                say(
+                    f"note: train.ema was switched {'on' if ema is not None else 'off'} for this run: "
+                    f"its best {run.eval_split}/acc so far ({run.best_acc:.4f}) was of the other weights, "
+                    "so best.pt is chosen afresh from here"
+                )
+                run.best_acc = run.best_step = None
+            # No best.pt beside the resumed checkpoint (one from steps past it was just removed,
+            # or the run continues in a new folder): the recorded best has no file to stand for it.
+            missing = broadcast(dist_info.is_main and not (run_dir / BEST).is_file())
+            if not missing and run.best_acc is not None:
+                _agree_with_best_file(run, dist_info)
+            if missing and run.best_acc is not None:
+                say(
+                    f"note: {run_dir} holds no best.pt of the steps up to {run.step}, so best.pt is chosen "
+                    f"afresh from here (the best {run.eval_split}/acc so far was {run.best_acc:.4f} at step "
+                    f"{run.best_step})"
+                )
+                run.best_acc = run.best_step = None
+    except BaseException:
+        if dist_info.is_main:
+            mark_run_ended(run_dir)
+        raise
     done = False
     try:
         result = _loop(run, ckpt_path)
@@ -897,6 +903,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     except TrackingError as e:
         raise _tracking_failed(run, e) from e
     finally:
+        if dist_info.is_main:  # its process may live on (a notebook): it trains this run no more
+            mark_run_ended(run_dir)
         try:
             writer.close()
         except TrackingError as e:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from capsnet.config import Config, load_config
@@ -44,3 +48,33 @@ def record_kernel_choice(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(routing, "_route_in_chunks", spy)
     return seen
+
+
+@contextlib.contextmanager
+def other_process():
+    """A second process, idle while the block runs (a training process, as run.json sees it); killed
+    and reaped when the block ends."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def trained_by(run_dir: Path, pid: int, **fields) -> dict:
+    """Rewrites run_dir's run.json as the process ``pid`` of this machine writes it while it trains the
+    run (its id, start time, PID namespace, host, not ended), plus ``fields``; returns the record."""
+    from capsnet.checkpoint import pid_namespace, process_start, read_run_record
+
+    record = {
+        **(read_run_record(run_dir) or {}),
+        "pid": pid,
+        "pid_start": process_start(pid),
+        "pid_ns": pid_namespace(),
+        "host": socket.gethostname(),
+        "ended": None,
+        **fields,
+    }
+    (run_dir / "run.json").write_text(json.dumps(record))
+    return record

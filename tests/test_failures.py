@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import logged as metric_lines
+from helpers import other_process, tiny, trained_by
 from typer.testing import CliRunner
 
 from capsnet.checkpoint import load_checkpoint, process_start, step_checkpoints
@@ -964,31 +965,19 @@ def test_a_run_folder_left_without_a_checkpoint_is_started_afresh_by_the_same_co
 def test_the_folder_of_a_run_still_in_its_first_epoch_is_not_taken_for_a_dead_start(tmp_path, monkeypatch):
     """run.json names the process that opened the folder: while it runs, the same command is refused
     instead of emptying the folder under it; once it has stopped, the folder is started afresh."""
-    import socket
-
     monkeypatch.chdir(tmp_path)
     run_dir = start_files_only(tmp_path / "weights" / "k")
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
-        record = {"run": "k", "step": 0, "pid": alive.pid, "host": socket.gethostname()}
-        (run_dir / "run.json").write_text(json.dumps(record))
-        refused = runner.invoke(app, [*train_args(tmp_path, "--run-name", "k"), "-o", "train.max_steps=1"])
-        assert refused.exit_code == 2, refused.output
-        assert f"still in its first epoch (process {alive.pid})" in refused.stderr
-        assert json.loads((run_dir / "run.json").read_text()) == record  # the folder left as it was
-        elsewhere = {**record, "host": socket.gethostname() + "-other"}  # the same id on another machine
-        (run_dir / "run.json").write_text(json.dumps(elsewhere))
-        assert (
-            runner.invoke(
-                app, [*train_args(tmp_path, "--run-name", "k"), "-o", "train.max_steps=1"]
-            ).exit_code
-            == 0
-        )
-        start_files_only(tmp_path / "weights" / "j")
-        (tmp_path / "weights" / "j" / "run.json").write_text(json.dumps({**record, "run": "j"}))
-    finally:
-        alive.kill()
-        alive.wait()
+    start_k = [*train_args(tmp_path, "--run-name", "k"), "-o", "train.max_steps=1"]
+    with other_process() as alive:
+        record = trained_by(run_dir, alive.pid)
+        for args in (start_k, [*start_k, "--overwrite"]):
+            refused = runner.invoke(app, args)
+            assert refused.exit_code == 2, refused.output
+            assert f"still being trained (process {alive.pid}): let it run, stop it first" in refused.stderr
+            assert json.loads((run_dir / "run.json").read_text()) == record  # the folder left as it was
+        trained_by(run_dir, alive.pid, host=record["host"] + "-other")  # the same id on another machine
+        assert runner.invoke(app, start_k).exit_code == 0
+        trained_by(start_files_only(tmp_path / "weights" / "j"), alive.pid)
     started = runner.invoke(app, [*train_args(tmp_path, "--run-name", "j"), "-o", "train.max_steps=1"])
     assert started.exit_code == 0 and "starting it afresh" in started.output, started.output
     assert [step for step, _ in step_checkpoints(tmp_path / "weights" / "j")] == [1]
@@ -996,37 +985,69 @@ def test_the_folder_of_a_run_still_in_its_first_epoch_is_not_taken_for_a_dead_st
 
 
 def test_a_run_whose_process_still_runs_is_not_resumed_by_a_second_one(tmp_path, monkeypatch):
-    import socket
-
     monkeypatch.chdir(tmp_path)
-    assert (
-        runner.invoke(app, [*train_args(tmp_path, "--run-name", "r"), "-o", "train.max_steps=2"]).exit_code
-        == 0
-    )
+    first = runner.invoke(app, [*train_args(tmp_path, "--run-name", "r"), "-o", "train.max_steps=2"])
+    assert first.exit_code == 0, first.output
     run_dir = tmp_path / "weights" / "r"
-    record = json.loads((run_dir / "run.json").read_text())
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
-        (run_dir / "run.json").write_text(
-            json.dumps(
-                {
-                    **record,
-                    "pid": alive.pid,
-                    "pid_start": process_start(alive.pid),
-                    "host": socket.gethostname(),
-                }
-            )
-        )
-        again = ["train", "--resume", str(run_dir), "-o", "train.max_steps=4"]
+    again = ["train", "--resume", str(run_dir), "-o", "train.max_steps=4"]
+    with other_process() as alive:
+        trained_by(run_dir, alive.pid)
         refused = runner.invoke(app, again)
         assert refused.exit_code == 2 and f"is still being trained (process {alive.pid})" in refused.stderr
+        assert f"then continue it with --resume {run_dir}" in refused.stderr
         assert [step for step, _ in step_checkpoints(run_dir)] == [2]
-    finally:
-        alive.kill()
-        alive.wait()
     resumed = runner.invoke(app, again)  # once it has stopped
     assert resumed.exit_code == 0, resumed.output
     assert [step for step, _ in step_checkpoints(run_dir)][-1] == 4
+
+
+def test_a_run_trained_in_a_process_that_lives_on_is_not_taken_for_a_running_one(tmp_path, monkeypatch):
+    """As in a notebook: training returned (or failed), the process did not end. Another process sees
+    from run.json that the run is no longer trained, and may resume it."""
+    from capsnet import trainer
+
+    quiet = {"echo": lambda _msg: None}
+    fit(tiny(tmp_path, "train.max_steps=2"), run_name="nb", **quiet)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as patched:  # failing in the training loop, or while setting it up
+        patched.setattr(trainer, "_loop", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            fit(tiny(tmp_path, "train.max_steps=2"), run_name="in-loop", **quiet)
+        patched.setattr(trainer, "Run", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            fit(tiny(tmp_path, "train.max_steps=2"), run_name="in-set-up", **quiet)
+    for name in ("nb", "in-loop", "in-set-up"):
+        run_dir = tmp_path / "weights" / name
+        assert json.loads((run_dir / "run.json").read_text())["pid"] == os.getpid()
+        ask = f"from capsnet.checkpoint import run_process; print(run_process({str(run_dir)!r}))"
+        seen = subprocess.run(
+            [sys.executable, "-c", ask], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert seen.stdout.strip() == f"({os.getpid()}, False)", (name, seen.stderr)
+
+
+def test_a_training_process_is_told_from_a_zombie_and_from_a_later_one_with_its_id(tmp_path):
+    from capsnet.checkpoint import run_process
+
+    run_dir = start_files_only(tmp_path / "r")
+    with other_process() as alive:
+        trained_by(run_dir, alive.pid)
+        assert run_process(run_dir) == (alive.pid, True)
+        trained_by(run_dir, alive.pid, pid_start=process_start(alive.pid) + 1)  # another process, same id
+        assert run_process(run_dir) == (alive.pid, False)
+        trained_by(run_dir, alive.pid, pid_ns=-1)  # the id of another container: nothing can be told
+        assert run_process(run_dir) == (alive.pid, None)
+        trained_by(run_dir, alive.pid)
+        alive.kill()
+        deadline = time.monotonic() + 30
+        while run_process(run_dir)[1] and time.monotonic() < deadline:  # killed, not yet reaped: a zombie
+            time.sleep(0.05)
+        assert run_process(run_dir) == (alive.pid, False)
+    trained_by(run_dir, 2**40)  # an id no process can have
+    assert run_process(run_dir) == (2**40, False)
 
 
 def test_a_tensorboard_folder_that_cannot_be_made_stops_the_run_before_it_writes_anything(

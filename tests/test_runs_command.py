@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
-from helpers import logged, tiny
+from helpers import logged, other_process, tiny, trained_by
 from typer.testing import CliRunner
 
 from capsnet.checkpoint import (
@@ -250,10 +251,6 @@ def test_a_folder_that_cannot_be_read_is_left_out_of_the_listing(tmp_path, monke
 def test_the_listing_says_which_runs_are_still_being_trained_on_this_machine(tmp_path):
     """run.json names the training process and its host: while that process runs, the table says so
     (a saved run that is not done, a run with no checkpoint yet with its process id)."""
-    import socket
-    import subprocess
-    import sys
-
     fit(tiny(tmp_path, "train.epochs=2"), run_name="saved", echo=lambda _msg: None)
     fit(tiny(tmp_path, "train.epochs=2"), run_name="young", echo=lambda _msg: None)
     weights = tmp_path / "weights"
@@ -262,13 +259,13 @@ def test_the_listing_says_which_runs_are_still_being_trained_on_this_machine(tmp
     for path in (weights / "saved").glob("*.pt"):  # the first epoch's save only: 6 of 12 steps
         if path.name != "step-000006.pt":
             path.unlink()
-    here = socket.gethostname()
-    if sys.platform.startswith("linux"):  # training records when its process started, from /proc
-        assert read_run_record(weights / "saved")["pid_start"] == process_start(os.getpid()) is not None
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
+    record = read_run_record(weights / "saved")  # as training leaves it: this process, ended
+    assert record["pid"] == os.getpid() and isinstance(record["ended"], float)
+    if sys.platform.startswith("linux"):  # with when the process started, from /proc
+        assert record["pid_start"] == process_start(os.getpid()) is not None
+    with other_process() as alive:
         for name in ("saved", "young"):
-            write_run_record(weights / name, pid=alive.pid, pid_start=process_start(alive.pid), host=here)
+            trained_by(weights / name, alive.pid)
         rows = {row["run"]: row for row in run_summaries(weights)}
         assert (rows["saved"]["running"], rows["young"]["running"]) == (True, True)
         assert rows["young"]["process"] == alive.pid
@@ -276,18 +273,11 @@ def test_the_listing_says_which_runs_are_still_being_trained_on_this_machine(tmp
         [saved] = [line for line in lines if line.startswith("saved ")]
         [young] = [line for line in lines if line.startswith("  young ")]
         assert " 6/12 running " in saved and young.endswith(f"  running (process {alive.pid})")
-        if sys.platform.startswith("linux"):  # where /proc tells when a process started
-            # the same id, started at another time: another process that took the id over
-            write_run_record(weights / "young", pid_start=process_start(alive.pid) + 1)
-            assert run_summaries(weights)[1]["running"] is False
-    finally:
-        alive.kill()
-        alive.wait()
     rows = {row["run"]: row for row in run_summaries(weights)}
     assert (rows["saved"]["running"], rows["young"]["process"]) == (False, None)
     lines = runner.invoke(app, ["runs", "--out-dir", str(weights)]).stdout.splitlines()
     assert any(line.startswith("  young ") and line.endswith("  not running") for line in lines)
     assert not any("running" in line for line in lines if line.startswith("saved "))
     # on another machine, or with no process recorded, nothing is said
-    write_run_record(weights / "young", host=here + "-other")
-    assert run_summaries(weights)[1]["running"] is None
+    trained_by(weights / "young", alive.pid, host="elsewhere")
+    assert rows["young"]["running"] is False and run_summaries(weights)[1]["running"] is None
