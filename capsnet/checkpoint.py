@@ -870,7 +870,6 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
     # the order of latest_run: the first is the run that --ckpt latest takes
     for run_dir in sorted(times, key=lambda p: (times[p], p.name), reverse=True):
         row: dict[str, Any] = {"run": run_dir.name, "path": str(run_dir), "updated": times[run_dir] or None}
-        row.update(_process_fields(run_dir))
         try:
             path = run_checkpoint(run_dir)
             ckpt = load_checkpoint(path)
@@ -879,7 +878,7 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
                     raise CheckpointError(f"{path} is not a capsnet checkpoint ({key} {ckpt[key]!r})")
             model = build_model_from_checkpoint(ckpt, path)
         except CheckpointError as e:
-            rows.append({**row, "error": str(e).splitlines()[0]})
+            rows.append({**row, **_process_fields(run_dir, None), "error": str(e).splitlines()[0]})
             continue
         config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         sections = {name: config.get(name) if isinstance(config.get(name), dict) else {} for name in config}
@@ -898,6 +897,7 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
             best_split=text(ckpt.get("best_split")),
         )
         row["finished"] = row["total_steps"] is not None and row["step"] >= row["total_steps"]
+        row.update(_process_fields(run_dir, row["total_steps"]))
         rows.append(row)
     # after them (so that the first row stays the run --ckpt latest takes), the runs with no
     # checkpoint yet, the most recently active first
@@ -905,11 +905,45 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
     return rows + sorted(waiting, key=lambda row: (row["updated"] or 0.0, row["run"]), reverse=True)
 
 
-def _process_fields(run_dir: Path) -> dict[str, Any]:
+def _process_fields(run_dir: Path, total_steps: int | None) -> dict[str, Any]:
     """``running``: whether the process that last trained the run still runs (None: not known, as
-    for a run of another machine); ``process``: its id while it runs."""
+    for a run of another machine); ``process``: its id while it runs; ``seconds_left``: while it
+    runs, the time its remaining steps take at its last logged speed (evaluations not counted)."""
     pid, running = run_process(run_dir)
-    return {"running": running, "process": pid if running else None}
+    planned = _counter((read_run_record(run_dir) or {}).get("total_steps"))  # the plan of the run going on
+    left = _seconds_left(run_dir / "metrics.jsonl", planned or total_steps) if running else None
+    return {"running": running, "process": pid if running else None, "seconds_left": left}
+
+
+def _seconds_left(metrics: Path, total_steps: int | None) -> float | None:
+    """The remaining steps' time at the speed of the last training line of ``metrics``: images per
+    second, and images per step from the images seen so far; None where there is no such line."""
+    if total_steps is None:
+        return None
+    try:
+        lines = metrics.read_text().splitlines()
+    except (OSError, ValueError):
+        return None
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        step, seen = _counter(entry.get("step")), _finite(entry.get("train/images_seen"))
+        speed = _finite(entry.get("perf/img_per_s"))
+        if step and seen and speed and step > 0 and seen > 0 and speed > 0:
+            return max(total_steps - step, 0) * (seen / step) / speed
+    return None
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as the terminal shows a time left: 2 h 05 min, 7 min, under a minute."""
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return "under a minute"
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def _started_summary(run_dir: Path) -> dict[str, Any]:
@@ -954,7 +988,7 @@ def _started_summary(run_dir: Path) -> dict[str, Any]:
         "best_step": None,
         "best_split": None,
         "finished": False,
-        **_process_fields(run_dir),
+        **_process_fields(run_dir, _counter(record.get("total_steps"))),
     }
 
 
@@ -992,6 +1026,8 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
         model = f"{row['preset'] or 'custom'}, {row['parameters']:,} parameters"
         steps = f"{row['step']:,}" + (f"/{row['total_steps']:,}" if row["total_steps"] is not None else "")
         steps += " done" if row["finished"] else " running" if row["running"] else ""
+        if not row["finished"] and row["seconds_left"] is not None:
+            steps += f", {_duration(row['seconds_left'])} left"
         best = "-"
         if isinstance(row["best"], (int, float)):
             best = f"{row['best_split'] or 'val'}/acc {row['best']:.4f}"
@@ -1010,6 +1046,8 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
             planned = f"/{row['total_steps']:,}" if row["total_steps"] is not None else ""
             what = ", ".join(filter(None, [row["data"], row["preset"]]))
             state = {True: f"  running (process {row['process']})", False: "  not running", None: ""}
+            if row["running"] and row["seconds_left"] is not None:
+                state[True] = f"  running (process {row['process']}, {_duration(row['seconds_left'])} left)"
             lines.append(
                 f"  {row['run']}  last active {when(row['updated'])}  step {row['step']:,}{planned} logged"
                 + (f"  ({what})" if what else "")

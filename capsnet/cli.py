@@ -285,7 +285,7 @@ def runs(
     ] = False,
     debug: DebugOption = False,
 ) -> None:
-    """List the runs in --out-dir, the newest first: when each was last started or saved, its data and model, how far it got (done, or running while its training process still runs on this machine) and its best score.
+    """List the runs in --out-dir, the newest first: when each was last started or saved, its data and model, how far it got (done, or running, with the time left, while its training process still runs on this machine) and its best score.
 
     Each run is named as --ckpt and --resume take it (capsnet eval --ckpt RUN). Runs started with no checkpoint yet (in their first epoch, or stopped before their first save) follow, with their last logged step and whether they still run.
     """  # one line per help paragraph: the help keeps line breaks

@@ -263,21 +263,46 @@ def test_the_listing_says_which_runs_are_still_being_trained_on_this_machine(tmp
     assert record["pid"] == os.getpid() and isinstance(record["ended"], float)
     if sys.platform.startswith("linux"):  # with when the process started, from /proc
         assert record["pid_start"] == process_start(os.getpid()) is not None
+    # the last training lines: the time left is the remaining steps at that speed (16 images a step)
+    speed = {
+        "saved": ({"step": 6, "train/images_seen": 96, "perf/img_per_s": 0.8}, {"step": 6, "test/acc": 0.5}),
+        "young": ({"step": 4, "train/images_seen": 64, "perf/img_per_s": 2.0},),
+    }
     with other_process() as alive:
         for name in ("saved", "young"):
             trained_by(weights / name, alive.pid)
+            (weights / name / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in speed[name]))
         rows = {row["run"]: row for row in run_summaries(weights)}
         assert (rows["saved"]["running"], rows["young"]["running"]) == (True, True)
         assert rows["young"]["process"] == alive.pid
+        assert (rows["saved"]["seconds_left"], rows["young"]["seconds_left"]) == (120.0, 64.0)
         lines = runner.invoke(app, ["runs", "--out-dir", str(weights)]).stdout.splitlines()
         [saved] = [line for line in lines if line.startswith("saved ")]
         [young] = [line for line in lines if line.startswith("  young ")]
-        assert " 6/12 running " in saved and young.endswith(f"  running (process {alive.pid})")
+        assert " 6/12 running, 2 min left " in saved
+        assert young.endswith(f"  running (process {alive.pid}, 1 min left)")
     rows = {row["run"]: row for row in run_summaries(weights)}
-    assert (rows["saved"]["running"], rows["young"]["process"]) == (False, None)
+    assert (rows["saved"]["running"], rows["young"]["process"], rows["young"]["seconds_left"]) == (
+        False,
+        None,
+        None,
+    )
     lines = runner.invoke(app, ["runs", "--out-dir", str(weights)]).stdout.splitlines()
     assert any(line.startswith("  young ") and line.endswith("  not running") for line in lines)
     assert not any("running" in line for line in lines if line.startswith("saved "))
     # on another machine, or with no process recorded, nothing is said
     trained_by(weights / "young", alive.pid, host="elsewhere")
     assert rows["young"]["running"] is False and run_summaries(weights)[1]["running"] is None
+
+
+def test_the_time_left_reads_in_hours_and_minutes():
+    from capsnet.checkpoint import _duration
+
+    assert [_duration(t) for t in (20, 31, 420, 3_599, 3_600, 7_290)] == [
+        "under a minute",
+        "1 min",
+        "7 min",
+        "1 h 00 min",
+        "1 h 00 min",
+        "2 h 02 min",
+    ]
