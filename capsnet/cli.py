@@ -201,7 +201,8 @@ def train(
         typer.Option(
             "--overwrite",
             metavar=FLAG,
-            help="Replace an existing run directory of that name (and its TensorBoard events).",
+            help="Replace an existing run directory of that name (and its TensorBoard events); refused while a "
+            "process of this machine still trains that run.",
         ),
     ] = False,
     debug: DebugOption = False,
