@@ -478,6 +478,17 @@ def run_checkpoint(run_dir: str | Path) -> Path:
             f"no checkpoints in {run_dir}, and it is not a run folder (none of {', '.join(sorted(START_FILES))}); "
             "give a run folder, a checkpoint file, latest or best"
         )
+    pid, running = run_process(run_dir)
+    if running:
+        raise CheckpointError(
+            f"no checkpoints in {run_dir} yet: the run is still in its first epoch, trained by process {pid} "
+            f"({FIRST_SAVE})"
+        )
+    if running is False:
+        raise CheckpointError(
+            f"no checkpoints in {run_dir}: the run stopped before its first save; the command that started "
+            "it starts it again"
+        )
     raise CheckpointError(f"no checkpoints in {run_dir} yet: the run is {NOT_SAVED_YET}")
 
 
@@ -896,8 +907,14 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
             best_step=_counter(ckpt.get("best_step")),
             best_split=text(ckpt.get("best_split")),
         )
-        row["finished"] = row["total_steps"] is not None and row["step"] >= row["total_steps"]
         row.update(_process_fields(run_dir, row["total_steps"]))
+        if row["running"]:  # the plan it goes on with (a finished run may have been resumed for more)
+            row["total_steps"] = (
+                _counter((read_run_record(run_dir) or {}).get("total_steps")) or row["total_steps"]
+            )
+        row["finished"] = (
+            not row["running"] and row["total_steps"] is not None and row["step"] >= row["total_steps"]
+        )
         rows.append(row)
     # after them (so that the first row stays the run --ckpt latest takes), the runs with no
     # checkpoint yet, the most recently active first
@@ -934,7 +951,8 @@ def _seconds_left(metrics: Path, total_steps: int | None) -> float | None:
         step, seen = _counter(entry.get("step")), _finite(entry.get("train/images_seen"))
         speed = _finite(entry.get("perf/img_per_s"))
         if step and seen and speed and step > 0 and seen > 0 and speed > 0:
-            return max(total_steps - step, 0) * (seen / step) / speed
+            left = max(total_steps - step, 0) * (seen / step) / speed
+            return left if math.isfinite(left) else None
     return None
 
 
@@ -1025,7 +1043,7 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
             continue
         model = f"{row['preset'] or 'custom'}, {row['parameters']:,} parameters"
         steps = f"{row['step']:,}" + (f"/{row['total_steps']:,}" if row["total_steps"] is not None else "")
-        steps += " done" if row["finished"] else " running" if row["running"] else ""
+        steps += " running" if row["running"] else " done" if row["finished"] else ""
         if not row["finished"] and row["seconds_left"] is not None:
             steps += f", {_duration(row['seconds_left'])} left"
         best = "-"

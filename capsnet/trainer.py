@@ -838,14 +838,15 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     run_dir = safe_child(cfg.logging.out_dir, name)
     if dist_info.is_main:
         run_dir = open_run_dir(cfg, choice, overwrite, say, total_steps)
-        writer = TensorBoardWriter(
-            tb_dir if cfg.logging.tensorboard else None,
-            run_dir / "metrics.jsonl",
-            # a resumed run hides the events an earlier attempt wrote past its checkpoint; a
-            # fresh one all events of a run of that name whose folder was deleted by hand
-            purge_step=int(ckpt["step"]) + 1 if ckpt is not None else 0,
-        )
     try:  # a run that fails here is marked as ended, as one that fails in the loop
+        if dist_info.is_main:
+            writer = TensorBoardWriter(
+                tb_dir if cfg.logging.tensorboard else None,
+                run_dir / "metrics.jsonl",
+                # a resumed run hides the events an earlier attempt wrote past its checkpoint; a
+                # fresh one all events of a run of that name whose folder was deleted by hand
+                purge_step=int(ckpt["step"]) + 1 if ckpt is not None else 0,
+            )
         run = Run(
             cfg,
             dist_info,

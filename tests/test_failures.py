@@ -984,6 +984,32 @@ def test_the_folder_of_a_run_still_in_its_first_epoch_is_not_taken_for_a_dead_st
     assert json.loads((tmp_path / "weights" / "j" / "run.json").read_text())["pid"] == os.getpid()
 
 
+def test_a_start_that_opens_the_folder_during_this_one_s_set_up_is_found_before_it_is_emptied(
+    tmp_path, monkeypatch
+):
+    """The check before the slow set-up passes; another start takes the folder meanwhile (here, while
+    the data loads): it is looked at again just before the folder is emptied."""
+    from capsnet import trainer
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = start_files_only(tmp_path / "weights" / "k")
+    real = trainer.build_loaders
+    loaded = []
+    with other_process() as alive:
+
+        def loading_while_another_starts(*args, **kwargs):
+            trained_by(run_dir, alive.pid)
+            loaded.append(True)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(trainer, "build_loaders", loading_while_another_starts)
+        refused = runner.invoke(app, [*train_args(tmp_path, "--run-name", "k"), "-o", "train.max_steps=1"])
+        assert refused.exit_code == 2 and f"still being trained (process {alive.pid})" in refused.stderr
+        assert loaded == [True]  # refused after the data loaded, not before
+        assert json.loads((run_dir / "run.json").read_text())["pid"] == alive.pid  # the folder as it was
+        assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl", "run.json"]
+
+
 def test_a_run_whose_process_still_runs_is_not_resumed_by_a_second_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     first = runner.invoke(app, [*train_args(tmp_path, "--run-name", "r"), "-o", "train.max_steps=2"])
@@ -1019,7 +1045,10 @@ def test_a_run_trained_in_a_process_that_lives_on_is_not_taken_for_a_running_one
         patched.setattr(trainer, "Run", boom)
         with pytest.raises(RuntimeError, match="boom"):
             fit(tiny(tmp_path, "train.max_steps=2"), run_name="in-set-up", **quiet)
-    for name in ("nb", "in-loop", "in-set-up"):
+        patched.setattr(trainer, "TensorBoardWriter", boom)  # just after run.json is written
+        with pytest.raises(RuntimeError, match="boom"):
+            fit(tiny(tmp_path, "train.max_steps=2"), run_name="in-logging", **quiet)
+    for name in ("nb", "in-loop", "in-set-up", "in-logging"):
         run_dir = tmp_path / "weights" / name
         assert json.loads((run_dir / "run.json").read_text())["pid"] == os.getpid()
         ask = f"from capsnet.checkpoint import run_process; print(run_process({str(run_dir)!r}))"

@@ -202,8 +202,16 @@ def test_a_run_with_no_checkpoint_yet_is_listed_after_the_saved_ones(tmp_path):
     latest = runner.invoke(app, ["eval", "--ckpt", "latest", "--out-dir", str(weights)])
     assert latest.exit_code == 2 and "opened, young have started but saved none yet" in latest.stderr
     assert "still in its first epoch" in latest.stderr and "stopped before its first save" in latest.stderr
+    # a run whose process has ended stopped before its first save; one whose process runs is in its first epoch
     named = runner.invoke(app, ["eval", "--ckpt", "young", "--out-dir", str(weights)])
-    assert named.exit_code == 2 and "still in its first epoch" in named.stderr  # not only "it stopped"
+    assert named.exit_code == 2 and "the run stopped before its first save; the command that" in named.stderr
+    with other_process() as alive:
+        trained_by(weights / "young", alive.pid)
+        named = runner.invoke(app, ["eval", "--ckpt", "young", "--out-dir", str(weights)])
+        assert (
+            named.exit_code == 2
+            and f"still in its first epoch, trained by process {alive.pid}" in named.stderr
+        )
     # given as the folder of runs, a run folder with no checkpoint yet is still said to be a run folder
     inside = runner.invoke(app, ["runs", "--out-dir", str(weights / "young")])
     assert inside.exit_code == 2 and "is a run folder" in inside.stderr
@@ -292,7 +300,28 @@ def test_the_listing_says_which_runs_are_still_being_trained_on_this_machine(tmp
     assert not any("running" in line for line in lines if line.startswith("saved "))
     # on another machine, or with no process recorded, nothing is said
     trained_by(weights / "young", alive.pid, host="elsewhere")
-    assert rows["young"]["running"] is False and run_summaries(weights)[1]["running"] is None
+    record = read_run_record(weights / "saved")
+    del record["pid"]
+    (weights / "saved" / "run.json").write_text(json.dumps(record))
+    rows = {row["run"]: row for row in run_summaries(weights)}
+    assert (rows["saved"]["running"], rows["young"]["running"]) == (None, None)
+    lines = runner.invoke(app, ["runs", "--out-dir", str(weights)]).stdout.splitlines()
+    [young] = [line for line in lines if line.startswith("  young ")]
+    assert young.endswith("logged  (synthetic)") and not any("running" in line for line in lines)
+
+
+def test_a_finished_run_resumed_for_more_steps_is_shown_running_with_its_new_plan(tmp_path):
+    fit(tiny(tmp_path, "train.max_steps=2"), run_name="more", echo=lambda _msg: None)
+    run_dir = tmp_path / "weights" / "more"
+    assert run_summaries(tmp_path / "weights")[0]["finished"]
+    lines = [{"step": 4, "train/images_seen": 64, "perf/img_per_s": 16.0}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    with other_process() as alive:
+        trained_by(run_dir, alive.pid, total_steps=40)  # resumed with train.max_steps=40, no save yet
+        [row] = run_summaries(tmp_path / "weights")
+        assert (row["step"], row["total_steps"], row["finished"], row["seconds_left"]) == (2, 40, False, 36.0)
+        table = runner.invoke(app, ["runs", "--out-dir", str(tmp_path / "weights")]).stdout
+        assert " 2/40 running, 1 min left " in table and "done" not in table.splitlines()[2]
 
 
 def test_the_time_left_reads_in_hours_and_minutes():
