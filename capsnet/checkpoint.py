@@ -305,13 +305,13 @@ def has_checkpoint(run_dir: Path) -> bool:
     return bool(step_checkpoints(run_dir)) or (run_dir / LAST).is_file()
 
 
-def run_process(run_dir: Path) -> tuple[int | None, bool | None]:
+def run_process(run_dir: Path, record: dict[str, Any] | None = None) -> tuple[int | None, bool | None]:
     """The id of the training process that last opened ``run_dir`` and whether it still trains it:
     run.json records the id with the process's start time, PID namespace and host, and when its
     training ended. None where that cannot be told: no id recorded, a run of another machine or
     container, a system without Linux's /proc. This process itself counts as not training it:
-    it is the one asking."""
-    record = read_run_record(run_dir) or {}
+    it is the one asking. ``record``: its run.json where the caller has read it already."""
+    record = (read_run_record(run_dir) or {}) if record is None else record
     pid = record.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return None, None
@@ -889,7 +889,8 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
                     raise CheckpointError(f"{path} is not a capsnet checkpoint ({key} {ckpt[key]!r})")
             model = build_model_from_checkpoint(ckpt, path)
         except CheckpointError as e:
-            rows.append({**row, **_process_fields(run_dir, None), "error": str(e).splitlines()[0]})
+            fields, _ = _process_fields(run_dir, None)
+            rows.append({**row, **fields, "error": str(e).splitlines()[0]})
             continue
         config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         sections = {name: config.get(name) if isinstance(config.get(name), dict) else {} for name in config}
@@ -907,11 +908,8 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
             best_step=_counter(ckpt.get("best_step")),
             best_split=text(ckpt.get("best_split")),
         )
-        row.update(_process_fields(run_dir, row["total_steps"]))
-        if row["running"]:  # the plan it goes on with (a finished run may have been resumed for more)
-            row["total_steps"] = (
-                _counter((read_run_record(run_dir) or {}).get("total_steps")) or row["total_steps"]
-            )
+        fields, row["total_steps"] = _process_fields(run_dir, row["total_steps"])
+        row.update(fields)
         row["finished"] = (
             not row["running"] and row["total_steps"] is not None and row["step"] >= row["total_steps"]
         )
@@ -922,14 +920,20 @@ def run_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
     return rows + sorted(waiting, key=lambda row: (row["updated"] or 0.0, row["run"]), reverse=True)
 
 
-def _process_fields(run_dir: Path, total_steps: int | None) -> dict[str, Any]:
+def _process_fields(
+    run_dir: Path, total_steps: int | None, record: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], int | None]:
     """``running``: whether the process that last trained the run still runs (None: not known, as
     for a run of another machine); ``process``: its id while it runs; ``seconds_left``: while it
-    runs, the time its remaining steps take at its last logged speed (evaluations not counted)."""
-    pid, running = run_process(run_dir)
-    planned = _counter((read_run_record(run_dir) or {}).get("total_steps"))  # the plan of the run going on
-    left = _seconds_left(run_dir / "metrics.jsonl", planned or total_steps) if running else None
-    return {"running": running, "process": pid if running else None, "seconds_left": left}
+    runs, the time its remaining steps take at its last logged speed (evaluations not counted).
+    Also the run's planned steps: while it runs, run.json's plan (a finished run may have been
+    resumed for more), else ``total_steps``. ``record``: run.json, where already read."""
+    record = (read_run_record(run_dir) or {}) if record is None else record
+    pid, running = run_process(run_dir, record)
+    if running:
+        total_steps = _counter(record.get("total_steps")) or total_steps
+    left = _seconds_left(run_dir / "metrics.jsonl", total_steps) if running else None
+    return {"running": running, "process": pid if running else None, "seconds_left": left}, total_steps
 
 
 def _seconds_left(metrics: Path, total_steps: int | None) -> float | None:
@@ -1006,7 +1010,7 @@ def _started_summary(run_dir: Path) -> dict[str, Any]:
         "best_step": None,
         "best_split": None,
         "finished": False,
-        **_process_fields(run_dir, _counter(record.get("total_steps"))),
+        **_process_fields(run_dir, None, record)[0],
     }
 
 
@@ -1063,9 +1067,8 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
         for row in waiting:
             planned = f"/{row['total_steps']:,}" if row["total_steps"] is not None else ""
             what = ", ".join(filter(None, [row["data"], row["preset"]]))
-            state = {True: f"  running (process {row['process']})", False: "  not running", None: ""}
-            if row["running"] and row["seconds_left"] is not None:
-                state[True] = f"  running (process {row['process']}, {_duration(row['seconds_left'])} left)"
+            left = f", {_duration(row['seconds_left'])} left" if row["seconds_left"] is not None else ""
+            state = {True: f"  running (process {row['process']}{left})", False: "  not running", None: ""}
             lines.append(
                 f"  {row['run']}  last active {when(row['updated'])}  step {row['step']:,}{planned} logged"
                 + (f"  ({what})" if what else "")
