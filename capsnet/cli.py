@@ -588,6 +588,52 @@ def export(
 
 
 @app.command(cls=_Command)
+def average(
+    ckpt: Annotated[
+        str,
+        typer.Option(
+            "--ckpt",
+            help="The run whose checkpoints are averaged: 'latest', a run directory or a run name under "
+            "--out-dir (its newest steps), or a file of the run, such as RUN/best.pt (the steps up to "
+            "that file's).",
+        ),
+    ] = "latest",
+    last: Annotated[
+        int | None,
+        typer.Option(
+            "--last",
+            min=2,
+            help="Average this many step-numbered checkpoints, the newest up to that step "
+            "(default: every one the run kept, logging.keep).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="The averaged checkpoint (default: average-<first step>-<last step>.pt in the run folder).",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", metavar=FLAG, help="Replace an existing file at the output path."),
+    ] = False,
+    out_dir: OutDirOption = DEFAULT_OUT_DIR,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Average the weights of a run's last checkpoints into one checkpoint, for eval, predict, export and train.init_from.
+
+    Late in a run, with the learning rate low, the mean of the weights of a few checkpoints often scores a little above any one of them. Batch-norm statistics are averaged like the weights, not measured again. The file holds no optimiser state, so a run cannot be resumed from it; -o train.init_from=FILE starts a new one from its weights.
+    """  # one line per help paragraph: the help keeps line breaks
+    with _errors(debug):
+        from capsnet.averaging import average_run
+
+        report = average_run(ckpt, out_dir, last, out, overwrite)
+    typer.echo(_json(report.to_dict()) if as_json else report.summary())
+
+
+@app.command(cls=_Command)
 def bench(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML config whose model is timed.")],
     override: Annotated[

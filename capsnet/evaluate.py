@@ -408,12 +408,15 @@ class CheckpointEval:
     batches_done: int = 0
     #: the folder the images were read from, where the dataset has one (capsnet.data.DataInfo.source)
     data_source: str | None = None
+    #: the steps of the checkpoints whose mean the weights are (capsnet average), else None
+    averaged_steps: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = {
             "checkpoint": self.checkpoint,
             "run": self.run,
             "step": self.step,
+            **({"averaged_steps": self.averaged_steps} if self.averaged_steps else {}),
             "epoch": self.epoch,  # epochs completed
             **({"mid_epoch_steps": self.batches_done} if self.batches_done else {}),
             "split": self.split,
@@ -439,7 +442,12 @@ class CheckpointEval:
     def summary(self) -> str:
         r = self.result
         lines = [
-            f"checkpoint {self.checkpoint} (run {self.run}, step {self.step}, "
+            f"checkpoint {self.checkpoint} (run {self.run}, "
+            + (
+                f"the mean of the weights at steps {', '.join(f'{s:,}' for s in self.averaged_steps)}; "
+                if self.averaged_steps
+                else f"step {self.step}, "
+            )
             + (
                 f"{counted(self.batches_done, 'step')} into epoch {self.epoch + 1})"
                 if self.batches_done
@@ -504,6 +512,7 @@ def evaluate_checkpoint(
         trained_iterations=prep.trained_iterations,
         batches_done=int(prep.ckpt.get("batches_done", 0)),
         data_source=prep.loaders.info.source,
+        averaged_steps=(prep.ckpt.get("averaged") or {}).get("steps"),
     )
     familiar = prep.loaders.extra.get("test_familiar") if split == "test" else None
     if familiar is not None:

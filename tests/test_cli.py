@@ -597,6 +597,7 @@ def test_every_command_help_explains_its_options():
         "train": ["--config", "--override", "--resume", "--run-name", "--overwrite", "--debug"],
         "eval": ["--ckpt", "--split", "--batch-size", "--json", "--data-root"],
         "export": ["--ckpt", "--format", "--out"],
+        "average": ["--ckpt", "--last", "--out", "--overwrite", "--out-dir", "--json"],
         "config": ["--config", "--override", "--changed", "--plain"],
         "runs": ["--out-dir", "--json"],
         "predict": ["--ckpt", "--top", "--invert", "--mirror", "--json", "--csv", "--batch-size", "--device"],
@@ -622,7 +623,8 @@ def test_every_command_help_explains_its_options():
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "config", "runs", "eval", "predict", "export", "bench", "attack", "inspect"]
+    "command",
+    ["train", "config", "runs", "eval", "average", "predict", "export", "bench", "attack", "inspect"],
 )
 def test_help_in_an_80_column_terminal_cuts_no_word_short(command):
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"})
