@@ -11,8 +11,10 @@ model in eval mode, so evaluating, saving and exporting it needs nothing special
 from __future__ import annotations
 
 import copy
+import re
+import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,6 @@ import torch
 from torch import nn
 
 from capsnet.checkpoint import (
-    BEST,
-    LAST,
     CheckpointError,
     atomic_save,
     check_architecture,
@@ -84,6 +84,14 @@ _NOT_AVERAGED = (
 )
 
 
+#: The names a run gives its own checkpoints, which other commands take for them wherever they are.
+_RUN_FILE_NAME = re.compile(r"^(last|best|step-\d+)\.pt$")
+
+
+def average_file_name(steps: list[int]) -> str:
+    return f"average-{steps[0]:06d}-{steps[-1]:06d}.pt"
+
+
 @dataclass
 class AverageReport:
     path: Path  # the file written
@@ -91,19 +99,33 @@ class AverageReport:
     steps: list[int]
     epochs: list[int]
     replaced: bool = False  # an earlier file of that name was replaced (--overwrite)
+    #: steps of kept checkpoints written within an epoch (a stopped run's, logging.save_every's), left out
+    mid_epoch_left_out: list[int] = field(default_factory=list)
+    #: steps into the next epoch of the newest checkpoint, where --ckpt named one saved within an epoch
+    into_epoch: int = 0
 
     def summary(self) -> str:
         steps = ", ".join(f"{s:,}" for s in self.steps)
-        epochs = (
-            f"epoch {self.epochs[0]}"
-            if len(set(self.epochs)) == 1
-            else f"epochs {self.epochs[0]}-{self.epochs[-1]}"
-        )
-        return (
+        ends = self.epochs[:-1] if self.into_epoch else self.epochs
+        when = []
+        if ends:
+            when.append(
+                f"the end of epoch {ends[0]}"
+                if ends[0] == ends[-1]
+                else f"the ends of epochs {ends[0]}-{ends[-1]}"
+            )
+        if self.into_epoch:
+            when.append(f"{counted(self.into_epoch, 'step')} into epoch {self.epochs[-1] + 1}")
+        head = (
             f"{'replaced' if self.replaced else 'wrote'} {self.path}: the mean of the weights of "
-            f"{len(self.steps)} checkpoints of {self.run_dir} (steps {steps}; {epochs})\n"
-            f"score it with: capsnet eval --ckpt {self.path}"
+            f"{len(self.steps)} checkpoints of {self.run_dir} (steps {steps}: {' and '.join(when)})"
         )
+        lines = [head]
+        if self.mid_epoch_left_out:
+            left = ", ".join(f"{s:,}" for s in self.mid_epoch_left_out)
+            lines.append(f"left out: step {left}, saved within an epoch (name it with --ckpt to include it)")
+        lines.append(f"score it with: capsnet eval --ckpt {shlex.quote(str(self.path))}")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,80 +133,141 @@ class AverageReport:
             "run_dir": str(self.run_dir),
             "steps": self.steps,
             "epochs": self.epochs,
+            "mid_epoch_left_out": self.mid_epoch_left_out,
             "replaced": self.replaced,
         }
 
 
+def _load_kept(path: Path) -> dict[str, Any]:
+    """A run's checkpoint, or an error that says why one listed a moment ago is gone."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError:
+        if path.exists():
+            raise
+        raise CheckpointError(
+            f"{path} was removed while it was read: the run is still being trained and prunes its older "
+            "checkpoints (logging.keep); run the command again, or once the run has finished"
+        ) from None
+
+
+def _names_a_run(spec: str, out_dir: str | Path) -> bool:
+    """Whether ``spec`` names a run (latest, its folder, its name) rather than a file of one."""
+    if spec == "latest":
+        return True
+    path = Path(spec).expanduser()
+    return path.is_dir() or (not path.is_file() and (Path(out_dir).expanduser() / path).is_dir())
+
+
 def checkpoints_to_average(
     spec: str, out_dir: str | Path, last: int | None
-) -> tuple[Path, list[tuple[int, Path]]]:
-    """The run folder ``spec`` names and its step-numbered checkpoints to average: the ``last``
-    (default: all) kept up to the step ``spec`` stands for (a run, latest: its newest; a file
-    of the run, such as best.pt or step-000123.pt: that file's step)."""
+) -> tuple[Path, list[tuple[Path, dict[str, Any]]], list[int]]:
+    """The run folder ``spec`` names, the checkpoints to average (path and contents, oldest
+    first) and the steps of the mid-epoch checkpoints left out.
+
+    Taken: the ``last`` (default: all) step-numbered checkpoints the run kept up to the step
+    ``spec`` stands for (a run, latest: its newest; a file of the run, such as best.pt or
+    step-000123.pt: that file's), each saved at the end of an epoch; a checkpoint saved within
+    an epoch (a stopped run's, logging.save_every's) only where ``spec`` names its file.
+    """
     if last is not None and last < 2:
         raise CheckpointError(f"--last {last}: an average needs at least 2 checkpoints")
     path = resolve_checkpoint(spec, out_dir)
-    run_dir = path.parent
-    kept = step_checkpoints(run_dir)
-    named = [step for step, p in kept if p == path]
-    up_to = named[0] if named else int(load_checkpoint(path)["step"])
-    candidates = [(step, p) for step, p in kept if step <= up_to]
-    chosen = candidates if last is None else candidates[-last:]
-    if len(chosen) < (last or 2):
-        have = f"{counted(len(candidates), 'step-numbered checkpoint')} up to step {up_to}"
-        if candidates:
-            have += f" ({', '.join(p.name for _, p in candidates)})"
-        fix = f"give --last {len(candidates)}, or " if len(candidates) >= 2 else ""
+    run_dir, kept = path.parent, step_checkpoints(path.parent)
+    if not kept and path.resolve().parent != run_dir:  # a link to a run's file
+        run_dir, kept = path.resolve().parent, step_checkpoints(path.resolve().parent)
+    if not kept:
         raise CheckpointError(
-            f"{run_dir} keeps {have}: too few for an average of {last or 2}; {fix}train with "
-            "logging.keep set higher (how many step-numbered checkpoints a run keeps)"
+            f"{path} is not in a run folder ({run_dir} holds no step-numbered checkpoints): an average "
+            "is taken over a run's checkpoints; give the run (its folder or name) or a file in it"
         )
-    return run_dir, chosen
+    # a file the user named is taken even if saved within an epoch; a run's newest is not
+    named = (
+        None
+        if _names_a_run(spec, out_dir)
+        else next((p for _, p in kept if p.resolve() == path.resolve()), None)
+    )
+    ckpt = _load_kept(path)
+    up_to = int(ckpt["step"])
+    chosen: list[tuple[Path, dict[str, Any]]] = []
+    mid_epoch: list[int] = []
+    for step, p in reversed([(step, p) for step, p in kept if step <= up_to]):
+        if last is not None and len(chosen) == last:
+            break
+        held = ckpt if p == named else _load_kept(p)
+        if int(held.get("batches_done", 0)) and p != named:
+            mid_epoch.append(step)
+            continue
+        chosen.append((p, held))
+    chosen.reverse()
+    if len(chosen) < (last or 2):
+        found = f"{counted(len(chosen), 'checkpoint')} from the end of an epoch up to step {up_to}"
+        if chosen:
+            found += f" ({', '.join(p.name for p, _ in chosen)})"
+        if any(step > up_to for step, _ in kept):
+            fix = f"name a later checkpoint of the run, or the run itself (it kept {', '.join(p.name for _, p in kept)})"
+        elif len(chosen) >= 2:
+            fix = f"give --last {len(chosen)}, or train with logging.keep set higher"
+        else:
+            fix = "train with logging.keep set higher (how many step-numbered checkpoints a run keeps)"
+        raise CheckpointError(f"{run_dir} keeps {found}: too few for an average of {last or 2}; {fix}")
+    return run_dir, chosen, sorted(mid_epoch)
 
 
-def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
-    """A checkpoint whose weights are the mean of those of ``paths`` (oldest first), for eval,
-    predict, export and train.init_from; the rest (config, architecture, step) is the newest's.
+def _first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str:
+    for name in sorted(set(mine) | set(theirs)):
+        if name not in theirs or name not in mine:
+            return f"{name} is in only one of them"
+        a, b = mine[name], theirs[name]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{name} is {tuple(a.shape)} {a.dtype} in one, {tuple(b.shape)} {b.dtype} in the other"
+    return "they differ"
+
+
+def average_checkpoints(checkpoints: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
+    """A checkpoint whose weights are the mean of those of ``checkpoints`` (path and contents,
+    oldest first), for eval, predict, export and train.init_from; the rest (config,
+    architecture, step) is the newest's.
 
     Floating-point tensors (weights and batch-norm statistics alike) are averaged in float64
     and stored in their own dtype; integer ones (batch-norm's step count) are the newest's.
     The optimiser's and the data order's state are left out, so the file cannot be resumed.
+    With train.ema a checkpoint's ``model`` is the moving average, so that is what is averaged.
     """
-    if len(paths) < 2:
+    if len(checkpoints) < 2:
         raise CheckpointError("an average needs at least 2 checkpoints")
-    newest = load_checkpoint(paths[-1])
-    shapes = {name: (t.shape, t.dtype) for name, t in newest["model"].items()}
-    sums = {name: t.to(torch.float64) for name, t in newest["model"].items() if t.is_floating_point()}
-    steps, epochs = [], []
-    for path in paths[:-1]:
-        ckpt = load_checkpoint(path)
+    newest_path, newest = checkpoints[-1]
+    state = newest["model"]
+    sums = {name: t.to(torch.float64) for name, t in state.items() if t.is_floating_point()}
+    for path, ckpt in checkpoints[:-1]:
         check_architecture(ckpt["arch"], newest["arch"], path)
-        state = ckpt["model"]
-        if {name: (t.shape, t.dtype) for name, t in state.items()} != shapes:
-            raise CheckpointError(f"{path} holds other tensors than {paths[-1]}: they cannot be averaged")
+        theirs = ckpt["model"]
+        if theirs.keys() != state.keys() or any(
+            t.shape != state[n].shape or t.dtype != state[n].dtype for n, t in theirs.items()
+        ):
+            raise CheckpointError(
+                f"{path} and {newest_path} hold different tensors ({_first_difference(theirs, state)}): "
+                "they cannot be averaged"
+            )
         for name, total in sums.items():
-            total.add_(state[name].to(torch.float64))
-        steps.append(int(ckpt["step"]))
-        epochs.append(int(ckpt["epoch"]))
-    steps.append(int(newest["step"]))
-    epochs.append(int(newest["epoch"]))
-    model = dict(newest["model"])
+            total.add_(theirs[name].to(torch.float64))
+    model = dict(state)
     for name, total in sums.items():
-        mean = total / len(paths)
+        mean = total / len(checkpoints)
         if not torch.isfinite(mean).all():
             raise CheckpointError(
                 f"the average of {name} is not finite: one of the checkpoints holds NaN or inf there"
             )
-        model[name] = mean.to(shapes[name][1])
+        model[name] = mean.to(state[name].dtype)
     out = {key: value for key, value in newest.items() if key not in _NOT_AVERAGED}
     out["model"] = model
     out["time"] = time.time()
-    out["averaged"] = {"files": [p.name for p in paths], "steps": steps, "epochs": epochs}
+    out["averaged"] = {
+        "files": [p.name for p, _ in checkpoints],
+        "steps": [int(c["step"]) for _, c in checkpoints],
+        "epochs": [int(c["epoch"]) for _, c in checkpoints],
+    }
     return out
-
-
-def average_file_name(steps: list[int]) -> str:
-    return f"average-{steps[0]:06d}-{steps[-1]:06d}.pt"
 
 
 def average_run(
@@ -196,26 +279,31 @@ def average_run(
 ) -> AverageReport:
     """Averages the weights of the checkpoints :func:`checkpoints_to_average` picks and saves
     them (default: ``average-<first step>-<last step>.pt`` in the run folder)."""
-    run_dir, chosen = checkpoints_to_average(spec, out_dir, last)
-    name = average_file_name([step for step, _ in chosen])
+    run_dir, chosen, mid_epoch = checkpoints_to_average(spec, out_dir, last)
+    name = average_file_name([int(c["step"]) for _, c in chosen])
     path = Path(out).expanduser() if out is not None else run_dir / name
     if path.is_dir():
         raise CheckpointError(f"--out {path} is a folder: give a file name, such as {path / name}")
     if path.suffix.lower() != ".pt":
         raise CheckpointError(f"--out {path}: a checkpoint's name ends in .pt")
-    own = path.parent.resolve() == run_dir.resolve() and (
-        path.name in (LAST, BEST) or path.name.startswith("step-")
-    )
-    if own or path.resolve() in {p.resolve() for _, p in chosen}:
+    if _RUN_FILE_NAME.match(path.name):
         raise CheckpointError(
-            f"--out {path}: that name is the run's own (last.pt, best.pt and step-*.pt are its "
-            "checkpoints): give another"
+            f"--out {path}: last.pt, best.pt and step-*.pt are the names of a run's own checkpoints, "
+            "which other commands would take this file for: give another"
         )
     existed = path.exists()
     if existed and not overwrite:
         raise CheckpointError(f"{path} already exists; --overwrite replaces it")
-    ckpt = average_checkpoints([p for _, p in chosen])
+    ckpt = average_checkpoints(chosen)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(ckpt, path)
     averaged = ckpt["averaged"]
-    return AverageReport(path, run_dir, averaged["steps"], averaged["epochs"], replaced=existed)
+    return AverageReport(
+        path,
+        run_dir,
+        averaged["steps"],
+        averaged["epochs"],
+        existed,
+        mid_epoch,
+        into_epoch=int(ckpt.get("batches_done", 0)),
+    )

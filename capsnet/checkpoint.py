@@ -51,6 +51,8 @@ START_FILES = frozenset({"config.yaml", RUN_FILE, "metrics.jsonl"})
 LAST = "last.pt"
 BEST = "best.pt"
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+#: capsnet average's file in a run folder: the mean of the weights from its first to its last step
+AVERAGE_FILE = re.compile(r"^average-(\d+)-(\d+)\.pt$")
 TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what atomic_write_bytes writes before the rename
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
 #: Keys of the architecture signature that do not change the parameters or the function computed.
@@ -277,11 +279,17 @@ def discard_after(run_dir: str | Path, step: int) -> list[Path]:
 
     That includes best.pt and last.pt when they were written later than ``step``: the
     resumed run's best accuracy is the one recorded at ``step``, so a best.pt from the
-    abandoned steps would otherwise stand for a model the run no longer leads to.
+    abandoned steps would otherwise stand for a model the run no longer leads to. So too
+    for an average of checkpoints (capsnet average) that reaches past ``step``.
     """
     removed = []
     for s, path in step_checkpoints(run_dir):
         if s > step:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    for path in Path(run_dir).glob("average-*.pt"):
+        match = AVERAGE_FILE.match(path.name)
+        if match and int(match.group(2)) > step and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     for name in (BEST, LAST):

@@ -594,8 +594,8 @@ def average(
         typer.Option(
             "--ckpt",
             help="The run whose checkpoints are averaged: 'latest', a run directory or a run name under "
-            "--out-dir (its newest steps), or a file of the run, such as RUN/best.pt (the steps up to "
-            "that file's).",
+            "--out-dir (its newest steps), or a file of the run: 'best', RUN/best.pt, RUN/step-000123.pt "
+            "(the steps up to that file's).",
         ),
     ] = "latest",
     last: Annotated[
@@ -603,8 +603,8 @@ def average(
         typer.Option(
             "--last",
             min=2,
-            help="Average this many step-numbered checkpoints, the newest up to that step "
-            "(default: every one the run kept, logging.keep).",
+            help="Average this many of the run's checkpoints from the ends of epochs, the newest up to "
+            "that step (default: every one the run kept, logging.keep).",
         ),
     ] = None,
     out: Annotated[

@@ -10,8 +10,8 @@ import torch
 from helpers import tiny
 from typer.testing import CliRunner
 
-from capsnet.averaging import average_run
-from capsnet.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from capsnet.averaging import _load_kept, average_run
+from capsnet.checkpoint import CheckpointError, atomic_save, discard_after, load_checkpoint
 from capsnet.cli import app
 from capsnet.evaluate import evaluate, prepare_checkpoint
 from capsnet.runs import TrainingError
@@ -71,9 +71,12 @@ def test_by_default_every_kept_checkpoint_is_averaged_into_the_run_folder(run):
     assert report.path == run / "average-000003-000012.pt" and report.path.is_file()
     try:
         # the average is none of the run's own checkpoints: "latest" still means step 12
-        out = runner.invoke(app, ["eval", "--ckpt", str(run), "--json"])
-        assert out.exit_code == 0, out.output
-        assert json.loads(out.stdout)["checkpoint"].endswith("step-000012.pt")
+        for spec in ([str(run)], ["latest", "--out-dir", str(run.parent)]):
+            out = runner.invoke(app, ["eval", "--ckpt", *spec, "--json"])
+            assert out.exit_code == 0, out.output
+            assert json.loads(out.stdout)["checkpoint"].endswith("step-000012.pt")
+        listing = runner.invoke(app, ["runs", "--out-dir", str(run.parent), "--json"])
+        assert [row["run"] for row in json.loads(listing.stdout)] == ["kept4"]
     finally:
         report.path.unlink()
 
@@ -81,9 +84,14 @@ def test_by_default_every_kept_checkpoint_is_averaged_into_the_run_folder(run):
 def test_a_file_of_the_run_averages_the_steps_up_to_its_own(run, tmp_path):
     report = average_run(str(run / "step-000009.pt"), last=2, out=tmp_path / "to9.pt")
     assert report.steps == [6, 9]
-    best = load_checkpoint(run / "best.pt")["step"]
-    report = average_run(str(run / "best.pt"), last=2, out=tmp_path / "best.pt")
-    assert report.steps[-1] == best
+    copied = copy_of_run(run, tmp_path)
+    (copied / "best.pt").write_bytes((copied / "step-000006.pt").read_bytes())
+    report = average_run(str(copied / "best.pt"), out=tmp_path / "best-avg.pt")
+    assert report.steps == [3, 6]
+    linked = tmp_path / "link.pt"
+    linked.symlink_to(run / "step-000012.pt")
+    report = average_run(str(linked), last=2, out=tmp_path / "linked.pt")
+    assert report.steps == [9, 12] and report.run_dir == run.resolve()
 
 
 def test_the_command_writes_it_and_eval_scores_it_as_an_average(run, tmp_path):
@@ -127,8 +135,10 @@ def test_an_existing_file_is_replaced_only_with_overwrite(run, tmp_path):
 @pytest.mark.parametrize(
     ("out", "said"),
     [
-        ("{run}/last.pt", "that name is the run's own"),
-        ("{run}/step-000012.pt", "that name is the run's own"),
+        ("{run}/last.pt", "names of a run's own checkpoints"),
+        ("{run}/step-000012.pt", "names of a run's own checkpoints"),
+        ("{tmp}/best.pt", "names of a run's own checkpoints"),
+        ("{tmp}/step-000099.pt", "names of a run's own checkpoints"),
         ("{tmp}", "is a folder: give a file name"),
         ("{tmp}/avg.onnx", "a checkpoint's name ends in .pt"),
     ],
@@ -140,18 +150,79 @@ def test_an_output_name_that_would_harm_the_run_or_mislead_is_refused(run, tmp_p
     )
     assert result.exit_code == 2 and said in result.output
     assert (run / "last.pt").read_bytes() == before
-    assert not (tmp_path / "avg.onnx").exists()
+    assert not (tmp_path / "avg.onnx").exists() and not list(tmp_path.glob("*.pt"))
 
 
-def test_too_few_kept_checkpoints_say_how_to_keep_more(run):
+def test_too_few_kept_checkpoints_say_what_would_give_more(run, tmp_path):
     result = runner.invoke(app, ["average", "--ckpt", str(run), "--last", "5"])
     assert result.exit_code == 2
-    assert "keeps 4 step-numbered checkpoints up to step 12" in result.output
-    assert "give --last 4" in result.output and "logging.keep" in result.output
-    only_one = runner.invoke(app, ["average", "--ckpt", str(run / "step-000003.pt")])
-    assert only_one.exit_code == 2 and "keeps 1 step-numbered checkpoint up to step 3" in only_one.output
-    assert "give --last" not in only_one.output
+    assert "keeps 4 checkpoints from the end of an epoch up to step 12" in result.output
+    assert "give --last 4, or train with logging.keep set higher" in result.output
+    oldest = runner.invoke(app, ["average", "--ckpt", str(run / "step-000003.pt")])
+    assert (
+        oldest.exit_code == 2 and "keeps 1 checkpoint from the end of an epoch up to step 3" in oldest.output
+    )
+    assert "name a later checkpoint of the run, or the run itself" in oldest.output
+    assert "logging.keep" not in oldest.output
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "step-000012.pt").write_bytes((run / "step-000012.pt").read_bytes())
+    with pytest.raises(CheckpointError, match="keeps 1 checkpoint .*train with logging.keep set higher"):
+        average_run(str(alone))
+    with pytest.raises(CheckpointError, match="--last 1: an average needs at least 2"):
+        average_run(str(run), last=1)
     assert runner.invoke(app, ["average", "--ckpt", str(run), "--last", "1"]).exit_code == 2
+
+
+def test_a_file_outside_a_run_folder_is_refused_with_what_to_give(run, tmp_path):
+    loose = tmp_path / "final.pt"
+    loose.write_bytes((run / "step-000012.pt").read_bytes())
+    result = runner.invoke(app, ["average", "--ckpt", str(loose)])
+    assert result.exit_code == 2
+    assert f"{loose} is not in a run folder" in result.output and "give the run" in result.output
+
+
+def test_checkpoints_saved_within_an_epoch_are_left_out_unless_named(run, tmp_path):
+    copied = copy_of_run(run, tmp_path)
+    ckpt = load_checkpoint(copied / "step-000012.pt")
+    ckpt.update(step=13, batches_done=1)
+    atomic_save(ckpt, copied / "step-000013.pt")
+    report = average_run(str(copied), last=2, out=tmp_path / "ends.pt")
+    assert report.steps == [9, 12] and report.mid_epoch_left_out == [13]
+    assert "left out: step 13, saved within an epoch" in report.summary()
+    assert "(steps 9, 12: the ends of epochs 3-4)" in report.summary()
+    named = average_run(str(copied / "step-000013.pt"), last=2, out=tmp_path / "named.pt")
+    assert named.steps == [12, 13] and named.mid_epoch_left_out == []
+    assert "(steps 12, 13: the end of epoch 4 and 1 step into epoch 5)" in named.summary()
+
+
+def test_the_moving_average_of_a_run_with_ema_is_what_is_averaged(tmp_path):
+    cfg = tiny(tmp_path, "data.train_size=48", "train.ema=0.8")
+    run_dir = fit(cfg, run_name="ema", echo=quiet).run_dir
+    report = average_run(str(run_dir), out=tmp_path / "ema-avg.pt")
+    assert report.steps == [3, 6]
+    ckpt = load_checkpoint(report.path)
+    assert "train_model" not in ckpt
+    parts = [load_checkpoint(run_dir / f"step-{s:06d}.pt") for s in (3, 6)]
+    name = next(k for k, v in parts[0]["model"].items() if v.is_floating_point())
+    expected = (parts[0]["model"][name].double() + parts[1]["model"][name].double()) / 2
+    torch.testing.assert_close(ckpt["model"][name], expected.float())
+    trained = (parts[0]["train_model"][name].double() + parts[1]["train_model"][name].double()) / 2
+    assert not torch.allclose(ckpt["model"][name], trained.float())
+
+
+def test_resuming_the_run_from_an_earlier_step_removes_the_averages_past_it(run, tmp_path):
+    copied = copy_of_run(run, tmp_path)
+    past = average_run(str(copied)).path
+    before = average_run(str(copied / "step-000006.pt")).path
+    assert (past.name, before.name) == ("average-000003-000012.pt", "average-000003-000006.pt")
+    removed = discard_after(copied, 6)
+    assert past in removed and not past.exists() and before.exists()
+
+
+def test_a_checkpoint_pruned_while_it_is_read_says_why(tmp_path):
+    with pytest.raises(CheckpointError, match="removed while it was read: the run is still being trained"):
+        _load_kept(tmp_path / "step-000003.pt")
 
 
 def copy_of_run(run, tmp_path):
