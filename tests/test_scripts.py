@@ -470,8 +470,9 @@ def test_the_taught_config_is_the_paper_s_small_model_with_the_teacher_s_split()
     assert (student.model.stem_channels, student.model.batch_norm, student.model.stem_padding) == (
         None,
         False,
-        0,
+        2,  # the paper's capsule grid
     )
+    assert (student.loss.teacher_weight, student.loss.teacher_temperature) == (2.0, 4.0)
     assert student.model.resolved().stem_channels == [64]  # the paper's single conv
     assert (student.data.val_split, student.train.seed) == (teacher.data.val_split, teacher.train.seed)
     assert (
