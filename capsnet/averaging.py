@@ -11,7 +11,6 @@ model in eval mode, so evaluating, saving and exporting it needs nothing special
 from __future__ import annotations
 
 import copy
-import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from capsnet.checkpoint import (
     CheckpointError,
     atomic_save,
     check_architecture,
+    is_run_checkpoint_name,
     load_checkpoint,
     resolve_checkpoint,
     step_checkpoints,
@@ -82,10 +82,6 @@ _NOT_AVERAGED = (
     "best_step",
     "best_split",
 )
-
-
-#: The names a run gives its own checkpoints, which other commands take for them wherever they are.
-_RUN_FILE_NAME = re.compile(r"^(last|best|step-\d+)\.pt$")
 
 
 def average_file_name(steps: list[int]) -> str:
@@ -194,7 +190,7 @@ def checkpoints_to_average(
     for step, p in reversed([(step, p) for step, p in kept if step <= up_to]):
         if last is not None and len(chosen) == last:
             break
-        held = ckpt if p == named else _load_kept(p)
+        held = ckpt if p.resolve() == path.resolve() else _load_kept(p)  # the named file is read already
         if int(held.get("batches_done", 0)) and p != named:
             mid_epoch.append(step)
             continue
@@ -214,14 +210,16 @@ def checkpoints_to_average(
     return run_dir, chosen, sorted(mid_epoch)
 
 
-def _first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str:
+def _first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
+    """The first tensor name that the two states do not hold alike (in one only, another shape or
+    dtype), said; None where they hold the same names, shapes and dtypes."""
     for name in sorted(set(mine) | set(theirs)):
         if name not in theirs or name not in mine:
             return f"{name} is in only one of them"
         a, b = mine[name], theirs[name]
         if a.shape != b.shape or a.dtype != b.dtype:
             return f"{name} is {tuple(a.shape)} {a.dtype} in one, {tuple(b.shape)} {b.dtype} in the other"
-    return "they differ"
+    return None
 
 
 def average_checkpoints(checkpoints: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
@@ -242,12 +240,10 @@ def average_checkpoints(checkpoints: list[tuple[Path, dict[str, Any]]]) -> dict[
     for path, ckpt in checkpoints[:-1]:
         check_architecture(ckpt["arch"], newest["arch"], path)
         theirs = ckpt["model"]
-        if theirs.keys() != state.keys() or any(
-            t.shape != state[n].shape or t.dtype != state[n].dtype for n, t in theirs.items()
-        ):
+        difference = _first_difference(theirs, state)
+        if difference is not None:
             raise CheckpointError(
-                f"{path} and {newest_path} hold different tensors ({_first_difference(theirs, state)}): "
-                "they cannot be averaged"
+                f"{path} and {newest_path} hold different tensors ({difference}): they cannot be averaged"
             )
         for name, total in sums.items():
             total.add_(theirs[name].to(torch.float64))
@@ -286,7 +282,7 @@ def average_run(
         raise CheckpointError(f"--out {path} is a folder: give a file name, such as {path / name}")
     if path.suffix.lower() != ".pt":
         raise CheckpointError(f"--out {path}: a checkpoint's name ends in .pt")
-    if _RUN_FILE_NAME.match(path.name):
+    if is_run_checkpoint_name(path.name):  # other commands would take it for one, wherever it is
         raise CheckpointError(
             f"--out {path}: last.pt, best.pt and step-*.pt are the names of a run's own checkpoints, "
             "which other commands would take this file for: give another"

@@ -98,6 +98,11 @@ def step_file(step: int) -> str:
     return f"step-{step:06d}.pt"
 
 
+def is_run_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is one a run gives its own checkpoints: last.pt, best.pt, step-N.pt."""
+    return name in (LAST, BEST) or _STEP_FILE.match(name) is not None
+
+
 def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """The step-numbered checkpoints of a run, sorted by step."""
     run_dir = Path(run_dir)
