@@ -26,13 +26,14 @@ absolute_if_path() {
     fi
 }
 
-# logging.out_dir of the config $2 under the `capsnet train` arguments that follow (-o KEY=VALUE,
-# -oKEY=VALUE, --override KEY=VALUE, --override=KEY=VALUE), read with the python $1.
-config_out_dir() {
+# The setting $3 (SECTION.KEY, e.g. logging.out_dir) of the config $2 under the `capsnet train`
+# arguments that follow (-o KEY=VALUE, -oKEY=VALUE, --override KEY=VALUE, --override=KEY=VALUE),
+# read with the python $1.
+config_setting() {
     "$1" - "${@:2}" <<'PY'
 import sys
 from capsnet.config import load_config
-args, overrides = sys.argv[2:], []
+args, overrides = sys.argv[3:], []
 for i, arg in enumerate(args):
     if arg in ("-o", "--override") and i + 1 < len(args):
         overrides.append(args[i + 1])
@@ -40,8 +41,15 @@ for i, arg in enumerate(args):
         overrides.append(arg.split("=", 1)[1])
     elif arg.startswith("-o") and len(arg) > 2:  # -oKEY=VALUE
         overrides.append(arg[2:])
-print(load_config(sys.argv[1], overrides).logging.out_dir)
+section, key = sys.argv[2].split(".")
+print(getattr(getattr(load_config(sys.argv[1], overrides), section), key))
 PY
+}
+
+# logging.out_dir of the config $2 under the `capsnet train` arguments that follow, read with
+# the python $1 (as config_setting).
+config_out_dir() {
+    config_setting "$1" "$2" logging.out_dir "${@:3}"
 }
 
 # The arguments of `capsnet train` with the paths that follow --config/-c/--resume made

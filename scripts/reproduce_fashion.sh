@@ -9,6 +9,10 @@
 #   bash scripts/reproduce_fashion.sh configs/small.yaml -o train.epochs=3   # shorter
 #   RUN=my-run bash scripts/reproduce_fashion.sh configs/small_long.yaml -o optim.name=adam
 #                                           # a run name of your own (default: reproduce-<config>)
+#   AVERAGE=3 bash scripts/reproduce_fashion.sh configs/small_long.yaml
+#                                           # also the mean of the weights of the last 3 epoch-end
+#                                           # checkpoints (capsnet average; the run must keep that
+#                                           # many: logging.keep), scored on val and test
 #
 # Long: the small model takes roughly 10-15 minutes per epoch on a 2-core CPU.
 # Interrupted runs continue where they stopped: rerun the same command (the run name
@@ -30,7 +34,22 @@ done
 absolute_path_options "$@"
 cd "$here/.."
 name="${RUN:-reproduce-$(basename "$config" .yaml)}"
+average="${AVERAGE:-}"
+if [[ -n "$average" ]]; then
+    if [[ ! "$average" =~ ^[0-9]+$ ]] || ((10#$average < 2)); then
+        echo "error: AVERAGE=$average: give the number of epoch-end checkpoints to average, 2 or more" >&2
+        exit 2
+    fi
+    average=$((10#$average))  # 08 is eight
+fi
 bash scripts/setup_env.sh
+if [[ -n "$average" ]]; then
+    keep="$(config_setting .venv/bin/python "$config" logging.keep ${ABS_ARGS[@]+"${ABS_ARGS[@]}"})"
+    if ((average > keep)); then
+        echo "error: AVERAGE=$average needs the run to keep that many checkpoints, but logging.keep is $keep: add -o logging.keep=$average" >&2
+        exit 2
+    fi
+fi
 bash scripts/fetch_fashion_mnist.sh
 start=$(date +%s)
 .venv/bin/capsnet train --config "$config" --run-name "$name" --resume latest ${ABS_ARGS[@]+"${ABS_ARGS[@]}"}
@@ -47,5 +66,12 @@ sys.exit(0 if trains_with_flips(load_config(sys.argv[1]).data) else 1)' "$run_di
     mirror=(--mirror)
 fi
 .venv/bin/capsnet eval --ckpt "$run_dir/best.pt" --split test ${mirror[@]+"${mirror[@]}"}
+if [[ -n "$average" ]]; then
+    averaged="$(.venv/bin/capsnet average --ckpt "$run_dir" --last "$average" --overwrite --json |
+        .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["checkpoint"])')"
+    echo "averaged the weights of the last $average epoch-end checkpoints: $averaged"
+    .venv/bin/capsnet eval --ckpt "$averaged" --split val
+    .venv/bin/capsnet eval --ckpt "$averaged" --split test ${mirror[@]+"${mirror[@]}"}
+fi
 mkdir -p docs/figures
 .venv/bin/python scripts/plot_curves.py "$run_dir" --out "docs/figures/curves_$name.png"

@@ -366,6 +366,8 @@ CAPSNET_STAND_IN = """#!/bin/bash
 echo "$*" >> calls
 out="${OUT_DIR:-weights/em_capsules}"  # the test says where the -o it passes puts the runs
 if [ "$1" = train ]; then mkdir -p "$out/$5"; cp "$3" "$out/$5/config.yaml"; fi
+# `average --ckpt RUN_DIR ... --json` answers as capsnet does, naming the file it wrote
+if [ "$1" = average ]; then printf '{"checkpoint": "%s/average-000010-000030.pt"}\\n' "$3"; fi
 """
 
 
@@ -431,6 +433,52 @@ def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tm
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls[0].startswith(f"train --config {root}/elsewhere/mine.yaml --run-name r")
     assert calls[1] == "eval --ckpt kept/r/best.pt --split test" + (" --mirror" if mirrored else "")
+
+
+def test_reproduce_fashion_with_average_scores_the_mean_of_the_last_checkpoints_on_val_and_test(tmp_path):
+    import subprocess
+
+    stand_in_checkout(tmp_path, ["reproduce_fashion.sh"], ["small.yaml"])
+
+    def reproduce(average: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", "scripts/reproduce_fashion.sh", "configs/small.yaml", *args],
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "RUN": "r", "AVERAGE": average},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    done = reproduce("04", "-o", "logging.keep=4")  # a leading zero is still decimal
+    assert done.returncode == 0, done.stderr
+    run = "weights/em_capsules/r"
+    assert (tmp_path / "calls").read_text().splitlines()[1:] == [
+        f"eval --ckpt {run}/best.pt --split test",
+        f"average --ckpt {run} --last 4 --overwrite --json",
+        f"eval --ckpt {run}/average-000010-000030.pt --split val",
+        f"eval --ckpt {run}/average-000010-000030.pt --split test",
+        "plot",
+    ]
+    assert f"averaged the weights of the last 4 epoch-end checkpoints: {run}/average-000010-000030.pt" in (
+        done.stdout
+    )
+
+    # refused before any training: too few kept checkpoints, or not a count of 2 or more
+    (tmp_path / "calls").unlink()
+    done = reproduce("4")  # configs/small.yaml keeps 3
+    assert done.returncode == 2
+    assert (
+        "error: AVERAGE=4 needs the run to keep that many checkpoints, but logging.keep is 3" in done.stderr
+    )
+    assert "add -o logging.keep=4" in done.stderr
+    for bad in ("1", "six", "-3", "2.5"):
+        done = reproduce(bad)
+        assert done.returncode == 2, bad
+        assert f"error: AVERAGE={bad}: give the number of epoch-end checkpoints to average, 2 or more" in (
+            done.stderr
+        )
+    assert not (tmp_path / "calls").exists()
 
 
 def test_distill_fashion_trains_and_scores_the_teacher_then_the_student_taught_by_its_best_pt(tmp_path):
