@@ -481,11 +481,13 @@ def test_reproduce_fashion_with_average_scores_the_mean_of_the_last_checkpoints_
     assert not (tmp_path / "calls").exists()
 
 
-def test_distill_fashion_trains_and_scores_the_teacher_then_the_student_taught_by_its_best_pt(tmp_path):
+def test_distill_fashion_trains_and_scores_the_teacher_the_student_and_the_student_s_lower_lr_tail(tmp_path):
     import subprocess
 
     stand_in_checkout(
-        tmp_path, ["distill_fashion.sh", "reproduce_fashion.sh"], ["small_deep.yaml", "small_taught.yaml"]
+        tmp_path,
+        ["distill_fashion.sh", "reproduce_fashion.sh"],
+        ["small_deep.yaml", "small_taught.yaml", "small_taught_tail.yaml"],
     )
     done = subprocess.run(
         ["bash", "scripts/distill_fashion.sh", "-o", "loss.teacher_temperature=2"],
@@ -506,6 +508,12 @@ def test_distill_fashion_trains_and_scores_the_teacher_then_the_student_taught_b
             "-o loss.teacher=t/best.pt -o loss.teacher_temperature=2"
         ),
         "eval --ckpt weights/em_capsules/small-taught/best.pt --split test",
+        "plot",
+        (
+            f"train --config {root}/configs/small_taught_tail.yaml --run-name small-taught-tail --resume latest "
+            "-o loss.teacher=t/best.pt -o train.init_from=small-taught/best.pt -o loss.teacher_temperature=2"
+        ),
+        "eval --ckpt weights/em_capsules/small-taught-tail/best.pt --split test",
         "plot",
     ]
 
@@ -528,6 +536,28 @@ def test_the_taught_config_is_the_paper_s_small_model_with_the_teacher_s_split()
         and student.train == teacher.train
         and student.routing == teacher.routing
     )
+
+
+def test_the_tail_config_continues_the_taught_model_from_where_its_schedule_ended():
+    from capsnet.config import load_config
+
+    student, tail = (
+        load_config(REPO / "configs" / f"{n}.yaml") for n in ("small_taught", "small_taught_tail")
+    )
+    assert tail.train.init_from == "small-taught/best.pt" and tail.loss.teacher == student.loss.teacher
+    # the same model, routing, data split and distillation as the run it starts from
+    assert (tail.model, tail.routing, tail.data) == (student.model, student.routing, student.data)
+    assert tail.train.seed == student.train.seed and tail.train.batch_size == student.train.batch_size
+    assert (tail.loss.teacher_weight, tail.loss.teacher_temperature, tail.loss.recon_weight) == (
+        student.loss.teacher_weight,
+        student.loss.teacher_temperature,
+        student.loss.recon_weight,
+    )
+    # the learning rate starts where the first stage's ended and the margin stays at its end
+    assert tail.optim.lr == pytest.approx(student.optim.lr * student.optim.decay_rate)
+    assert (tail.optim.decay_rate, tail.optim.decay_steps, tail.optim.warmup_steps) == (0.1, None, 20)
+    assert tail.loss.margin_start == tail.loss.margin_end == student.loss.margin_end
+    assert tail.train.epochs == 4 and tail.logging.keep >= tail.train.epochs
 
 
 def test_the_ablation_rewrites_only_its_own_part_of_the_results_file(tmp_path):
