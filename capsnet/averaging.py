@@ -23,6 +23,7 @@ from torch import nn
 from capsnet.checkpoint import (
     CheckpointError,
     atomic_save,
+    average_file,
     check_architecture,
     is_run_checkpoint_name,
     load_checkpoint,
@@ -82,10 +83,6 @@ _NOT_AVERAGED = (
     "best_step",
     "best_split",
 )
-
-
-def average_file_name(steps: list[int]) -> str:
-    return f"average-{steps[0]:06d}-{steps[-1]:06d}.pt"
 
 
 @dataclass
@@ -169,20 +166,17 @@ def checkpoints_to_average(
     if last is not None and last < 2:
         raise CheckpointError(f"--last {last}: an average needs at least 2 checkpoints")
     path = resolve_checkpoint(spec, out_dir)
+    target = path.resolve()  # the file itself, where path is a link to it
     run_dir, kept = path.parent, step_checkpoints(path.parent)
-    if not kept and path.resolve().parent != run_dir:  # a link to a run's file
-        run_dir, kept = path.resolve().parent, step_checkpoints(path.resolve().parent)
+    if not kept and target.parent != run_dir:  # a link to a run's file
+        run_dir, kept = target.parent, step_checkpoints(target.parent)
     if not kept:
         raise CheckpointError(
             f"{path} is not in a run folder ({run_dir} holds no step-numbered checkpoints): an average "
             "is taken over a run's checkpoints; give the run (its folder or name) or a file in it"
         )
     # a file the user named is taken even if saved within an epoch; a run's newest is not
-    named = (
-        None
-        if _names_a_run(spec, out_dir)
-        else next((p for _, p in kept if p.resolve() == path.resolve()), None)
-    )
+    named = None if _names_a_run(spec, out_dir) else next((p for _, p in kept if p.resolve() == target), None)
     ckpt = _load_kept(path)
     up_to = int(ckpt["step"])
     chosen: list[tuple[Path, dict[str, Any]]] = []
@@ -190,7 +184,7 @@ def checkpoints_to_average(
     for step, p in reversed([(step, p) for step, p in kept if step <= up_to]):
         if last is not None and len(chosen) == last:
             break
-        held = ckpt if p.resolve() == path.resolve() else _load_kept(p)  # the named file is read already
+        held = ckpt if p.resolve() == target else _load_kept(p)  # the named file is read already
         if int(held.get("batches_done", 0)) and p != named:
             mid_epoch.append(step)
             continue
@@ -276,7 +270,7 @@ def average_run(
     """Averages the weights of the checkpoints :func:`checkpoints_to_average` picks and saves
     them (default: ``average-<first step>-<last step>.pt`` in the run folder)."""
     run_dir, chosen, mid_epoch = checkpoints_to_average(spec, out_dir, last)
-    name = average_file_name([int(c["step"]) for _, c in chosen])
+    name = average_file(int(chosen[0][1]["step"]), int(chosen[-1][1]["step"]))
     path = Path(out).expanduser() if out is not None else run_dir / name
     if path.is_dir():
         raise CheckpointError(f"--out {path} is a folder: give a file name, such as {path / name}")
@@ -299,7 +293,7 @@ def average_run(
         run_dir,
         averaged["steps"],
         averaged["epochs"],
-        existed,
-        mid_epoch,
+        replaced=existed,
+        mid_epoch_left_out=mid_epoch,
         into_epoch=int(ckpt.get("batches_done", 0)),
     )

@@ -98,6 +98,12 @@ def step_file(step: int) -> str:
     return f"step-{step:06d}.pt"
 
 
+def average_file(first: int, last: int) -> str:
+    """capsnet average's file name for the mean of the checkpoints from step ``first`` to ``last``
+    (AVERAGE_FILE matches it)."""
+    return f"average-{first:06d}-{last:06d}.pt"
+
+
 def is_run_checkpoint_name(name: str) -> bool:
     """Whether ``name`` is one a run gives its own checkpoints: last.pt, best.pt, step-N.pt."""
     return name in (LAST, BEST) or _STEP_FILE.match(name) is not None
