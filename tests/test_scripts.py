@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -500,7 +501,7 @@ def test_distill_fashion_trains_and_scores_the_teacher_the_student_and_the_stude
     assert done.returncode == 0, done.stderr
     root = tmp_path.resolve()
     assert (tmp_path / "calls").read_text().splitlines() == [
-        f"train --config {root}/configs/small_deep.yaml --run-name t --resume latest",
+        f"train --config {root}/configs/small_deep.yaml --run-name t --resume latest -o train.epochs=12",
         "eval --ckpt weights/em_capsules/t/best.pt --split test",
         "plot",
         (
@@ -518,11 +519,51 @@ def test_distill_fashion_trains_and_scores_the_teacher_the_student_and_the_stude
     ]
 
 
+def test_distill_fashion_trains_the_measured_recipe_s_12_epoch_teacher_unless_told_otherwise(tmp_path):
+    import subprocess
+
+    stand_in_checkout(
+        tmp_path,
+        ["distill_fashion.sh", "reproduce_fashion.sh"],
+        ["small_deep.yaml", "small_taught.yaml", "small_taught_tail.yaml"],
+    )
+
+    def teacher_and_student_calls(env):
+        done = subprocess.run(
+            ["bash", "scripts/distill_fashion.sh"],
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", **env},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        calls = (tmp_path / "calls").read_text().splitlines()
+        (tmp_path / "calls").unlink()
+        return calls[0], calls[3]
+
+    root = tmp_path.resolve()
+    teacher, student = teacher_and_student_calls({})
+    assert teacher == (
+        f"train --config {root}/configs/small_deep.yaml --run-name small-deep-teacher12 --resume latest "
+        "-o train.epochs=12"
+    )
+    assert student.endswith("-o loss.teacher=small-deep-teacher12/best.pt")
+    # both students' configs name that run too, so the stages also chain when run one by one
+    for config in ("small_taught.yaml", "small_taught_tail.yaml"):
+        stage = yaml.safe_load((REPO / "configs" / config).read_text())
+        assert stage["loss"]["teacher"] == "small-deep-teacher12/best.pt", config
+    teacher, student = teacher_and_student_calls({"TEACHER": "full", "TEACHER_EPOCHS": "18"})
+    assert teacher.endswith("--run-name full --resume latest -o train.epochs=18")
+    assert student.endswith("-o loss.teacher=full/best.pt")
+
+
 def test_the_taught_config_is_the_paper_s_small_model_with_the_teacher_s_split():
     from capsnet.config import load_config
 
     student, teacher = (load_config(REPO / "configs" / f"{n}.yaml") for n in ("small_taught", "small_deep"))
-    assert student.loss.teacher == "small-deep-teacher/best.pt"
+    # the run distill_fashion.sh trains as the teacher, by default
+    assert student.loss.teacher == "small-deep-teacher12/best.pt"
     assert (student.model.stem_channels, student.model.batch_norm, student.model.stem_padding) == (
         None,
         False,
