@@ -194,7 +194,16 @@ def checkpoints_to_average(
         found = f"{counted(len(chosen), 'checkpoint')} from the end of an epoch up to step {up_to}"
         if chosen:
             found += f" ({', '.join(p.name for p, _ in chosen)})"
-        if any(step > up_to for step, _ in kept):
+        if mid_epoch:
+            found += (
+                f", and {counted(len(mid_epoch), 'checkpoint')} saved within an epoch, which it leaves out"
+            )
+        if int(ckpt["epoch"]) == 0 and not chosen:  # the step it stands for is in the run's first epoch
+            fix = (
+                f"no epoch of the run had ended by step {up_to}; train it on past the end of an epoch "
+                f"(capsnet train --resume {run_dir}), then average"
+            )
+        elif any(step > up_to for step, _ in kept):
             fix = f"name a later checkpoint of the run, or the run itself (it kept {', '.join(p.name for _, p in kept)})"
         elif len(chosen) >= 2:
             fix = f"give --last {len(chosen)}, or train with logging.keep set higher"

@@ -589,15 +589,37 @@ def _neither_zip_nor_pickle(path: Path) -> bool:
     return bool(head) and not (head.startswith(b"PK") or head[0] == 0x80)
 
 
+def _intact_zip(path: Path) -> bool:
+    """Whether ``path`` is a zip archive (as torch saves) whose every member reads back whole."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError):
+        return False
+
+
+def _unreadable(path: Path, message: str) -> CheckpointError:
+    """``message`` about a corrupt ``path``, naming the newest intact step checkpoint beside it, if any."""
+    steps = sorted(
+        (int(m.group(1)), f)
+        for f in path.parent.glob("step-*.pt")
+        if (m := _STEP_FILE.match(f.name)) and f.resolve() != path.resolve()
+    )
+    older = next((f for _, f in reversed(steps) if _intact_zip(f)), None)
+    advice = f"; the newest intact checkpoint beside it is {older}: give that path instead" if older else ""
+    return CheckpointError(f"{message}{advice}")
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; give a checkpoint file or use latest/best")
     if _neither_zip_nor_pickle(path):  # torch's own words about such a file say nothing useful
-        raise CheckpointError(
+        raise _unreadable(
+            path,
             f"{path} is not a readable checkpoint: it is neither a zip archive nor a pickle, the two "
-            "forms torch saves in (a file of another kind, or a corrupt one)"
+            "forms torch saves in (a file of another kind, or a corrupt one)",
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -607,12 +629,12 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
                 f"refusing to load {path}: it holds Python objects that could run code "
                 "(only tensors and plain data are accepted)"
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated)") from None
+        raise _unreadable(path, f"{path} is not a readable checkpoint (corrupt or truncated)") from None
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EIO):
             raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
         # a seek past the end of a cut-off archive: EINVAL
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated)") from None
+        raise _unreadable(path, f"{path} is not a readable checkpoint (corrupt or truncated)") from None
     except (
         RuntimeError,
         EOFError,
@@ -627,8 +649,8 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         first = first.split(". ")[0].rstrip(".")  # the reason, without the advice torch appends to it
         if path.stat().st_size == 0:
             first = "the file is empty"
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (corrupt or truncated): {first}"
+        raise _unreadable(
+            path, f"{path} is not a readable checkpoint (corrupt or truncated): {first}"
         ) from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]

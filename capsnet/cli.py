@@ -128,33 +128,58 @@ def _errors(debug: bool):
         raise typer.Exit(1) from None
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        import torch
+
+        from capsnet import __version__
+
+        typer.echo(f"capsnet {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: DebugOption = False) -> None:
+def _main(
+    debug: DebugOption = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            metavar=FLAG,
+            is_eager=True,
+            callback=_print_version,
+            help="Print capsnet's version, with torch's and Python's, and exit.",
+        ),
+    ] = False,
+) -> None:
     _state["debug"] = debug
 
 
 def _console_echo():
-    """``typer.echo`` onto stdout until stdout is a pipe whose reader is gone, then onto stderr.
+    """``typer.echo`` onto stdout until stdout is a pipe whose reader is gone, then onto stderr,
+    and nowhere once stderr's reader is gone too.
 
     ``capsnet train ... | tee log`` stopped with Ctrl-C loses its ``tee`` at once, while training
     finishes its step and saves; a run piped into ``head`` loses its reader after a few lines. Either
-    way the run goes on (or stops as it was asked to) and its remaining lines reach the terminal.
+    way the run goes on (or stops as it was asked to) and its remaining lines reach the terminal, or,
+    with stderr in the same pipe (``2>&1 | head``), are dropped.
     """
-    closed = False
+    closed = {False: False, True: False}  # stdout, stderr
 
     def echo(message: str) -> None:
-        nonlocal closed
-        if not closed:
+        for err in (False, True):
+            if closed[err]:
+                continue
             try:
-                typer.echo(message)
+                typer.echo(message, err=err)
                 return
             except BrokenPipeError:
-                closed = True
-                # what is still buffered, and the interpreter's last flush, go nowhere instead of failing
+                closed[err] = True
+                # what is still buffered, and later writes, go nowhere instead of failing
+                stream = sys.stderr if err else sys.stdout
                 devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
+                os.dup2(devnull, stream.fileno())
                 os.close(devnull)
-        typer.echo(message, err=True)
 
     return echo
 
@@ -268,7 +293,7 @@ def config_(
 ) -> None:
     """Show a config as training would use it: every key with its value and what it does.
 
-    The config is checked as train checks it, so a bad key or value is an error here too. The output is YAML that --config reads back: capsnet config -c configs/small.yaml -o train.epochs=2 > mine.yaml.
+    The config is checked as train checks it, so a bad key or value is an error here too (whether this machine has the train.device it names is left to train). The output is YAML that --config reads back: capsnet config -c configs/small.yaml -o train.epochs=2 > mine.yaml.
     """  # one line per help paragraph: the help keeps line breaks
     with _errors(debug):
         from capsnet.config import documented_yaml, load_config

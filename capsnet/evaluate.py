@@ -110,6 +110,10 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class EvaluationStopped(Exception):
+    """A stop signal (SIGINT/SIGTERM) came while :func:`evaluate` ran: the evaluation was dropped."""
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -122,12 +126,16 @@ def evaluate(
     max_batches: int | None = None,
     progress_bar: bool = False,
     desc: str = "evaluating",
+    stop=None,
 ) -> EvalResult:
     """Mean loss and accuracy of ``model`` (a CapsNet) over ``loader``.
 
     The loss uses the spread-loss margin at ``step`` of ``total_steps`` (default:
     the final margin), so training and evaluation losses are comparable.
     ``progress_bar``: a progress bar on a terminal (rank 0 only under torchrun).
+    ``stop`` (a :class:`capsnet.signals.StopRequest`): once it has received a signal,
+    :class:`EvaluationStopped` is raised after the current batch, in a single process (under
+    torchrun every rank finishes the evaluation, which the ranks share).
     """
     from capsnet.tracking import progress
 
@@ -157,6 +165,8 @@ def evaluate(
             sums[2] += len(y)
             per_correct.index_add_(0, y, hit)
             per_count.index_add_(0, y, torch.ones_like(hit))
+            if stop is not None and stop.received is not None and not active():
+                raise EvaluationStopped(stop.name)
     finally:
         model.train(was_training)
         if batches is not loader:

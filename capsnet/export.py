@@ -263,6 +263,17 @@ def sample_batch(
         return pixels, fed, f"of random images (test data unavailable: {first})"
 
 
+def _caused_by_interrupt(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in the chain of exceptions that led to ``error``."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def metadata(spec: InputSpec, ckpt: dict[str, Any], class_names: list[str], run: str) -> dict[str, str]:
     """What an exported file records about itself (ONNX metadata properties; ``capsnet.json`` in a .pt2)."""
     from capsnet import __version__
@@ -475,12 +486,16 @@ def export_checkpoint(
     partial = Path(name)
     os.chmod(partial, 0o666 & ~current_umask())  # mkstemp makes it private; an export is an ordinary file
     if say is not None:
-        say(f"exporting {ckpt_path} to {fmt}, then checking it against the eager model on {source} ...")
+        say(
+            f"exporting {ckpt_path} to {fmt}, then checking it against the eager model on batches {source} ..."
+        )
     try:
         try:
             exporter = export_pt2 if fmt == "pt2" else export_onnx
             runner = exporter(module, x, partial, meta)
         except Exception as e:
+            if _caused_by_interrupt(e):  # Ctrl-C inside an exporter that wraps what it meets
+                raise KeyboardInterrupt from None
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ExportError(f"{fmt} export of {ckpt_path} failed: {first[:300]}") from e
         if runner is None:

@@ -1,9 +1,10 @@
 """Ctrl-C and SIGTERM during training: finish the current step, save, exit 130 or 143.
 
 The first SIGINT or SIGTERM only sets a flag that the training loop reads
-after each step (and after evaluation or saving); the loop then writes a
-checkpoint, prints how to resume and the command exits with 128 + the signal
-number. A second SIGINT gets the handler that was there before, so pressing
+after each step (and after saving, and, in a single process, after each batch of
+an epoch-end evaluation, which it then drops for the resumed run to do again);
+the loop then writes a checkpoint, prints how to resume and the command exits
+with 128 + the signal number. A second SIGINT gets the handler that was there before, so pressing
 Ctrl-C twice interrupts at once (the checkpoint of the previous save is intact,
 since every save is atomic). Repeated SIGTERMs change nothing: ``timeout``
 signals the command and then its process group, and schedulers and torchrun

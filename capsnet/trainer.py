@@ -67,7 +67,7 @@ from capsnet.distributed import (
     shutdown,
     sum_over_ranks,
 )
-from capsnet.evaluate import EvalResult, autocast, evaluate, resolve_device
+from capsnet.evaluate import EvalResult, EvaluationStopped, autocast, evaluate, resolve_device
 from capsnet.loss import compute_loss, lr_at, margin_at, uses_reconstruction
 from capsnet.model import CapsNet, CapsOutput
 from capsnet.routing import (
@@ -582,21 +582,35 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
     return reason, summary
 
 
-def end_of_epoch(run: Run, summary: dict[str, float]) -> EvalResult:
-    """Evaluates, logs, saves a checkpoint (and best.pt on a new best) and prints one line."""
+def end_of_epoch(run: Run, summary: dict[str, float], stop: StopRequest | None = None) -> EvalResult | None:
+    """Evaluates, logs, saves a checkpoint (and best.pt on a new best) and prints one line.
+
+    None when a stop signal came during the evaluation (a single process): the evaluation
+    is dropped and an epoch that had ended is reopened at its last step, so that the
+    checkpoint the caller saves leaves the evaluation to the resumed run, as a signal on the
+    epoch's last step does.
+    """
     split = run.eval_split
     loader = run.loaders.val if split == "val" else run.loaders.test
-    result = evaluate(
-        run.eval_model,
-        loader,
-        run.cfg,
-        run.device,
-        run.step,
-        run.total_steps,
-        run.loaders.info.class_names,
-        progress_bar=run.cfg.logging.progress,  # evaluate shows it on rank 0 alone
-        desc=f"{split} after epoch {run.epoch if run.batches_done == 0 else run.epoch + 1}",
-    )
+    try:
+        result = evaluate(
+            run.eval_model,
+            loader,
+            run.cfg,
+            run.device,
+            run.step,
+            run.total_steps,
+            run.loaders.info.class_names,
+            progress_bar=run.cfg.logging.progress,  # evaluate shows it on rank 0 alone
+            desc=f"{split} after epoch {run.epoch if run.batches_done == 0 else run.epoch + 1}",
+            # a signal during the evaluation drops it; one before it (on a train.max_steps step) does not
+            stop=stop if stop is not None and stop.received is None else None,
+        )
+    except EvaluationStopped:
+        if run.batches_done == 0:  # the epoch had ended: all its steps done, its evaluation not
+            run.epoch -= 1
+            run.batches_done = run.steps_per_epoch
+        return None
     (seen,) = sum_over_ranks([run.images_seen], run.device)
     # with the images seen: an evaluation may fall on a step that logs no training window
     run.writer.scalars(
@@ -1066,7 +1080,13 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
                 save_run(run, mid_epoch=run.batches_done > 0)
                 break
             with training_chunks():  # evaluating within the memory of a training step
-                last_eval = end_of_epoch(run, summary)
+                evaluated = end_of_epoch(run, summary, stop)
+            if evaluated is None:  # stopped during the evaluation, which the resumed run does again
+                stopped = stop.name
+                save_run(run, mid_epoch=True)
+                say(f"{stopped} during the evaluation at step {run.step}: the resumed run evaluates")
+                break
+            last_eval = evaluated
             # the next img/s leaves out the evaluation and the save, and the images trained before them
             run.window_start, run.window_untimed = time.perf_counter(), int(run.window["n"])
             if reason == "max_steps":

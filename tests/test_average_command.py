@@ -174,6 +174,18 @@ def test_too_few_kept_checkpoints_say_what_would_give_more(run, tmp_path):
     assert runner.invoke(app, ["average", "--ckpt", str(run), "--last", "1"]).exit_code == 2
 
 
+def test_a_run_stopped_in_its_first_epoch_is_told_to_train_on_not_to_keep_more(tmp_path):
+    stopped = fit(tiny(tmp_path, "train.max_steps=4", "logging.keep=4"), run_name="early", echo=quiet)
+    assert stopped.step == 4 and load_checkpoint(stopped.run_dir / "last.pt")["batches_done"] == 4
+    result = runner.invoke(app, ["average", "--ckpt", str(stopped.run_dir)])
+    assert result.exit_code == 2
+    assert "keeps 0 checkpoints from the end of an epoch up to step 4" in result.output
+    assert "and 1 checkpoint saved within an epoch, which it leaves out" in result.output
+    assert "no epoch of the run had ended by step 4; train it on past the end of an epoch" in result.output
+    assert f"capsnet train --resume {stopped.run_dir}" in result.output
+    assert "logging.keep" not in result.output
+
+
 def test_a_file_outside_a_run_folder_is_refused_with_what_to_give(run, tmp_path):
     loose = tmp_path / "final.pt"
     loose.write_bytes((run / "step-000012.pt").read_bytes())

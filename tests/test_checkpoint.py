@@ -107,6 +107,31 @@ def test_a_truncated_file_gives_a_short_clear_error(tmp_path, keep):
         assert message.endswith("the file is empty"), message
 
 
+def test_a_corrupt_checkpoint_names_the_newest_intact_one_beside_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (4, 8, 12, 16):
+        atomic_save({**fake_checkpoint(step), "big": torch.arange(5000.0)}, run / f"step-{step:06d}.pt")
+    for step in (12, 16):  # the two newest cut short, as by a full disk
+        path = run / f"step-{step:06d}.pt"
+        path.write_bytes(path.read_bytes()[:3000])
+    (run / "last.pt").write_bytes((run / "step-000016.pt").read_bytes())
+    for bad in ("step-000016.pt", "last.pt"):
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(run / bad)
+        message = str(info.value)
+        assert "corrupt or truncated" in message
+        assert message.endswith(
+            f"the newest intact checkpoint beside it is {run / 'step-000008.pt'}: give that path instead"
+        )
+    assert load_checkpoint(run / "step-000008.pt")["step"] == 8  # the one it names loads
+    alone = tmp_path / "alone.pt"  # nothing intact beside it: no advice
+    alone.write_bytes((run / "step-000016.pt").read_bytes())
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(alone)
+    assert "corrupt or truncated" in str(info.value) and "intact" not in str(info.value)
+
+
 def test_a_missing_file_and_a_file_that_is_no_checkpoint_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")

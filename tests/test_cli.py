@@ -234,11 +234,30 @@ def test_export_writes_the_file_and_reports_parity(in_workdir, fmt):
     assert path.is_file() and path.stat().st_size > 0
     assert "parity ok" in result.stdout and "synthetic test images" in result.stdout
     # the export says what it is doing before the seconds of tracing, on stderr
-    assert f"to {fmt}, then checking it against the eager model on" in result.stderr
+    assert f"to {fmt}, then checking it against the eager model on batches of synthetic test images" in (
+        result.stderr
+    )
     assert (
         "input: images (N, 1, 20, 20) float32: pixels in [0, 1] (uint8 / 255), normalised inside"
         in result.stdout
     )
+
+
+def test_ctrl_c_inside_an_exporter_that_wraps_it_is_an_interrupt_not_a_failed_export(in_workdir, monkeypatch):
+    from capsnet import export
+
+    def interrupted_inside(*args, **kwargs):  # as torch.onnx reports a Ctrl-C in torch.export
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Failed to export the model with torch.export. Next steps:") from e
+
+    monkeypatch.setattr(export, "export_onnx", interrupted_inside)
+    out = in_workdir / "interrupted" / "model.onnx"
+    result = runner.invoke(app, ["export", "--ckpt", "latest", "--format", "onnx", "--out", str(out)])
+    assert result.exit_code == 130 and "interrupted" in result.stderr, result.output
+    assert "failed" not in result.stderr
+    assert not out.exists() and not list(out.parent.glob(".model.onnx.*"))  # no partial file left
 
 
 def test_export_of_a_renamed_run_folder_goes_by_the_folder_name(in_workdir, tmp_path):
@@ -751,3 +770,17 @@ def test_a_run_on_a_separate_test_folder_is_scored_without_its_training_folder(t
     # the validation split is carved from the training images, which it still needs
     val = runner.invoke(app, ["eval", "--ckpt", "pets", "--split", "val"])
     assert val.exit_code == 2
+
+
+def test_version_names_capsnet_torch_and_python():
+    import sys
+
+    import torch
+
+    from capsnet import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == (
+        f"capsnet {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})"
+    )

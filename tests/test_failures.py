@@ -237,6 +237,22 @@ def test_a_run_whose_output_pipe_closes_trains_to_the_end(tmp_path):
     assert "done at step 12" in err and "unexpected" not in err
 
 
+def test_a_run_whose_stdout_and_stderr_share_a_pipe_that_closes_trains_to_the_end(tmp_path):
+    # `capsnet train ... 2>&1 | head`: neither stream has a reader left; the run goes on regardless
+    code = (
+        "import sys\nfrom capsnet.cli import main\n"
+        f"sys.argv = ['capsnet', 'train', '--config', {str(TINY)!r}, *{dirs(tmp_path)!r}, '--run-name', 'both']\n"
+        "main()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    proc.stdout.readline()  # as head: one line, then the reader is gone
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0
+    assert load_checkpoint(tmp_path / "weights" / "both" / "last.pt")["step"] == 12
+
+
 def test_sigterm_to_the_process_group_with_loader_workers_still_saves_and_exits_143(tmp_path):
     # timeout(1), kill -- -PGID and schedulers signal the workers as well as the main process
     run_dir = tmp_path / "weights" / "group"

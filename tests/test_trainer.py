@@ -291,7 +291,7 @@ def test_a_small_validation_split_and_more_loader_processes_than_cpus_are_noted(
     assert not any("validation split holds" in line or "num_workers" in line for line in lines), lines
 
 
-def test_a_signal_during_an_evaluation_stops_after_its_save_unless_the_run_is_complete(tmp_path, monkeypatch):
+def test_a_signal_during_an_evaluation_stops_the_run_even_in_its_last_epoch(tmp_path, monkeypatch):
     real, calls = trainer.evaluate, {"n": 0, "at": 0}
 
     def evaluate_then_signal(*args, **kwargs):
@@ -305,9 +305,13 @@ def test_a_signal_during_an_evaluation_stops_after_its_save_unless_the_run_is_co
     with pytest.raises(TrainingInterrupted) as info:
         fit(tiny(tmp_path), run_name="mid", echo=quiet)
     assert info.value.result.step == 6 and info.value.exit_code == 143
-    calls["n"], calls["at"] = 0, 2  # the last epoch: nothing is left to resume
-    done = fit(tiny(tmp_path), run_name="end", echo=quiet)
-    assert done.stopped == "completed" and done.step == 12
+    calls["n"], calls["at"] = 0, 2  # the last epoch's evaluation: dropped, so the run is not complete
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(tiny(tmp_path), run_name="end", echo=quiet)
+    assert info.value.result.step == 12 and info.value.result.epoch == 1
+    monkeypatch.undo()
+    done = fit(tiny(tmp_path), resume=str(info.value.result.run_dir), echo=quiet)
+    assert done.stopped == "completed" and done.step == 12 and done.last_eval is not None
 
 
 def test_a_compiled_model_trains_like_the_eager_one(tmp_path):
@@ -586,6 +590,41 @@ def test_a_stop_on_an_epochs_last_step_leaves_its_evaluation_to_the_resumed_run(
     steps = [line["step"] for line in logged(resumed.run_dir)]
     assert steps == sorted(set(steps)), steps  # one line a step: the evaluation joined step 6's line
     assert {"train/loss", "test/acc"} <= set(logged(resumed.run_dir)[steps.index(6)])
+
+
+def test_a_stop_during_an_epoch_end_evaluation_drops_it_and_leaves_it_to_the_resumed_run(
+    tmp_path, straight, monkeypatch
+):
+    from capsnet import evaluate as evaluation
+
+    real, batches = evaluation.compute_loss, {"n": 0}
+
+    def loss_then_signal(*args, **kwargs):  # SIGTERM during the first evaluation's first batch
+        batches["n"] += 1
+        if batches["n"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "compute_loss", loss_then_signal)
+    lines: list[str] = []
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(tiny(tmp_path), run_name="mid-eval", echo=lines.append)
+    result = info.value.result
+    assert result.stopped == "SIGTERM" and result.exit_code == 143 and result.step == 6
+    assert result.last_eval is None
+    assert batches["n"] == 1  # configs/tiny.yaml evaluates 32 images in 2 batches: the second never ran
+    ckpt = load_checkpoint(result.run_dir / "last.pt")
+    assert ckpt["epoch"] == 0 and ckpt["batches_done"] == 6  # all of epoch 1's steps done, not evaluated
+    assert not (result.run_dir / "best.pt").exists()
+    assert any("SIGTERM during the evaluation at step 6: the resumed run evaluates" in line for line in lines)
+    monkeypatch.undo()
+    resumed = fit(tiny(tmp_path), resume="latest", echo=quiet)
+    assert resumed.step == 12 and (resumed.best_acc, resumed.best_step) == (
+        straight.best_acc,
+        straight.best_step,
+    )
+    assert same_weights(straight.run_dir / "last.pt", resumed.run_dir / "last.pt")
+    assert merged_metrics(resumed.run_dir) == merged_metrics(straight.run_dir)  # step 6's evaluation included
 
 
 def test_a_resumed_run_keeps_its_start_time_and_logs_its_summary_at_each_attempts_last_step(tmp_path):
