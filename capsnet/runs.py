@@ -12,6 +12,7 @@ logs and trains exactly as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -334,9 +335,16 @@ def open_run_dir(
     if leftover:
         shutil.rmtree(run_dir)
         shutil.rmtree(tb_dir, ignore_errors=True)
+    made_tb = cfg.logging.tensorboard and not tb_dir.exists()
     if cfg.logging.tensorboard:  # a TensorBoard folder that cannot be made stops the run before it has files
         tb_dir.mkdir(parents=True, exist_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        if made_tb:  # nor does a run folder that cannot be made leave an empty TensorBoard folder
+            with contextlib.suppress(OSError):
+                tb_dir.rmdir()
+        raise
     atomic_write_bytes(dump_config(cfg).encode(), run_dir / "config.yaml")
     if choice.resuming_here:
         for dropped in discard_after(run_dir, start_step):

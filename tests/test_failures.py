@@ -1106,6 +1106,17 @@ def test_a_tensorboard_folder_that_cannot_be_made_stops_the_run_before_it_writes
     assert not (tmp_path / "weights" / "t").exists()
 
 
+def test_a_run_folder_that_cannot_be_made_leaves_no_empty_tensorboard_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocker = written(tmp_path / "plain-file", b"x")
+    args = [*train_args(tmp_path, "--run-name", "t"), "-o", f"logging.out_dir={blocker / 'sub'}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: could not use ") and "plain-file" in result.stderr, result.stderr
+    tb_root = tmp_path / "runs"  # train_args' logging.tb_dir
+    assert not (tb_root / "t").exists()
+
+
 def test_eval_prints_its_results_before_a_figure_that_cannot_be_written(tmp_path, one_run):
     blocker = written(tmp_path / "plain-file", b"x")
     args = ["eval", "--ckpt", str(one_run / "weights" / "one"), "--plot", str(blocker / "eval.png")]
