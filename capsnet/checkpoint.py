@@ -600,12 +600,8 @@ def _intact_zip(path: Path) -> bool:
 
 def _unreadable(path: Path, message: str) -> CheckpointError:
     """``message`` about a corrupt ``path``, naming the newest intact step checkpoint beside it, if any."""
-    steps = sorted(
-        (int(m.group(1)), f)
-        for f in path.parent.glob("step-*.pt")
-        if (m := _STEP_FILE.match(f.name)) and f.resolve() != path.resolve()
-    )
-    older = next((f for _, f in reversed(steps) if _intact_zip(f)), None)
+    others = [f for _, f in reversed(step_checkpoints(path.parent)) if f.resolve() != path.resolve()]
+    older = next((f for f in others if _intact_zip(f)), None)
     advice = f"; the newest intact checkpoint beside it is {older}: give that path instead" if older else ""
     return CheckpointError(f"{message}{advice}")
 

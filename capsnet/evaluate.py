@@ -24,6 +24,7 @@ from capsnet.tracking import counted
 
 if TYPE_CHECKING:
     from capsnet.model import CapsNet
+    from capsnet.signals import StopRequest
 
 
 def resolve_device(
@@ -126,7 +127,7 @@ def evaluate(
     max_batches: int | None = None,
     progress_bar: bool = False,
     desc: str = "evaluating",
-    stop=None,
+    stop: StopRequest | None = None,
 ) -> EvalResult:
     """Mean loss and accuracy of ``model`` (a CapsNet) over ``loader``.
 
