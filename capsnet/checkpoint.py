@@ -324,6 +324,11 @@ def has_checkpoint(run_dir: Path) -> bool:
     return bool(step_checkpoints(run_dir)) or (run_dir / LAST).is_file()
 
 
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is one run's folder: it holds a checkpoint, or training has opened it."""
+    return path.is_dir() and (has_checkpoint(path) or (path / RUN_FILE).is_file())
+
+
 def run_process(run_dir: Path, record: dict[str, Any] | None = None) -> tuple[int | None, bool | None]:
     """The id of the training process that last opened ``run_dir`` and whether it still trains it:
     run.json records the id with the process's start time, PID namespace and host, and when its
@@ -445,7 +450,7 @@ def no_runs(out_dir: str | Path, listing: bool = False) -> CheckpointError:
     that does not exist, are said as such."""
     out_dir = Path(out_dir)
     above = out_dir.parent
-    if out_dir.is_dir() and (has_checkpoint(out_dir) or (out_dir / RUN_FILE).is_file()):
+    if is_run_folder(out_dir):
         instead = (
             f"list the runs of the folder above it with --out-dir {above}"
             if listing

@@ -307,7 +307,12 @@ def config_(
 def runs(
     out_dir: OutDirOption = DEFAULT_OUT_DIR,
     as_json: Annotated[
-        bool, typer.Option("--json", metavar=FLAG, help="Print the runs as one JSON list.")
+        bool,
+        typer.Option(
+            "--json",
+            metavar=FLAG,
+            help="Print the runs as one JSON list: [] for a folder that holds no run yet.",
+        ),
     ] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -316,11 +321,14 @@ def runs(
     Each run is named as --ckpt and --resume take it (capsnet eval --ckpt RUN). Runs started with no checkpoint yet (in their first epoch, or stopped before their first save) follow, with their last logged step and whether they still run.
     """  # one line per help paragraph: the help keeps line breaks
     with _errors(debug):
-        from capsnet.checkpoint import no_runs, run_summaries, runs_table
+        from capsnet.checkpoint import is_run_folder, no_runs, run_summaries, runs_table
 
         rows = run_summaries(out_dir)
-        if not rows and not as_json:
-            raise no_runs(out_dir, listing=True)
+        folder = Path(out_dir).expanduser()
+        # a script polling a folder gets [] until its first run saves; a folder that is not there
+        # (a misspelt --out-dir) or one run's folder given in its place is an error either way
+        if not rows and (not as_json or not folder.is_dir() or is_run_folder(folder)):
+            raise no_runs(folder, listing=True)
         text = _json(rows) if as_json else runs_table(rows, out_dir)
     typer.echo(text)
 
@@ -557,7 +565,8 @@ def export(
         Path | None,
         typer.Option(
             "--out",
-            help="Output file (default: exports/<run>/model.onnx or model.pt2).",
+            help="Output file (default: exports/<run>/model.onnx or model.pt2); a name with no suffix "
+            "gets the format's (--out model: model.onnx).",
         ),
     ] = None,
     data_root: Annotated[

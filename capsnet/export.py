@@ -446,6 +446,8 @@ def export_checkpoint(
     path = Path(out) if out is not None else default_export_path(run or "run", fmt, exports_dir)
     if path.is_dir():
         raise ExportError(f"--out {path} is a folder: give a file name, such as {path / FORMATS[fmt]}")
+    if not path.suffix:  # --out model: model.onnx, as the format says
+        path = path.with_name((path.name.rstrip(".") or path.name) + Path(FORMATS[fmt]).suffix)
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists; --overwrite replaces it, or give another --out")
     try:

@@ -282,6 +282,15 @@ def test_export_of_a_renamed_run_folder_goes_by_the_folder_name(in_workdir, tmp_
     assert json.loads(result.stdout)["run"] == "tiny-e2e"
 
 
+def test_an_export_name_with_no_suffix_gets_the_formats(in_workdir):
+    out = in_workdir / "named" / "model"
+    result = runner.invoke(app, ["export", "--ckpt", "latest", "--format", "pt2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.pt2"]
+    assert f"{out}.pt2" in result.stdout
+    assert exported_metadata(out.parent / "model.pt2")["capsnet.run"] == "tiny-e2e"
+
+
 def test_export_to_a_place_that_takes_no_files_names_the_file_asked_for(in_workdir):
     result = runner.invoke(app, ["export", "--ckpt", "latest", "--out", "/proc/capsnet-model.onnx"])
     assert result.exit_code == 2, result.output

@@ -168,6 +168,10 @@ def test_the_config_takes_one_positive_cost_scale_per_routing_layer():
     [
         ("optim.lr=.nan", r"optim\.lr: must be a finite number, got nan"),
         ("routing.min_var=.inf", r"routing\.min_var: must be a finite number, got inf"),
+        # as Python writes them, which YAML reads as text
+        ("optim.lr=nan", r"optim\.lr: must be a finite number, got nan"),
+        ("optim.lr=-Infinity", r"optim\.lr: must be a finite number, got -inf"),
+        ("routing.layer_cost_scales=[1, inf]", r"every entry must be a finite number, got \[1\.0, inf\]"),
         ("routing.lambda_decay=1", r"routing\.lambda_decay: must be in \[0, 1\)"),
         ("routing.lambda_decay=-0.5", r"routing\.lambda_decay: must be in \[0, 1\)"),
         ("model.pose_size=1", r"model\.pose_size: coordinate addition writes into two pose entries"),

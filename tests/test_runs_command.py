@@ -97,8 +97,21 @@ def test_an_empty_folder_is_a_one_line_error_and_an_empty_json_list(tmp_path):
     assert result.exit_code == 2 and result.stderr.startswith(
         f"error: no runs with checkpoints in {tmp_path}"
     )
-    listed = runner.invoke(app, ["runs", "--out-dir", str(tmp_path / "missing"), "--json"])
+    listed = runner.invoke(app, ["runs", "--out-dir", str(tmp_path), "--json"])
     assert listed.exit_code == 0 and json.loads(listed.stdout) == []
+
+
+def test_json_says_a_missing_folder_or_a_run_folder_is_wrong_rather_than_listing_nothing(tmp_path):
+    missing = runner.invoke(app, ["runs", "--out-dir", str(tmp_path / "missing"), "--json"])
+    assert missing.exit_code == 2 and missing.stdout == ""
+    assert missing.stderr.startswith(
+        f"error: no runs with checkpoints in {tmp_path / 'missing'} (no such folder)"
+    )
+    fit(tiny(tmp_path, "train.max_steps=1"), run_name="one", echo=lambda _msg: None)
+    run = runner.invoke(app, ["runs", "--out-dir", str(tmp_path / "weights" / "one"), "--json"])
+    assert run.exit_code == 2 and run.stdout == "" and "is a run folder" in run.stderr
+    listed = runner.invoke(app, ["runs", "--out-dir", str(tmp_path / "weights"), "--json"])
+    assert listed.exit_code == 0 and [row["run"] for row in json.loads(listed.stdout)] == ["one"]
 
 
 def test_a_run_folder_given_as_the_folder_of_runs_points_to_the_folder_above_it(tmp_path):
