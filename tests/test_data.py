@@ -916,7 +916,17 @@ def test_val_split_uses_test_time_transforms(tmp_path):
     cfg = DataConfig(name="mnist", root=str(tmp_path), download=False, val_split=0.2)
     train, val, _, _ = build_datasets(cfg)
     assert train.transform is not val.transform and val.transform is val.eval_transform
-    assert torch.equal(val[0][0], val[0][0])
+    assert len(val) == 6 and val.fixed_items and not train.fixed_items
+    torch.manual_seed(0)
+    for i in range(len(val)):
+        # the stored image normalised with MNIST's mean and std, the same on every read
+        want = (torch.from_numpy(val.pixels(i)).float() / 255 - 0.1307) / 0.3081
+        for _ in range(3):
+            torch.testing.assert_close(val[i][0], want)
+    # the training transform of the same image shifts it at random, so the reads above could differ
+    views = [train.transform(val.pixels(0)) for _ in range(20)]
+    first = (torch.from_numpy(val.pixels(0)).float() / 255 - 0.1307) / 0.3081
+    assert any(not torch.allclose(v, first) for v in views)
 
 
 def test_val_split_keeps_both_smallnorb_views_together(norb_root):
