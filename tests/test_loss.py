@@ -126,12 +126,42 @@ def test_total_loss_adds_the_weighted_reconstruction_error(tiny_config_path):
     x, y = torch.randn(3, 1, 20, 20), torch.tensor([0, 1, 2])
     out = model(x)
     loss, parts = compute_loss(out, x, y, model, cfg, step=0, total_steps=10)
-    expected = parts["class"] + 0.5 * parts["recon"]
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    # each part computed here from the model's outputs: the spread loss at the first step's margin of
+    # 0.2, and the squared error of the target class's reconstruction
+    a = out.activations.detach()
+    spread = sum(
+        max(0.0, 0.2 - float(a[n, y[n]] - a[n, i])) ** 2 for n in range(3) for i in range(4) if i != y[n]
+    )
+    recon = float((model.reconstruct(out.poses, y) - x).square().sum()) / 3
+    assert spread > 0 and recon > 0
+    assert parts["class"].item() == pytest.approx(spread / 3, rel=1e-5)
+    assert parts["recon"].item() == pytest.approx(recon, rel=1e-5)
+    assert loss.item() == pytest.approx(spread / 3 + 0.5 * recon, rel=1e-5)
     assert parts["margin"] == pytest.approx(0.2)
     no_recon = load_config(tiny_config_path, ["loss.recon_weight=0"])
     loss2, parts2 = compute_loss(out, x, y, model, no_recon, step=0, total_steps=10)
     assert "recon" not in parts2 and loss2.item() == pytest.approx(parts["class"].item())
+
+
+@pytest.mark.parametrize("kind", ["spread", "margin", "cross_entropy"])
+def test_the_loss_kind_chooses_the_classification_loss(tiny_config_path, kind):
+    from capsnet.model import CapsNet
+
+    cfg = load_config(tiny_config_path, [f"loss.kind={kind}", "loss.recon_weight=0"])
+    torch.manual_seed(0)
+    model = CapsNet.from_config(cfg.model, cfg.routing, in_channels=1, num_classes=4, image_size=20)
+    x, y = torch.randn(3, 1, 20, 20), torch.tensor([0, 1, 2])
+    out = model(x)
+    a = out.activations.detach()
+    every = {
+        "spread": spread_loss(a, y, margin=0.2),
+        "margin": margin_loss(a, y),
+        "cross_entropy": cross_entropy(a, y),
+    }
+    assert len({round(v.item(), 6) for v in every.values()}) == 3  # the three differ on these outputs
+    loss, parts = compute_loss(out, x, y, model, cfg, step=0, total_steps=10)
+    assert loss.item() == pytest.approx(every[kind].item(), rel=1e-6)
+    assert parts["class"].item() == pytest.approx(every[kind].item(), rel=1e-6)
 
 
 def test_cross_entropy_has_a_gradient_for_a_target_class_far_below_the_others():
