@@ -74,10 +74,10 @@ def test_compiled_routing_trains_like_the_eager_one_and_is_switched_off_after(
     assert seen and all(seen) and not routing.compiled_kernels_enabled()
     a = {line["step"]: line.get("train/loss") for line in logged(straight.run_dir)}
     b = {line["step"]: line.get("train/loss") for line in logged(result.run_dir)}
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and [s for s, v in a.items() if v is not None] == [2, 4, 6, 8, 10, 12]
     for step, loss in a.items():
         if loss is not None:
-            assert b[step] == pytest.approx(loss, rel=1e-4)
+            assert b[step] == pytest.approx(loss, rel=1e-4), step
 
 
 def test_four_epochs_equal_two_epochs_plus_a_resumed_two_through_the_cli(tmp_path, monkeypatch):
@@ -314,10 +314,24 @@ def test_a_signal_during_an_evaluation_stops_the_run_even_in_its_last_epoch(tmp_
     assert done.stopped == "completed" and done.step == 12 and done.last_eval is not None
 
 
-def test_a_compiled_model_trains_like_the_eager_one(tmp_path):
+def test_a_compiled_model_trains_like_the_eager_one(tmp_path, monkeypatch):
     settings = ["train.compile=true", "model.decoder=false", "loss.recon_weight=0", "train.max_steps=3"]
+    real_compile, compiled_calls = torch.compile, []
+
+    def compile_and_count(model, *args, **kwargs):  # the compiled forward, counting its calls
+        compiled = real_compile(model, *args, **kwargs)
+
+        def forward(x):
+            compiled_calls.append(len(x))
+            return compiled(x)
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", compile_and_count)
     eager = fit(tiny(tmp_path, *settings[1:]), run_name="eager", echo=quiet)
+    assert compiled_calls == []
     compiled = fit(tiny(tmp_path, *settings), run_name="compiled", echo=quiet)
+    assert compiled_calls == [16, 16, 16]  # every training step went through torch.compile's module
     a = {line["step"]: line.get("train/loss") for line in logged(eager.run_dir)}
     b = {line["step"]: line.get("train/loss") for line in logged(compiled.run_dir)}
     assert a.keys() == b.keys() and any(v is not None for v in a.values())
