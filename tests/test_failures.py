@@ -527,12 +527,17 @@ def soak(tmp_path: Path, steps: int, train_size: int) -> None:
             "logging.tensorboard=false",
         ],
     )
+    finished = False
     try:
         result = fit(cfg, run_name="soak", echo=lambda _msg: None)
         assert result.step == steps and result.stopped == "max_steps"
+        finished = True
     except TrainingError as stop:  # a clean stop names the step
         assert "stopped at step" in str(stop)
     saved = [p for p in (tmp_path / "soak").iterdir() if p.suffix == ".pt"]
+    if finished:  # a finished run has its checkpoints to check, the last one at its last step
+        assert load_checkpoint(tmp_path / "soak" / "last.pt")["step"] == steps
+        assert f"step-{steps:06d}.pt" in {p.name for p in saved}
     for path in saved:
         weights = load_checkpoint(path)["model"]
         assert all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()), path
