@@ -23,9 +23,10 @@ from typer.testing import CliRunner
 
 from capsnet.checkpoint import atomic_save, load_checkpoint
 from capsnet.cli import app
-from capsnet.data import DataError
+from capsnet.data import DataError, resize_images
 from capsnet.evaluate import prepare_checkpoint
 from capsnet.predict import input_pipeline, list_images, predict_files
+from capsnet.smallnorb import downsample
 from capsnet.trainer import fit
 
 runner = CliRunner()
@@ -106,12 +107,23 @@ def test_files_are_classified_as_the_evaluation_pipeline_scores_the_same_images(
     assert report.files == [str(f) for f in files]
     torch.testing.assert_close(torch.tensor(report.activations), want, atol=1e-6, rtol=1e-5)
     assert report.class_names == prep.class_names
-    # a file that is not of the size the model's preprocessing starts from is resized to it
+    # a file that is not of the size the model's preprocessing starts from is resized to it, as the
+    # run's dataset resizes its images: PIL's bilinear resampling for image folders, antialiased
+    # interpolation for MNIST, area averaging for smallNORB
     source = input_pipeline(prep.ckpt).source_size
     big = Image.open(files[0]).resize((2 * source + 3, 2 * source + 3), Image.Resampling.NEAREST)
     big.save(tmp_path / "big.png")
+    if kind.startswith("folder"):
+        fitted = np.array(big.resize((source, source), Image.Resampling.BILINEAR))
+        fitted = fitted.reshape(source, source, -1).transpose(2, 0, 1)
+    else:
+        pixels = torch.from_numpy(np.array(big))[None, None]  # (1, 1, H, W): grey files
+        fitted = (resize_images(pixels, source) if kind == "mnist" else downsample(pixels.numpy(), source))[0]
+        fitted = fitted.numpy()
+    with torch.no_grad():
+        resized = prep.model(dataset.eval_transform(np.ascontiguousarray(fitted))[None]).activations
     again = predict_files(kind, [tmp_path / "big.png"], weights, device="cpu")
-    assert len(again.activations) == 1 and len(again.activations[0]) == len(prep.class_names)
+    torch.testing.assert_close(torch.tensor(again.activations), resized, atol=1e-6, rtol=1e-5)
 
 
 def dataset_files(kind: str, tmp: Path, dataset, count: int) -> list[np.ndarray]:
