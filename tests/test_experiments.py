@@ -330,10 +330,15 @@ def test_attack_writes_a_table_json_png_and_tensorboard_scalars(here):
     assert report["method"] == "fgsm" and report["targeted"] is False and report["eps_units"] == "pixel"
     assert report["n"] == 32 and [r["eps"] for r in report["results"]] == [0.01, 0.05, 0.1, 0.2]
     for row in report["results"]:
-        assert set(row) == {"eps", "acc", "success", "correct", "hits", "unmoved"} and 0 <= row["acc"] <= 1
+        assert set(row) == {"eps", "acc", "success", "correct", "hits", "unmoved"}
+        assert row["acc"] == pytest.approx(row["correct"] / 32) and row["success"] is None
     assert is_png(here / "rep" / "attack-fgsm.png")
     scalars = scalar_events(here / "tb" / "fit" / "attack")
     assert [step for step, _ in scalars["attack/fgsm/acc"]] == [0, 10, 50, 100, 200]
+    # the clean accuracy at step 0, then each epsilon's, in order of epsilon
+    logged = [value for _, value in scalars["attack/fgsm/acc"]]
+    assert logged == pytest.approx([report["clean_acc"]] + [row["acc"] for row in report["results"]])
+    assert "attack/fgsm/success" not in scalars  # an untargeted attack has no success rate
     assert "attack/fgsm/plot" in scalars["_images"]
 
 
