@@ -13,6 +13,7 @@ import torch
 from helpers import broken_compiler, logged
 from typer.testing import CliRunner
 
+from capsnet.checkpoint import load_checkpoint
 from capsnet.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,8 +117,12 @@ def test_eval_json_parses_and_counts_every_test_image(in_workdir):
     result = runner.invoke(app, ["eval", "--ckpt", "best", "--json", "--batch-size", "5"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["n"] == 32 and sum(report["per_class_total"]) == 32 and 0 <= report["acc"] <= 1
+    assert report["n"] == 32 and sum(report["per_class_total"]) == 32
+    assert sum(report["per_class_correct"]) == report["correct"] and report["acc"] == report["correct"] / 32
     assert report["checkpoint"].endswith("best.pt")
+    # in batches of 5, the test accuracy training chose best.pt by
+    best = load_checkpoint(in_workdir / "weights" / "em_capsules" / "tiny-e2e" / "best.pt")
+    assert report["acc"] == pytest.approx(best["best_metric"])
 
 
 def test_eval_applies_overrides_to_the_checkpoint_config_and_checks_their_keys(in_workdir):
