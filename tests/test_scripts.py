@@ -216,10 +216,12 @@ def test_bench_vs_baseline_output_in_the_readme_is_what_the_script_prints():
     assert len(blocks) >= 4
     ratio = re.compile(r"^(.+): train x([\d.]+), inference x([\d.]+), .*$")
     for block, device in blocks:
+        checked = 0
         for line in block.splitlines():
             m = ratio.match(line.strip())
             if not m or "of the baseline's" not in line:
                 continue
+            checked += 1
             mem = re.search(r"memory ([\d.]+) of the baseline's", line)[1]
             above = re.search(r"(?:torch |\()([\d.]+)(?: above| of the baseline's\))", line)
             assert above, line
@@ -230,6 +232,7 @@ def test_bench_vs_baseline_output_in_the_readme_is_what_the_script_prints():
                 "above_torch_fraction": float(above[1]),
             }
             assert bench.ratio_line(m[1], r, device) == line.strip()
+        assert checked, f"no ratio line read in the README's block:\n{block}"  # every block shows ratios
 
 
 def test_class_activations_measures_target_other_and_margin_by_hand():
