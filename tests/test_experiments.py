@@ -128,8 +128,19 @@ def test_eval_with_one_crop_equals_the_single_crop_result(here):
 def test_eval_with_five_crops_reports_them_beside_the_single_crop(here):
     result = invoke("eval", "--ckpt", "fit", "--crops", "5", "--crop-shift", "2", "--plot", "crops.png")
     assert result.exit_code == 0, result.output
-    assert "5-crop accuracy" in result.stdout and "beside single-crop" in result.stdout
     assert is_png(here / "crops.png")
+    as_json = invoke("eval", "--ckpt", "fit", "--crops", "5", "--crop-shift", "2", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    report = json.loads(as_json.stdout)
+    crops = report["multicrop"]
+    assert (
+        crops["offsets"] == [[0, 0], [-2, -2], [-2, 2], [2, -2], [2, 2]] and crops["n"] == report["n"] == 32
+    )
+    assert crops["acc"] == crops["correct"] / 32
+    said = (
+        f"5-crop accuracy {crops['acc']:.4f} ({crops['correct']}/32) beside single-crop {report['acc']:.4f}"
+    )
+    assert said in result.stdout
     bad = invoke("eval", "--ckpt", "fit", "--crops", "30", "--crop-shift", "1")
     assert bad.exit_code == 2 and "distinct crops" in bad.output
 
