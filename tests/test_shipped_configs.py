@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from capsnet.config import load_config
 from capsnet.model import CapsNet
@@ -27,8 +28,12 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
     else:
         channels, classes, size = GEOMETRY[cfg.data.name]
         size = cfg.data.image_size or size
-    model = CapsNet.from_config(cfg.model, cfg.routing, channels, classes, size)
+    model = CapsNet.from_config(cfg.model, cfg.routing, channels, classes, size).eval()
     assert model.num_parameters() > 0
+    # the layers fit together at the config's input size: two images reach the classes
+    with torch.no_grad():
+        out = model(torch.rand(2, channels, size, size))
+    assert out.activations.shape == (2, classes) and torch.isfinite(out.activations).all()
 
 
 def test_the_default_config_is_the_measured_recipe():
