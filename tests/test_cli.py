@@ -219,7 +219,9 @@ def test_eval_of_an_unknown_split_is_refused_before_the_data_loads(in_workdir, m
         "no 'test_familiar' split (available: test); test_familiar needs a smallNORB viewpoint split"
         in result.stderr
     )
-    assert "val needs" in runner.invoke(app, ["eval", "--split", "val"]).stderr
+    result = runner.invoke(app, ["eval", "--split", "val"])
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert "this run has no 'val' split (available: test); val needs data.val_split > 0\n" in result.stderr
 
 
 def test_eval_of_val_under_settings_that_draw_another_split_is_refused(in_workdir):
