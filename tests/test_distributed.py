@@ -135,6 +135,42 @@ def test_global_batch_norm_is_batch_norm_in_a_single_process():
     torch.testing.assert_close(global_.running_var, plain.running_var)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum-0.1", "cumulative-average"])
+def test_global_batch_norm_s_own_statistics_over_one_rank_are_batch_norm_s(monkeypatch, momentum):
+    """The path taken under a process group (its sums, its running statistics, their gradients),
+    here with one rank, whose all-reduce leaves the sums as they are: the output, the gradients
+    and every buffer are BatchNorm2d's, over three steps, then in evaluation."""
+    from capsnet import distributed
+
+    reduced: list[torch.Size] = []
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None: reduced.append(t.shape))
+    torch.manual_seed(0)
+    plain = torch.nn.BatchNorm2d(3, momentum=momentum)
+    with torch.no_grad():
+        plain.weight.copy_(torch.rand(3) + 0.5)
+        plain.bias.copy_(torch.randn(3))
+    global_ = GlobalBatchNorm2d(3, momentum=momentum)
+    global_.load_state_dict(plain.state_dict())
+    for step in range(3):
+        x = (torch.randn(4, 3, 5, 5) * (step + 1) + step).requires_grad_()
+        x_copy = x.detach().clone().requires_grad_()
+        out, want = global_(x), plain(x_copy)
+        torch.testing.assert_close(out, want)
+        weights = torch.randn(4, 3, 5, 5)  # a loss whose gradient differs per element
+        (out * weights).sum().backward()
+        (want * weights).sum().backward()
+        torch.testing.assert_close(x.grad, x_copy.grad)
+    assert len(reduced) > 0 and reduced[0] == torch.Size([4])  # the sums and the count went through it
+    torch.testing.assert_close(global_.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(global_.bias.grad, plain.bias.grad)
+    for name, buffer in plain.named_buffers():
+        torch.testing.assert_close(dict(global_.named_buffers())[name], buffer, msg=name)
+    global_.eval(), plain.eval()
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(global_(x), plain(x))
+
+
 def test_accumulating_two_half_batches_equals_one_whole_batch(tmp_path):
     whole = single_process(tmp_path, "whole", "train.batch_size=32", "model.batch_norm=false")
     halves = single_process(
