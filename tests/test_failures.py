@@ -927,16 +927,29 @@ def python_tag_yaml(tmp: Path) -> Path:
     return path
 
 
+def files_under(*roots: Path) -> dict[str, tuple[int, int] | None]:
+    """Every folder (None) and file (its size and modification time) under ``roots``."""
+    found: dict[str, tuple[int, int] | None] = {}
+    for root in roots:
+        for path in root.rglob("*"):
+            stat = path.stat()
+            found[str(path)] = None if path.is_dir() else (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_a_short_error_with_exit_code_2_and_no_traceback(tmp_path, monkeypatch, one_run, case):
     monkeypatch.chdir(tmp_path)
     make_args, expected = BAD_INPUTS[case]
-    result = runner.invoke(app, make_args(tmp_path, one_run))
+    args = make_args(tmp_path, one_run)
+    before = files_under(tmp_path, one_run)
+    result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
     assert "Traceback" not in result.output
     assert not (tmp_path / "marker").exists()
+    assert files_under(tmp_path, one_run) == before  # nothing written, made or changed
     (tmp_path / "again").mkdir()
     with_debug = runner.invoke(app, ["--debug", *make_args(tmp_path / "again", one_run)])
     assert with_debug.exit_code == 1 and not isinstance(with_debug.exception, SystemExit), with_debug.output
