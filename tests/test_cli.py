@@ -400,9 +400,12 @@ def test_an_export_from_a_test_split_of_one_image_keeps_the_batch_size_dynamic(i
 
 
 def test_training_into_an_existing_run_without_resume_or_overwrite_fails(in_workdir):
+    run = in_workdir / "weights" / "em_capsules" / "tiny-e2e"
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
     result = runner.invoke(app, ["train", "--config", TINY, "--run-name", "tiny-e2e"])
     assert result.exit_code == 2
     assert "already exists" in result.stderr and "--resume" in result.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # the run is left as it was
 
 
 def test_a_run_name_that_leaves_the_weights_folder_is_rejected_and_nothing_is_written(tmp_path, monkeypatch):
@@ -546,7 +549,7 @@ def test_cuda_n_picks_one_gpu_for_one_process_and_is_refused_where_it_cannot_be_
 def test_a_missing_checkpoint_is_exit_code_2_with_a_one_line_message(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["eval", "--ckpt", "latest"])
-    assert result.exit_code == 2
+    assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.output
 
@@ -714,7 +717,10 @@ def test_compiled_routing_without_a_working_compiler_is_a_one_line_error(monkeyp
     finally:
         routing._check_kernels.cache_clear()
     assert result.exit_code == 2, result.output
-    assert "could not build the routing kernels" in result.output and "Traceback" not in result.output
+    assert result.stderr.startswith("error: train.compile_routing: torch.compile could not build the routing")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "CppCompileError: g++: not found" in result.stderr and "more lines" not in result.stderr
+    assert result.stdout == "" and "Traceback" not in result.output
     assert not routing.compiled_kernels_enabled()
 
 
