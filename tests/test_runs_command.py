@@ -74,15 +74,17 @@ def test_runs_are_listed_newest_first_with_how_far_they_got(tmp_path):
 def test_a_stopped_run_shows_its_steps_of_the_planned_total(tmp_path):
     fit(tiny(tmp_path, "train.epochs=3"), run_name="planned", echo=lambda _msg: None)
     run = tmp_path / "weights" / "planned"
-    for step_file in sorted(run.glob("step-*.pt"))[1:]:  # as if it stopped after its first save
+    # tiny.yaml keeps two step files (12 and 18): as if the run stopped after its save at step 12
+    for step_file in sorted(run.glob("step-*.pt"))[1:]:
         step_file.unlink()
     first = min(run.glob("step-*.pt"))
     (run / "last.pt").write_bytes(first.read_bytes())
     [row] = run_summaries(tmp_path / "weights")
-    assert row["step"] < row["total_steps"] == 18 and not row["finished"]
+    assert (row["step"], row["total_steps"], row["epoch"], row["finished"]) == (12, 18, 2, False)
     table = runner.invoke(app, ["runs", "--out-dir", str(tmp_path / "weights")])
+    assert table.exit_code == 0, table.output
     [line] = [line for line in table.stdout.splitlines() if line.startswith("planned ")]
-    assert f" {row['step']}/18 " in line and "done" not in line
+    assert " 12/18 " in line and "done" not in line and "running" not in line
 
 
 def test_the_preset_is_named_only_where_the_model_has_its_sizes():
@@ -94,9 +96,9 @@ def test_the_preset_is_named_only_where_the_model_has_its_sizes():
 
 def test_an_empty_folder_is_a_one_line_error_and_an_empty_json_list(tmp_path):
     result = runner.invoke(app, ["runs", "--out-dir", str(tmp_path)])
-    assert result.exit_code == 2 and result.stderr.startswith(
-        f"error: no runs with checkpoints in {tmp_path}"
-    )
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: no runs with checkpoints in {tmp_path}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     listed = runner.invoke(app, ["runs", "--out-dir", str(tmp_path), "--json"])
     assert listed.exit_code == 0 and json.loads(listed.stdout) == []
 
