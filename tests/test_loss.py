@@ -132,7 +132,7 @@ def test_total_loss_adds_the_weighted_reconstruction_error(tiny_config_path):
     spread = sum(
         max(0.0, 0.2 - float(a[n, y[n]] - a[n, i])) ** 2 for n in range(3) for i in range(4) if i != y[n]
     )
-    recon = float((model.reconstruct(out.poses, y) - x).square().sum()) / 3
+    recon = float((model.reconstruct(out.poses, y) - x).square().sum().detach()) / 3
     assert spread > 0 and recon > 0
     assert parts["class"].item() == pytest.approx(spread / 3, rel=1e-5)
     assert parts["recon"].item() == pytest.approx(recon, rel=1e-5)
