@@ -315,10 +315,10 @@ POSITIVE_LISTS = {"model.stem_channels", "model.caps_types", "model.caps_strides
 # --------------------------------------------------------------------------- strict conversion
 
 
-_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-# nan and inf as Python writes them (YAML wants .nan and .inf): read as the numbers they name, so
-# that the check for finite values says what is wrong with them
-_NONFINITE = re.compile(r"[-+]?(nan|inf|infinity)", re.IGNORECASE)
+# Numbers that YAML 1.1 reads as text: 1e-8 (no dot), and nan and inf as Python writes them (YAML
+# wants .nan and .inf), read as the numbers they name so that the check for finite values says
+# what is wrong with them
+_FLOAT_TEXT = re.compile(r"[-+]?((\d+\.?\d*|\.\d+)e[-+]?\d+|nan|inf|infinity)", re.IGNORECASE)
 
 
 def _type_name(tp: Any) -> str:
@@ -341,10 +341,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             return value
         return [_coerce(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
     if tp is float:
-        if isinstance(value, str) and (
-            _SCIENTIFIC.fullmatch(value.strip()) or _NONFINITE.fullmatch(value.strip())
-        ):
-            value = float(value)  # YAML 1.1 reads 1e-8 (no dot) as a string
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: expected a number, got {value!r}")
             return value
