@@ -68,8 +68,11 @@ def test_only_the_changed_keys_and_the_defaults_as_an_empty_mapping():
 def test_the_command_shows_checks_and_explains():
     shown = runner.invoke(app, ["config", "-c", str(REPO / "configs" / "small.yaml"), "--changed"])
     assert shown.exit_code == 0, shown.output
-    assert "  epochs: 5  # passes over the training set" in shown.stdout
-    assert "batch_size" not in shown.stdout  # 32, the default
+    # the comments of a section start in one column
+    assert "  epochs: 5        # passes over the training set" in shown.stdout
+    assert "  batch_size: 256  # images per optimiser step" in shown.stdout
+    assert "  name: adamw        # " in shown.stdout
+    assert "seed" not in shown.stdout and "preset" not in shown.stdout  # written, but the defaults
     plain = runner.invoke(app, ["config", "-o", "train.batch_size=8", "--plain"])
     assert plain.exit_code == 0 and "#" not in plain.stdout
     assert "  batch_size: 8\n" in plain.stdout and len(plain.stdout.splitlines()) == len(every_key()) + len(

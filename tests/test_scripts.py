@@ -439,6 +439,28 @@ def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tm
     assert calls[1] == "eval --ckpt kept/r/best.pt --split test" + (" --mirror" if mirrored else "")
 
 
+def test_reproduce_fashion_given_options_alone_trains_the_default_config_with_them(tmp_path):
+    import subprocess
+
+    stand_in_checkout(tmp_path, ["reproduce_fashion.sh"], ["small.yaml"])
+    elsewhere = tmp_path / "elsewhere"  # from another folder too
+    elsewhere.mkdir()
+    done = subprocess.run(
+        ["bash", "../scripts/reproduce_fashion.sh", "-o", "train.seed=1", "-o", "train.epochs=2"],
+        cwd=elsewhere,
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    root = tmp_path.resolve()
+    train = f"train --config {root}/configs/small.yaml --run-name reproduce-small --resume latest"
+    assert calls[0] == train + " -o train.seed=1 -o train.epochs=2"
+    assert calls[1] == "eval --ckpt weights/em_capsules/reproduce-small/best.pt --split test"
+
+
 def test_reproduce_fashion_with_average_scores_the_mean_of_the_last_checkpoints_on_val_and_test(tmp_path):
     import subprocess
 
@@ -615,45 +637,70 @@ def test_the_ablation_rewrites_only_its_own_part_of_the_results_file(tmp_path):
     for stand_in in ("setup_env.sh", "fetch_fashion_mnist.sh"):
         (tmp_path / "scripts" / stand_in).write_text("exit 0\n")
     (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / "small.yaml", tmp_path / "configs")
+    for config in ("small.yaml", "small_batch32.yaml"):
+        shutil.copy(REPO / "configs" / config, tmp_path / "configs")
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     (bin_dir / "python").write_text(f'#!/bin/bash\nexec "{sys.executable}" "$@"\n')
-    (bin_dir / "capsnet").write_text('#!/bin/bash\nif [ "$1" = eval ]; then echo \'{"acc": 0.5}\'; fi\n')
+    # the stand-in capsnet notes the arguments each variant trains with
+    (bin_dir / "capsnet").write_text(
+        '#!/bin/bash\nif [ "$1" = eval ]; then echo \'{"acc": 0.5}\'; else echo "${*:2}" >> trained; fi\n'
+    )
     for tool in ("python", "capsnet"):
         (bin_dir / tool).chmod(0o755)
     results = tmp_path / "ablation.md"
     shutil.copy(REPO / "docs" / "ablation_fashion.md", results)  # the table between notes on it
-    notes = results.read_text().split("<!-- end of the part written by scripts/ablation_fashion.sh -->")[1]
-    done = subprocess.run(
-        ["bash", "scripts/ablation_fashion.sh"],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "OUT": str(results), "STEPS": "7"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    text = results.read_text()
-    assert text.startswith("<!-- from here to the end marker") and "(7 steps of batch 32 each)" in text
-    assert text.count("| 0.5000 |") == 6 and "| 0.8161 |" not in text  # the old table is gone
-    assert text.endswith(notes) and "The previous table (beta_a in the paper's units" in notes
-    results.unlink()  # no file yet: the written part alone
-    assert (
-        subprocess.run(
+    end = "<!-- end of the part written by scripts/ablation_fashion.sh -->"
+    old_table, notes = results.read_text().split(end)
+
+    def ablation(**env: str) -> subprocess.CompletedProcess:
+        (tmp_path / "trained").unlink(missing_ok=True)
+        return subprocess.run(
             ["bash", "scripts/ablation_fashion.sh"],
             cwd=tmp_path,
-            env={"PATH": "/usr/bin:/bin", "OUT": str(results), "STEPS": "7"},
+            env={"PATH": "/usr/bin:/bin", "OUT": str(results), **env},
             capture_output=True,
+            text=True,
             check=False,
-        ).returncode
-        == 0
+        )
+
+    # the default config: 7 steps, the margin and the learning rate paced as over its 5 epochs of
+    # 211 steps (54,000 images at batch 256)
+    done = ablation(STEPS="7")
+    assert done.returncode == 0, done.stderr
+    text = results.read_text()
+    assert text.startswith("<!-- from here to the end marker") and "(7 steps of batch 256 each)" in text
+    common = "-o train.max_steps=7 -o data.val_split=0.1 -o loss.margin_steps=1055 -o optim.decay_steps=1055"
+    assert f"Every row is `configs/small.yaml` with one change (`{common}`," in text
+    trained = (tmp_path / "trained").read_text().splitlines()
+    assert len(trained) == 6 and all(
+        t.startswith("--config configs/small.yaml --run-name ablation-") for t in trained
     )
-    assert (
-        results.read_text()
-        .rstrip()
-        .endswith("<!-- end of the part written by scripts/ablation_fashion.sh -->")
-    )
+    assert all(common in t for t in trained) and trained[1].endswith(common + " -o model.iterations=1")
+    assert text.count("| 0.5000 |") == 6 and "| 0.5000 | " not in old_table  # the old table is gone
+    assert text.endswith(notes) and "The previous table (beta_a in the paper's units" in notes
+
+    # no file yet: the written part alone. Another config, one of its epochs (batch 64 from
+    # OVERRIDES: 844 steps), its own learning-rate decay kept
+    results.unlink()
+    done = ablation(CONFIG="configs/small_batch32.yaml", OVERRIDES="train.batch_size=64")
+    assert done.returncode == 0, done.stderr
+    text = results.read_text()
+    assert text.rstrip().endswith(end) and "(844 steps of batch 64 each)" in text
+    schedule = "-o loss.margin_steps=4220 -o optim.decay_steps=20000 -o train.batch_size=64`"
+    assert "Every row is `configs/small_batch32.yaml` with one change" in text and schedule in text
+    assert (tmp_path / "trained").read_text().count("--config configs/small_batch32.yaml") == 6
+
+    # refused before any training
+    results.unlink()
+    for env, message in (
+        ({"CONFIG": "configs/nothere.yaml"}, "error: CONFIG=configs/nothere.yaml: no such file"),
+        ({"STEPS": "ten"}, "error: STEPS=ten: give a number of optimiser steps, 1 or more"),
+        ({"STEPS": "0"}, "error: STEPS=0: give a number"),
+    ):
+        done = ablation(**env)
+        assert done.returncode == 2 and message in done.stderr, (env, done.stderr)
+        assert not (tmp_path / "trained").exists() and not results.exists()
 
 
 def test_train_sh_help_answers_without_setting_anything_up(tmp_path):

@@ -36,14 +36,32 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
     assert out.activations.shape == (2, classes) and torch.isfinite(out.activations).all()
 
 
-def test_the_default_config_is_the_measured_recipe():
-    cfg = load_config(REPO / "configs" / "small.yaml")
+def assert_small_model_on_fashion(cfg) -> None:
     m = cfg.model.resolved()
     assert (m.stem_channels, m.primary_types, m.caps_types) == ([64], 8, [16, 16])
     assert m.iterations == 2 and m.normalisation == "cross_position" and m.coord_add
+    assert m.stem_padding == 0 and m.decoder
     assert cfg.data.name == "fashion-mnist" and cfg.data.val_split == 0.1
     assert cfg.train.epochs == 5 and cfg.loss.kind == "spread" and cfg.data.augment is False
     assert cfg.routing.beta_a_logit is True and cfg.routing.final_lambda == 0.01
+
+
+def test_the_default_config_is_the_measured_recipe():
+    """configs/small.yaml: the 18-epoch recipe of small_long.yaml in 5 epochs, on the unpadded grid."""
+    cfg = load_config(REPO / "configs" / "small.yaml")
+    assert_small_model_on_fashion(cfg)
+    assert_long_fashion_recipe(cfg, epochs=5)
+    # an interim checkpoint twice an epoch (211 steps), so a crash loses at most 100 steps
+    assert cfg.logging.save_every == 100
+
+
+def test_the_earlier_default_is_kept_as_measured():
+    """configs/small_batch32.yaml: the routing ablation's config, batch 32 with Adam."""
+    cfg = load_config(REPO / "configs" / "small_batch32.yaml")
+    assert_small_model_on_fashion(cfg)
+    assert (cfg.train.batch_size, cfg.optim.name, cfg.optim.lr) == (32, "adam", 0.003)
+    assert cfg.optim.weight_decay == 2e-7  # the default, the paper's
+    assert (cfg.optim.decay_rate, cfg.optim.decay_steps) == (0.96, 20000)
 
 
 def assert_long_fashion_recipe(cfg, epochs: int) -> None:
