@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -113,7 +114,6 @@ print(f"baseline: train {train:.2f} img/s, inference 4.00 img/s, peak RSS 5000 M
 
 
 def test_bench_vs_baseline_reports_ratios_against_the_baseline_run_in_the_same_invocation(tmp_path):
-    import subprocess
     import sys
 
     baseline = tmp_path / "baseline_em.py"
@@ -140,7 +140,6 @@ def test_bench_vs_baseline_reports_ratios_against_the_baseline_run_in_the_same_i
 
 
 def test_bench_vs_baseline_with_the_default_allocator_tunes_neither_side(tmp_path):
-    import subprocess
     import sys
 
     baseline = tmp_path / "baseline_em.py"
@@ -173,7 +172,6 @@ print(f"baseline: train {n:.2f} img/s, inference 4.00 img/s, peak RSS 5000 MiB (
 def test_bench_vs_baseline_runs_the_baseline_with_the_threads_capsnet_gets(tmp_path):
     """With MKL_NUM_THREADS=1 inherited, torch ran the baseline on one thread and capsnet on --threads."""
     import os
-    import subprocess
     import sys
 
     baseline = tmp_path / "baseline_em.py"
@@ -186,7 +184,6 @@ def test_bench_vs_baseline_runs_the_baseline_with_the_threads_capsnet_gets(tmp_p
 
 
 def test_bench_vs_baseline_refuses_a_baseline_that_ran_with_other_threads(monkeypatch):
-    import subprocess
     import sys
 
     bench = load_script("bench_vs_baseline")
@@ -310,8 +307,6 @@ exit 1
 
 
 def run_setup(root: Path, env: dict):
-    import subprocess
-
     return subprocess.run(
         ["bash", "scripts/setup_env.sh"], check=False, cwd=root, env=env, capture_output=True, text=True
     )
@@ -398,20 +393,20 @@ def stand_in_checkout(root: Path, scripts: list[str], configs: list[str]) -> Non
         (bin_dir / tool).chmod(0o755)
 
 
+def run_script(cwd: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """Runs a script of a stand-in checkout with a bare PATH and ``env``, its output captured."""
+    return subprocess.run(
+        args, cwd=cwd, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, check=False
+    )
+
+
 @pytest.mark.parametrize("config, mirrored", [("fashion_paper_deep.yaml", True), ("small.yaml", False)])
 def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tmp_path, config, mirrored):
     import shutil
-    import subprocess
 
     stand_in_checkout(tmp_path, ["reproduce_fashion.sh"], [config])
-    done = subprocess.run(
-        ["bash", "scripts/reproduce_fashion.sh", f"configs/{config}", "-o", "train.seed=1"],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "RUN": "r"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    args = ["bash", "scripts/reproduce_fashion.sh", f"configs/{config}", "-o", "train.seed=1"]
+    done = run_script(tmp_path, args, RUN="r")
     assert done.returncode == 0, done.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     root = tmp_path.resolve()
@@ -425,14 +420,7 @@ def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tm
     elsewhere.mkdir()
     shutil.copy(REPO / "configs" / config, elsewhere / "mine.yaml")
     args = ["bash", "../scripts/reproduce_fashion.sh", "mine.yaml", "-o", "logging.out_dir=kept"]
-    done = subprocess.run(
-        args,
-        cwd=elsewhere,
-        env={"PATH": "/usr/bin:/bin", "RUN": "r", "OUT_DIR": "kept"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = run_script(elsewhere, args, RUN="r", OUT_DIR="kept")
     assert done.returncode == 0, done.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls[0].startswith(f"train --config {root}/elsewhere/mine.yaml --run-name r")
@@ -440,19 +428,11 @@ def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tm
 
 
 def test_reproduce_fashion_given_options_alone_trains_the_default_config_with_them(tmp_path):
-    import subprocess
-
     stand_in_checkout(tmp_path, ["reproduce_fashion.sh"], ["small.yaml"])
     elsewhere = tmp_path / "elsewhere"  # from another folder too
     elsewhere.mkdir()
-    done = subprocess.run(
-        ["bash", "../scripts/reproduce_fashion.sh", "-o", "train.seed=1", "-o", "train.epochs=2"],
-        cwd=elsewhere,
-        env={"PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    args = ["bash", "../scripts/reproduce_fashion.sh", "-o", "train.seed=1", "-o", "train.epochs=2"]
+    done = run_script(elsewhere, args)
     assert done.returncode == 0, done.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     root = tmp_path.resolve()
@@ -462,8 +442,6 @@ def test_reproduce_fashion_given_options_alone_trains_the_default_config_with_th
 
 
 def test_reproduce_fashion_with_average_scores_the_mean_of_the_last_checkpoints_on_val_and_test(tmp_path):
-    import subprocess
-
     stand_in_checkout(tmp_path, ["reproduce_fashion.sh"], ["small.yaml"])
 
     def reproduce(average: str, *args: str) -> subprocess.CompletedProcess:
@@ -508,8 +486,6 @@ def test_reproduce_fashion_with_average_scores_the_mean_of_the_last_checkpoints_
 
 
 def test_distill_fashion_trains_and_scores_the_teacher_the_student_and_the_student_s_lower_lr_tail(tmp_path):
-    import subprocess
-
     stand_in_checkout(
         tmp_path,
         ["distill_fashion.sh", "reproduce_fashion.sh"],
@@ -545,8 +521,6 @@ def test_distill_fashion_trains_and_scores_the_teacher_the_student_and_the_stude
 
 
 def test_distill_fashion_trains_the_measured_recipe_s_12_epoch_teacher_unless_told_otherwise(tmp_path):
-    import subprocess
-
     stand_in_checkout(
         tmp_path,
         ["distill_fashion.sh", "reproduce_fashion.sh"],
@@ -628,7 +602,6 @@ def test_the_tail_config_continues_the_taught_model_from_where_its_schedule_ende
 
 def test_the_ablation_rewrites_only_its_own_part_of_the_results_file(tmp_path):
     import shutil
-    import subprocess
     import sys
 
     (tmp_path / "scripts").mkdir()
@@ -655,14 +628,7 @@ def test_the_ablation_rewrites_only_its_own_part_of_the_results_file(tmp_path):
 
     def ablation(**env: str) -> subprocess.CompletedProcess:
         (tmp_path / "trained").unlink(missing_ok=True)
-        return subprocess.run(
-            ["bash", "scripts/ablation_fashion.sh"],
-            cwd=tmp_path,
-            env={"PATH": "/usr/bin:/bin", "OUT": str(results), **env},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        return run_script(tmp_path, ["bash", "scripts/ablation_fashion.sh"], OUT=str(results), **env)
 
     # the default config: 7 steps, the margin and the learning rate paced as over its 5 epochs of
     # 211 steps (54,000 images at batch 256)
@@ -705,7 +671,6 @@ def test_the_ablation_rewrites_only_its_own_part_of_the_results_file(tmp_path):
 
 def test_train_sh_help_answers_without_setting_anything_up(tmp_path):
     import shutil
-    import subprocess
 
     scripts = tmp_path / "scripts"
     scripts.mkdir()
@@ -730,7 +695,6 @@ def test_train_sh_help_answers_without_setting_anything_up(tmp_path):
 def test_test_sh_and_the_dataset_script_print_their_usage_without_setting_anything_up(tmp_path):
     """--help of the set-up scripts answers at once: no venv, no apt-get, no pytest."""
     import shutil
-    import subprocess
 
     scripts = tmp_path / "scripts"
     scripts.mkdir()
@@ -774,8 +738,6 @@ def test_test_sh_and_the_dataset_script_print_their_usage_without_setting_anythi
 
 
 def test_the_long_scripts_print_their_usage_and_the_ablation_takes_no_arguments():
-    import subprocess
-
     for script in (
         "reproduce_fashion.sh",
         "ablation_fashion.sh",
@@ -811,8 +773,6 @@ def test_the_long_scripts_print_their_usage_and_the_ablation_takes_no_arguments(
 
 
 def test_script_paths_are_made_absolute_but_latest_and_best_stay_keywords(tmp_path):
-    import subprocess
-
     for name in ("best", "latest", "mine.yaml"):
         (tmp_path / name).write_text("")
     snippet = (
