@@ -24,11 +24,10 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/lib.sh"
 usage_if_asked "$0" "$@" && exit 0
-if [[ "${1:-}" == -* ]]; then  # options alone: the default config with them
-    config="$(cd "$here/.." && pwd -P)/configs/small.yaml"
-else
-    config="$(absolute_if_path "${1:-configs/small.yaml}")"  # a path relative to the caller's folder
-    shift || true
+config="$(cd "$here/.." && pwd -P)/configs/small.yaml"  # without one, or with options alone
+if (($#)) && [[ "$1" != -* ]]; then
+    config="$(absolute_if_path "$1")"  # a path relative to the caller's folder
+    shift
 fi
 for arg in "$@"; do
     case "$arg" in

@@ -439,6 +439,10 @@ def test_reproduce_fashion_given_options_alone_trains_the_default_config_with_th
     train = f"train --config {root}/configs/small.yaml --run-name reproduce-small --resume latest"
     assert calls[0] == train + " -o train.seed=1 -o train.epochs=2"
     assert calls[1] == "eval --ckpt weights/em_capsules/reproduce-small/best.pt --split test"
+    # no arguments at all: the same config
+    (tmp_path / "calls").unlink()
+    assert run_script(elsewhere, ["bash", "../scripts/reproduce_fashion.sh"]).returncode == 0
+    assert (tmp_path / "calls").read_text().splitlines()[0] == train
 
 
 def test_reproduce_fashion_with_average_scores_the_mean_of_the_last_checkpoints_on_val_and_test(tmp_path):
