@@ -285,35 +285,36 @@ def save_checkpoint(run_dir: str | Path, ckpt: dict[str, Any], keep: int, is_bes
     return path
 
 
-def discard_after(run_dir: str | Path, step: int) -> list[Path]:
-    """Removes the checkpoints past ``step``: a run resumed from an earlier point replaces them.
+def checkpoints_after(run_dir: str | Path, step: int) -> list[Path]:
+    """The checkpoints of ``run_dir`` written past ``step``, which a run resumed from ``step`` replaces.
 
     That includes best.pt and last.pt when they were written later than ``step``: the
     resumed run's best accuracy is the one recorded at ``step``, so a best.pt from the
     abandoned steps would otherwise stand for a model the run no longer leads to. So too
     for an average of checkpoints (capsnet average) that reaches past ``step``.
     """
-    removed = []
-    for s, path in step_checkpoints(run_dir):
-        if s > step:
-            path.unlink(missing_ok=True)
-            removed.append(path)
+    later = [path for s, path in step_checkpoints(run_dir) if s > step]
     for path in Path(run_dir).glob("average-*.pt"):
         match = AVERAGE_FILE.match(path.name)
         if match and int(match.group(2)) > step and path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
+            later.append(path)
     for name in (BEST, LAST):
         path = Path(run_dir) / name
         if not path.is_file():
             continue
         try:
-            later = int(load_checkpoint(path).get("step", -1)) > step
+            if int(load_checkpoint(path).get("step", -1)) > step:
+                later.append(path)
         except CheckpointError:
             continue  # unreadable: left as it is
-        if later:
-            path.unlink(missing_ok=True)
-            removed.append(path)
+    return later
+
+
+def discard_after(run_dir: str | Path, step: int) -> list[Path]:
+    """Removes the checkpoints past ``step`` (:func:`checkpoints_after`) and returns them."""
+    removed = checkpoints_after(run_dir, step)
+    for path in removed:
+        path.unlink(missing_ok=True)
     return removed
 
 

@@ -41,6 +41,7 @@ from capsnet.checkpoint import (
     CheckpointError,
     atomic_write_bytes,
     capture_rng,
+    checkpoints_after,
     discard_after,
     has_checkpoint,
     load_checkpoint,
@@ -63,7 +64,7 @@ from capsnet.config import Config, config_from_dict, dump_config, stored_config
 from capsnet.data import Loaders
 from capsnet.distributed import DistInfo, any_rank, broadcast, gather_to_main, rank_seed, sum_over_ranks
 from capsnet.model import CapsNet
-from capsnet.tracking import NullWriter, TrackingError, counted, truncate_metrics
+from capsnet.tracking import NullWriter, TrackingError, counted, listed, truncate_metrics
 
 
 class TrainingError(Exception):
@@ -203,6 +204,25 @@ def check_resumable(ckpt: dict[str, Any], where: Path) -> None:
         )
 
 
+def refuse_an_idle_rewind(cfg: Config, ckpt: dict[str, Any], ckpt_path: Path) -> None:
+    """Refuses to resume a run from one of its earlier checkpoints when the config leaves nothing to
+    train from there: the resume would delete the later checkpoints and history for nothing."""
+    step, epoch = int(ckpt["step"]), int(ckpt["epoch"])
+    at_max = cfg.train.max_steps is not None and step >= cfg.train.max_steps
+    if epoch < cfg.train.epochs and not at_max:
+        return
+    later = checkpoints_after(ckpt_path.parent, step)
+    if not later:
+        return
+    key, value = ("train.max_steps", cfg.train.max_steps) if at_max else ("train.epochs", cfg.train.epochs)
+    raise TrainingError(
+        f"resuming {ckpt_path} (step {step}, {counted(epoch, 'epoch')} done) would train nothing, as "
+        f"{key}={value} is reached there, yet it would delete the run's later checkpoints "
+        f"({listed([p.name for p in later])}) and history; to train on from it, raise {key} "
+        f"(-o {key}=N), or continue the run from its last checkpoint with --resume {ckpt_path.parent}"
+    )
+
+
 def choose_run(
     cfg: Config, run_name: str | None, resume: str | None, overwrite: bool, name_prefix: str | None
 ) -> RunChoice:
@@ -252,6 +272,8 @@ def choose_run(
                 f"{'latest' if resume == 'best' else ckpt_path.parent}, or start a new run from best.pt's "
                 f"weights with -o train.init_from={ckpt_path}"
             )
+    if resuming_here:
+        refuse_an_idle_rewind(cfg, ckpt, ckpt_path)
     return RunChoice(name, ckpt, ckpt_path, resuming_here, resume is not None and ckpt is None, note)
 
 

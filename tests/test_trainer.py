@@ -47,6 +47,33 @@ def test_a_resumed_run_is_bit_identical_to_a_straight_run(tmp_path, straight, st
     assert a == b
 
 
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_files(tmp_path):
+    done = fit(tiny(tmp_path), run_name="done", echo=quiet)
+    files = sorted(p.name for p in done.run_dir.iterdir())
+    lines: list[str] = []
+    again = fit(tiny(tmp_path), resume="latest", echo=lines.append)
+    assert again.step == 12 and sorted(p.name for p in done.run_dir.iterdir()) == files
+    assert any(line.startswith("nothing to train: the run already has 2 of train.epochs=2") for line in lines)
+
+
+@pytest.mark.parametrize("limit", ["train.epochs=1", "train.max_steps=6"])
+def test_resuming_an_earlier_checkpoint_with_nothing_left_to_train_is_refused_before_deleting(
+    tmp_path, limit
+):
+    done = fit(tiny(tmp_path), run_name="done", echo=quiet)
+    before = {p.name: p.stat().st_mtime_ns for p in done.run_dir.iterdir()}
+    assert {"step-000006.pt", "step-000012.pt", "last.pt"} <= before.keys()
+    with pytest.raises(TrainingError) as refused:
+        fit(tiny(tmp_path, limit), resume=str(done.run_dir / "step-000006.pt"), echo=quiet)
+    key = limit.split("=")[0]
+    assert f"would train nothing, as {limit} is reached there" in str(refused.value)
+    assert "step-000012.pt" in str(refused.value) and f"-o {key}=N" in str(refused.value)
+    assert {p.name: p.stat().st_mtime_ns for p in done.run_dir.iterdir()} == before
+    # with more to train, the same resume goes on from step 6 and replaces the later checkpoints
+    more = fit(tiny(tmp_path), resume=str(done.run_dir / "step-000006.pt"), echo=quiet)
+    assert more.step == 12 and same_weights(more.run_dir / "last.pt", more.run_dir / "step-000012.pt")
+
+
 def test_the_epoch_line_after_a_mid_epoch_resume_says_its_training_figures_cover_the_steps_since(tmp_path):
     fit(tiny(tmp_path, "train.max_steps=4"), run_name="part", echo=quiet)  # 4 of the first epoch's 6 steps
     lines: list[str] = []
