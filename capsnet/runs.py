@@ -231,6 +231,11 @@ def choose_run(
     ckpt, ckpt_path, note = None, None, None
     if run_name is not None:
         validate_run_name(run_name)
+        if run_name in ("latest", "best"):  # --ckpt and --resume would read it as the newest run
+            raise TrainingError(
+                f"--run-name {run_name}: 'latest' and 'best' stand for the newest run in --ckpt and --resume, "
+                "so a run of that name could not be named there; pick another name"
+            )
     if resume is not None:
         ckpt_path = resume_checkpoint(resume, run_name, out_dir)
         ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None

@@ -417,6 +417,17 @@ def test_a_run_name_that_leaves_the_weights_folder_is_rejected_and_nothing_is_wr
     assert dashed.exit_code == 2 and "starting with a letter or digit" in dashed.stderr, dashed.output
 
 
+@pytest.mark.parametrize("name", ["latest", "best"])
+def test_a_run_name_that_ckpt_reads_as_the_newest_run_is_rejected_and_nothing_is_written(
+    tmp_path, monkeypatch, name
+):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "--config", TINY, "--run-name", name])
+    assert result.exit_code == 2, result.output
+    assert f"--run-name {name}: 'latest' and 'best' stand for the newest run" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bench_reports_throughput_as_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["bench", "--config", TINY, "--batch-size", "4", "--steps", "1", "--threads", "1", "--json"]
