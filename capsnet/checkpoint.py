@@ -1036,13 +1036,20 @@ def _started_summary(run_dir: Path) -> dict[str, Any]:
 
     known = [t for t in times if t is not None]
     data, preset = setting("data", "name"), setting("model", "preset")
+    # the preset's name only where the config keeps its sizes, as for a saved run's model
+    from capsnet.config import PRESETS
+
+    sizes = PRESETS.get(preset, {}) if isinstance(preset, str) else {}
+    arch = {
+        key: value if setting("model", key) is None else setting("model", key) for key, value in sizes.items()
+    }
     return {
         "run": run_dir.name,
         "path": str(run_dir),
         "updated": max(known) if known else None,
         "checkpoint": None,
         "data": data if isinstance(data, str) else None,
-        "preset": preset if isinstance(preset, str) else None,
+        "preset": _preset_of(arch, preset),
         "parameters": None,
         "iterations": _counter(setting("model", "iterations")),
         "step": entry["step"] if entry is not None else 0,

@@ -8,7 +8,9 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import yaml
 from helpers import logged, other_process, tiny, trained_by
 from typer.testing import CliRunner
 
@@ -92,6 +94,28 @@ def test_the_preset_is_named_only_where_the_model_has_its_sizes():
     assert _preset_of(small, "small") == "small"
     assert _preset_of({**small, "stem_channels": (64, 64, 64)}, "small") is None  # a deeper stem
     assert _preset_of(small, None) is None and _preset_of(small, "paper") is None
+
+
+@pytest.mark.parametrize(
+    ("model", "shown"),
+    [
+        ({"preset": "small"}, "small"),
+        ({"preset": "small", "stem_channels": [64], "caps_types": [16, 16]}, "small"),
+        ({"preset": "small", "stem_channels": [64, 64, 64]}, None),  # a deeper stem
+        ({"preset": "paper", "primary_types": 8}, None),
+        ({"preset": None, "stem_channels": [64], "primary_types": 8, "caps_types": [16, 16]}, None),
+    ],
+)
+def test_a_run_with_no_checkpoint_yet_names_its_preset_only_where_its_config_keeps_the_sizes(
+    tmp_path, model, shown
+):
+    run = tmp_path / "young"
+    run.mkdir()
+    write_run_record(run, run="young", step=0)
+    sizes = {"stem_channels": None, "primary_types": None, "caps_types": None}
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {**sizes, **model}, "data": {"name": "x"}}))
+    [row] = run_summaries(tmp_path)
+    assert row["checkpoint"] is None and row["preset"] == shown
 
 
 def test_an_empty_folder_is_a_one_line_error_and_an_empty_json_list(tmp_path):
