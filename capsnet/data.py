@@ -451,6 +451,28 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@contextlib.contextmanager
+def tidy_failed_download(*folders: Path):
+    """On a download that fails, removes those of ``folders`` (and of their parents) that did not
+    exist before it and that it left empty, so that a failed attempt leaves no trace."""
+    chain = {f for folder in folders for f in (folder, *folder.parents)}
+    made = sorted((f for f in chain if not f.exists()), key=lambda f: len(f.parts), reverse=True)
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # the deepest first, and only where empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def download_advice(allow_download: bool) -> str:
+    """How to get a dataset that was not found: with downloads on, they failed for want of network."""
+    if allow_download:
+        return "a rerun with network access (data.download is true)"
+    return "data.download=true with network access"
+
+
 def _train_or_eval(augment: bool, train: Callable, evaluation: Callable) -> Callable:
     return train if augment else evaluation
 
@@ -636,10 +658,12 @@ def locate_idx(name: str, root: str | Path, allow_download: bool) -> dict[str, P
         try:
             import torchvision.datasets
 
-            getattr(torchvision.datasets, _IDX_META[name]["torchvision"])(
-                str(root), train=True, download=True
-            )
-            files = _find_idx_files(Path(root).expanduser() / _IDX_META[name]["torchvision"] / "raw")
+            folder = Path(root).expanduser() / _IDX_META[name]["torchvision"]
+            with tidy_failed_download(folder / "raw", folder / "processed"):
+                getattr(torchvision.datasets, _IDX_META[name]["torchvision"])(
+                    str(root), train=True, download=True
+                )
+            files = _find_idx_files(folder / "raw")
             if files is not None:
                 return files
             reason = "the download finished but the files are not where torchvision puts them"
@@ -648,7 +672,7 @@ def locate_idx(name: str, root: str | Path, allow_download: bool) -> dict[str, P
     looked = ", ".join(str(d) for d in dirs)
     raise DatasetNotFoundError(
         f"{name} not found (looked in: {looked}; {reason}).\n"
-        f"Get it with: {_IDX_META[name]['apt']}data.download=true with network access, or put the "
+        f"Get it with: {_IDX_META[name]['apt']}{download_advice(allow_download)}, or put the "
         f"4 IDX files ({', '.join(s + '[.gz]' for s in IDX_FILES.values())}) in data.root.",
         searched=dirs,
     )
@@ -852,7 +876,8 @@ def _load_torchvision(name: str, root: str | Path, download: bool):
         reason += f"; {archives[0]} is there but not unpacked: tar xzf it in its folder"
     if download:
         try:
-            return _torchvision_split(name, root, True, True), _torchvision_split(name, root, False, True)
+            with tidy_failed_download(root, root / CIFAR10_FOLDER):
+                return _torchvision_split(name, root, True, True), _torchvision_split(name, root, False, True)
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 - network and archive errors come in many types
@@ -860,7 +885,7 @@ def _load_torchvision(name: str, root: str | Path, download: bool):
     looked = ", ".join(str(d) for d in dirs)
     raise DatasetNotFoundError(
         f"{name} not found (looked in: {looked}; {reason}).\n"
-        f"Set data.download=true with network access (it downloads to data.root), or put torchvision's "
+        f"Get it with: {download_advice(download)} (it downloads to data.root), or put torchvision's "
         f"{name} files in data.root.",
         searched=dirs,
     )

@@ -39,10 +39,12 @@ import torch.nn.functional as F
 from capsnet.data import (
     DataFormatError,
     DatasetNotFoundError,
+    download_advice,
     one_line,
     open_data_file,
     read_body,
     shaped_body,
+    tidy_failed_download,
 )
 
 CLASS_NAMES = ["animal", "human", "airplane", "truck", "car"]
@@ -183,13 +185,16 @@ def download(root: str | Path) -> Path:
             name = f"{stem}-{part}.mat.gz"
             target = dest / name
             partial = target.with_suffix(".gz.part")
-            with urllib.request.urlopen(URL + name, timeout=60) as response, open(partial, "wb") as out:
-                shutil.copyfileobj(response, out, length=1 << 20)
-                announced = response.headers.get("Content-Length")
-                got = out.tell()
-            if announced is not None and announced.isdigit() and int(announced) != got:
-                partial.unlink()
-                raise OSError(f"{URL + name}: the connection ended after {got} of {announced} bytes")
+            try:
+                with urllib.request.urlopen(URL + name, timeout=60) as response, open(partial, "wb") as out:
+                    shutil.copyfileobj(response, out, length=1 << 20)
+                    announced = response.headers.get("Content-Length")
+                    got = out.tell()
+                if announced is not None and announced.isdigit() and int(announced) != got:
+                    raise OSError(f"{URL + name}: the connection ended after {got} of {announced} bytes")
+            except BaseException:
+                partial.unlink(missing_ok=True)  # a cut connection leaves no part file
+                raise
             partial.replace(target)
     return dest
 
@@ -202,7 +207,8 @@ def locate(root: str | Path, allow_download: bool) -> dict[tuple[str, str], Path
     reason = "data.download is false"
     if allow_download:
         try:
-            download(root)
+            with tidy_failed_download(Path(root).expanduser() / "smallnorb"):
+                download(root)
         except Exception as e:  # noqa: BLE001 - network errors come in many types
             reason = f"download from {URL} failed: {one_line(e)}"
         files = find_files(root)
@@ -212,7 +218,7 @@ def locate(root: str | Path, allow_download: bool) -> dict[tuple[str, str], Path
     looked = ", ".join(str(d) for d in dirs)
     raise DatasetNotFoundError(
         f"smallnorb not found (looked in: {looked}; {reason}).\n"
-        f"Set data.download=true with network access, or put the 6 files "
+        f"Get it with: {download_advice(allow_download)}, or put the 6 files "
         f"smallnorb-5x*-{{training,testing}}-{{dat,cat,info}}.mat[.gz] from {URL} in data.root.",
         searched=dirs,
     )

@@ -310,6 +310,57 @@ def test_missing_dataset_error_lists_every_folder_searched(tmp_path):
     assert tmp_path / "empty" / "mnist" in info.value.searched
 
 
+def offline_download(monkeypatch, made: list[Path]):
+    """Every download way offline: each makes the folders a real attempt makes, then fails."""
+    import urllib.request
+
+    import torchvision.datasets
+
+    def idx(tv_name):
+        def fetch(root, train, download):
+            (Path(root) / tv_name / "raw").mkdir(parents=True, exist_ok=True)
+            made.append(Path(root))
+            raise OSError("network is unreachable")
+
+        return fetch
+
+    real = data._torchvision_split
+
+    def torchvision_split(name, folder, train, download):
+        if not download:
+            return real(name, folder, train, download)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        made.append(Path(folder))
+        raise OSError("network is unreachable")
+
+    def urlopen(url, timeout):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", idx("MNIST"))
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", idx("FashionMNIST"))
+    monkeypatch.setattr(data, "_torchvision_split", torchvision_split)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10", "svhn", "smallnorb"])
+def test_a_failed_download_leaves_no_folders_behind_and_advises_network_access(tmp_path, monkeypatch, name):
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, name, [tmp_path / "system"])
+    made: list[Path] = []
+    offline_download(monkeypatch, made)
+    (tmp_path / "kept").mkdir()  # a data.root that was there before stays
+    for root in (tmp_path / "data" / "deeper", tmp_path / "kept"):
+        with pytest.raises(DatasetNotFoundError, match="network is unreachable") as info:
+            build_datasets(DataConfig(name=name, root=str(root), download=True))
+        advice = str(info.value).splitlines()[1]
+        assert "a rerun with network access (data.download is true)" in advice, advice
+        assert "data.download=true" not in advice
+    assert made or name == "smallnorb"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+    with pytest.raises(DatasetNotFoundError, match="data.download is false") as off:
+        build_datasets(DataConfig(name=name, root=str(tmp_path / "kept"), download=False))
+    assert "data.download=true with network access" in str(off.value).splitlines()[1]
+
+
 def test_missing_fashion_mnist_suggests_the_debian_package(tmp_path, monkeypatch):
     monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion-mnist", [tmp_path / "system"])
     with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist") as info:
