@@ -278,6 +278,12 @@ def prepare_checkpoint(
             f"--split val with other settings would score another held-out set, which may hold images "
             f"{path} was trained on: {'; '.join(moved.values())}; drop those overrides, or score --split test"
         )
+    trained_seed = (ckpt["config"].get("train") or {}).get("seed")
+    if cfg.data.name == "synthetic" and trained_seed is not None and cfg.train.seed != trained_seed:
+        raise DataError(
+            f"-o train.seed={cfg.train.seed}: the synthetic data's class patterns are drawn from train.seed, so "
+            f"this seed draws other classes than {path} learned (seed {trained_seed}); drop the override"
+        )
     changes = architecture_overrides(ckpt, cfg, path)  # before the data loads
     model = build_model_from_checkpoint(ckpt, path, changes).to(dev).eval()
     # scoring the test split needs no training image: an image folder decodes its test images alone

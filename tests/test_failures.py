@@ -769,6 +769,10 @@ BAD_INPUTS = {
         on_the_run("eval", "-o", "data.image_size=24"),
         "trained on 20x20 images, the size its decoder reconstructs, but this data gives 24x24",
     ),
+    "eval-of-synthetic-data-drawn-with-another-seed": (
+        on_the_run("eval", "-o", "train.seed=3"),
+        "-o train.seed=3: the synthetic data's class patterns are drawn from train.seed",
+    ),
     "image-size-too-small-for-the-model-eval": (
         on_the_run("eval", "-o", "data.image_size=12"),
         "cannot take 12x12 images: caps2",
