@@ -435,6 +435,12 @@ def export_checkpoint(
                 f"--out {out} names {article(named)} {named} file but --format is {fmt}; "
                 f"give --format {named}, or {article(suffix)} {suffix} name"
             )
+        suffix = Path(FORMATS[fmt]).suffix
+        if Path(out).suffix and Path(out).suffix.lower() != suffix:  # model.txt: no program would open it
+            raise ExportError(
+                f"--out {out}: {fmt} exports are {suffix} files; give a name ending in {suffix} "
+                f"(or one with no suffix, which gets it: --out {Path(out).with_suffix('')})"
+            )
     ckpt_path = resolve_checkpoint(spec, out_dir)
     ckpt = load_checkpoint(ckpt_path)
     # The default (fast) routing is what gets exported: while torch.export traces,

@@ -25,16 +25,16 @@ trap 'rm -rf "$work"' EXIT
 read -r -a args <<< "${CAPSNET_ARGS:-}"
 mkdir -p "$figures"
 
-capsnet eval --ckpt "$ckpt" --limit "$limit" --crops 5 --plot "$work/eval_multicrop.png" "${args[@]}"
+capsnet eval --ckpt "$ckpt" --limit "$limit" --crops 5 --plot "$work/eval_multicrop.png" ${args[@]+"${args[@]}"}
 capsnet attack --ckpt "$ckpt" --method fgsm --eps 0.01,0.02,0.05,0.1,0.2 --limit "$limit" \
-    --out "$work" --no-tensorboard "${args[@]}"
+    --out "$work" --no-tensorboard ${args[@]+"${args[@]}"}
 cp "$work/attack-fgsm.png" "$work/attack_fgsm.png"
-capsnet inspect --ckpt "$ckpt" --index 1 --out "$work/inspect" "${args[@]}"
+capsnet inspect --ckpt "$ckpt" --index 1 --out "$work/inspect" ${args[@]+"${args[@]}"}
 cp "$work/inspect/c_routing.png" "$work/inspect_routing.png"
 cp "$work/inspect/e_pose_perturbation.png" "$work/inspect_pose_perturbation.png"
 names=(eval_multicrop attack_fgsm inspect_routing inspect_pose_perturbation)
 if [[ -n "$norb" ]]; then
-    capsnet eval --ckpt "$norb" --crops 5 --plot "$work/eval_viewpoints.png" "${args[@]}"
+    capsnet eval --ckpt "$norb" --limit "$limit" --crops 5 --plot "$work/eval_viewpoints.png" ${args[@]+"${args[@]}"}
     names+=(eval_viewpoints)
 fi
 for name in "${names[@]}"; do

@@ -863,6 +863,10 @@ BAD_INPUTS = {
         on_the_run("export", "--format", "pt2", "--out", "model.onnx"),
         "--out model.onnx names an onnx file but --format is pt2; give --format onnx, or a .pt2 name",
     ),
+    "export-to-a-name-with-a-suffix-of-no-export-format": (
+        on_the_run("export", "--format", "onnx", "--out", "model.txt"),
+        "--out model.txt: onnx exports are .onnx files; give a name ending in .onnx (or one with no suffix",
+    ),
     "export-into-a-folder-that-is-a-file": (
         lambda tmp, one: [
             "export",
