@@ -378,7 +378,11 @@ def open_run_dir(
             say(f"note: removed {dropped.name}, past the resumed step {start_step}")
         for stale in remove_temp_files(run_dir):
             say(f"note: removed {stale.name}, left by a save that was interrupted")
-    truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    history = None  # a run continued in another folder: the history that led to its checkpoint
+    elsewhere = choice.checkpoint_path is not None and not choice.resuming_here
+    if elsewhere and not (run_dir / "metrics.jsonl").exists():
+        history = choice.checkpoint_path.parent / "metrics.jsonl"
+    truncate_metrics(run_dir / "metrics.jsonl", start_step, history)
     # "started" is kept from the first start
     write_run_record(
         run_dir,

@@ -124,13 +124,18 @@ def last_metrics_entry(path: Path) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) and isinstance(entry.get("step"), int) else None
 
 
-def truncate_metrics(path: str | Path, after_step: int) -> None:
-    """Drops lines past ``after_step`` (a resumed run rewrites that part of the history)."""
+def truncate_metrics(path: str | Path, after_step: int, source: str | Path | None = None) -> None:
+    """Drops lines past ``after_step`` (a resumed run rewrites that part of the history).
+
+    With ``source``, writes that file's lines up to ``after_step`` to ``path`` instead: a run
+    continued in another folder keeps the history that led to its checkpoint.
+    """
     path = Path(path)
-    if not path.is_file():
+    source = path if source is None else Path(source)
+    if not source.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in source.read_text().splitlines():
         try:
             if json.loads(line)["step"] <= after_step:
                 kept.append(line)

@@ -764,6 +764,9 @@ def test_a_run_folder_outside_out_dir_continues_in_out_dir_under_its_folder_name
         for line in lines
     ), lines
     assert load_checkpoint(backup / "last.pt")["step"] == straight.step  # untouched
+    # the continued run's history starts with the one that led to the checkpoint
+    history = logged(resumed.run_dir)
+    assert [e for e in history if e["step"] <= 12] == logged(backup) and history[-1]["step"] == 14
     # a folder name that is no run name ("x (copy)") gives way to the name the checkpoints carry
     odd = tmp_path / "backup" / "straight (copy)"
     shutil.copytree(straight.run_dir, odd)
@@ -777,6 +780,20 @@ def test_a_run_folder_outside_out_dir_continues_in_out_dir_under_its_folder_name
         tiny(tmp_path, "train.epochs=3", "train.max_steps=14"), resume=str(loose / "model.pt"), echo=quiet
     )
     assert again.run_dir == tmp_path / "weights" / "straight" and again.step == 14
+
+
+def test_a_run_branched_under_another_name_keeps_the_history_up_to_its_checkpoint(tmp_path, straight):
+    import shutil
+
+    trunk = tmp_path / "weights" / "trunk"
+    shutil.copytree(straight.run_dir, trunk)
+    before = logged(trunk)
+    branch = fit(tiny(tmp_path), run_name="branch", resume=str(trunk / "step-000006.pt"), echo=quiet)
+    assert branch.run_dir == tmp_path / "weights" / "branch" and branch.step == 12
+    history = logged(branch.run_dir)
+    assert [e for e in history if e["step"] <= 6] == [e for e in before if e["step"] <= 6]
+    assert [e["step"] for e in history] == [e["step"] for e in before]  # each logged once, in order
+    assert logged(trunk) == before  # the trunk keeps its own
 
 
 def test_resuming_from_an_earlier_step_drops_the_best_pt_of_the_steps_it_replaces(tmp_path, straight):
