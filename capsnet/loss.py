@@ -84,6 +84,11 @@ def distillation_loss(activations: Tensor, teacher_activations: Tensor, temperat
 
 def reconstruction_loss(recon: Tensor, x: Tensor) -> Tensor:
     """Sum of squared pixel errors per sample, averaged over the batch."""
+    if recon.shape != x.shape:  # the decoder draws images of the size the model was built for
+        raise ValueError(
+            f"reconstruction_loss: the decoder drew {tuple(recon.shape)} but the images are {tuple(x.shape)}; "
+            "the decoder works only at the model's image_size (train without it: loss.recon_weight 0)"
+        )
     return (recon - x).square().flatten(1).sum(dim=1).mean()
 
 

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from capsnet.config import PRESETS, ModelConfig, RoutingConfig
+from capsnet.config import PRESETS, UPPER_LIMITS, ModelConfig, RoutingConfig
 from capsnet.layers import ClassCaps, ConvCaps, Decoder, PrimaryCaps, conv_output_size
 from capsnet.routing import RoutingSettings, _tracing, inverse_temperatures
 
@@ -26,10 +26,18 @@ def _check_sizes(**sizes) -> None:
         empty = not values and name == "stem_channels"  # the stem needs a conv; ConvCaps layers may be none
         if empty or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
             kind = "a non-empty list" if name == "stem_channels" else "a list"
-            want = f"{kind} of positive whole numbers" if isinstance(value, (list, tuple)) else "positive"
+            want = (
+                f"{kind} of positive whole numbers"
+                if isinstance(value, (list, tuple))
+                else "a positive whole number"
+            )
             problems.append(f"{name} must be {want}, got {value!r}")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+#: the float types torch.autocast casts between (float64 is left as it is)
+_AUTOCAST_TYPES = {torch.float32, torch.float16, torch.bfloat16}
 
 
 class CapsNet(nn.Module):
@@ -70,6 +78,9 @@ class CapsNet(nn.Module):
     ):
         super().__init__()
         _check_sizes(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            image_size=image_size,
             stem_channels=stem_channels,
             stem_kernel=stem_kernel,
             stem_stride=stem_stride,
@@ -78,9 +89,17 @@ class CapsNet(nn.Module):
             caps_kernel=caps_kernel,
             caps_strides=caps_strides,
             pose_size=pose_size,
+            decoder_hidden=decoder_hidden,
         )
-        if stem_padding < 0:
-            raise ValueError(f"stem_padding must not be negative, got {stem_padding}")
+        if isinstance(stem_padding, bool) or not isinstance(stem_padding, int) or stem_padding < 0:
+            raise ValueError(f"stem_padding must be a whole number, 0 or more, got {stem_padding!r}")
+        most = UPPER_LIMITS["model.iterations"]
+        if isinstance(iterations, int) and iterations > most:
+            raise ValueError(
+                f"iterations must be at most {most} (each is unrolled in the graph), got {iterations}"
+            )
+        if normalisation not in ("cross_position", "per_patch"):
+            raise ValueError(f"normalisation must be cross_position or per_patch, got {normalisation!r}")
         if coord_add and pose_size < 2:
             raise ValueError(
                 f"coordinate addition writes into two pose entries, so pose_size must be at least 2 "
@@ -254,6 +273,8 @@ class CapsNet(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor) -> CapsOutput:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"CapsNet expects a torch.Tensor of images, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"CapsNet expects images of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
@@ -265,11 +286,15 @@ class CapsNet(nn.Module):
             raise ValueError(
                 f"CapsNet expects floating-point images (pixels / 255, normalised), got {x.dtype}"
             )
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        # autocast casts between the float types it knows, float64 not among them
+        autocast = torch.is_autocast_enabled(x.device.type) and {x.dtype, weight.dtype} <= _AUTOCAST_TYPES
+        if x.dtype != weight.dtype and not autocast:
             raise ValueError(
                 f"the images are {x.dtype} but the model's weights are {weight.dtype}: convert one to the other "
                 f"(x.to({weight.dtype}) or model.to({x.dtype}))"
             )
+        if not _tracing():
+            self.capsule_grid(x.shape[-2], x.shape[-1])  # images too small: the layer that cannot fit
         features = self.stem(x)  # (N, A, H1, W1)
         pose, act = self.primary(features)  # (N, H1, W1, B, 16), (N, H1, W1, B)
         for layer in self.convcaps:
@@ -283,6 +308,15 @@ class CapsNet(nn.Module):
         """Decoder image (N, C, H, W) from the pose of class ``labels`` (the target in training)."""
         if self.decoder is None:
             raise RuntimeError("this model was built without a decoder (model.decoder: false)")
+        if (
+            not _tracing()
+            and labels.numel()
+            and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes
+        ):
+            raise ValueError(
+                f"reconstruct: labels must be class numbers 0 to {self.num_classes - 1}, "
+                f"got {int(labels.min())} to {int(labels.max())}"
+            )
         return self.decoder(poses, labels)
 
     # ------------------------------------------------------------------ introspection

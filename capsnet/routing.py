@@ -1159,14 +1159,16 @@ def em_routing(
         if impl == "plain" or trace is not None:
             if isinstance(votes, VoteProduct):
                 votes = votes.compute()
-            _check_shapes(votes, act_in, beta_u, beta_a)
+            _check_shapes(votes, act_in, beta_u, beta_a, fold)
             return _em_plain(votes, act_in, beta_u, beta_a, settings, fold, stats, trace)
         if not isinstance(votes, VoteProduct):
-            _check_shapes(votes, act_in, beta_u, beta_a)
+            _check_shapes(votes, act_in, beta_u, beta_a, fold)
         return _em_fast(votes, act_in, beta_u, beta_a, settings, fold, stats)
 
 
-def _check_shapes(votes: Tensor, act_in: Tensor, beta_u: Tensor, beta_a: Tensor) -> None:
+def _check_shapes(
+    votes: Tensor, act_in: Tensor, beta_u: Tensor, beta_a: Tensor, fold: ChildFold | None = None
+) -> None:
     if votes.dim() < 5 or act_in.shape != votes.shape[:2] + votes.shape[3:4]:
         raise ValueError(
             "em_routing: votes must be (N, L, C, I, H) or (N, L, C, I, P, P) and act_in (N, L, I); "
@@ -1180,6 +1182,19 @@ def _check_shapes(votes: Tensor, act_in: Tensor, beta_u: Tensor, beta_a: Tensor)
         )
     if not _tracing() and votes.shape[0] == 0:
         raise ValueError("em_routing: the batch is empty (N = 0)")
+    if (
+        fold is not None
+        and not _tracing()
+        and votes.shape[1:2] + votes.shape[3:4]
+        != (
+            fold.positions,
+            fold.kernel_area * fold.types,
+        )
+    ):
+        raise ValueError(
+            f"em_routing: the fold is for {fold.positions} parent positions of {fold.kernel_area * fold.types} "
+            f"child slots each, but the votes have {votes.shape[1]} positions of {votes.shape[3]} slots"
+        )
 
 
 def _tracing() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -293,6 +294,22 @@ def test_a_padded_stem_on_28x28_sees_the_grid_and_receptive_centres_of_32x32_wit
     torch.testing.assert_close((cols28 + 0.5) * 28, (cols32 + 0.5) * 32 - 2)
 
 
+def test_the_decoder_refuses_labels_and_image_sizes_it_cannot_draw():
+    from capsnet.loss import reconstruction_loss
+
+    model = CapsNet.from_preset("small", num_classes=5, image_size=32)
+    poses = model(torch.rand(2, 1, 32, 32)).poses
+    with pytest.raises(ValueError, match="labels must be class numbers 0 to 4, got 0 to 7"):
+        model.reconstruct(poses, torch.tensor([0, 7]))
+    larger = torch.rand(2, 1, 40, 40)  # the capsule layers take it; the decoder draws 32x32
+    recon = model.reconstruct(model(larger).poses, torch.tensor([0, 1]))
+    with pytest.raises(
+        ValueError, match=r"decoder drew \(2, 1, 32, 32\) but the images are \(2, 1, 40, 40\)"
+    ):
+        reconstruction_loss(recon, larger)
+    assert reconstruction_loss(recon, torch.zeros_like(recon)) > 0
+
+
 def test_one_class_is_refused_by_the_model_and_the_config():
     from helpers import TINY
 
@@ -323,6 +340,17 @@ def test_bad_images_are_refused_with_a_clear_error_before_torch_sees_them():
             model(images)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the convs itself
         assert model(torch.rand(2, 1, 32, 32)).activations.shape == (2, 5)
+        assert model(torch.rand(2, 1, 32, 32, dtype=torch.float16)).activations.shape == (2, 5)
+        with pytest.raises(ValueError, match="the images are torch.float64 but the model's weights"):
+            model(torch.rand(2, 1, 32, 32, dtype=torch.float64))  # autocast leaves float64 as it is
+    with pytest.raises(TypeError, match="expects a torch.Tensor of images, got ndarray"):
+        model(np.zeros((2, 1, 32, 32), dtype=np.float32))
+    for size, where in [
+        (4, "stem conv 1: a 4x4 input is smaller than its 5x5 kernel"),
+        (5, "caps1: input of 1x1"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(where)):
+            model(torch.rand(1, 1, size, size))
     assert model.double()(torch.rand(2, 1, 32, 32, dtype=torch.float64)).activations.dtype == torch.float64
 
 
@@ -336,7 +364,18 @@ def test_bad_images_are_refused_with_a_clear_error_before_torch_sees_them():
         ({"stem_channels": []}, "stem_channels must be a non-empty list of positive whole numbers, got []"),
         (
             {"stem_stride": 0, "caps_kernel": 0},
-            "stem_stride must be positive, got 0; caps_kernel must be positive",
+            "stem_stride must be a positive whole number, got 0; caps_kernel must be a positive whole number",
+        ),
+        ({"num_classes": 10.0}, "num_classes must be a positive whole number, got 10.0"),
+        ({"in_channels": 0}, "in_channels must be a positive whole number, got 0"),
+        ({"image_size": 32.0}, "image_size must be a positive whole number, got 32.0"),
+        ({"decoder_hidden": [0]}, "decoder_hidden must be a list of positive whole numbers, got [0]"),
+        ({"stem_padding": 1.5}, "stem_padding must be a whole number, 0 or more, got 1.5"),
+        ({"stem_padding": -1}, "stem_padding must be a whole number, 0 or more, got -1"),
+        ({"iterations": 101}, "iterations must be at most 100"),
+        (
+            {"normalisation": "bogus", "caps_types": [], "caps_strides": []},
+            "normalisation must be cross_position or per_patch, got 'bogus'",
         ),
         ({"lambda_decay": 1.0}, "lambda_decay must be in [0, 1)"),
         ({"final_lambda": 0.0}, "final_lambda must be positive, got 0.0"),
@@ -345,7 +384,7 @@ def test_bad_images_are_refused_with_a_clear_error_before_torch_sees_them():
 )
 def test_sizes_the_config_would_refuse_are_refused_by_the_constructor_too(sizes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        CapsNet(in_channels=1, num_classes=5, image_size=32, **sizes)
+        CapsNet(**{"in_channels": 1, "num_classes": 5, "image_size": 32, **sizes})
 
 
 def _receptive_centres_by_span(model: CapsNet, grid: int, size: int) -> torch.Tensor:

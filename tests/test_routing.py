@@ -725,12 +725,17 @@ def test_a_recomputing_backward_under_autocast_rebuilds_the_forwards_moments_exa
         torch.testing.assert_close(rebuilt, kept, rtol=0, atol=0)
 
 
-def test_em_routing_names_betas_of_the_wrong_shape_and_an_empty_batch():
+def test_em_routing_names_betas_of_the_wrong_shape_an_empty_batch_and_a_fold_of_other_votes():
     votes, act = torch.rand(2, 3, 4, 5, 16), torch.rand(2, 3, 5)
     for impl in ("fast", "plain"):
         with pytest.raises(ValueError, match=r"beta_u and beta_a must be \(4,\).*got \(3,\) and \(4,\)"):
             em_routing(votes, act, torch.zeros(3), torch.zeros(4), RoutingSettings(), impl=impl)
         with pytest.raises(ValueError, match=r"the batch is empty \(N = 0\)"):
             em_routing(votes[:0], act[:0], torch.zeros(4), torch.zeros(4), RoutingSettings(), impl=impl)
+        fold = ChildFold(5, 5, 3, 1, types=2)  # 9 positions of 18 slots, for votes of 3 of 5
+        with pytest.raises(
+            ValueError, match="fold is for 9 parent positions of 18 child slots each, but the votes"
+        ):
+            em_routing(votes, act, torch.zeros(4), torch.zeros(4), RoutingSettings(), fold, impl=impl)
     with pytest.raises(ValueError, match="iterations must be a whole number of at least 1"):
         RoutingSettings(iterations=0)
