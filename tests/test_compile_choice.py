@@ -83,6 +83,21 @@ def test_bench_reports_which_kernels_it_timed(no_compiler):
     assert json.loads(fallback.stdout.strip().splitlines()[-1])["compiled_routing"] is False
 
 
+def test_bench_reports_the_compiled_kernels_where_it_timed_them():
+    runner = CliRunner()
+    args = ["bench", "--config", str(TINY), "--steps", "1", "--batch-size", "2"]
+    try:
+        compiled = runner.invoke(app, [*args, "--json", "-o", "train.compile_routing=true"])
+        assert compiled.exit_code == 0, compiled.output
+        assert json.loads(compiled.stdout.strip().splitlines()[-1])["compiled_routing"] is True
+        text = runner.invoke(app, [*args, "-o", "train.compile_routing=true"])
+        assert text.exit_code == 0 and text.stdout.rstrip().endswith("compiled routing"), text.output
+    finally:
+        routing.use_compiled_kernels(False)
+    eager = runner.invoke(app, args)  # tiny.yaml: compile_routing false
+    assert eager.exit_code == 0 and eager.stdout.rstrip().endswith("eager routing"), eager.output
+
+
 def test_torch_s_note_on_a_missing_cuda_runtime_is_left_out_once_kernels_are_built(monkeypatch):
     """Where a CUDA toolkit is installed without a GPU, building the kernels for the CPU made torch
     log "No CUDA runtime is found, using CUDA_HOME=..." in the middle of training's output."""

@@ -488,8 +488,18 @@ def test_fast_routing_gives_the_same_result_in_any_chunking_of_the_batch(chunk_b
     layer.impl = "fast"
     monkeypatch.setattr(routing, "CHUNK_BYTES", chunk_bytes)  # one sample per chunk, or the whole batch
     monkeypatch.setattr(routing, "INFERENCE_CHUNK_BYTES", chunk_bytes)
+    original, chunkings = routing._sample_chunks, []
+
+    def spy(geom, like, inference=False, fused=False):
+        chunkings.append(original(geom, like, inference, fused))
+        return chunkings[-1]
+
+    monkeypatch.setattr(routing, "_sample_chunks", spy)
     params = [layer.weight, layer.beta_u, layer.beta_a]
     got = layer(pose, act)
+    # the batch of 3 was routed one sample at a time, or in one piece
+    split = [(0, 1), (1, 2), (2, 3)] if chunk_bytes == 1 else [(0, 3)]
+    assert chunkings and all(c == split for c in chunkings), chunkings
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-7)
     grads_got = torch.autograd.grad(got[0].sum() + got[1].sum(), params)
