@@ -968,26 +968,34 @@ def _process_fields(
 ) -> tuple[dict[str, Any], int | None]:
     """``running``: whether the process that last trained the run still runs (None: not known, as
     for a run of another machine); ``process``: its id while it runs; ``seconds_left``: while it
-    runs, the time its remaining steps take at its last logged speed (evaluations not counted).
+    runs, the time its remaining steps take at its last logged speed (evaluations not counted), and
+    ``logged_step``: the step of that last logged training line, which may be past the last save.
     Also the run's planned steps: while it runs, run.json's plan (a finished run may have been
     resumed for more), else ``total_steps``. ``record``: run.json, where already read."""
     record = (read_run_record(run_dir) or {}) if record is None else record
     pid, running = run_process(run_dir, record)
     if running:
         total_steps = _counter(record.get("total_steps")) or total_steps
-    left = _seconds_left(run_dir / "metrics.jsonl", total_steps) if running else None
-    return {"running": running, "process": pid if running else None, "seconds_left": left}, total_steps
+    left, logged = _seconds_left(run_dir / "metrics.jsonl", total_steps) if running else (None, None)
+    fields = {
+        "running": running,
+        "process": pid if running else None,
+        "seconds_left": left,
+        "logged_step": logged,
+    }
+    return fields, total_steps
 
 
-def _seconds_left(metrics: Path, total_steps: int | None) -> float | None:
-    """The remaining steps' time at the speed of the last training line of ``metrics``: images per
-    second, and images per step from the images seen so far; None where there is no such line."""
+def _seconds_left(metrics: Path, total_steps: int | None) -> tuple[float | None, int | None]:
+    """The remaining steps' time at the speed of the last training line of ``metrics`` (images per
+    second, and images per step from the images seen so far), and that line's step; None, None
+    where there is no such line."""
     if total_steps is None:
-        return None
+        return None, None
     try:
         lines = metrics.read_text().splitlines()
     except (OSError, ValueError):
-        return None
+        return None, None
     for line in reversed(lines):
         try:
             entry = json.loads(line)
@@ -999,8 +1007,8 @@ def _seconds_left(metrics: Path, total_steps: int | None) -> float | None:
         speed = _finite(entry.get("perf/img_per_s"))
         if step and seen and speed and step > 0 and seen > 0 and speed > 0:
             left = max(total_steps - step, 0) * (seen / step) / speed
-            return left if math.isfinite(left) else None
-    return None
+            return (left if math.isfinite(left) else None), step
+    return None, None
 
 
 def _duration(seconds: float) -> str:
@@ -1096,8 +1104,12 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
             table.append((row["run"], when(row["updated"]), "-", "-", "-", f"unreadable: {row['error']}"))
             continue
         model = f"{row['preset'] or 'custom'}, {row['parameters']:,} parameters"
-        steps = f"{row['step']:,}" + (f"/{row['total_steps']:,}" if row["total_steps"] is not None else "")
-        steps += " running" if row["running"] else " done" if row["finished"] else ""
+        logged = row.get("logged_step")
+        ahead = bool(row["running"]) and isinstance(logged, int) and logged > row["step"]
+        steps = f"{logged if ahead else row['step']:,}"  # while it runs: how far it got, and its last save
+        steps += f"/{row['total_steps']:,}" if row["total_steps"] is not None else ""
+        steps += f" running (saved at step {row['step']:,})" if ahead else ""
+        steps += " running" if row["running"] and not ahead else " done" if row["finished"] else ""
         if not row["finished"] and row["seconds_left"] is not None:
             steps += f", {_duration(row['seconds_left'])} left"
         best = "-"
@@ -1116,7 +1128,8 @@ def runs_table(rows: list[dict[str, Any]], out_dir: str | Path) -> str:
         )
         for row in waiting:
             planned = f"/{row['total_steps']:,}" if row["total_steps"] is not None else ""
-            what = ", ".join(filter(None, [row["data"], row["preset"]]))
+            model = row["preset"] or ("custom" if row["data"] else None)  # with a config read: its model
+            what = ", ".join(filter(None, [row["data"], model]))
             left = f", {_duration(row['seconds_left'])} left" if row["seconds_left"] is not None else ""
             state = {True: f"  running (process {row['process']}{left})", False: "  not running", None: ""}
             lines.append(

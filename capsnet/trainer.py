@@ -337,7 +337,8 @@ def _train_step(
     if hist_now:
         log_routing_histograms(run.writer, model.routing_stats, run.step)
     model.record_stats = False
-    return loss_value, correct, n, stopping
+    # a skipped step's loss is in no mean, as in the logged window: NaN leaves it out
+    return math.nan if bad else loss_value, correct, n, stopping
 
 
 def _find_checkpoint_setting(cfg: Config, key: str, whose: str, run_name: str) -> tuple[Path, dict[str, Any]]:
@@ -495,16 +496,27 @@ def _diagnose(run: Run, x: Tensor) -> str:
 def _batches(run: Run) -> Iterator[tuple[list[tuple[Tensor, Tensor]], list[Tensor] | None]]:
     """The epoch's batches in groups of ``train.accumulate``, skipping the groups already done.
 
+    The groups already done are replayed here, before this returns (the loader draws
+    its random numbers for them), so that the caller's clocks leave the replay out.
     Each group comes with the teacher's class activations of its batches where
     ``run.teacher_table`` holds them (else None): batch k of the epoch holds the items
     at positions k*B ... k*B+B-1 of the sampler's order, B being the batch size.
     """
-    acc, size = run.cfg.train.accumulate, run.cfg.train.batch_size
+    acc = run.cfg.train.accumulate
     table = run.teacher_table
     order = None if table is None else torch.tensor(list(run.loaders.train_sampler))  # the epoch's items
     it = iter(run.loaders.train)
     deque(islice(it, run.batches_done * acc), maxlen=0)  # replays the loader (and its RNG draws)
-    k = run.batches_done * acc  # the next batch's number in the epoch
+    return _groups(run, it, run.batches_done * acc, order)
+
+
+def _groups(
+    run: Run, it: Iterator, k: int, order: Tensor | None
+) -> Iterator[tuple[list[tuple[Tensor, Tensor]], list[Tensor] | None]]:
+    """:func:`_batches` from batch ``k`` of the epoch on, which ``it`` gives next (``order``: the
+    epoch's items in the sampler's order, where the teacher's table is used)."""
+    acc, size = run.cfg.train.accumulate, run.cfg.train.batch_size
+    table = run.teacher_table
     while group := list(islice(it, acc)):
         taught = None
         if order is not None:
@@ -526,8 +538,10 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
         run.epoch_rng = capture_rng(run.loaders.train_generator)
     skipped, start_step = run.batches_done, run.step  # steps of this epoch trained before a resume
     run.model.train()
-    totals = {"loss": 0.0, "correct": 0, "n": 0, "steps": 0, "start": time.perf_counter()}
     batches = _batches(run)
+    totals = {"loss": 0.0, "correct": 0, "n": 0, "steps": 0, "start": time.perf_counter()}
+    if skipped:  # img/s leaves out the replay of the steps trained before the resume
+        run.window_start = totals["start"]
     bar = progress(
         batches,
         total=run.steps_per_epoch - run.batches_done,
@@ -574,8 +588,9 @@ def train_epoch(run: Run, stop: StopRequest) -> tuple[str | None, dict[str, floa
     loss, steps, correct, n = sum_over_ranks(
         [totals["loss"], totals["steps"], totals["correct"], totals["n"]], run.device
     )
-    summary = {"perf/img_per_s": n / max(elapsed, 1e-9), "time": elapsed}
-    if n:  # none when a resumed run only had the epoch's evaluation left
+    summary: dict[str, float] = {}
+    if n:  # none when a resumed run only had the epoch's evaluation left: no training figures
+        summary.update({"perf/img_per_s": n / max(elapsed, 1e-9), "time": elapsed})
         summary.update({"train/loss": loss / steps if steps else math.nan, "train/acc": correct / n})
         if skipped:
             summary["steps_since_resume"] = run.step - start_step
@@ -598,7 +613,7 @@ def end_of_epoch(run: Run, summary: dict[str, float], stop: StopRequest | None =
             loader,
             run.cfg,
             run.device,
-            run.step,
+            max(run.step - 1, 0),  # the margin of the step just trained, which the line shows too
             run.total_steps,
             run.loaders.info.class_names,
             progress_bar=run.cfg.logging.progress,  # evaluate shows it on rank 0 alone
@@ -645,10 +660,9 @@ def end_of_epoch(run: Run, summary: dict[str, float], stop: StopRequest | None =
     )
     if "steps_since_resume" in summary:  # the steps before the resume were trained by another process
         line += f" (train/* over the {counted(int(summary['steps_since_resume']), 'step')} since the resume)"
+    speed = f"  {summary['perf/img_per_s']:.0f} img/s  {summary['time']:.1f}s" if "time" in summary else ""
     run.echo(
-        f"{epoch}  step {run.step}  {line}  {best}  "
-        f"{summary['perf/img_per_s']:.0f} img/s  {summary['time']:.1f}s"
-        + (f"  -> {path.name}" if path is not None else "")
+        f"{epoch}  step {run.step}  {line}  {best}{speed}" + (f"  -> {path.name}" if path is not None else "")
     )
     return result
 

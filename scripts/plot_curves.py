@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ax_loss.set_xlabel("training images seen (thousands)")
     ax_loss.set_ylabel("training loss")
     ax_loss.grid(alpha=0.3)
+    if len(ax_loss.get_lines()) > 1:  # several runs: which loss is whose
+        ax_loss.legend(fontsize=8)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)

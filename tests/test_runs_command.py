@@ -230,7 +230,7 @@ def test_a_run_with_no_checkpoint_yet_is_listed_after_the_saved_ones(tmp_path):
     assert lines[0] == f"1 run in {weights}, the newest first:" and lines[2].startswith("saved ")
     assert lines[3].startswith(f"Also started in {weights}, with no checkpoint yet")
     assert [line.split()[0] for line in lines[4:]] == ["young", "opened"]
-    assert " step 6/12 logged  (synthetic)" in lines[4]
+    assert " step 6/12 logged  (synthetic, custom)" in lines[4]
     listed = runner.invoke(app, ["runs", "--out-dir", str(weights), "--json"])
     assert listed.exit_code == 0 and json.loads(listed.stdout) == json.loads(json.dumps(rows))
 
@@ -326,7 +326,7 @@ def test_the_listing_says_which_runs_are_still_being_trained_on_this_machine(tmp
         lines = runner.invoke(app, ["runs", "--out-dir", str(weights)]).stdout.splitlines()
         [saved] = [line for line in lines if line.startswith("saved ")]
         [young] = [line for line in lines if line.startswith("  young ")]
-        assert " 6/12 running, 2 min left " in saved
+        assert " 6/12 running, 2 min left " in saved  # its last logged step is its last save's
         assert young.endswith(f"  running (process {alive.pid}, 1 min left)")
     rows = {row["run"]: row for row in run_summaries(weights)}
     assert (rows["saved"]["running"], rows["young"]["process"], rows["young"]["seconds_left"]) == (
@@ -346,7 +346,7 @@ def test_the_listing_says_which_runs_are_still_being_trained_on_this_machine(tmp
     assert (rows["saved"]["running"], rows["young"]["running"]) == (None, None)
     lines = runner.invoke(app, ["runs", "--out-dir", str(weights)]).stdout.splitlines()
     [young] = [line for line in lines if line.startswith("  young ")]
-    assert young.endswith("logged  (synthetic)") and not any("running" in line for line in lines)
+    assert young.endswith("logged  (synthetic, custom)") and not any("running" in line for line in lines)
 
 
 def test_a_finished_run_resumed_for_more_steps_is_shown_running_with_its_new_plan(tmp_path):
@@ -359,8 +359,10 @@ def test_a_finished_run_resumed_for_more_steps_is_shown_running_with_its_new_pla
         trained_by(run_dir, alive.pid, total_steps=40)  # resumed with train.max_steps=40, no save yet
         [row] = run_summaries(tmp_path / "weights")
         assert (row["step"], row["total_steps"], row["finished"], row["seconds_left"]) == (2, 40, False, 36.0)
+        assert row["logged_step"] == 4
         table = runner.invoke(app, ["runs", "--out-dir", str(tmp_path / "weights")]).stdout
-        assert " 2/40 running, 1 min left " in table and "done" not in table.splitlines()[2]
+        assert " 4/40 running (saved at step 2), 1 min left " in table, table
+        assert "done" not in table.splitlines()[2]
 
 
 def test_the_time_left_reads_in_hours_and_minutes():

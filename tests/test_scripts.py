@@ -48,6 +48,21 @@ def test_plot_curves_writes_a_png_of_train_and_eval_accuracy(tmp_path):
     assert plot.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
 
 
+def test_plot_curves_labels_the_loss_of_each_run_where_there_are_several(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    plot = load_script("plot_curves")
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    rows = [{"step": s, "train/loss": 1.0 / s, "train/acc": 0.1 + s / 100} for s in range(1, 6)]
+    runs = [str(fake_run(tmp_path / name, 16, rows)) for name in ("a", "b")]
+    assert plot.main([*runs, "--out", str(tmp_path / "two.png"), "--labels", "first", "second"]) == 0
+    assert plot.main([runs[0], "--out", str(tmp_path / "one.png")]) == 0
+    (_, two_loss), (_, one_loss) = (fig.axes for fig in drawn)
+    assert [t.get_text() for t in two_loss.get_legend().get_texts()] == ["first", "second"]
+    assert one_loss.get_legend() is None  # one run: its colour is named in the accuracy panel
+
+
 def test_plot_curves_draws_a_window_of_skipped_steps_as_a_gap(tmp_path):
     import math
 

@@ -84,6 +84,54 @@ def test_the_epoch_line_after_a_mid_epoch_resume_says_its_training_figures_cover
     assert len(second) == 1 and "since the resume" not in second[0]  # a whole epoch trained here
 
 
+def test_img_per_s_after_a_mid_epoch_resume_leaves_out_the_replay_of_the_steps_before_it(
+    tmp_path, monkeypatch
+):
+    """The resumed run replays the loader over the epoch's steps trained before (for its random
+    draws); that replay, however long, is not training time."""
+    import collections
+
+    fit(tiny(tmp_path, "train.max_steps=3"), run_name="part", echo=quiet)  # 3 of the first epoch's 6 steps
+    clock, offset = time.perf_counter, {"t": 0.0}
+
+    def slow_replay(iterable, maxlen=None):  # each batch replayed takes 1,000 s by the run's clock
+        for _ in iterable:
+            offset["t"] += 1000.0
+        return collections.deque(maxlen=maxlen)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + offset["t"])
+    monkeypatch.setattr(trainer, "deque", slow_replay)
+    lines: list[str] = []
+    result = fit(tiny(tmp_path), resume="latest", echo=lines.append)
+    assert offset["t"] == 3000.0  # the 3 steps before the resume; the next epoch replays none
+    [epoch] = [line for line in lines if line.startswith("epoch 1/2  step 6")]
+    seconds = float(epoch.split(" img/s  ")[1].split("s")[0])
+    assert seconds < 1000, epoch
+    speeds = {e["step"]: e["perf/img_per_s"] for e in logged(result.run_dir) if "perf/img_per_s" in e}
+    assert speeds[4] > 1 and speeds[6] > 1  # 16 images a step: not 16 / 1000 s
+
+
+def test_the_evaluation_loss_uses_the_margin_of_the_step_just_trained_which_the_line_shows(
+    tmp_path, monkeypatch
+):
+    from capsnet.loss import margin_at
+
+    real, steps = trainer.evaluate, []
+
+    def spy(model, loader, cfg, device, step=None, total_steps=None, *args, **kwargs):
+        steps.append(step)
+        return real(model, loader, cfg, device, step, total_steps, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", spy)
+    lines: list[str] = []
+    cfg = tiny(tmp_path)
+    fit(cfg, run_name="margins", echo=lines.append)
+    assert steps == [5, 11]  # after steps 6 and 12, whose updates used the margins of steps 5 and 11
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    for step, line in zip(steps, epochs, strict=True):
+        assert f"sched/margin {margin_at(step, 12, cfg.loss):.4g}" in line, line
+
+
 def test_the_plan_line_puts_one_epoch_and_one_step_in_the_singular(tmp_path):
     lines: list[str] = []
     fit(tiny(tmp_path, "train.epochs=1", "train.batch_size=96"), run_name="one", echo=lines.append)
@@ -200,6 +248,27 @@ def test_a_logging_window_of_only_skipped_steps_logs_no_loss_of_zero(tmp_path, m
     losses = {line["step"]: line["train/loss"] for line in logged(result.run_dir) if "train/loss" in line}
     assert losses[4] == "nan"  # not 0.0: the window has no finite loss (JSON writes NaN as "nan")
     assert all(math.isfinite(losses[s]) and losses[s] > 0 for s in (2, 6))
+
+
+def test_the_epoch_line_leaves_out_the_loss_of_steps_skipped_for_their_gradients(tmp_path, monkeypatch):
+    """A finite loss whose gradients overflow is skipped: the epoch's train/loss is the mean over the
+    steps that were not, as in metrics.jsonl."""
+    real, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+    def overflowing(*args, **kwargs):
+        norm = real(*args, **kwargs)
+        calls["n"] += 1
+        return norm * float("inf") if calls["n"] in (3, 4) else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing)
+    lines: list[str] = []
+    result = fit(tiny(tmp_path, "train.epochs=1"), run_name="grads", echo=lines.append)
+    assert result.bad_steps == 2
+    windows = [e for e in logged(result.run_dir) if "train/loss" in e and e["train/loss"] != "nan"]
+    assert [e["step"] for e in windows] == [2, 6]  # each the mean of its window's 2 steps
+    mean = sum(e["train/loss"] for e in windows) / len(windows)
+    [epoch] = [line for line in lines if line.startswith("epoch 1/1")]
+    assert f"train/loss {mean:.4f}" in epoch, (epoch, mean)
 
 
 def test_a_skipped_batch_with_a_nan_pixel_leaves_the_batch_norm_statistics_as_they_were(
@@ -622,6 +691,7 @@ def test_a_stop_on_an_epochs_last_step_leaves_its_evaluation_to_the_resumed_run(
     assert any("after the last step of epoch 1, before its evaluation" in line for line in lines), lines
     epoch_lines = [line for line in lines if line.startswith("epoch 1/2  step 6")]
     assert len(epoch_lines) == 1 and "train/loss" not in epoch_lines[0]  # no training in it to report
+    assert "img/s" not in epoch_lines[0], epoch_lines  # nor a speed of 0 img/s over no images
     assert resumed.step == 12 and (resumed.best_acc, resumed.best_step) == (
         straight.best_acc,
         straight.best_step,
@@ -1268,7 +1338,8 @@ def test_best_pt_is_chosen_on_the_validation_split_it_logs(tmp_path):
     prep = prepare_checkpoint(str(result.run_dir / "best.pt"), split="val")
     assert len(prep.loader.dataset) == 24  # a quarter of the 96 training images
     step = load_checkpoint(result.run_dir / "best.pt")["step"]
-    scored = evaluate(prep.model, prep.loader, prep.cfg, prep.device, step, step)
+    # at the margin of the step that made best.pt's weights (tiny.yaml: loss.margin_steps fixed)
+    scored = evaluate(prep.model, prep.loader, prep.cfg, prep.device, step - 1, step)
     assert scored.acc == pytest.approx(result.best_acc)
     assert scored.loss == pytest.approx(first_best["val/loss"], rel=1e-5)
 
