@@ -308,8 +308,10 @@ class CapsNet(nn.Module):
         """Decoder image (N, C, H, W) from the pose of class ``labels`` (the target in training)."""
         if self.decoder is None:
             raise RuntimeError("this model was built without a decoder (model.decoder: false)")
+        # checked on the CPU only: on a GPU reading the labels would wait for it at every training step
         if (
             not _tracing()
+            and labels.device.type == "cpu"
             and labels.numel()
             and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes
         ):
