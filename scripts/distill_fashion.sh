@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Trains the paper's small model by the recipe that brought it to 90% on Fashion-MNIST, each
 # stage as reproduce_fashion.sh does (full schedule, best.pt scored on the 10,000 test images,
-# learning curves in docs/figures/): first the teacher, configs/small_deep.yaml with its
-# schedules compressed into TEACHER_EPOCHS epochs (default 12, as in the measured recipe), under
-# the run name TEACHER (default small-deep-teacher12); then the small model taught by that run's
-# best.pt, configs/small_taught.yaml, under the run name RUN (default small-taught); then that
-# run's best.pt trained on with a lower learning rate, configs/small_taught_tail.yaml, under the
-# run name TAIL (default RUN-tail), whose best.pt is the recipe's model.
+# learning curves in the run's folder, or in FIGURES as there): first the teacher,
+# configs/small_deep.yaml with its schedules compressed into TEACHER_EPOCHS epochs (default 12,
+# as in the measured recipe), under the run name TEACHER (default small-deep-teacher12); then
+# the small model taught by that run's best.pt, configs/small_taught.yaml, under the run name RUN
+# (default small-taught); then that run's best.pt trained on with a lower learning rate,
+# configs/small_taught_tail.yaml, under the run name TAIL (default RUN-tail), whose best.pt is
+# the recipe's model.
 #
 #   bash scripts/distill_fashion.sh
 #   bash scripts/distill_fashion.sh -o loss.teacher_temperature=2   # options for both student stages

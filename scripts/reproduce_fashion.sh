@@ -2,7 +2,7 @@
 # Reproduces the README's Fashion-MNIST results from scratch: trains a config for its
 # full schedule, scores best.pt (chosen on the validation split) on the 10,000 test
 # images (also with the mirrored test when the run trained with horizontal flips), and
-# draws the learning curves.
+# draws the learning curves into the run's folder (curves.png beside its metrics.jsonl).
 #
 #   bash scripts/reproduce_fashion.sh                              # configs/small.yaml
 #   bash scripts/reproduce_fashion.sh configs/fashion_paper.yaml   # the paper-size model
@@ -14,6 +14,9 @@
 #                                           # also the mean of the weights of the last 3 epoch-end
 #                                           # checkpoints (capsnet average; the run must keep that
 #                                           # many: logging.keep), scored on val and test
+#   FIGURES=docs/figures RUN=mine bash scripts/reproduce_fashion.sh
+#                                           # the curves as docs/figures/curves_mine.png instead
+#                                           # (FIGURES: a folder, relative to the caller's)
 #
 # Long: an epoch of configs/small.yaml takes roughly 4-7 minutes on a 2-core CPU, and the
 # configs of 18 epochs take one to three hours there.
@@ -37,6 +40,10 @@ for arg in "$@"; do
     esac
 done
 absolute_path_options "$@"
+figures="${FIGURES:-}"
+if [[ -n "$figures" && "$figures" != /* ]]; then
+    figures="$(pwd -P)/$figures"  # still the caller's folder after the change to the repository
+fi
 cd "$here/.."
 name="${RUN:-reproduce-$(basename "$config" .yaml)}"
 average="${AVERAGE:-}"
@@ -78,5 +85,13 @@ if [[ -n "$average" ]]; then
     .venv/bin/capsnet eval --ckpt "$averaged" --split val
     .venv/bin/capsnet eval --ckpt "$averaged" --split test ${mirror[@]+"${mirror[@]}"}
 fi
-mkdir -p docs/figures
-.venv/bin/python scripts/plot_curves.py "$run_dir" --out "docs/figures/curves_$name.png"
+# Into the run's folder unless FIGURES names a folder: a default in docs/figures would draw over
+# the committed figure of an earlier run of the same name.
+if [[ -n "$figures" ]]; then
+    mkdir -p "$figures"
+    curves="$figures/curves_$name.png"
+else
+    curves="$run_dir/curves.png"
+fi
+.venv/bin/python scripts/plot_curves.py "$run_dir" --out "$curves"
+echo "learning curves: $curves"

@@ -396,7 +396,9 @@ def stand_in_checkout(root: Path, scripts: list[str], configs: list[str]) -> Non
         shutil.copy(REPO / "scripts" / script, root / "scripts")
     for stand_in in ("setup_env.sh", "fetch_fashion_mnist.sh"):
         (root / "scripts" / stand_in).write_text("exit 0\n")
-    (root / "scripts" / "plot_curves.py").write_text("open('calls', 'a').write('plot\\n')\n")
+    (root / "scripts" / "plot_curves.py").write_text(
+        "import sys\nopen('calls', 'a').write(' '.join(['plot', *sys.argv[1:]]) + '\\n')\n"
+    )
     (root / "configs").mkdir()
     for config in configs:
         shutil.copy(REPO / "configs" / config, root / "configs")
@@ -427,7 +429,8 @@ def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tm
     root = tmp_path.resolve()
     assert calls[0] == f"train --config {root}/configs/{config} --run-name r --resume latest -o train.seed=1"
     evaluation = "eval --ckpt weights/em_capsules/r/best.pt --split test"
-    assert calls[1:] == [evaluation + (" --mirror" if mirrored else ""), "plot"]
+    plot = "plot weights/em_capsules/r --out weights/em_capsules/r/curves.png"
+    assert calls[1:] == [evaluation + (" --mirror" if mirrored else ""), plot]
 
     # from another folder, with paths relative to it, and runs kept in another logging.out_dir
     (tmp_path / "calls").unlink()
@@ -440,6 +443,16 @@ def test_reproduce_fashion_adds_the_mirrored_test_for_runs_trained_with_flips(tm
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls[0].startswith(f"train --config {root}/elsewhere/mine.yaml --run-name r")
     assert calls[1] == "eval --ckpt kept/r/best.pt --split test" + (" --mirror" if mirrored else "")
+    assert calls[2] == "plot kept/r --out kept/r/curves.png"
+
+    # FIGURES puts the curves in a folder of the caller's instead, named after the run
+    (tmp_path / "calls").unlink()
+    done = run_script(elsewhere, args, RUN="r", OUT_DIR="kept", FIGURES="figs")
+    assert done.returncode == 0, done.stderr
+    figures = (elsewhere / "figs").resolve()
+    assert figures.is_dir()
+    assert (tmp_path / "calls").read_text().splitlines()[2] == f"plot kept/r --out {figures}/curves_r.png"
+    assert f"learning curves: {figures}/curves_r.png" in done.stdout
 
 
 def test_reproduce_fashion_given_options_alone_trains_the_default_config_with_them(tmp_path):
@@ -481,7 +494,7 @@ def test_reproduce_fashion_with_average_scores_the_mean_of_the_last_checkpoints_
         f"average --ckpt {run} --last 4 --overwrite --json",
         f"eval --ckpt {run}/average-000010-000030.pt --split val",
         f"eval --ckpt {run}/average-000010-000030.pt --split test",
-        "plot",
+        f"plot {run} --out {run}/curves.png",
     ]
     assert f"averaged the weights of the last 4 epoch-end checkpoints: {run}/average-000010-000030.pt" in (
         done.stdout
@@ -523,19 +536,19 @@ def test_distill_fashion_trains_and_scores_the_teacher_the_student_and_the_stude
     assert (tmp_path / "calls").read_text().splitlines() == [
         f"train --config {root}/configs/small_deep.yaml --run-name t --resume latest -o train.epochs=12",
         "eval --ckpt weights/em_capsules/t/best.pt --split test",
-        "plot",
+        "plot weights/em_capsules/t --out weights/em_capsules/t/curves.png",
         (
             f"train --config {root}/configs/small_taught.yaml --run-name small-taught --resume latest "
             "-o loss.teacher=t/best.pt -o loss.teacher_temperature=2"
         ),
         "eval --ckpt weights/em_capsules/small-taught/best.pt --split test",
-        "plot",
+        "plot weights/em_capsules/small-taught --out weights/em_capsules/small-taught/curves.png",
         (
             f"train --config {root}/configs/small_taught_tail.yaml --run-name small-taught-tail --resume latest "
             "-o loss.teacher=t/best.pt -o train.init_from=small-taught/best.pt -o loss.teacher_temperature=2"
         ),
         "eval --ckpt weights/em_capsules/small-taught-tail/best.pt --split test",
-        "plot",
+        "plot weights/em_capsules/small-taught-tail --out weights/em_capsules/small-taught-tail/curves.png",
     ]
 
 
