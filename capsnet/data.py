@@ -605,6 +605,9 @@ _IDX_META = {
         "std": [0.3081],
         "classes": [str(i) for i in range(10)],
         "apt": "",
+        # the first ten labels of the released training and test files: MNIST and Fashion-MNIST
+        # name their files alike, so these tell one dataset's files from the other's
+        "first_labels": {"train": [5, 0, 4, 1, 9, 2, 1, 3, 1, 4], "test": [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]},
     },
     "fashion-mnist": {
         "torchvision": "FashionMNIST",
@@ -623,6 +626,7 @@ _IDX_META = {
             "Ankle boot",
         ],
         "apt": "sudo apt-get install dataset-fashion-mnist, ",
+        "first_labels": {"train": [9, 0, 0, 3, 0, 2, 7, 2, 5, 5], "test": [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]},
     },
 }
 
@@ -673,7 +677,7 @@ def locate_idx(name: str, root: str | Path, allow_download: bool) -> dict[str, P
     raise DatasetNotFoundError(
         f"{name} not found (looked in: {looked}; {reason}).\n"
         f"Get it with: {_IDX_META[name]['apt']}{download_advice(allow_download)}, or put the "
-        f"4 IDX files ({', '.join(s + '[.gz]' for s in IDX_FILES.values())}) in data.root.",
+        f"4 IDX files ({', '.join(s + '[.gz]' for s in IDX_FILES.values())}) in data.root/{name}.",
         searched=dirs,
     )
 
@@ -699,6 +703,21 @@ def _read_idx_split(
     return images.unsqueeze(1), labels.long()  # (N, 1, H, W)
 
 
+def refuse_another_datasets_labels(name: str, path: Path, split: str, labels: torch.Tensor) -> None:
+    """Refuses ``labels`` (the ``split`` labels read from ``path`` for the dataset ``name``) where they
+    begin as the released file of another IDX dataset does: the four files of MNIST and of
+    Fashion-MNIST have the same names, so one's files in the other's folder would otherwise train
+    under the wrong class names and normalisation."""
+    for other, meta in _IDX_META.items():
+        first = meta["first_labels"][split]
+        if other != name and labels[: len(first)].tolist() == first:
+            raise DataFormatError(
+                f"{path}: these are {other}'s {split} labels (they begin {first}), not {name}'s. "
+                f"The two datasets' files have the same names: keep each in its own folder, "
+                f"data.root/{name} for {name}"
+            )
+
+
 def _build_idx(
     cfg: DataConfig, seed: int, stats: Normalisation | None = None
 ) -> tuple[ImageDataset, ImageDataset, DataInfo]:
@@ -707,6 +726,8 @@ def _build_idx(
     num_classes = len(meta["classes"])
     train_x, train_y = _read_idx_split(files["train_images"], files["train_labels"], num_classes)
     test_x, test_y = _read_idx_split(files["test_images"], files["test_labels"], num_classes)
+    for split, labels in (("train", train_y), ("test", test_y)):
+        refuse_another_datasets_labels(cfg.name, files[f"{split}_labels"], split, labels)
     if test_x.shape[-2:] != train_x.shape[-2:]:  # files of two datasets: resizing would hide it
         raise DataFormatError(
             f"{files['test_images']}: {tuple(test_x.shape[-2:])} images, but those of "
@@ -845,6 +866,7 @@ def _torchvision_split(
 def _load_torchvision(name: str, root: str | Path, download: bool):
     root = Path(root).expanduser()
     dirs = [root, root / name]
+    damaged: DataFormatError | None = None  # the release found, but not readable
     for folder in dirs:
         if name == "cifar10":
             if (folder / CIFAR10_FOLDER).is_dir():
@@ -852,9 +874,10 @@ def _load_torchvision(name: str, root: str | Path, download: bool):
                     return _read_cifar10(folder / CIFAR10_FOLDER, True), _read_cifar10(
                         folder / CIFAR10_FOLDER, False
                     )
-                except DataFormatError:
+                except DataFormatError as e:
                     if not download:
                         raise
+                    damaged = e
                     break  # a damaged or incomplete release: downloaded and unpacked again below
             continue
         parts = []
@@ -862,11 +885,15 @@ def _load_torchvision(name: str, root: str | Path, download: bool):
             try:
                 parts.append(_torchvision_split(name, folder, train, False))
             except RuntimeError:  # torchvision's "Dataset not found or corrupted"
-                if (folder / file).is_file() and not download:  # with download, torchvision replaces it
-                    raise DataFormatError(
-                        f"{folder / file}: present but failing torchvision's checksum (corrupt or "
-                        "incomplete); delete it, or set data.download=true to download it again"
-                    ) from None
+                if (folder / file).is_file():
+                    problem = (
+                        f"{folder / file}: present but failing torchvision's checksum (corrupt or incomplete)"
+                    )
+                    if not download:  # with download, torchvision replaces it below
+                        raise DataFormatError(
+                            f"{problem}; delete it, or set data.download=true to download it again"
+                        ) from None
+                    damaged = DataFormatError(problem)
                 break
         if len(parts) == 2:
             return parts[0], parts[1]
@@ -882,6 +909,10 @@ def _load_torchvision(name: str, root: str | Path, download: bool):
             raise
         except Exception as e:  # noqa: BLE001 - network and archive errors come in many types
             reason = f"download failed: {one_line(e)}"
+            if damaged is not None:  # the files are there: what is wrong with them comes first
+                raise DataFormatError(
+                    f"{damaged}; downloading the release again to replace it failed: {one_line(e)}"
+                ) from None
     looked = ", ".join(str(d) for d in dirs)
     raise DatasetNotFoundError(
         f"{name} not found (looked in: {looked}; {reason}).\n"

@@ -183,6 +183,44 @@ def test_mnist_is_read_from_idx_files_under_the_root(tmp_path):
     assert augmented.shape == (1, 28, 28)
 
 
+def test_the_files_of_one_idx_dataset_are_refused_as_the_other_s(tmp_path):
+    """MNIST's and Fashion-MNIST's files have the same names: those of one in a folder that the other
+    searches are told apart by their first labels, not trained under the other's classes."""
+    rng = np.random.default_rng(0)
+    first = {
+        "mnist": ([5, 0, 4, 1, 9, 2, 1, 3, 1, 4], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]),
+        "fashion-mnist": ([9, 0, 0, 3, 0, 2, 7, 2, 5, 5], [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]),
+    }
+
+    def files(folder: Path, train_labels: list[int], test_labels: list[int]) -> Path:
+        folder.mkdir()
+        for stem, labels in (("train", train_labels + [3, 3]), ("t10k", test_labels)):
+            images = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+            write_idx(folder / f"{stem}-images-idx3-ubyte.gz", images)
+            write_idx(folder / f"{stem}-labels-idx1-ubyte.gz", np.array(labels, dtype=np.uint8))
+        return folder
+
+    for name, other in (("mnist", "fashion-mnist"), ("fashion-mnist", "mnist")):
+        root = files(tmp_path / f"{other}-flat", *first[other])
+        train, _, test, _ = build_datasets(DataConfig(name=other, root=str(root), download=False))
+        assert (train.targets[:10].tolist(), test.targets.tolist()) == first[other]
+        with pytest.raises(DataFormatError) as caught:
+            build_datasets(DataConfig(name=name, root=str(root), download=False))
+        assert str(caught.value) == (
+            f"{root}/train-labels-idx1-ubyte.gz: these are {other}'s train labels (they begin "
+            f"{first[other][0]}), not {name}'s. The two datasets' files have the same names: keep each "
+            f"in its own folder, data.root/{name} for {name}"
+        )
+    # a training file of one with the test file of the other: the test file is refused
+    root = files(tmp_path / "mixed", first["mnist"][0], first["fashion-mnist"][1])
+    with pytest.raises(DataFormatError, match=r"t10k-labels-idx1-ubyte.gz: these are fashion-mnist's test"):
+        build_datasets(DataConfig(name="mnist", root=str(root), download=False))
+    # labels that begin otherwise are either dataset's
+    root = files(tmp_path / "own", [1] * 10, [2] * 10)
+    for name in first:
+        assert len(build_datasets(DataConfig(name=name, root=str(root), download=False))[0]) == 12
+
+
 def _augmented_views(tmp_path, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Image 0 as evaluated, 30 draws of it through the training transform, and the value of padding."""
     write_mnist(tmp_path)
@@ -469,6 +507,34 @@ def test_a_cifar10_batch_with_a_key_that_is_not_utf8_is_still_read(tmp_path):
     assert test.labels.tolist() == batch[b"labels"]
 
 
+def test_a_corrupt_cifar10_batch_is_named_when_downloading_the_release_again_fails(tmp_path, monkeypatch):
+    """With data.download on, a damaged release is downloaded again; offline, the error names the
+    damaged file, not "cifar10 not found"."""
+    folder = write_cifar10(tmp_path)
+    (folder / "test_batch").write_bytes(b"\x80\x02}q\x00(")  # cut short
+    asked = []
+
+    def offline(name, root, train, download):
+        asked.append((train, download))
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(data, "_torchvision_split", offline)
+    with pytest.raises(DataFormatError) as caught:
+        build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=True))
+    assert asked == [(True, True)]
+    message = str(caught.value)
+    assert message.startswith(f"{folder / 'test_batch'}: not a CIFAR-10 batch file")
+    assert message.endswith(
+        "; downloading the release again to replace it failed: "
+        "<urlopen error [Errno -3] Temporary failure in name resolution>"
+    )
+    # online, the release downloaded again is what is read
+    fresh = (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([1, 2]))
+    monkeypatch.setattr(data, "_torchvision_split", lambda name, root, train, download: fresh)
+    train, _, test, _ = build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=True))
+    assert train.labels.tolist() == test.labels.tolist() == [1, 2]
+
+
 def test_a_cifar10_archive_left_packed_is_named_when_the_data_is_not_found(tmp_path):
     (tmp_path / data.CIFAR10_ARCHIVE).write_bytes(b"archive")
     with pytest.raises(DatasetNotFoundError, match=r"cifar-10-python.tar.gz is there but not unpacked"):
@@ -509,6 +575,9 @@ def test_real_fashion_mnist_is_found_in_the_system_folder(tmp_path):
     assert torch.bincount(test.targets, minlength=10).tolist() == [1000] * 10
     image, _ = test[0]
     assert image.shape == (1, 28, 28) and abs(float(image.mean())) < 3
+    # the same files given to MNIST as its data.root are refused, not trained as digits
+    with pytest.raises(DataFormatError, match="these are fashion-mnist's train labels"):
+        build_datasets(DataConfig(name="mnist", root=str(FASHION_DIR), download=False))
 
 
 def test_pixel_transform_normalises_and_shifts_with_black_padding():
@@ -1131,13 +1200,19 @@ def test_a_damaged_download_is_downloaded_again_when_downloads_are_on(tmp_path, 
     (folder / "data_batch_3").unlink()  # an unpacking that stopped halfway
     with pytest.raises(DataFormatError, match="data_batch_3: cannot read"):
         build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=False))
-    with pytest.raises(DatasetNotFoundError, match="download failed: network is unreachable"):
+    # offline, the file is still named, not reported missing
+    again = "downloading the release again to replace it failed: network is unreachable"
+    with pytest.raises(DataFormatError, match=f"data_batch_3: cannot read .*; {again}$"):
         build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=True))
     assert calls == [("cifar10", True)]
     (tmp_path / "train_32x32.mat").write_bytes(b"not the real file")
-    with pytest.raises(DatasetNotFoundError, match="download failed"):  # torchvision would replace it
+    with pytest.raises(DataFormatError) as caught:  # torchvision would replace it
         build_datasets(DataConfig(name="svhn", root=str(tmp_path), download=True))
     assert calls[-1] == ("svhn", True)
+    assert str(caught.value) == (
+        f"{tmp_path / 'train_32x32.mat'}: present but failing torchvision's checksum (corrupt or incomplete); "
+        + again
+    )
 
 
 def test_the_recorded_resizing_is_what_the_loaders_do(tmp_path):
