@@ -452,9 +452,10 @@ def one_line(error: BaseException, limit: int = 300) -> str:
 
 
 @contextlib.contextmanager
-def tidy_failed_download(*folders: Path):
-    """On a download that fails, removes those of ``folders`` (and of their parents) that did not
-    exist before it and that it left empty, so that a failed attempt leaves no trace."""
+def tidy_made_folders(*folders: Path):
+    """On work that fails (a download, an export), removes those of ``folders`` (and of their
+    parents) that did not exist before it and that it left empty, so that a failed attempt leaves
+    no trace."""
     chain = {f for folder in folders for f in (folder, *folder.parents)}
     made = sorted((f for f in chain if not f.exists()), key=lambda f: len(f.parts), reverse=True)
     try:
@@ -663,7 +664,7 @@ def locate_idx(name: str, root: str | Path, allow_download: bool) -> dict[str, P
             import torchvision.datasets
 
             folder = Path(root).expanduser() / _IDX_META[name]["torchvision"]
-            with tidy_failed_download(folder / "raw", folder / "processed"):
+            with tidy_made_folders(folder / "raw", folder / "processed"):
                 getattr(torchvision.datasets, _IDX_META[name]["torchvision"])(
                     str(root), train=True, download=True
                 )
@@ -903,7 +904,7 @@ def _load_torchvision(name: str, root: str | Path, download: bool):
         reason += f"; {archives[0]} is there but not unpacked: tar xzf it in its folder"
     if download:
         try:
-            with tidy_failed_download(root, root / CIFAR10_FOLDER):
+            with tidy_made_folders(root, root / CIFAR10_FOLDER):
                 return _torchvision_split(name, root, True, True), _torchvision_split(name, root, False, True)
         except DataError:
             raise

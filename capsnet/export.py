@@ -454,8 +454,30 @@ def export_checkpoint(
         raise ExportError(f"--out {path} is a folder: give a file name, such as {path / FORMATS[fmt]}")
     if not path.suffix:  # --out model: model.onnx, as the format says
         path = path.with_name((path.name.rstrip(".") or path.name) + Path(FORMATS[fmt]).suffix)
+        if path.is_dir():  # --out model where model.onnx is a folder
+            raise ExportError(f"--out {path} is a folder: give a file name, such as {path / FORMATS[fmt]}")
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists; --overwrite replaces it, or give another --out")
+    from capsnet.data import tidy_made_folders
+
+    # an export that fails or is stopped leaves no folder it made behind it
+    with tidy_made_folders(path.parent):
+        return _export_to(path, fmt, ckpt, ckpt_path, model, run, data_root, batch_size, inputs, say)
+
+
+def _export_to(
+    path: Path,
+    fmt: str,
+    ckpt: dict,
+    ckpt_path: Path,
+    model: nn.Module,
+    run: str | None,
+    data_root: str | None,
+    batch_size: int,
+    inputs: str,
+    say: Callable[[str], None] | None,
+) -> ExportReport:
+    """:func:`export_checkpoint` once its arguments are checked: writes ``path`` or nothing."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

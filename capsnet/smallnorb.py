@@ -44,7 +44,7 @@ from capsnet.data import (
     open_data_file,
     read_body,
     shaped_body,
-    tidy_failed_download,
+    tidy_made_folders,
 )
 
 CLASS_NAMES = ["animal", "human", "airplane", "truck", "car"]
@@ -207,7 +207,7 @@ def locate(root: str | Path, allow_download: bool) -> dict[tuple[str, str], Path
     reason = "data.download is false"
     if allow_download:
         try:
-            with tidy_failed_download(Path(root).expanduser() / "smallnorb"):
+            with tidy_made_folders(Path(root).expanduser() / "smallnorb"):
                 download(root)
         except Exception as e:  # noqa: BLE001 - network errors come in many types
             reason = f"download from {URL} failed: {one_line(e)}"

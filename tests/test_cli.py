@@ -760,6 +760,46 @@ def test_export_replaces_a_file_only_when_asked_and_only_with_an_export_that_pas
     assert folder.exit_code == 2 and f"--out {out.parent} is a folder: give a file name" in folder.stderr
 
 
+def test_a_failed_or_stopped_export_leaves_no_folder_it_made(in_workdir, monkeypatch):
+    from capsnet import export
+
+    kept = in_workdir / "kept"
+    kept.mkdir()
+    out = kept / "new" / "deeper" / "m.onnx"
+    monkeypatch.setattr(export, "TOLERANCE", 1e-30)  # the parity check fails
+    failed = runner.invoke(app, ["export", "--ckpt", "latest", "--out", str(out)])
+    assert failed.exit_code == 2 and "nothing was written" in failed.stderr
+    assert list(kept.iterdir()) == []  # new/deeper, made for the file, are gone; kept/ was there before
+    monkeypatch.undo()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_onnx", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_checkpoint("latest", "onnx", out=out)
+    assert list(kept.iterdir()) == []
+    monkeypatch.undo()
+    done = runner.invoke(app, ["export", "--ckpt", "latest", "--out", str(out)])
+    assert done.exit_code == 0 and out.is_file(), done.output
+
+
+def test_export_refuses_an_out_without_suffix_whose_suffixed_name_is_a_folder_before_exporting(
+    in_workdir, monkeypatch
+):
+    from capsnet import export
+
+    (in_workdir / "suffixless" / "model.onnx").mkdir(parents=True)
+    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: pytest.fail("exported to a folder's name"))
+    for extra in ([], ["--overwrite"]):
+        refused = runner.invoke(app, ["export", "--ckpt", "latest", "--out", "suffixless/model", *extra])
+        assert refused.exit_code == 2
+        assert refused.stderr.strip() == (
+            "error: --out suffixless/model.onnx is a folder: give a file name, "
+            "such as suffixless/model.onnx/model.onnx"
+        )
+
+
 def test_attack_step_size_help_says_it_is_in_the_units_of_eps_not_a_multiple_of_it():
     """BIM's --step-size is used as given (pixel units, or standard deviations on smallNORB)."""
     import re
