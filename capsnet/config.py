@@ -134,7 +134,7 @@ class DataConfig:
     split: str = "standard"  # smallnorb: "standard" | "azimuth" | "elevation"
     # folder
     train_dir: str | None = None  # image-folder tree for training (one sub-folder per class)
-    test_dir: str | None = None  # its test tree; null: a stratified 20% of train_dir held out
+    test_dir: str | None = None  # its test tree; null: about 20% of each class held out, by file name
     grayscale: bool = False  # folder: convert images to one channel
     bad_files: str = "skip"  # folder: "skip" (warn and count) | "fail"
     # synthetic

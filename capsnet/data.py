@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import math
 import os
 import pickle
@@ -109,6 +110,9 @@ class DataInfo:
     #: the folder the image files were read from, where one folder holds them all (the IDX datasets,
     #: which may be found outside data.root: SYSTEM_DATA_DIRS); None otherwise
     source: str | None = None
+    #: how an image folder without data.test_dir chose its held-out test files: "by-name" (each
+    #: file by its own name, :func:`held_out_by_name`); None for every other dataset
+    test_split: str | None = None
 
 
 #: A per-channel input normalisation, ``(mean, std)`` in [0, 1] units: what a trained model's
@@ -435,6 +439,25 @@ def split_indices(n: int, fraction: float, seed: int, group: int = 1) -> tuple[t
         return (g[:, None] * group + offsets).flatten()
 
     return expand(kept_groups), expand(held_groups)
+
+
+def held_out_by_name(names: list[str], fraction: float) -> list[bool]:
+    """Whether each of ``names`` (one class's files, named relative to data.train_dir) is held out.
+
+    Each file's side is fixed by a hash of its own name, whatever else is in the folder, so that
+    files added or removed after training never move a training image into the test set: a file
+    is held out where its hash, read as a number in [0, 1), is below ``fraction``. A class of two
+    or more files holds out at least one and keeps at least one (its lowest-hashed file is held
+    out where none would be, its highest kept where all would be): there alone can a file added
+    or removed move another.
+    """
+    scores = [int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64 for name in names]
+    held = [score < fraction for score in scores]
+    if len(names) > 1 and not any(held):
+        held[scores.index(min(scores))] = True
+    if len(names) > 1 and all(held):
+        held[scores.index(max(scores))] = False
+    return held
 
 
 def fitting_rows(cfg: DataConfig, n: int, seed: int) -> torch.Tensor:
@@ -1027,7 +1050,8 @@ def _build_smallnorb(
 
 # --------------------------------------------------------------------------- image folder
 
-#: Share of each class held out as the test set when data.test_dir is not given (fixed seed 0).
+#: Share of each class held out as the test set when data.test_dir is not given (each file by
+#: its name: :func:`held_out_by_name`).
 FOLDER_TEST_FRACTION = 0.2
 
 
@@ -1105,8 +1129,9 @@ def _build_folder(
     to ``data.image_size`` (default 32) x same by bilinear resampling without
     keeping the aspect ratio, and converted to grey (``data.grayscale``) or RGB.
     Files that fail are skipped with one warning (``data.bad_files: skip``) or
-    raise DataFormatError (``fail``). Without ``data.test_dir`` a fixed 20% of
-    each class (chosen with seed 0, whatever the training seed) is the test set.
+    raise DataFormatError (``fail``). Without ``data.test_dir`` about 20% of each
+    class is the test set, each file chosen by its name (:func:`held_out_by_name`, whatever
+    the training seed and whatever files are added later).
     Normalisation uses the per-channel mean and std of the training images (``stats``
     where given: those a trained model's inputs were normalised with);
     training augmentation is a random crop with zero padding of size/8 (``data.shift``,
@@ -1155,9 +1180,11 @@ def _build_folder(
     else:
         train_list, test_list = [], []
         for c, paths in train_files.items():
-            kept, held = split_indices(len(paths), FOLDER_TEST_FRACTION, 0) if len(paths) > 1 else ([0], [])
-            train_list += [(paths[int(i)], index[c]) for i in kept]
-            test_list += [(paths[int(i)], index[c]) for i in held]
+            held = held_out_by_name(
+                [p.relative_to(train_dir).as_posix() for p in paths], FOLDER_TEST_FRACTION
+            )
+            train_list += [(path, index[c]) for path, out in zip(paths, held) if not out]
+            test_list += [(path, index[c]) for path, out in zip(paths, held) if out]
 
     train_x, train_y, bad = _load_folder([] if test_only else train_list, size, mode)
     test_x, test_y, bad_test = _load_folder(test_list, size, mode)
@@ -1179,6 +1206,8 @@ def _build_folder(
     evaluation = PixelTransform(mean, std)
     training = _training_transform(cfg, mean, std, size, max(1, size // 8))
     info = DataInfo(len(classes), train_x.shape[1], size, classes, mean, std)
+    if not cfg.test_dir:
+        info.test_split = "by-name"
     return (
         ImageDataset(train_x, train_y, _train_or_eval(cfg.augment, training, evaluation), evaluation),
         ImageDataset(test_x, test_y, evaluation),

@@ -296,6 +296,8 @@ def prepare_checkpoint(
             f"the checkpoint's model has {model.num_classes} classes but the data has {loaders.info.num_classes}"
         )
     check_class_names(ckpt, loaders.info.class_names, path)
+    if split != "val":
+        check_test_split(ckpt, loaders.info.test_split, path)
     check_image_size(model, cfg, loaders.info.image_size)
     loader = {"test": loaders.test, "val": loaders.val, **loaders.extra}.get(split)
     if loader is None:
@@ -321,6 +323,22 @@ def check_class_names(ckpt: dict[str, Any], names: list[str], path: str | Path) 
         f"{path} was trained with the classes {trained}, this data has {list(names)}: its outputs "
         "would be scored against other labels; use data whose class names (folder names) and order "
         "are the ones it was trained with"
+    )
+
+
+def check_test_split(ckpt: dict[str, Any], test_split: str | None, path: str | Path) -> None:
+    """Raises DataError where the image folder's test files are chosen otherwise than when the
+    checkpoint's model was trained (``test_split``: :attr:`capsnet.data.DataInfo.test_split`):
+    they would include images it trained on. Checkpoints that record no data_info pass."""
+    from capsnet.data import DataError
+
+    info = ckpt.get("data_info")
+    if test_split is None or not isinstance(info, dict) or info.get("test_split") == test_split:
+        return
+    raise DataError(
+        f"{path} was trained when an image folder's held-out test fifth was drawn by each file's "
+        "position in the folder; it is now chosen by each file's name, and would include images this "
+        "model trained on: score it on a separate test folder (-o data.test_dir=...) or train it again"
     )
 
 

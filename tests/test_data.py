@@ -16,6 +16,7 @@ from torch.utils.data import DistributedSampler
 from capsnet import data, smallnorb
 from capsnet.config import ConfigError, DataConfig, config_from_dict
 from capsnet.data import (
+    DataError,
     DataFormatError,
     DataInfo,
     DatasetNotFoundError,
@@ -23,6 +24,7 @@ from capsnet.data import (
     build_datasets,
     build_loaders,
     check_channels,
+    held_out_by_name,
     per_image_standardise,
     read_idx,
     shifted,
@@ -994,6 +996,59 @@ def test_image_folder_test_carve_is_deterministic_and_disjoint(image_tree):
     assert not any(bytes(x.numpy()) in train_images for x in first[2].images)
 
 
+def test_held_out_by_name_fixes_each_file_s_side_by_its_own_name():
+    names = [f"cls/photo_{i:04d}.jpg" for i in range(2000)]
+    held = held_out_by_name(names, 0.2)
+    assert 0.18 < sum(held) / len(held) < 0.22
+    # files added and removed move no other file between training and test
+    more = held_out_by_name(names[500:] + [f"cls/new_{i}.jpg" for i in range(300)], 0.2)
+    assert more[:1500] == held[500:]
+    assert held_out_by_name(list(reversed(names)), 0.2) == list(reversed(held))  # nor does the order
+    assert held_out_by_name(names, 0.5) != held  # the share is the fraction's
+    # a class of two or more keeps one file or more and holds out one or more
+    for size in range(2, 12):
+        for start in range(0, 200, size):
+            few = held_out_by_name(names[start : start + size], 0.2)
+            assert any(few) and not all(few), (size, start)
+    assert held_out_by_name(["only.png"], 0.2) in ([True], [False])
+    assert held_out_by_name([], 0.2) == []
+
+
+def test_images_added_to_a_folder_after_training_never_move_a_training_image_into_the_test_set(image_tree):
+    for i in range(5, 40):
+        _save(image_tree / ("cat" if i % 2 else "dog") / f"{i}.png", "RGB", (20, 20), seed=100 + i)
+    cfg = DataConfig(name="folder", train_dir=str(image_tree), image_size=8)
+
+    def split() -> tuple[set[bytes], set[bytes]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train, _, test, info = build_datasets(cfg)
+        assert info.test_split == "by-name"
+        return {bytes(x.numpy()) for x in train.images}, {bytes(x.numpy()) for x in test.images}
+
+    trained, tested = split()
+    assert len(tested) >= 2 and not trained & tested
+    for i in range(40, 60):  # a user adds photos, and a note
+        _save(image_tree / ("cat" if i % 2 else "dog") / f"{i}.png", "RGB", (20, 20), seed=100 + i)
+    (image_tree / "cat" / "notes.txt").write_text("taken in May")
+    later_trained, later_tested = split()
+    assert not later_tested & trained  # not one image it trained on is scored
+    assert tested <= later_tested and trained <= later_trained
+
+
+def test_a_model_whose_test_fifth_was_drawn_otherwise_is_refused_when_scored():
+    from capsnet.evaluate import check_test_split
+
+    before = {"data_info": {"class_names": ["cat", "dog"], "mean": [0.5], "std": [0.2]}}
+    with pytest.raises(
+        DataError, match=r"run/best.pt was trained when an image folder's held-out test fifth"
+    ):
+        check_test_split(before, "by-name", "run/best.pt")
+    check_test_split({"data_info": {**before["data_info"], "test_split": "by-name"}}, "by-name", "r")
+    check_test_split(before, None, "r")  # a separate test folder, or another dataset
+    check_test_split({}, "by-name", "r")  # a checkpoint that records nothing is scored as before
+
+
 # --------------------------------------------------------------------------- synthetic, validation, loaders
 
 
@@ -1372,10 +1427,20 @@ def test_scoring_the_test_split_of_an_image_folder_decodes_only_its_test_images(
     real = data.decode_image
     monkeypatch.setattr(data, "decode_image", lambda path, *a: decoded.append(path) or real(path, *a))
     stats = (info.mean, info.std)
-    train, val, test, alone = build_datasets(cfg, stats=stats, trained_classes=info.class_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the held-out fifth holds an unreadable file
+        train, val, test, alone = build_datasets(cfg, stats=stats, trained_classes=info.class_names)
     assert len(train) == 0 and val is None and alone.class_names == info.class_names
     assert torch.equal(test.images, whole.images) and torch.equal(test.labels, whole.labels)
-    assert len(decoded) == len(test) == 2  # one of each class's five, and no training image
+    held = {
+        path
+        for paths in data._class_files(image_tree).values()
+        for path, out in zip(
+            paths, held_out_by_name([p.relative_to(image_tree).as_posix() for p in paths], 0.2)
+        )
+        if out
+    }
+    assert set(decoded) == held and len(test) == 2  # the held-out files (one unreadable) and no other
     assert torch.equal(test[1][0], whole[1][0])
     # without the normalisation the training images are needed after all (to compute it)
     decoded.clear()
