@@ -232,6 +232,7 @@ class PredictionReport:
     top: int = 3
     mirrored: bool = False
     inverted: bool = False
+    averaged_steps: list[int] | None = None  # an averaged checkpoint's (capsnet average): its steps
 
     def ranked(self, i: int) -> list[tuple[str, float]]:
         """The ``top`` most active classes of file ``i``, most active first (ties: lower index)."""
@@ -257,6 +258,7 @@ class PredictionReport:
             "checkpoint": self.checkpoint,
             "run": self.run,
             "step": self.step,
+            **({"averaged_steps": self.averaged_steps} if self.averaged_steps else {}),
             "classes": self.class_names,
             "iterations": self.iterations,
             "input": self.input,
@@ -269,6 +271,8 @@ class PredictionReport:
 
     def summary(self) -> str:
         step = f", step {self.step}" if self.step is not None else ""
+        if self.averaged_steps:
+            step = f", the mean of the weights at steps {', '.join(f'{s:,}' for s in self.averaged_steps)}"
         extras = [
             *(["inverted"] if self.inverted else []),
             *(["averaged with the left-right mirror"] if self.mirrored else []),
@@ -376,6 +380,7 @@ def predict_files(
         top=min(top, len(names)),
         mirrored=mirror,
         inverted=invert,
+        averaged_steps=(ckpt.get("averaged") or {}).get("steps"),
     )
     light = 0  # images on a light ground where the model knows light objects on black
     starts = range(0, len(files), batch_size)

@@ -115,6 +115,17 @@ def test_the_command_writes_it_and_eval_scores_it_as_an_average(run, tmp_path):
     text = runner.invoke(app, ["eval", "--ckpt", str(out_file)])
     assert "the mean of the weights at steps 9, 12; after epoch 4" in text.stdout
 
+    # predict names it as eval does, in its header and in its JSON
+    from PIL import Image
+
+    image = tmp_path / "grey.png"
+    Image.new("L", (20, 20), 128).save(image)
+    said = runner.invoke(app, ["predict", str(image), "--ckpt", str(out_file)])
+    assert said.exit_code == 0, said.output
+    assert said.stdout.startswith(f"{out_file} (run kept4, the mean of the weights at steps 9, 12, 4 classes")
+    said = runner.invoke(app, ["predict", str(image), "--ckpt", str(out_file), "--json"])
+    assert json.loads(said.stdout)["averaged_steps"] == [9, 12]
+
     listed = runner.invoke(app, ["average", "--ckpt", str(run), "--json", "--out", str(tmp_path / "j.pt")])
     assert json.loads(listed.stdout)["steps"] == [3, 6, 9, 12]
 
