@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from capsnet.loss import class_scores
 from capsnet.tracking import strict_json
-from capsnet.visualize import ExperimentError
+from capsnet.visualize import ExperimentError, check_writable
 
 METHODS = ("fgsm", "bim")
 TARGETS = ("next", "random", "least")
@@ -431,69 +431,61 @@ def attack_checkpoint(
     space = InputSpace.from_info(info.mean, info.std, info.channels)
     folder = Path(report_dir) if report_dir is not None else Path("reports") / prep.run
     log_dir = Path(tb_dir or prep.cfg.logging.tb_dir) / prep.run / "attack"
-    # the attack may take hours: a place its results cannot be written to is an error before it, not after
-    for place in [folder, *([log_dir] if tensorboard else [])]:
-        _check_writable(place)
-    for param in prep.model.parameters():
-        param.requires_grad_(False)
-    clean_acc, points, n, examples = run_attack(
-        prep.model,
-        prep.loader,
-        epsilons,
-        space,
-        method,
-        targeted,
-        target,
-        steps,
-        step_size,
-        prep.cfg.train.precision,
-        prep.cfg.train.seed,
-        progress,
-    )
-    report = AttackReport(
-        str(prep.path),
-        prep.run,
-        split,
-        method,
-        targeted,
-        target if targeted else None,
-        steps if method == "bim" else None,
-        step_size if method == "bim" else None,
-        space.units,
-        n,
-        clean_acc,
-        points,
-        iterations=prep.iterations,
-        trained_iterations=prep.trained_iterations,
-    )
-    path = folder / f"attack-{report.name}.json"
-    png = folder / f"attack-{report.name}.png"
-    report.replaced = [str(file) for file in ([path, png] if plot else [path]) if file.exists()]
-    figure = None
-    if plot:
-        from capsnet.visualize import plot_attack, save_figure
+    from capsnet.data import tidy_made_folders
 
-        figure = plot_attack(report, examples, prep.class_names, info.mean, info.std)
-        save_figure(figure, png)
-        report.files["png"] = str(png)
-    if tensorboard:
-        _log_tensorboard(report, steps_tb, log_dir, figure)
-        report.files["tensorboard"] = str(log_dir)
-    report.files["json"] = str(path)
-    path.write_text(strict_json(report.to_dict(), indent=2) + "\n")
-    return report
+    # an attack stopped or failed leaves no folder it made empty behind it
+    with tidy_made_folders(folder, *([log_dir] if tensorboard else [])):
+        # the attack may take hours: a place its results cannot be written to is an error before it
+        for place in [folder, *([log_dir] if tensorboard else [])]:
+            check_writable(place)
+        for param in prep.model.parameters():
+            param.requires_grad_(False)
+        clean_acc, points, n, examples = run_attack(
+            prep.model,
+            prep.loader,
+            epsilons,
+            space,
+            method,
+            targeted,
+            target,
+            steps,
+            step_size,
+            prep.cfg.train.precision,
+            prep.cfg.train.seed,
+            progress,
+        )
+        report = AttackReport(
+            str(prep.path),
+            prep.run,
+            split,
+            method,
+            targeted,
+            target if targeted else None,
+            steps if method == "bim" else None,
+            step_size if method == "bim" else None,
+            space.units,
+            n,
+            clean_acc,
+            points,
+            iterations=prep.iterations,
+            trained_iterations=prep.trained_iterations,
+        )
+        path = folder / f"attack-{report.name}.json"
+        png = folder / f"attack-{report.name}.png"
+        report.replaced = [str(file) for file in ([path, png] if plot else [path]) if file.exists()]
+        figure = None
+        if plot:
+            from capsnet.visualize import plot_attack, save_figure
 
-
-def _check_writable(folder: Path) -> None:
-    """Makes ``folder`` and checks that a file can be written in it; ExperimentError naming it if not."""
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ExperimentError(f"could not use {folder}: {e.strerror or e}") from None
+            figure = plot_attack(report, examples, prep.class_names, info.mean, info.std)
+            save_figure(figure, png)
+            report.files["png"] = str(png)
+        if tensorboard:
+            _log_tensorboard(report, steps_tb, log_dir, figure)
+            report.files["tensorboard"] = str(log_dir)
+        report.files["json"] = str(path)
+        path.write_text(strict_json(report.to_dict(), indent=2) + "\n")
+        return report
 
 
 def _log_tensorboard(report: AttackReport, steps: list[int], log_dir: Path, figure: Any) -> None:

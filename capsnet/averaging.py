@@ -175,10 +175,15 @@ def checkpoints_to_average(
             f"{path} is not in a run folder ({run_dir} holds no step-numbered checkpoints): an average "
             "is taken over a run's checkpoints; give the run (its folder or name) or a file in it"
         )
-    # a file the user named is taken even if saved within an epoch; a run's newest is not
-    named = None if _names_a_run(spec, out_dir) else next((p for _, p in kept if p.resolve() == target), None)
     ckpt = _load_kept(path)
     up_to = int(ckpt["step"])
+    # a file the user named is taken even if saved within an epoch (last.pt or best.pt: the step
+    # file saved with it); a run's newest is not
+    named = None
+    if not _names_a_run(spec, out_dir):
+        named = next((p for _, p in kept if p.resolve() == target), None)
+        if named is None:
+            named = next((p for step, p in kept if step == up_to), None)
     chosen: list[tuple[Path, dict[str, Any]]] = []
     mid_epoch: list[int] = []
     for step, p in reversed([(step, p) for step, p in kept if step <= up_to]):

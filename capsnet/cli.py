@@ -962,7 +962,7 @@ def inspect(
             "--tensorboard",
             metavar=FLAG,
             help="Also write the figures to TensorBoard (tags inspect/<split>/<figure> at step --index, and the "
-            "report as text under inspect/<split>/summary).",
+            "report as text under inspect/<split>/summary); --tb-dir implies it.",
         ),
     ] = False,
     tb_dir: Annotated[str | None, typer.Option("--tb-dir", help=TB_DIR_HELP.format("inspect"))] = None,

@@ -302,12 +302,15 @@ def inspect_checkpoint(
     tb_dir: str | None = None,
 ) -> Inspection:
     """Writes the figures for image ``index`` of ``split`` as PNGs to ``report_dir``
-    (default ``reports/<run>/inspect-<split>-<index>``) and, with ``tensorboard``, as images
-    tagged ``inspect/<figure>`` at step ``index`` to ``<tb_dir>/<run>/inspect``."""
+    (default ``reports/<run>/inspect-<split>-<index>``) and, with ``tensorboard`` (or a
+    ``tb_dir``, which asks for it), as images tagged ``inspect/<figure>`` at step ``index`` to
+    ``<tb_dir>/<run>/inspect``."""
+    from capsnet.data import tidy_made_folders
     from capsnet.evaluate import prepare_checkpoint
-    from capsnet.visualize import figure_to_tensor, require_matplotlib, save_figure
+    from capsnet.visualize import check_writable, figure_to_tensor, require_matplotlib, save_figure
 
     require_matplotlib()
+    tensorboard = tensorboard or tb_dir is not None  # a folder for the events asks for them
     if steps < 2:
         raise ExperimentError(f"--steps must be at least 2, got {steps}")
     if not math.isfinite(perturb):
@@ -343,17 +346,21 @@ def inspect_checkpoint(
         if report_dir is not None
         else Path("reports") / prep.run / f"inspect-{split}-{index}"
     )
-    info = prep.loaders.info
-    drawn = figures(ins, info.mean, info.std)
-    for stem, figure in drawn.items():
-        png = folder / f"{stem}.png"
-        if png.exists():
-            ins.replaced.append(str(png))
-        ins.files[stem] = str(save_figure(figure, png))
+    log_dir = Path(tb_dir or prep.cfg.logging.tb_dir) / prep.run / "inspect"
+    places = [folder, *([log_dir] if tensorboard else [])]
+    with tidy_made_folders(*places):  # a failure leaves no folder it made behind it
+        for place in places:  # a place that cannot be written to is refused before any figure is
+            check_writable(place)
+        info = prep.loaders.info
+        drawn = figures(ins, info.mean, info.std)
+        for stem, figure in drawn.items():
+            png = folder / f"{stem}.png"
+            if png.exists():
+                ins.replaced.append(str(png))
+            ins.files[stem] = str(save_figure(figure, png))
     if tensorboard:
         from capsnet.tracking import TensorBoardWriter
 
-        log_dir = Path(tb_dir or prep.cfg.logging.tb_dir) / prep.run / "inspect"
         writer = TensorBoardWriter(log_dir)
         try:
             for stem, figure in drawn.items():

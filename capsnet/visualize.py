@@ -25,6 +25,18 @@ class ExperimentError(Exception):
     """A problem with an experiment command's inputs the user can fix; the message says how."""
 
 
+def check_writable(folder: Path) -> None:
+    """Makes ``folder`` and checks that a file can be written in it; ExperimentError naming it if not."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ExperimentError(f"could not use {folder}: {e.strerror or e}") from None
+
+
 def require_matplotlib() -> None:
     """Raises ExperimentError with the install command when matplotlib is missing."""
     try:

@@ -217,6 +217,12 @@ def test_checkpoints_saved_within_an_epoch_are_left_out_unless_named(run, tmp_pa
     named = average_run(str(copied / "step-000013.pt"), last=2, out=tmp_path / "named.pt")
     assert named.steps == [12, 13] and named.mid_epoch_left_out == []
     assert "(steps 12, 13: the end of epoch 4 and 1 step into epoch 5)" in named.summary()
+    # last.pt (or best.pt) saved with it names it too
+    atomic_save(ckpt, copied / "last.pt")
+    named = average_run(str(copied / "last.pt"), last=2, out=tmp_path / "named-last.pt")
+    assert named.steps == [12, 13] and named.mid_epoch_left_out == []
+    # but the run itself, or latest, leaves it out
+    assert average_run(str(copied), last=2, out=tmp_path / "run.pt").mid_epoch_left_out == [13]
 
 
 def test_the_moving_average_of_a_run_with_ema_is_what_is_averaged(tmp_path):

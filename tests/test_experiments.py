@@ -369,6 +369,24 @@ def test_an_attack_whose_results_cannot_be_written_stops_before_it_attacks(here,
     assert attacked == []  # refused before hours of attacking, not after
 
 
+def test_an_attack_stopped_or_failed_leaves_no_folder_it_made(here, monkeypatch):
+    from capsnet import attack
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attack, "run_attack", stopped)
+    (here / "kept").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        attack.attack_checkpoint("fit", epsilons=[0.1], report_dir="kept/new/deeper", tb_dir="kept/tb")
+    assert list((here / "kept").iterdir()) == []  # kept/ was there before; what it made is gone
+    monkeypatch.setattr(attack, "run_attack", lambda *a, **k: pytest.fail("attacked"))
+    (here / "kept" / "tb").write_text("in the way")  # the events' folder cannot be made
+    result = invoke("attack", "--ckpt", "fit", "--eps", "0.1", "--out", "kept/new", "--tb-dir", "kept/tb")
+    assert result.exit_code == 2 and "error: could not use kept/tb/fit/attack" in result.stderr
+    assert sorted(p.name for p in (here / "kept").iterdir()) == ["tb"]
+
+
 @pytest.mark.parametrize("method", ["fgsm", "bim"])
 def test_attack_accuracy_does_not_increase_with_epsilon(here, method):
     args = ["--eps", "0,0.02,0.05,0.1,0.2", *(["--steps", "4"] if method == "bim" else []), "--no-plot"]
@@ -491,6 +509,18 @@ def test_inspect_writes_five_png_figures_and_tensorboard_images(here):
     assert "routing figure: layer class" in result.stdout
     images = scalar_events(here / "tb" / "fit" / "inspect")["_images"]
     assert sorted(images) == [f"inspect/test/{name}" for name in names]  # the split's own: indices repeat
+
+
+def test_inspect_with_tb_dir_writes_tensorboard_images_and_checks_their_folder_before_drawing(here):
+    result = invoke("inspect", "--ckpt", "fit", "--index", "1", "--out", "fig-tb", "--tb-dir", "tb-implied")
+    assert result.exit_code == 0, result.output
+    assert (
+        len(scalar_events(here / "tb-implied" / "fit" / "inspect")["_images"]) == 5
+    )  # --tb-dir asks for them
+    (here / "tb-blocked").write_text("in the way")
+    result = invoke("inspect", "--ckpt", "fit", "--index", "1", "--out", "fig-none", "--tb-dir", "tb-blocked")
+    assert result.exit_code == 2 and "error: could not use tb-blocked/fit/inspect" in result.stderr
+    assert not (here / "fig-none").exists()  # refused before any figure, and no folder left behind
 
 
 def test_inspect_of_a_model_without_decoder_says_which_figures_it_leaves_out(here):
