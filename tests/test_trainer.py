@@ -1223,10 +1223,12 @@ def test_a_run_with_random_augmentation_resumes_mid_epoch_bit_identically(tmp_pa
     # process, or in a loader worker seeded from the loader's generator), so the resumed run
     # trains on the same shifted images only when it restores the random state of the epoch's
     # start and replays the loader to the step it stopped at.
-    images = _write_image_classes(tmp_path / "images")  # 24 training images: 3 steps of 8 an epoch
+    images = _write_image_classes(tmp_path / "images", 12)  # 24 training images: 3 steps of 8 an epoch
+    tests = _write_image_classes(tmp_path / "tests", 3)
     data = [
         "data.name=folder",
         f"data.train_dir={images}",
+        f"data.test_dir={tests}",
         "data.image_size=20",
         "data.grayscale=true",
         "data.augment=true",
