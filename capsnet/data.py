@@ -120,6 +120,16 @@ class DataInfo:
 Normalisation = tuple[list[float], list[float]]
 
 
+def data_sizes(loaders: Loaders) -> dict[str, int]:
+    """How many images each split of ``loaders`` holds (val: 0 without one): what a checkpoint
+    records, so that a run resumed on other data says so."""
+    return {
+        "train": len(loaders.train.dataset),
+        "val": len(loaders.val.dataset) if loaders.val is not None else 0,
+        "test": len(loaders.test.dataset),
+    }
+
+
 @dataclass
 class Loaders:
     train: DataLoader

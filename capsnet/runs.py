@@ -61,7 +61,7 @@ from capsnet.checkpoint import (
     write_run_record,
 )
 from capsnet.config import Config, config_from_dict, dump_config, stored_config
-from capsnet.data import Loaders
+from capsnet.data import Loaders, data_sizes
 from capsnet.distributed import DistInfo, any_rank, broadcast, gather_to_main, rank_seed, sum_over_ranks
 from capsnet.model import CapsNet
 from capsnet.tracking import NullWriter, TrackingError, counted, listed, truncate_metrics
@@ -447,6 +447,7 @@ def make_checkpoint(
         "config": run.cfg.to_dict(),
         "arch": dict(run.model.hparams),
         "data_info": asdict(run.loaders.info),
+        "data_sizes": data_sizes(run.loaders),  # images per split, to tell a resume on other data
     }
 
 

@@ -56,7 +56,7 @@ from capsnet.checkpoint import (
     trained_normalisation,
 )
 from capsnet.config import Config, ConfigError
-from capsnet.data import build_loaders, expected_image_size, reported_data_warnings
+from capsnet.data import build_loaders, data_sizes, expected_image_size, reported_data_warnings
 from capsnet.distributed import (
     any_rank,
     broadcast,
@@ -784,6 +784,11 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     stats = trained_normalisation(ckpt) if ckpt is not None else None
     with reported_data_warnings(say):
         loaders = build_loaders(cfg, dist_info.rank, dist_info.world_size, stats=stats)
+    # images added to or removed from the data since the checkpoint: refused before the run's
+    # folder is touched where they would redraw its validation split, else said once it resumes
+    data_note = (
+        data_change(ckpt.get("data_sizes"), data_sizes(loaders), ckpt_path) if ckpt is not None else None
+    )
     # after the data, so a missing or broken dataset is said before the seconds of compiling
     # (the kernel check draws no random numbers, so the run's streams are as they were)
     _choose_routing_kernels(cfg, dist_info, echo)
@@ -901,6 +906,15 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
             note = batch_change(ckpt, cfg, run.batches_done, run.epoch, dist_info.world_size)
             if note:
                 say(note)
+            if data_note:
+                say(data_note)
+                before, now = ckpt["data_sizes"], data_sizes(loaders)
+                if run.best_acc is not None and before.get(run.eval_split) != now.get(run.eval_split):
+                    say(
+                        f"note: its best {run.eval_split}/acc so far ({run.best_acc:.4f}) was measured on other "
+                        f"{run.eval_split} images, so best.pt is chosen afresh from here"
+                    )
+                    run.best_acc = run.best_step = None
             if ("train_model" in ckpt) != (ema is not None) and run.best_acc is not None:
                 say(
                     f"note: train.ema was switched {'on' if ema is not None else 'off'} for this run: "
@@ -1003,6 +1017,31 @@ def batch_change(ckpt: dict, cfg: Config, batches_done: int, epoch: int, world_s
         f"in the middle of epoch {epoch + 1}: its first {batches_done} steps are skipped in steps of the new "
         f"size ({images_now} images instead of the {images_before} trained on), so until the epoch ends "
         "some images are seen twice or not at all"
+    )
+
+
+def data_change(before: dict[str, int] | None, now: dict[str, int], where: str | Path) -> str | None:
+    """A note when a run resumes on data whose splits hold other numbers of images than when its
+    checkpoint ``where`` was saved (files added to or removed from an image folder), else None;
+    checkpoints that record no sizes pass. Where the run has a validation split and its training
+    data changed, CheckpointError instead: the split would be drawn anew from other images, and
+    could hold out images the run trained on (as a changed data.val_split would)."""
+    if not isinstance(before, dict) or before == now:
+        return None
+    moved = ", ".join(
+        f"{split} {before.get(split, '?')} -> {now[split]}"
+        for split in now
+        if before.get(split) != now[split]
+    )
+    if (before.get("val") or now["val"]) and any(before.get(k) != now[k] for k in ("train", "val")):
+        raise CheckpointError(
+            f"cannot resume {where} on other data (images: {moved}): its validation split would be drawn "
+            "anew and could hold out images the run trained on; resume it on the data it trained on, or "
+            f"start a new run from its weights with -o train.init_from={where}"
+        )
+    return (
+        f"note: the data is not what the checkpoint was trained on (images: {moved}): the order of "
+        "the epochs is drawn anew, so the run does not go on as it would have"
     )
 
 

@@ -1217,6 +1217,68 @@ def _write_image_classes(root: Path, per_class: int = 15) -> Path:
     return root
 
 
+def test_a_run_resumed_on_a_folder_with_other_images_is_refused_with_a_val_split_and_told_without(tmp_path):
+    from PIL import Image
+
+    from capsnet.checkpoint import CheckpointError
+
+    images = _write_image_classes(tmp_path / "images", 12)
+    tests = _write_image_classes(tmp_path / "tests", 3)
+    data = [
+        "data.name=folder",
+        f"data.train_dir={images}",
+        f"data.test_dir={tests}",
+        "data.image_size=20",
+        "data.grayscale=true",
+        "train.batch_size=6",
+    ]
+    held = fit(tiny(tmp_path, *data, "data.val_split=0.25", "train.epochs=1"), run_name="held", echo=quiet)
+    assert load_checkpoint(held.run_dir / "last.pt")["data_sizes"] == {"train": 18, "val": 6, "test": 6}
+    plain = fit(tiny(tmp_path, *data, "train.epochs=1"), run_name="plain", echo=quiet)
+    said: list[str] = []
+    fit(tiny(tmp_path, *data, "train.epochs=2"), resume=str(plain.run_dir), echo=said.append)
+    assert not [line for line in said if "the data is not what" in line]  # the same data: no note
+    for i in range(12, 20):  # photos added to a class
+        Image.new("L", (20, 20), 40 * (i % 6)).save(images / "a" / f"{i}.png")
+    before = sorted(p.name for p in held.run_dir.iterdir())
+    with pytest.raises(CheckpointError) as caught:
+        fit(
+            tiny(tmp_path, *data, "data.val_split=0.25", "train.epochs=2"),
+            resume=str(held.run_dir),
+            echo=quiet,
+        )
+    last = held.run_dir / "step-000003.pt"  # the newest checkpoint, as resuming the run names it
+    assert str(caught.value) == (
+        f"cannot resume {last} on other data (images: train 18 -> 24, val 6 -> 8): its validation split "
+        "would be drawn anew and could hold out images the run trained on; resume it on the data it trained "
+        f"on, or start a new run from its weights with -o train.init_from={last}"
+    )
+    assert sorted(p.name for p in held.run_dir.iterdir()) == before  # refused before touching the run
+    # without a validation split it goes on, and says so; best.pt, chosen on the test images, stays
+    said.clear()
+    fit(tiny(tmp_path, *data, "train.epochs=3"), resume=str(plain.run_dir), echo=said.append)
+    assert [line for line in said if "the data is not what" in line] == [
+        (
+            "note: the data is not what the checkpoint was trained on (images: train 24 -> 32): the order of "
+            "the epochs is drawn anew, so the run does not go on as it would have"
+        )
+    ]
+    assert not [line for line in said if "chosen afresh" in line]
+    # the test images changed too: the best so far was scored on others, so best.pt is chosen afresh
+    Image.new("L", (20, 20), 99).save(tests / "b" / "extra.png")
+    said.clear()
+    fit(tiny(tmp_path, *data, "train.epochs=4"), resume=str(plain.run_dir), echo=said.append)
+    assert any("(images: test 6 -> 7)" in line for line in said)
+    assert any(
+        line.endswith("was measured on other test images, so best.pt is chosen afresh from here")
+        for line in said
+    )
+    assert (
+        load_checkpoint(plain.run_dir / "best.pt")["step"]
+        == load_checkpoint(plain.run_dir / "last.pt")["step"]
+    )
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_run_with_random_augmentation_resumes_mid_epoch_bit_identically(tmp_path, workers):
     # An image folder trains with random shifts drawn from torch's generator (in the training
