@@ -1217,21 +1217,29 @@ def _write_image_classes(root: Path, per_class: int = 15) -> Path:
     return root
 
 
-def test_a_run_resumed_on_a_folder_with_other_images_is_refused_with_a_val_split_and_told_without(tmp_path):
-    from PIL import Image
-
-    from capsnet.checkpoint import CheckpointError
-
-    images = _write_image_classes(tmp_path / "images", 12)
-    tests = _write_image_classes(tmp_path / "tests", 3)
+def _folder_of_24(root: Path) -> tuple[Path, list[str]]:
+    """A folder of 24 training images of 20x20 in two classes, with a test folder of 6: its root
+    and the overrides that train on it in grey."""
+    images = _write_image_classes(root / "images", 12)
+    tests = _write_image_classes(root / "tests", 3)
     data = [
         "data.name=folder",
         f"data.train_dir={images}",
         f"data.test_dir={tests}",
         "data.image_size=20",
         "data.grayscale=true",
-        "train.batch_size=6",
     ]
+    return images, data
+
+
+def test_a_run_resumed_on_a_folder_with_other_images_is_refused_with_a_val_split_and_told_without(tmp_path):
+    from PIL import Image
+
+    from capsnet.checkpoint import CheckpointError
+
+    images, data = _folder_of_24(tmp_path)
+    data.append("train.batch_size=6")
+    tests = tmp_path / "tests"
     held = fit(tiny(tmp_path, *data, "data.val_split=0.25", "train.epochs=1"), run_name="held", echo=quiet)
     assert load_checkpoint(held.run_dir / "last.pt")["data_sizes"] == {"train": 18, "val": 6, "test": 6}
     plain = fit(tiny(tmp_path, *data, "train.epochs=1"), run_name="plain", echo=quiet)
@@ -1285,14 +1293,8 @@ def test_a_run_with_random_augmentation_resumes_mid_epoch_bit_identically(tmp_pa
     # process, or in a loader worker seeded from the loader's generator), so the resumed run
     # trains on the same shifted images only when it restores the random state of the epoch's
     # start and replays the loader to the step it stopped at.
-    images = _write_image_classes(tmp_path / "images", 12)  # 24 training images: 3 steps of 8 an epoch
-    tests = _write_image_classes(tmp_path / "tests", 3)
-    data = [
-        "data.name=folder",
-        f"data.train_dir={images}",
-        f"data.test_dir={tests}",
-        "data.image_size=20",
-        "data.grayscale=true",
+    _, data = _folder_of_24(tmp_path)  # 3 steps of 8 an epoch
+    data += [
         "data.augment=true",
         "data.shift=3",
         "train.batch_size=8",
