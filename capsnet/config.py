@@ -92,10 +92,10 @@ class RoutingConfig:
 @dataclass
 class LossConfig:
     kind: str = "spread"  # "spread" | "cross_entropy" | "margin"
-    margin_start: float = 0.2  # spread loss margin at step 0
-    margin_end: float = 0.9  # ... reached after margin_steps
-    margin_schedule: str = "linear"  # "linear" | "sigmoid"
-    margin_steps: int | None = None  # steps to reach margin_end; null: the whole run
+    margin_start: float = 0.2  # spread loss margin at step 0 (loss.kind spread only)
+    margin_end: float = 0.9  # ... reached after margin_steps (spread only)
+    margin_schedule: str = "linear"  # "linear" | "sigmoid" (spread only)
+    margin_steps: int | None = None  # steps to reach margin_end; null: the whole run (spread only)
     recon_weight: float = 0.0005  # weight of the sum-squared reconstruction error; 0 disables
     teacher: str | None = None  # knowledge distillation: a trained run whose class scores the model
     # also learns to match (a .pt file, a run directory or run name under logging.out_dir, latest or
@@ -168,7 +168,7 @@ def _yaml_value(value: Any) -> str:
 @dataclass
 class TrainConfig:
     epochs: int = 10  # passes over the training set
-    batch_size: int = 32  # images per optimiser step, per process
+    batch_size: int = 32  # images per forward pass, per process (a step: batch_size x accumulate)
     eval_batch_size: int | None = None  # null: 2 x batch_size
     seed: int = 0  # weights, data order and the validation split
     device: str = "auto"  # auto | cpu | cuda | cuda:N (GPU N; one process) | mps
@@ -309,6 +309,10 @@ UPPER_LIMITS = {
     "train.seed": 2**32 - 1,  # numpy's seeds are 32-bit
     "model.iterations": 100,  # each iteration is unrolled in the graph; the paper uses 3
 }
+#: limits of settings a stored configuration (see _validate) is not held to
+NEW_RUN_LIMITS = {
+    "train.threads": 1024,  # OpenMP allocates per thread: a typo's billions exhaust memory
+}
 POSITIVE_LISTS = {"model.stem_channels", "model.caps_types", "model.caps_strides", "model.decoder_hidden"}
 
 
@@ -319,6 +323,10 @@ POSITIVE_LISTS = {"model.stem_channels", "model.caps_types", "model.caps_strides
 # wants .nan and .inf), read as the numbers they name so that the check for finite values says
 # what is wrong with them
 _FLOAT_TEXT = re.compile(r"[-+]?((\d+\.?\d*|\.\d+)e[-+]?\d+|nan|inf|infinity)", re.IGNORECASE)
+
+
+#: integers that YAML 1.1 reads otherwise than they look: octal (010 is 8), base 60 (1:30 is 90)
+_YAML11_INT = re.compile(r"[-+]?(0[0-7]+|[1-9][0-9]*(:[0-5]?[0-9])+)")
 
 
 def _type_name(tp: Any) -> str:
@@ -351,6 +359,12 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(f"{key}: expected an integer, got {value!r}")
             return value
+        text = str(getattr(value, "yaml_text", "")).replace("_", "")
+        if _YAML11_INT.fullmatch(text):  # 010 is 8 and 1:30 is 90 to YAML 1.1, which PyYAML reads
+            problems.append(
+                f"{key}: {text} is read as {int(value)} (YAML 1.1 reads a leading 0 as octal and a colon "
+                f"as base 60); write the number without them"
+            )
         return int(value)  # a plain int, not the loader's record of its text
     if tp is bool:
         if not isinstance(value, bool):
@@ -417,6 +431,8 @@ def _validate(cfg: Config, problems: list[str], stored: bool = False) -> None:
     for key, v in flat.items():  # beyond what torch and numpy take (a timestamp as a seed, a typo)
         if key in UPPER_LIMITS:
             limit = UPPER_LIMITS[key]
+        elif key in NEW_RUN_LIMITS and not stored:
+            limit = NEW_RUN_LIMITS[key]
         elif key.startswith(SIZED_BY_TORCH) and not stored:  # sizes and counts torch takes as C ints
             limit = 2**31 - 1
         else:
@@ -492,6 +508,12 @@ def _validate(cfg: Config, problems: list[str], stored: bool = False) -> None:
             "train.compile: torch.compile of the whole model fails in its backward pass (a TypeError in "
             "inductor's code, torch 2.14) when the reconstruction decoder trains; set model.decoder: false "
             "with it, or leave it off (train.compile_routing compiles the routing's kernels alone)"
+        )
+    if cfg.optim.staircase and cfg.optim.decay_steps is None:
+        problems.append(
+            "optim.staircase: with optim.decay_steps null (the whole run) the rounded-down exponent "
+            "stays 0 until the run's last step, so the rate would never decay; give optim.decay_steps, "
+            "or leave optim.staircase false"
         )
     if cfg.train.ema is not None and not 0.0 < cfg.train.ema < 1.0:
         problems.append(f"train.ema: must be in (0, 1) (a decay per step, e.g. 0.999), got {cfg.train.ema!r}")
@@ -581,7 +603,7 @@ def stored_config(data: Any, source: str | Path, overrides: list[str] | None = N
     if not isinstance(data, dict):
         raise ConfigError([f"the configuration stored in {source} is not a mapping"])
     try:
-        return config_from_dict(data, overrides, stored=True)
+        cfg = config_from_dict(data, overrides, stored=True)
     except ConfigError as with_overrides:
         try:  # the stored configuration alone, parsed again only to tell whose fault it is
             config_from_dict(data, stored=True)
@@ -590,6 +612,20 @@ def stored_config(data: Any, source: str | Path, overrides: list[str] | None = N
                 [f"{p} (in the configuration stored in {source})" for p in e.problems]
             ) from None
         raise with_overrides from None
+    # what the stored configuration may hold (see _validate), the command's own overrides may not
+    touched = {".".join(parse_override(text)[0]) for text in overrides or []}
+    problems: list[str] = []
+    _validate(cfg, problems)
+    own = [p for p in problems if any(_names_key(p, key) for key in touched)]
+    if own:
+        raise ConfigError(own)
+    return cfg
+
+
+def _names_key(problem: str, key: str) -> bool:
+    """Whether ``problem`` (``section.key: what is wrong``) is about ``key`` or a key of its section."""
+    about = problem.split(":", 1)[0]
+    return about == key or about.startswith(key + ".")
 
 
 def config_from_dict(

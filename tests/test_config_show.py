@@ -70,7 +70,10 @@ def test_the_command_shows_checks_and_explains():
     assert shown.exit_code == 0, shown.output
     # the comments of a section start in one column
     assert "  epochs: 5        # passes over the training set" in shown.stdout
-    assert "  batch_size: 256  # images per optimiser step" in shown.stdout
+    assert (
+        "  batch_size: 256  # images per forward pass, per process (a step: batch_size x accumulate)"
+        in shown.stdout
+    )
     assert "  name: adamw        # " in shown.stdout
     assert "seed" not in shown.stdout and "preset" not in shown.stdout  # written, but the defaults
     plain = runner.invoke(app, ["config", "-o", "train.batch_size=8", "--plain"])

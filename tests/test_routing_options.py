@@ -215,6 +215,62 @@ def test_string_settings_keep_their_text_as_written_on_the_command_line_and_in_a
     assert type(cfg.train.epochs) is int and cfg.train.epochs == 16 and type(cfg.optim.lr) is float
 
 
+def test_integers_that_yaml_1_1_reads_as_octal_or_base_60_are_refused_not_misread(tmp_path):
+    from capsnet.config import load_config
+
+    base = {"data": {"name": "synthetic"}}
+    for override, text, read in (("train.epochs=010", "010", 8), ("logging.save_every=1:30", "1:30", 90)):
+        with pytest.raises(ConfigError) as caught:
+            config_from_dict(base, [override])
+        key = override.split("=")[0]
+        assert caught.value.problems == [
+            (
+                f"{key}: {text} is read as {read} (YAML 1.1 reads a leading 0 as octal and a colon as "
+                "base 60); write the number without them"
+            )
+        ]
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  name: synthetic\ntrain:\n  seed: 0755\n")
+    with pytest.raises(ConfigError, match=r"train\.seed: 0755 is read as 493"):
+        load_config(path)
+    # what reads as it looks stays: 0, 10, 1_000, a hex number written as one, a negative number
+    cfg = config_from_dict(
+        base, ["train.seed=0", "train.epochs=10", "train.max_steps=1_000", "optim.warmup_steps=0x10"]
+    )
+    assert (cfg.train.seed, cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_steps) == (
+        0,
+        10,
+        1000,
+        16,
+    )
+
+
+def test_a_staircase_over_the_whole_run_is_refused_it_would_never_decay():
+    base = {"data": {"name": "synthetic"}}
+    with pytest.raises(ConfigError, match=r"optim\.staircase: with optim\.decay_steps null .* never decay"):
+        config_from_dict(base, ["optim.staircase=true", "optim.decay_steps=null"])
+    assert config_from_dict(base, ["optim.staircase=true", "optim.decay_steps=100"]).optim.staircase
+
+
+def test_the_overrides_of_a_stored_configuration_are_checked_as_a_new_config_s_are(tmp_path):
+    """A run's saved configuration may hold what earlier versions accepted; what a command adds to
+    it with -o (a resume, an evaluation) is checked in full."""
+    from capsnet.config import stored_config
+
+    saved = {"data": {"name": "synthetic", "grayscale": True}, "train": {"threads": 5000}}  # an older run's
+    assert stored_config(saved, tmp_path / "a.pt").data.grayscale  # read as it was saved
+    assert stored_config(saved, tmp_path / "a.pt", ["train.epochs=3"]).train.epochs == 3
+    for override, message in (
+        ("data.bad_files=fail", r"data\.bad_files: only used by data\.name 'folder'"),
+        ("train.threads=2000", r"train\.threads: at most 1,024"),
+        ("train.batch_size=3000000000", r"train\.batch_size: at most 2,147,483,647"),
+        ("train.compile=true", r"train\.compile: torch\.compile of the whole model fails"),
+        ("train={compile: true}", r"train\.compile: torch\.compile of the whole model fails"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            stored_config(saved, tmp_path / "a.pt", [override])
+
+
 def test_path_settings_expand_the_home_folder():
     cfg = config_from_dict({"data": {"name": "synthetic"}}, ["logging.out_dir=~/w", "logging.tb_dir=~/tb"])
     assert cfg.logging.out_dir == str(Path.home() / "w") and cfg.logging.tb_dir == str(Path.home() / "tb")
@@ -224,7 +280,8 @@ def test_path_settings_expand_the_home_folder():
     ("override", "message"),
     [
         ("train.seed=1733400000000", r"train\.seed: at most 4,294,967,295 \(got 1,733,400,000,000\)"),
-        ("train.threads=99999999999", r"train\.threads: at most 2,147,483,647"),
+        ("train.threads=99999999999", r"train\.threads: at most 1,024 \(got 99,999,999,999\)"),
+        ("train.num_workers=99999999999", r"train\.num_workers: at most 2,147,483,647"),
         ("model.iterations=1000", r"model\.iterations: at most 100 \(got 1,000\)"),
         ("model.caps_types=[4, 99999999999]", r"model\.caps_types: at most 2,147,483,647"),
         (
