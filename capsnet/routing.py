@@ -712,7 +712,6 @@ class _MStep(NamedTuple):
     denom: Tensor  # (N, L, C, 1) max(sum_i R_ij, RSUM_FLOOR)
     moments: Tensor  # (N, L, C, 2H) [E[V - s], E[(V - s)^2]]
     mu: Tensor  # (N, L, C, H) centred mean
-    excess: Tensor  # (N, L, C, H) E[(V - s)^2] - mu^2, before the floor
     var: Tensor  # (N, L, C, H)
     log_var_sum: Tensor  # (N, L, C) sum_h ln sigma_h^2
     unit: Tensor  # (N, L, C) sum_h (beta_u + ln sigma_h)
@@ -726,11 +725,14 @@ def _m_step(sums, rsum, h_beta_u, beta_a, lam, scale, min_var) -> _MStep:
     moments = sums / denom
     mu = moments[..., :h]
     excess = torch.addcmul(moments[..., h:], mu, mu, value=-1.0)
-    var = excess.clamp_min(0.0) + min_var
+    # excess >= 0 in exact arithmetic: the clamp only keeps rounding (a parent fed by one child,
+    # whose spread is 0) from going below it, so the variance's gradient passes it unchanged;
+    # masked, it would drop the variance's whole dependence on the children there
+    var = excess + (excess.clamp_min(0.0) - excess).detach() + min_var
     log_var_sum = torch.log(var).sum(-1)
     unit = torch.add(h_beta_u, log_var_sum, alpha=0.5)
     logit = torch.addcmul(lam * beta_a, rsum, unit, value=-lam * scale)
-    return _MStep(denom, moments, mu, excess, var, log_var_sum, unit, logit)
+    return _MStep(denom, moments, mu, var, log_var_sum, unit, logit)
 
 
 def _em_iterations(
@@ -978,7 +980,7 @@ def _routing_backward(both, act_in, beta_u, beta_a, pairs, g_pose, g_act, settin
         weight = r * a_in  # (N, L, C, I)
         rsum = weight.sum(-1)  # (N, L, C)
         m = _m_step(sums, rsum, h_beta_u, beta_a, lam, scale, settings.min_var)
-        denom, moments, mu, excess, unit = m.denom, m.moments, m.mu, m.excess, m.unit
+        denom, moments, mu, unit = m.denom, m.moments, m.mu, m.unit
         inv = torch.reciprocal(m.var)
         act = torch.sigmoid(m.logit)  # (N, L, C)
         if t == last:
@@ -1017,10 +1019,10 @@ def _routing_backward(both, act_in, beta_u, beta_a, pairs, g_pose, g_act, settin
         g_beta_u += g_cost_r.sum((0, 1)) * h
         half = (0.5 * g_cost_r)[..., None]
         g_var = (half if g_var_e is None else g_var_e + half) * inv
-        # M-step: mu = s1 / d, var = max(s2 / d - mu^2, 0) + floor, d = max(rsum, RSUM_FLOOR).
-        g_excess = torch.where(excess >= 0, g_var, 0.0)
-        g_mu = torch.addcmul(g_mu, mu, g_excess, value=-2.0)
-        g_sums = torch.cat([g_mu, g_excess], dim=-1) / denom  # (N, L, C, 2H)
+        # M-step: mu = s1 / d, var = (s2 / d - mu^2) + floor, d = max(rsum, RSUM_FLOOR) (the clamp
+        # of s2 / d - mu^2 at 0 guards against rounding alone: see _m_step).
+        g_mu = torch.addcmul(g_mu, mu, g_var, value=-2.0)
+        g_sums = torch.cat([g_mu, g_var], dim=-1) / denom  # (N, L, C, 2H)
         g_denom = (g_sums * moments).sum(-1)  # minus d(loss)/d(d)
         g_rsum = torch.where(rsum >= RSUM_FLOOR, g_rsum - g_denom, g_rsum)
         g_sums_flat = g_sums.reshape(batch, 1, 2 * h)
