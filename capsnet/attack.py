@@ -434,9 +434,10 @@ def attack_checkpoint(
     from capsnet.data import tidy_made_folders
 
     # an attack stopped or failed leaves no folder it made empty behind it
-    with tidy_made_folders(folder, *([log_dir] if tensorboard else [])):
+    places = [folder, *([log_dir] if tensorboard else [])]
+    with tidy_made_folders(*places):
         # the attack may take hours: a place its results cannot be written to is an error before it
-        for place in [folder, *([log_dir] if tensorboard else [])]:
+        for place in places:
             check_writable(place)
         for param in prep.model.parameters():
             param.requires_grad_(False)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from capsnet.config import Config
 from capsnet.distributed import active
 from capsnet.loss import compute_loss, uses_reconstruction
-from capsnet.tracking import counted
+from capsnet.tracking import averaged_steps_text, counted
 
 if TYPE_CHECKING:
     from capsnet.model import CapsNet
@@ -479,7 +479,7 @@ class CheckpointEval:
         lines = [
             f"checkpoint {self.checkpoint} (run {self.run}, "
             + (
-                f"the mean of the weights at steps {', '.join(f'{s:,}' for s in self.averaged_steps)}; "
+                f"{averaged_steps_text(self.averaged_steps)}; "
                 if self.averaged_steps
                 else f"step {self.step}, "
             )

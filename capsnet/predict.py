@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from capsnet.data import DataError, DataFormatError, DatasetNotFoundError, DataWarning
-from capsnet.tracking import counted, listed
+from capsnet.tracking import averaged_steps_text, counted, listed
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,7 @@ class PredictionReport:
     def summary(self) -> str:
         step = f", step {self.step}" if self.step is not None else ""
         if self.averaged_steps:
-            step = f", the mean of the weights at steps {', '.join(f'{s:,}' for s in self.averaged_steps)}"
+            step = f", {averaged_steps_text(self.averaged_steps)}"
         extras = [
             *(["inverted"] if self.inverted else []),
             *(["averaged with the left-right mirror"] if self.mirrored else []),

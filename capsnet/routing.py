@@ -728,7 +728,10 @@ def _m_step(sums, rsum, h_beta_u, beta_a, lam, scale, min_var) -> _MStep:
     # excess >= 0 in exact arithmetic: the clamp only keeps rounding (a parent fed by one child,
     # whose spread is 0) from going below it, so the variance's gradient passes it unchanged;
     # masked, it would drop the variance's whole dependence on the children there
-    var = excess + (excess.clamp_min(0.0) - excess).detach() + min_var
+    floored = excess.clamp_min(0.0)
+    if excess.requires_grad:  # autograd's path (tracing, export); the hand-written backward passes it too
+        floored = excess + (floored - excess).detach()
+    var = floored + min_var
     log_var_sum = torch.log(var).sum(-1)
     unit = torch.add(h_beta_u, log_var_sum, alpha=0.5)
     logit = torch.addcmul(lam * beta_a, rsum, unit, value=-lam * scale)

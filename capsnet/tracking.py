@@ -314,6 +314,12 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def averaged_steps_text(steps: Iterable[int]) -> str:
+    """``"the mean of the weights at steps 3,376, 3,587"``: how eval and predict name an averaged
+    checkpoint (``capsnet average``) where they would give its step."""
+    return f"the mean of the weights at steps {', '.join(f'{s:,}' for s in steps)}"
+
+
 def listed(items, most: int = 3) -> str:
     """``"a, b, c, ..."``: the first ``most`` items, then ``...`` where there are more."""
     items = [str(item) for item in items]

@@ -786,9 +786,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         loaders = build_loaders(cfg, dist_info.rank, dist_info.world_size, stats=stats)
     # images added to or removed from the data since the checkpoint: refused before the run's
     # folder is touched where they would redraw its validation split, else said once it resumes
-    data_note = (
-        data_change(ckpt.get("data_sizes"), data_sizes(loaders), ckpt_path) if ckpt is not None else None
-    )
+    sizes = data_sizes(loaders)
+    data_note = data_change(ckpt.get("data_sizes"), sizes, ckpt_path) if ckpt is not None else None
     # after the data, so a missing or broken dataset is said before the seconds of compiling
     # (the kernel check draws no random numbers, so the run's streams are as they were)
     _choose_routing_kernels(cfg, dist_info, echo)
@@ -908,8 +907,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
                 say(note)
             if data_note:
                 say(data_note)
-                before, now = ckpt["data_sizes"], data_sizes(loaders)
-                if run.best_acc is not None and before.get(run.eval_split) != now.get(run.eval_split):
+                before = ckpt["data_sizes"]
+                if run.best_acc is not None and before.get(run.eval_split) != sizes.get(run.eval_split):
                     say(
                         f"note: its best {run.eval_split}/acc so far ({run.best_acc:.4f}) was measured on other "
                         f"{run.eval_split} images, so best.pt is chosen afresh from here"
