@@ -37,13 +37,16 @@ path's precision below):
 Precision of the fast path: it forms each parent's variance as E[(V - s)^2] - mu^2 and
 its E-step as a quadratic form in [V - s, (V - s)^2], with one centre s per position
 (the activation-weighted mean of all its children's votes). Where a parent's children
-sit d away from s with a spread sigma, float32 keeps about 6e-8 * (d / sigma)^2 of
-relative accuracy in that variance: exact for the trained models measured (the
-default small model's class activations on the 10,000 Fashion-MNIST test images
-differ from a float64 plain routing by at most 2.1e-6, as the float32 plain path's do
-by 3.1e-6, and no prediction changes), but tight, well separated clusters far from s
-(d / sigma of 300 or more) lose whole percents of their variance. Route in float64
-(``model.double()``) or with ``impl="plain"`` to rule it out.
+sit d away from s with a spread sigma, that variance loses about (d / sigma)^2 units in
+the last place: nothing that matters for the trained models measured (the default
+small model's class activations on the 10,000 Fashion-MNIST test images differ from a
+float64 plain routing by at most 2.1e-6, as the float32 plain path's do by 3.1e-6),
+but tight, well separated clusters far from s (unnormalised inputs in the thousands,
+many iterations) would lose whole percents of their variance, and their gradients more.
+So each chunk checks every iteration's parents, and a chunk where (d / sigma)^2 passes
+:data:`CANCELLATION_LIMIT` units in the last place, or where a parent gets no data
+(:data:`RSUM_FLOOR`), is routed by the plain path instead, forward and backward. The
+whole-batch operations that torch.compile and export trace make no such check.
 """
 
 from __future__ import annotations
@@ -62,13 +65,21 @@ from torch.autograd.function import once_differentiable
 
 #: Lower bound of sum_i R_ij in the M-step divisions. A parent that no child feeds
 #: comes near it, and so can one that every child has all but rejected (many
-#: iterations, a high final lambda, small patches; a trained Fashion-MNIST model's
-#: smallest sum with 3 iterations was 4e-7). Below it the two paths' poses part: the
-#: plain path's sum_i R_ij V_ij / RSUM_FLOOR shrinks towards 0 (and its gradient
-#: with respect to the activations grows as 1 / RSUM_FLOOR), the fast path's stays
-#: near the children's activation-weighted mean vote, its centre. Where every child
-#: of a patch is exactly inactive, both give 0.
+#: iterations, a high final lambda, large patches whose votes for one parent agree
+#: closely; a trained Fashion-MNIST model's smallest sum with 3 iterations was 4e-7).
+#: Below it the plain path's sum_i R_ij V_ij / RSUM_FLOOR shrinks towards 0 (and its
+#: gradient with respect to the activations grows as 1 / RSUM_FLOOR); the fast path's
+#: centred moments would leave such a parent near the children's activation-weighted
+#: mean vote instead, so it routes a chunk where this happens as the plain path does
+#: (see :func:`_needs_plain_routing`).
 RSUM_FLOOR = 1e-10
+#: The fast path keeps a chunk's result where its worst parent has mu^2 / sigma^2 (the
+#: squared distance of the parent's mean from the centre of the votes, in units of its
+#: variance) below this many units in the last place of the dtype, i.e. where its
+#: variance and log-likelihoods keep a relative accuracy of about 2^-10 or better;
+#: beyond it, the chunk is routed by the plain path. 8,192 in float32: the trained and
+#: freshly initialised models measured on Fashion-MNIST stay below 300.
+CANCELLATION_LIMIT = 2.0**-10
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -290,6 +301,13 @@ def routing_stats(r: Tensor, act: Tensor, var: Tensor, fold: ChildFold | None) -
 
 
 def _em_plain(votes, act_in, beta_u, beta_a, settings, fold, want_stats, trace=None):
+    mu, var, act, r = _plain_iterations(votes, act_in, beta_u, beta_a, settings, fold, trace)
+    stats = routing_stats(r, act, var, fold) if want_stats else None
+    return RoutingResult(mu, act, stats)
+
+
+def _plain_iterations(votes, act_in, beta_u, beta_a, settings, fold, trace=None):
+    """The EM iterations written out elementwise: the last iteration's mu, var, activations and r."""
     votes = votes.reshape(*votes.shape[:4], -1)  # (N, L, C, I, H)
     r = initial_assignments(*votes.shape[:4], fold, votes.dtype, votes.device)  # (N, L, C, I)
     a_in = act_in[:, :, None, :]  # (N, L, 1, I)
@@ -311,8 +329,7 @@ def _em_plain(votes, act_in, beta_u, beta_a, settings, fold, want_stats, trace=N
             # E-step in the log domain: ln p_ij = sum_h ln N(V_ijh; mu_jh, sigma2_jh).
             log_p = -0.5 * (dev * dev / var[..., None, :] + torch.log(var[..., None, :]) + LOG_2PI).sum(-1)
             r = normalise_assignments(log_act[..., None] + log_p, fold)  # (N, L, C, I)
-    stats = routing_stats(r, act, var, fold) if want_stats else None
-    return RoutingResult(mu, act, stats)
+    return mu, var, act, r
 
 
 # --------------------------------------------------------------------------- fast implementation
@@ -739,7 +756,7 @@ def _m_step(sums, rsum, h_beta_u, beta_a, lam, scale, min_var) -> _MStep:
 
 
 def _em_iterations(
-    both, act_in, beta_u, beta_a, settings, fold, geom, saved: list | None = None, fused=False
+    both, act_in, beta_u, beta_a, settings, fold, geom, saved: list | None = None, fused=False, check=None
 ):
     """The EM iterations on the moments ``both`` = [V - s, (V - s)^2] (B, I, 2H).
 
@@ -754,7 +771,8 @@ def _em_iterations(
     arithmetic. sum_h cost_h = rsum * (H beta_u + sum_h ln sigma_h), and the E-step's
     per-parent terms (ln a_j and the constant of ln p_ij) enter the product that
     makes the quadratic form. The constant H ln(2 pi) / 2, the same for every
-    parent, is left out: the normalisation over parents cancels it.
+    parent, is left out: the normalisation over parents cancels it. ``check`` (a list)
+    receives, per iteration, what :func:`_needs_plain_routing` needs.
     """
     n, positions, types, children, h = geom
     batch = n * positions * types
@@ -774,6 +792,8 @@ def _em_iterations(
         m = _m_step(sums, rsum, h_beta_u, beta_a, lam, scale, settings.min_var)
         mu, var, log_var_sum, logit = m.mu, m.var, m.log_var_sum, m.logit
         act = torch.sigmoid(logit)
+        if check is not None:
+            check.append(torch.stack([torch.amax(mu * mu / var), -torch.amin(rsum)]))
         if t < len(lambdas) - 1:
             inv = torch.reciprocal(var)
             coeff = torch.cat([mu * inv, -0.5 * inv], dim=-1)  # (N, L, C, 2H)
@@ -785,6 +805,20 @@ def _em_iterations(
     return mu, var, act, r
 
 
+def _needs_plain_routing(check: list[Tensor], dtype: torch.dtype) -> bool:
+    """Whether a chunk's fast routing is to be redone by the plain path: some iteration's parent
+    has mu^2 / sigma^2 beyond :data:`CANCELLATION_LIMIT` units in the last place, or
+    sum_i R_ij below :data:`RSUM_FLOOR` (one synchronisation per chunk)."""
+    worst = torch.stack(check).amax(0)  # [max mu^2 / sigma^2, -min sum_i R_ij]
+    limit = CANCELLATION_LIMIT / torch.finfo(dtype).eps
+    return bool(((worst[0] > limit) | (worst[1] > -RSUM_FLOOR)).item())
+
+
+def _chunk_votes(votes: Tensor | VoteProduct, start: int, stop: int) -> Tensor:
+    """Votes of samples ``start:stop`` as a (n, L, C, I, ...) tensor."""
+    return votes.compute(start, stop) if isinstance(votes, VoteProduct) else votes[start:stop]
+
+
 def _route_in_chunks(
     votes, act_in, beta_u, beta_a, settings, fold, want_final, keep=None, keep_both=True, fused=False
 ):
@@ -792,9 +826,11 @@ def _route_in_chunks(
 
     ``keep`` (a dict) receives what :func:`_routing_backward` needs: the
     assignments entering iterations 1.. ("r"), every iteration's moment sums
-    ("sums") and, with ``keep_both``, the moments themselves ("both"). Everything
-    that outlives a chunk is allocated for the whole batch up front, so the
-    chunks' temporaries reuse the same memory instead of fragmenting the heap.
+    ("sums") and, with ``keep_both``, the moments themselves ("both"); and "plain",
+    the first samples of the chunks that the plain path routed instead (their
+    backward is the plain path's). Everything that outlives a chunk is allocated for
+    the whole batch up front, so the chunks' temporaries reuse the same memory
+    instead of fragmenting the heap.
     """
     n, positions, types, children, h = geom = _vote_geometry(votes)
     iterations = settings.iterations
@@ -802,6 +838,7 @@ def _route_in_chunks(
     pose, act = new(n, positions, types, h), new(n, positions, types)
     final = (new(n, positions, types, children), new(n, positions, types, h)) if want_final else (None, None)
     if keep is not None:
+        keep["plain"] = set()
         keep["r"] = new(max(iterations - 1, 0), n, positions, types, children)
         keep["sums"] = new(iterations, n, positions, types, 2 * h)
         keep["both"] = new(n * positions * types, children, _moment_width(h, fused)) if keep_both else None
@@ -816,11 +853,29 @@ def _route_in_chunks(
             votes, act_in, start, stop, keep["both"][rows] if kept else None, work, fused
         )
         saved = [] if keep is not None else None
+        check: list[Tensor] = []
         mu, var, a, r = _em_iterations(
-            both, act_in[start:stop], beta_u, beta_a, settings, fold, (stop - start, *geom[1:]), saved, fused
+            both,
+            act_in[start:stop],
+            beta_u,
+            beta_a,
+            settings,
+            fold,
+            (stop - start, *geom[1:]),
+            saved,
+            fused,
+            check,
         )
         del both
-        torch.add(mu, shift, out=pose[start:stop])
+        if _needs_plain_routing(check, act_in.dtype):
+            mu, var, a, r = _plain_iterations(
+                _chunk_votes(votes, start, stop), act_in[start:stop], beta_u, beta_a, settings, fold
+            )
+            pose[start:stop] = mu
+            if keep is not None:
+                keep["plain"].add(start)
+        else:
+            torch.add(mu, shift, out=pose[start:stop])
         act[start:stop] = a
         if want_final:
             final[0][start:stop] = r
@@ -862,6 +917,7 @@ class _Job:
         self.settings, self.fold, self.want_final = settings, fold, want_final
         self.fused = _compiled_kernels
         self.chunks: list[tuple[int, int]] = []
+        self.plain: set[int] = set()  # first samples of the chunks routed by the plain path
         self.final: tuple[Tensor, Tensor] | None = None  # (r, var) of the last iteration
 
 
@@ -894,8 +950,10 @@ class _FastRouting(torch.autograd.Function):
             job.fused,
         )
         job.chunks = _sample_chunks(job.geom, act_in, fused=job.fused)
+        job.plain = keep["plain"]
         ctx.job = job
-        inputs = vote_inputs if job.product else ()
+        # a vote tensor is kept only where the plain path must differentiate some chunk
+        inputs = vote_inputs if job.product or job.plain else ()
         kept = () if job.recompute else (keep["both"],)
         ctx.save_for_backward(act_in, beta_u, beta_a, keep["r"], keep["sums"], *inputs, *kept)
         return pose, act
@@ -905,7 +963,7 @@ class _FastRouting(torch.autograd.Function):
     def backward(ctx, g_pose: Tensor, g_act: Tensor):
         job: _Job = ctx.job
         act_in, beta_u, beta_a, r_saved, sums_saved, *rest = ctx.saved_tensors
-        inputs = tuple(rest[:2]) if job.product else ()
+        inputs = tuple(rest[:2]) if job.product else tuple(rest[:1]) if job.plain else ()
         needs = ctx.needs_input_grad
         _, positions, types, children, _ = job.geom
         g_act_in = torch.zeros_like(act_in)
@@ -915,6 +973,14 @@ class _FastRouting(torch.autograd.Function):
             product = VoteProduct(*inputs, job.shape)
             work = _Workspace(product, max(b - a for a, b in job.chunks), fused=job.fused)
         for start, stop in job.chunks:
+            if start in job.plain:
+                g_a, g_u, g_b = _plain_chunk_backward(
+                    job, inputs, needs, act_in, beta_u, beta_a, start, stop, g_pose, g_act, sink
+                )
+                g_act_in[start:stop] = g_a
+                g_beta_u += g_u
+                g_beta_a += g_b
+                continue
             rows = slice(start * positions * types, stop * positions * types)
             if job.recompute:
                 both = _build_moments(product, act_in, start, stop, work=work, fused=job.fused)[0]
@@ -955,6 +1021,32 @@ class _FastRouting(torch.autograd.Function):
             g_beta_a if needs[3] else None,
             *sink.result(),
         )
+
+
+def _plain_chunk_backward(job, inputs, needs, act_in, beta_u, beta_a, start, stop, g_pose, g_act, sink):
+    """Gradients of a chunk that the plain path routed: autograd through :func:`_plain_iterations`
+    on the chunk's votes, rebuilt from the inputs. Returns those of act_in, beta_u and beta_a, and
+    hands the votes' (or M's and W's) to ``sink``."""
+    with torch.enable_grad():
+        a = act_in[start:stop].detach().requires_grad_()
+        u, b = beta_u.detach().requires_grad_(), beta_a.detach().requires_grad_()
+        if job.product:
+            _, positions, types, p = job.shape
+            rows = slice(start * positions * p, stop * positions * p)
+            leaves = [inputs[0][:, rows].detach(), inputs[1].detach()]
+            leaves = [x.requires_grad_(need) for x, need in zip(leaves, needs[4:6])]
+            votes = VoteProduct(*leaves, (stop - start, positions, types, p)).compute()
+        else:
+            leaves = [inputs[0][start:stop].detach().requires_grad_(needs[4])]
+            votes = leaves[0]
+        mu, _, act, _ = _plain_iterations(votes, a, u, b, job.settings, job.fold)
+        wrt = [a, u, b, *(x for x in leaves if x.requires_grad)]
+        grads = torch.autograd.grad(
+            (mu, act), wrt, (g_pose[start:stop], g_act[start:stop]), allow_unused=True
+        )
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
+    sink.add_grads(start, stop, iter(grads[3:]))
+    return grads[0], grads[1], grads[2]
 
 
 def _routing_backward(both, act_in, beta_u, beta_a, pairs, g_pose, g_act, settings, fold, geom, fused=False):
@@ -1087,6 +1179,20 @@ class _VoteGradients:
             g_poses[:, rows] = torch.bmm(flat, weight.transpose(1, 2))
         if g_weight is not None:
             g_weight += torch.bmm(poses[:, rows].transpose(1, 2), flat)
+
+    def add_grads(self, start: int, stop: int, grads: Iterator[Tensor]) -> None:
+        """Adds the gradients of samples ``start:stop`` taken by autograd: of their votes (a tensor),
+        or of their rows of M and of W (a product); one for each input whose gradient is needed."""
+        if self.job.product:
+            _, positions, _, p = self.job.shape
+            rows = slice(start * positions * p, stop * positions * p)
+            g_poses, g_weight = self.grads
+            if g_poses is not None:
+                g_poses[:, rows] = next(grads)
+            if g_weight is not None:
+                g_weight += next(grads)
+        elif self.grads[0] is not None:
+            self.grads[0][start:stop] = next(grads)
 
     def result(self) -> list[Tensor | None]:
         return self.grads
