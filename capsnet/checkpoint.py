@@ -604,10 +604,25 @@ def _intact_zip(path: Path) -> bool:
         return False
 
 
+def _saved_step(path: Path) -> int | None:
+    """The step recorded in the checkpoint ``path``, or None where it cannot be read."""
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+        return int(step) if isinstance(step, int) else None
+    except (OSError, RuntimeError, EOFError, ValueError, AttributeError, pickle.UnpicklingError):
+        return None
+
+
 def _unreadable(path: Path, message: str) -> CheckpointError:
-    """``message`` about a corrupt ``path``, naming the newest intact step checkpoint beside it, if any."""
-    others = [f for _, f in reversed(step_checkpoints(path.parent)) if f.resolve() != path.resolve()]
-    older = next((f for f in others if _intact_zip(f)), None)
+    """``message`` about a corrupt ``path``, naming the newest intact checkpoint beside it, if any:
+    a step file, or last.pt where it is newer than any of those."""
+    others = [(s, f) for s, f in reversed(step_checkpoints(path.parent)) if f.resolve() != path.resolve()]
+    step, older = next(((s, f) for s, f in others if _intact_zip(f)), (-1, None))
+    last = path.parent / LAST
+    if last.is_file() and last.resolve() != path.resolve() and _intact_zip(last):
+        last_step = _saved_step(last)
+        if last_step is not None and last_step > step:
+            older = last
     advice = f"; the newest intact checkpoint beside it is {older}: give that path instead" if older else ""
     return CheckpointError(f"{message}{advice}")
 

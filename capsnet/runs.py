@@ -223,6 +223,66 @@ def refuse_an_idle_rewind(cfg: Config, ckpt: dict[str, Any], ckpt_path: Path) ->
     )
 
 
+#: The run names this process holds, as open lock files: out_dir / ".NAME.lock", locked with
+#: flock from the moment a start picks the name until its run ends (or the process does, which
+#: releases them too). Two starts in the same second would otherwise pick the same default name,
+#: or the same --run-name, and both pass the checks made before either has written run.json.
+_held_names: dict[Path, Any] = {}
+
+
+def _lock_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f".{name}.lock"
+
+
+def claim_run_name(out_dir: str | Path, name: str) -> int | None:
+    """Takes run ``name`` of ``out_dir`` for this process: None where it now holds it, else the
+    process id of the start that holds it (0 where unknown). Where file locks are not available
+    (no fcntl), the name is taken unchecked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the run.json checks alone
+        return None
+    out_dir = Path(out_dir)
+    path = _lock_path(out_dir, name)
+    if path in _held_names:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a+")  # noqa: SIM115 (kept open: the lock lasts while the file is open)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            text = f.read().strip()
+            f.close()
+            return int(text) if text.isdigit() else 0
+        except OSError:  # a file system without locks: the run.json checks alone
+            f.close()
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the holder removed it as it ended: lock the file now in its place
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _held_names[path] = f
+    return None
+
+
+def release_run_names() -> None:
+    """Gives up every run name this process holds (its runs have ended) and removes their lock files."""
+    for path, f in list(_held_names.items()):
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still locked: a start waiting on it then locks a file of its own
+        f.close()
+        del _held_names[path]
+
+
 def choose_run(
     cfg: Config, run_name: str | None, resume: str | None, overwrite: bool, name_prefix: str | None
 ) -> RunChoice:
@@ -259,7 +319,11 @@ def choose_run(
     else:
         name = default_run_name(cfg, name_prefix)
         base, k = name, 2
-        while (out_dir / name).exists():
+        main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+            torch.distributed.get_rank() == 0
+        )
+        # rank 0 takes the name, so that a start in the same second picks the next one
+        while (out_dir / name).exists() or (main and claim_run_name(out_dir, name) is not None):
             name, k = f"{base}-{k}", k + 1
     main_choice = broadcast((name, ckpt_path))
     if main_choice != (name, ckpt_path):
@@ -324,6 +388,12 @@ def check_run_dir_free(cfg: Config, choice: RunChoice, overwrite: bool) -> None:
     :func:`open_run_dir`, called later, relies on this check having passed.
     """
     run_dir = safe_child(cfg.logging.out_dir, choice.name)
+    holder = claim_run_name(cfg.logging.out_dir, choice.name)
+    if holder is not None:
+        who = f"process {holder}" if holder else "another process"
+        raise TrainingError(
+            f"{run_dir} is being started or trained by {who}: let it run, stop it first, or pick another --run-name"
+        )
     if run_dir.is_dir():
         refuse_a_live_run(run_dir, choice.resuming_here)
     free = overwrite or choice.resuming_here or choice.starting_named_run or not run_dir.is_dir()
@@ -521,6 +591,8 @@ def restore_run(run: Run, ckpt: dict[str, Any], where: Path) -> None:
     run.best_acc, run.best_step = ckpt.get("best_metric"), ckpt.get("best_step")
     run.bad_total = int(ckpt.get("skipped_steps", 0))
     run.bad_in_row = int(ckpt.get("bad_in_row", 0))
+    if where.parent.resolve() == run.run_dir.resolve():  # what a failure before the next save names
+        run.last_checkpoint = where
     resumed_file = run.run_dir / step_file(run.step)
     if run.batches_done and resumed_file.is_file():  # written within an epoch: the next save supersedes it
         run.interim = resumed_file

@@ -87,6 +87,7 @@ from capsnet.runs import (
     first_non_finite,
     mark_run_ended,
     open_run_dir,
+    release_run_names,
     restore_run,
     save_run,
     seed_everything,
@@ -730,6 +731,7 @@ def fit(
         ) from e
     finally:
         use_compiled_kernels(compiled_before)
+        release_run_names()
         if dist_info.distributed:
             shutdown(synchronise=finished)
 

@@ -132,6 +132,28 @@ def test_a_corrupt_checkpoint_names_the_newest_intact_one_beside_it(tmp_path):
     assert "corrupt or truncated" in str(info.value) and "intact" not in str(info.value)
 
 
+def test_a_corrupt_newest_step_file_names_an_intact_last_pt_of_the_same_step(tmp_path):
+    """last.pt is written after each step file: where the newest step file is cut short later, an
+    intact last.pt holds that step, and the advice named an older step file instead (resuming from
+    it deletes last.pt and retrains the steps since)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (6, 12):
+        atomic_save({**fake_checkpoint(step), "big": torch.arange(5000.0)}, run / f"step-{step:06d}.pt")
+    (run / "last.pt").write_bytes((run / "step-000012.pt").read_bytes())
+    newest = run / "step-000012.pt"
+    newest.write_bytes(newest.read_bytes()[:3000])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(newest)
+    assert str(info.value).endswith(
+        f"the newest intact checkpoint beside it is {run / 'last.pt'}: give that path instead"
+    )
+    (run / "last.pt").write_bytes((run / "step-000006.pt").read_bytes())  # a last.pt no newer: the step file
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(newest)
+    assert str(info.value).endswith(f"beside it is {run / 'step-000006.pt'}: give that path instead")
+
+
 def test_a_missing_file_and_a_file_that_is_no_checkpoint_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")

@@ -1418,3 +1418,25 @@ def test_a_checkpoint_whose_class_names_are_not_a_list_is_scored_as_one_that_rec
     odd = animals / "odd.pt"
     torch.save(ckpt, odd)
     assert eval_json(odd)["class_names"] == ["bird", "cat", "dog"]  # from the folders, unchecked
+
+
+def test_a_resumed_run_that_cannot_save_names_the_checkpoint_it_resumed_from(tmp_path, monkeypatch):
+    """The resumed checkpoint is intact and is what --resume takes; the message said "none"."""
+    from capsnet import runs
+    from capsnet.checkpoint import CheckpointError
+
+    cfg = load_config(TINY, [f"logging.out_dir={tmp_path / 'w'}", f"logging.tb_dir={tmp_path / 'tb'}"])
+    fit(cfg, run_name="full", echo=lambda _msg: None)  # 2 epochs of 6 steps: step-000012.pt
+
+    def full(*args, **kwargs):
+        raise CheckpointError("could not write step-000018.pt: No space left on device")
+
+    monkeypatch.setattr(runs, "save_checkpoint", full)
+    again = load_config(
+        TINY, [f"logging.out_dir={tmp_path / 'w'}", f"logging.tb_dir={tmp_path / 'tb'}", "train.epochs=3"]
+    )
+    with pytest.raises(CheckpointError) as info:
+        fit(again, resume=str(tmp_path / "w" / "full"), echo=lambda _msg: None)
+    message = str(info.value)
+    assert "training stopped at step 18" in message, message
+    assert f"the last complete checkpoint is {tmp_path / 'w' / 'full' / 'step-000012.pt'}" in message, message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -1426,3 +1427,47 @@ def test_the_logged_training_loss_is_the_mean_of_the_windows_step_losses(tmp_pat
     assert sorted(logged_losses) == [2, 4, 6]  # logging.log_every: 2
     for step, value in logged_losses.items():
         assert value == pytest.approx((losses[step - 1] + losses[step]) / 2, rel=1e-6), step
+
+
+@contextlib.contextmanager
+def name_held_elsewhere(out_dir: Path, name: str):
+    """Another process that has taken run ``name`` of ``out_dir``, as a start does before it makes the
+    run's folder; killed when the block ends."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from capsnet.runs import claim_run_name; "
+        "assert claim_run_name(sys.argv[1], sys.argv[2]) is None; print('held', flush=True); time.sleep(300)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(out_dir), name], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_start_in_the_same_second_as_another_takes_the_next_default_name(tmp_path, monkeypatch):
+    """Default names go down to the second: two starts in one second picked the same name, and both
+    trained into one folder (doubled metrics, overwritten checkpoints), or one failed."""
+    from capsnet import runs
+
+    monkeypatch.setattr(runs, "default_run_name", lambda cfg, prefix: "tiny-now")
+    with name_held_elsewhere(tmp_path / "weights", "tiny-now"):
+        result = fit(tiny(tmp_path, "train.max_steps=2"), echo=quiet)
+    assert result.run_dir.name == "tiny-now-2"
+    assert not (tmp_path / "weights" / "tiny-now").exists()
+    assert not (tmp_path / "weights" / ".tiny-now-2.lock").exists()  # given up as the run ended
+
+
+def test_a_run_name_that_another_start_holds_is_refused_until_it_ends(tmp_path):
+    with name_held_elsewhere(tmp_path / "weights", "same") as other:
+        with pytest.raises(TrainingError, match=f"being started or trained by process {other.pid}"):
+            fit(tiny(tmp_path, "train.max_steps=2"), run_name="same", echo=quiet)
+        assert not (tmp_path / "weights" / "same").exists()
+    result = fit(tiny(tmp_path, "train.max_steps=2"), run_name="same", echo=quiet)
+    assert [row["step"] for row in logged(result.run_dir) if "train/loss" in row] == [2]
