@@ -163,7 +163,7 @@ def bim(
     """``steps`` FGSM steps of ``step_size`` (default 2.5 eps / steps), projected into the eps box each time."""
     if eps == 0:
         return x
-    alpha = step_size if step_size is not None else 2.5 * eps / steps
+    alpha = bim_step_size(eps, steps, step_size)
     x_adv = x
     for _ in range(steps):
         x_adv = space.project(
@@ -187,6 +187,11 @@ def choose_targets(labels: Tensor, activations: Tensor, mode: str, generator: to
     raise ExperimentError(f"--target: {mode!r} is not one of: {', '.join(TARGETS)}")
 
 
+def bim_step_size(eps: float, steps: int, step_size: float | None = None) -> float:
+    """The step BIM takes at ``eps``: ``step_size``, or by default 2.5 eps / steps."""
+    return step_size if step_size is not None else 2.5 * eps / steps
+
+
 @dataclass
 class AttackPoint:
     eps: float
@@ -197,6 +202,7 @@ class AttackPoint:
     #: images the attack left exactly as they were (eps > 0): every gradient entry was zero,
     #: as when class activations saturate at 0 or 1, or every pixel was pushed against its bound
     unmoved: int = 0
+    step_size: float | None = None  # BIM: the step taken at this eps (given, or 2.5 eps / steps)
 
 
 @dataclass
@@ -248,6 +254,7 @@ class AttackReport:
                     "correct": p.correct,
                     "hits": p.hits,
                     "unmoved": p.unmoved,
+                    **({"step_size": p.step_size} if p.step_size is not None else {}),
                 }
                 for p in self.points
             ],
@@ -371,6 +378,7 @@ def run_attack(
             correct[k],
             hits[k] if targeted else None,
             unmoved[k],
+            bim_step_size(eps, steps, step_size) if method == "bim" else None,
         )
         for k, eps in enumerate(epsilons)
     ]

@@ -502,7 +502,7 @@ def predict(
         typer.Option(
             "--csv",
             help="Also write one row per image to this CSV file: path, class, activation, then every "
-            "class's activation.",
+            "class's activation (folders missing on its path are made).",
         ),
     ] = None,
     batch_size: Annotated[

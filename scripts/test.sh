@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything (venv, packages, dataset) and runs the test suite.
-#   scripts/test.sh                                      the default suite (a few minutes)
+#   scripts/test.sh                                      the default suite (10-20 minutes on 2 cores)
 #   scripts/test.sh --runslow                            also the slow tests
 #   scripts/test.sh --runslow tests/test_distributed.py  any arguments but --help go to pytest
 #   scripts/test.sh --help                               this text (pytest's options are listed

@@ -436,6 +436,8 @@ def test_targeted_attack_reports_its_success_rate(here):
     assert "success" in result.stdout
     report = json.loads((here / "rep" / "attack-bim-targeted.json").read_text())
     assert report["targeted"] and report["target"] == "next" and report["steps"] == 3
+    assert report["step_size"] is None  # as given: the default, whose step each row names
+    assert [row["step_size"] for row in report["results"]] == pytest.approx([2.5 * 0.05 / 3, 2.5 * 0.2 / 3])
     for row in report["results"]:  # the share of the 32 test images classified as their target
         assert isinstance(row["hits"], int) and row["success"] == pytest.approx(row["hits"] / 32)
     assert report["results"][-1]["success"] > 0
