@@ -215,6 +215,25 @@ class TensorBoardWriter(NullWriter):
         if self.metrics is not None:
             self.metrics.add(values, step)
 
+    def replay(self, history: str | Path) -> None:
+        """Writes the scalars of a metrics file into the TensorBoard events alone: the history of a
+        run continued in another folder, whose metrics.jsonl starts with it (histograms and images
+        of those steps are not in that file, so they stay with the first run)."""
+        if self.tb is None:
+            return
+        with self._writing():
+            for line in Path(history).read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                step = entry.get("step") if isinstance(entry, dict) else None
+                if not isinstance(step, int):
+                    continue
+                for tag, value in entry.items():
+                    if tag != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.tb.add_scalar(tag, value, step)
+
     def histogram(self, tag: str, values: Tensor, step: int) -> None:
         if self.tb is not None:
             values = values.detach().float().flatten().cpu()

@@ -1471,3 +1471,21 @@ def test_a_run_name_that_another_start_holds_is_refused_until_it_ends(tmp_path):
         assert not (tmp_path / "weights" / "same").exists()
     result = fit(tiny(tmp_path, "train.max_steps=2"), run_name="same", echo=quiet)
     assert [row["step"] for row in logged(result.run_dir) if "train/loss" in row] == [2]
+
+
+def test_a_run_continued_in_a_new_folder_shows_its_history_in_tensorboard_too(tmp_path):
+    """Its metrics.jsonl starts with the history that led to the checkpoint; its TensorBoard events
+    started only after it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def loss_steps(run: str) -> list[int]:
+        events = EventAccumulator(str(tmp_path / "runs" / run), size_guidance={"scalars": 0})
+        events.Reload()
+        return [e.step for e in events.Scalars("train/loss")]
+
+    first = fit(tiny(tmp_path, "train.max_steps=6"), run_name="base", echo=quiet)
+    assert loss_steps("base") == [2, 4, 6]
+    fit(tiny(tmp_path), resume=str(first.run_dir / "step-000006.pt"), run_name="cont", echo=quiet)
+    assert loss_steps("cont") == [2, 4, 6, 8, 10, 12]
+    logged_steps = [row["step"] for row in logged(tmp_path / "weights" / "cont") if "train/loss" in row]
+    assert logged_steps == [2, 4, 6, 8, 10, 12]
