@@ -1143,13 +1143,14 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
             reason, summary = train_epoch(run, stop)
             if reason in ("SIGINT", "SIGTERM"):
                 stopped = reason
-                save_run(run, mid_epoch=run.batches_done > 0)
+                # within an epoch, an interim checkpoint: it pushes no epoch's out of logging.keep
+                save_run(run, mid_epoch=run.batches_done > 0, interim=run.batches_done > 0)
                 break
             with training_chunks():  # evaluating within the memory of a training step
                 evaluated = end_of_epoch(run, summary, stop)
             if evaluated is None:  # stopped during the evaluation, which the resumed run does again
                 stopped = stop.name
-                save_run(run, mid_epoch=True)
+                save_run(run, mid_epoch=True, interim=True)
                 say(f"{stopped} during the evaluation at step {run.step}: the resumed run evaluates")
                 break
             last_eval = evaluated

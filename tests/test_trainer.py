@@ -1489,3 +1489,29 @@ def test_a_run_continued_in_a_new_folder_shows_its_history_in_tensorboard_too(tm
     assert loss_steps("cont") == [2, 4, 6, 8, 10, 12]
     logged_steps = [row["step"] for row in logged(tmp_path / "weights" / "cont") if "train/loss" in row]
     assert logged_steps == [2, 4, 6, 8, 10, 12]
+
+
+def test_a_stop_within_an_epoch_pushes_no_epoch_checkpoint_out_of_logging_keep(tmp_path, monkeypatch):
+    """The checkpoint a stop saves within an epoch is interim, as those of logging.save_every are:
+    the next epoch's replaces it. It took the place of the oldest epoch checkpoint kept."""
+    real, calls = trainer.compute_loss, {"n": 0}
+
+    def interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 15:  # within epoch 3 (6 steps an epoch)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "compute_loss", interrupt)
+    cfg = tiny(tmp_path, "train.epochs=4", "logging.keep=2")
+    with pytest.raises(TrainingInterrupted):
+        fit(cfg, run_name="kept", echo=quiet)
+    run_dir = tmp_path / "weights" / "kept"
+    assert sorted(p.name for p in run_dir.glob("step-*.pt")) == [
+        "step-000006.pt",
+        "step-000012.pt",
+        "step-000015.pt",
+    ]
+    monkeypatch.setattr(trainer, "compute_loss", real)
+    fit(cfg, resume=str(run_dir), echo=quiet)
+    assert sorted(p.name for p in run_dir.glob("step-*.pt")) == ["step-000018.pt", "step-000024.pt"]
