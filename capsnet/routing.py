@@ -814,6 +814,15 @@ def _needs_plain_routing(check: list[Tensor], dtype: torch.dtype) -> bool:
     return bool(((worst[0] > limit) | (worst[1] > -RSUM_FLOOR)).item())
 
 
+def _plain_pieces(start: int, stop: int, geom: tuple[int, ...], like: Tensor) -> list[tuple[int, int]]:
+    """Samples ``start:stop`` in the pieces that the plain path routes them in where a chunk falls
+    back to it: its temporaries take many times the votes, so the pieces are about
+    :data:`CHUNK_BYTES` of moments, whatever the chunk (on a GPU, as large as a whole batch)."""
+    per_sample = 2 * math.prod(geom[1:]) * like.element_size()
+    step = max(1, CHUNK_BYTES // max(per_sample, 1))
+    return [(a, min(a + step, stop)) for a in range(start, stop, step)]
+
+
 def _chunk_votes(votes: Tensor | VoteProduct, start: int, stop: int) -> Tensor:
     """Votes of samples ``start:stop`` as a (n, L, C, I, ...) tensor."""
     return votes.compute(start, stop) if isinstance(votes, VoteProduct) else votes[start:stop]
@@ -868,18 +877,21 @@ def _route_in_chunks(
         )
         del both
         if _needs_plain_routing(check, act_in.dtype):
-            mu, var, a, r = _plain_iterations(
-                _chunk_votes(votes, start, stop), act_in[start:stop], beta_u, beta_a, settings, fold
-            )
-            pose[start:stop] = mu
+            for a0, a1 in _plain_pieces(start, stop, geom, act_in):
+                mu, var, a, r = _plain_iterations(
+                    _chunk_votes(votes, a0, a1), act_in[a0:a1], beta_u, beta_a, settings, fold
+                )
+                pose[a0:a1], act[a0:a1] = mu, a
+                if want_final:
+                    final[0][a0:a1], final[1][a0:a1] = r, var
             if keep is not None:
                 keep["plain"].add(start)
         else:
             torch.add(mu, shift, out=pose[start:stop])
-        act[start:stop] = a
-        if want_final:
-            final[0][start:stop] = r
-            final[1][start:stop] = var
+            act[start:stop] = a
+            if want_final:
+                final[0][start:stop] = r
+                final[1][start:stop] = var
         if keep is not None:
             for t in range(iterations):
                 keep["sums"][t, start:stop] = saved[2 * t + 1]
@@ -974,12 +986,13 @@ class _FastRouting(torch.autograd.Function):
             work = _Workspace(product, max(b - a for a, b in job.chunks), fused=job.fused)
         for start, stop in job.chunks:
             if start in job.plain:
-                g_a, g_u, g_b = _plain_chunk_backward(
-                    job, inputs, needs, act_in, beta_u, beta_a, start, stop, g_pose, g_act, sink
-                )
-                g_act_in[start:stop] = g_a
-                g_beta_u += g_u
-                g_beta_a += g_b
+                for a0, a1 in _plain_pieces(start, stop, job.geom, act_in):
+                    g_a, g_u, g_b = _plain_chunk_backward(
+                        job, inputs, needs, act_in, beta_u, beta_a, a0, a1, g_pose, g_act, sink
+                    )
+                    g_act_in[a0:a1] = g_a
+                    g_beta_u += g_u
+                    g_beta_a += g_b
                 continue
             rows = slice(start * positions * types, stop * positions * types)
             if job.recompute:
@@ -1026,8 +1039,8 @@ class _FastRouting(torch.autograd.Function):
 def _plain_chunk_backward(job, inputs, needs, act_in, beta_u, beta_a, start, stop, g_pose, g_act, sink):
     """Gradients of a chunk that the plain path routed: autograd through :func:`_plain_iterations`
     on the chunk's votes, rebuilt from the inputs. Returns those of act_in, beta_u and beta_a, and
-    hands the votes' (or M's and W's) to ``sink``."""
-    with torch.enable_grad():
+    hands the votes' (or M's and W's) to ``sink``. Under any autocast, in the forward's dtype."""
+    with torch.enable_grad(), torch.autocast(act_in.device.type, enabled=False):
         a = act_in[start:stop].detach().requires_grad_()
         u, b = beta_u.detach().requires_grad_(), beta_a.detach().requires_grad_()
         if job.product:

@@ -227,7 +227,7 @@ def refuse_an_idle_rewind(cfg: Config, ckpt: dict[str, Any], ckpt_path: Path) ->
 #: flock from the moment a start picks the name until its run ends (or the process does, which
 #: releases them too). Two starts in the same second would otherwise pick the same default name,
 #: or the same --run-name, and both pass the checks made before either has written run.json.
-_held_names: dict[Path, Any] = {}
+_held_names: dict[Path, tuple[Any, list[Path]]] = {}  # lock file -> (open file, folders made for it)
 
 
 def _lock_path(out_dir: Path, name: str) -> Path:
@@ -246,6 +246,11 @@ def claim_run_name(out_dir: str | Path, name: str) -> int | None:
     path = _lock_path(out_dir, name)
     if path in _held_names:
         return None
+    made = []  # the folders made for the lock, removed with it where the run made nothing in them
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            break
+        made.append(folder)
     out_dir.mkdir(parents=True, exist_ok=True)
     while True:
         f = open(path, "a+")  # noqa: SIM115 (kept open: the lock lasts while the file is open)
@@ -270,17 +275,21 @@ def claim_run_name(out_dir: str | Path, name: str) -> int | None:
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
-    _held_names[path] = f
+    _held_names[path] = (f, made)
     return None
 
 
 def release_run_names() -> None:
-    """Gives up every run name this process holds (its runs have ended) and removes their lock files."""
-    for path, f in list(_held_names.items()):
+    """Gives up every run name this process holds (its runs have ended) and removes their lock files,
+    and the folders made for them where nothing else was put in them (a start refused early)."""
+    for path, (f, made) in list(_held_names.items()):
         with contextlib.suppress(OSError):
             path.unlink()  # while still locked: a start waiting on it then locks a file of its own
         f.close()
         del _held_names[path]
+        for folder in made:  # the deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def choose_run(

@@ -871,6 +871,69 @@ def test_fast_and_plain_routing_give_one_pose_to_a_parent_every_child_rejects():
         torch.testing.assert_close(a, b)
 
 
+def _rejecting_votes():
+    """Votes for class 0 that agree closely, for the others not: those get sum_i R_ij below RSUM_FLOOR."""
+    g = torch.Generator().manual_seed(3)
+    votes = torch.randn(3, 1, 5, 64, 16, generator=g)
+    votes[:, :, 0] = 1.0 + 0.05 * torch.randn(3, 1, 64, 16, generator=g)
+    return (votes + 4.0).requires_grad_(), torch.rand(3, 1, 64, generator=g).requires_grad_()
+
+
+def test_a_chunk_that_falls_back_is_routed_by_the_plain_path_in_pieces_of_the_training_chunk_size(
+    monkeypatch,
+):
+    """On a GPU a chunk may be the whole batch, and the plain path's temporaries are many times
+    its votes: the fallback takes CHUNK_BYTES of samples at a time, forward and backward."""
+    votes, act = _rejecting_votes()
+    beta_u, beta_a = torch.zeros(5, requires_grad=True), torch.zeros(5, requires_grad=True)
+    inputs = [votes, act, beta_u, beta_a]
+    plain = em_routing(*inputs, SETTINGS, impl="plain")
+    want = grads([plain.pose, plain.activation], inputs)
+    calls = []
+    real = routing._plain_iterations
+
+    def counted(votes, *args, **kwargs):
+        calls.append(votes.shape[0])
+        return real(votes, *args, **kwargs)
+
+    monkeypatch.setattr(routing, "_plain_iterations", counted)
+    monkeypatch.setattr(routing, "_sample_chunks", lambda geom, *a, **k: [(0, geom[0])])  # one chunk
+    monkeypatch.setattr(routing, "CHUNK_BYTES", 1)  # the plain path's pieces: one sample each
+    fast = em_routing(*inputs, SETTINGS, impl="fast")
+    got = grads([fast.pose, fast.activation], inputs)
+    assert calls == [1, 1, 1] * 2  # forward, then backward
+    torch.testing.assert_close(fast.pose, plain.pose)
+    torch.testing.assert_close(fast.activation, plain.activation)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_chunk_that_falls_back_differentiates_in_the_forwards_dtype_under_autocast(monkeypatch):
+    """The plain path's backward rebuilds a product's votes; under a bf16 autocast it took that
+    product in bf16, and the gradients were 0.5-2% off those of a backward outside autocast."""
+    g = torch.Generator().manual_seed(4)
+    children, types, p = 64, 5, 4
+    # every child's vote for parent type 0 (W = identity) agrees closely: the others are rejected
+    poses = torch.randn(1, 2 * p, p, generator=g) + 0.05 * torch.randn(children, 2 * p, p, generator=g)
+    weight = torch.randn(children, p, types * p, generator=g)
+    weight[:, :, :p] = torch.eye(p)
+    inputs = [poses.requires_grad_(), weight.requires_grad_(), torch.rand(2, 1, children, generator=g)]
+    inputs[2].requires_grad_()
+    beta = torch.zeros(types)
+    calls = []
+    real = routing._plain_iterations
+    monkeypatch.setattr(routing, "_plain_iterations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = []
+    for autocast in (False, True):
+        product = routing.VoteProduct(poses, weight, (2, 1, types, p))
+        out = em_routing(product, inputs[2], beta, beta, SETTINGS)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            results.append(grads([out.pose, out.activation], inputs))
+    assert len(calls) == 4  # each forward and backward by the plain path
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_fast_routing_of_ordinary_votes_does_not_fall_back_to_the_plain_path(monkeypatch):
     calls = []
     monkeypatch.setattr(routing, "_plain_iterations", lambda *a, **k: calls.append(1))
