@@ -431,19 +431,22 @@ def eval_(
             from capsnet.visualize import figure_path
 
             figure_path(plot)  # matplotlib and a file name it can write, before the evaluation
-        report = evaluate_checkpoint(
-            ckpt,
-            out_dir,
-            split,
-            batch_size,
-            data_root,
-            device,
-            override,
-            crops=crops,
-            crop_shift=crop_shift,
-            limit=limit,
-            mirror=mirror,
-        )
+        from capsnet.data import reported_data_warnings
+
+        with reported_data_warnings():
+            report = evaluate_checkpoint(
+                ckpt,
+                out_dir,
+                split,
+                batch_size,
+                data_root,
+                device,
+                override,
+                crops=crops,
+                crop_shift=crop_shift,
+                limit=limit,
+                mirror=mirror,
+            )
     # the results first, so that a figure that cannot be written does not lose them
     typer.echo(_json(report.to_dict()) if as_json else report.summary())
     if plot is not None:

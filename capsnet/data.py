@@ -522,6 +522,21 @@ def trains_with_flips(cfg: DataConfig) -> bool:
     return cfg.flip if cfg.flip is not None else cfg.name in FLIPPED_BY_DEFAULT
 
 
+def warn_if_mirror_unlearned(cfg: DataConfig) -> None:
+    """A DataWarning where ``--mirror`` is asked of a model whose training (data config ``cfg``,
+    as stored with it) saw no left-right flips: the mirrored images are unlike those it learned
+    from, and the mirrored score says little about the model."""
+    if not trains_with_flips(cfg):
+        warnings.warn(
+            DataWarning(
+                f"--mirror: this run did not train with left-right flips (data {cfg.name}, "
+                f"data.augment {str(cfg.augment).lower()}, data.flip {cfg.flip}), so its mirrored "
+                "images are unlike any it learned from; the mirrored score says little about it"
+            ),
+            stacklevel=2,
+        )
+
+
 def _training_transform(
     cfg: DataConfig, mean: list[float], std: list[float], size: int, shift: int
 ) -> PixelTransform:

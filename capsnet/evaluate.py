@@ -298,6 +298,8 @@ def prepare_checkpoint(
     check_class_names(ckpt, loaders.info.class_names, path)
     if split != "val":
         check_test_split(ckpt, loaders.info.test_split, path)
+    else:
+        check_val_split(ckpt, loaders, path)
     check_image_size(model, cfg, loaders.info.image_size)
     loader = {"test": loaders.test, "val": loaders.val, **loaders.extra}.get(split)
     if loader is None:
@@ -307,6 +309,25 @@ def prepare_checkpoint(
         loaders.extra = {name: limited(ld, limit, cfg.train.seed) for name, ld in loaders.extra.items()}
         loader = limited(loader, limit, cfg.train.seed)
     return Prepared(Path(path), ckpt, cfg, model, loaders, loader, split, dev)
+
+
+def check_val_split(ckpt: dict[str, Any], loaders, path: str | Path) -> None:
+    """Refuses to score the validation split of data whose training and validation images number
+    otherwise than when ``path`` was saved (files added to or removed from an image folder): the
+    split, drawn anew, may hold images the run trained on. Checkpoints that record no sizes pass."""
+    from capsnet.data import DataError, data_sizes
+
+    before, now = ckpt.get("data_sizes"), data_sizes(loaders)
+    if not isinstance(before, dict) or all(before.get(k) == now[k] for k in ("train", "val")):
+        return
+    moved = ", ".join(
+        f"{k} {before.get(k, '?')} -> {now[k]}" for k in ("train", "val") if before.get(k) != now[k]
+    )
+    raise DataError(
+        f"--split val on other data (images: {moved}) than {path} was trained on: the validation split "
+        "would be drawn anew and may hold images the run trained on; score it on the data it trained on, "
+        "or score --split test"
+    )
 
 
 def check_class_names(ckpt: dict[str, Any], names: list[str], path: str | Path) -> None:
@@ -555,6 +576,11 @@ def evaluate_checkpoint(
         report.familiar = evaluate(
             model, familiar, cfg, dev, class_names=names, progress_bar=progress, desc="test_familiar"
         )
+    if mirror:
+        from capsnet.config import stored_config
+        from capsnet.data import warn_if_mirror_unlearned
+
+        warn_if_mirror_unlearned(stored_config(prep.ckpt["config"], prep.path, []).data)
     if mirror and crops is None:
         crops = 1
     if crops is not None:

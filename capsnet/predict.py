@@ -365,6 +365,11 @@ def predict_files(
     ckpt = load_checkpoint(path)
     pipe = input_pipeline(ckpt)
     model = build_model_from_checkpoint(ckpt, path).to(dev).eval()
+    if mirror:
+        from capsnet.config import stored_config
+        from capsnet.data import warn_if_mirror_unlearned
+
+        warn_if_mirror_unlearned(stored_config(ckpt["config"], path, []).data)
     names = trained_class_names(ckpt) or []
     if len(names) != model.num_classes:
         names = [str(k) for k in range(model.num_classes)]

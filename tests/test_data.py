@@ -1469,3 +1469,26 @@ def test_scoring_a_separate_test_folder_reads_no_training_folder(image_tree, tmp
         build_datasets(cfg, stats=stats, trained_classes=["cat", "dog", "emu"])
     with pytest.raises(data.DataError, match="data.train_dir .* is not a folder"):  # training needs it
         build_datasets(cfg)
+
+
+@pytest.mark.parametrize(
+    ("settings", "warned"),
+    [
+        ({"name": "fashion-mnist"}, False),
+        ({"name": "fashion-mnist", "augment": False}, True),
+        ({"name": "fashion-mnist", "flip": False}, True),
+        ({"name": "mnist"}, True),
+        ({"name": "folder", "flip": True}, False),
+        ({"name": "synthetic", "flip": True}, True),
+    ],
+)
+def test_mirror_on_a_model_that_never_saw_flips_is_warned_of(settings, warned):
+    import warnings
+
+    from capsnet.config import DataConfig
+    from capsnet.data import DataWarning, warn_if_mirror_unlearned
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_mirror_unlearned(DataConfig(**settings))
+    assert [w.category for w in caught] == ([DataWarning] if warned else [])

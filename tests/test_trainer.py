@@ -1263,6 +1263,20 @@ def test_a_run_resumed_on_a_folder_with_other_images_is_refused_with_a_val_split
         f"on, or start a new run from its weights with -o train.init_from={last}"
     )
     assert sorted(p.name for p in held.run_dir.iterdir()) == before  # refused before touching the run
+    # nor is that validation split scored: it may now hold training images; the test split may be
+    from capsnet.data import DataError
+    from capsnet.evaluate import evaluate_checkpoint
+
+    with pytest.raises(DataError, match=r"--split val on other data \(images: train 18 -> 24, val 6 -> 8\)"):
+        evaluate_checkpoint(
+            str(held.run_dir), str(tmp_path / "weights"), split="val", device="cpu", progress=False
+        )
+    assert (
+        evaluate_checkpoint(
+            str(held.run_dir), str(tmp_path / "weights"), device="cpu", progress=False
+        ).result.n
+        == 6
+    )
     # without a validation split it goes on, and says so; best.pt, chosen on the test images, stays
     said.clear()
     fit(tiny(tmp_path, *data, "train.epochs=3"), resume=str(plain.run_dir), echo=said.append)
