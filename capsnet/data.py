@@ -130,6 +130,14 @@ def data_sizes(loaders: Loaders) -> dict[str, int]:
     }
 
 
+def size_changes(before: dict[str, int], now: dict[str, int], splits: tuple[str, ...] | None = None) -> str:
+    """The splits of ``splits`` (default: all of ``now``) whose image counts differ between two
+    :func:`data_sizes`, as "train 18 -> 24, val 6 -> 8"."""
+    return ", ".join(
+        f"{k} {before.get(k, '?')} -> {now[k]}" for k in (splits or tuple(now)) if before.get(k) != now[k]
+    )
+
+
 @dataclass
 class Loaders:
     train: DataLoader

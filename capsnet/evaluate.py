@@ -315,14 +315,12 @@ def check_val_split(ckpt: dict[str, Any], loaders, path: str | Path) -> None:
     """Refuses to score the validation split of data whose training and validation images number
     otherwise than when ``path`` was saved (files added to or removed from an image folder): the
     split, drawn anew, may hold images the run trained on. Checkpoints that record no sizes pass."""
-    from capsnet.data import DataError, data_sizes
+    from capsnet.data import DataError, data_sizes, size_changes
 
     before, now = ckpt.get("data_sizes"), data_sizes(loaders)
     if not isinstance(before, dict) or all(before.get(k) == now[k] for k in ("train", "val")):
         return
-    moved = ", ".join(
-        f"{k} {before.get(k, '?')} -> {now[k]}" for k in ("train", "val") if before.get(k) != now[k]
-    )
+    moved = size_changes(before, now, ("train", "val"))
     raise DataError(
         f"--split val on other data (images: {moved}) than {path} was trained on: the validation split "
         "would be drawn anew and may hold images the run trained on; score it on the data it trained on, "

@@ -62,7 +62,15 @@ from capsnet.checkpoint import (
 )
 from capsnet.config import Config, config_from_dict, dump_config, stored_config
 from capsnet.data import Loaders, data_sizes
-from capsnet.distributed import DistInfo, any_rank, broadcast, gather_to_main, rank_seed, sum_over_ranks
+from capsnet.distributed import (
+    DistInfo,
+    active,
+    any_rank,
+    broadcast,
+    gather_to_main,
+    rank_seed,
+    sum_over_ranks,
+)
 from capsnet.model import CapsNet
 from capsnet.tracking import NullWriter, TrackingError, counted, listed, truncate_metrics
 
@@ -328,9 +336,7 @@ def choose_run(
     else:
         name = default_run_name(cfg, name_prefix)
         base, k = name, 2
-        main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-            torch.distributed.get_rank() == 0
-        )
+        main = not active() or torch.distributed.get_rank() == 0
         # rank 0 takes the name, so that a start in the same second picks the next one
         while (out_dir / name).exists() or (main and claim_run_name(out_dir, name) is not None):
             name, k = f"{base}-{k}", k + 1

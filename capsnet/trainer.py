@@ -56,7 +56,7 @@ from capsnet.checkpoint import (
     trained_normalisation,
 )
 from capsnet.config import Config, ConfigError
-from capsnet.data import build_loaders, data_sizes, expected_image_size, reported_data_warnings
+from capsnet.data import build_loaders, data_sizes, expected_image_size, reported_data_warnings, size_changes
 from capsnet.distributed import (
     any_rank,
     broadcast,
@@ -1041,11 +1041,7 @@ def data_change(before: dict[str, int] | None, now: dict[str, int], where: str |
     could hold out images the run trained on (as a changed data.val_split would)."""
     if not isinstance(before, dict) or before == now:
         return None
-    moved = ", ".join(
-        f"{split} {before.get(split, '?')} -> {now[split]}"
-        for split in now
-        if before.get(split) != now[split]
-    )
+    moved = size_changes(before, now)
     if (before.get("val") or now["val"]) and any(before.get(k) != now[k] for k in ("train", "val")):
         raise CheckpointError(
             f"cannot resume {where} on other data (images: {moved}): its validation split would be drawn "
