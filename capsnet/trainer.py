@@ -45,6 +45,7 @@ from capsnet.averaging import WeightAverage
 from capsnet.checkpoint import (
     BEST,
     CheckpointError,
+    atomic_write_bytes,
     capture_rng,
     check_architecture,
     check_resume_settings,
@@ -938,7 +939,9 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
             # No best.pt beside the resumed checkpoint (one from steps past it was just removed,
             # or the run continues in a new folder): the recorded best has no file to stand for it.
             missing = broadcast(dist_info.is_main and not (run_dir / BEST).is_file())
-            if not missing and run.best_acc is not None:
+            if missing and run.best_acc is not None:
+                missing = not _carry_best_file(run, ckpt_path, dist_info)
+            elif run.best_acc is not None:
                 _agree_with_best_file(run, dist_info)
             if missing and run.best_acc is not None:
                 say(
@@ -974,6 +977,43 @@ def _tracking_failed(run: Run, error: TrackingError) -> TrainingError:
         f"{run.last_checkpoint or 'none'}; free some space (or fix the folder) and resume with: "
         f"capsnet train --resume {shlex.quote(str(run.run_dir))}"
     )
+
+
+def _carry_best_file(run: Run, ckpt_path: Path, dist_info) -> bool:
+    """Writes the best.pt that the resumed checkpoint records, where the run's folder lacks one.
+
+    That best is the resumed file itself where it is the best step, else the best.pt beside it
+    where that still holds the recorded step (a later best of an older run does not count): a run
+    continued in a new folder, or resumed from a step whose later best.pt was removed, keeps the
+    best model so far. Returns whether one was written.
+    """
+    copied = None
+    if dist_info.is_main:
+        source = Path(ckpt_path)
+        for candidate in (source, source.parent / BEST):
+            try:
+                best = load_checkpoint(candidate)
+            except CheckpointError:
+                continue
+            if (
+                best.get("step") == best.get("best_step") == run.best_step
+                and best.get("best_metric") == run.best_acc
+                and best.get("best_split") == run.eval_split
+            ):
+                try:
+                    atomic_write_bytes(candidate.read_bytes(), run.run_dir / BEST)
+                except (OSError, CheckpointError) as e:
+                    run.echo(f"note: could not copy {candidate} to best.pt: {e}")
+                    break
+                copied = candidate
+                break
+    copied = broadcast(copied)
+    if copied is not None:
+        run.echo(
+            f"best.pt: a copy of {copied}, the best so far (step {run.best_step}, "
+            f"{run.eval_split}/acc {run.best_acc:.4f})"
+        )
+    return copied is not None
 
 
 def _agree_with_best_file(run: Run, dist_info) -> None:

@@ -867,6 +867,49 @@ def test_a_run_branched_under_another_name_keeps_the_history_up_to_its_checkpoin
     assert logged(trunk) == before  # the trunk keeps its own
 
 
+def test_a_run_branched_into_a_new_folder_keeps_the_best_pt_its_checkpoint_records(tmp_path, straight):
+    import shutil
+
+    trunk = tmp_path / "weights" / "trunk"
+    shutil.copytree(straight.run_dir, trunk)
+    best = load_checkpoint(trunk / "best.pt")
+    # from best.pt itself, and from the last step file, whose record names best.pt's step (its own,
+    # or an earlier one that best.pt holds): the branch starts with that best.pt, not with none
+    for name, resume in (("from-best", "best.pt"), ("from-last", "step-000012.pt")):
+        lines: list[str] = []
+        branch = fit(
+            tiny(tmp_path, "train.max_steps=12"), run_name=name, resume=str(trunk / resume), echo=lines.append
+        )
+        assert (branch.run_dir / "best.pt").read_bytes() == (trunk / "best.pt").read_bytes(), name
+        assert (branch.best_acc, branch.best_step) == (best["best_metric"], best["step"])
+        assert any(line.startswith("best.pt: a copy of ") for line in lines), lines
+        assert not [line for line in lines if "chosen afresh" in line]
+    # a step file whose own step is its best is that best.pt
+    fit(
+        tiny(tmp_path, "train.max_steps=6"),
+        run_name="from-six",
+        resume=str(trunk / "step-000006.pt"),
+        echo=quiet,
+    )
+    assert load_checkpoint(trunk / "step-000006.pt")["best_step"] == 6
+    six = (tmp_path / "weights" / "from-six" / "best.pt").read_bytes()
+    assert six == (trunk / "step-000006.pt").read_bytes()
+    # a record that neither the checkpoint nor the best.pt beside it holds (a later best of the trunk,
+    # a file from elsewhere) copies nothing: the branch chooses its best.pt afresh, and says so
+    other = load_checkpoint(trunk / "step-000012.pt")
+    other.update(best_metric=0.999, best_step=6)
+    torch.save(other, trunk / "step-000012.pt")
+    lines = []
+    fit(
+        tiny(tmp_path, "train.max_steps=12"),
+        run_name="unheld",
+        resume=str(trunk / "step-000012.pt"),
+        echo=lines.append,
+    )
+    assert any("holds no best.pt of the steps up to 12" in line for line in lines), lines
+    assert not (tmp_path / "weights" / "unheld" / "best.pt").exists()
+
+
 def test_resuming_from_an_earlier_step_drops_the_best_pt_of_the_steps_it_replaces(tmp_path, straight):
     import shutil
 
@@ -878,10 +921,14 @@ def test_resuming_from_an_earlier_step_drops_the_best_pt_of_the_steps_it_replace
         tiny(tmp_path, "train.max_steps=8"), resume=str(run_dir / "step-000006.pt"), echo=lines.append
     )
     assert any("removed best.pt, past the resumed step 6" in line for line in lines), lines
-    assert any("best.pt is chosen afresh" in line for line in lines), lines
     assert not (run_dir / "step-000012.pt").exists()
-    # the resumed run's first evaluation (step 8) is its best, whatever the accuracy of steps 6 and 12
-    assert resumed.best_step == 8 and load_checkpoint(run_dir / "best.pt")["step"] == 8
+    # step 6 was the best of the steps up to it (its first evaluation), so best.pt is written again
+    # from it; the step-8 evaluation replaces it only where it scores higher
+    six = load_checkpoint(run_dir / "step-000006.pt")
+    assert six["best_step"] == 6
+    assert any(line.startswith(f"best.pt: a copy of {run_dir / 'step-000006.pt'}, ") for line in lines), lines
+    best = 8 if resumed.last_eval.acc > six["best_metric"] else 6
+    assert resumed.best_step == best and load_checkpoint(run_dir / "best.pt")["step"] == best
     assert load_checkpoint(run_dir / "last.pt")["step"] == 8
 
 
