@@ -875,22 +875,16 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         run_dir = open_run_dir(cfg, choice, overwrite, say, total_steps)
     try:  # a run that fails here is marked as ended, as one that fails in the loop
         # a run continued in a new folder: its TensorBoard events start with the history that
-        # open_run_dir copied into its metrics.jsonl, as that file does (once: not again over
-        # the events of an earlier start of that continued run)
-        replay = (
-            dist_info.is_main
-            and cfg.logging.tensorboard
-            and choice.checkpoint_path is not None
-            and not choice.resuming_here
-            and not any(tb_dir.glob("events.out.tfevents.*"))
-        )
+        # open_run_dir copied into its metrics.jsonl, as that file does; written after hiding every
+        # event already there (an earlier start from that checkpoint, or a deleted run of the name)
+        replay = dist_info.is_main and choice.checkpoint_path is not None and not choice.resuming_here
         if dist_info.is_main:
             writer = TensorBoardWriter(
                 tb_dir if cfg.logging.tensorboard else None,
                 run_dir / "metrics.jsonl",
                 # a resumed run hides the events an earlier attempt wrote past its checkpoint; a
                 # fresh one all events of a run of that name whose folder was deleted by hand
-                purge_step=int(ckpt["step"]) + 1 if ckpt is not None else 0,
+                purge_step=int(ckpt["step"]) + 1 if ckpt is not None and not replay else 0,
             )
             if replay and (run_dir / "metrics.jsonl").is_file():
                 writer.replay(run_dir / "metrics.jsonl")

@@ -1537,6 +1537,8 @@ def test_a_run_name_that_another_start_holds_is_refused_until_it_ends(tmp_path):
 def test_a_run_continued_in_a_new_folder_shows_its_history_in_tensorboard_too(tmp_path):
     """Its metrics.jsonl starts with the history that led to the checkpoint; its TensorBoard events
     started only after it."""
+    import shutil
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     def loss_steps(run: str) -> list[int]:
@@ -1546,10 +1548,28 @@ def test_a_run_continued_in_a_new_folder_shows_its_history_in_tensorboard_too(tm
 
     first = fit(tiny(tmp_path, "train.max_steps=6"), run_name="base", echo=quiet)
     assert loss_steps("base") == [2, 4, 6]
+    # the events of a deleted run of the new name are hidden, not shown beside the history
+    stale = fit(tiny(tmp_path, "train.max_steps=4", "train.seed=1"), run_name="cont", echo=quiet)
+    shutil.rmtree(stale.run_dir)
+    time.sleep(1.1)  # event files are named by the second they were opened
     fit(tiny(tmp_path), resume=str(first.run_dir / "step-000006.pt"), run_name="cont", echo=quiet)
     assert loss_steps("cont") == [2, 4, 6, 8, 10, 12]
     logged_steps = [row["step"] for row in logged(tmp_path / "weights" / "cont") if "train/loss" in row]
     assert logged_steps == [2, 4, 6, 8, 10, 12]
+    history = [row["train/loss"] for row in logged(tmp_path / "weights" / "cont") if "train/loss" in row]
+    events = EventAccumulator(str(tmp_path / "runs" / "cont"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(history)
+    # the same start again, over the new folder's checkpoints: the history once, not twice
+    time.sleep(1.1)
+    fit(
+        tiny(tmp_path, "train.max_steps=8"),
+        resume=str(first.run_dir / "step-000006.pt"),
+        run_name="cont",
+        overwrite=True,
+        echo=quiet,
+    )
+    assert loss_steps("cont") == [2, 4, 6, 8]
 
 
 def test_a_stop_within_an_epoch_pushes_no_epoch_checkpoint_out_of_logging_keep(tmp_path, monkeypatch):
