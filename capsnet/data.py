@@ -710,10 +710,15 @@ def _find_idx_files(folder: Path) -> dict[str, Path] | None:
 def locate_idx(name: str, root: str | Path, allow_download: bool) -> dict[str, Path]:
     """Paths of the four IDX files of ``name``; downloads with torchvision when allowed."""
     dirs = idx_search_dirs(name, root)
+    others: list[dict[str, Path]] = []  # the other dataset's files, found under the same names
     for folder in dirs:
         files = _find_idx_files(folder)
-        if files is not None:
+        if files is not None and _another_datasets_files(name, files):
+            others.append(files)
+        elif files is not None:
             return files
+    if others:  # where no folder holds name's own, the refusal says whose they are
+        return others[0]
     reason = "data.download is false"
     if allow_download:
         try:
@@ -760,19 +765,40 @@ def _read_idx_split(
     return images.unsqueeze(1), labels.long()  # (N, 1, H, W)
 
 
+def _another_datasets_files(name: str, files: dict[str, Path]) -> bool:
+    """Whether the training labels of ``files`` are another IDX dataset's (see
+    :func:`refuse_another_datasets_labels`); a file that cannot be read is left to the reading."""
+    try:
+        labels = read_idx(files["train_labels"], IDX_LABELS_MAGIC)
+    except DataFormatError:
+        return False
+    return _labels_of_another(name, "train", labels) is not None
+
+
+def _labels_of_another(name: str, split: str, labels: torch.Tensor) -> str | None:
+    """The IDX dataset other than ``name`` whose released ``split`` labels begin as ``labels`` do, or None."""
+    for other, meta in _IDX_META.items():
+        if (
+            other != name
+            and labels[: len(meta["first_labels"][split])].tolist() == meta["first_labels"][split]
+        ):
+            return other
+    return None
+
+
 def refuse_another_datasets_labels(name: str, path: Path, split: str, labels: torch.Tensor) -> None:
     """Refuses ``labels`` (the ``split`` labels read from ``path`` for the dataset ``name``) where they
     begin as the released file of another IDX dataset does: the four files of MNIST and of
     Fashion-MNIST have the same names, so one's files in the other's folder would otherwise train
     under the wrong class names and normalisation."""
-    for other, meta in _IDX_META.items():
-        first = meta["first_labels"][split]
-        if other != name and labels[: len(first)].tolist() == first:
-            raise DataFormatError(
-                f"{path}: these are {other}'s {split} labels (they begin {first}), not {name}'s. "
-                f"The two datasets' files have the same names: keep each in its own folder, "
-                f"data.root/{name} for {name}"
-            )
+    other = _labels_of_another(name, split, labels)
+    if other is not None:
+        first = _IDX_META[other]["first_labels"][split]
+        raise DataFormatError(
+            f"{path}: these are {other}'s {split} labels (they begin {first}), not {name}'s. "
+            f"The two datasets' files have the same names: keep each in its own folder, "
+            f"data.root/{name} for {name}"
+        )
 
 
 def _build_idx(
@@ -912,6 +938,8 @@ def _torchvision_split(
             tvd.CIFAR10(str(folder), train=train, download=True)
         return _read_cifar10(folder / CIFAR10_FOLDER, train)
     try:
+        if download:  # torchvision's SVHN downloads its files before it imports scipy to read them
+            import scipy.io  # noqa: F401
         ds = tvd.SVHN(str(folder), split="train" if train else "test", download=download)
     except ImportError:
         raise DataError(
@@ -1089,11 +1117,18 @@ FOLDER_TEST_FRACTION = 0.2
 
 
 def _class_files(folder: Path) -> dict[str, list[Path]]:
+    """Each class folder's files, sub-folders included; hidden files and folders (thumbnails,
+    editors' and version control's own) left out."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return {
-        name: sorted(p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith("."))
-        for name in classes
-    }
+    return {name: _visible_files(folder / name) for name in classes}
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    found = []
+    for parent, subfolders, names in os.walk(folder, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found.extend(Path(parent) / n for n in names if not n.startswith("."))
+    return sorted(p for p in found if p.is_file())
 
 
 def decode_image(path: Path, size: int | None, mode: str) -> np.ndarray | None:
@@ -1106,9 +1141,13 @@ def decode_image(path: Path, size: int | None, mode: str) -> np.ndarray | None:
             image.verify()
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)  # photos stored sideways, upright as they were taken
-            if image.mode.startswith("I;16"):  # 16-bit grey: scaled to 8 bits (convert() would clip at 255)
-                wide = np.asarray(image, dtype=np.uint16).astype(np.float32)
+            if image.mode.startswith("I"):  # 16-bit grey (I;16 or, from a PGM, I): scaled to 8 bits
+                wide = np.asarray(image).astype(np.float64)  # (convert() would clip at 255)
+                if wide.size and not 0 <= wide.min() <= wide.max() <= 65535:
+                    return None  # 32-bit levels: no known white to scale from
                 image = Image.fromarray(np.round(wide / 257.0).astype(np.uint8), mode="L")
+            elif image.mode == "F":
+                return None  # floating-point levels: no known white to scale from
             image = image.convert(mode)
             if size is not None:
                 image = image.resize((size, size), Image.Resampling.BILINEAR)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
 import warnings
 from pathlib import Path
@@ -185,10 +186,13 @@ def test_mnist_is_read_from_idx_files_under_the_root(tmp_path):
     assert augmented.shape == (1, 28, 28)
 
 
-def test_the_files_of_one_idx_dataset_are_refused_as_the_other_s(tmp_path):
+def test_the_files_of_one_idx_dataset_are_refused_as_the_other_s(tmp_path, monkeypatch):
     """MNIST's and Fashion-MNIST's files have the same names: those of one in a folder that the other
     searches are told apart by their first labels, not trained under the other's classes."""
     rng = np.random.default_rng(0)
+    system = tmp_path / "system"  # the installed copies, each in its own folder
+    for name in ("mnist", "fashion-mnist"):
+        monkeypatch.setitem(data.SYSTEM_DATA_DIRS, name, [system / name])
     first = {
         "mnist": ([5, 0, 4, 1, 9, 2, 1, 3, 1, 4], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]),
         "fashion-mnist": ([9, 0, 0, 3, 0, 2, 7, 2, 5, 5], [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]),
@@ -221,6 +225,19 @@ def test_the_files_of_one_idx_dataset_are_refused_as_the_other_s(tmp_path):
     root = files(tmp_path / "own", [1] * 10, [2] * 10)
     for name in first:
         assert len(build_datasets(DataConfig(name=name, root=str(root), download=False))[0]) == 12
+    # the other's files in data.root do not hide a dataset's own in a folder searched later
+    system.mkdir()
+    files(system / "fashion-mnist", *first["fashion-mnist"])
+    root = tmp_path / "mnist-flat"
+    train, _, test, _ = build_datasets(DataConfig(name="fashion-mnist", root=str(root), download=False))
+    assert (train.targets[:10].tolist(), test.targets.tolist()) == first["fashion-mnist"]
+    # each dataset in its own folder as advised, one of them in data.root itself: each finds its own
+    for name, other in (("mnist", "fashion-mnist"), ("fashion-mnist", "mnist")):
+        root = files(tmp_path / f"{other}-beside", *first[other])
+        files(root / name, *first[name])
+        for which in (name, other):
+            train, _, test, _ = build_datasets(DataConfig(name=which, root=str(root), download=False))
+            assert (train.targets[:10].tolist(), test.targets.tolist()) == first[which]
 
 
 def _augmented_views(tmp_path, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
@@ -1238,6 +1255,27 @@ def test_folder_images_are_turned_upright_by_their_exif_orientation_and_16_bit_g
     assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
     grey = decode_image(tmp_path / "grey16.png", 8, "L")[:, :, 0]
     assert grey[0, 0] == 255 and grey[0, -1] == 128
+    # a 16-bit PGM, which Pillow opens as 32-bit integers (mode I): scaled alike, not clipped to white
+    header = b"P5\n8 8\n65535\n"
+    (tmp_path / "grey16.pgm").write_bytes(header + wide.astype(">u2").tobytes())
+    assert Image.open(tmp_path / "grey16.pgm").mode == "I"
+    assert np.array_equal(decode_image(tmp_path / "grey16.pgm", 8, "L")[:, :, 0], grey)
+    # levels with no known white (beyond 16 bits, or floating point) are unreadable, not saturated
+    Image.fromarray(np.full((8, 8), 70000, dtype=np.int32), mode="I").save(tmp_path / "grey32.tif")
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), mode="F").save(tmp_path / "float.tif")
+    assert decode_image(tmp_path / "grey32.tif", 8, "L") is None
+    assert decode_image(tmp_path / "float.tif", 8, "L") is None
+
+
+def test_files_in_hidden_folders_of_a_class_are_not_its_images(image_tree):
+    before = data._class_files(image_tree)
+    hidden = image_tree / "cat" / ".thumbnails"
+    hidden.mkdir()
+    shutil.copyfile(before["cat"][0], hidden / "small.png")
+    (image_tree / "cat" / "more").mkdir()
+    shutil.copyfile(before["cat"][0], image_tree / "cat" / "more" / "again.png")
+    after = data._class_files(image_tree)
+    assert after["cat"] == sorted([*before["cat"], image_tree / "cat" / "more" / "again.png"])
 
 
 def test_a_damaged_download_is_downloaded_again_when_downloads_are_on(tmp_path, monkeypatch):
@@ -1492,3 +1530,24 @@ def test_mirror_on_a_model_that_never_saw_flips_is_warned_of(settings, warned):
         warnings.simplefilter("always")
         warn_if_mirror_unlearned(DataConfig(**settings))
     assert [w.category for w in caught] == ([DataWarning] if warned else [])
+
+
+def test_svhn_without_scipy_says_so_before_downloading_anything(tmp_path, monkeypatch):
+    import sys
+
+    import torchvision.datasets
+
+    from capsnet.data import DataError
+
+    fetched = []
+
+    def svhn(root, split, download):  # stands in for torchvision's, which downloads before importing scipy
+        fetched.append((split, download))
+        raise RuntimeError("Dataset not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", svhn)
+    monkeypatch.setitem(sys.modules, "scipy", None)  # importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    with pytest.raises(DataError, match="svhn needs scipy"):
+        build_datasets(DataConfig(name="svhn", root=str(tmp_path), download=True))
+    assert fetched and not [split for split, download in fetched if download]  # looked for, never fetched
