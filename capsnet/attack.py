@@ -50,6 +50,11 @@ def parse_epsilons(text: str) -> list[float]:
             raise ExperimentError(f"--eps: {part!r} is not a number (expected e.g. 0.01,0.05,0.1)") from None
         if not math.isfinite(value) or value < 0:
             raise ExperimentError(f"--eps: {part!r} must be a finite number >= 0")
+        if value > 1:
+            raise ExperimentError(
+                f"--eps: {part!r} is past 1, which already lets each pixel take any value (epsilons are "
+                f"in pixel units, the images spanning 0 to 1)"
+            )
         values.append(value)
     if not values:
         raise ExperimentError("--eps: give at least one epsilon, e.g. 0.01,0.05,0.1,0.2")
@@ -221,6 +226,7 @@ class AttackReport:
     points: list[AttackPoint]
     files: dict[str, str] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)  # report files of an earlier attack written over
+    removed: list[str] = field(default_factory=list)  # an earlier attack's figure, where this one drew none
     #: routing iterations the model was attacked with, and where -o model.iterations changed it, trained with
     iterations: int | None = None
     trained_iterations: int | None = None
@@ -494,6 +500,9 @@ def attack_checkpoint(
             report.files["tensorboard"] = str(log_dir)
         report.files["json"] = str(path)
         path.write_text(strict_json(report.to_dict(), indent=2) + "\n")
+        if not plot and png.exists():  # it would stand beside these results as theirs
+            png.unlink()
+            report.removed = [str(png)]
         return report
 
 

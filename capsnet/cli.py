@@ -427,13 +427,17 @@ def eval_(
             raise ExperimentError(
                 "--crop-shift sets the shifts of the multi-crop test: give --crops N with it"
             )
+        from capsnet.data import reported_data_warnings, tidy_made_folders
+
+        figure_folder = None
         if plot is not None:
-            from capsnet.visualize import figure_path
+            from capsnet.visualize import check_writable, figure_path
 
-            figure_path(plot)  # matplotlib and a file name it can write, before the evaluation
-        from capsnet.data import reported_data_warnings
-
-        with reported_data_warnings():
+            # matplotlib and a file name it can write, before the evaluation (which may take long)
+            figure_folder = figure_path(plot).parent
+        with reported_data_warnings(), tidy_made_folders(*[f for f in [figure_folder] if f is not None]):
+            if figure_folder is not None:
+                check_writable(figure_folder)
             report = evaluate_checkpoint(
                 ckpt,
                 out_dir,
@@ -831,14 +835,19 @@ def attack(
         typer.Option("--batch-size", min=1, metavar="<int>", help="Images per batch (default: the run's)."),
     ] = None,
     report_dir: Annotated[
-        Path | None, typer.Option("--out", help=REPORT_DIR_HELP.format("attack-<method>.json and .png"))
+        Path | None,
+        typer.Option(
+            "--out",
+            help=REPORT_DIR_HELP.format("attack-<method>.json and .png, <method>-targeted for --targeted"),
+        ),
     ] = None,
     tensorboard: Annotated[
         bool | None,
         typer.Option(
             "--tensorboard/--no-tensorboard",
             metavar=FLAG,
-            help="Write attack/<method>/acc scalars (step = eps x 1000, so epsilons must be 0.001 apart); "
+            help="Write attack/<method>/acc scalars (attack/<method>-targeted/acc and /success with "
+            "--targeted; step = eps x 1000, so epsilons must be 0.001 apart); "
             "default: if the run wrote TensorBoard events as it trained (its logging.tensorboard).",
             show_default=False,
         ),
@@ -847,7 +856,10 @@ def attack(
     plot: Annotated[
         bool,
         typer.Option(
-            "--plot/--no-plot", metavar=FLAG, help="Write the PNG plot (needs matplotlib, the viz extra)."
+            "--plot/--no-plot",
+            metavar=FLAG,
+            help="Write the PNG plot (needs matplotlib, the viz extra); --no-plot removes an earlier "
+            "attack's plot of that name.",
         ),
     ] = True,
     as_json: JsonOption = False,
@@ -904,6 +916,10 @@ def attack(
         )
     typer.echo(_json(report.to_dict()) if as_json else report.summary())
     _note_replaced(report.replaced, report_dir)
+    for figure in report.removed:
+        typer.echo(
+            f"note: removed the earlier {figure}, a figure of other results (--no-plot draws none)", err=True
+        )
 
 
 @app.command(cls=_Command)

@@ -538,7 +538,8 @@ def warn_if_mirror_unlearned(cfg: DataConfig) -> None:
         warnings.warn(
             DataWarning(
                 f"--mirror: this run did not train with left-right flips (data {cfg.name}, "
-                f"data.augment {str(cfg.augment).lower()}, data.flip {cfg.flip}), so its mirrored "
+                f"data.augment {str(cfg.augment).lower()}, "
+                f"data.flip {'null' if cfg.flip is None else str(cfg.flip).lower()}), so its mirrored "
                 "images are unlike any it learned from; the mirrored score says little about it"
             ),
             stacklevel=2,

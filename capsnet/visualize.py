@@ -173,6 +173,8 @@ def plot_attack(
         lo = min(float(t.min()) for t in images)
         hi = max(float(t.max()) for t in images)
         clean_title = f"clean\n{_name(class_names, examples.label)}"
+        if examples.target is not None:  # a prediction that is the target is a hit
+            clean_title += f"\ntarget {_name(class_names, examples.target)}"
         _show(figure.add_subplot(grid[1, 0]), to_display(examples.clean, mean, std, (lo, hi)), clean_title)
         attacked = zip(report.points, examples.adversarial, examples.predictions)
         shown = [(point, image, pred) for point, image, pred in attacked if point.eps != 0]

@@ -203,7 +203,10 @@ def test_eval_with_mirror_reports_it_beside_the_single_crop(here):
     views = report["multicrop"]
     assert (views["crops"], views["mirror"], views["views"], views["n"]) == (1, True, 2, report["n"])
     # the synthetic blobs train without flips: the mirrored score is said to mean little
-    assert "warning: --mirror: this run did not train with left-right flips (data synthetic" in result.stderr
+    assert (
+        "warning: --mirror: this run did not train with left-right flips (data synthetic, " in result.stderr
+    )
+    assert "data.augment true, data.flip null)" in result.stderr  # as YAML writes them
     text = invoke("eval", "--ckpt", "fit", "--mirror", "--crops", "5", "--crop-shift", "2", "--plot", "m.png")
     assert text.exit_code == 0, text.output
     assert "5-crop + mirror accuracy" in text.stdout and "beside single-crop" in text.stdout
@@ -431,10 +434,25 @@ def test_attack_with_another_number_of_routing_iterations_says_so(here):
     assert "routing iterations" not in invoke("inspect", "--ckpt", "fit", "--out", "iters-fig").stdout
 
 
-def test_targeted_attack_reports_its_success_rate(here):
+def test_targeted_attack_reports_its_success_rate(here, monkeypatch):
+    from capsnet import visualize
+
     args = ["--method", "bim", "--targeted", "--target", "next", "--eps", "0.05,0.2", "--steps", "3"]
+    drawn = []
+    real = visualize.plot_attack
+    monkeypatch.setattr(visualize, "plot_attack", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    result = invoke("attack", "--ckpt", "fit", *args, "--out", "rep", "--tb-dir", "tb")
+    assert result.exit_code == 0, result.output
+    # the figure's example names the class it was pushed towards: a prediction of it is a hit
+    (figure,) = drawn
+    titles = [ax.get_title() for ax in figure.axes]
+    assert any(t.startswith("clean\n") and "\ntarget class" in t for t in titles), titles
+    assert is_png(here / "rep" / "attack-bim-targeted.png")
+    # again without the figure: the earlier one, of other results, is not left beside the new ones
     result = invoke("attack", "--ckpt", "fit", *args, "--no-plot", "--out", "rep", "--tb-dir", "tb")
     assert result.exit_code == 0, result.output
+    assert not (here / "rep" / "attack-bim-targeted.png").exists()
+    assert "note: removed the earlier rep/attack-bim-targeted.png" in result.stderr, result.stderr
     assert "success" in result.stdout
     report = json.loads((here / "rep" / "attack-bim-targeted.json").read_text())
     assert report["targeted"] and report["target"] == "next" and report["steps"] == 3
@@ -607,6 +625,11 @@ def test_inspect_of_a_model_with_one_entry_poses_says_why_it_cannot_draw_the_rou
         (["inspect", "--perturb", "nan"], "--perturb must be a finite number, got nan"),
         (["inspect", "--perturb", "inf"], "--perturb must be a finite number, got inf"),
         (["attack", "--eps", "0.1,big"], "is not a number"),
+        (
+            ["attack", "--eps", "0.1,1e306"],
+            "--eps: '1e306' is past 1, which already lets each pixel take any value",
+        ),
+        (["attack", "--eps", "1.5", "--no-tensorboard"], "--eps: '1.5' is past 1"),
         (["attack", "--method", "pgd"], "not one of"),
         (["attack", "-m", "bim", "--step-size", "inf"], "--step-size: must be a finite number, got inf"),
         (["attack", "-m", "bim", "--step-size", "-0.5"], "--step-size: must be above 0"),

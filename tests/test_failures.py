@@ -1146,13 +1146,37 @@ def test_a_run_folder_that_cannot_be_made_leaves_no_empty_tensorboard_folder(tmp
     assert not (tb_root / "t").exists()
 
 
-def test_eval_prints_its_results_before_a_figure_that_cannot_be_written(tmp_path, one_run):
+def test_eval_refuses_a_figure_it_cannot_write_before_evaluating(tmp_path, one_run, monkeypatch):
+    from capsnet import visualize
+    from capsnet.visualize import ExperimentError
+
     blocker = written(tmp_path / "plain-file", b"x")
     args = ["eval", "--ckpt", str(one_run / "weights" / "one"), "--plot", str(blocker / "eval.png")]
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert "accuracy" in result.stdout.lower(), result.stdout
+    assert "accuracy" not in result.stdout.lower(), result.stdout  # refused before the evaluation
     assert result.stderr.startswith("error: could not use ") and "plain-file" in result.stderr, result.stderr
+    args = [
+        "eval",
+        "--ckpt",
+        str(one_run / "weights" / "one"),
+        "--plot",
+        str(tmp_path / "new" / "deeper" / "a.png"),
+    ]
+    with monkeypatch.context() as patch:  # a failed evaluation leaves no folder made for its figure
+        patch.setattr("capsnet.evaluate.evaluate_checkpoint", lambda *a, **k: 1 / 0)
+        assert runner.invoke(app, args).exit_code != 0
+    assert not (tmp_path / "new").exists()
+
+    # a figure that fails as it is written (a disk that filled up meanwhile): the results come first
+    def full(*args, **kwargs):
+        raise ExperimentError("could not write the figure: No space left on device")
+
+    monkeypatch.setattr(visualize, "save_figure", full)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "accuracy" in result.stdout.lower(), result.stdout
+    assert result.stderr.startswith("error: could not write the figure: No space left"), result.stderr
 
 
 def test_an_image_folder_with_bad_files_is_trained_with_one_warning_and_a_count(tmp_path):
