@@ -916,10 +916,7 @@ def attack(
         )
     typer.echo(_json(report.to_dict()) if as_json else report.summary())
     _note_replaced(report.replaced, report_dir)
-    for figure in report.removed:
-        typer.echo(
-            f"note: removed the earlier {figure}, a figure of other results (--no-plot draws none)", err=True
-        )
+    _note_removed(report.removed, "--no-plot draws none")
 
 
 @app.command(cls=_Command)
@@ -1018,6 +1015,12 @@ def inspect(
         )
     typer.echo(result.summary())
     _note_replaced(result.replaced, report_dir)
+    _note_removed(result.removed, "this inspection does not draw it")
+
+
+def _note_removed(files: list[str], why: str) -> None:
+    if files:
+        typer.echo(f"note: removed the earlier {', '.join(files)}, of other results ({why})", err=True)
 
 
 def _note_replaced(files: list[str], out: Path | None) -> None:

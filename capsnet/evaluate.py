@@ -231,6 +231,7 @@ def prepare_checkpoint(
     device: str = "auto",
     overrides: list[str] | None = None,
     limit: int | None = None,
+    draws_reconstructions: bool = False,
 ) -> Prepared:
     """Loads the checkpoint ``spec`` names (latest | best | run dir | file), its model and its data.
 
@@ -241,6 +242,7 @@ def prepare_checkpoint(
     only its number of routing iterations (others are refused). Data whose classes are
     not the ones the model was trained with, by name and in order, is refused.
     ``limit`` keeps a seeded random subset of that many images of every evaluation split.
+    ``draws_reconstructions``: the caller shows the decoder's images beside the input (inspect).
     """
     from capsnet.checkpoint import (
         architecture_overrides,
@@ -300,7 +302,7 @@ def prepare_checkpoint(
         check_test_split(ckpt, loaders.info.test_split, path)
     else:
         check_val_split(ckpt, loaders, path)
-    check_image_size(model, cfg, loaders.info.image_size)
+    check_image_size(model, cfg, loaders.info.image_size, draws_reconstructions)
     loader = {"test": loaders.test, "val": loaders.val, **loaders.extra}.get(split)
     if loader is None:
         known = ", ".join(["test"] + (["val"] if loaders.val is not None else []) + list(loaders.extra))
@@ -406,8 +408,9 @@ def _split_hint(split: str) -> str:
     return ""
 
 
-def check_image_size(model: CapsNet, cfg: Config, size: int) -> None:
-    """Raises DataError when images of ``size`` cannot be scored by ``model`` under ``cfg``.
+def check_image_size(model: CapsNet, cfg: Config, size: int, draws_reconstructions: bool = False) -> None:
+    """Raises DataError when images of ``size`` cannot be scored by ``model`` under ``cfg``
+    (``draws_reconstructions``: or drawn beside its decoder's reconstructions).
 
     The capsule layers take any size their kernels fit; the decoder (and so the
     reconstruction term of the loss) only the size the model was trained on.
@@ -420,6 +423,12 @@ def check_image_size(model: CapsNet, cfg: Config, size: int) -> None:
         model.capsule_grid(size, size)
     except ValueError as e:
         raise DataError(f"the checkpoint's model cannot take {size}x{size} images: {e}") from None
+    if draws_reconstructions and model.decoder is not None:
+        raise DataError(
+            f"the checkpoint's model was trained on {model.image_size}x{model.image_size} images, the size "
+            f"its decoder reconstructs, but this data gives {size}x{size}, which its reconstructions could "
+            "not be drawn beside: drop the data.image_size override"
+        )
     if uses_reconstruction(model, cfg):
         raise DataError(
             f"the checkpoint's model was trained on {model.image_size}x{model.image_size} images, the size "

@@ -76,6 +76,7 @@ class Inspection:
     deltas: list[float] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)  # figures of an earlier inspection written over
+    removed: list[str] = field(default_factory=list)  # figures of an earlier inspection not drawn this time
     trained_iterations: int | None = None  # where -o model.iterations changed them, the run's own
     untrained_decoder: bool = False  # the run's loss.recon_weight was 0: its decoder never learned
 
@@ -317,7 +318,9 @@ def inspect_checkpoint(
         raise ExperimentError(f"--perturb must be a finite number, got {perturb}")
     if perturb <= 0:
         raise ExperimentError(f"--perturb must be positive, got {perturb}")
-    prep = prepare_checkpoint(spec, out_dir, split, 1, data_root, device, overrides)
+    prep = prepare_checkpoint(
+        spec, out_dir, split, 1, data_root, device, overrides, draws_reconstructions=True
+    )
     dataset = prep.loader.dataset
     if not 0 <= index < len(dataset):
         raise ExperimentError(
@@ -358,6 +361,11 @@ def inspect_checkpoint(
             if png.exists():
                 ins.replaced.append(str(png))
             ins.files[stem] = str(save_figure(figure, png))
+        for stem in FIGURES.values():  # an earlier inspection's figure that this one does not draw
+            png = folder / f"{stem}.png"
+            if stem not in drawn and png.exists():
+                png.unlink()
+                ins.removed.append(str(png))
     if tensorboard:
         from capsnet.tracking import TensorBoardWriter
 

@@ -452,7 +452,10 @@ def test_targeted_attack_reports_its_success_rate(here, monkeypatch):
     result = invoke("attack", "--ckpt", "fit", *args, "--no-plot", "--out", "rep", "--tb-dir", "tb")
     assert result.exit_code == 0, result.output
     assert not (here / "rep" / "attack-bim-targeted.png").exists()
-    assert "note: removed the earlier rep/attack-bim-targeted.png" in result.stderr, result.stderr
+    assert (
+        "note: removed the earlier rep/attack-bim-targeted.png, of other results (--no-plot draws none)"
+        in result.stderr
+    ), result.stderr
     assert "success" in result.stdout
     report = json.loads((here / "rep" / "attack-bim-targeted.json").read_text())
     assert report["targeted"] and report["target"] == "next" and report["steps"] == 3
@@ -561,6 +564,21 @@ def test_inspect_of_a_model_without_decoder_says_which_figures_it_leaves_out(her
     assert "no decoder in this model (model.decoder: false)" in result.stdout
     assert "figure (e)" in result.stdout and "not drawn" in result.stdout
     assert "no decoder" not in invoke("inspect", "--ckpt", "fit", "--out", "with-decoder").stdout
+    # the same --out again, of the model without decoder: the other model's figure (e) does not stay
+    assert (here / "with-decoder" / "e_pose_perturbation.png").is_file()
+    again = invoke("inspect", "--ckpt", "nodec", "--out", "with-decoder")
+    assert again.exit_code == 0, again.output
+    assert not (here / "with-decoder" / "e_pose_perturbation.png").exists()
+    assert "note: removed the earlier with-decoder/e_pose_perturbation.png, of other results" in again.stderr
+
+
+def test_inspect_at_another_image_size_is_refused_where_it_would_draw_reconstructions(here):
+    for extra in ([], ["-o", "loss.recon_weight=0"]):  # the eval's advice does not apply to the figures
+        result = invoke("inspect", "--ckpt", "fit", "--out", "sized", "-o", "data.image_size=24", *extra)
+        assert result.exit_code == 2, result.output
+        assert "gives 24x24, which its reconstructions could not be drawn beside" in result.stderr
+        assert "recon_weight" not in result.stderr
+    assert not (here / "sized").exists()
 
 
 def test_inspect_says_when_the_decoder_it_draws_was_never_trained(here):
