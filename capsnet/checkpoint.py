@@ -703,10 +703,13 @@ def _config_key(name: str) -> str:
 
 def check_architecture(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
     """Raises CheckpointError listing every architecture setting that differs."""
+    ignored = set(_RUNTIME_ONLY)
+    if saved.get("decoder") is False and current.get("decoder") is False:
+        ignored.add("decoder_hidden")  # the widths of a decoder neither model has
     diffs = [
         f"{_config_key(k)}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
         for k in sorted(set(saved) | set(current))
-        if k not in _RUNTIME_ONLY and saved.get(k) != current.get(k)
+        if k not in ignored and saved.get(k) != current.get(k)
     ]
     if diffs:
         raise CheckpointError(f"the model in {where} does not match the config: " + "; ".join(diffs))

@@ -531,6 +531,48 @@ def _validate(cfg: Config, problems: list[str], stored: bool = False) -> None:
         problems.append(f"optim.decay_rate: must be at most 1, got {cfg.optim.decay_rate!r}")
 
 
+#: data keys that only the synthetic dataset reads (set elsewhere, as in a copy of configs/tiny.yaml
+#: with another data.name, they are noted, not refused)
+SYNTHETIC_KEYS = ("num_classes", "channels", "train_size", "test_size")
+
+
+def unused_settings(cfg: Config) -> list[str]:
+    """Notes on settings given values that this configuration never reads (each ``key ...: why``)."""
+    notes: list[str] = []
+
+    def changed(section: Any, keys: tuple[str, ...]) -> list[str]:
+        defaults = type(section)()
+        return [k for k in keys if getattr(section, k) != getattr(defaults, k)]
+
+    loss, model = cfg.loss, cfg.model
+    margins = changed(loss, ("margin_start", "margin_end", "margin_schedule", "margin_steps"))
+    if loss.kind != "spread" and margins:
+        notes.append(
+            f"{_listed('loss.', margins)} not used: they set the spread loss's margin, and loss.kind is "
+            f"{loss.kind}"
+        )
+    taught = changed(loss, ("teacher_weight", "teacher_temperature"))
+    if not loss.teacher and taught:
+        notes.append(f"{_listed('loss.', taught)} not used: loss.teacher is null")
+    synthetic = changed(cfg.data, SYNTHETIC_KEYS)
+    if cfg.data.name != "synthetic" and synthetic:
+        notes.append(f"{_listed('data.', synthetic)} not used: only data.name 'synthetic' reads them")
+    if not model.decoder and loss.recon_weight > 0:
+        notes.append(f"loss.recon_weight {loss.recon_weight:g} is not used: model.decoder is false")
+    elif model.decoder and loss.recon_weight == 0:
+        notes.append(
+            "model.decoder: the decoder is built and saved but never trained (loss.recon_weight is 0); "
+            "model.decoder: false leaves it out"
+        )
+    if not model.decoder and changed(model, ("decoder_hidden",)):
+        notes.append("model.decoder_hidden is not used: model.decoder is false")
+    return notes
+
+
+def _listed(prefix: str, keys: list[str]) -> str:
+    return ", ".join(prefix + k for k in keys) + (" are" if len(keys) > 1 else " is")
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

@@ -6,7 +6,7 @@ progress bar and the epoch summary)::
     train/loss  train/acc  train/skipped_steps  train/images_seen
     val/loss  val/acc  test/loss  test/acc
     train/loss_class  train/loss_recon  train/loss_distill   (the parts of train/loss a run has)
-    sched/lr  sched/margin  sched/lambda  perf/img_per_s
+    sched/lr  sched/margin (spread loss only)  sched/lambda  perf/img_per_s
     routing/<layer>/entropy  routing/<layer>/activation_mean
     routing/<layer>/variance  routing/<layer>/active_fraction
     routing/<layer>/activation   (histogram)

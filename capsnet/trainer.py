@@ -56,7 +56,7 @@ from capsnet.checkpoint import (
     step_file,
     trained_normalisation,
 )
-from capsnet.config import Config, ConfigError
+from capsnet.config import Config, ConfigError, unused_settings
 from capsnet.data import build_loaders, data_sizes, expected_image_size, reported_data_warnings, size_changes
 from capsnet.distributed import (
     any_rank,
@@ -219,7 +219,7 @@ def _log_step(run: Run, lr: float, margin: float, parts: Iterable[str] = ()) -> 
         **{f"train/loss_{p}": mean(total) for p, total in zip(parts, part_sums)},
         "train/acc": correct / max(n, 1),
         "sched/lr": lr,
-        "sched/margin": margin,
+        **({"sched/margin": margin} if run.cfg.loss.kind == "spread" else {}),  # the other losses have none
         "sched/lambda": run.model.lambdas()[-1],
         "perf/img_per_s": (n - untimed) / elapsed,
         "train/skipped_steps": run.bad_total,
@@ -651,7 +651,8 @@ def end_of_epoch(run: Run, summary: dict[str, float], stop: StopRequest | None =
             "sched/lr": lr_at(max(run.step - 1, 0), run.cfg.optim, run.total_steps),
             "sched/margin": margin_at(max(run.step - 1, 0), run.total_steps, run.cfg.loss),
         },
-        ["train/loss", "train/acc", f"{split}/loss", f"{split}/acc", "sched/lr", "sched/margin"],
+        ["train/loss", "train/acc", f"{split}/loss", f"{split}/acc", "sched/lr"]
+        + (["sched/margin"] if run.cfg.loss.kind == "spread" else []),
     )
     best = f"best {run.best_acc:.4f} @ {run.best_step}" if run.best_acc is not None else "best -"
     epochs = run.cfg.train.epochs
@@ -799,8 +800,12 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         model = CapsNet.from_config(cfg.model, cfg.routing, info.channels, info.num_classes, info.image_size)
     except ValueError as e:
         raise ConfigError([f"model: {e}"]) from None
-    if not cfg.model.decoder and cfg.loss.recon_weight > 0:
-        say(f"note: loss.recon_weight {cfg.loss.recon_weight:g} is not used: model.decoder is false")
+    for note in unused_settings(cfg):
+        say(f"note: {note}")
+    if cfg.train.sync_bn and not dist_info.distributed:
+        say(
+            "note: train.sync_bn is not used: it synchronises batch norm across torchrun's processes, and this is one"
+        )
     teacher = table = None
     if teacher_ckpt is not None:
         teacher = load_teacher(cfg, info, device, teacher_path, teacher_ckpt)

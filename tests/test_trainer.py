@@ -16,7 +16,7 @@ from helpers import TINY, logged, record_kernel_choice, tiny
 from torch import Tensor
 
 from capsnet import trainer
-from capsnet.checkpoint import load_checkpoint
+from capsnet.checkpoint import CheckpointError, load_checkpoint
 from capsnet.config import ConfigError
 from capsnet.trainer import TrainingError, TrainingInterrupted, fit
 
@@ -1185,6 +1185,61 @@ def test_a_reconstruction_weight_without_a_decoder_is_named_as_unused(tmp_path):
         echo=lines.append,
     )
     assert not any("recon_weight" in line for line in lines), lines
+
+
+def test_settings_that_a_run_never_reads_are_named_as_unused(tmp_path):
+    from capsnet.config import unused_settings
+
+    def notes(*overrides: str) -> list[str]:
+        return unused_settings(tiny(tmp_path, *overrides))
+
+    assert notes() == []  # tiny.yaml's own
+    spread = ("loss.kind=cross_entropy", "loss.margin_start=0.5", "loss.margin_schedule=sigmoid")
+    assert notes(*spread) == [  # with tiny.yaml's margin_steps: 16
+        (
+            "loss.margin_start, loss.margin_schedule, loss.margin_steps are not used: they set the spread "
+            "loss's margin, and loss.kind is cross_entropy"
+        )
+    ]
+    assert notes("loss.kind=margin", "loss.margin_steps=null") == []  # every margin key at its default
+    assert notes("loss.teacher_weight=5") == ["loss.teacher_weight is not used: loss.teacher is null"]
+    with_mnist = notes("data.name=mnist")  # tiny.yaml's synthetic sizes, under another dataset
+    assert with_mnist == [
+        "data.num_classes, data.train_size, data.test_size are not used: only data.name 'synthetic' reads them"
+    ]
+    assert notes("loss.recon_weight=0") == [
+        (
+            "model.decoder: the decoder is built and saved but never trained (loss.recon_weight is 0); "
+            "model.decoder: false leaves it out"
+        )
+    ]
+    assert notes("model.decoder=false", "loss.recon_weight=0", "model.decoder_hidden=[8]") == [
+        "model.decoder_hidden is not used: model.decoder is false"
+    ]
+    # training says them, with train.sync_bn in a single process, and logs no margin for another loss
+    lines: list[str] = []
+    cfg = tiny(
+        tmp_path, "loss.kind=cross_entropy", "loss.margin_end=0.5", "train.sync_bn=true", "train.max_steps=6"
+    )
+    result = fit(cfg, run_name="unread", echo=lines.append)
+    assert f"note: {unused_settings(cfg)[0]}" in lines, lines
+    assert any(line.startswith("note: train.sync_bn is not used:") for line in lines), lines
+    epoch = [line for line in lines if line.startswith("epoch 1/")]
+    assert len(epoch) == 1 and "sched/lr" in epoch[0] and "margin" not in epoch[0], epoch
+    assert not [row for row in logged(result.run_dir) if "sched/margin" in row]
+
+
+def test_a_model_without_decoder_loads_whatever_decoder_widths_the_config_names(tmp_path):
+    no_decoder = ("model.decoder=false", "loss.recon_weight=0", "train.max_steps=2")
+    first = fit(tiny(tmp_path, *no_decoder), run_name="plain", echo=quiet)
+    cfg = tiny(tmp_path, *no_decoder, "model.decoder_hidden=[16]", f"train.init_from={first.run_dir}")
+    assert fit(cfg, run_name="again", echo=quiet).step == 2
+    with pytest.raises(CheckpointError, match=r"model.decoder: False in the checkpoint, True now"):
+        fit(
+            tiny(tmp_path, "train.max_steps=2", f"train.init_from={first.run_dir}"),
+            run_name="more",
+            echo=quiet,
+        )
 
 
 def test_the_training_step_reconstructs_from_the_target_class_not_the_predicted_one():
