@@ -130,11 +130,11 @@ class DataConfig:
     flip: bool | None = None  # augment: random horizontal flips; null: the dataset's (clothes, CIFAR-10)
     erase: float = 0.0  # augment: probability of random erasing (one rectangle of random pixels)
     # smallnorb
-    stereo: str = "channels"  # "channels": both views as 2 channels | "samples": each view a sample
+    stereo: str = "channels"  # smallnorb: "channels" (both views as 2 channels) | "samples" (each alone)
     split: str = "standard"  # smallnorb: "standard" | "azimuth" | "elevation"
     # folder
-    train_dir: str | None = None  # image-folder tree for training (one sub-folder per class)
-    test_dir: str | None = None  # its test tree; null: about 20% of each class held out, by file name
+    train_dir: str | None = None  # folder: image tree for training (one sub-folder per class)
+    test_dir: str | None = None  # folder: its test tree; null: about 20% of each class held out, by file name
     grayscale: bool = False  # folder: convert images to one channel
     bad_files: str = "skip"  # folder: "skip" (warn and count) | "fail"
     # synthetic

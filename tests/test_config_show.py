@@ -39,8 +39,8 @@ def test_every_key_has_its_comment_and_only_its_own():
     assert "One factor" not in docs["routing.beta_a_logit"]
     # the dataset names above groups of data keys are nobody's comment
     assert docs["data.erase"].endswith("(one rectangle of random pixels)")
-    assert docs["data.stereo"].startswith('"channels": both views')
-    assert docs["data.train_dir"] == "image-folder tree for training (one sub-folder per class)"
+    assert docs["data.stereo"].startswith('smallnorb: "channels" (both views')
+    assert docs["data.train_dir"] == "folder: image tree for training (one sub-folder per class)"
     assert docs["data.num_classes"] == "synthetic: classes of learnable random patterns"
 
 
