@@ -10,6 +10,7 @@
 #   bash scripts/ablation_fashion.sh            # writes docs/ablation_fashion.md
 #   STEPS=100 bash scripts/ablation_fashion.sh  # a quicker, noisier table
 #   CONFIG=configs/small_batch32.yaml OUT=table.md bash scripts/ablation_fashion.sh
+#                                               # (OUT: relative to the repository)
 #                                               # the earlier default (1,688 steps of batch 32)
 #   OVERRIDES="train.compile_routing=true" bash scripts/ablation_fashion.sh
 #                                               # extra overrides for every variant (space-separated)

@@ -13,6 +13,9 @@
 #   bash scripts/distill_fashion.sh -o loss.teacher_temperature=2   # options for both student stages
 #   TEACHER=t RUN=s TAIL=s2 bash scripts/distill_fashion.sh
 #   TEACHER=small-deep-teacher TEACHER_EPOCHS=18 bash scripts/distill_fashion.sh  # the full teacher
+# Options reach the student stages alone: one that draws the validation split (train.seed,
+# data.val_split) must be the teacher's too, so give such a recipe a teacher of its own,
+# trained with it (reproduce_fashion.sh, as above), named by TEACHER.
 #
 # Long on a CPU (on 2 cores the teacher takes about 72 min, the student about 2 h 30 min, the
 # last stage 40 min), minutes on a GPU. Rerun the same command after a stop: a finished run is not

@@ -6,8 +6,8 @@
 #
 #   bash scripts/reproduce_fashion.sh                              # configs/small.yaml
 #   bash scripts/reproduce_fashion.sh configs/fashion_paper.yaml   # the paper-size model
-#   bash scripts/reproduce_fashion.sh configs/small.yaml -o train.epochs=3   # shorter
-#   bash scripts/reproduce_fashion.sh -o train.seed=1      # configs/small.yaml with overrides
+#   RUN=small-3ep bash scripts/reproduce_fashion.sh configs/small.yaml -o train.epochs=3  # shorter
+#   RUN=small-seed1 bash scripts/reproduce_fashion.sh -o train.seed=1  # small.yaml, another seed
 #   RUN=my-run bash scripts/reproduce_fashion.sh configs/small_long.yaml -o optim.name=adam
 #                                           # a run name of your own (default: reproduce-<config>)
 #   AVERAGE=3 bash scripts/reproduce_fashion.sh configs/small_long.yaml
@@ -22,7 +22,8 @@
 # configs of 18 epochs take one to three hours there.
 # Interrupted runs continue where they stopped: rerun the same command (the run name
 # is derived from the config, or RUN, and training resumes from its latest checkpoint);
-# give a variant with different overrides its own RUN.
+# give a variant with different overrides its own RUN (under the default name it would
+# resume, or be refused by, the run of the plain command).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/lib.sh"
