@@ -846,8 +846,8 @@ def attack(
         typer.Option(
             "--tensorboard/--no-tensorboard",
             metavar=FLAG,
-            help="Write attack/<method>/acc scalars (attack/<method>-targeted/acc and /success with "
-            "--targeted; step = eps x 1000, so epsilons must be 0.001 apart); "
+            help="Write attack/<method>/acc scalars (with --targeted: <method>-targeted, and /success "
+            "too; step = eps x 1000, so epsilons must be 0.001 apart); "
             "default: if the run wrote TensorBoard events as it trained (its logging.tensorboard).",
             show_default=False,
         ),
