@@ -195,9 +195,9 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 # --------------------------------------------------------------------------- the run
 
 
-def _log_step(run: Run, lr: float, margin: float, parts: Iterable[str] = ()) -> None:
-    """Logs the window of steps since the last log; ``parts``: the loss's parts this run has
-    (LOSS_PARTS), each logged as ``train/loss_<part>``."""
+def _log_step(run: Run, lr: float, margin: float | None, parts: Iterable[str] = ()) -> None:
+    """Logs the window of steps since the last log; ``margin``: None for a loss without one;
+    ``parts``: the loss's parts this run has (LOSS_PARTS), each logged as ``train/loss_<part>``."""
     parts = [p for p in LOSS_PARTS if p in parts]
     loss, steps, correct, n, untimed, seen, *part_sums = sum_over_ranks(
         [
@@ -219,7 +219,7 @@ def _log_step(run: Run, lr: float, margin: float, parts: Iterable[str] = ()) -> 
         **{f"train/loss_{p}": mean(total) for p, total in zip(parts, part_sums)},
         "train/acc": correct / max(n, 1),
         "sched/lr": lr,
-        **({"sched/margin": margin} if run.cfg.loss.kind == "spread" else {}),  # the other losses have none
+        **({"sched/margin": margin} if margin is not None else {}),
         "sched/lambda": run.model.lambdas()[-1],
         "perf/img_per_s": (n - untimed) / elapsed,
         "train/skipped_steps": run.bad_total,
@@ -335,7 +335,7 @@ def _train_step(
     run.window["n"] += n
     run.images_seen += n  # a skipped step's images too, as its step is counted
     if log_now:
-        _log_step(run, lr, margin, parts_used)
+        _log_step(run, lr, margin if cfg.loss.kind == "spread" else None, parts_used)  # the others have none
     if hist_now:
         log_routing_histograms(run.writer, model.routing_stats, run.step)
     model.record_stats = False

@@ -738,7 +738,9 @@ def test_reports_written_over_are_named(here):
         f"note: replaced the earlier {Path('again') / 'attack-fgsm.json'} (give another --out"
         in second.stderr
     )
-    assert "attack-fgsm.png" not in second.stderr  # --no-plot leaves the figure as it was
+    # --no-plot removes the earlier figure, of other results, and says so
+    assert f"note: removed the earlier {Path('again') / 'attack-fgsm.png'}, of other results" in second.stderr
+    assert not (here / "again" / "attack-fgsm.png").exists()
     figures = ["inspect", "--ckpt", "fit", "--out", "figs"]
     assert "replaced" not in invoke(*figures).stderr
     again = invoke(*figures)
