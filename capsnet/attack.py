@@ -37,6 +37,20 @@ METHODS = ("fgsm", "bim")
 TARGETS = ("next", "random", "least")
 
 
+#: the largest epsilon taken in any units (a standardised image's spans some tens of them)
+MAX_EPS = 1000.0
+
+
+def check_pixel_epsilons(epsilons: list[float], space: InputSpace) -> None:
+    """Refuses an epsilon past 1 in pixel units, where 1 already lets each pixel take any value."""
+    too_large = [eps for eps in epsilons if eps > 1]
+    if space.units == "pixel" and too_large:
+        raise ExperimentError(
+            f"--eps: {too_large[0]:g} is past 1, which already lets each pixel take any value (this run's "
+            "epsilons are in pixel units, its images spanning 0 to 1)"
+        )
+
+
 def parse_epsilons(text: str) -> list[float]:
     """``"0.01,0.05,0.1"`` -> [0.01, 0.05, 0.1] (sorted, duplicates dropped); ExperimentError if malformed."""
     values = []
@@ -50,11 +64,8 @@ def parse_epsilons(text: str) -> list[float]:
             raise ExperimentError(f"--eps: {part!r} is not a number (expected e.g. 0.01,0.05,0.1)") from None
         if not math.isfinite(value) or value < 0:
             raise ExperimentError(f"--eps: {part!r} must be a finite number >= 0")
-        if value > 1:
-            raise ExperimentError(
-                f"--eps: {part!r} is past 1, which already lets each pixel take any value (epsilons are "
-                f"in pixel units, the images spanning 0 to 1)"
-            )
+        if value > MAX_EPS:
+            raise ExperimentError(f"--eps: {part!r} is too large (at most {MAX_EPS:g})")
         values.append(value)
     if not values:
         raise ExperimentError("--eps: give at least one epsilon, e.g. 0.01,0.05,0.1,0.2")
@@ -443,6 +454,7 @@ def attack_checkpoint(
         steps_tb = tensorboard_steps(epsilons) if tensorboard else []  # still before the attack
     info = prep.loaders.info
     space = InputSpace.from_info(info.mean, info.std, info.channels)
+    check_pixel_epsilons(epsilons, space)
     folder = Path(report_dir) if report_dir is not None else Path("reports") / prep.run
     log_dir = Path(tb_dir or prep.cfg.logging.tb_dir) / prep.run / "attack"
     from capsnet.data import tidy_made_folders

@@ -1126,7 +1126,7 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
 
 def _visible_files(folder: Path) -> list[Path]:
     found = []
-    for parent, subfolders, names in os.walk(folder, followlinks=True):
+    for parent, subfolders, names in os.walk(folder):  # linked folders not followed, as predict's
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         found.extend(Path(parent) / n for n in names if not n.startswith("."))
     return sorted(p for p in found if p.is_file())

@@ -52,6 +52,7 @@ from capsnet.checkpoint import (
     load_checkpoint,
     load_model_state,
     resolve_checkpoint,
+    run_name_of,
     safe_child,
     step_file,
     trained_normalisation,
@@ -881,8 +882,14 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     try:  # a run that fails here is marked as ended, as one that fails in the loop
         # a run continued in a new folder: its TensorBoard events start with the history that
         # open_run_dir copied into its metrics.jsonl, as that file does; written after hiding every
-        # event already there (an earlier start from that checkpoint, or a deleted run of the name)
-        replay = dist_info.is_main and choice.checkpoint_path is not None and not choice.resuming_here
+        # event already there (an earlier start from that checkpoint, or a deleted run of the name),
+        # unless they are the source run's own (a run folder moved out of logging.out_dir and back)
+        replay = (
+            dist_info.is_main
+            and choice.checkpoint_path is not None
+            and not choice.resuming_here
+            and not _source_events_are(tb_dir, ckpt, ckpt_path)
+        )
         if dist_info.is_main:
             writer = TensorBoardWriter(
                 tb_dir if cfg.logging.tensorboard else None,
@@ -978,18 +985,29 @@ def _tracking_failed(run: Run, error: TrackingError) -> TrainingError:
     )
 
 
+def _source_events_are(tb_dir: Path, ckpt: dict, ckpt_path: Path) -> bool:
+    """Whether ``tb_dir`` is where the run that saved ``ckpt`` (at ``ckpt_path``) wrote its events."""
+    stored = ((ckpt.get("config") or {}).get("logging") or {}).get("tb_dir")
+    try:
+        source = safe_child(stored, run_name_of(ckpt_path, ckpt))
+    except (CheckpointError, TypeError, ValueError):
+        return False
+    return os.path.abspath(source) == os.path.abspath(tb_dir)
+
+
 def _carry_best_file(run: Run, ckpt_path: Path, dist_info) -> bool:
     """Writes the best.pt that the resumed checkpoint records, where the run's folder lacks one.
 
     That best is the resumed file itself where it is the best step, else the best.pt beside it
-    where that still holds the recorded step (a later best of an older run does not count): a run
+    where that still holds the recorded step (a later best of an older run does not count), else
+    the step file of that step where it is still kept: a run
     continued in a new folder, or resumed from a step whose later best.pt was removed, keeps the
     best model so far. Returns whether one was written.
     """
     copied = None
     if dist_info.is_main:
         source = Path(ckpt_path)
-        for candidate in (source, source.parent / BEST):
+        for candidate in (source, source.parent / BEST, source.parent / step_file(run.best_step)):
             try:
                 best = load_checkpoint(candidate)
             except CheckpointError:

@@ -643,11 +643,11 @@ def test_inspect_of_a_model_with_one_entry_poses_says_why_it_cannot_draw_the_rou
         (["inspect", "--perturb", "nan"], "--perturb must be a finite number, got nan"),
         (["inspect", "--perturb", "inf"], "--perturb must be a finite number, got inf"),
         (["attack", "--eps", "0.1,big"], "is not a number"),
+        (["attack", "--eps", "0.1,1e306"], "--eps: '1e306' is too large (at most 1000)"),
         (
-            ["attack", "--eps", "0.1,1e306"],
-            "--eps: '1e306' is past 1, which already lets each pixel take any value",
+            ["attack", "--eps", "0.1,1.5", "--no-tensorboard"],
+            "--eps: 1.5 is past 1, which already lets each pixel",
         ),
-        (["attack", "--eps", "1.5", "--no-tensorboard"], "--eps: '1.5' is past 1"),
         (["attack", "--method", "pgd"], "not one of"),
         (["attack", "-m", "bim", "--step-size", "inf"], "--step-size: must be a finite number, got inf"),
         (["attack", "-m", "bim", "--step-size", "-0.5"], "--step-size: must be above 0"),
@@ -1055,3 +1055,15 @@ def test_limit_scores_a_seeded_random_subset_of_the_images_in_order():
     assert rows == again.dataset.rows().tolist() and rows != other.dataset.rows().tolist()
     assert rows != list(range(10)) and max(rows) >= 50  # drawn from all the images, not the first ten
     assert [round(float(x[0, 0, 0]) * 255) for x, _ in first.dataset] == rows  # those rows' images
+
+
+def test_epsilons_past_1_are_refused_in_pixel_units_alone():
+    from capsnet.attack import ExperimentError, InputSpace, check_pixel_epsilons
+
+    pixels = InputSpace.from_info([0.5], [0.25], 1)
+    standardised = InputSpace.from_info(None, None, 2)  # smallNORB's: eps in standard deviations
+    assert (pixels.units, standardised.units) == ("pixel", "standardised")
+    check_pixel_epsilons([0.1, 1.0], pixels)
+    check_pixel_epsilons([0.5, 2.0, 10.0], standardised)
+    with pytest.raises(ExperimentError, match="--eps: 2 is past 1"):
+        check_pixel_epsilons([0.5, 2.0], pixels)

@@ -894,11 +894,29 @@ def test_a_run_branched_into_a_new_folder_keeps_the_best_pt_its_checkpoint_recor
     assert load_checkpoint(trunk / "step-000006.pt")["best_step"] == 6
     six = (tmp_path / "weights" / "from-six" / "best.pt").read_bytes()
     assert six == (trunk / "step-000006.pt").read_bytes()
-    # a record that neither the checkpoint nor the best.pt beside it holds (a later best of the trunk,
-    # a file from elsewhere) copies nothing: the branch chooses its best.pt afresh, and says so
-    other = load_checkpoint(trunk / "step-000012.pt")
-    other.update(best_metric=0.999, best_step=6)
-    torch.save(other, trunk / "step-000012.pt")
+    # a last step whose record names step 6 as the best: the best.pt beside it that holds step 6 is
+    # copied, and without that best.pt, step 6's own file
+    six_record = load_checkpoint(trunk / "step-000006.pt")
+    last = load_checkpoint(trunk / "step-000012.pt")
+    last.update(best_metric=six_record["best_metric"], best_step=6)
+    torch.save(last, trunk / "step-000012.pt")
+    shutil.copyfile(trunk / "step-000006.pt", trunk / "best.pt")
+    for name in ("beside", "step-file"):
+        lines = []
+        branch = fit(
+            tiny(tmp_path, "train.max_steps=12"),
+            run_name=name,
+            resume=str(trunk / "step-000012.pt"),
+            echo=lines.append,
+        )
+        source = trunk / ("best.pt" if name == "beside" else "step-000006.pt")
+        assert any(line.startswith(f"best.pt: a copy of {source}, ") for line in lines), lines
+        assert (branch.run_dir / "best.pt").read_bytes() == six and branch.best_step == 6
+        (trunk / "best.pt").unlink(missing_ok=True)
+    # a record that none of those files holds (a later best of the trunk, a file from elsewhere)
+    # copies nothing: the branch chooses its best.pt afresh, and says so
+    last.update(best_metric=0.999)
+    torch.save(last, trunk / "step-000012.pt")
     lines = []
     fit(
         tiny(tmp_path, "train.max_steps=12"),
@@ -1625,6 +1643,16 @@ def test_a_run_continued_in_a_new_folder_shows_its_history_in_tensorboard_too(tm
         echo=quiet,
     )
     assert loss_steps("cont") == [2, 4, 6, 8]
+    # a run folder moved out of logging.out_dir and continued under its own name keeps its own
+    # events: the first steps' histograms stay, the scalars are not written twice
+    (tmp_path / "backup").mkdir()
+    shutil.move(str(first.run_dir), str(tmp_path / "backup" / "base"))
+    time.sleep(1.1)
+    fit(tiny(tmp_path), resume=str(tmp_path / "backup" / "base"), echo=quiet)
+    assert loss_steps("base") == [2, 4, 6, 8, 10, 12]
+    events = EventAccumulator(str(tmp_path / "runs" / "base"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert 4 in [e.step for e in events.Histograms(events.Tags()["histograms"][0])]
 
 
 def test_a_stop_within_an_epoch_pushes_no_epoch_checkpoint_out_of_logging_keep(tmp_path, monkeypatch):
