@@ -1121,13 +1121,15 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
     """Each class folder's files, sub-folders included; hidden files and folders (thumbnails,
     editors' and version control's own) left out."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return {name: _visible_files(folder / name) for name in classes}
+    return {name: visible_files(folder / name) for name in classes}
 
 
-def _visible_files(folder: Path) -> list[Path]:
+def visible_files(folder: Path, onerror: Callable[[OSError], None] | None = None) -> list[Path]:
+    """The files under ``folder``, sorted, hidden files and folders left out and linked folders not
+    followed (training's class folders, predict's folders of images); ``onerror`` as os.walk's."""
     found = []
-    for parent, subfolders, names in os.walk(folder):  # linked folders not followed, as predict's
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+    for parent, subfolders, names in os.walk(folder, onerror=onerror):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
         found.extend(Path(parent) / n for n in names if not n.startswith("."))
     return sorted(p for p in found if p.is_file())
 

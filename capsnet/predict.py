@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from capsnet.data import DataError, DataFormatError, DatasetNotFoundError, DataWarning
+from capsnet.data import DataError, DataFormatError, DatasetNotFoundError, DataWarning, visible_files
 from capsnet.tracking import averaged_steps_text, counted, listed
 
 
@@ -174,18 +174,9 @@ def list_images(paths: list[str | Path]) -> list[Path]:
             with os.scandir(path):  # a folder that cannot be read is said, not searched as an empty one
                 pass
             unreadable: list[str] = []
-            inside = []
             said = unreadable.append
-            for folder, subfolders, names in os.walk(path, onerror=lambda e, said=said: said(e.filename)):
-                subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # hidden ones left out
-                inside += [
-                    Path(folder, name)
-                    for name in names
-                    if not name.startswith(".")
-                    and Path(name).suffix.lower() in suffixes
-                    and Path(folder, name).is_file()
-                ]
-            inside.sort()
+            files = visible_files(path, onerror=lambda e, said=said: said(e.filename))
+            inside = [p for p in files if p.suffix.lower() in suffixes]
             if unreadable:  # below the folder given: its other images are still classified
                 warnings.warn(
                     f"skipped {counted(len(unreadable), 'folder')} that could not be read: {listed(unreadable)}",
