@@ -103,6 +103,11 @@ def _sigmoid_ramp(frac: float, sharpness: float = 12.0) -> float:
     return (mid - lo) / (hi - lo)
 
 
+def uses_margin(cfg: LossConfig) -> bool:
+    """Whether the loss has a margin that ``margin_at`` schedules (the spread loss; the others have none)."""
+    return cfg.kind == "spread"
+
+
 def margin_at(step: int, total_steps: int, cfg: LossConfig) -> float:
     """Spread-loss margin at ``step``: ``margin_start`` rising to ``margin_end``.
 

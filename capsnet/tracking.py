@@ -149,6 +149,9 @@ def truncate_metrics(path: str | Path, after_step: int, source: str | Path | Non
 class NullWriter:
     """Accepts every tracking call and does nothing (ranks other than 0, tracking off)."""
 
+    #: whether histograms and images reach anything (else the work of making them is skipped)
+    writes_events = False
+
     def scalar(self, tag: str, value: float | Tensor, step: int) -> None:
         pass
 
@@ -193,6 +196,10 @@ class TensorBoardWriter(NullWriter):
 
             self.tb = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         self.metrics = MetricsFile(metrics_path) if metrics_path is not None else None
+
+    @property
+    def writes_events(self) -> bool:
+        return self.tb is not None
 
     @contextlib.contextmanager
     def _writing(self):

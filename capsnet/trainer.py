@@ -70,7 +70,7 @@ from capsnet.distributed import (
     sum_over_ranks,
 )
 from capsnet.evaluate import EvalResult, EvaluationStopped, autocast, evaluate, resolve_device
-from capsnet.loss import compute_loss, lr_at, margin_at, uses_reconstruction
+from capsnet.loss import compute_loss, lr_at, margin_at, uses_margin, uses_reconstruction
 from capsnet.model import CapsNet, CapsOutput
 from capsnet.routing import (
     choose_compiled_kernels,
@@ -260,7 +260,7 @@ def _train_step(
         g["lr"] = lr
     next_step = run.step + 1
     log_now = next_step % cfg.logging.log_every == 0
-    hist_now = next_step % cfg.logging.hist_every == 0
+    hist_now = run.writer.writes_events and next_step % cfg.logging.hist_every == 0
     model.record_stats = log_now or hist_now
     run.optimizer.zero_grad(set_to_none=True)
     batch_norm = _batch_norm_state(model)  # put back if the step turns out non-finite
@@ -336,7 +336,7 @@ def _train_step(
     run.window["n"] += n
     run.images_seen += n  # a skipped step's images too, as its step is counted
     if log_now:
-        _log_step(run, lr, margin if cfg.loss.kind == "spread" else None, parts_used)  # the others have none
+        _log_step(run, lr, margin if uses_margin(cfg.loss) else None, parts_used)
     if hist_now:
         log_routing_histograms(run.writer, model.routing_stats, run.step)
     model.record_stats = False
@@ -372,6 +372,23 @@ def _find_checkpoint_setting(cfg: Config, key: str, whose: str, run_name: str) -
             chosen = own
     setattr(getattr(cfg, section), field, str(chosen))
     return chosen, ckpt
+
+
+def _names_start(cfg: Config, spec: str, started: str | None, run_name: str) -> bool:
+    """Whether ``train.init_from: spec`` names ``started``, the file a resumed run first started
+    from (or, like ``latest`` by now, a checkpoint of the run itself, as it did when it started)."""
+    if started is not None and spec == started:
+        return True
+    try:
+        path = resolve_checkpoint(spec, cfg.logging.out_dir).resolve()
+    except CheckpointError:
+        return False
+    if path.parent == safe_child(cfg.logging.out_dir, run_name).resolve():
+        return True
+    if started is None:
+        return False
+    start = Path(started).resolve()
+    return path == start or (path.name == BEST and path.parent == start.parent)
 
 
 def load_teacher(cfg: Config, info, device: torch.device, path: Path, ckpt: dict[str, Any]) -> CapsNet:
@@ -653,7 +670,7 @@ def end_of_epoch(run: Run, summary: dict[str, float], stop: StopRequest | None =
             "sched/margin": margin_at(max(run.step - 1, 0), run.total_steps, run.cfg.loss),
         },
         ["train/loss", "train/acc", f"{split}/loss", f"{split}/acc", "sched/lr"]
-        + (["sched/margin"] if run.cfg.loss.kind == "spread" else []),
+        + (["sched/margin"] if uses_margin(run.cfg.loss) else []),
     )
     best = f"best {run.best_acc:.4f} @ {run.best_step}" if run.best_acc is not None else "best -"
     epochs = run.cfg.train.epochs
@@ -673,7 +690,7 @@ def end_of_epoch(run: Run, summary: dict[str, float], stop: StopRequest | None =
 
 @torch.no_grad()
 def _log_reconstructions(run: Run, loader) -> None:
-    if not run.dist.is_main:
+    if not run.writer.writes_events:  # other ranks, or no TensorBoard: no batch drawn for nothing
         return
     x, y = next(iter(loader))
     x, y = x[:8].to(run.device), y[:8].to(run.device)
@@ -764,7 +781,15 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     if ckpt is not None:
         # a resumed run goes on from its own checkpoint, not from train.init_from: the config it
         # saves keeps the file the run first started from, not what the setting names now
-        cfg.train.init_from = (ckpt.get("config") or {}).get("train", {}).get("init_from")
+        started = (ckpt.get("config") or {}).get("train", {}).get("init_from")
+        if cfg.train.init_from and not _names_start(cfg, cfg.train.init_from, started, name):
+            say(
+                f"note: train.init_from ({cfg.train.init_from}) is not read: a resumed run goes on from its "
+                f"own checkpoint, {ckpt_path}"
+                + (f" (it started from {started})" if started else "")
+                + "; to start a new run from those weights, leave out --resume and give a new --run-name"
+            )
+        cfg.train.init_from = started
     elif cfg.train.init_from:  # like the teacher: a missing or broken checkpoint is said before the data
         init_path, init_ckpt = _find_checkpoint_setting(cfg, "train.init_from", "another run's", name)
     if size is not None:  # a model that cannot take the images is refused before they load (or download)
@@ -946,7 +971,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
             # or the run continues in a new folder): the recorded best has no file to stand for it.
             missing = broadcast(dist_info.is_main and not (run_dir / BEST).is_file())
             if missing and run.best_acc is not None:
-                missing = not _carry_best_file(run, ckpt_path, dist_info)
+                missing = not _carry_best_file(run, ckpt_path, ckpt, dist_info)
             elif run.best_acc is not None:
                 _agree_with_best_file(run, dist_info)
             if missing and run.best_acc is not None:
@@ -995,7 +1020,7 @@ def _source_events_are(tb_dir: Path, ckpt: dict, ckpt_path: Path) -> bool:
     return os.path.abspath(source) == os.path.abspath(tb_dir)
 
 
-def _carry_best_file(run: Run, ckpt_path: Path, dist_info) -> bool:
+def _carry_best_file(run: Run, ckpt_path: Path, ckpt: dict[str, Any], dist_info) -> bool:
     """Writes the best.pt that the resumed checkpoint records, where the run's folder lacks one.
 
     That best is the resumed file itself where it is the best step, else the best.pt beside it
@@ -1008,8 +1033,8 @@ def _carry_best_file(run: Run, ckpt_path: Path, dist_info) -> bool:
     if dist_info.is_main:
         source = Path(ckpt_path)
         for candidate in (source, source.parent / BEST, source.parent / step_file(run.best_step)):
-            try:
-                best = load_checkpoint(candidate)
+            try:  # the resumed file is loaded already
+                best = ckpt if candidate == source else load_checkpoint(candidate)
             except CheckpointError:
                 continue
             if (
@@ -1119,7 +1144,7 @@ def schedule_change(cfg: Config, step: int, before: int | None, now: int) -> str
     if cfg.optim.decay_steps is None:
         lr0, lr1 = lr_at(step, cfg.optim, int(before)), lr_at(step, cfg.optim, now)
         moves.append(f"the learning rate from {lr0:.3g} to {lr1:.3g}")
-    if cfg.loss.kind == "spread" and cfg.loss.margin_steps is None:
+    if uses_margin(cfg.loss) and cfg.loss.margin_steps is None:
         m0, m1 = margin_at(step, int(before), cfg.loss), margin_at(step, now, cfg.loss)
         moves.append(f"the spread-loss margin from {m0:.3f} to {m1:.3f}")
     if not moves:

@@ -542,6 +542,32 @@ def test_init_from_is_recorded_as_the_file_it_named_and_a_resume_keeps_that_file
         fit(tiny(tmp_path, "train.init_from=init"), run_name="init", overwrite=True, echo=quiet)
 
 
+def test_a_resume_says_that_another_init_from_is_not_read(tmp_path, straight):
+    """-o train.init_from=OTHER on a resume is not applied (the run goes on from its own
+    checkpoint): said, not dropped in silence; the setting the run started with is not remarked on."""
+    import shutil
+
+    shutil.copytree(straight.run_dir, tmp_path / "weights" / "src")
+    shutil.copytree(straight.run_dir, tmp_path / "weights" / "other")
+    fit(tiny(tmp_path, "train.init_from=src", "train.max_steps=1"), run_name="b", echo=quiet)
+
+    def resumed(*overrides: str) -> list[str]:
+        lines: list[str] = []
+        fit(tiny(tmp_path, *overrides), run_name="b", resume="latest", echo=lines.append)
+        return [line for line in lines if "train.init_from" in line]
+
+    assert resumed("train.init_from=src", "train.max_steps=2") == []
+    assert resumed("train.init_from=src/best.pt", "train.max_steps=3") == []
+    said = resumed("train.init_from=other", "train.max_steps=4")
+    assert len(said) == 1 and said[0].startswith("note: train.init_from (other) is not read"), said
+    assert str(tmp_path / "weights" / "src") in said[0] and "--resume" in said[0]
+    saved = load_checkpoint(tmp_path / "weights" / "b" / "last.pt")
+    assert (
+        saved["step"] == 4
+        and Path(saved["config"]["train"]["init_from"]).parent == tmp_path / "weights" / "src"
+    )
+
+
 def test_a_best_checkpoint_is_recorded_as_the_step_file_it_was_written_with(tmp_path, straight):
     """best.pt is rewritten at its run's next best: the config names the file of its step instead."""
     import yaml
@@ -750,6 +776,41 @@ def test_a_resumed_run_keeps_its_start_time_and_logs_its_summary_at_each_attempt
     events = EventAccumulator(str(tmp_path / "runs" / "again"), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("hparam/best_acc")] == [4, 12]  # not twice at step 0
+
+
+@pytest.mark.parametrize("tensorboard", [True, False])
+def test_routing_histograms_and_reconstructions_are_made_only_for_tensorboard(
+    tmp_path, monkeypatch, tensorboard
+):
+    """Without TensorBoard nothing would show them: no routing statistics are gathered for a histogram
+    (only at the steps that log scalars) and no test batch is drawn for the reconstruction images."""
+    from capsnet.model import CapsNet
+
+    recorded, grids = [], []
+    real_forward, real_grid = CapsNet.forward, trainer.reconstruction_grid
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            recorded.append(self.record_stats)
+        return real_forward(self, *args, **kwargs)
+
+    def grid(*args, **kwargs):
+        grids.append(1)
+        return real_grid(*args, **kwargs)
+
+    monkeypatch.setattr(CapsNet, "forward", forward)
+    monkeypatch.setattr(trainer, "reconstruction_grid", grid)
+    cfg = tiny(
+        tmp_path,
+        f"logging.tensorboard={str(tensorboard).lower()}",
+        "logging.log_every=5",
+        "logging.hist_every=3",
+    )
+    fit(cfg, run_name="hist", echo=quiet)
+    steps = [i + 1 for i, on in enumerate(recorded) if on]
+    assert len(recorded) == 12
+    assert steps == ([3, 5, 6, 9, 10, 12] if tensorboard else [5, 10])
+    assert len(grids) == (2 if tensorboard else 0)  # one after each epoch's evaluation
 
 
 def test_the_throughput_after_an_epoch_leaves_out_its_evaluation(tmp_path, monkeypatch):
