@@ -45,7 +45,13 @@ class PrimaryCaps(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         n, _, h, w = x.shape
         pose = self.pose(x).permute(0, 2, 3, 1).reshape(n, h, w, self.types, -1)  # (N, H, W, B, P*P)
-        act = torch.sigmoid(self.activation(x)).permute(0, 2, 3, 1)  # (N, H, W, B)
+        # The activations (and their gradients) in the routing's precision, also under autocast:
+        # float16 would round an activation below about 6e-8, and its gradient, to 0.
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(x.device.type, enabled=False):
+            conv = self.activation
+            logits = F.conv2d(x.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype))
+        act = torch.sigmoid(logits).permute(0, 2, 3, 1)  # (N, H, W, B)
         return pose, act
 
 

@@ -77,6 +77,24 @@ def test_about_half_of_the_primary_capsules_are_active_at_initialisation():
     assert 0.35 < (act > 0.5).float().mean().item() < 0.65
 
 
+def test_faint_primary_capsules_keep_their_activation_and_gradient_under_float16_autocast():
+    """A pre-activation of -20 is a = 2e-9: float16 would round it to 0, and its gradient with it."""
+    from capsnet.layers import PrimaryCaps
+
+    primary = PrimaryCaps(4, types=2)
+    with torch.no_grad():
+        primary.activation.bias.fill_(-20.0)
+    x = torch.rand(2, 4, 3, 3)
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, act = primary(x)
+    assert act.dtype == torch.float32 and (act > 0).all()
+    act.sum().backward()
+    grad = primary.activation.bias.grad
+    assert torch.allclose(
+        grad, torch.full_like(grad, 9 * 2 * torch.sigmoid(torch.tensor(-20.0)).item()), rtol=0.05
+    )
+
+
 def test_model_trains_a_step_and_every_parameter_gets_a_finite_gradient():
     model = CapsNet.from_preset("small", num_classes=5, image_size=32)
     out = model(torch.randn(4, 1, 32, 32))
