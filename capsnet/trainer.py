@@ -973,7 +973,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
             if missing and run.best_acc is not None:
                 missing = not _carry_best_file(run, ckpt_path, ckpt, dist_info)
             elif run.best_acc is not None:
-                _agree_with_best_file(run, dist_info)
+                _agree_with_best_file(run, ckpt_path, ckpt, dist_info)
             if missing and run.best_acc is not None:
                 say(
                     f"note: {run_dir} holds no best.pt of the steps up to {run.step}, so best.pt is chosen "
@@ -1021,7 +1021,7 @@ def _source_events_are(tb_dir: Path, ckpt: dict, ckpt_path: Path) -> bool:
 
 
 def _carry_best_file(run: Run, ckpt_path: Path, ckpt: dict[str, Any], dist_info) -> bool:
-    """Writes the best.pt that the resumed checkpoint records, where the run's folder lacks one.
+    """Writes the best.pt that the resumed checkpoint records, where the run's folder lacks it.
 
     That best is the resumed file itself where it is the best step, else the best.pt beside it
     where that still holds the recorded step (a later best of an older run does not count), else
@@ -1058,12 +1058,14 @@ def _carry_best_file(run: Run, ckpt_path: Path, ckpt: dict[str, Any], dist_info)
     return copied is not None
 
 
-def _agree_with_best_file(run: Run, dist_info) -> None:
-    """Takes the best accuracy and step from best.pt where the resumed checkpoint's record disagrees.
+def _agree_with_best_file(run: Run, ckpt_path: Path, ckpt: dict[str, Any], dist_info) -> None:
+    """Makes best.pt and the resumed checkpoint's record of the best agree.
 
     A save stopped between the step file and best.pt (disk full, killed) leaves a
-    checkpoint recording a best that best.pt does not hold; going on from that record,
-    no later model that beats best.pt but not the record would replace it.
+    checkpoint recording a best that best.pt does not hold. best.pt is then written again from
+    the file that holds the recorded best (the resumed checkpoint itself, or the kept step file
+    of that step); where none does, the record takes best.pt's accuracy and step, as going on
+    from the record no later model that beats best.pt but not the record would replace it.
     """
     record = None
     if dist_info.is_main:
@@ -1079,6 +1081,8 @@ def _agree_with_best_file(run: Run, dist_info) -> None:
             record = (None, None, None, None)
     acc, step, saved_at, split = broadcast(record)
     if step == run.best_step and acc == run.best_acc:
+        return
+    if _carry_best_file(run, ckpt_path, ckpt, dist_info):
         return
     if step is not None and step == saved_at and split == run.eval_split and acc is not None:
         run.echo(
@@ -1243,7 +1247,10 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
                     stop.received = signal.SIGTERM  # another rank was signalled
                 stopped = stop.name
                 break
-    if last_eval is not None:
+    exit_code = EXIT_CODES.get(stopped, 0)
+    # the summary of an attempt that ended as asked (its last epoch, train.max_steps); a stopped
+    # one's would sit at its checkpoint's step, which the resumed run's events do not hide
+    if last_eval is not None and not exit_code:
         run.writer.hparams(
             {
                 "model.preset": str(cfg.model.preset),
@@ -1261,7 +1268,6 @@ def _loop(run: Run, resumed_from: Path | None) -> RunResult:
             },
             step=run.step,
         )
-    exit_code = EXIT_CODES.get(stopped, 0)
     if exit_code:
         say(f"stopped by {stopped} at step {run.step}; saved {run.last_checkpoint}")
         say(f"resume with: capsnet train --resume {shlex.quote(str(run.run_dir))}")

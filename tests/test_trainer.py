@@ -778,6 +778,23 @@ def test_a_resumed_run_keeps_its_start_time_and_logs_its_summary_at_each_attempt
     assert [e.step for e in events.Scalars("hparam/best_acc")] == [4, 12]  # not twice at step 0
 
 
+def test_a_run_stopped_by_a_signal_logs_no_summary_that_its_resume_would_leave_behind(tmp_path, monkeypatch):
+    """The summary belongs at the step where an attempt ends as asked; a signalled stop's, at its
+    checkpoint's step, stays in TensorBoard beside the resumed run's (events past it are hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sigterm_on_call(monkeypatch, 9)  # in epoch 2, after epoch 1's evaluation
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(tiny(tmp_path), run_name="sig", echo=quiet)
+    assert info.value.result.step == 9 and info.value.result.last_eval is not None
+    monkeypatch.undo()
+    fit(tiny(tmp_path), resume="latest", run_name="sig", echo=quiet)
+    events = EventAccumulator(str(tmp_path / "runs" / "sig"), size_guidance={"scalars": 0})
+    events.Reload()
+    for tag in ("hparam/best_acc", "hparam/last_acc", "hparam/last_loss"):
+        assert [e.step for e in events.Scalars(tag)] == [12], tag
+
+
 @pytest.mark.parametrize("tensorboard", [True, False])
 def test_routing_histograms_and_reconstructions_are_made_only_for_tensorboard(
     tmp_path, monkeypatch, tensorboard
@@ -1173,7 +1190,10 @@ def test_resuming_refuses_settings_that_would_draw_another_validation_split(tmp_
     assert load_checkpoint(again.run_dir / "last.pt")["step"] == 6
 
 
-def test_a_save_stopped_before_best_pt_leaves_the_best_with_best_pt(tmp_path, monkeypatch):
+@pytest.mark.parametrize("copy_fails", [False, True])
+def test_a_save_stopped_before_best_pt_is_mended_when_the_run_resumes(tmp_path, monkeypatch, copy_fails):
+    """best.pt is written again from the checkpoint that holds the recorded best; only where it cannot
+    be (here: the disk is still full) does the record fall back to the best that best.pt holds."""
     from capsnet import checkpoint
     from capsnet.checkpoint import CheckpointError
 
@@ -1197,10 +1217,20 @@ def test_a_save_stopped_before_best_pt_leaves_the_best_with_best_pt(tmp_path, mo
     assert f"the last complete checkpoint is {run_dir / written}" in str(stopped.value)
     assert last["best_step"] == last["step"] > best["step"] == best["best_step"]  # the record is ahead
     said: list[str] = []
+    if copy_fails:
+
+        def full_disk(data, path):
+            raise CheckpointError(f"could not write {path}: no space left on device")
+
+        monkeypatch.setattr(trainer, "atomic_write_bytes", full_disk)  # the copy; the saves have space
     result = fit(tiny(tmp_path, "train.epochs=7", "optim.lr=1e-9"), resume=str(run_dir), echo=said.append)
-    assert any(f"best.pt holds step {best['step']}" in line for line in said)
+    held_back = any(f"best.pt holds step {best['step']}" in line for line in said)
+    mended = any(line.startswith(f"best.pt: a copy of {run_dir / written}, the best") for line in said)
+    assert (held_back, mended) == (copy_fails, not copy_fails), said
     final_best = load_checkpoint(run_dir / "best.pt")
     assert (result.best_step, result.best_acc) == (final_best["step"], final_best["best_metric"])
+    if not copy_fails:  # never below the recorded best, whose file is on disk
+        assert final_best["best_metric"] >= last["best_metric"]
 
 
 def test_resuming_mid_epoch_with_another_batch_size_says_what_it_does_to_the_epoch(tmp_path):
