@@ -2,7 +2,14 @@
 """capsnet's routing against the plain EM-routing transcription, measured in one run.
 
 Runs `capsnet bench` and the baseline script alternately, several rounds, each in
-a fresh process, and prints the median of each figure and the median ratios.
+a fresh process (the baseline first in one round, last in the next), and prints the
+median of each figure, the median ratios and the range of each round's own ratios.
+
+First it checks that the two route alike: the same random votes go through the
+baseline's `em_routing` and through capsnet's routing normalised per patch (the
+baseline's way; `model.normalisation: per_patch`) with the baseline's eps as its
+variance floor; poses and activations must agree to 1e-4 and 1e-5, or the script
+stops before timing anything.
 Both run the paper's small model on 1x32x32 inputs, 5 classes, 3 routing
 iterations, batch 32, an Adam step per batch, with the same thread count.
 Both processes get --threads as torch.set_num_threads and as OMP_NUM_THREADS and
@@ -50,7 +57,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BASELINE = ROOT.parent / "shared" / "bench" / "baseline_em.py"
+#: The yardstick: $CAPSNET_BASELINE, else ../shared/bench/baseline_em.py beside the checkout.
+DEFAULT_BASELINE = Path(
+    os.environ.get("CAPSNET_BASELINE") or ROOT.parent / "shared" / "bench" / "baseline_em.py"
+)
 LINE = re.compile(r"train ([\d.]+) img/s, inference ([\d.]+) img/s, peak RSS (\d+) MiB")
 
 GEOMETRIES = {
@@ -105,6 +115,37 @@ from capsnet.cli import main
 sys.argv = ["capsnet", *sys.argv[1:]]
 main()
 """
+#: Routes the same random votes through the baseline's em_routing and capsnet's routing
+#: normalised per patch, as the baseline's is, with its variance floor (its eps), in float64;
+#: prints the largest differences of the parents' poses and activations as JSON.
+AGREEMENT_CHECK = """
+import importlib.util, json, sys, torch
+spec = importlib.util.spec_from_file_location("baseline_em", sys.argv[1])
+baseline = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(baseline)
+if not callable(getattr(baseline, "em_routing", None)):
+    raise SystemExit(f"{sys.argv[1]} has no em_routing(v, a_in, beta_u, beta_a, iters) to check against")
+from capsnet.routing import RoutingSettings, em_routing
+gen = torch.Generator().manual_seed(0)
+worst = {"pose": 0.0, "activation": 0.0}
+for iters in (1, 2, 3):
+    n, i, j = 4, 72, 16  # a ConvCaps1 patch of the small model: K*K*B = 3*3*8 children, C = 16 parents
+    v = torch.randn(n, i, j, 16, generator=gen, dtype=torch.float64)
+    a = torch.rand(n, i, 1, generator=gen, dtype=torch.float64)
+    beta_u = 0.1 * torch.randn(j, generator=gen, dtype=torch.float64)
+    beta_a = 0.1 * torch.randn(j, generator=gen, dtype=torch.float64)
+    mu, act = baseline.em_routing(v, a, beta_u, beta_a, iters)
+    ours = em_routing(
+        v.permute(0, 2, 1, 3).unsqueeze(1), a.squeeze(-1).unsqueeze(1), beta_u, beta_a,
+        RoutingSettings(iterations=iters, min_var=1e-6), None,
+    )
+    worst["pose"] = max(worst["pose"], (ours.pose.squeeze(1) - mu.reshape(n, j, 16)).abs().max().item())
+    worst["activation"] = max(worst["activation"], (ours.activation.squeeze(1) - act.reshape(n, j)).abs().max().item())
+print(json.dumps(worst))
+"""
+#: How far apart the two may be: the baseline adds its eps to each sum of assignments and to
+#: the variance, capsnet floors the variance; that moves the poses by about 1e-6.
+AGREEMENT_TOLERANCE = {"pose": 1e-4, "activation": 1e-5}
 GPU_LINE = re.compile(r"peak GPU memory (\d+) MiB")
 BASE_LINE = re.compile(r"torch alone (\d+) MiB")
 TUNED_LINE = re.compile(r"allocator tuned (True|False)")
@@ -126,7 +167,7 @@ def _check_threads(side: str, ran: int, args) -> None:
 def _read(pattern: re.Pattern, out: str, what: str) -> re.Match:
     m = pattern.search(out)
     if not m:
-        raise SystemExit(f"could not read the baseline's {what}:\n{out}")
+        raise SystemExit(f"error: could not read {what}:\n{out}")
     return m
 
 
@@ -145,6 +186,25 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def check_agreement(args) -> dict[str, float]:
+    """The largest differences between the baseline's routing and capsnet's on the same votes;
+    ends the script where they are larger than rounding and the baseline's eps explain."""
+    cmd = [sys.executable, "-c", AGREEMENT_CHECK, str(args.baseline)]
+    proc = _run(cmd, f"the routing check against {args.baseline}", cwd=ROOT, env=_thread_env(args.threads))
+    worst = json.loads(proc.stdout.strip().splitlines()[-1])
+    off = [
+        f"{k} {worst[k]:.2g} (at most {tol:g})"
+        for k, tol in AGREEMENT_TOLERANCE.items()
+        if not worst[k] <= tol
+    ]
+    if off:
+        raise SystemExit(
+            f"error: capsnet's routing (normalised per patch) and the baseline's em_routing disagree on the "
+            f"same votes: largest differences {', '.join(off)}; the two would not be doing the same work"
+        )
+    return worst
 
 
 def run_capsnet(extra: list[str], args) -> dict:
@@ -184,7 +244,7 @@ def run_capsnet(extra: list[str], args) -> dict:
     out["train_img_per_s"], out["infer_img_per_s"] = out["train_img_per_s_mean"], out["infer_img_per_s_mean"]
     out["memory_mib"] = out["peak_gpu_mib"] if args.device == "cuda" else out["peak_rss_mib"]
     out["above_torch_mib"] = out["peak_rss_mib"] - float(
-        _read(BASE_LINE, proc.stderr, "memory after import")[1]
+        _read(BASE_LINE, proc.stderr, "capsnet bench's memory after import")[1]
     )
     return out
 
@@ -193,30 +253,41 @@ def run_baseline(args) -> dict:
     cmd = [sys.executable, "-c", BASELINE_WRAPPER, args.device, args.allocator, str(args.threads)]
     cmd += [str(args.baseline), "--batch", str(args.batch), "--steps", str(args.steps)]
     out = _run(cmd, f"the baseline {args.baseline}", env=_thread_env(args.threads)).stdout
-    m = _read(LINE, out, "output")
+    m = _read(LINE, out, "the baseline's output")
     threads = THREADS_LINE.search(out[m.end() :].partition("\n")[0])
     if threads:  # the baseline names its thread count at the end of its line
         _check_threads("the baseline", int(threads[1]), args)
     # the baseline divides ru_maxrss by 1024 whatever the platform: on macOS that is bytes
     rss = float(m[3]) / (1024 if sys.platform == "darwin" else 1)
     result = {"train_img_per_s": float(m[1]), "infer_img_per_s": float(m[2]), "peak_rss_mib": rss}
-    result["allocator_tuned"] = _read(TUNED_LINE, out, "allocator setting")[1] == "True"
+    result["allocator_tuned"] = _read(TUNED_LINE, out, "the baseline's allocator setting")[1] == "True"
     cuda = args.device == "cuda"
-    result["memory_mib"] = float(_read(GPU_LINE, out, "GPU memory")[1]) if cuda else result["peak_rss_mib"]
+    result["memory_mib"] = (
+        float(_read(GPU_LINE, out, "the baseline's GPU memory")[1]) if cuda else result["peak_rss_mib"]
+    )
     result["above_torch_mib"] = result["peak_rss_mib"] - float(
-        _read(BASE_LINE, out, "memory after import")[1]
+        _read(BASE_LINE, out, "the baseline's memory after import")[1]
     )
     return result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=_positive, default=3)
-    ap.add_argument("--steps", type=_positive, default=5)
-    ap.add_argument("--batch", type=_positive, default=32)
-    ap.add_argument("--threads", type=_positive, default=2)
-    ap.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    ap.add_argument(
+        "--rounds", type=_positive, default=3, help="rounds; each runs every side once, in a fresh process"
+    )
+    ap.add_argument(
+        "--steps", type=_positive, default=5, help="timed steps of each side, training and inference alike"
+    )
+    ap.add_argument("--batch", type=_positive, default=32, help="images per step")
+    ap.add_argument("--threads", type=_positive, default=2, help="CPU threads of each side")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=DEFAULT_BASELINE,
+        help="the baseline script: $CAPSNET_BASELINE, else ../shared/bench/baseline_em.py beside the checkout",
+    )
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run")
     ap.add_argument("--compiled", action="store_true", help="also time train.compile_routing: true")
     ap.add_argument(
         "--allocator",
@@ -224,17 +295,26 @@ def main() -> None:
         default="tuned",
         help="the heap setting of both processes: capsnet's (tuned) or the C library's (default)",
     )
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
     variants = {**VARIANTS, **(COMPILED if args.compiled else {})}
-    if not args.baseline.exists():
-        raise SystemExit(f"baseline script not found: {args.baseline} (pass --baseline PATH)")
+    if not args.baseline.is_file():
+        raise SystemExit(
+            f"error: baseline script not found: {args.baseline} (pass --baseline PATH, or set CAPSNET_BASELINE)"
+        )
+    agreement = check_agreement(args)
+    print(
+        f"routing checked against the baseline's on the same votes: largest differences pose "
+        f"{agreement['pose']:.1g}, activation {agreement['activation']:.1g}",
+        file=sys.stderr,
+    )
 
     runs: dict[str, list[dict]] = {"baseline": [], **{k: [] for k in variants}}
     for r in range(args.rounds):
-        runs["baseline"].append(run_baseline(args))
-        for name, extra in variants.items():
-            runs[name].append(run_capsnet(extra, args))
+        # the baseline first in one round, last in the next: neither side always runs on a cooler machine
+        order = ["baseline", *variants] if r % 2 == 0 else [*variants, "baseline"]
+        for name in order:
+            runs[name].append(run_baseline(args) if name == "baseline" else run_capsnet(variants[name], args))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
     keys = ("train_img_per_s", "infer_img_per_s", "memory_mib", "above_torch_mib")
@@ -248,16 +328,18 @@ def main() -> None:
         "threads": args.threads,
         "device": args.device,
         "memory": memory,
+        "routing_agreement": agreement,
         "median": med,
         "ratio": {},
+        "ratio_range": {},
     }
     report["allocator_tuned"] = {name: all(x["allocator_tuned"] for x in rs) for name, rs in runs.items()}
     for name in variants:
-        report["ratio"][name] = {
-            "train_speedup": med[name]["train_img_per_s"] / base["train_img_per_s"],
-            "inference_speedup": med[name]["infer_img_per_s"] / base["infer_img_per_s"],
-            "memory_fraction": med[name]["memory_mib"] / base["memory_mib"],
-            "above_torch_fraction": med[name]["above_torch_mib"] / base["above_torch_mib"],
+        report["ratio"][name] = ratios(med[name], base)
+        # each round's ratios, of the two sides measured in it: how much the machine moved them
+        rounds = [ratios(ours, theirs) for ours, theirs in zip(runs[name], runs["baseline"])]
+        report["ratio_range"][name] = {
+            k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in rounds[0]
         }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -277,6 +359,28 @@ def main() -> None:
         )
     for name, r in report["ratio"].items():
         print(ratio_line(name, r, args.device))
+    if args.rounds > 1:
+        print("each round's own ratios (lowest-highest):")
+        for name, span in report["ratio_range"].items():
+            print(
+                f"  {name}: train x{span['train_speedup'][0]:.1f}-{span['train_speedup'][1]:.1f}, inference "
+                f"x{span['inference_speedup'][0]:.1f}-{span['inference_speedup'][1]:.1f}, memory "
+                f"{span['memory_fraction'][0]:.2f}-{span['memory_fraction'][1]:.2f} "
+                f"({span['above_torch_fraction'][0]:.2f}-{span['above_torch_fraction'][1]:.2f} above torch)"
+            )
+
+
+def ratios(ours: dict, base: dict) -> dict[str, float]:
+    return {
+        "train_speedup": ours["train_img_per_s"] / base["train_img_per_s"],
+        "inference_speedup": ours["infer_img_per_s"] / base["infer_img_per_s"],
+        "memory_fraction": ours["memory_mib"] / base["memory_mib"],
+        "above_torch_fraction": ours["above_torch_mib"] / base["above_torch_mib"],
+    }
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and each option's default after its help."""
 
 
 def ratio_line(name: str, r: dict, device: str) -> str:

@@ -116,16 +116,85 @@ def test_plot_curves_names_a_folder_that_is_not_a_run(tmp_path):
         plot.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
 
 
-FAKE_BASELINE = """
-import argparse
-ap = argparse.ArgumentParser()
-ap.add_argument("--batch", type=int)
-ap.add_argument("--steps", type=int)
-a = ap.parse_args()
-from capsnet.runtime import allocator_is_tuned
-train = 2.0 if allocator_is_tuned() else 3.0  # shows which heap setting the script gave this process
-print(f"baseline: train {train:.2f} img/s, inference 4.00 img/s, peak RSS 5000 MiB (batch {a.batch}, 32x32, iters 3)")
+#: EM routing normalised per patch, one patch of one image at a time, with the baseline's
+#: eps on the sums of assignments and on the variance: what the baseline's em_routing computes.
+#: ``WEIGHT_BY_ACTIVATION`` False leaves out the child activations in the M-step (a known mistake).
+REFERENCE_EM = """
+import math
+import torch
+WEIGHT_BY_ACTIVATION = True
+
+
+def em_routing(v, a_in, beta_u, beta_a, iters, final_lambda=0.01, eps=1e-6):
+    n, i_, j_, h = v.shape
+    mus, acts = torch.zeros(n, j_, h, dtype=v.dtype), torch.zeros(n, j_, dtype=v.dtype)
+    for b in range(n):
+        r = torch.full((i_, j_), 1.0 / j_, dtype=v.dtype)
+        for t in range(iters):
+            lam = final_lambda * (1 - 0.95 ** (t + 1))
+            w = r * (a_in[b] if WEIGHT_BY_ACTIVATION else 1.0)  # (I, J)
+            for j in range(j_):
+                total = w[:, j].sum()
+                mu = (w[:, j, None] * v[b, :, j]).sum(0) / (total + eps)
+                var = (w[:, j, None] * (v[b, :, j] - mu) ** 2).sum(0) / (total + eps) + eps
+                cost = ((beta_u[j] + 0.5 * torch.log(var)) * total).sum()
+                mus[b, j], acts[b, j] = mu, torch.sigmoid(lam * (beta_a[j] - cost))
+                if j == 0:
+                    means, variances = [], []
+                means.append(mu)
+                variances.append(var)
+            if t < iters - 1:
+                logp = torch.stack([
+                    (-((v[b, :, j] - means[j]) ** 2) / (2 * variances[j])
+                     - 0.5 * torch.log(2 * math.pi * variances[j])).sum(-1)
+                    for j in range(j_)
+                ], dim=1)  # (I, J)
+                r = torch.softmax(logp + torch.log(acts[b] + eps), dim=1)
+    return mus, acts
 """
+
+FAKE_BASELINE = (
+    REFERENCE_EM
+    + """
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--steps", type=int)
+    a = ap.parse_args()
+    from capsnet.runtime import allocator_is_tuned
+    train = 2.0 if allocator_is_tuned() else 3.0  # shows which heap setting the script gave this process
+    print(f"baseline: train {train:.2f} img/s, inference 4.00 img/s, peak RSS 5000 MiB (batch {a.batch}, 32x32, iters 3)")
+"""
+)
+
+
+@pytest.mark.parametrize("baseline_kind", ["wrong routing", "no routing"])
+def test_bench_vs_baseline_times_nothing_where_the_baseline_routes_otherwise(tmp_path, baseline_kind):
+    """Before any timing, the same votes go through both routings: a baseline that routes otherwise
+    (here: no child activations in the M-step), or has no em_routing to check, is refused."""
+    import sys
+
+    baseline = tmp_path / "baseline_em.py"
+    if baseline_kind == "wrong routing":
+        text = FAKE_BASELINE.replace("WEIGHT_BY_ACTIVATION = True", "WEIGHT_BY_ACTIVATION = False")
+        expected = "capsnet's routing (normalised per patch) and the baseline's em_routing disagree"
+    else:
+        text = FAKE_BASELINE.replace("def em_routing(", "def other_routing(")
+        expected = "has no em_routing"
+    baseline.write_text(text)
+    marker = tmp_path / "timed"
+    baseline.write_text(
+        baseline.read_text().replace(
+            "    import argparse", f"    open({str(marker)!r}, 'w')\n    import argparse"
+        )
+    )
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_vs_baseline.py"), "--rounds", "1", "--steps", "1"]
+    cmd += ["--batch", "4", "--baseline", str(baseline)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    assert proc.returncode != 0 and expected in proc.stderr, proc.stderr
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    assert not marker.exists()  # nothing was timed
 
 
 def test_bench_vs_baseline_reports_ratios_against_the_baseline_run_in_the_same_invocation(tmp_path):
@@ -152,6 +221,11 @@ def test_bench_vs_baseline_reports_ratios_against_the_baseline_run_in_the_same_i
         assert ratio["above_torch_fraction"] == pytest.approx(
             ours["above_torch_mib"] / base["above_torch_mib"]
         )
+        assert report["ratio_range"][name] == {
+            k: [pytest.approx(v), pytest.approx(v)] for k, v in ratio.items()
+        }
+    # the reference routing above and capsnet's agree to rounding and the eps
+    assert 0 < report["routing_agreement"]["pose"] < 1e-4 and report["routing_agreement"]["activation"] < 1e-5
 
 
 def test_bench_vs_baseline_with_the_default_allocator_tunes_neither_side(tmp_path):
@@ -172,16 +246,20 @@ def test_bench_vs_baseline_with_the_default_allocator_tunes_neither_side(tmp_pat
     assert ratio == pytest.approx(report["median"]["paper geometry"]["train_img_per_s"] / 3.0)
 
 
-THREADS_BASELINE = """
-import argparse
-import torch
-ap = argparse.ArgumentParser()
-ap.add_argument("--batch", type=int)
-ap.add_argument("--steps", type=int)
-a = ap.parse_args()
-n = torch.get_num_threads()  # shows the thread count the script gave this process
-print(f"baseline: train {n:.2f} img/s, inference 4.00 img/s, peak RSS 5000 MiB (batch {a.batch}, 32x32, iters 3)")
+THREADS_BASELINE = (
+    REFERENCE_EM
+    + """
+if __name__ == "__main__":
+    import argparse
+    import torch
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--steps", type=int)
+    a = ap.parse_args()
+    n = torch.get_num_threads()  # shows the thread count the script gave this process
+    print(f"baseline: train {n:.2f} img/s, inference 4.00 img/s, peak RSS 5000 MiB (batch {a.batch}, 32x32, iters 3)")
 """
+)
 
 
 def test_bench_vs_baseline_runs_the_baseline_with_the_threads_capsnet_gets(tmp_path):
