@@ -535,3 +535,19 @@ def test_a_sub_folder_that_cannot_be_read_is_said_and_the_rest_is_classified(tmp
     assert [str(w.message) for w in seen] == [
         f"skipped 1 folder that could not be read: {tmp_path / 'closed'}"
     ]
+
+
+def test_tied_classes_are_ranked_lower_index_first():
+    from capsnet.predict import PredictionReport
+
+    report = PredictionReport(
+        checkpoint="c.pt",
+        run="r",
+        step=1,
+        class_names=["a", "b", "c", "d"],
+        input="",
+        device="cpu",
+        iterations=2,
+    )
+    report.files, report.activations, report.top = ["x.png"], [[0.2, 0.7, 0.2, 0.7]], 4
+    assert report.ranked(0) == [("b", 0.7), ("d", 0.7), ("a", 0.2), ("c", 0.2)]

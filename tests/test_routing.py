@@ -946,3 +946,35 @@ def test_fast_routing_of_ordinary_votes_does_not_fall_back_to_the_plain_path(mon
         out = em_routing(votes, act, beta_u, beta_a, RoutingSettings(iterations=3), f, impl="fast")
         grads([out.pose, out.activation], [votes, act])
     assert not calls
+
+
+@pytest.mark.parametrize("impl", ["plain", "fast"])
+@pytest.mark.parametrize("cross_position", [True, False])
+def test_the_logged_variance_is_the_mean_of_the_last_iterations_parent_variances(impl, cross_position):
+    """routing/<layer>/variance: the mean over parents, types and pose entries of the final M-step's
+    variance, floor included, as the plain path's trace of that M-step gives it."""
+    g = torch.Generator().manual_seed(5)
+    fold = ChildFold(5, 5, 3, 1, types=3) if cross_position else None
+    votes = 0.5 * torch.randn(2, 9, 4, 27, 16, generator=g)
+    act = torch.rand(2, 9, 27, generator=g)
+    beta_u, beta_a = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    settings = RoutingSettings(iterations=3)
+    trace: list = []
+    em_routing(votes, act, beta_u, beta_a, settings, fold, trace=trace)
+    final = trace[-1]["var"]
+    stats = em_routing(votes, act, beta_u, beta_a, settings, fold, impl=impl, stats=True).stats
+    assert final.shape == (2, 9, 4, 16) and final.min() >= settings.min_var
+    torch.testing.assert_close(stats["variance"], final.mean(), rtol=1e-5, atol=0)
+    assert stats["variance"] < final.amax()  # a mean, not the largest
+
+
+def test_the_finite_statistic_is_false_for_a_non_finite_variance_or_activation():
+    r = torch.full((1, 2, 3, 4), 1 / 3)
+    act, var = torch.rand(1, 2, 3), torch.rand(1, 2, 3, 16) + 0.1
+    assert bool(routing.routing_stats(r, act, var, None)["finite"])
+    for bad in (float("nan"), float("inf")):
+        broken_var, broken_act = var.clone(), act.clone()
+        broken_var[0, 1, 2, 5] = bad
+        broken_act[0, 0, 1] = bad
+        assert not bool(routing.routing_stats(r, act, broken_var, None)["finite"]), bad
+        assert not bool(routing.routing_stats(r, broken_act, var, None)["finite"]), bad

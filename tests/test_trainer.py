@@ -1365,6 +1365,51 @@ def test_the_training_step_reconstructs_from_the_target_class_not_the_predicted_
         assert not torch.allclose(recon, model.reconstruct(out.poses, out.activations.argmax(dim=1)))
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_every_optimiser_step_runs_at_the_scheduled_learning_rate(tmp_path, monkeypatch, name):
+    """Warm-up, then decay: the rate each step of the optimiser itself uses is lr_at(step), not
+    only the logged sched/lr."""
+    from capsnet.loss import lr_at
+
+    seen: list[float] = []
+    real = trainer.build_optimizer
+
+    def spied(model, cfg):
+        optimizer = real(model, cfg)
+        step = optimizer.step
+
+        def recording_step(*args, **kwargs):
+            seen.append(optimizer.param_groups[0]["lr"])
+            assert len({g["lr"] for g in optimizer.param_groups}) == 1  # every group alike
+            return step(*args, **kwargs)
+
+        optimizer.step = recording_step
+        return optimizer
+
+    monkeypatch.setattr(trainer, "build_optimizer", spied)
+    cfg = tiny(
+        tmp_path, f"optim.name={name}", "optim.warmup_steps=4", "optim.decay_steps=3", "optim.decay_rate=0.5"
+    )
+    result = fit(cfg, run_name="lr", echo=quiet)
+    assert result.step == len(seen) == 12
+    want = [lr_at(k, cfg.optim, 12) for k in range(12)]
+    assert want[0] < want[3] and want[4] > want[11]  # a warm-up, then a decay, to tell apart
+    assert seen == pytest.approx(want, rel=1e-12)
+
+
+def test_sgd_keeps_a_momentum_of_0_9():
+    """Two SGD steps with known gradients g1, g2: the second moves by lr * (g2 + 0.9 * g1)."""
+    model = torch.nn.Linear(3, 2)
+    cfg = tiny(Path("."), "optim.name=sgd", "optim.lr=0.1", "optim.weight_decay=0")
+    optimizer = trainer.build_optimizer(model, cfg)
+    g1, g2 = torch.randn(2, 3), torch.randn(2, 3)
+    for g in (g1, g2):
+        before = model.weight.detach().clone()
+        model.weight.grad, model.bias.grad = g.clone(), torch.zeros(2)
+        optimizer.step()
+    torch.testing.assert_close(before - model.weight.detach(), 0.1 * (g2 + 0.9 * g1))
+
+
 def test_grad_clip_scales_every_gradient_by_one_factor_from_their_global_l2_norm(tmp_path, monkeypatch):
     # One SGD step (momentum's first step is lr * gradient; no weight decay) without clipping gives
     # the gradients; with optim.grad_clip=c the step must be those gradients times c / ||g||_2,
