@@ -78,7 +78,7 @@ def validate_run_name(name: str) -> str:
     """Returns ``name`` when it is a safe single directory name, else raises CheckpointError."""
     if not isinstance(name, str) or not _RUN_NAME.match(name) or ".." in name or len(name) > 200:
         raise CheckpointError(
-            f"invalid run name {name!r}: use letters, digits and . _ - + = @ "
+            f"invalid run name {name!r}: use ASCII letters, digits and . _ - + = @ "
             "(no path separators, no '..', starting with a letter or digit)"
         )
     return name

@@ -120,12 +120,48 @@ def _errors(debug: bool):
             raise typer.Exit(2) from None
         if isinstance(e, OSError) and e.filename is not None and e.strerror:
             # a folder or file the command was told to use that cannot be made, read or written
-            typer.echo(f"error: could not use {e.filename}: {e.strerror}", err=True)
+            typer.echo(f"error: could not use {e.filename}: {_os_reason(e)}", err=True)
+            raise typer.Exit(2) from None
+        if _out_of_memory(e):
+            typer.echo(
+                f"error: not enough memory: {_first_line(e)}; use a smaller batch (--batch-size where the "
+                "command has it, else -o train.batch_size=N or -o train.eval_batch_size=N)",
+                err=True,
+            )
             raise typer.Exit(2) from None
         typer.echo(
             f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True
         )
         raise typer.Exit(1) from None
+
+
+def _os_reason(e: OSError) -> str:
+    """Why a path could not be used, in words that name the path's own problem."""
+    import errno
+
+    if e.errno == errno.EEXIST and Path(e.filename).exists() and not Path(e.filename).is_dir():
+        return "it is a file, where a folder is needed"
+    if e.errno == errno.ENOTDIR:
+        return "a part of that path is a file, where a folder is needed"
+    return e.strerror
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is torch's report that a tensor could not be allocated (on any device)."""
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and (
+        "can't allocate memory" in str(e) or "DefaultCPUAllocator: not enough memory" in str(e)
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    # the CPU allocator's words without its source location ("[enforce fail at alloc_cpu.cpp:127] err == 0. ")
+    return line.split("DefaultCPUAllocator: ", 1)[-1].rstrip(".")
 
 
 def _print_version(asked: bool) -> None:
@@ -173,8 +209,15 @@ def _console_echo():
             try:
                 typer.echo(message, err=err)
                 return
-            except BrokenPipeError:
+            except OSError as e:  # the reader is gone (a pipe), or the file is full or broken
                 closed[err] = True
+                if not err and not isinstance(e, BrokenPipeError) and not closed[True]:
+                    with contextlib.suppress(OSError):
+                        typer.echo(
+                            f"warning: could not write to standard output ({e.strerror or e}): "
+                            "the rest goes to standard error",
+                            err=True,
+                        )
                 # what is still buffered, and later writes, go nowhere instead of failing
                 stream = sys.stderr if err else sys.stdout
                 devnull = os.open(os.devnull, os.O_WRONLY)
@@ -1030,7 +1073,18 @@ def _note_replaced(files: list[str], out: Path | None) -> None:
 
 
 def main() -> None:
-    app()
+    import errno
+
+    try:
+        app()
+    except OSError as e:
+        # what a command prints last, after its work (capsnet config > mine.yaml on a full disk): every
+        # other failure is said by the command itself (_errors)
+        if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT):
+            raise
+        with contextlib.suppress(OSError):
+            print(f"error: could not write the output: {e.strerror or e}", file=sys.stderr)
+        os._exit(2)  # without flushing the output that could not be written again
 
 
 if __name__ == "__main__":

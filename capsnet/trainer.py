@@ -374,6 +374,23 @@ def _find_checkpoint_setting(cfg: Config, key: str, whose: str, run_name: str) -
     return chosen, ckpt
 
 
+def _check_model_settings(cfg: Config, ckpt: dict[str, Any], where: Path) -> None:
+    """Refuses, before the data loads and kernels compile, a checkpoint whose model the config's
+    model and routing settings would not build; the sizes the data gives (channels, classes, image
+    size) are taken as the checkpoint's here, and compared once the data is known."""
+    arch = ckpt.get("arch")
+    if not isinstance(arch, dict):
+        return  # said where its weights load
+    sizes = [arch.get(k) for k in ("in_channels", "num_classes", "image_size")]
+    if not all(isinstance(v, int) and v > 0 for v in sizes):
+        return
+    try:
+        probe = CapsNet.from_config(cfg.model, cfg.routing, *sizes)
+    except (ValueError, TypeError):
+        return  # a config that builds no model at all is refused below, with the data's image size
+    check_architecture(arch, dict(probe.hparams), where)
+
+
 def _names_start(cfg: Config, spec: str, started: str | None, run_name: str) -> bool:
     """Whether ``train.init_from: spec`` names ``started``, the file a resumed run first started
     from (or, like ``latest`` by now, a checkpoint of the run itself, as it did when it started)."""
@@ -772,6 +789,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     choice = choose_run(cfg, run_name, resume, overwrite, name_prefix)
     ckpt, ckpt_path, name = choice.checkpoint, choice.checkpoint_path, choice.name
     if ckpt is not None:  # like the checks below, before compiling kernels and loading data
+        _check_model_settings(cfg, ckpt, ckpt_path)  # first: another model cannot start from it either
         check_resume_settings(ckpt.get("config") or {}, cfg.to_dict(), ckpt_path)
     size = expected_image_size(cfg.data)
     teacher_path = teacher_ckpt = None
@@ -792,6 +810,7 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
         cfg.train.init_from = started
     elif cfg.train.init_from:  # like the teacher: a missing or broken checkpoint is said before the data
         init_path, init_ckpt = _find_checkpoint_setting(cfg, "train.init_from", "another run's", name)
+        _check_model_settings(cfg, init_ckpt, init_path)
     if size is not None:  # a model that cannot take the images is refused before they load (or download)
         try:
             CapsNet.from_config(cfg.model, cfg.routing, 1, 2, size).capsule_grid(size, size)

@@ -857,3 +857,83 @@ def test_version_names_capsnet_torch_and_python():
     assert result.stdout.strip() == (
         f"capsnet {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})"
     )
+
+
+def test_a_folder_setting_that_names_a_file_says_so(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for out_dir, said in (
+        (tmp_path / "afile", "it is a file, where a folder is needed"),
+        (tmp_path / "afile" / "sub", "a part of that path is a file, where a folder is needed"),
+    ):
+        result = runner.invoke(
+            app, ["train", "--config", TINY, "--run-name", "x", "-o", f"logging.out_dir={out_dir}"]
+        )
+        assert result.exit_code == 2, result.output
+        assert f"error: could not use {out_dir}: {said}" in result.output
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        lambda: RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+            "tried to allocate 160000000000 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_running_out_of_memory_is_said_with_what_to_change(monkeypatch, failure):
+    from capsnet import bench
+
+    def out_of_memory(*args, **kwargs):
+        raise failure()
+
+    monkeypatch.setattr(bench, "_run", out_of_memory)
+    result = runner.invoke(app, ["bench", "--config", TINY, "--steps", "1", "--batch-size", "4"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: not enough memory: ") and "smaller batch" in result.output
+    assert "alloc_cpu.cpp" not in result.output and "unexpected" not in result.output
+
+
+def test_output_that_cannot_be_written_is_one_error_line_and_a_run_goes_on(monkeypatch, tmp_path, capsys):
+    """stdout on a full disk: a command's last output is said as an error, not a traceback; training's
+    lines move to stderr, and the run finishes."""
+    import errno
+
+    import typer
+
+    from capsnet import cli
+
+    real_echo = typer.echo
+
+    def full_stdout(message=None, file=None, nl=True, err=False, color=None):
+        if not err and file is None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_echo(message, file=file, nl=nl, err=err, color=color)
+
+    monkeypatch.setattr(typer, "echo", full_stdout)
+    exits = []
+
+    def leave(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli.os, "_exit", leave)
+    monkeypatch.setattr(sys, "argv", ["capsnet", "config"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert exits == [2]
+    assert capsys.readouterr().err == "error: could not write the output: No space left on device\n"
+
+    echo = cli._console_echo()
+    with open(tmp_path / "stdout", "w") as out:  # a file of its own to close
+        monkeypatch.setattr(sys, "stdout", out)
+        echo("first line")
+        echo("second line")
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "warning: could not write to standard output (No space left on device): the rest goes to standard error",
+        "first line",
+        "second line",
+    ]

@@ -579,12 +579,28 @@ def test_a_best_checkpoint_is_recorded_as_the_step_file_it_was_written_with(tmp_
     assert load_checkpoint(saved)["step"] == best["step"]
 
 
-def test_init_from_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, straight):
+@pytest.mark.parametrize("how", ["init_from", "resume"])
+def test_a_checkpoint_of_another_architecture_is_refused_before_the_data_and_the_kernels(
+    tmp_path, straight, monkeypatch, how
+):
+    """Said before the data loads and the routing kernels compile; a resume refused for its model is
+    not told to start a new run from those weights, which would be refused the same way."""
     from capsnet.checkpoint import CheckpointError
 
-    cfg = tiny(tmp_path, f"train.init_from={straight.run_dir / 'last.pt'}", "model.iterations=3")
-    with pytest.raises(CheckpointError, match="iterations"):
-        fit(cfg, run_name="other", echo=quiet)
+    def never(*args, **kwargs):
+        raise AssertionError("the data was loaded")
+
+    monkeypatch.setattr(trainer, "build_loaders", never)
+    monkeypatch.setattr(trainer, "_choose_routing_kernels", never)
+    other = ["model.iterations=3", "data.val_split=0.25"]  # a split moved too: the model is said first
+    if how == "init_from":
+        cfg, resume = tiny(tmp_path, f"train.init_from={straight.run_dir / 'last.pt'}", *other), None
+    else:
+        cfg, resume = tiny(tmp_path, *other), str(straight.run_dir / "step-000006.pt")
+    with pytest.raises(CheckpointError) as refused:
+        fit(cfg, run_name="other", resume=resume, echo=quiet)
+    assert "does not match the config: model.iterations: 2 in the checkpoint, 3 now" in str(refused.value)
+    assert "init_from" not in str(refused.value)
 
 
 def test_null_decay_steps_decays_the_rate_over_the_whole_run(tmp_path):
