@@ -120,7 +120,9 @@ def _errors(debug: bool):
             raise typer.Exit(2) from None
         if isinstance(e, OSError) and e.filename is not None and e.strerror:
             # a folder or file the command was told to use that cannot be made, read or written
-            typer.echo(f"error: could not use {e.filename}: {_os_reason(e)}", err=True)
+            from capsnet.runtime import os_error_reason
+
+            typer.echo(f"error: could not use {e.filename}: {os_error_reason(e)}", err=True)
             raise typer.Exit(2) from None
         if _out_of_memory(e):
             typer.echo(
@@ -133,17 +135,6 @@ def _errors(debug: bool):
             f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True
         )
         raise typer.Exit(1) from None
-
-
-def _os_reason(e: OSError) -> str:
-    """Why a path could not be used, in words that name the path's own problem."""
-    import errno
-
-    if e.errno == errno.EEXIST and Path(e.filename).exists() and not Path(e.filename).is_dir():
-        return "it is a file, where a folder is needed"
-    if e.errno == errno.ENOTDIR:
-        return "a part of that path is a file, where a folder is needed"
-    return e.strerror
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -576,7 +567,13 @@ def predict(
             raise DataError(
                 f"--csv {csv_path} is a folder: give a file name, such as {csv_path / 'predictions.csv'}"
             )
-        with reported_data_warnings():
+        from capsnet.data import tidy_made_folders
+        from capsnet.visualize import check_writable
+
+        csv_folder = [csv_path.parent] if csv_path is not None else []
+        with reported_data_warnings(), tidy_made_folders(*csv_folder):
+            for folder in csv_folder:  # before the scoring, which may take long
+                check_writable(folder)
             report = predict_files(
                 ckpt,
                 images or [],

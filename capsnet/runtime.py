@@ -40,3 +40,17 @@ def tune_allocator() -> bool:
 def allocator_is_tuned() -> bool:
     """Whether :func:`tune_allocator` has changed this process's heap setting."""
     return _tuned
+
+
+def os_error_reason(e: OSError) -> str:
+    """Why a path could not be used, in words that name the path's own problem where the system's
+    do not ("File exists" from making a folder where a file stands)."""
+    import errno
+    import os
+
+    where = e.filename
+    if e.errno == errno.EEXIST and where is not None and os.path.exists(where) and not os.path.isdir(where):
+        return "it is a file, where a folder is needed"
+    if e.errno == errno.ENOTDIR:
+        return "a part of that path is a file, where a folder is needed"
+    return e.strerror or str(e)

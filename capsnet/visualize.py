@@ -34,7 +34,9 @@ def check_writable(folder: Path) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise ExperimentError(f"could not use {folder}: {e.strerror or e}") from None
+        from capsnet.runtime import os_error_reason
+
+        raise ExperimentError(f"could not use {folder}: {os_error_reason(e)}") from None
 
 
 def require_matplotlib() -> None:

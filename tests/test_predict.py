@@ -321,12 +321,38 @@ def test_a_checkpoint_or_run_folder_given_as_an_image_points_to_ckpt_instead_of_
         assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
 
 
-def test_a_csv_file_that_cannot_be_written_keeps_the_printed_predictions(folder_run, tmp_path):
+def test_a_csv_folder_that_cannot_be_used_is_said_before_scoring(folder_run, tmp_path, monkeypatch):
+    from capsnet import predict as predicting
+
     image = save_png(np.full((3, 20, 20), 90, dtype=np.uint8), tmp_path / "one.png")
     (tmp_path / "plain-file").write_text("a file where the CSV's folder should be")
-    result = predict(folder_run, str(image), "--csv", str(tmp_path / "plain-file" / "p.csv"))
+    monkeypatch.setattr(predicting, "predict_files", lambda *a, **k: pytest.fail("scored first"))
+    result = predict(folder_run, str(image), "--csv", str(tmp_path / "plain-file" / "sub" / "p.csv"))
+    assert result.exit_code == 2 and result.stdout == ""
+    want = f"error: could not use {tmp_path / 'plain-file' / 'sub'}: a part of that path is a file, where a folder is needed"
+    assert result.stderr.strip() == want, result.stderr
+    # a folder it makes for the CSV is not left behind when it fails
+    monkeypatch.undo()
+    result = predict(
+        folder_run, str(tmp_path / "missing.png"), "--csv", str(tmp_path / "new" / "deeper" / "p.csv")
+    )
+    assert result.exit_code == 2 and not (tmp_path / "new").exists()
+
+
+def test_a_csv_file_that_cannot_be_written_keeps_the_printed_predictions(folder_run, tmp_path, monkeypatch):
+    from capsnet import checkpoint
+
+    image = save_png(np.full((3, 20, 20), 90, dtype=np.uint8), tmp_path / "one.png")
+
+    def full_disk(data, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
+    result = predict(folder_run, str(image), "--csv", str(tmp_path / "out" / "p.csv"))
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: could not use {tmp_path / 'plain-file'}"), result.stderr
+    assert result.stderr.startswith(f"error: could not use {tmp_path / 'out' / 'p.csv'}: No space left"), (
+        result.stderr
+    )
     assert str(image) in result.stdout and "(run pets, step 1, 3 classes" in result.stdout
 
 
