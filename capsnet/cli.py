@@ -15,6 +15,16 @@ from typing import Annotated
 
 import typer
 
+from capsnet.config import C_INT_MAX
+
+
+def _at_most_c_int(value: int | None) -> int | None:
+    """A size torch takes as a C int (the batch size options): refused beyond it, as the option's."""
+    if value is not None and value > C_INT_MAX:
+        raise typer.BadParameter(f"at most {C_INT_MAX:,}, got {value:,}")
+    return value
+
+
 FLAG = " "  # the metavar of a flag, which takes no value (typer would show <bool>)
 
 
@@ -383,6 +393,7 @@ def eval_(
         typer.Option(
             "--batch-size",
             min=1,
+            callback=_at_most_c_int,
             help="Evaluation batch size (default: the run's).",
         ),
     ] = None,
@@ -547,7 +558,10 @@ def predict(
         ),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, help="Images decoded and classified at a time.")
+        int,
+        typer.Option(
+            "--batch-size", min=1, callback=_at_most_c_int, help="Images decoded and classified at a time."
+        ),
     ] = 64,
     out_dir: OutDirOption = DEFAULT_OUT_DIR,
     device: DeviceOption = "auto",
@@ -625,7 +639,10 @@ def export(
         ),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=2, help="Images in the parity-check batch.")
+        int,
+        typer.Option(
+            "--batch-size", min=2, callback=_at_most_c_int, help="Images in the parity-check batch."
+        ),
     ] = 8,
     inputs: Annotated[
         str,
@@ -728,7 +745,12 @@ def bench(
     ] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option("--batch-size", min=1, help="Images per step (default: the config's train.batch_size)."),
+        typer.Option(
+            "--batch-size",
+            min=1,
+            callback=_at_most_c_int,
+            help="Images per step (default: the config's train.batch_size).",
+        ),
     ] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps (the median is reported).")] = 10,
     warmup: Annotated[
@@ -872,7 +894,13 @@ def attack(
     ] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option("--batch-size", min=1, metavar="<int>", help="Images per batch (default: the run's)."),
+        typer.Option(
+            "--batch-size",
+            min=1,
+            callback=_at_most_c_int,
+            metavar="<int>",
+            help="Images per batch (default: the run's).",
+        ),
     ] = None,
     report_dir: Annotated[
         Path | None,

@@ -294,7 +294,9 @@ NON_NEGATIVE = {
     "train.num_workers",
     "train.seed",
 }
-#: settings that torch takes as C integers: at most 2**31 - 1
+#: the largest C int: the most that torch takes for a size or a count
+C_INT_MAX = 2**31 - 1
+#: settings that torch takes as C integers: at most C_INT_MAX
 SIZED_BY_TORCH = (
     "model.",
     "data.",
@@ -434,7 +436,7 @@ def _validate(cfg: Config, problems: list[str], stored: bool = False) -> None:
         elif key in NEW_RUN_LIMITS and not stored:
             limit = NEW_RUN_LIMITS[key]
         elif key.startswith(SIZED_BY_TORCH) and not stored:  # sizes and counts torch takes as C ints
-            limit = 2**31 - 1
+            limit = C_INT_MAX
         else:
             continue
         for x in v if isinstance(v, list) else [v]:

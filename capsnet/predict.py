@@ -396,7 +396,7 @@ def predict_files(
                 acts = (acts + model(x.flip(-1)).activations.float()) / 2
         report.files += [str(p) for p, _ in kept]
         report.activations += acts.cpu().tolist()
-    if report.skipped:
+    if report.skipped and (report.files or len(files) > 1):  # else the error below names the one file
         warnings.warn(
             f"skipped {counted(len(report.skipped), 'unreadable or non-image file')}: {listed(report.skipped)}",
             DataWarning,

@@ -937,3 +937,12 @@ def test_output_that_cannot_be_written_is_one_error_line_and_a_run_goes_on(monke
         "first line",
         "second line",
     ]
+
+
+@pytest.mark.parametrize("command", ["eval", "bench", "export", "predict", "attack"])
+def test_a_batch_size_beyond_what_torch_takes_is_refused_as_the_options(command):
+    args = [command, "--batch-size", str(2**31)] + (["x.png"] if command == "predict" else [])
+    args += ["--config", TINY] if command == "bench" else []
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--batch-size" in result.output and "2,147,483,647" in result.output
+    assert "eval_batch_size" not in result.output

@@ -303,8 +303,16 @@ def test_what_cannot_be_classified_is_a_one_line_error(folder_run, tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_text("not an image")
     one_bad = predict(folder_run, str(junk))
-    assert one_bad.exit_code == 2 and f"error: {junk} is not a readable image" in one_bad.stderr
-    assert "warning: skipped 1 unreadable or non-image file" in one_bad.stderr
+    assert one_bad.exit_code == 2 and one_bad.stderr.strip() == f"error: {junk} is not a readable image"
+    # several: the warning names which ones, the error says that none could be read
+    junk2 = tmp_path / "junk2.png"
+    junk2.write_text("not an image either")
+    two_bad = predict(folder_run, str(junk), str(junk2))
+    assert two_bad.exit_code == 2 and "error: none of the 2 files given is a readable image" in two_bad.stderr
+    assert "warning: skipped 2 unreadable or non-image files" in two_bad.stderr
+    # a batch size beyond what torch takes is refused as the option's, not as a config key's
+    huge = predict(folder_run, str(junk), "--batch-size", str(2**31))
+    assert huge.exit_code == 2 and "--batch-size" in huge.output and "eval_batch_size" not in huge.output
     folder = predict(folder_run, str(folder_run / "test"), "--csv", str(tmp_path))
     assert folder.exit_code == 2 and "is a folder: give a file name" in folder.stderr
 
