@@ -392,8 +392,8 @@ def _check_model_settings(cfg: Config, ckpt: dict[str, Any], where: Path) -> Non
 
 
 def _names_start(cfg: Config, spec: str, started: str | None, run_name: str) -> bool:
-    """Whether ``train.init_from: spec`` names ``started``, the file a resumed run first started
-    from (or, like ``latest`` by now, a checkpoint of the run itself, as it did when it started)."""
+    """Whether ``train.init_from: spec`` names the run of ``started``, the file a resumed run first
+    started from (or, like ``latest`` by now, a checkpoint of the run itself, as it did when it started)."""
     if started is not None and spec == started:
         return True
     try:
@@ -404,8 +404,8 @@ def _names_start(cfg: Config, spec: str, started: str | None, run_name: str) -> 
         return True
     if started is None:
         return False
-    start = Path(started).resolve()
-    return path == start or (path.name == BEST and path.parent == start.parent)
+    # the run it names may have trained on since, and name a later checkpoint of its folder by now
+    return path.parent == Path(started).resolve().parent
 
 
 def load_teacher(cfg: Config, info, device: torch.device, path: Path, ckpt: dict[str, Any]) -> CapsNet:

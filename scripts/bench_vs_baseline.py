@@ -297,6 +297,7 @@ def main() -> None:
     )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
+    args.baseline = args.baseline.expanduser().absolute()  # the routing check runs in the checkout
     variants = {**VARIANTS, **(COMPILED if args.compiled else {})}
     if not args.baseline.is_file():
         raise SystemExit(

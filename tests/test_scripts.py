@@ -229,13 +229,18 @@ def test_bench_vs_baseline_reports_ratios_against_the_baseline_run_in_the_same_i
 
 
 def test_bench_vs_baseline_with_the_default_allocator_tunes_neither_side(tmp_path):
+    import os
     import sys
 
     baseline = tmp_path / "baseline_em.py"
     baseline.write_text(FAKE_BASELINE)
     cmd = [sys.executable, str(REPO / "scripts" / "bench_vs_baseline.py"), "--rounds", "1", "--steps", "2"]
-    cmd += ["--batch", "4", "--baseline", str(baseline), "--allocator", "default", "--json"]
-    report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    cmd += ["--batch", "4", "--allocator", "default", "--json"]
+    # the baseline named by CAPSNET_BASELINE, relative to the folder the script is run from
+    env = dict(os.environ, CAPSNET_BASELINE=baseline.name)
+    report = json.loads(
+        subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tmp_path, env=env).stdout
+    )
     assert report["median"]["baseline"]["train_img_per_s"] == 3.0
     assert report["allocator_tuned"] == {
         "baseline": False,
