@@ -153,20 +153,29 @@ def em_routing(v, a_in, beta_u, beta_a, iters, final_lambda=0.01, eps=1e-6):
     return mus, acts
 """
 
-FAKE_BASELINE = (
-    REFERENCE_EM
-    + """
+
+def fake_baseline(train: str) -> str:
+    """A baseline script with the reference routing whose one line reports ``train`` (an expression
+    that shows what the benchmark gave its process) as its training speed."""
+    return (
+        REFERENCE_EM
+        + f"""
 if __name__ == "__main__":
     import argparse
+    import torch
+    from capsnet.runtime import allocator_is_tuned
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int)
     ap.add_argument("--steps", type=int)
     a = ap.parse_args()
-    from capsnet.runtime import allocator_is_tuned
-    train = 2.0 if allocator_is_tuned() else 3.0  # shows which heap setting the script gave this process
-    print(f"baseline: train {train:.2f} img/s, inference 4.00 img/s, peak RSS 5000 MiB (batch {a.batch}, 32x32, iters 3)")
+    train = {train}
+    print(f"baseline: train {{train:.2f}} img/s, inference 4.00 img/s, peak RSS 5000 MiB (batch {{a.batch}}, 32x32, iters 3)")
 """
-)
+    )
+
+
+#: shows which heap setting the script gave the baseline's process
+FAKE_BASELINE = fake_baseline("2.0 if allocator_is_tuned() else 3.0")
 
 
 @pytest.mark.parametrize("baseline_kind", ["wrong routing", "no routing"])
@@ -251,20 +260,8 @@ def test_bench_vs_baseline_with_the_default_allocator_tunes_neither_side(tmp_pat
     assert ratio == pytest.approx(report["median"]["paper geometry"]["train_img_per_s"] / 3.0)
 
 
-THREADS_BASELINE = (
-    REFERENCE_EM
-    + """
-if __name__ == "__main__":
-    import argparse
-    import torch
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int)
-    ap.add_argument("--steps", type=int)
-    a = ap.parse_args()
-    n = torch.get_num_threads()  # shows the thread count the script gave this process
-    print(f"baseline: train {n:.2f} img/s, inference 4.00 img/s, peak RSS 5000 MiB (batch {a.batch}, 32x32, iters 3)")
-"""
-)
+#: shows the thread count the script gave the baseline's process
+THREADS_BASELINE = fake_baseline("float(torch.get_num_threads())")
 
 
 def test_bench_vs_baseline_runs_the_baseline_with_the_threads_capsnet_gets(tmp_path):
