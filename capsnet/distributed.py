@@ -123,6 +123,18 @@ def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def share_buffers(*modules: torch.nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s buffers (batch norm's running statistics) in ``modules`` on every rank
+    (nothing in a single process): each rank's training batches moved its own since the last
+    forward pass of DistributedDataParallel, which shares them only at the start of a pass."""
+    if not active():
+        return
+    with torch.no_grad():
+        for module in modules:
+            for buf in module.buffers():
+                dist.broadcast(buf, src=src)
+
+
 def broadcast(value: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``value`` on every rank (any picklable object)."""
     if not active():

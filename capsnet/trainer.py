@@ -66,6 +66,7 @@ from capsnet.distributed import (
     init_distributed,
     rank_seed,
     restart_count,
+    share_buffers,
     shutdown,
     sum_over_ranks,
 )
@@ -200,7 +201,8 @@ def _log_step(run: Run, lr: float, margin: float | None, parts: Iterable[str] = 
     """Logs the window of steps since the last log; ``margin``: None for a loss without one;
     ``parts``: the loss's parts this run has (LOSS_PARTS), each logged as ``train/loss_<part>``."""
     parts = [p for p in LOSS_PARTS if p in parts]
-    loss, steps, correct, n, untimed, seen, *part_sums = sum_over_ranks(
+    routing = routing_scalars(run.model.routing_stats)  # of each rank's last batch: the mean is logged
+    loss, steps, correct, n, untimed, seen, *sums = sum_over_ranks(
         [
             run.window["loss"],
             run.window["steps"],
@@ -209,9 +211,12 @@ def _log_step(run: Run, lr: float, margin: float | None, parts: Iterable[str] = 
             run.window_untimed,
             run.images_seen,
             *(run.window[p] for p in parts),
+            *routing.values(),
         ],
         run.device,
     )
+    part_sums, routing_sums = sums[: len(parts)], sums[len(parts) :]
+    routing = {key: total / run.dist.world_size for key, total in zip(routing, routing_sums)}
     elapsed = max(time.perf_counter() - run.window_start, 1e-9)
     # NaN, not 0, for a window whose every step was skipped as non-finite: it has no loss to report
     mean = (lambda total: total / steps) if steps else (lambda total: math.nan)
@@ -225,7 +230,7 @@ def _log_step(run: Run, lr: float, margin: float | None, parts: Iterable[str] = 
         "perf/img_per_s": (n - untimed) / elapsed,
         "train/skipped_steps": run.bad_total,
         "train/images_seen": int(seen),
-        **routing_scalars(run.model.routing_stats),
+        **routing,
     }
     run.writer.scalars(metrics, run.step)
     run.window = empty_window()
@@ -644,6 +649,8 @@ def end_of_epoch(run: Run, summary: dict[str, float], stop: StopRequest | None =
     """
     split = run.eval_split
     loader = run.loaders.val if split == "val" else run.loaders.test
+    # every rank scores its share with the model that is saved, rank 0's batch-norm statistics included
+    share_buffers(run.model, *([run.ema.model] if run.ema is not None else []))
     try:
         result = evaluate(
             run.eval_model,
@@ -709,7 +716,10 @@ def end_of_epoch(run: Run, summary: dict[str, float], stop: StopRequest | None =
 def _log_reconstructions(run: Run, loader) -> None:
     if not run.writer.writes_events:  # other ranks, or no TensorBoard: no batch drawn for nothing
         return
-    x, y = next(iter(loader))
+    batch = next(iter(loader), None)
+    if batch is None:  # this rank's share of an evaluation set smaller than the number of processes
+        return
+    x, y = batch
     x, y = x[:8].to(run.device), y[:8].to(run.device)
     model = run.eval_model
     training = model.training
@@ -1124,17 +1134,26 @@ def batch_change(ckpt: dict, cfg: Config, batches_done: int, epoch: int, world_s
     Batch sizes are per process; the image counts are over all ``world_size`` processes.
     """
     saved = ckpt.get("config", {}).get("train", {})
-    before = (saved.get("batch_size"), saved.get("accumulate", 1))
-    now = (cfg.train.batch_size, cfg.train.accumulate)
+    before_world = int(ckpt.get("world_size", world_size))
+    before = (saved.get("batch_size"), saved.get("accumulate", 1), before_world)
+    now = (cfg.train.batch_size, cfg.train.accumulate, world_size)
     if not batches_done or None in before or before == now:
         return None
     images_now = batches_done * now[0] * now[1] * world_size
-    images_before = batches_done * before[0] * before[1] * int(ckpt.get("world_size", world_size))
+    images_before = batches_done * before[0] * before[1] * before_world
+    if images_now == images_before:  # the same images per step, in other shares
+        return None
+    what = (
+        f"train.batch_size x train.accumulate is {now[0]} x {now[1]} instead of {before[0]} x {before[1]}"
+        if now[:2] != before[:2]
+        else f"the run trains in {counted(world_size, 'process', 'processes')} instead of {before_world}"
+    )
+    if now[:2] != before[:2] and world_size != before_world:
+        what += f", in {counted(world_size, 'process', 'processes')} instead of {before_world}"
     return (
-        f"note: train.batch_size x train.accumulate is {now[0]} x {now[1]} instead of {before[0]} x {before[1]} "
-        f"in the middle of epoch {epoch + 1}: its first {batches_done} steps are skipped in steps of the new "
-        f"size ({images_now} images instead of the {images_before} trained on), so until the epoch ends "
-        "some images are seen twice or not at all"
+        f"note: {what} in the middle of epoch {epoch + 1}: its first {batches_done} steps are skipped in "
+        f"steps of the new size ({images_now} images instead of the {images_before} trained on), so until "
+        "the epoch ends some images are seen twice or not at all"
     )
 
 

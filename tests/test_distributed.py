@@ -253,6 +253,46 @@ def test_two_processes_with_sync_bn_write_one_run_equal_to_one_process_with_the_
     assert max_difference(run / "last.pt", one / "last.pt") < 1e-4
     test_acc = logged(run)[-1]["test/acc"]
     assert test_acc == logged(one)[-1]["test/acc"]
+    # the routing statistics are the mean over both processes' halves: those of the whole batch
+    lines = [(a, b) for a, b in zip(logged(run), logged(one)) if "train/loss" in a]
+    keys = [k for k in lines[0][0] if k.startswith("routing/")]
+    assert lines and keys
+    for a, b in lines:
+        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-4, abs=1e-6), a["step"]
+
+
+@pytest.mark.slow
+def test_every_process_evaluates_the_saved_model_with_its_batch_norm_statistics(tmp_path):
+    """Without train.sync_bn each process's batch norm (and its moving average) ran on its own
+    batches; the evaluation logged, shared out between the processes, is that of the model saved.
+    A test set of one image leaves a process with none to draw reconstructions from."""
+    from capsnet.evaluate import evaluate_checkpoint
+
+    settings = ["data.test_size=37", "train.eval_batch_size=8", "loss.kind=cross_entropy", "train.ema=0.9"]
+    check(
+        launch(
+            torchrun("--standalone", "--nproc-per-node", "2")
+            + ["--config", str(TINY), "--run-name", "bn"]
+            + cli_overrides(tmp_path, *settings),
+            tmp_path,
+        )
+    )
+    run = tmp_path / "weights" / "bn"
+    evaluations = [line for line in logged(run) if "test/loss" in line]
+    assert [line["step"] for line in evaluations] == [3, 6]
+    for line in evaluations:
+        alone = evaluate_checkpoint(str(run / f"step-{line['step']:06d}.pt"), device="cpu", progress=False)
+        assert alone.result.n == 37
+        assert line["test/loss"] == pytest.approx(alone.result.loss, rel=1e-6), line["step"]
+        assert line["test/acc"] == alone.result.acc
+    one_image = launch(
+        torchrun("--standalone", "--nproc-per-node", "2")
+        + ["--config", str(TINY), "--run-name", "one"]
+        + cli_overrides(tmp_path, "data.test_size=1"),
+        tmp_path,
+    )
+    check(one_image)
+    assert [line["step"] for line in logged(tmp_path / "weights" / "one") if "test/acc" in line] == [3, 6]
 
 
 @pytest.mark.slow

@@ -1288,6 +1288,15 @@ def test_the_batch_change_note_counts_the_images_of_every_process():
     note = batch_change(ckpt, cfg, 3, 0, world_size=2)
     assert note is not None and "(48 images instead of the 96 trained on)" in note
     assert batch_change(ckpt, cfg, 0, 0, world_size=2) is None  # at an epoch boundary nothing is skipped
+    # the same batch in one process instead of two: half the images per step
+    same = tiny(Path("/nonexistent"), "train.batch_size=16")
+    note = batch_change(ckpt, same, 3, 0, world_size=1)
+    assert note is not None and note.startswith(
+        "note: the run trains in 1 process instead of 2 in the middle"
+    )
+    assert "(48 images instead of the 96 trained on)" in note
+    # twice the batch in one process: the same images per step, so nothing to say
+    assert batch_change(ckpt, tiny(Path("/nonexistent"), "train.batch_size=32"), 3, 0, world_size=1) is None
 
 
 def test_resume_compares_only_the_split_settings_of_the_runs_dataset():
