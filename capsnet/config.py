@@ -172,7 +172,8 @@ class TrainConfig:
     eval_batch_size: int | None = None  # null: 2 x batch_size
     seed: int = 0  # weights, data order and the validation split
     device: str = "auto"  # auto | cpu | cuda | cuda:N (GPU N; one process) | mps
-    num_workers: int = 0  # data-loader worker processes; 0: load in the training process
+    num_workers: int = 0  # data-loader worker processes; 0: load in the training process (the augmentation's
+    # random draws are made where the images are loaded: another count gives other draws from the same seed)
     precision: str = "fp32"  # fp32 | bf16
     compile: bool = False  # torch.compile the model
     compile_routing: bool | None = (

@@ -980,6 +980,9 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
             note = batch_change(ckpt, cfg, run.batches_done, run.epoch, dist_info.world_size)
             if note:
                 say(note)
+            note = workers_change(ckpt, cfg)
+            if note:
+                say(note)
             if data_note:
                 say(data_note)
                 before = ckpt["data_sizes"]
@@ -1154,6 +1157,21 @@ def batch_change(ckpt: dict, cfg: Config, batches_done: int, epoch: int, world_s
         f"note: {what} in the middle of epoch {epoch + 1}: its first {batches_done} steps are skipped in "
         f"steps of the new size ({images_now} images instead of the {images_before} trained on), so until "
         "the epoch ends some images are seen twice or not at all"
+    )
+
+
+def workers_change(ckpt: dict, cfg: Config) -> str | None:
+    """A note when a run with training augmentation resumes with another train.num_workers, else None:
+    its random draws are made in the loader's processes (or in the training process, with none), so
+    another count draws other shifts, flips and erasures from the same seeds."""
+    saved = (ckpt.get("config") or {}).get("train", {}).get("num_workers")
+    now = cfg.train.num_workers
+    if not cfg.data.augment or not isinstance(saved, int) or saved == now:
+        return None
+    return (
+        f"note: train.num_workers is {now} instead of {saved}: the training images' random augmentation is "
+        "drawn in the loader's worker processes, so it goes on with other draws; the run continues, but "
+        f"not bit for bit as it would have (-o train.num_workers={saved} keeps them)"
     )
 
 

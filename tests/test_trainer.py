@@ -1280,6 +1280,29 @@ def test_resuming_mid_epoch_with_another_batch_size_says_what_it_does_to_the_epo
     assert not [line for line in said if "train.batch_size x" in line]
 
 
+def test_a_resume_with_another_loader_worker_count_says_that_the_augmentation_changes(tmp_path):
+    first = fit(tiny(tmp_path, "train.max_steps=2"), run_name="w", echo=quiet)
+    said: list[str] = []
+    fit(
+        tiny(tmp_path, "train.max_steps=3", "train.num_workers=1"),
+        resume=str(first.run_dir),
+        echo=said.append,
+    )
+    notes = [line for line in said if "train.num_workers" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: train.num_workers is 1 instead of 0"), said
+    assert "-o train.num_workers=0" in notes[0]
+    said.clear()  # the same count again, or no augmentation to draw: nothing to say
+    fit(
+        tiny(tmp_path, "train.max_steps=4", "train.num_workers=1"),
+        resume=str(first.run_dir),
+        echo=said.append,
+    )
+    fit(
+        tiny(tmp_path, "train.max_steps=5", "data.augment=false"), resume=str(first.run_dir), echo=said.append
+    )
+    assert not [line for line in said if "train.num_workers" in line]
+
+
 def test_the_batch_change_note_counts_the_images_of_every_process():
     from capsnet.trainer import batch_change
 
