@@ -130,6 +130,19 @@ def data_sizes(loaders: Loaders) -> dict[str, int]:
     }
 
 
+def held_out_digest(loaders: Loaders) -> str | None:
+    """A digest of the validation images, pixels and labels (None without a validation split): what
+    a checkpoint records beside :func:`data_sizes`, so that a resume on a split that now holds
+    other images is told even where the counts did not change (an image folder's files swapped)."""
+    dataset = loaders.val.dataset if loaders.val is not None else None
+    if not isinstance(dataset, ImageDataset):
+        return None
+    rows = dataset.rows()
+    digest = hashlib.sha256(dataset.images[rows].numpy().tobytes())
+    digest.update(dataset.labels[rows].numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
 def size_changes(before: dict[str, int], now: dict[str, int], splits: tuple[str, ...] | None = None) -> str:
     """The splits of ``splits`` (default: all of ``now``) whose image counts differ between two
     :func:`data_sizes`, as "train 18 -> 24, val 6 -> 8"."""

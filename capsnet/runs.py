@@ -61,7 +61,7 @@ from capsnet.checkpoint import (
     write_run_record,
 )
 from capsnet.config import Config, config_from_dict, dump_config, stored_config
-from capsnet.data import Loaders, data_sizes
+from capsnet.data import Loaders, data_sizes, held_out_digest
 from capsnet.distributed import (
     DistInfo,
     active,
@@ -533,6 +533,7 @@ def make_checkpoint(
         "arch": dict(run.model.hparams),
         "data_info": asdict(run.loaders.info),
         "data_sizes": data_sizes(run.loaders),  # images per split, to tell a resume on other data
+        "val_digest": held_out_digest(run.loaders),  # and which images validation holds out
     }
 
 

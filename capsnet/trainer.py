@@ -58,7 +58,14 @@ from capsnet.checkpoint import (
     trained_normalisation,
 )
 from capsnet.config import Config, ConfigError, unused_settings
-from capsnet.data import build_loaders, data_sizes, expected_image_size, reported_data_warnings, size_changes
+from capsnet.data import (
+    build_loaders,
+    data_sizes,
+    expected_image_size,
+    held_out_digest,
+    reported_data_warnings,
+    size_changes,
+)
 from capsnet.distributed import (
     any_rank,
     broadcast,
@@ -847,6 +854,8 @@ def _fit(cfg, dist_info, run_name, resume, overwrite, echo, name_prefix) -> RunR
     # folder is touched where they would redraw its validation split, else said once it resumes
     sizes = data_sizes(loaders)
     data_note = data_change(ckpt.get("data_sizes"), sizes, ckpt_path) if ckpt is not None else None
+    if ckpt is not None:
+        check_held_out_images(ckpt.get("val_digest"), held_out_digest(loaders), ckpt_path)
     # after the data, so a missing or broken dataset is said before the seconds of compiling
     # (the kernel check draws no random numbers, so the run's streams are as they were)
     _choose_routing_kernels(cfg, dist_info, echo)
@@ -1193,6 +1202,19 @@ def data_change(before: dict[str, int] | None, now: dict[str, int], where: str |
     return (
         f"note: the data is not what the checkpoint was trained on (images: {moved}): the order of "
         "the epochs is drawn anew, so the run does not go on as it would have"
+    )
+
+
+def check_held_out_images(before: Any, now: str | None, where: str | Path) -> None:
+    """Refuses a resume whose validation split holds other images than when ``where`` was saved, with
+    the same image counts (files of an image folder swapped for others, or changed): best.pt would be
+    chosen on images the run may have trained on. Checkpoints that record no digest pass."""
+    if not isinstance(before, str) or now is None or before == now:
+        return
+    raise CheckpointError(
+        f"cannot resume {where} on other data: its validation split holds other images than it did (the "
+        "same numbers of images, other files or pixels), which could be images the run trained on; resume "
+        f"it on the data it trained on, or start a new run from its weights with -o train.init_from={where}"
     )
 
 

@@ -1303,6 +1303,32 @@ def test_a_resume_with_another_loader_worker_count_says_that_the_augmentation_ch
     assert not [line for line in said if "train.num_workers" in line]
 
 
+def test_a_resume_on_a_folder_whose_validation_split_now_holds_other_images_is_refused(tmp_path):
+    """One training file swapped for another of another name: the same counts, but the split, drawn
+    over the sorted files, now holds out other images, some of which the run trained on."""
+    import numpy as np
+    from PIL import Image
+    from test_predict import class_tree
+
+    from capsnet.checkpoint import CheckpointError
+
+    train = class_tree(tmp_path / "train", "L", 8, 0)
+    test = class_tree(tmp_path / "test", "L", 2, 1)
+    folder = ["data.name=folder", f"data.train_dir={train}", f"data.test_dir={test}", "data.grayscale=true"]
+    folder += ["data.image_size=20", "data.val_split=0.5", "train.epochs=6"]
+    first = fit(tiny(tmp_path, *folder, "train.max_steps=2"), run_name="f", echo=quiet)
+    assert isinstance(load_checkpoint(first.run_dir / "last.pt")["val_digest"], str)
+    again = fit(tiny(tmp_path, *folder, "train.max_steps=3"), resume=str(first.run_dir), echo=quiet)
+    assert again.step == 3  # the same files: it goes on
+    (train / "cat" / "0.png").unlink()
+    pixels = np.random.default_rng(5).integers(0, 96, (20, 20), dtype=np.uint8)
+    Image.fromarray(pixels, mode="L").save(train / "cat" / "zz.png")
+    with pytest.raises(CheckpointError) as refused:
+        fit(tiny(tmp_path, *folder, "train.max_steps=4"), resume=str(first.run_dir), echo=quiet)
+    assert "its validation split holds other images than it did" in str(refused.value)
+    assert load_checkpoint(first.run_dir / "last.pt")["step"] == 3  # nothing written
+
+
 def test_the_batch_change_note_counts_the_images_of_every_process():
     from capsnet.trainer import batch_change
 
