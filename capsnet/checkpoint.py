@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from capsnet.tracking import last_metrics_entry, listed
+from capsnet.tracking import last_readable_metrics_entry, listed
 
 #: 2: routing.beta_a_logit divides beta_a by the last routing iteration's lambda
 #: (format 1 divided it by routing.final_lambda, which is not that lambda).
@@ -1044,7 +1044,7 @@ def _started_summary(run_dir: Path) -> dict[str, Any]:
 
     record = read_run_record(run_dir) or {}
     metrics = run_dir / "metrics.jsonl"
-    entry = last_metrics_entry(metrics)
+    entry = last_readable_metrics_entry(metrics)
     times = [_finite(record.get("updated"))]
     try:
         times.append(metrics.stat().st_mtime if entry is not None else None)

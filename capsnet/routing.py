@@ -287,12 +287,17 @@ def routing_stats(r: Tensor, act: Tensor, var: Tensor, fold: ChildFold | None) -
         share = 1.0 / fold.slots_per_slot().to(ent.dtype).expand_as(ent)  # a child counts once
     norm = torch.where(parents > 1, ent / torch.log(parents.clamp_min(2.0)), torch.zeros_like(ent))
     act = act.detach()
+    nan = torch.full((), math.nan, device=act.device, dtype=torch.float32)
+    # non-finite assignments or activations give NaN, as the means of them do, not the 0 that
+    # "r > 0" and "a > 0.5" would read from them (which look like confident routing)
+    entropy = (norm * share).sum() / share.sum()
+    active = (act > 0.5).float().mean()
     return {
         "activation": act,
         "activation_mean": act.mean(),
-        "entropy": (norm * share).sum() / share.sum(),
+        "entropy": torch.where(torch.isfinite(r).all(), entropy, nan.to(entropy.dtype)),
         "variance": var.detach().mean(),
-        "active_fraction": (act > 0.5).float().mean(),
+        "active_fraction": torch.where(torch.isfinite(act).all(), active, nan),
         "finite": torch.isfinite(act).all() & torch.isfinite(var.detach()).all(),
     }
 

@@ -124,6 +124,23 @@ def last_metrics_entry(path: Path) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) and isinstance(entry.get("step"), int) else None
 
 
+def last_readable_metrics_entry(path: Path) -> dict[str, Any] | None:
+    """The last line of a metrics file that parses, skipping a damaged end (a crash mid-write);
+    None for no file or no such line."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, ValueError):
+        return None
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            return entry
+    return None
+
+
 def truncate_metrics(path: str | Path, after_step: int, source: str | Path | None = None) -> None:
     """Drops lines past ``after_step`` (a resumed run rewrites that part of the history).
 
@@ -263,7 +280,8 @@ class TensorBoardWriter(NullWriter):
                 self.tb.add_text(tag, "\n".join(f"    {line}" for line in text.splitlines()), step)
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int = 0) -> None:
-        """Written at ``step`` (the run's last), so that a resumed run's purge hides an earlier attempt's."""
+        """Written at ``step``, the attempt's last: each attempt that ends as asked (its last epoch, or
+        train.max_steps) leaves its summary at its own last step; one stopped by a signal writes none."""
         if self.tb is not None:
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
             metric_values = {k: float(v) for k, v in metrics.items()}

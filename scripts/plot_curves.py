@@ -28,12 +28,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path} does not exist; is {run_dir} a run directory of capsnet train?")
-    rows = []
+    rows, damaged = [], 0
     with path.open() as handle:
         for line in handle:
             line = line.strip()
-            if line:
+            if not line:
+                continue
+            try:
                 rows.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash mid-write
+                damaged += 1
+    if damaged:
+        print(f"warning: {path}: skipped {damaged} damaged line{'s' if damaged > 1 else ''}", file=sys.stderr)
     return rows
 
 

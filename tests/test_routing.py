@@ -978,3 +978,13 @@ def test_the_finite_statistic_is_false_for_a_non_finite_variance_or_activation()
         broken_act[0, 0, 1] = bad
         assert not bool(routing.routing_stats(r, act, broken_var, None)["finite"]), bad
         assert not bool(routing.routing_stats(r, broken_act, var, None)["finite"]), bad
+
+
+def test_the_entropy_and_active_fraction_of_non_finite_routing_are_nan_not_confident_values():
+    r = torch.full((1, 2, 3, 4), 1 / 3)
+    act, var = torch.rand(1, 2, 3), torch.rand(1, 2, 3, 16) + 0.1
+    stats = routing.routing_stats(r, act, var, None)
+    assert 0 < float(stats["entropy"]) <= 1 and 0 <= float(stats["active_fraction"]) <= 1
+    nan_r, nan_act = torch.full_like(r, float("nan")), torch.full_like(act, float("nan"))
+    assert math.isnan(float(routing.routing_stats(nan_r, act, var, None)["entropy"]))
+    assert math.isnan(float(routing.routing_stats(r, nan_act, var, None)["active_fraction"]))

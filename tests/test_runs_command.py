@@ -220,6 +220,14 @@ def test_a_run_with_no_checkpoint_yet_is_listed_after_the_saved_ones(tmp_path):
     assert young["checkpoint"] is None and not young["finished"] and young["parameters"] is None
     assert young["step"] == logged(weights / "young")[-1]["step"] == 6 and young["total_steps"] == 12
     assert young["updated"] == 3_000.0
+    # a crash while writing its next line leaves it cut short: the last whole line still counts
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"step": 8, "train/loss": 0.5, "train/a')
+    os.utime(metrics, (3_000.0, 3_000.0))
+    cut = {row["run"]: row for row in run_summaries(weights)}["young"]
+    assert (cut["step"], cut["updated"]) == (6, 3_000.0)
+    metrics.write_text(whole)
+    os.utime(metrics, (3_000.0, 3_000.0))
     assert (young["data"], young["epochs"], young["iterations"]) == ("synthetic", 2, 2)
     opened = waiting["opened"]
     assert (opened["step"], opened["total_steps"], opened["data"]) == (0, None, None)

@@ -110,6 +110,18 @@ def test_plot_curves_places_the_rows_of_an_older_metrics_file_at_step_times_the_
     assert math.isnan(plot.images_seen(resumed, [{"test/acc": 0.5}])[0])  # a row without a step
 
 
+def test_plot_curves_skips_a_metrics_line_cut_short_by_a_crash(tmp_path, capsys):
+    plot = load_script("plot_curves")
+    rows = [{"step": s, "train/loss": 1.0 / s, "train/acc": 0.1 + s / 100} for s in range(1, 10)]
+    run = fake_run(tmp_path / "run-cut", 16, rows)
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 10, "train/lo')
+    assert [row["step"] for row in plot.read_metrics(run)] == list(range(1, 10))
+    assert "skipped 1 damaged line" in capsys.readouterr().err
+    out = tmp_path / "curves.png"
+    assert plot.main([str(run), "--out", str(out)]) == 0 and out.is_file()
+
+
 def test_plot_curves_names_a_folder_that_is_not_a_run(tmp_path):
     plot = load_script("plot_curves")
     with pytest.raises(SystemExit, match="metrics.jsonl does not exist"):
